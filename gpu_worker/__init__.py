@@ -1,0 +1,1 @@
+"""Ruvon's inference engine and GPU worker: importable and testable without Django."""

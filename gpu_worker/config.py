@@ -1,0 +1,104 @@
+"""Engine configuration dataclasses: the model's shape, the engine's knobs, and per-request sampling params."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from gpu_worker.errors import InvalidRequestError
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture-neutral description of a decoder-only transformer."""
+
+    arch: Literal["gpt2", "llama"]
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Knobs of one engine instance; the KV pool is sized from num_blocks or from free memory."""
+
+    model: str = "smollm2"
+    dtype: str = "auto"  # auto: float32 on CPU, float16 on CUDA
+    device: str = "auto"  # auto: cuda when available, else cpu
+    seed: int = 0
+    block_size: int = 16
+    num_blocks: int | None = None  # None: sized from gpu_memory_utilization (CUDA) or cpu_kv_cache_gib
+    gpu_memory_utilization: float = 0.90
+    cpu_kv_cache_gib: float = 0.5
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None  # None: the model's own context length
+    enable_prefix_caching: bool = True
+    max_waiting: int = 10_000  # admission bound on queued requests
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings, in OpenAI's vocabulary (plus top_k and min_p)."""
+
+    n: int = 1
+    max_tokens: int | None = 16  # None: up to the context length
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-n logprobs of each generated token (0: chosen token only)
+    prompt_logprobs: int | None = None  # likewise for the prompt tokens
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise InvalidRequestError naming the first bad field."""
+        checks: list[tuple[bool, str, str]] = [
+            (self.n >= 1, "n", "n must be at least 1"),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "max_tokens must be at least 1"),
+            (self.temperature >= 0.0, "temperature", "temperature must be non-negative"),
+            (0.0 < self.top_p <= 1.0, "top_p", "top_p must be in (0, 1]"),
+            (self.top_k >= -1, "top_k", "top_k must be -1, 0 (disabled) or positive"),
+            (0.0 <= self.min_p <= 1.0, "min_p", "min_p must be in [0, 1]"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "presence_penalty must be in [-2, 2]"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "frequency_penalty must be in [-2, 2]"),
+            (all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()), "logit_bias",
+             "logit_bias values must be in [-100, 100]"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS, "logprobs",
+             f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS, "prompt_logprobs",
+             f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty"),
+            (len(self.stop) <= 4, "stop", "at most 4 stop sequences"),
+        ]
+        for ok, param, message in checks:
+            if not ok:
+                raise InvalidRequestError(message, param=param)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5

@@ -1,0 +1,1 @@
+"""Ruvon's own transformer modules (not Hugging Face's), built from a ModelConfig."""

@@ -1,0 +1,76 @@
+"""Plain-torch reference kernels for the paged KV cache; the CPU engine runs these, Triton kernels must match them.
+
+Cache layout, per layer: k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
+A token's slot is block_id * block_size + offset; slot -1 means "do not store".
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def store_kv_ref(
+    key: torch.Tensor,  # [T, Hkv, D]
+    value: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [N, Bs, Hkv, D]
+    v_cache: torch.Tensor,  # [N, Bs, Hkv, D]
+    slot_mapping: torch.Tensor,  # [T] int64
+) -> None:
+    """Write each new token's key and value into its cache slot (in place)."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_flat = k_cache.view(-1, k_cache.shape[-2], k_cache.shape[-1])
+    v_flat = v_cache.view(-1, v_cache.shape[-2], v_cache.shape[-1])
+    k_flat.index_copy_(0, slots, key[keep].to(k_cache.dtype))
+    v_flat.index_copy_(0, slots, value[keep].to(v_cache.dtype))
+
+
+def paged_attention_ref(
+    query: torch.Tensor,  # [T, H, D], the new tokens of all sequences, flat
+    k_cache: torch.Tensor,  # [N, Bs, Hkv, D]
+    v_cache: torch.Tensor,  # [N, Bs, Hkv, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    context_lens: torch.Tensor,  # [B] int32: KV length of each sequence, new tokens included
+    query_start_loc: torch.Tensor,  # [B+1] int32: cumulative query lengths
+    max_query_len: int,
+    scale: float,
+) -> torch.Tensor:  # [T, H, D]
+    """Causal attention of each sequence's new tokens over its whole paged context.
+
+    Works for any mix of prefill chunks and single-token decodes: query token i of a sequence
+    with q_len new tokens and context length L sits at position L - q_len + i and sees keys 0..that.
+    """
+    num_seqs, max_blocks = block_tables.shape
+    block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    num_heads = query.shape[1]
+    device = query.device
+    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()  # [B]
+    ctx = context_lens.long()  # [B]
+
+    # Gather every sequence's keys/values through its block table: [B, L, Hkv, D].
+    offsets = torch.arange(block_size, device=device)
+    slots = (block_tables.long().clamp(min=0)[:, :, None] * block_size + offsets).view(num_seqs, -1)
+    max_len = slots.shape[1]
+    keys = k_cache.view(-1, num_kv_heads, head_dim)[slots]
+    values = v_cache.view(-1, num_kv_heads, head_dim)[slots]
+
+    # Scatter the flat queries into a padded [B, Q, H, D] batch.
+    q_idx = torch.arange(max_query_len, device=device)
+    valid_q = q_idx[None, :] < q_lens[:, None]  # [B, Q]
+    flat_index = (query_start_loc[:-1].long()[:, None] + q_idx[None, :]).clamp(max=query.shape[0] - 1)
+    padded_q = query[flat_index]  # [B, Q, H, D]
+
+    # Key j is visible to query i when j <= its position and j < context length.
+    q_pos = ctx[:, None] - q_lens[:, None] + q_idx[None, :]  # [B, Q]
+    k_pos = torch.arange(max_len, device=device)
+    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < ctx[:, None, None])
+    mask = mask | ~valid_q[:, :, None]  # padding rows attend to everything: finite, then dropped
+    out = torch.nn.functional.scaled_dot_product_attention(
+        padded_q.transpose(1, 2),  # [B, H, Q, D]
+        keys.transpose(1, 2).to(query.dtype),  # [B, Hkv, L, D]
+        values.transpose(1, 2).to(query.dtype),
+        attn_mask=mask[:, None, :, :],
+        scale=scale,
+        enable_gqa=num_heads != num_kv_heads,
+    ).transpose(1, 2)  # [B, Q, H, D]
+    return out[valid_q]
