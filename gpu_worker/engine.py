@@ -1,0 +1,338 @@
+"""LLMEngine: add and abort requests, step the model, and hand back per-request outputs as deltas.
+
+The loop reads: batch = scheduler.schedule(); result = runner.run(batch); scheduler.postprocess(batch),
+then each sequence that got a token is detokenised and checked for stop conditions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator, Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+
+from gpu_worker.block_manager import BlockManager
+from gpu_worker.config import EngineConfig, SamplingParams
+from gpu_worker.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from gpu_worker.errors import InvalidRequestError
+from gpu_worker.loader import LoadedModel, load_model
+from gpu_worker.model_runner import ModelRunner, StepResult
+from gpu_worker.scheduler import Scheduler
+from gpu_worker.sequence import Request, RequestMetrics, Sequence, TokenLogprob
+from gpu_worker.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class CompletionOutput:
+    """What one choice produced since the last output (a delta), and why it finished if it did."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    outputs: list[CompletionOutput]
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[TokenLogprob | None] | None
+    finished: bool
+    metrics: RequestMetrics
+
+
+@dataclass
+class FinalOutput:
+    """A whole finished request, as offline generate() returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    texts: list[str]
+    token_ids: list[list[int]]
+    finish_reasons: list[str | None]
+    logprobs: list[list[TokenLogprob]] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    metrics: RequestMetrics | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(dtypes)}")
+    return dtypes[name]
+
+
+class _SeqText:
+    """Per-sequence detokeniser and stop-string matcher."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: Seq[str]) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stops = StopStringMatcher(stops)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.loaded = loaded or load_model(config.model, dtype=self.dtype, device=self.device, seed=config.seed)
+        self.model_config = self.loaded.config
+        self.model_name = self.loaded.name
+        self.label = self.loaded.label
+        self.tokenizer = load_tokenizer(self.loaded.source_kind, self.loaded.source_path, self.model_config.arch)
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        num_blocks = config.num_blocks or self._blocks_from_memory()
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.runner = ModelRunner(self.loaded.model, num_blocks, config.block_size, self.dtype, self.device)
+        self.requests: dict[str, Request] = {}
+        self.texts: dict[int, _SeqText] = {}
+        self.seq_ids = itertools.count()
+        self.num_steps = 0
+        self._aborted: list[Request] = []  # aborted since the last step, still owed a final output
+
+    def _blocks_from_memory(self) -> int:
+        cfg = self.model_config
+        bytes_per_block = (
+            2 * cfg.num_layers * self.config.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        )
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            # Leave room for activations and logits of the largest step.
+            reserve = total * (1 - self.config.gpu_memory_utilization) + 2 * 2**30
+            budget = max(free - reserve, bytes_per_block * 64)
+        else:
+            budget = self.config.cpu_kv_cache_gib * 2**30
+        return max(int(budget // bytes_per_block), 1)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        tenant: str = "default",
+        weight: float = 1.0,
+    ) -> None:
+        """Validate and queue a request; raise InvalidRequestError (nothing queued) if it is bad."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        max_total = self._check_request(ids, params, weight)
+        request = Request(request_id, ids, params, tenant=tenant, weight=weight, max_total_tokens=max_total)
+        request.metrics.num_prompt_tokens = len(ids)
+        for index in range(params.n):
+            seq = Sequence(next(self.seq_ids), request, index, list(ids), generator=self._generator(params, index))
+            request.seqs.append(seq)
+            self.texts[seq.seq_id] = _SeqText(self.tokenizer, params.stop)
+        self.requests[request_id] = request
+        self.scheduler.add_request(request)
+
+    def _check_request(self, ids: list[int], params: SamplingParams, weight: float) -> int:
+        """Return the request's token bound (prompt + completion) or raise InvalidRequestError."""
+        params.validate()
+        if not ids:
+            raise InvalidRequestError("prompt is empty", param="prompt")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if weight <= 0:
+            raise InvalidRequestError("weight must be positive", param="weight")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens", param="prompt"
+            )
+        room = self.max_model_len - len(ids)
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise InvalidRequestError(
+                f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} tokens exceeds the context of "
+                f"{self.max_model_len} tokens",
+                param="max_tokens",
+            )
+        max_total = len(ids) + (params.max_tokens if params.max_tokens is not None else room)
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if max_total > capacity:
+            raise InvalidRequestError(
+                f"request needs up to {max_total} tokens of KV cache; this engine holds {capacity}", param="max_tokens"
+            )
+        return max_total
+
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+        if params.seed is None:
+            return None
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(params.seed * 1_000_003 + index)  # each choice of n gets its own stream
+        return gen
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request and free its blocks; its final output (finish_reason "abort") comes from step()."""
+        request = self.requests.get(request_id)
+        if request is not None:
+            self.scheduler.abort_request(request)
+            self._aborted.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling + model step; return outputs of requests that progressed or ended."""
+        touched: dict[str, Request] = {r.request_id: r for r in self._aborted}
+        self._aborted = []
+        batch = self.scheduler.schedule()
+        if batch:
+            result = self.runner.run(batch)
+            ready = self.scheduler.postprocess(batch)
+            self._record_prompt_logprobs(result)
+            for seq, token, lp in zip(ready, result.token_ids, result.logprobs, strict=True):
+                self._append_token(seq, token, lp)
+                touched[seq.request.request_id] = seq.request
+            for seq in batch.seqs:
+                if seq.request.prompt_logprobs and not seq.request.prompt_logprobs_sent:
+                    touched[seq.request.request_id] = seq.request
+            self.num_steps += 1
+        return [self._output(r) for r in touched.values()]
+
+    def _record_prompt_logprobs(self, result: StepResult) -> None:
+        for seq, first, rows in result.prompt_logprobs:
+            request = seq.request
+            if not request.prompt_logprobs:
+                request.prompt_logprobs = [None] * request.num_prompt_tokens
+            for r, (chosen, top) in enumerate(rows):
+                pos = first + 1 + r
+                request.prompt_logprobs[pos] = self._token_logprob(seq.token_ids[pos], chosen, top)
+
+    def _token_logprob(self, token_id: int, chosen: float, top: list[tuple[int, float]]) -> TokenLogprob:
+        tok = self.tokenizer
+        return TokenLogprob(
+            token_id=token_id,
+            token=tok.id_to_token(token_id),
+            bytes=list(tok.token_bytes(token_id)),
+            logprob=chosen,
+            top=[(t, tok.id_to_token(t), lp) for t, lp in top],
+        )
+
+    def _append_token(self, seq: Sequence, token: int, lp: tuple[float, list[tuple[int, float]]] | None) -> None:
+        request = seq.request
+        now = time.time()
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+        request.metrics.num_generation_tokens += 1
+        seq.token_ids.append(token)
+        seq.pending_token_ids.append(token)
+        if lp is not None:
+            seq.pending_logprobs.append(self._token_logprob(token, *lp))
+        text = self.texts[seq.seq_id]
+        params = seq.params
+        is_eos = token in self.model_config.eos_token_ids or token in self.tokenizer.eos_token_ids
+        if token in params.stop_token_ids or (is_eos and not params.ignore_eos):
+            reason: tuple[str, str | int | None] | None = ("stop", token)
+        elif len(seq.output_token_ids) >= (params.max_tokens or 1 << 62) or seq.num_tokens >= request.max_total_tokens:
+            reason = ("length", None)
+        else:
+            reason = None
+        # A stop token's own text is not part of the output; other tokens go through the stop matcher.
+        piece = "" if reason and reason[0] == "stop" else text.detok.push(token)
+        emitted, stopped = text.stops.feed(piece)
+        if stopped:
+            reason = ("stop", text.stops.matched)
+        elif reason is not None:
+            emitted += text.stops.feed(text.detok.flush())[0] + text.stops.flush()
+        seq.pending_text += emitted
+        if reason is not None:
+            self.scheduler.finish(seq, reason[0], reason[1])
+
+    def _output(self, request: Request) -> RequestOutput:
+        outputs = []
+        for seq in request.seqs:
+            news = seq.pending_token_ids or seq.pending_text or seq.is_finished
+            if not news or seq.finish_reported:
+                continue
+            outputs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=seq.pending_text,
+                    token_ids=seq.pending_token_ids,
+                    logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+            seq.pending_text, seq.pending_token_ids, seq.pending_logprobs = "", [], []
+            if seq.is_finished:
+                seq.finish_reported = True
+        prompt_lp = None
+        if request.params.prompt_logprobs is not None and not request.prompt_logprobs_sent:
+            if all(s.num_computed_tokens >= request.num_prompt_tokens or s.is_finished for s in request.seqs[:1]):
+                prompt_lp = request.prompt_logprobs or [None] * request.num_prompt_tokens
+                request.prompt_logprobs_sent = True
+        finished = request.is_finished
+        if finished:
+            request.metrics.finished_time = time.time()
+            self.requests.pop(request.request_id, None)
+            for seq in request.seqs:
+                self.texts.pop(seq.seq_id, None)
+        return RequestOutput(
+            request_id=request.request_id,
+            outputs=outputs,
+            prompt_token_ids=request.prompt_token_ids,
+            prompt_logprobs=prompt_lp,
+            finished=finished,
+            metrics=request.metrics,
+        )
+
+    # ---- conveniences --------------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        bm = self.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": self.scheduler.num_waiting,
+            "num_free_blocks": bm.num_free_blocks,
+            "num_total_blocks": bm.num_blocks,
+            "kv_cache_usage": bm.usage(),
+            "kv_waste": bm.kv_waste(self.scheduler.running),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": bm.num_prefix_queries,
+            "prefix_cache_hits": bm.num_prefix_hits,
+        }
+
+    def stream(self) -> Iterator[RequestOutput]:
+        """Step until every request has finished, yielding outputs as they come."""
+        while self.has_unfinished_requests():
+            yield from self.step()
+
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> list[FinalOutput]:
+        """Run a list of prompts to completion (offline use); return one FinalOutput each, in order."""
+        ids = [f"offline-{next(self.seq_ids)}-{i}" for i in range(len(prompts))]
+        finals = {rid: FinalOutput(rid, [], [""] * params.n, [[] for _ in range(params.n)], [None] * params.n,
+                                   [[] for _ in range(params.n)]) for rid in ids}
+        for rid, prompt in zip(ids, prompts, strict=True):
+            self.add_request(rid, prompt, params)
+        for out in self.stream():
+            final = finals.get(out.request_id)
+            if final is None:
+                continue
+            final.prompt_token_ids = out.prompt_token_ids
+            final.metrics = out.metrics
+            if out.prompt_logprobs is not None:
+                final.prompt_logprobs = out.prompt_logprobs
+            for c in out.outputs:
+                final.texts[c.index] += c.text
+                final.token_ids[c.index] += c.token_ids
+                final.logprobs[c.index] += c.logprobs or []
+                final.finish_reasons[c.index] = c.finish_reason or final.finish_reasons[c.index]
+        return [finals[rid] for rid in ids]

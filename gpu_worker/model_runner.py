@@ -1,0 +1,155 @@
+"""Turns a scheduled batch into flat tensors, runs the model, samples on the device, and syncs once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gpu_worker.attention import AttentionMetadata, allocate_kv_cache
+from gpu_worker.sampler import SamplingTensors, sample, top_logprobs
+from gpu_worker.scheduler import ScheduledBatch
+from gpu_worker.sequence import Sequence
+
+
+@dataclass
+class StepResult:
+    """Host-side results of one step, for the sequences that produced a new token."""
+
+    token_ids: list[int]
+    # Per sampled row: (chosen logprob, [(token id, logprob), ...]) when its request asked for logprobs.
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+    # Per prompt-logprob row: (seq, first prompt position, [(chosen lp, top list)]).
+    prompt_logprobs: list[tuple[Sequence, int, list[tuple[float, list[tuple[int, float]]]]]]
+
+
+@dataclass
+class FlatBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    metadata: AttentionMetadata
+    sample_rows: torch.Tensor  # [S] index into T of each sequence's last token, for caught-up seqs
+    sample_seqs: list[Sequence]
+    prompt_rows: list[tuple[Sequence, int, int, int]]  # (seq, flat start, first position, count)
+
+
+class ModelRunner:
+    def __init__(
+        self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        self.vocab_size: int = model.config.vocab_size  # type: ignore[union-attr]
+        self.kv_cache = allocate_kv_cache(model, num_blocks, block_size, dtype, device)
+
+    def prepare(self, batch: ScheduledBatch) -> FlatBatch:
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        starts = [0]
+        context_lens: list[int] = []
+        sample_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        prompt_rows: list[tuple[Sequence, int, int, int]] = []
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            begin, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            flat_start = len(ids)
+            ids.extend(seq.token_ids[begin:end])
+            positions.extend(range(begin, end))
+            table = seq.block_table
+            slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size for p in range(begin, end))
+            starts.append(len(ids))
+            context_lens.append(end)
+            if end == seq.num_tokens:
+                sample_rows.append(len(ids) - 1)
+                sample_seqs.append(seq)
+            wants = seq.params.prompt_logprobs is not None and seq.index == 0
+            if wants and begin < seq.num_prompt_tokens - 1 and not seq.request.prompt_logprobs_sent:
+                # Row r predicts token r+1; prompt logprobs cover prompt tokens 1..P-1.
+                last = min(end, seq.num_prompt_tokens - 1)
+                prompt_rows.append((seq, flat_start, begin, last - begin))
+        max_blocks = max(len(s.block_table) for s in batch.seqs)
+        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
+        dev = self.device
+
+        def t(values: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=dev)
+
+        q_lens = batch.num_tokens
+        return FlatBatch(
+            input_ids=t(ids, torch.int64),
+            positions=t(positions, torch.int64),
+            metadata=AttentionMetadata(
+                slot_mapping=t(slots, torch.int64),
+                query_start_loc=t(starts, torch.int32),
+                context_lens=t(context_lens, torch.int32),
+                block_tables=t(tables, torch.int32),
+                max_query_len=max(q_lens),
+                max_context_len=max(context_lens),
+            ),
+            sample_rows=t(sample_rows, torch.int64),
+            sample_seqs=sample_seqs,
+            prompt_rows=prompt_rows,
+        )
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> StepResult:
+        flat = self.prepare(batch)
+        with self.model.context.use(flat.metadata):  # type: ignore[union-attr]
+            hidden = self.model(flat.input_ids, flat.positions)  # [T, hidden]
+        seqs = flat.sample_seqs
+        parts: list[torch.Tensor] = []
+        k = max((s.params.logprobs or 0 for s in seqs), default=0)
+        if seqs:
+            logits = self.model.compute_logits(hidden[flat.sample_rows])  # type: ignore[operator]  # [S, V]
+            tensors = SamplingTensors.build(seqs, self.vocab_size, self.device)
+            next_ids = sample(logits, seqs, tensors)  # [S]
+            parts.append(next_ids.double())
+            if any(s.params.logprobs is not None for s in seqs):
+                chosen, top_lp, top_ids = top_logprobs(logits, next_ids, k)
+                parts += [chosen.double(), top_lp.double().flatten(), top_ids.double().flatten()]
+        prompt_parts = self._prompt_logprob_parts(hidden, flat)
+        parts += prompt_parts
+        host = torch.cat(parts).tolist() if parts else []  # the step's one host sync
+        return self._unpack(host, flat, k, bool(prompt_parts))
+
+    def _prompt_logprob_parts(self, hidden: torch.Tensor, flat: FlatBatch) -> list[torch.Tensor]:
+        parts: list[torch.Tensor] = []
+        for seq, flat_start, first, count in flat.prompt_rows:
+            k = seq.params.prompt_logprobs or 0
+            logits = self.model.compute_logits(hidden[flat_start : flat_start + count])  # type: ignore[operator]
+            targets = torch.tensor(seq.token_ids[first + 1 : first + 1 + count], device=self.device)
+            chosen, top_lp, top_ids = top_logprobs(logits, targets, k)
+            parts += [chosen.double(), top_lp.double().flatten(), top_ids.double().flatten()]
+        return parts
+
+    def _unpack(self, host: list[float], flat: FlatBatch, k: int, has_prompt: bool) -> StepResult:
+        seqs = flat.sample_seqs
+        pos = 0
+
+        def take(n: int) -> list[float]:
+            nonlocal pos
+            pos += n
+            return host[pos - n : pos]
+
+        token_ids = [int(x) for x in take(len(seqs))]
+        logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(seqs)
+        if any(s.params.logprobs is not None for s in seqs):
+            chosen, top_lp, top_ids = take(len(seqs)), take(len(seqs) * k), take(len(seqs) * k)
+            for i, seq in enumerate(seqs):
+                if seq.params.logprobs is not None:
+                    n = seq.params.logprobs
+                    top = [(int(top_ids[i * k + j]), top_lp[i * k + j]) for j in range(n)]
+                    logprobs[i] = (chosen[i], top)
+        prompt: list[tuple[Sequence, int, list[tuple[float, list[tuple[int, float]]]]]] = []
+        for seq, _start, first, count in flat.prompt_rows if has_prompt else []:
+            k_p = seq.params.prompt_logprobs or 0
+            chosen, top_lp, top_ids = take(count), take(count * k_p), take(count * k_p)
+            rows = [
+                (chosen[r], [(int(top_ids[r * k_p + j]), top_lp[r * k_p + j]) for j in range(k_p)])
+                for r in range(count)
+            ]
+            prompt.append((seq, first, rows))
+        return StepResult(token_ids=token_ids, logprobs=logprobs, prompt_logprobs=prompt)

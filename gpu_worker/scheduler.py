@@ -1,0 +1,177 @@
+"""Decides which sequences run each step and owns their status: continuous batching under a token budget.
+
+Every sequence simply has tokens whose keys/values are not yet cached. A step gives each running sequence
+as many of those as the budget allows (1 for a decode, a chunk for a prefill), so prefill chunks and
+decodes share one batch. When blocks run out the newest running sequence is preempted and later
+recomputed. Waiting sequences are admitted by weighted fair share across tenants.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from gpu_worker.block_manager import BlockManager
+from gpu_worker.config import EngineConfig
+from gpu_worker.sequence import Request, Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: each sequence and how many of its uncomputed tokens to compute now."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+
+    def add(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.num_tokens.append(n)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: dict[str, deque[Sequence]] = {}  # tenant -> its queue, in arrival order
+        self.running: list[Sequence] = []  # oldest first
+        self.held: dict[int, list[Sequence]] = {}  # first seq id -> siblings waiting for its prefill
+        self.service: dict[str, float] = {}  # tenant -> weighted tokens admitted (fair-share clock)
+        self.num_preemptions = 0
+
+    # ---- queue changes -------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        first, *siblings = request.seqs
+        self._enqueue(first)
+        if siblings:
+            # Siblings wait for the first choice's prompt to be cached, then reuse its blocks.
+            self.held[first.seq_id] = siblings
+
+    def _enqueue(self, seq: Sequence, front: bool = False) -> None:
+        tenant = seq.request.tenant
+        queue = self.waiting.setdefault(tenant, deque())
+        if tenant not in self.service:
+            # A newcomer starts at the least-served active tenant's clock: no banked credit, no debt.
+            active = [self.service[t] for t, q in self.waiting.items() if q and t in self.service]
+            self.service[tenant] = min(active, default=0.0)
+        seq.status = SequenceStatus.WAITING
+        queue.appendleft(seq) if front else queue.append(seq)
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        """Mark a sequence finished, free its blocks, and drop it from every queue."""
+        if seq.is_finished:
+            return
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        if seq in self.running:
+            self.running.remove(seq)
+        queue = self.waiting.get(seq.request.tenant)
+        if queue and seq in queue:
+            queue.remove(seq)
+        self.block_manager.free_seq(seq)
+        for sibling in self.held.pop(seq.seq_id, []):
+            self._enqueue(sibling, front=True)
+
+    def abort_request(self, request: Request) -> None:
+        for seq in request.seqs:
+            self.held.pop(seq.seq_id, None)
+        for seq in request.seqs:
+            self.finish(seq, "abort")
+
+    @property
+    def num_waiting(self) -> int:
+        held = sum(len(v) for v in self.held.values())
+        return sum(len(q) for q in self.waiting.values()) + held
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running) or self.num_waiting > 0
+
+    # ---- scheduling ----------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        preempted = False
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.block_manager.can_allocate(seq, n):
+                preempted = True
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.allocate(seq, n)
+                batch.add(seq, n)
+                budget -= n
+        if not preempted:
+            self._admit(batch, budget)
+        return batch
+
+    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        now = time.time()
+        while budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self._peek_fair()
+            if seq is None:
+                return
+            # Prompt logprobs need every prompt position computed, so such requests skip the prefix cache.
+            wants_prompt_logprobs = seq.params.prompt_logprobs is not None
+            prefix = [] if wants_prompt_logprobs else self.block_manager.match_prefix(seq)
+            n = min(seq.num_tokens - len(prefix) * self.block_manager.block_size, budget)
+            if not self.block_manager.can_allocate(seq, n, prefix):
+                return  # head of the fair queue must wait for blocks; don't let others jump it
+            tenant = seq.request.tenant
+            self.waiting[tenant].popleft()
+            cached = self.block_manager.allocate_prefix(seq, prefix)
+            self.block_manager.allocate(seq, n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            metrics = seq.request.metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
+                metrics.num_cached_tokens = cached
+            self.service[tenant] += n / seq.request.weight
+            batch.add(seq, n)
+            budget -= n
+
+    def _peek_fair(self) -> Sequence | None:
+        """Return the head of the waiting queue of the tenant with the least weighted service so far."""
+        best: Sequence | None = None
+        best_key: tuple[float, float] | None = None
+        for tenant, queue in self.waiting.items():
+            if not queue:
+                continue
+            key = (self.service[tenant], queue[0].request.metrics.arrival_time)
+            if best_key is None or key < best_key:
+                best, best_key = queue[0], key
+        return best
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks and queue it first in line to be recomputed."""
+        self.running.remove(seq)
+        self.block_manager.free_seq(seq)
+        self.num_preemptions += 1
+        self._enqueue(seq, front=True)
+
+    def postprocess(self, batch: ScheduledBatch) -> list[Sequence]:
+        """Advance computed counts and cache hashes; return the sequences that now need a new token."""
+        ready: list[Sequence] = []
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            seq.num_computed_tokens += n
+            self.block_manager.commit(seq)
+            if seq.num_uncomputed_tokens == 0:
+                ready.append(seq)
+                if seq.seq_id in self.held and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                    for sibling in self.held.pop(seq.seq_id):
+                        self._enqueue(sibling, front=True)
+        return ready

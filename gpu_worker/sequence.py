@@ -1,0 +1,109 @@
+"""A request (one prompt, n choices) and its sequences (one per choice): the state the scheduler moves around."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from gpu_worker.config import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class TokenLogprob:
+    """One generated (or prompt) token's logprob and the top alternatives at that position."""
+
+    token_id: int
+    token: str
+    bytes: list[int]
+    logprob: float
+    top: list[tuple[int, str, float]]  # (token_id, token, logprob), best first
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One choice of a request: prompt plus the tokens generated so far, and its KV-cache progress."""
+
+    seq_id: int
+    request: Request
+    index: int  # the choice index within the request (0..n-1)
+    token_ids: list[int]
+    generator: torch.Generator | None = None
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose keys/values are in the cache
+    block_table: list[int] = field(default_factory=list)
+    num_hashed_blocks: int = 0  # leading blocks already registered for prefix caching
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    finish_reported: bool = False  # the caller has been told this choice finished
+    # Outputs not yet handed to the caller (deltas).
+    pending_token_ids: list[int] = field(default_factory=list)
+    pending_text: str = ""
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.request.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.request.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+
+@dataclass(eq=False)
+class Request:
+    """What the caller asked for: one prompt, its sampling params, its tenant, and its n sequences."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    tenant: str = "default"
+    weight: float = 1.0
+    max_total_tokens: int = 0  # prompt + generated tokens allowed (context or max_tokens bound)
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
+    seqs: list[Sequence] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
