@@ -9,6 +9,7 @@ import uuid
 
 from gpu_worker.config import EngineConfig, SamplingParams
 from gpu_worker.errors import RuvonError
+from gpu_worker.worker import add_worker_parser
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("repo_id")
     pull.add_argument("--cache-dir", default=None)
     pull.set_defaults(func=_pull)
+    add_worker_parser(sub)
     return parser
 
 

@@ -1,0 +1,171 @@
+"""The in-memory WorkerTransport of the embedded mode: a job queue, per-request event buffers that asyncio
+consumers on any event loop can await, a cancel set, and a usage sink. Thread-safe; no Django."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from gpu_worker.errors import CapacityError, InvalidRequestError
+from gpu_worker.protocol import Event, Job, is_terminal
+from gpu_worker.worker import Delivery, Finished
+
+log = logging.getLogger("ruvon.worker")
+
+UsageSink = Callable[[Event], Any]
+
+
+class EventBuffer:
+    """One request's events, appended by the worker thread and read by async consumers from the start."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: list[Event] = []
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self.ended_at: float | None = None
+
+    def put(self, event: Event) -> None:
+        with self._lock:
+            self._events.append(event)
+            if is_terminal(event):
+                self.ended_at = time.monotonic()
+            waiters, self._waiters = self._waiters, []
+        for loop, future in waiters:
+            # A consumer whose loop has closed is waiting no more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_wake, future)
+
+    async def get(self, index: int) -> Event:
+        """Return event number `index`, waiting for it if it has not been published yet."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._lock:
+                if index < len(self._events):
+                    return self._events[index]
+                future: asyncio.Future[None] = loop.create_future()
+                self._waiters.append((loop, future))
+            await future
+
+    def snapshot(self) -> list[Event]:
+        with self._lock:
+            return list(self._events)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class MemoryTransport:
+    """Both ends of the embedded job queue: the web side submits and reads, the worker side fetches and
+    publishes. Finished buffers are kept `retain_s` seconds so a late reader still sees every event."""
+
+    def __init__(self, usage_sink: UsageSink, *, max_queue: int = 1000, retain_s: float = 300.0) -> None:
+        self.usage_sink = usage_sink
+        self.max_queue = max_queue
+        self.retain_s = retain_s
+        self._jobs: queue.Queue[Job] = queue.Queue()
+        self._buffers: dict[str, EventBuffer] = {}
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+        self._open = 0  # submitted and not yet ended: the admission bound counts these
+        self.last_heartbeat: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------ web side
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; raise CapacityError when `max_queue` requests are already open."""
+        rid = job["request_id"]
+        with self._lock:
+            self._purge_expired()
+            if self._open >= self.max_queue:
+                raise CapacityError(f"the server is busy ({self._open} requests in flight); retry shortly")
+            if rid in self._buffers:
+                raise InvalidRequestError(f"request id {rid!r} was already submitted", param="request_id")
+            self._buffers[rid] = EventBuffer()
+            self._open += 1
+        self._jobs.put(job)
+
+    async def events(self, request_id: str) -> AsyncIterator[Event]:
+        """Yield the request's events from the first one, ending after the terminal event."""
+        with self._lock:
+            buffer = self._buffers.get(request_id)
+        if buffer is None:
+            raise KeyError(f"unknown request id {request_id!r}")
+        index = 0
+        while True:
+            event = await buffer.get(index)
+            index += 1
+            yield event
+            if is_terminal(event):
+                return
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            buffer = self._buffers.get(request_id)
+            if buffer is not None and buffer.ended_at is None:
+                self._cancelled.add(request_id)
+
+    def _purge_expired(self) -> None:
+        now = time.monotonic()
+        for rid, buffer in list(self._buffers.items()):
+            if buffer.ended_at is not None and now - buffer.ended_at > self.retain_s:
+                del self._buffers[rid]
+
+    # --------------------------------------------------------------------------------- worker side
+
+    def fetch(self, max_jobs: int, timeout_s: float) -> list[Delivery]:
+        deliveries: list[Delivery] = []
+        try:
+            job = self._jobs.get(timeout=timeout_s) if timeout_s > 0 else self._jobs.get_nowait()
+        except queue.Empty:
+            return deliveries
+        deliveries.append(Delivery(job))
+        while len(deliveries) < max_jobs:
+            try:
+                deliveries.append(Delivery(self._jobs.get_nowait()))
+            except queue.Empty:
+                break
+        return deliveries
+
+    def publish(self, batch: list[tuple[str, Event]]) -> None:
+        for rid, event in batch:
+            buffer = self._buffers.get(rid)
+            if buffer is not None:
+                buffer.put(event)
+
+    def finish(self, items: list[Finished]) -> None:
+        # Usage first: whoever sees the terminal event can count on its usage having been handed over.
+        for item in items:
+            try:
+                self.usage_sink(item.usage)
+            except Exception:  # the sink logs and retries on its own; the engine loop must go on
+                log.exception("usage sink failed for %s", item.request_id)
+            with self._lock:
+                self._cancelled.discard(item.request_id)
+                if item.request_id in self._buffers:
+                    self._open -= 1
+            self.publish([(item.request_id, item.terminal)])
+
+    def discard(self, delivery: Delivery) -> None:
+        rid = delivery.request_id
+        if rid is not None:
+            with self._lock:
+                if self._buffers.pop(rid, None) is not None:
+                    self._open -= 1
+
+    def cancel_requested(self, request_ids: list[str]) -> set[str]:
+        with self._lock:
+            return self._cancelled.intersection(request_ids)
+
+    def heartbeat(self, info: dict[str, Any], active: list[Delivery]) -> None:
+        self.last_heartbeat = info
+
+    def close(self) -> None:
+        pass

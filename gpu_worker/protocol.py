@@ -1,0 +1,290 @@
+"""The wire protocol between the web tier and the GPU worker: job and event dicts, their validation, and
+the conversion of engine outputs into events. Plain JSON-able dicts; no Django, no Redis, no torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from gpu_worker.config import SamplingParams
+from gpu_worker.errors import CapacityError, InvalidRequestError
+
+if TYPE_CHECKING:  # the engine pulls in torch; the web tier only needs the dict shapes
+    from gpu_worker.engine import RequestOutput, TokenLogprob
+
+Job = dict[str, Any]
+Event = dict[str, Any]
+
+TERMINAL_TYPES = frozenset({"done", "error"})
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+_TUPLE_FIELDS = {"stop", "stop_token_ids"}
+_INT_FIELDS = {"n", "max_tokens", "top_k", "seed", "logprobs", "prompt_logprobs"}
+_FLOAT_FIELDS = {"temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty"}
+_NULLABLE_FIELDS = {"max_tokens", "seed", "logprobs", "prompt_logprobs"}  # None means something here
+
+
+def request_stream(model: str) -> str:
+    """Return the Redis stream that holds the jobs for one served model."""
+    return f"ruvon:requests:{model}"
+
+
+def events_stream(request_id: str) -> str:
+    """Return the Redis stream that carries one request's events."""
+    return f"ruvon:events:{request_id}"
+
+
+def cancel_key(request_id: str) -> str:
+    """Return the Redis key whose existence asks the worker to cancel a request."""
+    return f"ruvon:cancel:{request_id}"
+
+
+def workers_key(model: str) -> str:
+    """Return the Redis hash of live workers' heartbeats (consumer name -> JSON info) for one model."""
+    return f"ruvon:workers:{model}"
+
+
+USAGE_STREAM = "ruvon:usage"
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+
+
+def make_job(
+    request_id: str,
+    model: str,
+    prompt_token_ids: list[int],
+    params: dict[str, Any] | SamplingParams,
+    *,
+    tenant_id: str = "default",
+    api_key_id: str | None = None,
+    weight: float = 1.0,
+    adapter: str | None = None,
+    submitted_at: float | None = None,
+) -> Job:
+    """Return a job dict in the wire format; SamplingParams are flattened to their fields."""
+    if isinstance(params, SamplingParams):
+        params = sampling_params_to_dict(params)
+    return {
+        "request_id": request_id,
+        "model": model,
+        "prompt_token_ids": list(prompt_token_ids),
+        "params": dict(params),
+        "tenant_id": tenant_id,
+        "api_key_id": api_key_id,
+        "weight": weight,
+        "adapter": adapter,
+        "submitted_at": time.time() if submitted_at is None else submitted_at,
+    }
+
+
+def sampling_params_to_dict(params: SamplingParams) -> dict[str, Any]:
+    """Return the JSON-able fields of SamplingParams (logit_bias keys become strings, as JSON needs)."""
+    out = dataclasses.asdict(params)
+    out["stop"] = list(params.stop)
+    out["stop_token_ids"] = list(params.stop_token_ids)
+    out["logit_bias"] = {str(k): v for k, v in params.logit_bias.items()}
+    return out
+
+
+def sampling_params_from_dict(params: dict[str, Any]) -> SamplingParams:
+    """Build SamplingParams from the wire dict; raise InvalidRequestError naming the first bad field."""
+    if not isinstance(params, dict):
+        raise InvalidRequestError("params must be an object", param="params")
+    unknown = sorted(set(params) - _SAMPLING_FIELDS)
+    if unknown:
+        raise InvalidRequestError(f"unknown sampling parameter {unknown[0]!r}", param=unknown[0])
+    kwargs = {k: v for k, v in params.items() if v is not None or k in _NULLABLE_FIELDS}
+    for name, value in kwargs.items():
+        _check_type(name, value)
+    for name in _TUPLE_FIELDS & kwargs.keys():
+        kwargs[name] = _as_tuple(name, kwargs[name])
+    if "logit_bias" in kwargs:
+        kwargs["logit_bias"] = _parse_logit_bias(kwargs["logit_bias"])
+    try:
+        return SamplingParams(**kwargs)
+    except InvalidRequestError:
+        raise
+    except (TypeError, ValueError) as exc:  # wrong types: a comparison or conversion in validate() failed
+        raise InvalidRequestError(f"invalid sampling parameters: {exc}", param="params") from exc
+
+
+def _check_type(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if name in _INT_FIELDS and (isinstance(value, bool) or not isinstance(value, int)):
+        raise InvalidRequestError(f"{name} must be an integer", param=name)
+    if name in _FLOAT_FIELDS and (
+        isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+    ):
+        raise InvalidRequestError(f"{name} must be a finite number", param=name)
+
+
+def _as_tuple(name: str, value: Any) -> tuple[Any, ...]:
+    item_type = str if name == "stop" else int
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(
+        isinstance(v, item_type) and not isinstance(v, bool) for v in items
+    ):
+        raise InvalidRequestError(f"{name} must be a list of {item_type.__name__}s", param=name)
+    return tuple(items)
+
+
+def _parse_logit_bias(raw: Any) -> dict[int, float]:
+    if not isinstance(raw, dict):
+        raise InvalidRequestError("logit_bias must map token ids to numbers", param="logit_bias")
+    try:
+        return {int(k): float(v) for k, v in raw.items()}
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError("logit_bias must map token ids to numbers", param="logit_bias") from exc
+
+
+@dataclass
+class ParsedJob:
+    """A job that passed validation, with its params turned into SamplingParams."""
+
+    request_id: str
+    model: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    tenant_id: str
+    api_key_id: str | None
+    weight: float
+    adapter: str | None
+    submitted_at: float
+    raw: Job = field(repr=False)
+
+
+def parse_job(job: Any) -> ParsedJob:
+    """Validate a job dict; raise InvalidRequestError naming the first bad field."""
+    if not isinstance(job, dict):
+        raise InvalidRequestError("a job must be an object", param=None)
+    request_id = job.get("request_id")
+    if not isinstance(request_id, str) or not request_id:
+        raise InvalidRequestError("request_id must be a non-empty string", param="request_id")
+    ids = job.get("prompt_token_ids")
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise InvalidRequestError("prompt_token_ids must be a list of integers", param="prompt_token_ids")
+    if not ids:
+        raise InvalidRequestError("the prompt is empty", param="prompt")
+    weight = job.get("weight", 1.0)
+    if not isinstance(weight, int | float) or isinstance(weight, bool) or not 0 < weight < math.inf:
+        raise InvalidRequestError("weight must be a positive number", param="weight")
+    submitted_at = job.get("submitted_at")
+    if not isinstance(submitted_at, int | float):
+        submitted_at = time.time()
+    return ParsedJob(
+        request_id=request_id,
+        model=str(job.get("model", "")),
+        prompt_token_ids=ids,
+        params=sampling_params_from_dict(job.get("params", {})),
+        tenant_id=str(job.get("tenant_id") or "default"),
+        api_key_id=job.get("api_key_id"),
+        weight=float(weight),
+        adapter=job.get("adapter"),
+        submitted_at=float(submitted_at),
+        raw=job,
+    )
+
+
+# -------------------------------------------------------------------------------------------- events
+
+
+def is_terminal(event: Event) -> bool:
+    """Return whether an event ends its request's stream."""
+    return event.get("type") in TERMINAL_TYPES
+
+
+def started_event(prompt_token_ids: list[int], queued_s: float) -> Event:
+    return {"type": "started", "prompt_token_ids": list(prompt_token_ids), "queued_s": queued_s}
+
+
+def done_event(usage: dict[str, int], timings: dict[str, float | None], status: str) -> Event:
+    return {"type": "done", "usage": usage, "timings": timings, "status": status}
+
+
+def error_event(status: str, code: str, message: str, param: str | None, http_status: int) -> Event:
+    return {
+        "type": "error",
+        "status": status,
+        "code": code,
+        "message": message,
+        "param": param,
+        "http_status": http_status,
+    }
+
+
+def error_event_for(exc: BaseException) -> Event:
+    """Return the terminal error event for an exception: user errors are rejected, the rest failed."""
+    if isinstance(exc, InvalidRequestError):
+        return error_event("rejected", "invalid_request_error", exc.message, exc.param, 400)
+    if isinstance(exc, CapacityError):
+        return error_event("rejected", "capacity_exceeded", str(exc) or "the server is busy", None, 503)
+    message = f"internal error: {type(exc).__name__}: {exc}"
+    return error_event("failed", "internal_error", message, None, 500)
+
+
+def logprob_to_dict(lp: TokenLogprob) -> dict[str, Any]:
+    return {
+        "token_id": lp.token_id,
+        "token": lp.token,
+        "bytes": list(lp.bytes),
+        "logprob": lp.logprob,
+        "top": [[tid, tok, logprob] for tid, tok, logprob in lp.top],
+    }
+
+
+def prompt_logprobs_event(output: RequestOutput) -> Event | None:
+    """Return the prompt_logprobs event if this output carries them (the first output only)."""
+    if output.prompt_logprobs is None:
+        return None
+    logprobs = [None if lp is None else logprob_to_dict(lp) for lp in output.prompt_logprobs]
+    return {"type": "prompt_logprobs", "logprobs": logprobs}
+
+
+def delta_events(output: RequestOutput) -> list[Event]:
+    """Return one delta event per choice that has news in this step's output."""
+    return [
+        {
+            "type": "delta",
+            "index": choice.index,
+            "text": choice.text,
+            "token_ids": list(choice.token_ids),
+            "logprobs": None if choice.logprobs is None else [logprob_to_dict(lp) for lp in choice.logprobs],
+            "finish_reason": choice.finish_reason,
+        }
+        for choice in output.outputs
+    ]
+
+
+def usage_event(
+    job: ParsedJob | Job,
+    *,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int,
+    status: str,
+    finish_reason: str | None,
+    started_at: float | None,
+    first_token_at: float | None,
+    finished_at: float,
+) -> Event:
+    """Return the durable usage record for a request that reached the worker."""
+    raw = job.raw if isinstance(job, ParsedJob) else job
+    return {
+        "request_id": str(raw.get("request_id", "")),
+        "tenant_id": str(raw.get("tenant_id") or "default"),
+        "api_key_id": raw.get("api_key_id"),
+        "model": str(raw.get("model", "")),
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "cached_tokens": cached_tokens,
+        "status": status,
+        "finish_reason": finish_reason,
+        "submitted_at": raw.get("submitted_at"),
+        "started_at": started_at,
+        "first_token_at": first_token_at,
+        "finished_at": finished_at,
+    }

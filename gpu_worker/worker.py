@@ -1,0 +1,446 @@
+"""The GPU worker loop: pull jobs, feed the engine, step it, publish events, cancel, heartbeat, drain.
+One loop drives both the embedded in-process mode and the Redis mode through the WorkerTransport protocol."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from gpu_worker.errors import InvalidRequestError
+from gpu_worker.protocol import (
+    Event,
+    ParsedJob,
+    delta_events,
+    done_event,
+    error_event,
+    error_event_for,
+    is_terminal,
+    parse_job,
+    prompt_logprobs_event,
+    started_event,
+    usage_event,
+)
+
+if TYPE_CHECKING:
+    from gpu_worker.engine import LLMEngine, RequestMetrics
+
+log = logging.getLogger("ruvon.worker")
+
+
+@dataclass
+class Delivery:
+    """One job handed to the worker; `prior_events` is what an earlier (dead) worker already published."""
+
+    job: Any
+    token: Any = None  # the transport's handle for acknowledging it (a Redis entry id)
+    prior_events: list[Event] = field(default_factory=list)
+
+    @property
+    def request_id(self) -> str | None:
+        rid = self.job.get("request_id") if isinstance(self.job, dict) else None
+        return rid if isinstance(rid, str) and rid else None
+
+
+@dataclass
+class Finished:
+    """A request's end: its terminal event and usage record, published together with the acknowledgement."""
+
+    delivery: Delivery
+    request_id: str
+    terminal: Event
+    usage: Event
+
+
+class WorkerTransport(Protocol):
+    """Where jobs come from and events go; Redis Streams in production, memory in the embedded mode."""
+
+    def fetch(self, max_jobs: int, timeout_s: float) -> list[Delivery]: ...
+
+    def publish(self, batch: list[tuple[str, Event]]) -> None: ...
+
+    def finish(self, items: list[Finished]) -> None: ...
+
+    def discard(self, delivery: Delivery) -> None: ...
+
+    def cancel_requested(self, request_ids: list[str]) -> set[str]: ...
+
+    def heartbeat(self, info: dict[str, Any], active: list[Delivery]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class _Active:
+    """What the worker tracks for one request inside the engine."""
+
+    delivery: Delivery
+    job: ParsedJob
+    started_at: float
+    first_token_at: float | None = None
+    completion_tokens: int = 0
+    finish_reasons: dict[int, str] = field(default_factory=dict)
+    cancel_requested: bool = False
+
+
+class Worker:
+    """Runs one engine against one transport until stopped; a bad job fails alone, never the loop."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        transport: WorkerTransport,
+        *,
+        max_inflight: int = 64,
+        idle_wait_s: float = 0.5,
+        heartbeat_s: float = 2.0,
+        drain_timeout_s: float = 30.0,
+        served_name: str | None = None,
+    ) -> None:
+        self.engine = engine
+        self.served_name = served_name or engine.model_name
+        self.transport = transport
+        self.max_inflight = max_inflight
+        self.idle_wait_s = idle_wait_s
+        self.heartbeat_s = heartbeat_s
+        self.drain_timeout_s = drain_timeout_s
+        self._active: dict[str, _Active] = {}
+        self._outbox: list[tuple[str, Event]] = []
+        self._finished: list[Finished] = []
+        self._stop = threading.Event()
+        self._last_heartbeat = 0.0
+        self._takes_adapter = "adapter" in inspect.signature(engine.add_request).parameters
+
+    # ------------------------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        """Serve until stop() is called, then finish in-flight requests (up to drain_timeout_s) and return."""
+        log.info("worker serving %s (%s)", self.engine.model_name, self.engine.label)
+        deadline: float | None = None
+        try:
+            while True:
+                if self._stop.is_set():
+                    deadline = deadline or time.monotonic() + self.drain_timeout_s
+                    if not self._active or time.monotonic() > deadline:
+                        break
+                self._guarded_iteration()
+            self._fail_all("worker_shutdown", "the worker shut down before the request finished", 503)
+            self._flush()
+        finally:
+            self.transport.close()
+        log.info("worker stopped")
+
+    def stop(self) -> None:
+        """Ask the loop to stop taking jobs and drain; safe from signal handlers and other threads."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def install_signal_handlers(self) -> None:
+        """Make SIGTERM and SIGINT drain gracefully (main thread only)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def _guarded_iteration(self) -> None:
+        try:
+            self.run_once()
+        except Exception:  # a transport outage must not end the process; the outbox is kept for a retry
+            log.exception("worker iteration failed; retrying in 1s")
+            self._stop.wait(1.0)
+
+    def run_once(self) -> None:
+        """One turn: admit jobs, apply cancellations, step the engine, publish, heartbeat."""
+        if not self._stop.is_set():
+            self._admit_new_jobs()
+        self._apply_cancellations()
+        if self._active or self.engine.has_unfinished_requests():
+            self._step()
+        self._reap_orphans()
+        self._flush()
+        self._maybe_heartbeat()
+
+    # ----------------------------------------------------------------------------------- admission
+
+    def _admit_new_jobs(self) -> None:
+        room = self.max_inflight - len(self._active)
+        if room <= 0:
+            return
+        idle = not self._active and not self.engine.has_unfinished_requests()
+        for delivery in self.transport.fetch(room, self.idle_wait_s if idle else 0.0):
+            self._admit(delivery)
+
+    def _admit(self, delivery: Delivery) -> None:
+        rid = delivery.request_id
+        if rid is not None and rid in self._active:
+            return  # our own job handed back by a reclaim after a slow heartbeat: we are still on it
+        if delivery.prior_events:
+            self._resolve_reclaimed(delivery)
+            return
+        try:
+            job = parse_job(delivery.job)
+        except InvalidRequestError as exc:
+            self._reject_unparsed(delivery, exc)
+            return
+        started_at = time.time()
+        try:
+            self._add_to_engine(job)
+        except Exception as exc:  # InvalidRequestError, CapacityError or a bug: this request fails alone
+            log.info("request %s not admitted: %s", job.request_id, exc)
+            self._finish_error(delivery, job.raw, error_event_for(exc), started_at)
+            return
+        self._active[job.request_id] = _Active(delivery, job, started_at)
+        queued_s = max(0.0, started_at - job.submitted_at)
+        self._outbox.append((job.request_id, started_event(job.prompt_token_ids, queued_s)))
+
+    def _add_to_engine(self, job: ParsedJob) -> None:
+        kwargs: dict[str, Any] = {"tenant": job.tenant_id, "weight": job.weight}
+        if job.adapter is not None:
+            if not self._takes_adapter:
+                raise InvalidRequestError(f"adapter {job.adapter!r} is not served by this worker", "model")
+            kwargs["adapter"] = job.adapter
+        self.engine.add_request(job.request_id, job.prompt_token_ids, job.params, **kwargs)
+
+    def _reject_unparsed(self, delivery: Delivery, exc: InvalidRequestError) -> None:
+        if delivery.request_id is None:
+            log.warning("dropping a job without a request_id: %s", exc.message)
+            self.transport.discard(delivery)
+            return
+        self._finish_error(delivery, delivery.job, error_event_for(exc), time.time())
+
+    def _resolve_reclaimed(self, delivery: Delivery) -> None:
+        """A dead worker's job: done if it ended, failed if it had streamed (a restart would repeat tokens)."""
+        if any(is_terminal(e) for e in delivery.prior_events) or delivery.request_id is None:
+            self.transport.discard(delivery)
+            return
+        tokens = sum(len(e.get("token_ids", [])) for e in delivery.prior_events if e.get("type") == "delta")
+        message = "the worker serving this request stopped; please retry"
+        event = error_event("failed", "worker_lost", message, None, 503)
+        self._finish_error(delivery, delivery.job, event, time.time(), completion_tokens=tokens)
+
+    # ------------------------------------------------------------------------------------ stepping
+
+    def _apply_cancellations(self) -> None:
+        pending = [rid for rid, st in self._active.items() if not st.cancel_requested]
+        if not pending:
+            return
+        for rid in self.transport.cancel_requested(pending):
+            self._active[rid].cancel_requested = True
+            try:
+                self.engine.abort_request(rid)
+            except Exception:  # the reaper below still ends it as cancelled
+                log.exception("abort of %s failed", rid)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # we cannot tell which request broke the step: fail the batch, keep the loop
+            log.exception("engine step failed; failing %d requests", len(self._active))
+            self._fail_all("engine_error", f"the engine failed: {type(exc).__name__}: {exc}", 500)
+            return
+        now = time.time()
+        for output in outputs:
+            st = self._active.get(output.request_id)
+            if st is not None:
+                self._record_output(st, output, now)
+
+    def _record_output(self, st: _Active, output: Any, now: float) -> None:
+        rid = st.job.request_id
+        prompt_event = prompt_logprobs_event(output)
+        if prompt_event is not None:
+            self._outbox.append((rid, prompt_event))
+        for event in delta_events(output):
+            self._outbox.append((rid, event))
+            st.completion_tokens += len(event["token_ids"])
+            if event["token_ids"] and st.first_token_at is None:
+                st.first_token_at = output.metrics.first_token_time or now
+            if event["finish_reason"] is not None:
+                st.finish_reasons[event["index"]] = event["finish_reason"]
+        if output.finished:
+            self._finish_done(st, output.metrics, now)
+
+    def _reap_orphans(self) -> None:
+        """Requests the engine no longer holds but never ended (a bug or a lost abort) still get a terminal."""
+        if not self._active or self.engine.has_unfinished_requests():
+            return
+        for rid, st in list(self._active.items()):
+            if st.cancel_requested:
+                self._finish_done(st, None, time.time())
+            else:
+                event = error_event("failed", "internal_error", "the engine dropped the request", None, 500)
+                self._finish_error(st.delivery, st.job.raw, event, st.started_at)
+                del self._active[rid]
+
+    def _fail_all(self, code: str, message: str, http_status: int) -> None:
+        for rid, st in list(self._active.items()):
+            try:
+                self.engine.abort_request(rid)
+            except Exception:
+                log.exception("abort of %s failed", rid)
+            event = error_event("failed", code, message, None, http_status)
+            self._finish_error(st.delivery, st.job.raw, event, st.started_at, st.completion_tokens)
+        self._active.clear()
+        try:
+            self.engine.step()  # hands back the aborted requests' final outputs, so the engine forgets them
+        except Exception:
+            log.exception("engine step after aborting failed")
+
+    # ----------------------------------------------------------------------------------- endings
+
+    def _finish_done(self, st: _Active, metrics: RequestMetrics | None, now: float) -> None:
+        job = st.job
+        status = "cancelled" if st.cancel_requested else "completed"
+        finished_at = (metrics.finished_time if metrics else None) or now
+        cached = (metrics.num_cached_tokens if metrics else 0) or 0
+        usage = {
+            "prompt_tokens": len(job.prompt_token_ids),
+            "completion_tokens": st.completion_tokens,
+            "cached_tokens": cached,
+        }
+        terminal = done_event(usage, self._timings(st, metrics, finished_at), status)
+        finish_reason = "abort" if st.cancel_requested else st.finish_reasons.get(0)
+        record = usage_event(
+            job,
+            **usage,
+            status=status,
+            finish_reason=finish_reason,
+            started_at=st.started_at,
+            first_token_at=st.first_token_at,
+            finished_at=finished_at,
+        )
+        self._finished.append(Finished(st.delivery, job.request_id, terminal, record))
+        self._active.pop(job.request_id, None)
+
+    def _timings(self, st: _Active, metrics: RequestMetrics | None, finished_at: float) -> dict[str, Any]:
+        submitted = st.job.submitted_at
+        scheduled = (metrics.first_scheduled_time if metrics else None) or st.started_at
+        first_token = st.first_token_at
+        per_choice = st.completion_tokens / max(1, st.job.params.n)
+        tpot = (finished_at - first_token) / (per_choice - 1) if first_token and per_choice > 1 else None
+        return {
+            "queued_s": max(0.0, scheduled - submitted),
+            "ttft_s": max(0.0, first_token - submitted) if first_token else None,
+            "e2e_s": max(0.0, finished_at - submitted),
+            "tpot_s": tpot,
+        }
+
+    def _finish_error(
+        self,
+        delivery: Delivery,
+        raw: dict[str, Any],
+        event: Event,
+        started_at: float,
+        completion_tokens: int = 0,
+    ) -> None:
+        ids = raw.get("prompt_token_ids")
+        record = usage_event(
+            raw,
+            prompt_tokens=len(ids) if isinstance(ids, list) else 0,
+            completion_tokens=completion_tokens,
+            cached_tokens=0,
+            status=event["status"],
+            finish_reason=None,
+            started_at=started_at,
+            first_token_at=None,
+            finished_at=time.time(),
+        )
+        self._finished.append(Finished(delivery, record["request_id"], event, record))
+
+    def _flush(self) -> None:
+        # Deltas go out before terminals so a reader sees them in order; each list is kept until it is sent.
+        if self._outbox:
+            self.transport.publish(self._outbox)
+            self._outbox = []
+        if self._finished:
+            self.transport.finish(self._finished)
+            self._finished = []
+
+    def _maybe_heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self._last_heartbeat < self.heartbeat_s:
+            return
+        self._last_heartbeat = now
+        self.transport.heartbeat(self.info(), [st.delivery for st in self._active.values()])
+
+    def info(self) -> dict[str, Any]:
+        """Return what this worker serves and how busy it is (published with every heartbeat)."""
+        return {
+            "model": self.served_name,
+            "engine_model": self.engine.model_name,
+            "label": self.engine.label,
+            "max_model_len": self.engine.max_model_len,
+            "active": len(self._active),
+            "stats": self.engine.stats(),
+            "time": time.time(),
+        }
+
+
+# ------------------------------------------------------------------------------------------ the process
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the worker's options (shared by `ruvon worker` and `manage.py gpu_worker`); env vars give defaults."""
+    env = os.environ.get
+    parser.add_argument("--redis-url", default=env("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument(
+        "--model", default=env("RUVON_MODEL", "smollm2"), help="engine spec: smollm2, random:tiny, a path"
+    )
+    parser.add_argument(
+        "--served-model-name",
+        default=env("RUVON_MODEL_NAME"),
+        help="the name clients ask for (default: the engine's model name)",
+    )
+    parser.add_argument("--num-blocks", type=int, default=int(env("RUVON_NUM_BLOCKS", "0")) or None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-inflight", type=int, default=64, help="jobs this worker holds at once")
+    parser.add_argument(
+        "--claim-idle-s",
+        type=float,
+        default=60.0,
+        help="reclaim another worker's job after this long without its heartbeat",
+    )
+    parser.add_argument("--heartbeat-s", type=float, default=2.0)
+    parser.add_argument(
+        "--drain-timeout-s", type=float, default=30.0, help="on SIGTERM, finish work this long"
+    )
+
+
+def add_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `worker` on the `ruvon` command line."""
+    parser = subparsers.add_parser("worker", help="serve jobs from Redis Streams with one engine")
+    add_worker_arguments(parser)
+    parser.set_defaults(func=run_worker_command)
+    return parser
+
+
+def run_worker_command(args: argparse.Namespace) -> int:
+    """Build the engine and the Redis transport from parsed options, then serve until SIGTERM."""
+    from gpu_worker.config import EngineConfig
+    from gpu_worker.engine import LLMEngine
+    from gpu_worker.redis_transport import RedisWorkerTransport
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, num_blocks=args.num_blocks)
+    engine = LLMEngine(config)
+    name = args.served_model_name or engine.model_name
+    transport = RedisWorkerTransport.from_url(args.redis_url, name, claim_idle_s=args.claim_idle_s)
+    worker = Worker(
+        engine,
+        transport,
+        served_name=name,
+        max_inflight=args.max_inflight,
+        heartbeat_s=args.heartbeat_s,
+        drain_timeout_s=args.drain_timeout_s,
+    )
+    worker.install_signal_handlers()
+    log.info("worker %s consumes %s", transport.consumer, transport.stream)
+    worker.run()
+    return 0

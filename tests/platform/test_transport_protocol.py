@@ -1,0 +1,77 @@
+"""The wire protocol: job validation names the bad field, params round-trip, events have the agreed shape."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gpu_worker.config import SamplingParams
+from gpu_worker.errors import CapacityError, InvalidRequestError
+from gpu_worker.protocol import (
+    error_event_for,
+    make_job,
+    parse_job,
+    sampling_params_from_dict,
+    sampling_params_to_dict,
+)
+
+
+def test_it_round_trips_sampling_params_through_json() -> None:
+    params = SamplingParams(
+        n=2, max_tokens=None, temperature=0.3, stop=("\n", "END"), logit_bias={42: -5.0}, seed=7, logprobs=3
+    )
+    wire = json.loads(json.dumps(sampling_params_to_dict(params)))
+    assert sampling_params_from_dict(wire) == params
+
+
+def test_it_parses_a_job_made_by_make_job() -> None:
+    job = make_job("r1", "m", [1, 2, 3], {"max_tokens": 4, "stop": "x"}, tenant_id="7", api_key_id="9")
+    parsed = parse_job(json.loads(json.dumps(job)))
+    assert (parsed.request_id, parsed.tenant_id, parsed.prompt_token_ids) == ("r1", "7", [1, 2, 3])
+    assert parsed.params.max_tokens == 4 and parsed.params.stop == ("x",)
+
+
+@pytest.mark.parametrize(
+    ("patch", "param"),
+    [
+        ({"request_id": ""}, "request_id"),
+        ({"prompt_token_ids": []}, "prompt"),
+        ({"prompt_token_ids": [1, "2"]}, "prompt_token_ids"),
+        ({"weight": 0}, "weight"),
+        ({"params": {"temperature": -1}}, "temperature"),
+        ({"params": {"temperature": "hot"}}, "temperature"),
+        ({"params": {"n": 1.5}}, "n"),
+        ({"params": {"max_tokens": True}}, "max_tokens"),
+        ({"params": {"stop": [1]}}, "stop"),
+        ({"params": {"logit_bias": {"x": 1}}}, "logit_bias"),
+        ({"params": {"best_of": 2}}, "best_of"),
+        ({"params": "fast"}, "params"),
+    ],
+)
+def test_it_rejects_a_bad_job_naming_the_field(patch: dict, param: str) -> None:
+    job = {**make_job("r1", "m", [1, 2], {}), **patch}
+    with pytest.raises(InvalidRequestError) as info:
+        parse_job(job)
+    assert info.value.param == param
+
+
+def test_it_maps_exceptions_to_terminal_error_events() -> None:
+    rejected = error_event_for(InvalidRequestError("prompt too long", param="prompt"))
+    busy = error_event_for(CapacityError("queue full"))
+    failed = error_event_for(RuntimeError("boom"))
+    assert (rejected["status"], rejected["http_status"], rejected["param"]) == ("rejected", 400, "prompt")
+    assert (busy["status"], busy["http_status"]) == ("rejected", 503)
+    assert (failed["status"], failed["http_status"]) == ("failed", 500)
+    assert all(e["type"] == "error" for e in (rejected, busy, failed))
+
+
+def test_it_keeps_the_worker_module_free_of_django_and_torch() -> None:
+    code = (
+        "import sys, gpu_worker.worker, gpu_worker.redis_transport, gpu_worker.memory_transport; "
+        "print(sorted(m for m in ('django', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,172 @@
+"""The worker loop over the in-memory transport with a real random:tiny engine: streaming, cancellation,
+per-request errors, engine failures and draining; every request ends exactly once with one usage record."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from gpu_worker.config import EngineConfig
+from gpu_worker.engine import LLMEngine
+from gpu_worker.memory_transport import MemoryTransport
+from gpu_worker.protocol import make_job
+from gpu_worker.worker import Worker
+
+
+@pytest.fixture(scope="module")
+def engine() -> LLMEngine:
+    return LLMEngine(EngineConfig(model="random:tiny", device="cpu", dtype="float32", num_blocks=64))
+
+
+class Harness:
+    """A Worker on its own thread, fed through a MemoryTransport whose usage events are kept in a list."""
+
+    def __init__(self, engine: LLMEngine, **worker_kwargs: Any) -> None:
+        self.usage: list[dict[str, Any]] = []
+        self.transport = MemoryTransport(self.usage.append)
+        self.worker = Worker(engine, self.transport, idle_wait_s=0.05, **worker_kwargs)
+        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+        self.thread.start()
+
+    def submit(self, rid: str, prompt: list[int], **params: Any) -> None:
+        self.transport.submit(make_job(rid, "tiny", prompt, params, tenant_id="t1"))
+
+    def events(self, rid: str, cancel_after_first_delta: bool = False) -> list[dict[str, Any]]:
+        async def collect() -> list[dict[str, Any]]:
+            out = []
+            async for event in self.transport.events(rid):
+                out.append(event)
+                if cancel_after_first_delta and event["type"] == "delta":
+                    self.transport.cancel(rid)
+            return out
+
+        return asyncio.run(asyncio.wait_for(collect(), timeout=60))
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def harness(engine: LLMEngine) -> Iterator[Harness]:
+    h = Harness(engine)
+    yield h
+    h.stop()
+
+
+def usage_of(h: Harness, rid: str) -> list[dict[str, Any]]:
+    return [u for u in h.usage if u["request_id"] == rid]
+
+
+def test_it_streams_started_deltas_and_one_done_with_usage(harness: Harness) -> None:
+    harness.submit("ok", [1, 2, 3, 4], max_tokens=6, ignore_eos=True)
+    events = harness.events("ok")
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "started" and kinds[-1] == "done" and set(kinds[1:-1]) == {"delta"}
+    assert sum(len(e["token_ids"]) for e in events if e["type"] == "delta") == 6
+    done = events[-1]
+    assert done["status"] == "completed"
+    assert done["usage"] == {"prompt_tokens": 4, "completion_tokens": 6, "cached_tokens": 0}
+    assert done["timings"]["ttft_s"] is not None and done["timings"]["e2e_s"] >= done["timings"]["ttft_s"]
+    [usage] = usage_of(harness, "ok")
+    assert (usage["status"], usage["completion_tokens"], usage["tenant_id"]) == ("completed", 6, "t1")
+    assert usage["finish_reason"] == "length"
+
+
+def test_it_streams_each_choice_with_logprobs(harness: Harness) -> None:
+    harness.submit("n2", [5, 6, 7], n=2, max_tokens=3, ignore_eos=True, logprobs=2, seed=1)
+    deltas = [e for e in harness.events("n2") if e["type"] == "delta"]
+    assert {d["index"] for d in deltas} == {0, 1}
+    lp = deltas[0]["logprobs"][0]
+    assert set(lp) == {"token_id", "token", "bytes", "logprob", "top"} and len(lp["top"]) == 2
+
+
+def test_it_cancels_a_request_and_frees_its_kv_blocks(harness: Harness, engine: LLMEngine) -> None:
+    harness.submit("long", [1, 2, 3], max_tokens=120, ignore_eos=True)
+    events = harness.events("long", cancel_after_first_delta=True)
+    done = events[-1]
+    assert (done["type"], done["status"]) == ("done", "cancelled")
+    assert done["usage"]["completion_tokens"] < 120
+    [usage] = usage_of(harness, "long")
+    assert (usage["status"], usage["finish_reason"]) == ("cancelled", "abort")
+    stats = engine.stats()
+    assert stats["num_free_blocks"] == stats["num_total_blocks"]
+
+
+def test_it_rejects_a_bad_job_and_serves_the_next(harness: Harness) -> None:
+    harness.submit("too-long", list(range(1, 200)), max_tokens=4)
+    harness.transport.submit({**make_job("bad-params", "tiny", [1, 2], {}), "params": {"top_p": 3}})
+    harness.submit("good", [1, 2], max_tokens=2, ignore_eos=True)
+    [too_long] = harness.events("too-long")
+    [bad_params] = harness.events("bad-params")
+    good = harness.events("good")
+    assert (too_long["type"], too_long["http_status"], too_long["param"]) == ("error", 400, "prompt")
+    assert (bad_params["status"], bad_params["param"]) == ("rejected", "top_p")
+    assert good[-1]["status"] == "completed"
+    assert [u["status"] for u in usage_of(harness, "too-long") + usage_of(harness, "bad-params")] == [
+        "rejected",
+        "rejected",
+    ]
+
+
+class StepFailsOnce(LLMEngine):
+    """A real engine whose next step raises once, as a CUDA error would."""
+
+    fail_next = False
+
+    def step(self) -> list[Any]:
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("device lost")
+        return super().step()
+
+
+def test_it_fails_the_batch_when_a_step_raises_and_keeps_serving() -> None:
+    engine = StepFailsOnce(EngineConfig(model="random:tiny", device="cpu", dtype="float32", num_blocks=16))
+    h = Harness(engine)
+    try:
+        engine.fail_next = True
+        h.submit("victim", [1, 2, 3], max_tokens=4)
+        [_started, error] = h.events("victim")
+        assert (error["type"], error["status"], error["code"], error["http_status"]) == (
+            "error",
+            "failed",
+            "engine_error",
+            500,
+        )
+        h.submit("after", [1, 2, 3], max_tokens=2, ignore_eos=True)
+        assert h.events("after")[-1]["status"] == "completed"
+        assert [u["status"] for u in h.usage] == ["failed", "completed"]
+        assert engine.stats()["num_free_blocks"] == 16
+    finally:
+        h.stop()
+
+
+def test_it_drains_in_flight_requests_when_stopped(engine: LLMEngine) -> None:
+    h = Harness(engine)
+    h.submit("draining", [1, 2, 3], max_tokens=20, ignore_eos=True)
+    deadline = time.monotonic() + 30
+    while not engine.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    h.stop()  # returns only once the in-flight request has ended
+    events = h.events("draining")
+    assert events[-1]["status"] == "completed" and events[-1]["usage"]["completion_tokens"] == 20
+
+
+def test_it_ends_requests_still_running_after_the_drain_timeout(engine: LLMEngine) -> None:
+    h = Harness(engine, drain_timeout_s=0.0)
+    h.submit("cut", [1, 2, 3], max_tokens=120, ignore_eos=True)
+    deadline = time.monotonic() + 30
+    while not engine.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    h.stop()
+    last = h.events("cut")[-1]
+    assert (last["type"], last["code"], last["http_status"]) == ("error", "worker_shutdown", 503)
+    assert [u["status"] for u in h.usage] == ["failed"]
+    assert not engine.has_unfinished_requests()
