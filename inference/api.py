@@ -1,0 +1,106 @@
+"""The OpenAI-compatible HTTP API under /v1 (django-ninja): thin views over inference.services.
+
+Each view: authenticate (ApiKeyAuth) -> validate the body (schemas) -> call a service -> return its result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import HttpRequest, StreamingHttpResponse
+from ninja import NinjaAPI, Query
+
+from accounts.auth import api_key_auth
+from inference import services
+from inference.errors import ModelNotFound, install_error_handlers
+from inference.schemas import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    UsageFilters,
+    UsageList,
+)
+from inference.serving import served_model
+
+api = NinjaAPI(
+    title="Ruvon API",
+    version="1",
+    description=(
+        "OpenAI-compatible inference API. Authenticate with `Authorization: Bearer <API key>`. "
+        'Errors are `{"error": {"message", "type", "param", "code"}}`.'
+    ),
+    auth=api_key_auth,
+    urls_namespace="v1",
+)
+install_error_handlers(api)
+
+ERRORS: dict[int, Any] = {code: ErrorResponse for code in (400, 401, 404, 429, 500, 503)}
+
+
+@api.post("/completions", response={200: CompletionResponse, **ERRORS}, tags=["generation"])
+async def create_completion(request: HttpRequest, body: CompletionRequest) -> Any:
+    """Complete a prompt (text or token ids). With `stream: true` the answer is server-sent events."""
+    client, served = await served_model()
+    prepared = services.prepare_completion(body, served, request.request_id)  # type: ignore[attr-defined]
+    return await _run(request, client, served, prepared, bool(body.stream))
+
+
+@api.post("/chat/completions", response={200: ChatCompletionResponse, **ERRORS}, tags=["generation"])
+async def create_chat_completion(request: HttpRequest, body: ChatCompletionRequest) -> Any:
+    """Answer a conversation, rendered with the model's chat template. `stream: true` gives SSE chunks."""
+    client, served = await served_model()
+    prepared = services.prepare_chat(body, served, request.request_id)  # type: ignore[attr-defined]
+    return await _run(request, client, served, prepared, bool(body.stream))
+
+
+async def _run(
+    request: HttpRequest, client: Any, served: Any, prepared: services.Prepared, stream: bool
+) -> dict[str, Any] | StreamingHttpResponse:
+    job = services.build_job(request.request_id, served, prepared, request.auth)  # type: ignore[attr-defined]
+    return await services.execute(client, job, prepared, stream)
+
+
+@api.get("/models", response={200: ModelList, **ERRORS}, tags=["models"])
+async def list_models(request: HttpRequest) -> Any:
+    """List the served model."""
+    _, served = await served_model()
+    return {"object": "list", "data": [services.model_card(served)]}
+
+
+@api.get("/models/{model}", response={200: ModelCard, **ERRORS}, tags=["models"])
+async def retrieve_model(request: HttpRequest, model: str) -> Any:
+    """Describe one model; 404 unless it is the served one."""
+    _, served = await served_model()
+    if model != served.name:
+        raise ModelNotFound(model)
+    return services.model_card(served)
+
+
+@api.get("/usage", response={200: UsageList, **ERRORS}, tags=["usage"])
+async def list_usage(request: HttpRequest, filters: Query[UsageFilters]) -> Any:
+    """Your tenant's usage records, newest first, with totals over everything the filters match."""
+    return await services.usage_report(request.auth.tenant, filters)  # type: ignore[attr-defined]
+
+
+@api.post("/tokenize", response={200: TokenizeResponse, **ERRORS}, tags=["tokens"])
+async def tokenize(request: HttpRequest, body: TokenizeRequest) -> Any:
+    """Token ids of a prompt, or of a conversation rendered with the chat template."""
+    _, served = await served_model()
+    ids = services.tokenize(body, served)
+    return {"tokens": ids, "count": len(ids), "max_model_len": served.max_model_len}
+
+
+@api.post("/detokenize", response={200: DetokenizeResponse, **ERRORS}, tags=["tokens"])
+async def detokenize(request: HttpRequest, body: DetokenizeRequest) -> Any:
+    """The text of a list of token ids."""
+    _, served = await served_model()
+    services.check_model(body.model, served)
+    return {"prompt": served.tokenizer.decode(body.tokens)}

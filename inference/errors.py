@@ -1,0 +1,124 @@
+"""Every error the API can return, mapped in one place to an HTTP status and an OpenAI error object."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.http import Http404, HttpRequest, JsonResponse
+from ninja import NinjaAPI
+from ninja.errors import AuthenticationError, HttpError, ValidationError
+
+from accounts.auth import ApiKeyRejected
+from gpu_worker.errors import CapacityError, InvalidRequestError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+# OpenAI's error "type" for each status the API uses.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
+RETRY_AFTER_S = {429: 1, 503: 1}
+
+
+class ApiError(Exception):
+    """An error already shaped for the API: HTTP status, message, and the OpenAI `param`/`code` fields."""
+
+    def __init__(
+        self, message: str, *, status: int = 400, code: str | None = None, param: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.param = param
+
+    @property
+    def type(self) -> str:
+        return ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ModelNotFound(ApiError):
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model `{model}` does not exist or you do not have access to it.",
+            status=404,
+            code="model_not_found",
+            param="model",
+        )
+
+
+def from_error_event(event: dict[str, Any]) -> ApiError:
+    """Return the ApiError for a worker's terminal error event."""
+    return ApiError(
+        str(event.get("message") or "the request failed"),
+        status=int(event.get("http_status") or 500),
+        code=event.get("code"),
+        param=event.get("param"),
+    )
+
+
+def to_api_error(exc: Exception) -> ApiError:
+    """Return the ApiError that describes `exc`; unknown exceptions become a logged 500."""
+    match exc:
+        case ApiError():
+            return exc
+        case InvalidRequestError():
+            return ApiError(exc.message, status=400, param=exc.param)
+        case ValidationError():
+            return _from_validation_error(exc)
+        case ApiKeyRejected():
+            return ApiError(exc.message, status=401, code="invalid_api_key")
+        case AuthenticationError():
+            return ApiError("Invalid authentication.", status=401, code="invalid_api_key")
+        case CapacityError():
+            return ApiError(str(exc) or "The server is busy; retry shortly.", status=503, code="overloaded")
+        case ModelLoadError():
+            return ApiError(f"The model is unavailable: {exc}", status=503, code="model_unavailable")
+        case Http404():
+            return ApiError(str(exc) or "Not found.", status=404, code="not_found")
+        case HttpError():
+            return ApiError(exc.message, status=exc.status_code)
+    logger.exception("unhandled error in the API", exc_info=exc)
+    return ApiError(
+        "The server had an error while processing your request.", status=500, code="internal_error"
+    )
+
+
+def _from_validation_error(exc: ValidationError) -> ApiError:
+    """Return a 400 naming the first invalid field, as OpenAI does (ninja would answer 422 with a list)."""
+    first = exc.errors[0] if exc.errors else {}
+    # ninja's loc is (source, argument name, *field path); the field path is what the client sent.
+    path = [str(p) for p in first.get("loc", ())[2:]]
+    param = ".".join(path) or None
+    message = str(first.get("msg", "Invalid request."))
+    return ApiError(f"{param}: {message}" if param else message, status=400, param=param)
+
+
+def error_response(exc: Exception) -> JsonResponse:
+    """Return the JSON error response for `exc`, with Retry-After when retrying later can help."""
+    error = to_api_error(exc)
+    response = JsonResponse(error.body(), status=error.status)
+    if error.status in RETRY_AFTER_S:
+        response["Retry-After"] = str(RETRY_AFTER_S[error.status])
+    return response
+
+
+def install_error_handlers(api: NinjaAPI) -> None:
+    """Route every exception the API sees, ninja's own included, through error_response."""
+
+    def handler(request: HttpRequest, exc: Any) -> JsonResponse:
+        return error_response(exc)
+
+    for exc_class in (Exception, Http404, HttpError, ValidationError):
+        api.add_exception_handler(exc_class, handler)

@@ -1,0 +1,95 @@
+"""Ingests the worker's usage events into UsageRecord, once per request_id however often they are delivered."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from django.db import IntegrityError, transaction
+
+from accounts.models import ApiKey, Tenant
+from inference.models import UsageRecord
+
+_COUNT_FIELDS = ("prompt_tokens", "completion_tokens", "cached_tokens")
+_TIME_FIELDS = ("started_at", "first_token_at", "finished_at")
+
+
+class InvalidUsageEvent(ValueError):
+    """A usage event is missing a field or has one of the wrong type; it cannot be recorded."""
+
+
+def record_usage(event: dict[str, Any]) -> bool:
+    """Store one usage event; return False (and change nothing) if its request was already recorded."""
+    fields = usage_fields(event)
+    if UsageRecord.objects.filter(request_id=fields["request_id"]).exists():
+        return False
+    try:
+        with transaction.atomic():
+            UsageRecord.objects.create(**fields)
+    except IntegrityError:
+        # Two ingesters raced on the same event and the other one won; anything else is a real error.
+        if UsageRecord.objects.filter(request_id=fields["request_id"]).exists():
+            return False
+        raise
+    return True
+
+
+def usage_fields(event: dict[str, Any]) -> dict[str, Any]:
+    """Return UsageRecord field values for a usage event, or raise InvalidUsageEvent."""
+    if not isinstance(event, dict):
+        raise InvalidUsageEvent("a usage event must be a dict")
+    request_id = event.get("request_id")
+    if not isinstance(request_id, str) or not request_id:
+        raise InvalidUsageEvent("usage event has no request_id")
+    status = event.get("status")
+    if status not in UsageRecord.Status.values:
+        raise InvalidUsageEvent(f"usage event {request_id} has unknown status {status!r}")
+    tenant = _tenant(event.get("tenant_id"))
+    fields: dict[str, Any] = {
+        "request_id": request_id,
+        "tenant": tenant,
+        "api_key": _api_key(event.get("api_key_id"), tenant),
+        "model": str(event.get("model") or ""),
+        "status": status,
+        "finish_reason": str(event.get("finish_reason") or ""),
+    }
+    for name in _COUNT_FIELDS:
+        fields[name] = _count(event, name)
+    for name in _TIME_FIELDS:
+        fields[name] = _timestamp(event, name)
+    # A request always has a submission time; fall back to the worker's clock if the job lacked one.
+    fields["submitted_at"] = (
+        _timestamp(event, "submitted_at") or fields["started_at"] or fields["finished_at"]
+    )
+    if fields["submitted_at"] is None:
+        raise InvalidUsageEvent(f"usage event {request_id} has no timestamps")
+    return fields
+
+
+def _tenant(tenant_id: Any) -> Tenant | None:
+    """Return the tenant a job named by primary key, or None for jobs from outside any tenant (the CLI)."""
+    if not str(tenant_id or "").isdigit():
+        return None
+    return Tenant.objects.filter(pk=int(tenant_id)).first()
+
+
+def _api_key(api_key_id: Any, tenant: Tenant | None) -> ApiKey | None:
+    if tenant is None or not str(api_key_id or "").isdigit():
+        return None
+    return ApiKey.objects.for_tenant(tenant).filter(pk=int(api_key_id)).first()
+
+
+def _count(event: dict[str, Any], name: str) -> int:
+    value = event.get(name) or 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidUsageEvent(f"usage event field {name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _timestamp(event: dict[str, Any], name: str) -> datetime | None:
+    value = event.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidUsageEvent(f"usage event field {name} must be a unix time, got {value!r}")
+    return datetime.fromtimestamp(value, tz=UTC)

@@ -1,0 +1,15 @@
+"""Top-level URL map: the admin, the OpenAI-compatible API under /v1, the web pages, Prometheus metrics."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import include, path
+
+from inference.api import api
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("v1/", api.urls),
+    path("", include("inference.urls")),
+    path("", include("django_prometheus.urls")),
+]
