@@ -197,8 +197,13 @@ def is_terminal(event: Event) -> bool:
     return event.get("type") in TERMINAL_TYPES
 
 
-def started_event(prompt_token_ids: list[int], queued_s: float) -> Event:
-    return {"type": "started", "prompt_token_ids": list(prompt_token_ids), "queued_s": queued_s}
+def started_event(prompt_token_ids: list[int], queued_s: float, worker: str = "") -> Event:
+    return {
+        "type": "started",
+        "prompt_token_ids": list(prompt_token_ids),
+        "queued_s": queued_s,
+        "worker": worker,
+    }
 
 
 def done_event(usage: dict[str, int], timings: dict[str, float | None], status: str) -> Event:

@@ -59,6 +59,7 @@ class RedisWorkerTransport:
         claim_idle_s: float = 60.0,
         reclaim_every_s: float = 2.0,
         heartbeat_ttl_s: float = 10.0,
+        usage_stream: str = USAGE_STREAM,
     ) -> None:
         self.r = client
         self.model = model
@@ -67,6 +68,7 @@ class RedisWorkerTransport:
         self.claim_idle_ms = int(claim_idle_s * 1000)
         self.reclaim_every_s = reclaim_every_s
         self.heartbeat_ttl_s = heartbeat_ttl_s
+        self.usage_stream = usage_stream
         self._next_reclaim = 0.0
         self._claim_cursor = "0-0"
         self._finish_script = self.r.register_script(_FINISH_LUA)
@@ -135,7 +137,12 @@ class RedisWorkerTransport:
     def finish(self, items: list[Finished]) -> None:
         pipe = self.r.pipeline(transaction=False)
         for item in items:
-            keys = [self.stream, events_stream(item.request_id), USAGE_STREAM, cancel_key(item.request_id)]
+            keys = [
+                self.stream,
+                events_stream(item.request_id),
+                self.usage_stream,
+                cancel_key(item.request_id),
+            ]
             args = [
                 GROUP,
                 self.consumer,

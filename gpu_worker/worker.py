@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gpu_worker.errors import InvalidRequestError
 from gpu_worker.protocol import (
+    USAGE_STREAM,
     Event,
     ParsedJob,
     delta_events,
@@ -102,9 +103,11 @@ class Worker:
         heartbeat_s: float = 2.0,
         drain_timeout_s: float = 30.0,
         served_name: str | None = None,
+        name: str = "embedded",
     ) -> None:
         self.engine = engine
         self.served_name = served_name or engine.model_name
+        self.name = name
         self.transport = transport
         self.max_inflight = max_inflight
         self.idle_wait_s = idle_wait_s
@@ -198,7 +201,7 @@ class Worker:
             return
         self._active[job.request_id] = _Active(delivery, job, started_at)
         queued_s = max(0.0, started_at - job.submitted_at)
-        self._outbox.append((job.request_id, started_event(job.prompt_token_ids, queued_s)))
+        self._outbox.append((job.request_id, started_event(job.prompt_token_ids, queued_s, self.name)))
 
     def _add_to_engine(self, job: ParsedJob) -> None:
         kwargs: dict[str, Any] = {"tenant": job.tenant_id, "weight": job.weight}
@@ -411,6 +414,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--drain-timeout-s", type=float, default=30.0, help="on SIGTERM, finish work this long"
     )
+    parser.add_argument("--usage-stream", default=USAGE_STREAM, help="the stream usage records go to")
 
 
 def add_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -431,7 +435,9 @@ def run_worker_command(args: argparse.Namespace) -> int:
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, num_blocks=args.num_blocks)
     engine = LLMEngine(config)
     name = args.served_model_name or engine.model_name
-    transport = RedisWorkerTransport.from_url(args.redis_url, name, claim_idle_s=args.claim_idle_s)
+    transport = RedisWorkerTransport.from_url(
+        args.redis_url, name, claim_idle_s=args.claim_idle_s, usage_stream=args.usage_stream
+    )
     worker = Worker(
         engine,
         transport,
@@ -439,6 +445,7 @@ def run_worker_command(args: argparse.Namespace) -> int:
         max_inflight=args.max_inflight,
         heartbeat_s=args.heartbeat_s,
         drain_timeout_s=args.drain_timeout_s,
+        name=transport.consumer,
     )
     worker.install_signal_handlers()
     log.info("worker %s consumes %s", transport.consumer, transport.stream)
