@@ -216,14 +216,18 @@ class LLMEngine:
                 pos = first + 1 + r
                 request.prompt_logprobs[pos] = self._token_logprob(seq.token_ids[pos], chosen, top)
 
+    def _token_text(self, token_id: int) -> str:
+        # A model's embedding table may be padded past the tokenizer's vocabulary.
+        return self.tokenizer.id_to_token(token_id) if token_id < self.tokenizer.vocab_size else ""
+
     def _token_logprob(self, token_id: int, chosen: float, top: list[tuple[int, float]]) -> TokenLogprob:
-        tok = self.tokenizer
+        in_vocab = token_id < self.tokenizer.vocab_size
         return TokenLogprob(
             token_id=token_id,
-            token=tok.id_to_token(token_id),
-            bytes=list(tok.token_bytes(token_id)),
+            token=self._token_text(token_id),
+            bytes=list(self.tokenizer.token_bytes(token_id)) if in_vocab else [],
             logprob=chosen,
-            top=[(t, tok.id_to_token(t), lp) for t, lp in top],
+            top=[(t, self._token_text(t), lp) for t, lp in top],
         )
 
     def _append_token(self, seq: Sequence, token: int, lp: tuple[float, list[tuple[int, float]]] | None) -> None:

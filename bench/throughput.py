@@ -1,0 +1,90 @@
+"""Offline throughput: 512 requests (prompts 32-256 tokens, 128 new tokens, EOS ignored), Ruvon vs HF.
+
+The peer is HF transformers' continuous batching (generate_batch with paged attention) on the same weights.
+Run on a GPU: python bench/throughput.py --shape gpt2 --shape gpt2-xl --dtype float16
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import print_table, timed, write_json  # noqa: E402
+from bench.peers import same_weights, weight_bytes  # noqa: E402
+from gpu_worker.config import SamplingParams  # noqa: E402
+
+
+def workload(num: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(50257) for _ in range(rng.randint(lo, hi))] for _ in range(num)]
+
+
+def hf_generate_batch(model: transformers.PreTrainedModel, prompts: list[list[int]], new_tokens: int) -> int:
+    config = transformers.GenerationConfig(
+        do_sample=False, max_new_tokens=new_tokens, eos_token_id=-1, pad_token_id=0, use_cuda_graph=False
+    )
+    outs = model.generate_batch(inputs=prompts, generation_config=config)
+    return sum(len(o.generated_tokens) for o in outs.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", action="append", default=None)
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--requests", type=int, default=512)
+    parser.add_argument("--min-prompt", type=int, default=32)
+    parser.add_argument("--max-prompt", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--max-num-seqs", type=int, default=512)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--bandwidth", type=float, default=4.2e12)
+    parser.add_argument("--skip-hf", action="store_true")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    prompts = workload(args.requests, args.min_prompt, args.max_prompt)
+    rows = []
+    for shape in args.shape or ["gpt2"]:
+        hf, engine = same_weights(
+            shape,
+            dtype,
+            args.device,
+            attn="paged|sdpa",
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+        )
+        params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
+        engine.generate(prompts[:8], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
+        r_s, outs = timed(lambda e=engine: e.generate(prompts, params))
+        r_tokens = sum(len(o.token_ids[0]) for o in outs)
+        row = {"shape": shape, "ruvon_tok_s": r_tokens / r_s, "ruvon_s": r_s}
+        if not args.skip_hf:
+            try:
+                h_s, h_tokens = timed(lambda m=hf: hf_generate_batch(m, prompts, args.new_tokens))
+                row.update({"hf_tok_s": h_tokens / h_s, "speedup": (r_tokens / r_s) / (h_tokens / h_s)})
+            except Exception as exc:  # the peer's API moves between versions: report, don't hide
+                row.update({"hf_tok_s": f"failed: {type(exc).__name__}: {exc}"[:80]})
+        # Roofline: every decode step reads all weights once; a 512-wide batch needs ~new_tokens steps.
+        steps = args.new_tokens * -(-args.requests // args.max_num_seqs)
+        row["roofline_tok_s"] = r_tokens / (steps * weight_bytes(hf) / args.bandwidth)
+        rows.append(row)
+        del hf, engine
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    print(
+        f"{args.requests} requests, prompts {args.min_prompt}-{args.max_prompt} tokens, "
+        f"{args.new_tokens} new tokens, {args.dtype}, {args.device}"
+    )
+    print_table(rows)
+    print("wrote", write_json("throughput", {"args": vars(args), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
