@@ -1,0 +1,164 @@
+"""The web chat's websocket (/ws/chat/): a logged-in user sends messages, tokens stream back as they are made.
+Cancels the request when the browser says stop or goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from gpu_worker.errors import CapacityError, InvalidRequestError
+from gpu_worker.protocol import make_job, sampling_params_from_dict, sampling_params_to_dict
+from inference.serving import ServedModel, served_model
+from inference.transport import JobClient, get_job_client
+
+CHAT_PARAMS = {"temperature", "top_p", "max_tokens", "seed"}  # what the chat page may set
+MAX_MESSAGES = 200
+ROLES = {"system", "user", "assistant"}
+
+
+class ChatConsumer(AsyncJsonWebsocketConsumer):
+    """One chat session: at most one generation at a time, streamed as delta/done/error JSON messages."""
+
+    request_id: str | None = None
+    stream_task: asyncio.Task[None] | None = None
+    tenant_id = ""
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=4401)  # before accept: the handshake is refused
+            return
+        tenant_id = await _tenant_id_of(user)
+        if tenant_id is None:
+            await self.close(code=4403)  # usage must be billed to a tenant
+            return
+        self.tenant_id = tenant_id
+        await self.accept()
+        _client, served = await served_model()
+        await self.send_json({"type": "ready", "model": {"model": served.name, "label": served.label}})
+
+    async def disconnect(self, code: int) -> None:
+        # Nobody reads the rest: stop streaming, and let the worker end the request as cancelled.
+        if self.stream_task is not None:
+            self.stream_task.cancel()
+        await self._cancel_current()
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        if isinstance(content, dict) and content.get("type") == "cancel":
+            await self._cancel_current()
+            return
+        if self.stream_task is not None and not self.stream_task.done():
+            await self._send_error("busy", 'a reply is still streaming; send {"type": "cancel"} first', None)
+            return
+        client, served = await served_model()
+        try:
+            job = self._build_job(content, served)
+            await client.submit(job)
+        except InvalidRequestError as exc:
+            await self._send_error("invalid_request_error", exc.message, exc.param)
+            return
+        except CapacityError as exc:
+            await self._send_error("capacity_exceeded", str(exc), None)
+            return
+        self.request_id = job["request_id"]
+        await self.send_json({"type": "started", "request_id": job["request_id"]})
+        self.stream_task = asyncio.create_task(self._stream(client, job["request_id"], time.monotonic()))
+
+    def _build_job(self, content: Any, served: ServedModel) -> dict[str, Any]:
+        if not isinstance(content, dict):
+            raise InvalidRequestError("send a JSON object with messages", param=None)
+        messages = _check_messages(content.get("messages"))
+        raw = content.get("params") or {}
+        if not isinstance(raw, dict) or not set(raw) <= CHAT_PARAMS:
+            raise InvalidRequestError(f"params may only set {sorted(CHAT_PARAMS)}", param="params")
+        model = content.get("model") or served.name
+        if model != served.name:
+            raise InvalidRequestError(f"model {model!r} is not served here", param="model")
+        tokenizer = served.tokenizer
+        params = sampling_params_from_dict({**raw, "stop": list(tokenizer.chat_stop_strings)})
+        prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        if served.max_model_len is not None and len(prompt_ids) >= served.max_model_len:
+            raise InvalidRequestError(
+                f"the conversation has {len(prompt_ids)} tokens; this model's context is {served.max_model_len}",
+                param="messages",
+            )
+        job_id = f"chat-{uuid.uuid4().hex}"
+        return make_job(job_id, model, prompt_ids, sampling_params_to_dict(params), tenant_id=self.tenant_id)
+
+    async def _stream(self, client: JobClient, request_id: str, sent_at: float) -> None:
+        first_token_at: float | None = None
+        tokens = 0
+        try:
+            async for event in client.events(request_id):
+                kind = event["type"]
+                if kind == "delta":
+                    if event["token_ids"] and first_token_at is None:
+                        first_token_at = time.monotonic()
+                    tokens += len(event["token_ids"])
+                    await self.send_json(
+                        {"type": "delta", "text": event["text"], "finish_reason": event["finish_reason"]}
+                    )
+                elif kind == "done":
+                    await self.send_json(
+                        {**event, "client": _client_timings(sent_at, first_token_at, tokens)}
+                    )
+                elif kind == "error":
+                    await self._send_error(event["code"], event["message"], event.get("param"))
+        except Exception as exc:  # the transport failed (Redis went away): tell the page, keep the socket
+            await self._send_error("internal_error", f"lost the reply's stream: {exc}", None)
+        finally:
+            self.request_id = None
+
+    async def _cancel_current(self) -> None:
+        """Ask the worker to stop; the stream still ends with its "done" event (status cancelled)."""
+        if self.request_id is not None:
+            await get_job_client().cancel(self.request_id)  # built already: a request is in flight
+
+    async def _send_error(self, code: str, message: str, param: str | None) -> None:
+        await self.send_json({"type": "error", "code": code, "message": message, "param": param})
+
+
+def _check_messages(messages: Any) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages or len(messages) > MAX_MESSAGES:
+        raise InvalidRequestError(
+            f"messages must be a list of 1 to {MAX_MESSAGES} messages", param="messages"
+        )
+    for message in messages:
+        ok = (
+            isinstance(message, dict)
+            and message.get("role") in ROLES
+            and isinstance(message.get("content"), str)
+        )
+        if not ok:
+            raise InvalidRequestError(
+                "each message needs a role (system, user, assistant) and text content", param="messages"
+            )
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _client_timings(sent_at: float, first_token_at: float | None, tokens: int) -> dict[str, float | None]:
+    """Timings as the web tier saw them: time to first token and decode speed."""
+    end = time.monotonic()
+    ttft = first_token_at - sent_at if first_token_at is not None else None
+    rate = (
+        (tokens - 1) / (end - first_token_at)
+        if first_token_at is not None and tokens > 1 and end > first_token_at
+        else None
+    )
+    return {"ttft_s": ttft, "tokens_per_s": rate, "tokens": tokens}
+
+
+@database_sync_to_async
+def _tenant_id_of(user: Any) -> str | None:
+    """Return the id (as jobs carry it) of the user's first active tenant, or None if they have none."""
+    from accounts.models import Membership
+
+    membership = (
+        Membership.objects.filter(user_id=user.pk, tenant__is_active=True).order_by("created_at").first()
+    )
+    return str(membership.tenant_id) if membership else None

@@ -1,0 +1,67 @@
+"""The client side of the job queue: `get_job_client()` returns the process-wide JobClient chosen by
+settings.REDIS_URL (unset: the engine embedded on a background thread; set: GPU workers over Redis)."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+
+from inference.transport.base import JobClient
+
+if TYPE_CHECKING:
+    from gpu_worker.tokenizer import Tokenizer
+
+__all__ = ["JobClient", "get_job_client", "get_tokenizer", "reset_job_client"]
+
+_client: JobClient | None = None
+_lock = threading.Lock()
+
+
+def get_job_client() -> JobClient:
+    """Return the process-wide JobClient, building it on first use (the embedded one loads the model)."""
+    global _client
+    with _lock:
+        if _client is None:
+            _client = _build_client()
+            atexit.register(_client.close)
+        return _client
+
+
+def get_tokenizer() -> Tokenizer:
+    """Return the served model's tokenizer: the embedded engine's, or one loaded from settings.RUVON_MODEL."""
+    tokenizer = getattr(get_job_client(), "tokenizer", None)
+    if tokenizer is not None:
+        return tokenizer
+    from inference.transport.tokenizer import tokenizer_for_spec
+
+    return tokenizer_for_spec(settings.RUVON_MODEL)
+
+
+def reset_job_client() -> None:
+    """Close and forget the process-wide client, so the next call builds one from current settings."""
+    global _client
+    with _lock:
+        if _client is not None:
+            atexit.unregister(_client.close)
+            _client.close()
+        _client = None
+
+
+def _build_client() -> JobClient:
+    served_name = settings.RUVON_MODEL_NAME
+    max_queue = getattr(settings, "RUVON_MAX_QUEUE", 1000)
+    if settings.REDIS_URL:
+        from inference.transport.redis_client import RedisJobClient
+
+        return RedisJobClient(settings.REDIS_URL, served_name, max_queue=max_queue)
+    from gpu_worker.config import EngineConfig
+    from gpu_worker.engine import LLMEngine
+    from inference.transport.inprocess import InProcessJobClient
+    from inference.usage import record_usage
+
+    config: dict[str, Any] = {"model": settings.RUVON_MODEL, "num_blocks": settings.RUVON_NUM_BLOCKS}
+    engine = LLMEngine(EngineConfig(**config))
+    return InProcessJobClient(engine, served_name, record_usage, max_queue=max_queue)

@@ -1,0 +1,29 @@
+"""The JobClient protocol: the only way the web tier talks to a worker (submit, read events, cancel)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from gpu_worker.protocol import Event, Job
+
+
+class JobClient(Protocol):
+    """Submits jobs to a worker and streams their events back; in-process or over Redis."""
+
+    async def submit(self, job: Job) -> None:
+        """Queue a job; raise CapacityError when the queue is full or no worker serves the model."""
+
+    def events(self, request_id: str) -> AsyncIterator[Event]:
+        """Yield the request's events from the first, ending after its terminal event (done or error)."""
+        ...
+
+    async def cancel(self, request_id: str) -> None:
+        """Ask the worker to stop the request; it still ends with a terminal event (status cancelled)."""
+
+    def model_info(self) -> dict[str, Any]:
+        """Return the served model: {"model", "label", "max_model_len", ...}."""
+        ...
+
+    def close(self) -> None:
+        """Release threads and connections (tests and process exit)."""

@@ -1,0 +1,163 @@
+"""The chat websocket through the real ASGI application (session auth, origin check, consumer) with the
+embedded random:tiny engine: streaming, refusals, bad input, stop and disconnect both cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.testing import WebsocketCommunicator
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.test import Client
+
+from inference.models import UsageRecord
+from inference.transport import get_job_client
+
+pytestmark = [pytest.mark.usefixtures("tiny_served"), pytest.mark.django_db(transaction=True)]
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+def session_headers(user: Any) -> list[tuple[bytes, bytes]]:
+    client = Client()
+    client.force_login(user)
+    cookie = f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}"
+    return [(b"cookie", cookie.encode()), (b"origin", b"http://127.0.0.1"), (b"host", b"127.0.0.1")]
+
+
+def communicator(headers: list[tuple[bytes, bytes]]) -> WebsocketCommunicator:
+    from ruvon.asgi import application
+
+    return WebsocketCommunicator(application, "/ws/chat/", headers=headers)
+
+
+async def read_until(ws: WebsocketCommunicator, kinds: set[str], timeout: float = 30) -> list[dict[str, Any]]:
+    """Return the messages received up to and including the first whose type is in `kinds`."""
+    messages = []
+    while True:
+        message = await ws.receive_json_from(timeout=timeout)
+        messages.append(message)
+        if message["type"] in kinds:
+            return messages
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 20) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+    return value
+
+
+def test_it_streams_a_chat_to_a_member_and_records_usage(owner: Any) -> None:
+    headers = session_headers(owner.user)
+
+    async def scenario() -> list[dict[str, Any]]:
+        ws = communicator(headers)
+        connected, _ = await ws.connect(timeout=30)
+        assert connected
+        ready = await ws.receive_json_from(timeout=30)
+        assert ready["type"] == "ready" and ready["model"]["model"] == "tiny"
+        await ws.send_json_to({"messages": HELLO, "params": {"max_tokens": 5, "temperature": 0}})
+        messages = await read_until(ws, {"done", "error"})
+        await ws.disconnect()
+        return messages
+
+    messages = async_to_sync(scenario)()
+    started, *deltas, done = messages
+    assert started["type"] == "started" and all(m["type"] == "delta" for m in deltas)
+    assert (done["type"], done["status"]) == ("done", "completed")
+    assert 1 <= done["usage"]["completion_tokens"] <= 5 and done["client"]["ttft_s"] > 0
+    record = wait_for(lambda: UsageRecord.objects.filter(request_id=started["request_id"]).first())
+    assert record.tenant == owner.key.tenant and record.status == "completed"
+
+
+def test_it_refuses_an_anonymous_websocket() -> None:
+    async def scenario() -> bool:
+        connected, _ = await communicator([(b"origin", b"http://127.0.0.1")]).connect(timeout=10)
+        return connected
+
+    assert async_to_sync(scenario)() is False
+
+
+def test_it_refuses_a_user_outside_every_tenant() -> None:
+    headers = session_headers(get_user_model().objects.create_user("loner", password="pw-loner"))
+
+    async def scenario() -> tuple[bool, Any]:
+        return await communicator(headers).connect(timeout=10)
+
+    assert async_to_sync(scenario)() == (False, 4403)
+
+
+def test_it_reports_bad_input_and_keeps_the_socket_open(owner: Any) -> None:
+    headers = session_headers(owner.user)
+
+    async def scenario() -> list[dict[str, Any]]:
+        ws = communicator(headers)
+        await ws.connect(timeout=30)
+        await ws.receive_json_from(timeout=30)
+        replies = []
+        for bad in (
+            {"messages": []},
+            {"messages": HELLO, "params": {"top_k": 3}},
+            {"messages": [{"role": "x"}]},
+        ):
+            await ws.send_json_to(bad)
+            replies.append(await ws.receive_json_from(timeout=10))
+        await ws.send_json_to({"messages": HELLO, "params": {"max_tokens": 2}})
+        replies.append((await read_until(ws, {"done", "error"}))[-1])
+        await ws.disconnect()
+        return replies
+
+    *errors, done = async_to_sync(scenario)()
+    assert [(e["type"], e["param"]) for e in errors] == [
+        ("error", "messages"),
+        ("error", "params"),
+        ("error", "messages"),
+    ]
+    assert done["status"] == "completed"
+
+
+def test_it_stops_a_reply_when_asked(owner: Any) -> None:
+    headers = session_headers(owner.user)
+
+    async def scenario() -> list[dict[str, Any]]:
+        ws = communicator(headers)
+        await ws.connect(timeout=30)
+        await ws.receive_json_from(timeout=30)
+        await ws.send_json_to({"messages": HELLO, "params": {"max_tokens": 100}})
+        messages = await read_until(ws, {"delta"})
+        await ws.send_json_to({"type": "cancel"})
+        messages += await read_until(ws, {"done", "error"})
+        await ws.disconnect()
+        return messages
+
+    messages = async_to_sync(scenario)()
+    assert (messages[-1]["type"], messages[-1]["status"]) == ("done", "cancelled")
+    rid = messages[0]["request_id"]
+    assert wait_for(lambda: UsageRecord.objects.filter(request_id=rid, status="cancelled").exists())
+
+
+def test_it_cancels_the_reply_when_the_browser_goes_away(owner: Any) -> None:
+    headers = session_headers(owner.user)
+
+    async def scenario() -> str:
+        ws = communicator(headers)
+        await ws.connect(timeout=30)
+        await ws.receive_json_from(timeout=30)
+        await ws.send_json_to({"messages": HELLO, "params": {"max_tokens": 100}})
+        started, _delta = await read_until(ws, {"delta"})
+        await ws.disconnect()
+        await asyncio.sleep(0)
+        return started["request_id"]
+
+    rid = async_to_sync(scenario)()
+    record = wait_for(lambda: UsageRecord.objects.filter(request_id=rid).first())
+    assert record.status == "cancelled" and record.completion_tokens < 100
+    engine = get_job_client().engine  # type: ignore[attr-defined]
+    wait_for(lambda: engine.stats()["num_free_blocks"] == engine.stats()["num_total_blocks"])
