@@ -88,7 +88,7 @@ class RedisJobClient:
         stream, last = events_stream(request_id), "0-0"
         heard_at = time.monotonic()
         while True:
-            reply = await r.xread({stream: last}, count=256, block=self.block_ms)
+            reply: Any = await r.xread({stream: last}, count=256, block=self.block_ms)
             if not reply:
                 if time.monotonic() - heard_at > self.silence_timeout_s:
                     await self.cancel(request_id)
@@ -125,7 +125,7 @@ class RedisJobClient:
         self._clients.clear()
 
 
-def _live(heartbeats: dict[str, str], max_age_s: float = 15.0) -> list[dict[str, Any]]:
+def _live(heartbeats: dict[Any, Any], max_age_s: float = 15.0) -> list[dict[str, Any]]:
     """Return the heartbeats recent enough to count as live workers."""
     now = time.time()
     infos = []

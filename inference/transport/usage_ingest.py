@@ -47,7 +47,7 @@ class UsageIngester:
             self.stream, INGEST_GROUP, self.consumer, self.claim_idle_ms, "0-0", count
         )[:3]
         if not entries:
-            reply = self.r.xreadgroup(
+            reply: Any = self.r.xreadgroup(
                 INGEST_GROUP, self.consumer, {self.stream: ">"}, count=count, block=block_ms
             )
             entries = [entry for _name, batch in reply or [] for entry in batch]

@@ -4,6 +4,7 @@ embedded random:tiny engine: streaming, refusals, bad input, stop and disconnect
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -161,3 +162,38 @@ def test_it_cancels_the_reply_when_the_browser_goes_away(owner: Any) -> None:
     assert record.status == "cancelled" and record.completion_tokens < 100
     engine = get_job_client().engine  # type: ignore[attr-defined]
     wait_for(lambda: engine.stats()["num_free_blocks"] == engine.stats()["num_total_blocks"])
+
+
+def test_it_renders_the_chat_page_for_a_member_only(owner: Any) -> None:
+    anonymous = Client().get("/chat/")
+    assert anonymous.status_code == 302 and "login" in anonymous["Location"]
+    member = Client()
+    member.force_login(owner.user)
+    page = member.get("/chat/")
+    assert page.status_code == 200
+    assert b"inference/chat.js" in page.content and b"tiny" in page.content
+
+
+@pytest.mark.slow
+def test_it_streams_a_chat_to_a_real_websocket_client_of_a_live_server() -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    from tests.platform.live_server import shared_live_server
+
+    server = shared_live_server()
+    url = f"ws://{server.host}/ws/chat/"
+    origin = {"Origin": server.url}
+    with pytest.raises(InvalidStatus):  # anonymous: the handshake is refused
+        connect(url, additional_headers=origin, open_timeout=30).close()
+    with connect(url, additional_headers={**origin, "Cookie": server.login_cookie()}, open_timeout=30) as ws:
+        ready = json.loads(ws.recv(timeout=30))
+        ws.send(json.dumps({"messages": HELLO, "params": {"max_tokens": 6, "temperature": 0}}))
+        messages = []
+        while not messages or messages[-1]["type"] not in ("done", "error"):
+            messages.append(json.loads(ws.recv(timeout=30)))
+    assert ready["model"]["model"] == "tiny" and "RANDOM" in ready["model"]["label"]
+    started, done = messages[0], messages[-1]
+    assert (done["type"], done["status"]) == ("done", "completed")
+    assert any(m["type"] == "delta" for m in messages)
+    assert wait_for(lambda: server.usage_statuses().get(started["request_id"])) == "completed"

@@ -3,7 +3,7 @@ settings; the worker itself imports gpu_worker and redis, never the ORM."""
 
 from __future__ import annotations
 
-from argparse import ArgumentParser
+from argparse import ArgumentParser, Namespace
 from typing import Any
 
 from django.conf import settings
@@ -14,6 +14,9 @@ from gpu_worker.worker import add_worker_arguments, run_worker_command
 
 class Command(BaseCommand):
     help = "Serve jobs from Redis Streams with one inference engine (one process per GPU)."
+    requires_system_checks: list[
+        str
+    ] = []  # the worker never touches the ORM; it must start without a database
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         add_worker_arguments(parser)
@@ -27,10 +30,4 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if not options["redis_url"]:
             raise CommandError("the worker needs Redis: set REDIS_URL or pass --redis-url")
-        run_worker_command(_namespace(options))
-
-
-def _namespace(options: dict[str, Any]) -> Any:
-    from argparse import Namespace
-
-    return Namespace(**options)
+        run_worker_command(Namespace(**options))
