@@ -98,8 +98,9 @@ def to_api_error(exc: Exception) -> ApiError:
 def _from_validation_error(exc: ValidationError) -> ApiError:
     """Return a 400 naming the first invalid field, as OpenAI does (ninja would answer 422 with a list)."""
     first = exc.errors[0] if exc.errors else {}
-    # ninja's loc is (source, argument name, *field path); the field path is what the client sent.
-    path = [str(p) for p in first.get("loc", ())[2:]]
+    # ninja's loc starts with the source; a JSON body then has the view's argument name before the field path.
+    loc = list(first.get("loc", ()))
+    path = [str(p) for p in (loc[2:] if loc[:1] == ["body"] else loc[1:])]
     param = ".".join(path) or None
     message = str(first.get("msg", "Invalid request."))
     return ApiError(f"{param}: {message}" if param else message, status=400, param=param)
