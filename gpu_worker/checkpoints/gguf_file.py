@@ -1,0 +1,124 @@
+"""Reads a llama-architecture GGUF file: metadata to ModelConfig, tensors dequantised and renamed to HF names."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import gguf
+import torch
+from gguf.quants import dequantize
+
+from gpu_worker.checkpoints import Checkpoint, reject_unsupported
+from gpu_worker.config import ModelConfig
+from gpu_worker.errors import ModelLoadError
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+
+
+def open_gguf(path: Path) -> gguf.GGUFReader:
+    """Return a reader over `path` (memory-mapped; tensors are read when dequantised)."""
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError, KeyError, IndexError) as exc:
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({exc})") from exc
+
+
+def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.get_field(key)
+    return default if field is None else field.contents()
+
+
+def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
+    """Return the ModelConfig in the GGUF's metadata; only the llama architecture is supported."""
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ModelLoadError(
+            f"{path.name}: GGUF architecture {arch!r} is not supported; Ruvon reads 'llama' GGUFs"
+        )
+    meta = {
+        key.removeprefix("llama."): _field(reader, key) for key in reader.fields if key.startswith("llama.")
+    }
+    shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
+    try:
+        hidden, heads = int(meta["embedding_length"]), int(meta["attention.head_count"])
+        config = ModelConfig(
+            arch="llama",
+            vocab_size=shapes["token_embd.weight"][1],
+            hidden_size=hidden,
+            num_layers=int(meta["block_count"]),
+            num_heads=heads,
+            num_kv_heads=int(meta.get("attention.head_count_kv") or heads),
+            intermediate_size=int(meta["feed_forward_length"]),
+            max_position_embeddings=int(meta["context_length"]),
+            norm_eps=float(meta.get("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(meta.get("rope.freq_base", 10000.0)),
+            tie_word_embeddings="output.weight" not in shapes,
+            bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        )
+    except KeyError as exc:
+        raise ModelLoadError(f"{path.name}: GGUF lacks llama metadata or tensor {exc}") from exc
+    reject_unsupported(
+        path,
+        {
+            "rope scaling": meta.get("rope.scaling.type", "none") != "none",
+            "rope dimension != head_dim": int(meta.get("rope.dimension_count", config.head_dim))
+            != config.head_dim,
+        },
+    )
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    return replace(config, eos_token_ids=() if eos is None else (int(eos),))
+
+
+def read_gguf_tensors(reader: gguf.GGUFReader, config: ModelConfig) -> Checkpoint:
+    """Return the GGUF's tensors as a lazy stream of dequantised float32 tensors under HF names."""
+    nbytes = sum(int(t.n_bytes) for t in reader.tensors)
+    return Checkpoint(_tensors(reader, config), len(reader.tensors), nbytes)
+
+
+def _hf_name(name: str) -> str:
+    stem = name.removesuffix(".weight")
+    if stem in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[stem]}.weight"
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
+    if match and match[2] in _LAYER_NAMES:
+        return f"layers.{match[1]}.{_LAYER_NAMES[match[2]]}.weight"
+    return name  # unknown: the model's checkpoint_target reports it
+
+
+def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's row order for Q/K so HF's rotate_half RoPE applies exactly.
+
+    llama.cpp's converter interleaves each head's rows as (0, D/2, 1, D/2+1, ...);
+    HF keeps the two rotary halves apart: [H, D/2, 2, in] -> [H, 2, D/2, in].
+    """
+    rows, cols = weight.shape
+    return weight.view(num_heads, rows // num_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _tensors(reader: gguf.GGUFReader, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    for entry in reader.tensors:
+        shape = tuple(reversed([int(n) for n in entry.shape]))  # GGUF lists dims innermost first
+        array = dequantize(entry.data, entry.tensor_type).reshape(shape)
+        # Unquantised tensors come back as read-only views of the memory-mapped file.
+        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
+        name = _hf_name(entry.name)
+        if name.endswith("q_proj.weight"):
+            tensor = unpermute_rope_rows(tensor, config.num_heads)
+        elif name.endswith("k_proj.weight"):
+            tensor = unpermute_rope_rows(tensor, config.num_kv_heads)
+        yield name, tensor

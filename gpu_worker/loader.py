@@ -1,0 +1,224 @@
+"""Turns a model spec (HF directory, HF cache name, GGUF file, `random:<shape>`) into a loaded Ruvon model.
+
+Reading files is the job of gpu_worker/checkpoints; this module picks the reader and fills the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from gpu_worker.assets import smollm2_gguf_path
+from gpu_worker.checkpoints import Checkpoint
+from gpu_worker.checkpoints.gguf_file import open_gguf, read_gguf_config, read_gguf_tensors
+from gpu_worker.checkpoints.hf_dir import read_hf_config, read_hf_tensors
+from gpu_worker.checkpoints.hub import GPT2_HUB_NAMES, is_hub_name, pull, resolve_cached_snapshot
+from gpu_worker.config import ModelConfig
+from gpu_worker.errors import ModelLoadError
+from gpu_worker.models import build_model
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+__all__ = ["RANDOM_SHAPES", "LoadedModel", "load_model", "pull", "random_hf_config"]
+
+PROGRESS_MIN_BYTES = 256 * 2**20  # below this a progress bar is noise
+
+
+def _gpt2_shape(hidden: int, layers: int, heads: int, positions: int = 1024) -> ModelConfig:
+    return ModelConfig(
+        arch="gpt2",
+        vocab_size=50257,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=positions,
+        bos_token_id=50256,
+        eos_token_ids=(50256,),
+    )
+
+
+RANDOM_SHAPES: dict[str, ModelConfig] = {
+    "tiny": _gpt2_shape(64, 2, 4, positions=128),
+    "gpt2": _gpt2_shape(768, 12, 12),
+    "gpt2-medium": _gpt2_shape(1024, 24, 16),
+    "gpt2-large": _gpt2_shape(1280, 36, 20),
+    "gpt2-xl": _gpt2_shape(1600, 48, 25),
+    # SmolLM2's vocabulary, so its tokenizer and chat template work with random weights.
+    "tiny-llama": ModelConfig(
+        arch="llama",
+        vocab_size=49152,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        rope_theta=100000.0,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the runner, plus where it came from and how to describe it to users."""
+
+    model: nn.Module
+    config: ModelConfig
+    name: str  # the served model name
+    label: str  # human description; says RANDOM for synthetic weights
+    is_random: bool
+    source_kind: Literal["hf_dir", "gguf", "random"]
+    source_path: Path | None
+
+
+def load_model(
+    spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
+) -> LoadedModel:
+    """Load what `spec` names: an HF directory or cache name, a .gguf file, `smollm2`, or `random:<shape>`."""
+    spec = spec.strip()
+    if spec.startswith("random:"):
+        return _load_random(spec, dtype, device, seed)
+    if spec == "smollm2":
+        return _load_gguf(smollm2_gguf_path(), "smollm2", dtype, device)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _load_hf_dir(path, path.name, dtype, device)
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path, path.stem, dtype, device)
+    if path.is_file():
+        raise ModelLoadError(f"{path} is a file but not a .gguf; pass a GGUF file or an HF model directory")
+    if is_hub_name(spec):
+        return _load_hf_dir(resolve_cached_snapshot(spec), spec, dtype, device)
+    raise ModelLoadError(
+        f"no model at {spec!r}: it is not an existing directory or .gguf file, an HF repo id (org/name), "
+        f"a GPT-2 name ({', '.join(GPT2_HUB_NAMES)}), 'smollm2' or random:<shape> ({', '.join(RANDOM_SHAPES)})"
+    )
+
+
+def _load_hf_dir(path: Path, name: str, dtype: torch.dtype, device: str | torch.device) -> LoadedModel:
+    config = read_hf_config(path)
+    model = _empty_model(config, dtype, device)
+    _fill(model, read_hf_tensors(path), desc=name)
+    label = f"{name} ({config.arch}, {_num_params(model)}, from {path})"
+    return LoadedModel(model, config, name, label, False, "hf_dir", path)
+
+
+def _load_gguf(path: Path, name: str, dtype: torch.dtype, device: str | torch.device) -> LoadedModel:
+    reader = open_gguf(path)
+    config = read_gguf_config(reader, path)
+    model = _empty_model(config, dtype, device)
+    _fill(model, read_gguf_tensors(reader, config), desc=name)
+    label = f"{name} (llama, {_num_params(model)}, dequantised from {path.name})"
+    return LoadedModel(model, config, name, label, False, "gguf", path)
+
+
+def _load_random(spec: str, dtype: torch.dtype, device: str | torch.device, seed: int) -> LoadedModel:
+    shape, seed = _parse_random_spec(spec, seed)
+    config = _random_shape(shape)
+    model = _empty_model(config, dtype, device)
+    # Drawn on the CPU in a fixed order, so one seed gives the same weights on every device and dtype.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+            else:
+                param.fill_(0.0 if name.endswith(".bias") else 1.0)  # biases 0, norm scales 1
+    label = f"{shape} (RANDOM weights, seed {seed})"
+    return LoadedModel(model, config, f"random:{shape}", label, True, "random", None)
+
+
+def _parse_random_spec(spec: str, seed: int) -> tuple[str, int]:
+    shape, _, query = spec.removeprefix("random:").partition("?")
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        if key != "seed" or not value.isdigit():
+            raise ModelLoadError(f"bad option {item!r} in {spec!r}; the only option is seed=<int>")
+        seed = int(value)
+    return shape, seed
+
+
+def _random_shape(shape: str) -> ModelConfig:
+    if shape not in RANDOM_SHAPES:
+        raise ModelLoadError(f"unknown random shape {shape!r}; choose one of {', '.join(RANDOM_SHAPES)}")
+    return RANDOM_SHAPES[shape]
+
+
+def random_hf_config(shape: str) -> PretrainedConfig:
+    """Return a transformers config of the same shape as random:<shape>, to build an HF peer model."""
+    from transformers import GPT2Config, LlamaConfig
+
+    c = _random_shape(shape)
+    tokens: dict[str, Any] = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_ids[0]}
+    if c.arch == "gpt2":
+        return GPT2Config(
+            vocab_size=c.vocab_size,
+            n_positions=c.max_position_embeddings,
+            n_embd=c.hidden_size,
+            n_layer=c.num_layers,
+            n_head=c.num_heads,
+            n_inner=c.intermediate_size,
+            layer_norm_epsilon=c.norm_eps,
+            activation_function="gelu_new",
+            **tokens,
+        )
+    return LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        tie_word_embeddings=c.tie_word_embeddings,
+        **tokens,
+    )
+
+
+def _empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
+    # Built on the meta device: no time spent on an init the weights overwrite anyway.
+    with torch.device("meta"):
+        model = build_model(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _fill(model: nn.Module, checkpoint: Checkpoint, desc: str) -> None:
+    """Copy every checkpoint tensor into its place; fail if the checkpoint left a parameter unset."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(float("nan"))  # anything still NaN afterwards was missing from the checkpoint
+        quiet = True if checkpoint.nbytes < PROGRESS_MIN_BYTES else None  # None: tqdm hides itself off a tty
+        for name, tensor in tqdm(
+            checkpoint.tensors, total=checkpoint.count or None, desc=desc, disable=quiet
+        ):
+            target = model.checkpoint_target(name)  # type: ignore[operator]
+            if target is None:
+                continue
+            if target.shape != tensor.shape:
+                raise ModelLoadError(
+                    f"{desc}: tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
+                )
+            target.copy_(tensor)
+        unset = [name for name, param in model.named_parameters() if param.isnan().any()]
+    if unset:
+        raise ModelLoadError(
+            f"{desc}: the checkpoint lacks (or has NaN in) {len(unset)} tensors, e.g. {unset[:5]}"
+        )
+
+
+def _num_params(model: nn.Module) -> str:
+    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params"

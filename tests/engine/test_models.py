@@ -1,0 +1,150 @@
+"""Our GPT-2 and Llama modules against Hugging Face transformers: same weights, same logits, same greedy tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from gpu_worker.assets import smollm2_gguf_path
+from gpu_worker.attention import AttentionMetadata, allocate_kv_cache, forward_dense
+from gpu_worker.loader import LoadedModel, load_model, random_hf_config
+from gpu_worker.models import GPT2ForCausalLM, LlamaForCausalLM, build_model
+
+PROMPT = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 198, 40, 1101, 1807, 257, 11, 290, 345]
+
+
+def _hf_peer(
+    config: transformers.PretrainedConfig, root: Path, seed: int = 0
+) -> transformers.PreTrainedModel:
+    """Build a random-init HF model with eager attention and save it under root."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model.save_pretrained(root)
+    return model
+
+
+def _hf_greedy(model: transformers.PreTrainedModel, prompt: list[int], steps: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    generation = transformers.GenerationConfig(
+        do_sample=False, max_new_tokens=steps, min_new_tokens=steps, pad_token_id=0
+    )
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=generation)
+    return out[0, len(prompt) :].tolist()
+
+
+def _our_greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> list[int]:
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(forward_dense(model, ids)[-1].argmax()))
+    return ids[len(prompt) :]
+
+
+def _hf_logits(model: transformers.PreTrainedModel, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def _tiny(shape: str, **changes: object) -> transformers.PretrainedConfig:
+    # A wide init makes activations large enough that a wrong activation, norm or RoPE detail
+    # moves the logits by far more than the tolerance (with std 0.02 they hide below it).
+    config = random_hf_config(shape)
+    for key, value in {"initializer_range": 0.3, **changes}.items():
+        setattr(config, key, value)
+    return config
+
+
+HF_CONFIGS = {
+    "tiny-gpt2": lambda: _tiny("tiny"),
+    "gpt2-124M": lambda: random_hf_config("gpt2"),
+    "tiny-llama-gqa": lambda: _tiny("tiny-llama"),
+    "tiny-llama-untied": lambda: _tiny("tiny-llama", tie_word_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_it_matches_hf_logits_and_greedy_tokens(name: str, tmp_path: Path) -> None:
+    hf = _hf_peer(HF_CONFIGS[name](), tmp_path)
+    ours = load_model(str(tmp_path)).model
+    torch.testing.assert_close(forward_dense(ours, PROMPT), _hf_logits(hf, PROMPT), atol=1e-4, rtol=0)
+    assert _our_greedy(ours, PROMPT, 16) == _hf_greedy(hf, PROMPT, 16)
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny-llama"])
+def test_it_runs_a_mixed_flat_batch_like_separate_sequences(shape: str) -> None:
+    # Step 1 prefills A (all but its last token) and B together; step 2 decodes A's last token
+    # beside B's next token. Every row must match the dense logits of its own sequence.
+    model = load_model(f"random:{shape}").model
+    seq_a, seq_b = PROMPT[:11], PROMPT[5:14]
+    allocate_kv_cache(model, num_blocks=4, block_size=16, dtype=torch.float32, device="cpu")
+    step1 = _run_step(model, [(seq_a[:-1], 0, 0), (seq_b[:-1], 0, 1)])
+    step2 = _run_step(model, [(seq_a[-1:], len(seq_a) - 1, 0), (seq_b[-1:], len(seq_b) - 1, 1)])
+    dense_a, dense_b = forward_dense(model, seq_a), forward_dense(model, seq_b)
+    torch.testing.assert_close(step1[: len(seq_a) - 1], dense_a[:-1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(step1[len(seq_a) - 1 :], dense_b[:-1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(step2, torch.stack([dense_a[-1], dense_b[-1]]), atol=1e-5, rtol=0)
+
+
+@torch.inference_mode()
+def _run_step(model: torch.nn.Module, chunks: list[tuple[list[int], int, int]]) -> torch.Tensor:
+    """Run (new tokens, start position, block id) chunks as one flat batch; one block per sequence."""
+    block_size = 16
+    ids = [t for tokens, _, _ in chunks for t in tokens]
+    positions = [start + i for tokens, start, _ in chunks for i in range(len(tokens))]
+    slots = [block * block_size + start + i for tokens, start, block in chunks for i in range(len(tokens))]
+    q_lens = [len(tokens) for tokens, _, _ in chunks]
+    ctx = [start + len(tokens) for tokens, start, _ in chunks]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots),
+        query_start_loc=torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32),
+        context_lens=torch.tensor(ctx, dtype=torch.int32),
+        block_tables=torch.tensor([[block] for _, _, block in chunks], dtype=torch.int32),
+        max_query_len=max(q_lens),
+        max_context_len=max(ctx),
+    )
+    with model.context.use(meta):
+        return model.compute_logits(model(torch.tensor(ids), torch.tensor(positions)))
+
+
+def test_it_builds_the_model_class_of_each_arch() -> None:
+    gpt2, llama = load_model("random:tiny").config, load_model("random:tiny-llama").config
+    assert isinstance(build_model(gpt2), GPT2ForCausalLM)
+    model = build_model(llama)
+    assert isinstance(model, LlamaForCausalLM)
+    assert all(layer.context is model.context for layer in model.modules() if hasattr(layer, "k_cache"))
+    assert isinstance(model.layers[0].self_attn.qkv_proj, torch.nn.Linear)
+
+
+# ---- SmolLM2-135M-Instruct from the shipped GGUF, against HF transformers reading the same file ----
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Iterator[
+    tuple[LoadedModel, transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]
+]:
+    path = smollm2_gguf_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, attn_implementation="eager"
+    ).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    yield load_model("smollm2"), hf, tokenizer
+
+
+def test_it_matches_hf_logits_on_smollm2(smollm2: tuple) -> None:
+    ours, hf, tokenizer = smollm2
+    ids = tokenizer("Ruvon serves language models to many tenants at once, on one GPU or many.")["input_ids"]
+    expected = _hf_logits(hf, ids)
+    torch.testing.assert_close(forward_dense(ours.model, ids), expected, atol=5e-4, rtol=0)
+    assert ours.config.eos_token_ids == (tokenizer.eos_token_id,)
+
+
+def test_it_answers_paris_like_hf_on_smollm2(smollm2: tuple) -> None:
+    ours, hf, tokenizer = smollm2
+    ids = tokenizer("The capital of France is")["input_ids"]
+    tokens = _our_greedy(ours.model, ids, 20)
+    assert tokens == _hf_greedy(hf, ids, 20)
+    assert "Paris" in tokenizer.decode(tokens)
