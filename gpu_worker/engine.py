@@ -97,7 +97,15 @@ class LLMEngine:
         num_blocks = config.num_blocks or self._blocks_from_memory()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
-        self.runner = ModelRunner(self.loaded.model, num_blocks, config.block_size, self.dtype, self.device)
+        self.runner = ModelRunner(
+            self.loaded.model,
+            num_blocks,
+            config.block_size,
+            self.dtype,
+            self.device,
+            max_model_len=self.max_model_len,
+            cuda_graph_max_batch=0 if config.enforce_eager else min(config.cuda_graph_max_batch, config.max_num_seqs),
+        )
         self.requests: dict[str, Request] = {}
         self.texts: dict[int, _SeqText] = {}
         self.seq_ids = itertools.count()

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gpu_worker.attention import AttentionMetadata, allocate_kv_cache
+from gpu_worker.attention import AttentionBackend, AttentionMetadata, allocate_kv_cache
+from gpu_worker.cuda_graphs import DecodeGraphs
 from gpu_worker.sampler import SamplingTensors, sample, top_logprobs
 from gpu_worker.scheduler import ScheduledBatch
 from gpu_worker.sequence import Sequence
@@ -36,13 +37,30 @@ class FlatBatch:
 
 class ModelRunner:
     def __init__(
-        self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+        self,
+        model: nn.Module,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_model_len: int,
+        cuda_graph_max_batch: int = 0,  # 0: run eagerly
     ) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
         self.vocab_size: int = model.config.vocab_size  # type: ignore[union-attr]
         self.kv_cache = allocate_kv_cache(model, num_blocks, block_size, dtype, device)
+        self.graphs: DecodeGraphs | None = None
+        if device.type == "cuda":
+            from kernels.paged_attention import paged_attention
+            from kernels.store_kv import store_kv
+
+            model.context.backend = AttentionBackend(store_kv=store_kv, paged_attention=paged_attention)  # type: ignore[union-attr]
+            if cuda_graph_max_batch > 0:
+                max_blocks = -(-max_model_len // block_size)
+                self.graphs = DecodeGraphs(model, cuda_graph_max_batch, max_blocks, device)
+                self.graphs.capture()
 
     def prepare(self, batch: ScheduledBatch) -> FlatBatch:
         ids: list[int] = []
@@ -97,20 +115,26 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
         flat = self.prepare(batch)
-        with self.model.context.use(flat.metadata):  # type: ignore[union-attr]
-            hidden = self.model(flat.input_ids, flat.positions)  # [T, hidden]
         seqs = flat.sample_seqs
+        decode_only = flat.metadata.max_query_len == 1 and not flat.prompt_rows
+        if decode_only and self.graphs is not None and self.graphs.fits(len(seqs)):
+            # In a decode-only step every row is its sequence's last token, so rows = sample rows.
+            hidden = None
+            logits = self.graphs.run(flat.input_ids, flat.positions, flat.metadata)
+        else:
+            with self.model.context.use(flat.metadata):  # type: ignore[union-attr]
+                hidden = self.model(flat.input_ids, flat.positions)  # [T, hidden]
+            logits = self.model.compute_logits(hidden[flat.sample_rows]) if seqs else None  # type: ignore[operator]
         parts: list[torch.Tensor] = []
         k = max((s.params.logprobs or 0 for s in seqs), default=0)
-        if seqs:
-            logits = self.model.compute_logits(hidden[flat.sample_rows])  # type: ignore[operator]  # [S, V]
+        if seqs and logits is not None:  # [S, V]
             tensors = SamplingTensors.build(seqs, self.vocab_size, self.device)
             next_ids = sample(logits, seqs, tensors)  # [S]
             parts.append(next_ids.double())
             if any(s.params.logprobs is not None for s in seqs):
                 chosen, top_lp, top_ids = top_logprobs(logits, next_ids, k)
                 parts += [chosen.double(), top_lp.double().flatten(), top_ids.double().flatten()]
-        prompt_parts = self._prompt_logprob_parts(hidden, flat)
+        prompt_parts = self._prompt_logprob_parts(hidden, flat) if hidden is not None else []
         parts += prompt_parts
         host = torch.cat(parts).tolist() if parts else []  # the step's one host sync
         return self._unpack(host, flat, k, bool(prompt_parts))

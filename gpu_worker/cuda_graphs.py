@@ -1,0 +1,83 @@
+"""CUDA graphs for decode steps: one graph per batch size, replayed by copying inputs into static buffers.
+
+A decode step of GPT-2 124M is ~100 small kernels; launching them eagerly costs more than running them.
+Each graph captures forward + logits for a fixed batch size; a batch is padded up to the next captured
+size (padded rows store nothing, slot -1, and their outputs are dropped).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gpu_worker.attention import AttentionMetadata
+
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
+
+
+class DecodeGraphs:
+    def __init__(self, model: nn.Module, max_batch: int, max_blocks: int, device: torch.device) -> None:
+        self.model = model
+        self.sizes = [b for b in DEFAULT_BATCH_SIZES if b <= max_batch]
+        self.max_blocks = max_blocks
+        n = self.sizes[-1]
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def _metadata(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs],
+            query_start_loc=self.query_start_loc[: bs + 1],
+            context_lens=self.context_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            max_query_len=1,
+            max_context_len=self.max_blocks,  # unused by the decode kernel; shapes fix its splits
+        )
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        with self.model.context.use(self._metadata(bs)):  # type: ignore[union-attr]
+            hidden = self.model(self.input_ids[:bs], self.positions[:bs])
+        return self.model.compute_logits(hidden)  # type: ignore[operator]
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture one graph per batch size, largest first so smaller ones reuse its memory pool."""
+        pool = torch.cuda.graph_pool_handle()
+        for bs in reversed(self.sizes):
+            for _ in range(2):  # warm-up: Triton compiles and autotunes outside capture
+                self._forward(bs)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[bs] = self._forward(bs)
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+
+    def fits(self, num_seqs: int) -> bool:
+        return bool(self.graphs) and num_seqs <= self.sizes[-1]
+
+    def run(
+        self,
+        input_ids: torch.Tensor,  # [B]
+        positions: torch.Tensor,  # [B]
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # [B, V]
+        """Replay the smallest graph that holds the batch; return logits of the real rows."""
+        num = input_ids.shape[0]
+        bs = next(b for b in self.sizes if b >= num)
+        self.input_ids[:num].copy_(input_ids, non_blocking=True)
+        self.positions[:num].copy_(positions, non_blocking=True)
+        self.slot_mapping[:num].copy_(metadata.slot_mapping, non_blocking=True)
+        self.slot_mapping[num:bs].fill_(-1)
+        self.context_lens[:num].copy_(metadata.context_lens, non_blocking=True)
+        self.context_lens[num:bs].fill_(1)
+        width = metadata.block_tables.shape[1]
+        self.block_tables[:num, :width].copy_(metadata.block_tables, non_blocking=True)
+        self.graphs[bs].replay()
+        return self.logits[bs][:num]
