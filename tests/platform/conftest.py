@@ -145,109 +145,86 @@ SETUP = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
+@dataclass
 class LiveServer:
-    """One daphne process serving `model` as `name`; `base_url` ends in /v1, `key` is a demo API key."""
+    """The /v1 API of a running server, called with its demo key."""
 
-    def __init__(self, var_dir: Path, model: str, name: str, num_blocks: int = 128) -> None:
-        self.env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "DATABASE_URL"}}
-        self.env |= {
-            "DJANGO_SETTINGS_MODULE": "ruvon.settings",
-            "RUVON_VAR_DIR": str(var_dir),
-            "DATABASE_URL": f"sqlite:///{var_dir / 'e2e.sqlite3'}",
-            "RUVON_MODEL": model,
-            "RUVON_MODEL_NAME": name,
-            "RUVON_NUM_BLOCKS": str(num_blocks),
-            "PYTHONPATH": str(REPO),
-        }
-        self.name = name
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.log = var_dir / "daphne.log"
-        self.key = self._bootstrap()
-        self.process: subprocess.Popen[bytes] | None = None
+    base_url: str
+    key: str
 
-    def _bootstrap(self) -> str:
-        out = subprocess.run(
-            [sys.executable, "-c", SETUP], cwd=REPO, env=self.env, check=True, capture_output=True, text=True
-        ).stdout
-        return next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("api key: "))
+    def get(self, path: str, **params: Any) -> httpx.Response:
+        return httpx.get(self.base_url + path, params=params, headers=self.headers, timeout=60)
 
-    def start(self, timeout_s: float = 240.0) -> None:
-        """Start daphne and wait until the model answers /v1/models (the first call loads it)."""
-        command = [
-            sys.executable,
-            "-m",
-            "daphne",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(self.port),
-            "ruvon.asgi:application",
-        ]
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(
-                command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"daphne exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}"
-                )
-            try:
-                if self.get("/models", timeout=timeout_s).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not come up in {timeout_s}s:\n{self.log.read_text()[-3000:]}")
+    def post(self, path: str, body: Any) -> httpx.Response:
+        return httpx.post(self.base_url + path, json=body, headers=self.headers, timeout=60)
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
 
-    def get(self, path: str, **kwargs: object) -> httpx.Response:
-        return httpx.get(self.base_url + path, headers={"Authorization": f"Bearer {self.key}"}, **kwargs)  # type: ignore[arg-type]
-
-    def post(self, path: str, body: object) -> httpx.Response:
-        return httpx.post(self.base_url + path, json=body, headers={"Authorization": f"Bearer {self.key}"})
-
-    def usage_of(self, request_id: str, timeout_s: float = 10.0) -> dict[str, object]:
+    def usage_of(self, request_id: str, timeout_s: float = 10.0) -> dict[str, Any]:
         """Return the usage row of a request, waiting for the server to have written it."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            rows = self.get("/usage", params={"limit": 50}).json()["data"]
-            for row in rows:
+            for row in self.get("/usage", limit=50).json()["data"]:
                 if row["request_id"] == request_id:
                     return row
             time.sleep(0.1)
         raise AssertionError(f"no usage record for {request_id}")
 
 
+def start_daphne(
+    var_dir: Path, model: str, name: str, num_blocks: int
+) -> tuple[LiveServer, subprocess.Popen[bytes]]:
+    """Start daphne serving `model` as `name` on a fresh SQLite file; wait until the model is loaded."""
+    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "DATABASE_URL"}}
+    env |= {
+        "DJANGO_SETTINGS_MODULE": "ruvon.settings",
+        "RUVON_VAR_DIR": str(var_dir),
+        "RUVON_MODEL": model,
+        "RUVON_MODEL_NAME": name,
+        "RUVON_NUM_BLOCKS": str(num_blocks),
+    }
+    setup = subprocess.run(
+        [sys.executable, "-c", SETUP], cwd=REPO, env=env, check=True, capture_output=True, text=True
+    )
+    key = next(line.split(": ", 1)[1] for line in setup.stdout.splitlines() if line.startswith("api key: "))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = var_dir / "daphne.log"
+    command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "ruvon.asgi:application"]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = LiveServer(f"http://127.0.0.1:{port}/v1", key)
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            if server.get("/models").status_code == 200:  # the first call loads the model
+                return server, process
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"daphne serving {model} did not come up:\n{log.read_text()[-3000:]}")
+
+
 @pytest.fixture(scope="session")
-def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    server = LiveServer(tmp_path_factory.mktemp("tiny"), "random:tiny", TINY_MODEL_NAME)
-    server.start()
-    yield server
-    server.stop()
+def tiny_server() -> LiveServer:
+    """The random:tiny server shared with the websocket and chat-client tests (one per test process)."""
+    from tests.platform.live_server import shared_live_server
+
+    shared = shared_live_server()
+    return LiveServer(shared.url + "/v1", shared.api_key)
 
 
 @pytest.fixture(scope="session")
 def smollm2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    server = LiveServer(
-        tmp_path_factory.mktemp("smollm2"), "smollm2", "smollm2-135m-instruct", num_blocks=256
+    server, process = start_daphne(
+        tmp_path_factory.mktemp("smollm2"), "smollm2", "smollm2-135m-instruct", 256
     )
-    server.start()
     yield server
-    server.stop()
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
