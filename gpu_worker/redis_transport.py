@@ -171,13 +171,28 @@ class RedisWorkerTransport:
         ids = [d.token for d in active if d.token is not None]
         if ids:
             pipe.xclaim(self.stream, GROUP, self.consumer, 0, ids, justid=True)
-        pipe.execute()
+        pipe.hgetall(workers_key(self.model))
+        heartbeats = pipe.execute()[-1]
+        self._forget_dead_workers(heartbeats)
+
+    def _forget_dead_workers(self, heartbeats: dict[str, str]) -> None:
+        """Drop the heartbeats of workers silent for a minute, so the hash lists only the living."""
+        cutoff = time.time() - max(60.0, 6 * self.heartbeat_ttl_s)
+        dead = [name for name, raw in heartbeats.items() if _heartbeat_time(raw) < cutoff]
+        if dead:
+            self.r.hdel(workers_key(self.model), *dead)
 
     def close(self) -> None:
         try:
             self.r.hdel(workers_key(self.model), self.consumer)
         except redis.RedisError:
             log.warning("could not remove the heartbeat of %s", self.consumer)
+
+
+def _heartbeat_time(raw: str) -> float:
+    info = _decode(raw)
+    time_ = info.get("time") if isinstance(info, dict) else None
+    return float(time_) if isinstance(time_, int | float) else 0.0
 
 
 def _decode(raw: Any) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import os
 import re
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -25,8 +26,12 @@ DEMO_USER, DEMO_PASSWORD = "demo", "ruvon-demo"
 class LiveServer:
     url: str
     api_key: str
-    db_path: Path
+    var_dir: Path
     process: subprocess.Popen[bytes]
+
+    @property
+    def db_path(self) -> Path:
+        return self.var_dir / "ruvon.sqlite3"
 
     @property
     def host(self) -> str:
@@ -56,6 +61,7 @@ class LiveServer:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+        shutil.rmtree(self.var_dir, ignore_errors=True)
 
 
 _server: LiveServer | None = None
@@ -91,7 +97,7 @@ def _start() -> LiveServer:
     log = open(var / "daphne.log", "wb")  # noqa: SIM115 (held by the server process)
     cmd = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "ruvon.asgi:application"]
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = LiveServer(f"http://127.0.0.1:{port}", match.group(1), var / "ruvon.sqlite3", process)
+    server = LiveServer(f"http://127.0.0.1:{port}", match.group(1), var, process)
     _wait_ready(server, var / "daphne.log")
     return server
 

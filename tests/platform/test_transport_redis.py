@@ -276,3 +276,9 @@ def test_it_keeps_a_delivery_of_its_own_active_job_out_of_the_engine(engine: LLM
     while engine.has_unfinished_requests():
         worker.run_once()
     assert not worker._active
+
+
+def test_it_forgets_the_heartbeats_of_long_dead_workers(space: Space) -> None:
+    space.r.hset(f"ruvon:workers:{space.model}", "ghost", json.dumps({"time": time.time() - 3600}))
+    space.transport(consumer="alive").heartbeat({"time": time.time()}, [])
+    assert space.r.hkeys(f"ruvon:workers:{space.model}") == ["alive"]
