@@ -80,11 +80,27 @@ def test_it_streams_started_deltas_and_one_done_with_usage(harness: Harness) -> 
 
 
 def test_it_streams_each_choice_with_logprobs(harness: Harness) -> None:
-    harness.submit("n2", [5, 6, 7], n=2, max_tokens=3, ignore_eos=True, logprobs=2, seed=1)
-    deltas = [e for e in harness.events("n2") if e["type"] == "delta"]
+    harness.submit("n2", [5, 6, 7], n=2, max_tokens=3, ignore_eos=True, logprobs=2, prompt_logprobs=1, seed=1)
+    events = harness.events("n2")
+    kinds = [e["type"] for e in events]
+    assert kinds.count("prompt_logprobs") == 1 and kinds.index("prompt_logprobs") < kinds.index("delta")
+    prompt_lps = events[kinds.index("prompt_logprobs")]["logprobs"]
+    assert len(prompt_lps) == 3 and prompt_lps[0] is None and prompt_lps[1]["token_id"] == 6
+    deltas = [e for e in events if e["type"] == "delta"]
     assert {d["index"] for d in deltas} == {0, 1}
     lp = deltas[0]["logprobs"][0]
     assert set(lp) == {"token_id", "token", "bytes", "logprob", "top"} and len(lp["top"]) == 2
+    assert events[-1]["usage"]["completion_tokens"] == 6
+
+
+def test_it_reports_prefix_cache_hits_as_cached_tokens(harness: Harness) -> None:
+    prompt = list(range(100, 140))  # two full 16-token blocks and a partial one
+    harness.submit("cold", prompt, max_tokens=1)
+    harness.events("cold")
+    harness.submit("warm", prompt, max_tokens=1)
+    done = harness.events("warm")[-1]
+    assert done["usage"]["cached_tokens"] == 32
+    assert usage_of(harness, "warm")[0]["cached_tokens"] == 32
 
 
 def test_it_cancels_a_request_and_frees_its_kv_blocks(harness: Harness, engine: LLMEngine) -> None:
