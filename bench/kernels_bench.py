@@ -1,8 +1,10 @@
-"""Paged-attention decode: the Triton kernel vs the torch reference vs torch SDPA on a dense gathered K/V.
+"""Paged attention on a GPU: the Triton kernels vs the torch reference vs torch SDPA on dense gathered K/V.
 
 Run on a GPU: python bench/kernels_bench.py [--quick] [--out results.json]
-Times are medians of triton.testing.do_bench (CUDA events, L2 flushed before every call). Bandwidth is the
-K/V bytes a decode step must read (B * L * Hkv * D * 2 tensors * 2 bytes) over the time.
+Times are medians of triton.testing.do_bench (CUDA events, L2 flushed before every call). `graph` times
+replay the call captured in a CUDA graph, as the engine's decode does: device time without Python's
+launch cost. `eager` times include it; `host` is the Python-side cost of one call. Bandwidth is the K/V
+bytes a decode step must read (B * L * Hkv * D * 2 tensors * 2 bytes) over the graph time.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,13 +30,19 @@ BATCHES = (1, 64, 512)
 CONTEXTS = (128, 256, 512, 1024, 2048)
 BLOCK_SIZE = 16
 DEVICE = "cuda"
-# Tile variants tried on a few cases; the table above them uses DEFAULT_TILING.
-SWEEP = [
-    Tiling(decode_block_n=n, decode_warps=w, decode_stages=s)
-    for n, w, s in itertools.product((32, 64, 128), (2, 4, 8), (2, 3))
-]
-SWEEP_CASES = (("gpt2", 1, 2048), ("gpt2", 64, 2048), ("gpt2-xl", 512, 2048), ("gpt2", 512, 256))
 PREFILL_CASES = ((1, 2048, 0), (4, 512, 1536), (16, 256, 256))  # (sequences, new tokens each, cached prefix)
+# Tile variants tried on a few cases; the main tables use DEFAULT_TILING.
+DECODE_SWEEP = [
+    Tiling(decode_block_n=n, decode_warps=w, decode_stages=s)
+    for n, w, s in itertools.product((32, 64, 128), (2, 4), (2, 3))
+]
+DECODE_SWEEP_CASES = (("gpt2", 1, 2048), ("gpt2", 64, 1024), ("gpt2-xl", 512, 2048), ("gpt2", 512, 256))
+DECODE_FIELDS = ("decode_block_n", "decode_warps", "decode_stages")
+PREFILL_FIELDS = ("prefill_block_m", "prefill_block_n", "prefill_stages")
+PREFILL_SWEEP = [
+    Tiling(prefill_block_m=m, prefill_block_n=n, prefill_stages=s)
+    for m, n, s in itertools.product((64, 128), (32, 64), (2, 3))
+]
 
 
 def median_us(fn: Callable[[], Any]) -> float:
@@ -43,76 +52,137 @@ def median_us(fn: Callable[[], Any]) -> float:
     return 1000.0 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-class DecodeCase:
-    """One decode step: B sequences of L cached tokens each, scattered over shuffled 16-token blocks."""
+def graph_us(fn: Callable[[], Any]) -> float:
+    """Return the median time of one replay of fn captured in a CUDA graph."""
+    fn()  # compile and warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_us(graph.replay)
 
-    def __init__(self, heads: int, head_dim: int, batch: int, context: int, dtype: torch.dtype) -> None:
+
+def host_us(fn: Callable[[], Any], calls: int = 200) -> float:
+    """Return the Python-side time of one call: launches queued back to back, no sync in between."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return 1e6 * elapsed / calls
+
+
+class PagedCase:
+    """B sequences of L cached tokens each, scattered over shuffled 16-token blocks; q_len new tokens each."""
+
+    def __init__(self, model: str, batch: int, context: int, q_len: int = 1) -> None:
+        heads, head_dim = HEAD_CONFIGS[model]
         blocks_per_seq = -(-context // BLOCK_SIZE)
         num_blocks = batch * blocks_per_seq
         shape = (num_blocks, BLOCK_SIZE, heads, head_dim)
-        self.k_cache = torch.randn(shape, device=DEVICE, dtype=dtype)
-        self.v_cache = torch.randn(shape, device=DEVICE, dtype=dtype)
+        self.k_cache = torch.randn(shape, device=DEVICE, dtype=torch.float16)
+        self.v_cache = torch.randn(shape, device=DEVICE, dtype=torch.float16)
         perm = torch.randperm(num_blocks, device=DEVICE)
         self.block_tables = perm.view(batch, blocks_per_seq).to(torch.int32)
         self.context_lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
-        self.query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE)
-        self.query = torch.randn(batch, heads, head_dim, device=DEVICE, dtype=dtype)  # [B, H, D]
-        self.scale = head_dim**-0.5
+        self.query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE) * q_len
+        self.query = torch.randn(
+            batch * q_len, heads, head_dim, device=DEVICE, dtype=torch.float16
+        )  # [T, H, D]
+        self.q_len, self.context, self.scale = q_len, context, head_dim**-0.5
         self.kv_bytes = 2 * batch * context * heads * head_dim * self.k_cache.element_size()
 
     def args(self) -> tuple:
         tables = (self.block_tables, self.context_lens, self.query_start_loc)
-        return (self.query, self.k_cache, self.v_cache, *tables, 1, self.scale)
+        return (self.query, self.k_cache, self.v_cache, *tables, self.q_len, self.scale)
+
+    def error(self) -> float:
+        """Return the kernel's relative L2 error against the reference."""
+        ref = paged_attention_ref(*self.args()).float()
+        return ((paged_attention(*self.args()).float() - ref).norm() / ref.norm()).item()
 
     def dense_sdpa(self) -> Callable[[], torch.Tensor]:
         """Return a call of SDPA over K/V gathered (once, untimed) into dense [B, H, L, D] tensors."""
-        batch, heads, head_dim = self.query.shape
-        context = int(self.context_lens[0])
-        slots = self.block_tables.long()[:, :, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE, device=DEVICE)
-        slots = slots.view(batch, -1)[:, :context]  # [B, L]
+        batch = self.block_tables.shape[0]
+        _, heads, head_dim = self.query.shape
+        offsets = torch.arange(BLOCK_SIZE, device=DEVICE)
+        slots = (self.block_tables.long()[:, :, None] * BLOCK_SIZE + offsets).view(batch, -1)[
+            :, : self.context
+        ]
         keys = self.k_cache.view(-1, heads, head_dim)[slots].transpose(1, 2).contiguous()  # [B, H, L, D]
         values = self.v_cache.view(-1, heads, head_dim)[slots].transpose(1, 2).contiguous()
-        q = self.query[:, :, None, :]  # [B, H, 1, D]
+        q = self.query.view(batch, self.q_len, heads, head_dim).transpose(1, 2)  # [B, H, Q, D]
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        return lambda: sdpa(q, keys, values, scale=self.scale)
+        causal = self.q_len > 1  # only used with no cached prefix, where top-left causal alignment is right
+        return lambda: sdpa(q, keys, values, scale=self.scale, is_causal=causal)
 
 
 def decode_row(model: str, batch: int, context: int) -> dict[str, Any]:
-    """Time the three decode paths on one case; compare the kernel with the reference first."""
-    heads, head_dim = HEAD_CONFIGS[model]
-    case = DecodeCase(heads, head_dim, batch, context, torch.float16)
-    args = case.args()
-    out = paged_attention(*args)
-    ref = paged_attention_ref(*args)
-    error = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    """Time the decode paths on one case; compare the kernel with the reference first."""
+    case = PagedCase(model, batch, context)
+    args, error = case.args(), case.error()
     if not error < 2e-3:  # keep timing, but make the disagreement impossible to miss
         print(f"MISMATCH {model} B={batch} L={context}: relative error {error:.2e}", flush=True)
-    triton_us = median_us(lambda: paged_attention(*args))
-    unsplit_us = median_us(lambda: paged_attention(*args, kv_split_size=context))
-    ref_us = median_us(lambda: paged_attention_ref(*args))
-    sdpa_us = median_us(case.dense_sdpa())
-    tb_per_s = case.kv_bytes / triton_us / 1e6
-    row = {"model": model, "batch": batch, "context": context, "triton_us": triton_us}
-    row |= {"triton_1split_us": unsplit_us, "torch_ref_us": ref_us, "dense_sdpa_us": sdpa_us}
-    row |= {"kv_MB": case.kv_bytes / 1e6, "triton_TB_s": tb_per_s, "sdpa_TB_s": case.kv_bytes / sdpa_us / 1e6}
-    row |= {"vs_ref": ref_us / triton_us, "err_x1e4": error * 1e4}
-    return row
+    graph = graph_us(lambda: paged_attention(*args))
+    sdpa = graph_us(case.dense_sdpa())
+    row = {"model": model, "batch": batch, "context": context, "graph_us": graph}
+    row |= {"1split_graph_us": graph_us(lambda: paged_attention(*args, kv_split_size=context))}
+    row |= {
+        "eager_us": median_us(lambda: paged_attention(*args)),
+        "host_us": host_us(lambda: paged_attention(*args)),
+    }
+    row |= {"torch_ref_us": median_us(lambda: paged_attention_ref(*args)), "sdpa_graph_us": sdpa}
+    row |= {
+        "kv_MB": case.kv_bytes / 1e6,
+        "TB_s": case.kv_bytes / graph / 1e6,
+        "sdpa_TB_s": case.kv_bytes / sdpa / 1e6,
+    }
+    return row | {"err_x1e4": error * 1e4}
+
+
+def prefill_row(batch: int, chunk: int, prefix: int) -> dict[str, Any]:
+    """Time prefill chunks over a cached prefix on GPT-2's head shape (kernel vs reference)."""
+    case = PagedCase("gpt2", batch, prefix + chunk, q_len=chunk)
+    args = case.args()
+    graph = graph_us(lambda: paged_attention(*args))
+    heads, head_dim = HEAD_CONFIGS["gpt2"]
+    visible = batch * sum(prefix + i + 1 for i in range(chunk))  # causal (query, key) pairs
+    row = {"batch": batch, "chunk": chunk, "prefix": prefix, "graph_us": graph}
+    row |= {"eager_us": median_us(lambda: paged_attention(*args))}
+    row |= {"torch_ref_us": median_us(lambda: paged_attention_ref(*args))}
+    row |= {"sdpa_graph_us": graph_us(case.dense_sdpa()) if prefix == 0 else float("nan")}
+    row |= {"TFLOP_s": 4 * visible * heads * head_dim / graph / 1e6}
+    return row | {"err_x1e4": case.error() * 1e4}
 
 
 def sweep_rows() -> list[dict[str, Any]]:
-    """Time each tiling variant on the sweep cases; return one row per (case, variant)."""
+    """Graph-time each tiling variant on a few decode and prefill cases; one row per (case, variant)."""
     rows = []
-    for model, batch, context in SWEEP_CASES:
-        heads, head_dim = HEAD_CONFIGS[model]
-        case = DecodeCase(heads, head_dim, batch, context, torch.float16)
-        args = case.args()
-        for tiling in SWEEP:
-            us = median_us(lambda a=args, t=tiling: paged_attention(*a, tiling=t))  # type: ignore[misc]
-            rows.append(
-                {"model": model, "batch": batch, "context": context, "block_n": tiling.decode_block_n}
-                | {"warps": tiling.decode_warps, "stages": tiling.decode_stages, "us": us}
-                | {"TB_s": case.kv_bytes / us / 1e6, "default": tiling == DEFAULT_TILING}
-            )
+    for model, batch, context in DECODE_SWEEP_CASES:
+        case = PagedCase(model, batch, context)
+        name = f"decode {model} B={batch} L={context}"
+        rows += sweep_case(name, case, DECODE_SWEEP, DECODE_FIELDS, case.kv_bytes / 1e6, "TB/s")
+    for batch, chunk, prefix in PREFILL_CASES[:2]:
+        case = PagedCase("gpt2", batch, prefix + chunk, q_len=chunk)
+        mflop = 4 * batch * sum(prefix + i + 1 for i in range(chunk)) * 12 * 64 / 1e6
+        name = f"prefill B={batch} chunk={chunk} prefix={prefix}"
+        rows += sweep_case(name, case, PREFILL_SWEEP, PREFILL_FIELDS, mflop, "TFLOP/s")
+    return rows
+
+
+def sweep_case(
+    name: str, case: PagedCase, variants: list[Tiling], fields: tuple[str, ...], work: float, unit: str
+) -> list[dict[str, Any]]:
+    """Return one row per tiling variant: its graph time and work / time (MB or MFLOP per us)."""
+    args = case.args()
+    rows = []
+    for tiling in variants:
+        us = graph_us(lambda t=tiling: paged_attention(*args, tiling=t))  # type: ignore[misc]
+        label = " ".join(f"{f.split('_', 1)[1]}={getattr(tiling, f)}" for f in fields)
+        is_default = all(getattr(tiling, f) == getattr(DEFAULT_TILING, f) for f in fields)
+        row = {"case": name, "tiling": label + (" *" if is_default else ""), "us": us}
+        rows.append(row | {"rate": work / us, "unit": unit})
     return rows
 
 
@@ -124,31 +194,6 @@ def copy_tb_per_s() -> float:
     return 2 * src.numel() * src.element_size() / us / 1e6
 
 
-def prefill_rows() -> list[dict[str, Any]]:
-    """Time prefill chunks over a cached prefix (kernel vs reference) on GPT-2's head shape."""
-    rows = []
-    for batch, chunk, prefix in PREFILL_CASES:
-        heads, head_dim = HEAD_CONFIGS["gpt2"]
-        context = prefix + chunk
-        case = DecodeCase(heads, head_dim, batch, context, torch.float16)
-        case.query = torch.randn(batch * chunk, heads, head_dim, device=DEVICE, dtype=torch.float16)
-        case.query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE) * chunk
-        tables = (case.block_tables, case.context_lens, case.query_start_loc)
-        args = (case.query, case.k_cache, case.v_cache, *tables, chunk, case.scale)
-        ref = paged_attention_ref(*args).float()
-        error = ((paged_attention(*args).float() - ref).norm() / ref.norm()).item()
-        triton_us = median_us(lambda a=args: paged_attention(*a))  # type: ignore[misc]
-        ref_us = median_us(lambda a=args: paged_attention_ref(*a))  # type: ignore[misc]
-        # Causal FLOPs: QK^T and PV over each query's visible keys.
-        visible = batch * sum(prefix + i + 1 for i in range(chunk))
-        tflops = 4 * visible * heads * head_dim / triton_us / 1e6
-        rows.append(
-            {"batch": batch, "chunk": chunk, "prefix": prefix, "triton_us": triton_us, "torch_ref_us": ref_us}
-            | {"triton_TFLOP_s": tflops, "vs_ref": ref_us / triton_us, "err_x1e4": error * 1e4}
-        )
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="skip the tiling sweep")
@@ -157,11 +202,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("kernels_bench needs a CUDA GPU")
     torch.manual_seed(0)
-    payload: dict[str, Any] = {"copy_TB_s": copy_tb_per_s()}
+    payload: dict[str, Any] = {"device": torch.cuda.get_device_name(), "copy_TB_s": copy_tb_per_s()}
     # Each section is written as soon as it is done, so a run cut short still leaves its numbers.
     sections: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
         ("decode", lambda: [decode_row(m, b, c) for m in HEAD_CONFIGS for b in BATCHES for c in CONTEXTS]),
-        ("prefill", prefill_rows),
+        ("prefill", lambda: [prefill_row(*case) for case in PREFILL_CASES]),
     ]
     if not args.quick:
         sections.append(("sweep", sweep_rows))
@@ -170,11 +215,11 @@ def main() -> None:
         path = write_json("kernels_bench", payload)
         if args.out:
             args.out.write_text(path.read_text())
-    print(f"\nDecode tiling sweep (fp16, block 16): {'skipped' if args.quick else ''}")
+    print("\nTiling sweep (graph times; * = default):" + (" skipped" if args.quick else ""))
     print_table(payload.get("sweep", []))
     print("\nPrefill over a paged prefix (gpt2 heads, fp16):")
     print_table(payload["prefill"])
-    print(f"\nDecode (fp16, block 16); device copy bandwidth {payload['copy_TB_s']:.2f} TB/s:")
+    print(f"\nDecode (fp16, block 16); device copy bandwidth {payload['copy_TB_s']:.2f} TB/s (read + write):")
     print_table(payload["decode"])
     print(f"\nwrote {path}")
 

@@ -23,7 +23,7 @@ LOG2_E = 1.4426950408889634
 class Tiling:
     """Tile sizes and launch shape of both kernels; the defaults are the ones measured best on an H200."""
 
-    decode_block_n: int = 32  # keys per decode inner-loop step
+    decode_block_n: int = 64  # keys per decode inner-loop step
     decode_warps: int = 4
     decode_stages: int = 2
     prefill_block_m: int = 64  # query rows per prefill program
@@ -43,6 +43,53 @@ def _kv_tile_offsets(block_table_row, keys, key_mask, stride_block, stride_slot,
     """Return each logical key position's element offset in the cache, looked up through the block table."""
     page = tl.load(block_table_row + keys // PAGE_SIZE, mask=key_mask, other=0).to(tl.int64)  # [N]
     return page * stride_block + (keys % PAGE_SIZE) * stride_slot  # [N]
+
+
+@triton.jit
+def _attend_tile(
+    q,  # [M, D] in DOT_DTYPE
+    acc,  # [M, D] fp32, unnormalised output so far
+    m_i,  # [M] fp32, running max of the scores (base 2)
+    l_i,  # [M] fp32, running sum of exp2(score - m_i)
+    k_head_ptr,
+    v_head_ptr,
+    block_table_row,
+    tile_start,
+    key_end,  # keys at or past this position are masked when MASK_KEYS
+    positions,  # [M] each query row's position, used when CAUSAL
+    dims,
+    dim_mask,
+    scale_log2,
+    stride_cache_block,
+    stride_cache_slot,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
+    """Fold BLOCK_N keys from tile_start into the online-softmax state; return (acc, m_i, l_i)."""
+    keys = tile_start + tl.arange(0, BLOCK_N)
+    key_mask = keys < key_end
+    key_rows = _kv_tile_offsets(
+        block_table_row, keys, key_mask, stride_cache_block, stride_cache_slot, PAGE_SIZE
+    )
+    kv_offsets = key_rows[:, None] + dims[None, :]  # [N, D]
+    kv_mask = key_mask[:, None] & dim_mask[None, :]
+    k = tl.load(k_head_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)  # [N, D]
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [M, N]
+    if CAUSAL:
+        scores = tl.where((keys[None, :] <= positions[:, None]) & key_mask[None, :], scores, float("-inf"))
+    elif MASK_KEYS:
+        scores = tl.where(key_mask[None, :], scores, float("-inf"))
+    # The first tile always holds a visible key for every row, so m_new is finite from then on.
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    v = tl.load(v_head_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)  # [N, D]
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
+    return acc, m_new, l_i * alpha + tl.sum(p, 1)
 
 
 @triton.jit
@@ -107,23 +154,11 @@ def _decode_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for tile_start in range(start, end, BLOCK_N):
-        keys = tile_start + tl.arange(0, BLOCK_N)
-        key_mask = keys < end
-        key_rows = _kv_tile_offsets(
-            table_row, keys, key_mask, stride_cache_block, stride_cache_slot, PAGE_SIZE
-        )
-        kv_offsets = key_rows[:, None] + dims[None, :]  # [N, D]
-        kv_mask = key_mask[:, None] & dim_mask[None, :]
-        k = tl.load(k_head_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)  # [N, D]
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [G, N]
-        scores = tl.where(key_mask[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_head_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)  # [N, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, k_head_ptr, v_head_ptr, table_row, tile_start, end, end, dims, dim_mask, scale_log2,
+            stride_cache_block, stride_cache_slot, PAGE_SIZE, BLOCK_N, DOT_DTYPE, PRECISION,
+            MASK_KEYS=True, CAUSAL=False,
+        )  # fmt: skip
 
     out_mask = head_mask[:, None] & dim_mask[None, :]
     if SINGLE_SPLIT:
@@ -230,28 +265,22 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # Causal: the tile's last row sees keys up to its own position, so stop there.
+    # Keys up to the tile's first position are visible to every row: those tiles need no mask.
+    full_end = (prefix_len + tile * BLOCK_M + 1) // BLOCK_N * BLOCK_N
+    for tile_start in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, k_head_ptr, v_head_ptr, table_row, tile_start, full_end, positions, dims, dim_mask,
+            scale_log2, stride_cache_block, stride_cache_slot, PAGE_SIZE, BLOCK_N, DOT_DTYPE, PRECISION,
+            MASK_KEYS=False, CAUSAL=False,
+        )  # fmt: skip
+    # The diagonal: the tile's last row sees keys up to its own position, so stop there.
     kv_end = tl.minimum(context_len, prefix_len + (tile + 1) * BLOCK_M)
-    for tile_start in range(0, kv_end, BLOCK_N):
-        keys = tile_start + tl.arange(0, BLOCK_N)
-        key_mask = keys < kv_end
-        key_rows = _kv_tile_offsets(
-            table_row, keys, key_mask, stride_cache_block, stride_cache_slot, PAGE_SIZE
-        )
-        kv_offsets = key_rows[:, None] + dims[None, :]  # [N, D]
-        kv_mask = key_mask[:, None] & dim_mask[None, :]
-        k = tl.load(k_head_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)  # [N, D]
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [M, N]
-        visible = (keys[None, :] <= positions[:, None]) & key_mask[None, :]
-        scores = tl.where(visible, scores, float("-inf"))
-        # Every row sees key 0 in the first tile, so m_new is finite from then on.
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_head_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)  # [N, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
-        m_i = m_new
+    for tile_start in range(full_end, kv_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, k_head_ptr, v_head_ptr, table_row, tile_start, kv_end, positions, dims, dim_mask,
+            scale_log2, stride_cache_block, stride_cache_slot, PAGE_SIZE, BLOCK_N, DOT_DTYPE, PRECISION,
+            MASK_KEYS=True, CAUSAL=True,
+        )  # fmt: skip
 
     out = acc / l_i[:, None]
     out_ptrs = out_ptr + (q_start + rows).to(tl.int64)[:, None] * stride_ot + head * stride_oh + dims[None, :]
@@ -286,7 +315,11 @@ def _num_sms(device: torch.device) -> int:
 
 
 def decode_split_size(
-    num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device, block_n: int = 32
+    num_seqs: int,
+    num_kv_heads: int,
+    max_context: int,
+    device: torch.device,
+    block_n: int = DEFAULT_TILING.decode_block_n,
 ) -> int:
     """Return the keys per split: enough splits that the grid covers every multiprocessor twice.
 
@@ -356,7 +389,7 @@ def paged_attention(
     if query.shape[0] == 0:
         return out
     tables = (block_tables, context_lens, query_start_loc)
-    _decode(query, k_cache, v_cache, *tables, out, scale, kv_split_size, tiling)
+    _decode(query, k_cache, v_cache, *tables, out, max_query_len, scale, kv_split_size, tiling)
     if max_query_len > 1:
         _prefill(query, k_cache, v_cache, *tables, out, max_query_len, scale, tiling)
     return out
@@ -370,6 +403,7 @@ def _decode(
     context_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     out: torch.Tensor,
+    max_query_len: int,
     scale: float,
     kv_split_size: int | None,
     tiling: Tiling,
@@ -381,14 +415,19 @@ def _decode(
     group = num_heads // num_kv_heads
     max_context = block_tables.shape[1] * page_size
     block_n = tiling.decode_block_n
-    split_size = kv_split_size or decode_split_size(
-        num_seqs, num_kv_heads, max_context, query.device, block_n
-    )
-    num_splits = triton.cdiv(max_context, split_size)
-    # Partial results per split; one split writes `out` directly, so these stay a placeholder then.
-    part_shape = (num_seqs, num_heads, num_splits, head_dim) if num_splits > 1 else (1, 1, 1, 1)
-    part_out = torch.empty(part_shape, dtype=torch.float32, device=out.device)
-    part_lse = torch.empty(part_shape[:3], dtype=torch.float32, device=out.device)
+    if kv_split_size is None and max_query_len > 1:
+        # A step with prefill chunks is compute-bound: its decode rows skip the split and the reduce launch.
+        kv_split_size = max_context
+    elif kv_split_size is None:
+        kv_split_size = decode_split_size(num_seqs, num_kv_heads, max_context, query.device, block_n)
+    num_splits = triton.cdiv(max_context, kv_split_size)
+    if num_splits > 1:
+        part_out = torch.empty(
+            (num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=out.device
+        )
+        part_lse = torch.empty(part_out.shape[:3], dtype=torch.float32, device=out.device)
+    else:
+        part_out = part_lse = out  # never touched: one split writes `out` directly
     dot_dtype, precision = _dot_dtype(query.dtype)
     block_d = triton.next_power_of_2(head_dim)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
@@ -402,7 +441,7 @@ def _decode(
         part_out,
         part_lse,
         scale * LOG2_E,
-        split_size,
+        kv_split_size,
         num_splits,
         num_heads,
         query.stride(0),
@@ -430,7 +469,7 @@ def _decode(
             context_lens,
             query_start_loc,
             out,
-            split_size,
+            kv_split_size,
             num_splits,
             num_heads,
             out.stride(0),

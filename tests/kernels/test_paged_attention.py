@@ -127,6 +127,13 @@ def test_it_matches_reference_for_a_mixed_prefill_and_decode_batch() -> None:
     assert relative_error(batch, kv_split_size=16) < TOLERANCE[torch.float16]
 
 
+@pytest.mark.parametrize("prefix", [63, 64, 150])
+def test_it_matches_reference_for_a_chunk_after_a_long_prefix(prefix: int) -> None:
+    # Most keys lie wholly below the causal diagonal (the unmasked loop); the rest straddle it.
+    batch = make_batch([1, 70, 5], [90, prefix + 70, prefix + 5], 4, 2, block_size=32, seed=prefix)
+    assert relative_error(batch) < TOLERANCE[torch.float16]
+
+
 def test_it_skips_sequences_with_no_new_tokens() -> None:
     batch = make_batch([2, 0, 1], [9, 12, 20], 4, 4, seed=4)
     assert relative_error(batch) < TOLERANCE[torch.float16]
@@ -170,7 +177,7 @@ def test_it_picks_splits_that_fill_the_device_but_stay_capped() -> None:
     cpu = torch.device("cpu")  # stands in for a 4-multiprocessor device
     assert decode_split_size(512, 12, 2048, cpu) == 2048  # a big batch fills the device unsplit
     one_seq = decode_split_size(1, 1, 2048, cpu)
-    assert one_seq % 32 == 0 and 2048 // one_seq == 8  # two programs per multiprocessor
+    assert one_seq % 64 == 0 and 2048 // one_seq == 8  # two programs per multiprocessor
     assert -(-100_000 // decode_split_size(1, 1, 100_000, cpu, block_n=16)) <= MAX_KV_SPLITS
 
 
@@ -218,3 +225,11 @@ def test_it_runs_inside_a_cuda_graph_as_contexts_grow() -> None:
     graph.replay()
     ref = batch.reference()
     assert ((out.float() - ref).norm() / ref.norm()).item() < TOLERANCE[torch.float16]
+
+
+def test_it_offers_the_kernels_as_an_attention_backend() -> None:
+    from kernels import cuda_backend
+    from kernels.store_kv import store_kv
+
+    backend = cuda_backend()
+    assert backend.paged_attention is paged_attention and backend.store_kv is store_kv
