@@ -21,7 +21,7 @@ log = logging.getLogger("ruvon.worker")
 
 GROUP = "workers"
 EVENTS_MAXLEN = 100_000  # a bound against runaway streams, far above any one request's event count
-EVENTS_TTL_RUNNING_S = 3600  # an abandoned stream of a vanished worker still goes away
+EVENTS_TTL_RUNNING_S = 600  # refreshed by every heartbeat; a stream of a vanished worker still goes away
 EVENTS_TTL_DONE_S = 600  # how long a late reader can still replay a finished request
 
 # The terminal event, the usage record and the acknowledgement land together, and only while this worker
@@ -130,8 +130,8 @@ class RedisWorkerTransport:
         pipe = self.r.pipeline(transaction=False)
         for rid, event in batch:
             pipe.xadd(events_stream(rid), {"e": dumps(event)}, maxlen=EVENTS_MAXLEN, approximate=True)
-        for rid in {rid for rid, _ in batch}:
-            pipe.expire(events_stream(rid), EVENTS_TTL_RUNNING_S)
+            if event["type"] == "started":  # later heartbeats keep it alive while the request runs
+                pipe.expire(events_stream(rid), EVENTS_TTL_RUNNING_S)
         pipe.execute()
 
     def finish(self, items: list[Finished]) -> None:
@@ -171,6 +171,9 @@ class RedisWorkerTransport:
         ids = [d.token for d in active if d.token is not None]
         if ids:
             pipe.xclaim(self.stream, GROUP, self.consumer, 0, ids, justid=True)
+        for delivery in active:
+            if delivery.request_id is not None:
+                pipe.expire(events_stream(delivery.request_id), EVENTS_TTL_RUNNING_S)
         pipe.hgetall(workers_key(self.model))
         heartbeats = pipe.execute()[-1]
         self._forget_dead_workers(heartbeats)
