@@ -48,6 +48,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             self.stream_task.cancel()
         await self._cancel_current()
 
+    async def receive(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
+    ) -> None:
+        try:
+            content = await self.decode_json(text_data) if text_data else None
+        except ValueError:
+            await self._send_error("invalid_request_error", "messages must be JSON text", None)
+            return
+        await self.receive_json(content)
+
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         if isinstance(content, dict) and content.get("type") == "cancel":
             await self._cancel_current()

@@ -110,6 +110,8 @@ def test_it_reports_bad_input_and_keeps_the_socket_open(owner: Any) -> None:
         ):
             await ws.send_json_to(bad)
             replies.append(await ws.receive_json_from(timeout=10))
+        await ws.send_to(text_data="{not json")
+        replies.append(await ws.receive_json_from(timeout=10))
         await ws.send_json_to({"messages": HELLO, "params": {"max_tokens": 2}})
         replies.append((await read_until(ws, {"done", "error"}))[-1])
         await ws.disconnect()
@@ -120,6 +122,7 @@ def test_it_reports_bad_input_and_keeps_the_socket_open(owner: Any) -> None:
         ("error", "messages"),
         ("error", "params"),
         ("error", "messages"),
+        ("error", None),
     ]
     assert done["status"] == "completed"
 
