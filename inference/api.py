@@ -11,6 +11,7 @@ from django.http import HttpRequest, StreamingHttpResponse
 from ninja import NinjaAPI, Query
 
 from accounts.auth import api_key_auth
+from accounts.limits import admit
 from inference import services
 from inference.errors import ModelNotFound, install_error_handlers
 from inference.schemas import (
@@ -28,7 +29,8 @@ from inference.schemas import (
     UsageFilters,
     UsageList,
 )
-from inference.serving import served_model
+from inference.serving import ServedModel, served_model
+from inference.transport import JobClient
 
 api = NinjaAPI(
     title="Ruvon API",
@@ -62,9 +64,11 @@ async def create_chat_completion(request: HttpRequest, body: ChatCompletionReque
 
 
 async def _run(
-    request: HttpRequest, client: Any, served: Any, prepared: services.Prepared, stream: bool
+    request: HttpRequest, client: JobClient, served: ServedModel, prepared: services.Prepared, stream: bool
 ) -> dict[str, Any] | StreamingHttpResponse:
-    job = services.build_job(request.request_id, served, prepared, request.auth)  # type: ignore[attr-defined]
+    key = request.auth  # type: ignore[attr-defined]
+    request.response_headers = await admit(key)  # type: ignore[attr-defined]
+    job = services.build_job(request.request_id, served, prepared, key)  # type: ignore[attr-defined]
     return await services.execute(client, job, prepared, stream)
 
 

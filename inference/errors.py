@@ -10,6 +10,7 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from accounts.auth import ApiKeyRejected
+from accounts.limits import RateLimited
 from gpu_worker.errors import CapacityError, InvalidRequestError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -32,13 +33,24 @@ class ApiError(Exception):
     """An error already shaped for the API: HTTP status, message, and the OpenAI `param`/`code` fields."""
 
     def __init__(
-        self, message: str, *, status: int = 400, code: str | None = None, param: str | None = None
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.code = code
         self.param = param
+        self.headers = dict(headers or {})
+        retry_after = retry_after if retry_after is not None else RETRY_AFTER_S.get(status)
+        if retry_after is not None:
+            self.headers["Retry-After"] = str(retry_after)
 
     @property
     def type(self) -> str:
@@ -79,6 +91,14 @@ def to_api_error(exc: Exception) -> ApiError:
             return _from_validation_error(exc)
         case ApiKeyRejected():
             return ApiError(exc.message, status=401, code="invalid_api_key")
+        case RateLimited():
+            return ApiError(
+                exc.message,
+                status=429,
+                code="rate_limit_exceeded",
+                retry_after=exc.retry_after,
+                headers=exc.headers,
+            )
         case AuthenticationError():
             return ApiError("Invalid authentication.", status=401, code="invalid_api_key")
         case CapacityError():
@@ -107,11 +127,11 @@ def _from_validation_error(exc: ValidationError) -> ApiError:
 
 
 def error_response(exc: Exception) -> JsonResponse:
-    """Return the JSON error response for `exc`, with Retry-After when retrying later can help."""
+    """Return the JSON error response for `exc`, with its headers (Retry-After when retrying later can help)."""
     error = to_api_error(exc)
     response = JsonResponse(error.body(), status=error.status)
-    if error.status in RETRY_AFTER_S:
-        response["Retry-After"] = str(RETRY_AFTER_S[error.status])
+    for name, value in error.headers.items():
+        response[name] = value
     return response
 
 

@@ -1,4 +1,5 @@
-"""Gives every request an id (`request.request_id`) and returns it in the `x-request-id` response header."""
+"""Gives every request an id (`request.request_id`) and returns it in the `x-request-id` response header,
+with any headers a view left in `request.response_headers` (rate-limit state)."""
 
 from __future__ import annotations
 
@@ -25,16 +26,19 @@ def request_id_middleware(get_response: Callable) -> Callable:
 
         async def async_middleware(request: HttpRequest) -> HttpResponseBase:
             request.request_id = new_request_id()  # type: ignore[attr-defined]
-            response = await get_response(request)
-            response[REQUEST_ID_HEADER] = request.request_id  # type: ignore[attr-defined]
-            return response
+            return _tag(request, await get_response(request))
 
         return markcoroutinefunction(async_middleware)
 
     def middleware(request: HttpRequest) -> HttpResponseBase:
         request.request_id = new_request_id()  # type: ignore[attr-defined]
-        response = get_response(request)
-        response[REQUEST_ID_HEADER] = request.request_id  # type: ignore[attr-defined]
-        return response
+        return _tag(request, get_response(request))
 
     return middleware
+
+
+def _tag(request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+    response[REQUEST_ID_HEADER] = request.request_id  # type: ignore[attr-defined]
+    for name, value in getattr(request, "response_headers", {}).items():
+        response[name] = value
+    return response

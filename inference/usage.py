@@ -6,7 +6,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
+from accounts.limits import add_tokens
 from accounts.models import ApiKey, Tenant
 from inference.models import UsageRecord
 
@@ -25,12 +27,15 @@ def record_usage(event: dict[str, Any]) -> bool:
         return False
     try:
         with transaction.atomic():
-            UsageRecord.objects.create(**fields)
+            record = UsageRecord.objects.create(**fields)
     except IntegrityError:
         # Two ingesters raced on the same event and the other one won; anything else is a real error.
         if UsageRecord.objects.filter(request_id=fields["request_id"]).exists():
             return False
         raise
+    if record.api_key_id is not None:
+        consumed_at = record.finished_at or timezone.now()
+        add_tokens(record.api_key_id, record.total_tokens, consumed_at.timestamp())
     return True
 
 

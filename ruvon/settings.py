@@ -128,6 +128,12 @@ LOGIN_URL = "/admin/login/"
 
 REDIS_URL = os.environ.get("REDIS_URL") or None
 
+# The cache holds the per-key rate-limit counters, so with Redis every process shares them.
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}

@@ -99,6 +99,15 @@ def fast_password_hashing() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(autouse=True)
+def fresh_cache() -> Iterator[None]:
+    """Start each test with no rate-limit counts (key ids repeat across tests)."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_served() -> Iterator[None]:
     """Serve random:tiny in-process under the name "tiny" for the whole session, then stop the engine."""
