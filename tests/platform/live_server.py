@@ -28,6 +28,7 @@ class LiveServer:
     api_key: str
     var_dir: Path
     process: subprocess.Popen[bytes]
+    env: dict[str, str]
 
     @property
     def db_path(self) -> Path:
@@ -77,6 +78,11 @@ def shared_live_server() -> LiveServer:
 
 
 def _start() -> LiveServer:
+    return start_live_server()
+
+
+def start_live_server(extra_env: dict[str, str] | None = None) -> LiveServer:
+    """Start daphne on a fresh database (embedded random:tiny unless extra_env says otherwise)."""
     var = Path(tempfile.mkdtemp(prefix="ruvon-live-"))
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     env.update(
@@ -86,20 +92,24 @@ def _start() -> LiveServer:
         RUVON_MODEL_NAME="tiny",
         RUVON_NUM_BLOCKS="64",
     )
-    manage = [sys.executable, "manage.py"]
-    subprocess.run([*manage, "migrate", "--noinput"], cwd=ROOT, env=env, check=True, capture_output=True)
-    demo = subprocess.run(
-        [*manage, "bootstrap_demo"], cwd=ROOT, env=env, check=True, capture_output=True, text=True
-    )
-    match = re.search(r"api key: (\S+)", demo.stdout)
-    assert match, demo.stdout
+    env.update(extra_env or {})
+    run_manage(env, "migrate", "--noinput")
+    match = re.search(r"api key: (\S+)", run_manage(env, "bootstrap_demo").stdout)
+    assert match, "bootstrap_demo printed no key"
     port = _free_port()
     log = open(var / "daphne.log", "wb")  # noqa: SIM115 (held by the server process)
     cmd = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "ruvon.asgi:application"]
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = LiveServer(f"http://127.0.0.1:{port}", match.group(1), var, process)
+    server = LiveServer(f"http://127.0.0.1:{port}", match.group(1), var, process, env)
     _wait_ready(server, var / "daphne.log")
     return server
+
+
+def run_manage(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a manage.py command with the server's environment; return its output."""
+    return subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+    )
 
 
 def _free_port() -> int:
