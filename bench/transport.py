@@ -53,7 +53,7 @@ async def through(
 ) -> dict[str, Any]:  # fmt: skip
     """Submit n jobs, read every event stream to its end; return throughput and TTFT as a client sees them."""
     params = {"max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0}
-    jobs = [make_job(f"bench-{uuid.uuid4().hex}", model, PROMPT, params) for _ in range(n)]
+    jobs = [make_job(f"{model}-{uuid.uuid4().hex}", model, PROMPT, params) for _ in range(n)]
     start = time.perf_counter()
 
     async def one(job: dict[str, Any]) -> float:
