@@ -143,10 +143,6 @@ class Worker:
         """Ask the loop to stop taking jobs and drain; safe from signal handlers and other threads."""
         self._stop.set()
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
     def install_signal_handlers(self) -> None:
         """Make SIGTERM and SIGINT drain gracefully (main thread only)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -157,7 +153,7 @@ class Worker:
             self.run_once()
         except Exception:  # a transport outage must not end the process; the outbox is kept for a retry
             log.exception("worker iteration failed; retrying in 1s")
-            self._stop.wait(1.0)
+            time.sleep(1.0)
 
     def run_once(self) -> None:
         """One turn: admit jobs, apply cancellations, step the engine, publish, heartbeat."""

@@ -282,3 +282,22 @@ def test_it_forgets_the_heartbeats_of_long_dead_workers(space: Space) -> None:
     space.r.hset(f"ruvon:workers:{space.model}", "ghost", json.dumps({"time": time.time() - 3600}))
     space.transport(consumer="alive").heartbeat({"time": time.time()}, [])
     assert space.r.hkeys(f"ruvon:workers:{space.model}") == ["alive"]
+
+
+def test_it_survives_losing_redis_for_a_while(space: Space, engine: LLMEngine) -> None:
+    transport = space.transport()
+    running = RunningWorker(engine, transport)
+    try:
+        transport.r = redis.Redis(port=1, decode_responses=True)  # every call now fails: connection refused
+        time.sleep(1.5)
+        assert running.thread.is_alive()
+        transport.r = space.r
+        client = space.client()
+
+        async def scenario() -> list[Event]:
+            await client.submit(space.job("back", [1, 2], max_tokens=2, ignore_eos=True))
+            return await collect(client, space.rid("back"))
+
+        assert run(scenario())[-1]["status"] == "completed"
+    finally:
+        running.stop()
