@@ -31,6 +31,7 @@ from inference.schemas import (
 )
 from inference.serving import ServedModel, served_model
 from inference.transport import JobClient
+from inference.usage import usage_report
 
 api = NinjaAPI(
     title="Ruvon API",
@@ -91,7 +92,7 @@ async def retrieve_model(request: HttpRequest, model: str) -> Any:
 @api.get("/usage", response={200: UsageList, **ERRORS}, tags=["usage"])
 async def list_usage(request: HttpRequest, filters: Query[UsageFilters]) -> Any:
     """Your tenant's usage records, newest first, with totals over everything the filters match."""
-    return await services.usage_report(request.auth.tenant, filters)  # type: ignore[attr-defined]
+    return await usage_report(request.auth.tenant, filters)  # type: ignore[attr-defined]
 
 
 @api.post("/tokenize", response={200: TokenizeResponse, **ERRORS}, tags=["tokens"])

@@ -29,7 +29,7 @@ class SamplingFields(Schema):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stop: Stop = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None

@@ -1,4 +1,5 @@
-"""Ingests the worker's usage events into UsageRecord, once per request_id however often they are delivered."""
+"""Usage records: ingests the worker's usage events into UsageRecord, once per request_id however often they
+are delivered, and reports a tenant's usage for GET /v1/usage."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.db import IntegrityError, transaction
+from django.db.models import Count, Sum
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from accounts.limits import add_tokens
 from accounts.models import ApiKey, Tenant
 from inference.models import UsageRecord
+from inference.schemas import UsageFilters
 
 _COUNT_FIELDS = ("prompt_tokens", "completion_tokens", "cached_tokens")
 _TIME_FIELDS = ("started_at", "first_token_at", "finished_at")
@@ -98,3 +102,51 @@ def _timestamp(event: dict[str, Any], name: str) -> datetime | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidUsageEvent(f"usage event field {name} must be a unix time, got {value!r}")
     return datetime.fromtimestamp(value, tz=UTC)
+
+
+async def usage_report(tenant: Tenant, filters: UsageFilters) -> dict[str, Any]:
+    """Return one page of the tenant's usage records matching `filters`, and totals over all that match."""
+    records = UsageRecord.objects.for_tenant(tenant)
+    if filters.start is not None:
+        records = records.filter(submitted_at__gte=filters.start)
+    if filters.end is not None:
+        records = records.filter(submitted_at__lt=filters.end)
+    if filters.model:
+        records = records.filter(model=filters.model)
+    if filters.api_key:
+        records = records.filter(api_key__prefix=filters.api_key)
+    if filters.status:
+        records = records.filter(status=filters.status)
+    totals = await records.aaggregate(
+        requests=Count("id"),
+        prompt_tokens=Coalesce(Sum("prompt_tokens"), 0),
+        completion_tokens=Coalesce(Sum("completion_tokens"), 0),
+        cached_tokens=Coalesce(Sum("cached_tokens"), 0),
+    )
+    totals["total_tokens"] = totals["prompt_tokens"] + totals["completion_tokens"]
+    page = records.select_related("api_key").order_by("-submitted_at", "-id")
+    rows = [row async for row in page[filters.offset : filters.offset + filters.limit + 1]]
+    return {
+        "object": "list",
+        "data": [_usage_row(row) for row in rows[: filters.limit]],
+        "totals": totals,
+        "has_more": len(rows) > filters.limit,
+    }
+
+
+def _usage_row(record: UsageRecord) -> dict[str, Any]:
+    return {
+        "request_id": record.request_id,
+        "model": record.model,
+        "api_key": record.api_key.prefix if record.api_key else None,
+        "status": record.status,
+        "finish_reason": record.finish_reason,
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "cached_tokens": record.cached_tokens,
+        "total_tokens": record.total_tokens,
+        "submitted_at": record.submitted_at,
+        "started_at": record.started_at,
+        "first_token_at": record.first_token_at,
+        "finished_at": record.finished_at,
+    }

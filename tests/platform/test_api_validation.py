@@ -50,6 +50,7 @@ def _error(response: Any, status: int, param: str | None) -> dict[str, Any]:
         ({"prompt": [1, 2, 10**9]}, "prompt"),
         ({"prompt": ["one", "two"]}, "prompt"),
         ({"suffix": "end"}, "suffix"),
+        ({"seed": 2**64}, "seed"),
     ],
 )
 def test_it_rejects_bad_completion_fields(as_owner: ApiClient, changes: dict[str, Any], param: str) -> None:
