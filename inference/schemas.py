@@ -166,7 +166,7 @@ class ModelCard(Schema):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    max_model_len: int
+    max_model_len: int | None = Field(..., description="Null while no worker has reported (Redis mode).")
     label: str = Field(..., description="What the model is; says RANDOM for random weights.")
 
 
@@ -219,7 +219,7 @@ class UsageFilters(Schema):
 class TokenizeResponse(Schema):
     tokens: list[int]
     count: int
-    max_model_len: int
+    max_model_len: int | None
 
 
 class DetokenizeResponse(Schema):

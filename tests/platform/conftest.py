@@ -182,10 +182,11 @@ class LiveServer:
         raise AssertionError(f"no usage record for {request_id}")
 
 
-def start_daphne(
-    var_dir: Path, model: str, name: str, num_blocks: int
-) -> tuple[LiveServer, subprocess.Popen[bytes]]:
-    """Start daphne serving `model` as `name` on a fresh SQLite file; wait until the model is loaded."""
+def start_stack(
+    var_dir: Path, model: str, name: str, num_blocks: int, redis_url: str | None = None
+) -> tuple[LiveServer, list[subprocess.Popen[bytes]]]:
+    """Start daphne serving `model` as `name` on a fresh SQLite file (and, given `redis_url`, a GPU worker
+    and the usage ingester beside it); return once the model is being served."""
     env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "DATABASE_URL"}}
     env |= {
         "DJANGO_SETTINGS_MODULE": "ruvon.settings",
@@ -193,7 +194,7 @@ def start_daphne(
         "RUVON_MODEL": model,
         "RUVON_MODEL_NAME": name,
         "RUVON_NUM_BLOCKS": str(num_blocks),
-    }
+    } | ({"REDIS_URL": redis_url} if redis_url else {})
     setup = subprocess.run(
         [sys.executable, "-c", SETUP], cwd=REPO, env=env, check=True, capture_output=True, text=True
     )
@@ -201,20 +202,40 @@ def start_daphne(
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    log = var_dir / "daphne.log"
-    command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "ruvon.asgi:application"]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    commands = {"daphne": ["-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "ruvon.asgi:application"]}
+    if redis_url:
+        commands |= {"worker": ["manage.py", "gpu_worker"], "ingest": ["manage.py", "ingest_usage"]}
+    processes = []
+    for role, args in commands.items():
+        with open(var_dir / f"{role}.log", "wb") as out:
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+                )
+            )
     server = LiveServer(f"http://127.0.0.1:{port}/v1", key)
     deadline = time.monotonic() + 240
-    while process.poll() is None and time.monotonic() < deadline:
+    while all(p.poll() is None for p in processes) and time.monotonic() < deadline:
         try:
-            if server.get("/models").status_code == 200:  # the first call loads the model
-                return server, process
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"daphne serving {model} did not come up:\n{log.read_text()[-3000:]}")
+            # Embedded: the first call loads the model. Redis: a worker has announced itself.
+            if server.get("/models").json()["data"][0]["max_model_len"] is not None:
+                return server, processes
+        except (httpx.TransportError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    stop_all(processes)
+    logs = "\n".join(f"--- {role}\n" + (var_dir / f"{role}.log").read_text()[-2000:] for role in commands)
+    raise RuntimeError(f"the server for {model} did not come up:\n{logs}")
+
+
+def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 @pytest.fixture(scope="session")
@@ -228,12 +249,30 @@ def tiny_server() -> LiveServer:
 
 @pytest.fixture(scope="session")
 def smollm2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    server, process = start_daphne(
+    server, processes = start_stack(
         tmp_path_factory.mktemp("smollm2"), "smollm2", "smollm2-135m-instruct", 256
     )
     yield server
-    process.terminate()
+    stop_all(processes)
+
+
+# A Redis database of its own: the usage stream and the workers' registry are shared names within one.
+E2E_REDIS_URL = os.environ.get("RUVON_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """random:tiny served the production way: daphne, a `gpu_worker` process and `ingest_usage`, over Redis."""
+    import redis
+
+    connection = redis.Redis.from_url(E2E_REDIS_URL)
     try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+        connection.ping()
+    except redis.ConnectionError:
+        pytest.skip(f"no Redis at {E2E_REDIS_URL}")
+    connection.delete("ruvon:usage")  # leftovers of an earlier run would be ingested into this database
+    name = f"tiny-redis-{os.getpid()}"
+    server, processes = start_stack(tmp_path_factory.mktemp("redis"), "random:tiny", name, 64, E2E_REDIS_URL)
+    yield server
+    stop_all(processes)
+    connection.delete("ruvon:usage", *connection.keys(f"ruvon:*{name}*"))
