@@ -113,14 +113,19 @@ class CompletionChoice(Schema):
     finish_reason: str | None = None
 
 
-class CompletionResponse(Schema):
+class ResponseEnvelope(Schema):
+    """The fields every completion and chat completion response carries around its choices."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
     system_fingerprint: str | None = None
-    choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class CompletionResponse(ResponseEnvelope):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
 
 
 class TopLogprob(Schema):
@@ -151,14 +156,9 @@ class ChatChoice(Schema):
     finish_reason: str | None = None
 
 
-class ChatCompletionResponse(Schema):
-    id: str
+class ChatCompletionResponse(ResponseEnvelope):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    system_fingerprint: str | None = None
     choices: list[ChatChoice]
-    usage: Usage | None = None
 
 
 class ModelCard(Schema):
