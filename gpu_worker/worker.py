@@ -150,14 +150,14 @@ class Worker:
 
     def _guarded_iteration(self) -> None:
         try:
-            self.run_once()
+            self.run_once(admit=not self._stop.is_set())
         except Exception:  # a transport outage must not end the process; the outbox is kept for a retry
             log.exception("worker iteration failed; retrying in 1s")
             time.sleep(1.0)
 
-    def run_once(self) -> None:
-        """One turn: admit jobs, apply cancellations, step the engine, publish, heartbeat."""
-        if not self._stop.is_set():
+    def run_once(self, admit: bool = True) -> None:
+        """One turn: admit jobs (unless draining), apply cancellations, step the engine, publish, heartbeat."""
+        if admit:
             self._admit_new_jobs()
         self._apply_cancellations()
         if self._active or self.engine.has_unfinished_requests():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +17,7 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 
 from inference.models import UsageRecord
-from inference.transport import get_job_client
+from inference.transport import get_job_client, reset_job_client
 
 pytestmark = [pytest.mark.usefixtures("tiny_served"), pytest.mark.django_db(transaction=True)]
 
@@ -127,7 +127,18 @@ def test_it_reports_bad_input_and_keeps_the_socket_open(owner: Any) -> None:
     assert done["status"] == "completed"
 
 
-def test_it_stops_a_reply_when_asked(owner: Any) -> None:
+@pytest.fixture
+def stepped() -> Iterator[Any]:
+    """The embedded client with its engine thread stopped: the test steps the worker itself, so a cancel
+    lands mid-generation however fast or slow the machine is. A fresh client replaces it afterwards."""
+    client = get_job_client()
+    client.worker.stop()  # type: ignore[attr-defined]
+    client._thread.join(timeout=30)  # type: ignore[attr-defined]
+    yield client
+    reset_job_client()
+
+
+def test_it_stops_a_reply_when_asked(owner: Any, stepped: Any) -> None:
     headers = session_headers(owner.user)
 
     async def scenario() -> list[dict[str, Any]]:
@@ -135,19 +146,24 @@ def test_it_stops_a_reply_when_asked(owner: Any) -> None:
         await ws.connect(timeout=30)
         await ws.receive_json_from(timeout=30)
         await ws.send_json_to({"messages": HELLO, "params": {"max_tokens": 100}})
-        messages = await read_until(ws, {"delta"})
+        messages = [await ws.receive_json_from(timeout=10)]
+        await asyncio.to_thread(stepped.worker.run_once)
+        messages += await read_until(ws, {"delta"})
         await ws.send_json_to({"type": "cancel"})
+        await asyncio.sleep(0.1)  # the consumer handles the cancel message
+        await asyncio.to_thread(stepped.worker.run_once)
         messages += await read_until(ws, {"done", "error"})
         await ws.disconnect()
         return messages
 
     messages = async_to_sync(scenario)()
-    assert (messages[-1]["type"], messages[-1]["status"]) == ("done", "cancelled")
+    assert [m["type"] for m in messages] == ["started", "delta", "delta", "done"]
+    assert messages[-1]["status"] == "cancelled" and messages[-1]["usage"]["completion_tokens"] == 1
     rid = messages[0]["request_id"]
     assert wait_for(lambda: UsageRecord.objects.filter(request_id=rid, status="cancelled").exists())
 
 
-def test_it_cancels_the_reply_when_the_browser_goes_away(owner: Any) -> None:
+def test_it_cancels_the_reply_when_the_browser_goes_away(owner: Any, stepped: Any) -> None:
     headers = session_headers(owner.user)
 
     async def scenario() -> str:
@@ -155,16 +171,18 @@ def test_it_cancels_the_reply_when_the_browser_goes_away(owner: Any) -> None:
         await ws.connect(timeout=30)
         await ws.receive_json_from(timeout=30)
         await ws.send_json_to({"messages": HELLO, "params": {"max_tokens": 100}})
-        started, _delta = await read_until(ws, {"delta"})
+        started = await ws.receive_json_from(timeout=10)
+        await asyncio.to_thread(stepped.worker.run_once)
+        await read_until(ws, {"delta"})
         await ws.disconnect()
-        await asyncio.sleep(0)
+        await asyncio.to_thread(stepped.worker.run_once)
         return started["request_id"]
 
     rid = async_to_sync(scenario)()
     record = wait_for(lambda: UsageRecord.objects.filter(request_id=rid).first())
-    assert record.status == "cancelled" and record.completion_tokens < 100
-    engine = get_job_client().engine  # type: ignore[attr-defined]
-    wait_for(lambda: engine.stats()["num_free_blocks"] == engine.stats()["num_total_blocks"])
+    assert (record.status, record.completion_tokens) == ("cancelled", 1)
+    stats = stepped.engine.stats()
+    assert stats["num_free_blocks"] == stats["num_total_blocks"]
 
 
 def test_it_renders_the_chat_page_for_a_member_only(owner: Any) -> None:
