@@ -9,7 +9,7 @@ from torch import nn
 
 from gpu_worker.attention import AttentionBackend, AttentionMetadata, allocate_kv_cache
 from gpu_worker.cuda_graphs import DecodeGraphs
-from gpu_worker.sampler import SamplingTensors, sample, top_logprobs
+from gpu_worker.sampler import SamplingTensors, needs_processing, sample, top_logprobs
 from gpu_worker.scheduler import ScheduledBatch
 from gpu_worker.sequence import Sequence
 
@@ -89,25 +89,24 @@ class ModelRunner:
                 last = min(end, seq.num_prompt_tokens - 1)
                 prompt_rows.append((seq, flat_start, begin, last - begin))
         max_blocks = max(len(s.block_table) for s in batch.seqs)
-        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
-        dev = self.device
-
-        def t(values: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=dev)
-
+        tables = [b for s in batch.seqs for b in s.block_table + [0] * (max_blocks - len(s.block_table))]
+        # One host-to-device copy for all integer inputs, then views into it.
+        parts = (ids, positions, slots, starts, context_lens, sample_rows, tables)
+        packed = torch.tensor([v for part in parts for v in part], dtype=torch.int64).to(self.device)
+        views = list(packed.split([len(part) for part in parts]))
         q_lens = batch.num_tokens
         return FlatBatch(
-            input_ids=t(ids, torch.int64),
-            positions=t(positions, torch.int64),
+            input_ids=views[0],
+            positions=views[1],
             metadata=AttentionMetadata(
-                slot_mapping=t(slots, torch.int64),
-                query_start_loc=t(starts, torch.int32),
-                context_lens=t(context_lens, torch.int32),
-                block_tables=t(tables, torch.int32),
+                slot_mapping=views[2],
+                query_start_loc=views[3].int(),
+                context_lens=views[4].int(),
+                block_tables=views[6].view(len(batch.seqs), max_blocks).int(),
                 max_query_len=max(q_lens),
                 max_context_len=max(context_lens),
             ),
-            sample_rows=t(sample_rows, torch.int64),
+            sample_rows=views[5],
             sample_seqs=sample_seqs,
             prompt_rows=prompt_rows,
         )
@@ -128,7 +127,7 @@ class ModelRunner:
         parts: list[torch.Tensor] = []
         k = max((s.params.logprobs or 0 for s in seqs), default=0)
         if seqs and logits is not None:  # [S, V]
-            tensors = SamplingTensors.build(seqs, self.vocab_size, self.device)
+            tensors = SamplingTensors.build(seqs, self.vocab_size, self.device) if needs_processing(seqs) else None
             next_ids = sample(logits, seqs, tensors)  # [S]
             parts.append(next_ids.double())
             if any(s.params.logprobs is not None for s in seqs):
@@ -136,7 +135,8 @@ class ModelRunner:
                 parts += [chosen.double(), top_lp.double().flatten(), top_ids.double().flatten()]
         prompt_parts = self._prompt_logprob_parts(hidden, flat) if hidden is not None else []
         parts += prompt_parts
-        host = torch.cat(parts).tolist() if parts else []  # the step's one host sync
+        # The step's one host sync.
+        host = parts[0].tolist() if len(parts) == 1 else torch.cat(parts).tolist() if parts else []
         return self._unpack(host, flat, k, bool(prompt_parts))
 
     def _prompt_logprob_parts(self, hidden: torch.Tensor, flat: FlatBatch) -> list[torch.Tensor]:

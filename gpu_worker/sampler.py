@@ -103,8 +103,19 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch
     return (probs / noise).argmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], t: SamplingTensors) -> torch.Tensor:
-    """Return the next token id for each row (a device tensor: no host sync here)."""
+def needs_processing(seqs: list[Sequence]) -> bool:
+    """Return whether any row needs more than an argmax of its raw logits."""
+    return any(not s.params.greedy or s.params.logit_bias or s.params.presence_penalty
+               or s.params.frequency_penalty for s in seqs)
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence], t: SamplingTensors | None) -> torch.Tensor:
+    """Return the next token id for each row (a device tensor: no host sync here).
+
+    t may be None when needs_processing(seqs) is False: then every row is a plain greedy pick.
+    """
+    if t is None:
+        return logits.argmax(dim=-1)
     logits = apply_penalties_and_bias(logits, seqs, t)
     greedy_tokens = logits.argmax(dim=-1)
     if t.all_greedy:

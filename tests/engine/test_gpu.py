@@ -32,14 +32,28 @@ def test_it_matches_the_cpu_reference_path_in_fp32(tiny_gpt2: Peer) -> None:
 
 
 def test_it_matches_hf_in_fp16_on_the_gpt2_124m_shape(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every greedy pick is HF's fp16 argmax at that position, except at measured fp16 near-ties.
+
+    Random GPT-2 weights give flat logits, so two candidates can sit within fp16 rounding of each other;
+    there a different summation order may flip the pick. We check our token against HF's logits on our
+    own sequence (teacher forcing): it must be HF's top token, or within FP16_TIE of it.
+    """
     peer = make_peer("gpt2", tmp_path_factory.mktemp("gpt2"))
     hf = peer.model.half().cuda()
     engine = LLMEngine(EngineConfig(model=str(peer.path), device="cuda", dtype="float16", num_blocks=512))
     prompts = batch(50257, 16)
     outs = engine.generate(prompts, GREEDY)
+    exact = 0
     for ids, out in zip(prompts, outs, strict=True):
-        x = torch.tensor([ids], device="cuda")
+        ours = out.token_ids[0]
         with torch.inference_mode():
-            ref = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=32,
-                              min_new_tokens=32, pad_token_id=0)
-        assert out.token_ids[0] == ref[0, len(ids):].tolist()
+            logits = hf(torch.tensor([ids + ours], device="cuda")).logits[0, len(ids) - 1 : -1].float()  # [32, V]
+        best = logits.max(dim=-1).values
+        picked = logits.gather(1, torch.tensor(ours, device="cuda")[:, None]).squeeze(1)
+        gap = (best - picked).max().item()
+        assert gap <= FP16_TIE, f"a pick {gap:.4f} below HF's best: not an fp16 near-tie"
+        exact += int(bool((picked == best).all()))
+    print(f"{exact}/16 prompts pick HF's exact argmax at all 32 positions")
+
+
+FP16_TIE = 0.02  # logits; fp16 keeps ~3 significant digits of values of magnitude ~3 here

@@ -1,0 +1,105 @@
+"""Where one decode step's time goes: host phases (schedule, prepare, model, postprocess, outputs) and GPU ops.
+
+Run on a GPU: python bench/profile_step.py --shape gpt2 --batch 1 --batch 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import print_table, write_json  # noqa: E402
+from gpu_worker.config import EngineConfig, SamplingParams  # noqa: E402
+from gpu_worker.engine import LLMEngine  # noqa: E402
+
+PHASES = {
+    "schedule": ("scheduler", "schedule"),
+    "prepare": ("runner", "prepare"),
+    "run (model+sample+sync)": ("runner", "run"),
+    "postprocess": ("scheduler", "postprocess"),
+    "append_token": ("engine", "_append_token"),
+    "outputs": ("engine", "_output"),
+}
+
+
+def instrument(engine: LLMEngine, totals: dict[str, float]) -> None:
+    """Wrap each phase's method so its wall time accumulates into totals."""
+    owners = {"engine": engine, "scheduler": engine.scheduler, "runner": engine.runner}
+    for label, (owner_name, method) in PHASES.items():
+        owner = owners[owner_name]
+        original: Callable[..., Any] = getattr(owner, method)
+
+        def timed(*args: Any, _f: Callable[..., Any] = original, _l: str = label, **kw: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return _f(*args, **kw)
+            finally:
+                totals[_l] += time.perf_counter() - start
+
+        setattr(owner, method, timed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="gpt2")
+    parser.add_argument("--batch", type=int, action="append", default=None)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results: dict[str, Any] = {}
+    for batch in args.batch or [1]:
+        engine = LLMEngine(
+            EngineConfig(model=f"random:{args.shape}", device=device, max_num_seqs=max(batch, 1),
+                         max_num_batched_tokens=max(8192, args.prompt_len * 4))
+        )
+        rng = random.Random(0)
+        params = SamplingParams(temperature=0.0, max_tokens=args.steps + 20, ignore_eos=True)
+        for i in range(batch):
+            engine.add_request(f"r{i}", [rng.randrange(50257) for _ in range(args.prompt_len)], params)
+        while engine.scheduler.num_waiting or any(s.num_uncomputed_tokens > 1 for s in engine.scheduler.running):
+            engine.step()  # finish prefill
+        for _ in range(5):
+            engine.step()
+        totals: dict[str, float] = defaultdict(float)
+        instrument(engine, totals)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ) if device == "cuda" else _null() as prof:
+            for _ in range(args.steps):
+                engine.step()
+        step_ms = (time.perf_counter() - start) * 1e3 / args.steps
+        rows = [{"phase": k, "ms_per_step": v * 1e3 / args.steps} for k, v in totals.items()]
+        rows.append({"phase": "whole step", "ms_per_step": step_ms})
+        print(f"\n{engine.label}, batch {batch}, {args.steps} decode steps (profiler on: adds overhead)")
+        print_table(rows)
+        if prof is not None:
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+        results[f"batch{batch}"] = rows
+        del engine
+    print("wrote", write_json(f"profile_{args.shape}", results))
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+if __name__ == "__main__":
+    main()
