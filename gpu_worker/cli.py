@@ -1,4 +1,4 @@
-"""The `ruvon` command line: generate (stream from a local engine), pull (download a model)."""
+"""The `ruvon` command line: generate (local engine), pull (download a model), worker, chat (HTTP client)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import uuid
 
 from gpu_worker.config import EngineConfig, SamplingParams
 from gpu_worker.errors import RuvonError
+from gpu_worker.chat_client import add_chat_parser
 from gpu_worker.worker import add_worker_parser
 
 
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--cache-dir", default=None)
     pull.set_defaults(func=_pull)
     add_worker_parser(sub)
+    add_chat_parser(sub)
     return parser
 
 
