@@ -160,6 +160,11 @@ RUVON_MODEL = os.environ.get("RUVON_MODEL", "smollm2")
 RUVON_MODEL_NAME = os.environ.get("RUVON_MODEL_NAME", "smollm2-135m-instruct")
 RUVON_NUM_BLOCKS = env_int("RUVON_NUM_BLOCKS")
 
+# Billing (inference.billing): what a GPU-hour costs us, and what tenants pay per million tokens, per model,
+# as JSON like {"default": {"prompt": 0.2, "completion": 0.6}, "<model>": {...}}. Empty means the defaults.
+RUVON_GPU_HOUR_USD = os.environ.get("RUVON_GPU_HOUR_USD", "")
+RUVON_PRICE_SHEET = os.environ.get("RUVON_PRICE_SHEET", "")
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
