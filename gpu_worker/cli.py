@@ -10,6 +10,7 @@ import uuid
 from gpu_worker.config import EngineConfig, SamplingParams
 from gpu_worker.errors import RuvonError
 from gpu_worker.chat_client import add_chat_parser
+from gpu_worker.launcher import add_launcher_parser
 from gpu_worker.worker import add_worker_parser
 
 
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--cache-dir", default=None)
     pull.set_defaults(func=_pull)
     add_worker_parser(sub)
+    add_launcher_parser(sub)
     add_chat_parser(sub)
     return parser
 
