@@ -400,6 +400,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-inflight", type=int, default=64, help="jobs this worker holds at once")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget per engine step")
     parser.add_argument(
         "--claim-idle-s",
         type=float,
@@ -428,7 +430,14 @@ def run_worker_command(args: argparse.Namespace) -> int:
     from gpu_worker.redis_transport import RedisWorkerTransport
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, num_blocks=args.num_blocks)
+    config = EngineConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        num_blocks=args.num_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
     engine = LLMEngine(config)
     name = args.served_model_name or engine.model_name
     transport = RedisWorkerTransport.from_url(
