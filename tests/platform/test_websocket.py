@@ -24,6 +24,16 @@ pytestmark = [pytest.mark.usefixtures("tiny_served"), pytest.mark.django_db(tran
 HELLO = [{"role": "user", "content": "Hello there"}]
 
 
+@pytest.fixture(autouse=True)
+def usage_written() -> Iterator[None]:
+    """After each test, wait until the embedded client has written every usage record it was handed, so no
+    write races the database flush between tests."""
+    yield
+    usage = getattr(get_job_client(), "usage", None)
+    if usage is not None:
+        usage.join()
+
+
 def session_headers(user: Any) -> list[tuple[bytes, bytes]]:
     client = Client()
     client.force_login(user)
@@ -45,6 +55,13 @@ async def read_until(ws: WebsocketCommunicator, kinds: set[str], timeout: float 
         messages.append(message)
         if message["type"] in kinds:
             return messages
+
+
+def usage_record(request_id: str) -> UsageRecord:
+    """Return a request's usage record. The worker hands it to the writer before the terminal event, so
+    waiting for the writer is enough (and on SQLite, reading while it writes would hit a table lock)."""
+    get_job_client().usage.join()  # type: ignore[attr-defined]
+    return UsageRecord.objects.get(request_id=request_id)
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 20) -> Any:
@@ -74,7 +91,7 @@ def test_it_streams_a_chat_to_a_member_and_records_usage(owner: Any) -> None:
     assert started["type"] == "started" and all(m["type"] == "delta" for m in deltas)
     assert (done["type"], done["status"]) == ("done", "completed")
     assert 1 <= done["usage"]["completion_tokens"] <= 5 and done["client"]["ttft_s"] > 0
-    record = wait_for(lambda: UsageRecord.objects.filter(request_id=started["request_id"]).first())
+    record = usage_record(started["request_id"])
     assert record.tenant == owner.key.tenant and record.status == "completed"
 
 
@@ -147,10 +164,12 @@ def test_it_stops_a_reply_when_asked(owner: Any, stepped: Any) -> None:
         await ws.receive_json_from(timeout=30)
         await ws.send_json_to({"messages": HELLO, "params": {"max_tokens": 100}})
         messages = [await ws.receive_json_from(timeout=10)]
+        rid = messages[0]["request_id"]
         await asyncio.to_thread(stepped.worker.run_once)
         messages += await read_until(ws, {"delta"})
         await ws.send_json_to({"type": "cancel"})
-        await asyncio.sleep(0.1)  # the consumer handles the cancel message
+        while not stepped.transport.cancel_requested([rid]):  # the consumer has passed the cancel on
+            await asyncio.sleep(0.01)
         await asyncio.to_thread(stepped.worker.run_once)
         messages += await read_until(ws, {"done", "error"})
         await ws.disconnect()
@@ -160,7 +179,7 @@ def test_it_stops_a_reply_when_asked(owner: Any, stepped: Any) -> None:
     assert [m["type"] for m in messages] == ["started", "delta", "delta", "done"]
     assert messages[-1]["status"] == "cancelled" and messages[-1]["usage"]["completion_tokens"] == 1
     rid = messages[0]["request_id"]
-    assert wait_for(lambda: UsageRecord.objects.filter(request_id=rid, status="cancelled").exists())
+    assert usage_record(rid).status == "cancelled"
 
 
 def test_it_cancels_the_reply_when_the_browser_goes_away(owner: Any, stepped: Any) -> None:
@@ -179,7 +198,7 @@ def test_it_cancels_the_reply_when_the_browser_goes_away(owner: Any, stepped: An
         return started["request_id"]
 
     rid = async_to_sync(scenario)()
-    record = wait_for(lambda: UsageRecord.objects.filter(request_id=rid).first())
+    record = usage_record(rid)
     assert (record.status, record.completion_tokens) == ("cancelled", 1)
     stats = stepped.engine.stats()
     assert stats["num_free_blocks"] == stats["num_total_blocks"]
