@@ -37,7 +37,10 @@ def hf_generate(model, tokenizer, prompts: list[str], new_tokens: int) -> int:
         tokenizer.pad_token = tokenizer.eos_token
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     config = transformers.GenerationConfig(
-        do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
     )
     with torch.inference_mode():
         out = model.generate(**batch, generation_config=config)
@@ -67,7 +70,9 @@ def main() -> None:
         ruvon_generate(engine, prompts, 4)  # warm-up
         hf_generate(hf_model, hf_tok, prompts, 4)
         r_s, r_tokens = timed(lambda p=prompts: ruvon_generate(engine, p, args.new_tokens), args.repeat)
-        h_s, h_tokens = timed(lambda p=prompts: hf_generate(hf_model, hf_tok, p, args.new_tokens), args.repeat)
+        h_s, h_tokens = timed(
+            lambda p=prompts: hf_generate(hf_model, hf_tok, p, args.new_tokens), args.repeat
+        )
         rows.append(
             {
                 "streams": streams,
@@ -76,8 +81,10 @@ def main() -> None:
                 "ratio": (r_tokens / r_s) / (h_tokens / h_s),
             }
         )
-    print(f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32), CPU, {torch.get_num_threads()} threads, "
-          f"{args.new_tokens} new tokens per stream, greedy")
+    print(
+        f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32), CPU, {torch.get_num_threads()} threads, "
+        f"{args.new_tokens} new tokens per stream, greedy"
+    )
     print_table(rows)
     print("wrote", write_json("cpu_generate", {"new_tokens": args.new_tokens, "rows": rows}))
 

@@ -68,7 +68,9 @@ def decode_stall(loaded: LoadedModel, long_prompt: list[int], chunk: int | None)
     budget = chunk or 4096
     eng = engine(loaded, max_num_batched_tokens=budget)
     for i in range(4):
-        eng.add_request(f"d{i}", long_prompt[:16], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+        eng.add_request(
+            f"d{i}", long_prompt[:16], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+        )
     for _ in range(3):
         eng.step()
     eng.add_request("long", long_prompt, SamplingParams(temperature=0.0, max_tokens=4))

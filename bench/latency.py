@@ -23,7 +23,9 @@ from gpu_worker.config import SamplingParams  # noqa: E402
 from gpu_worker.engine import LLMEngine  # noqa: E402
 
 
-def ruvon_ms_per_token(engine: LLMEngine, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+def ruvon_ms_per_token(
+    engine: LLMEngine, prompt: list[int], new_tokens: int
+) -> tuple[float, float, list[int]]:
     """Return (TTFT ms, decode ms/token, tokens) measured around the streaming loop."""
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     engine.add_request("latency", prompt, params)
@@ -42,11 +44,15 @@ def ruvon_ms_per_token(engine: LLMEngine, prompt: list[int], new_tokens: int) ->
     return (first - start) * 1e3, (end - first) * 1e3 / (len(tokens) - 1), tokens
 
 
-def hf_ms_per_token(model: transformers.PreTrainedModel, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+def hf_ms_per_token(
+    model: transformers.PreTrainedModel, prompt: list[int], new_tokens: int
+) -> tuple[float, float, list[int]]:
     ids = torch.tensor([prompt], device=model.device)
 
     def run(n: int) -> tuple[float, torch.Tensor]:
-        config = transformers.GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+        config = transformers.GenerationConfig(
+            do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0
+        )
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -68,7 +74,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--bandwidth", type=float, default=4.2e12, help="measured HBM bytes/s for the roofline")
+    parser.add_argument(
+        "--bandwidth", type=float, default=4.2e12, help="measured HBM bytes/s for the roofline"
+    )
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     rows = []
@@ -79,7 +87,9 @@ def main() -> None:
         hf_ms_per_token(hf, prompt, 8)
         r_ttft, r_tpot, r_tokens = ruvon_ms_per_token(engine, prompt, args.new_tokens)
         h_ttft, h_tpot, h_tokens = hf_ms_per_token(hf, prompt, args.new_tokens)
-        same = next((i for i, (a, b) in enumerate(zip(r_tokens, h_tokens, strict=False)) if a != b), len(r_tokens))
+        same = next(
+            (i for i, (a, b) in enumerate(zip(r_tokens, h_tokens, strict=False)) if a != b), len(r_tokens)
+        )
         roofline = weight_bytes(hf) / args.bandwidth * 1e3
         rows.append(
             {
@@ -96,7 +106,9 @@ def main() -> None:
         del hf, engine
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    print(f"batch-1 decode, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, {args.dtype}, {args.device}")
+    print(
+        f"batch-1 decode, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, {args.dtype}, {args.device}"
+    )
     print_table(rows)
     print("wrote", write_json("latency", {"args": vars(args), "rows": rows}))
 

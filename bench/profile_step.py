@@ -60,14 +60,20 @@ def main() -> None:
     results: dict[str, Any] = {}
     for batch in args.batch or [1]:
         engine = LLMEngine(
-            EngineConfig(model=f"random:{args.shape}", device=device, max_num_seqs=max(batch, 1),
-                         max_num_batched_tokens=max(8192, args.prompt_len * 4))
+            EngineConfig(
+                model=f"random:{args.shape}",
+                device=device,
+                max_num_seqs=max(batch, 1),
+                max_num_batched_tokens=max(8192, args.prompt_len * 4),
+            )
         )
         rng = random.Random(0)
         params = SamplingParams(temperature=0.0, max_tokens=args.steps + 20, ignore_eos=True)
         for i in range(batch):
             engine.add_request(f"r{i}", [rng.randrange(50257) for _ in range(args.prompt_len)], params)
-        while engine.scheduler.num_waiting or any(s.num_uncomputed_tokens > 1 for s in engine.scheduler.running):
+        while engine.scheduler.num_waiting or any(
+            s.num_uncomputed_tokens > 1 for s in engine.scheduler.running
+        ):
             engine.step()  # finish prefill
         for _ in range(5):
             engine.step()
@@ -76,9 +82,13 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        ) if device == "cuda" else _null() as prof:
+        with (
+            torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            )
+            if device == "cuda"
+            else _null() as prof
+        ):
             for _ in range(args.steps):
                 engine.step()
         step_ms = (time.perf_counter() - start) * 1e3 / args.steps
@@ -87,7 +97,9 @@ def main() -> None:
         print(f"\n{engine.label}, batch {batch}, {args.steps} decode steps (profiler on: adds overhead)")
         print_table(rows)
         if prof is not None:
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+            print(
+                prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60)
+            )
         results[f"batch{batch}"] = rows
         del engine
     print("wrote", write_json(f"profile_{args.shape}", results))

@@ -65,7 +65,10 @@ def run_once(args: argparse.Namespace, n: int, prompts: list[list[int]]) -> dict
     try:
         client = RedisJobClient(args.redis_url, model)
         params = {"max_tokens": args.new_tokens, "ignore_eos": True, "temperature": 0.0}
-        warm = [make_job(f"{prefix}-warm{i}", model, p, {**params, "max_tokens": 4}) for i, p in enumerate(prompts[:8])]
+        warm = [
+            make_job(f"{prefix}-warm{i}", model, p, {**params, "max_tokens": 4})
+            for i, p in enumerate(prompts[:8])
+        ]
         asyncio.run(serve(client, warm))
         jobs = [make_job(f"{prefix}-{i}", model, p, params) for i, p in enumerate(prompts)]
         start = time.perf_counter()

@@ -39,7 +39,9 @@ def hf_generate_batch(model: transformers.PreTrainedModel, prompts: list[list[in
     return sum(len(o.generated_tokens) for o in done)
 
 
-def bytes_moved(model: transformers.PreTrainedModel, prompts: list[list[int]], args: argparse.Namespace) -> float:
+def bytes_moved(
+    model: transformers.PreTrainedModel, prompts: list[list[int]], args: argparse.Namespace
+) -> float:
     """Return the bytes the decode phase must read at least: weights once per step, each token's KV per step."""
     cfg = model.config
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.hidden_size * model.dtype.itemsize
@@ -76,8 +78,10 @@ def main() -> None:
             max_num_batched_tokens=args.max_num_batched_tokens,
         )
         params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
-        engine.generate(prompts[:8], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
-        r_s, outs = timed(lambda e=engine: e.generate(prompts, params))
+        engine.generate(
+            prompts[:8], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        )  # warm-up
+        r_s, outs = timed(lambda e=engine, p=params: e.generate(prompts, p))
         r_tokens = sum(len(o.token_ids[0]) for o in outs)
         row = {"shape": shape, "ruvon_tok_s": r_tokens / r_s, "ruvon_s": r_s}
         if not args.skip_hf:

@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from kernels.reference import paged_attention_ref, store_kv_ref
+
+if TYPE_CHECKING:
+    from gpu_worker.models.base import CausalLM
 
 
 @dataclass
@@ -104,7 +108,7 @@ def allocate_kv_cache(
 
 
 @torch.inference_mode()
-def forward_dense(model: nn.Module, token_ids: list[int], block_size: int = 16) -> torch.Tensor:
+def forward_dense(model: CausalLM, token_ids: list[int], block_size: int = 16) -> torch.Tensor:
     """Run one sequence through the model with a private cache; return logits [len, vocab].
 
     A test and debugging helper: the engine never calls it.
@@ -124,6 +128,6 @@ def forward_dense(model: nn.Module, token_ids: list[int], block_size: int = 16) 
     )
     ids = torch.tensor(token_ids, device=device)
     positions = torch.arange(n, device=device)
-    with model.context.use(meta):  # type: ignore[union-attr]
+    with model.context.use(meta):
         hidden = model(ids, positions)
-        return model.compute_logits(hidden)  # type: ignore[operator]
+        return model.compute_logits(hidden)

@@ -7,9 +7,9 @@ import sys
 import time
 import uuid
 
+from gpu_worker.chat_client import add_chat_parser
 from gpu_worker.config import EngineConfig, SamplingParams
 from gpu_worker.errors import RuvonError
-from gpu_worker.chat_client import add_chat_parser
 from gpu_worker.launcher import add_launcher_parser
 from gpu_worker.worker import add_worker_parser
 
@@ -23,7 +23,11 @@ def _generate(args: argparse.Namespace) -> int:
     if args.chat:
         prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
     )
     start = time.perf_counter()
     first: float | None = None

@@ -87,13 +87,26 @@ class SamplingParams:
             (self.top_k >= -1, "top_k", "top_k must be -1, 0 (disabled) or positive"),
             (0.0 <= self.min_p <= 1.0, "min_p", "min_p must be in [0, 1]"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "presence_penalty must be in [-2, 2]"),
-            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "frequency_penalty must be in [-2, 2]"),
-            (all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()), "logit_bias",
-             "logit_bias values must be in [-100, 100]"),
-            (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS, "logprobs",
-             f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
-            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS, "prompt_logprobs",
-             f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
+            (
+                -2.0 <= self.frequency_penalty <= 2.0,
+                "frequency_penalty",
+                "frequency_penalty must be in [-2, 2]",
+            ),
+            (
+                all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()),
+                "logit_bias",
+                "logit_bias values must be in [-100, 100]",
+            ),
+            (
+                self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+                "logprobs",
+                f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}",
+            ),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS,
+                "prompt_logprobs",
+                f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}",
+            ),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty"),
             (len(self.stop) <= 4, "stop", "at most 4 stop sequences"),
         ]

@@ -8,15 +8,15 @@ size (padded rows store nothing, slot -1, and their outputs are dropped).
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from gpu_worker.attention import AttentionMetadata
+from gpu_worker.models.base import CausalLM
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 
 
 class DecodeGraphs:
-    def __init__(self, model: nn.Module, max_batch: int, max_blocks: int, device: torch.device) -> None:
+    def __init__(self, model: CausalLM, max_batch: int, max_blocks: int, device: torch.device) -> None:
         self.model = model
         self.sizes = [b for b in DEFAULT_BATCH_SIZES if b <= max_batch]
         self.max_blocks = max_blocks
@@ -41,9 +41,9 @@ class DecodeGraphs:
         )
 
     def _forward(self, bs: int) -> torch.Tensor:
-        with self.model.context.use(self._metadata(bs)):  # type: ignore[union-attr]
+        with self.model.context.use(self._metadata(bs)):
             hidden = self.model(self.input_ids[:bs], self.positions[:bs])
-        return self.model.compute_logits(hidden)  # type: ignore[operator]
+        return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def capture(self) -> None:

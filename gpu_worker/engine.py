@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator, Sequence as Seq
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from gpu_worker.block_manager import BlockManager
 from gpu_worker.config import EngineConfig, SamplingParams
+from gpu_worker.cost import WorkModel, attribute_step
 from gpu_worker.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from gpu_worker.errors import InvalidRequestError
 from gpu_worker.loader import LoadedModel, load_model
@@ -22,6 +25,9 @@ from gpu_worker.model_runner import ModelRunner, StepResult
 from gpu_worker.scheduler import Scheduler
 from gpu_worker.sequence import Request, RequestMetrics, Sequence, TokenLogprob
 from gpu_worker.tokenizer import Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from gpu_worker.telemetry import Telemetry
 
 
 @dataclass
@@ -84,15 +90,22 @@ class _SeqText:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, loaded: LoadedModel | None = None, telemetry: Telemetry | None = None
+    ) -> None:
         self.config = config
+        self.telemetry = telemetry  # told about every step (gpu_worker/telemetry.py); may be set later
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.loaded = loaded or load_model(config.model, dtype=self.dtype, device=self.device, seed=config.seed)
+        self.loaded = loaded or load_model(
+            config.model, dtype=self.dtype, device=self.device, seed=config.seed
+        )
         self.model_config = self.loaded.config
         self.model_name = self.loaded.name
         self.label = self.loaded.label
-        self.tokenizer = load_tokenizer(self.loaded.source_kind, self.loaded.source_path, self.model_config.arch)
+        self.tokenizer = load_tokenizer(
+            self.loaded.source_kind, self.loaded.source_path, self.model_config.arch
+        )
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         num_blocks = config.num_blocks or self._blocks_from_memory()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -104,18 +117,27 @@ class LLMEngine:
             self.dtype,
             self.device,
             max_model_len=self.max_model_len,
-            cuda_graph_max_batch=0 if config.enforce_eager else min(config.cuda_graph_max_batch, config.max_num_seqs),
+            cuda_graph_max_batch=0
+            if config.enforce_eager
+            else min(config.cuda_graph_max_batch, config.max_num_seqs),
         )
         self.requests: dict[str, Request] = {}
         self.texts: dict[int, _SeqText] = {}
         self.seq_ids = itertools.count()
         self.num_steps = 0
+        self.work_model = WorkModel.for_model(self.model_config)
+        self.busy_seconds = 0.0  # total measured step time, all of it attributed to requests (cost.py)
         self._aborted: list[Request] = []  # aborted since the last step, still owed a final output
 
     def _blocks_from_memory(self) -> int:
         cfg = self.model_config
         bytes_per_block = (
-            2 * cfg.num_layers * self.config.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+            2
+            * cfg.num_layers
+            * self.config.block_size
+            * cfg.num_kv_heads
+            * cfg.head_dim
+            * self.dtype.itemsize
         )
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
@@ -144,7 +166,9 @@ class LLMEngine:
         request = Request(request_id, ids, params, tenant=tenant, weight=weight, max_total_tokens=max_total)
         request.metrics.num_prompt_tokens = len(ids)
         for index in range(params.n):
-            seq = Sequence(next(self.seq_ids), request, index, list(ids), generator=self._generator(params, index))
+            seq = Sequence(
+                next(self.seq_ids), request, index, list(ids), generator=self._generator(params, index)
+            )
             request.seqs.append(seq)
             self.texts[seq.seq_id] = _SeqText(self.tokenizer, params.stop)
         self.requests[request_id] = request
@@ -162,7 +186,8 @@ class LLMEngine:
             raise InvalidRequestError("weight must be positive", param="weight")
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(
-                f"prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens", param="prompt"
+                f"prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens",
+                param="prompt",
             )
         room = self.max_model_len - len(ids)
         if params.max_tokens is not None and params.max_tokens > room:
@@ -175,7 +200,8 @@ class LLMEngine:
         capacity = self.block_manager.num_blocks * self.block_manager.block_size
         if max_total > capacity:
             raise InvalidRequestError(
-                f"request needs up to {max_total} tokens of KV cache; this engine holds {capacity}", param="max_tokens"
+                f"request needs up to {max_total} tokens of KV cache; this engine holds {capacity}",
+                param="max_tokens",
             )
         return max_total
 
@@ -202,8 +228,14 @@ class LLMEngine:
         touched: dict[str, Request] = {r.request_id: r for r in self._aborted}
         self._aborted = []
         batch = self.scheduler.schedule()
+        step_seconds: float | None = None
         if batch:
+            # The runner ends with a host sync, so on CUDA this wall time is the device's time for the step.
+            started = time.perf_counter()
             result = self.runner.run(batch)
+            step_seconds = time.perf_counter() - started
+            self.busy_seconds += step_seconds
+            attribute_step(batch, step_seconds, self.work_model)  # before postprocess moves the sequences on
             ready = self.scheduler.postprocess(batch)
             self._record_prompt_logprobs(result)
             for seq, token, lp in zip(ready, result.token_ids, result.logprobs, strict=True):
@@ -213,7 +245,11 @@ class LLMEngine:
                 if seq.request.prompt_logprobs and not seq.request.prompt_logprobs_sent:
                     touched[seq.request.request_id] = seq.request
             self.num_steps += 1
-        return [self._output(r) for r in touched.values()]
+        requests = list(touched.values())
+        outputs = [self._output(r) for r in requests]
+        if self.telemetry is not None:
+            self.telemetry.observe_step(self, batch, step_seconds, outputs, requests)
+        return outputs
 
     def _record_prompt_logprobs(self, result: StepResult) -> None:
         for seq, first, rows in result.prompt_logprobs:
@@ -238,7 +274,9 @@ class LLMEngine:
             top=[(t, self._token_text(t), lp) for t, lp in top],
         )
 
-    def _append_token(self, seq: Sequence, token: int, lp: tuple[float, list[tuple[int, float]]] | None) -> None:
+    def _append_token(
+        self, seq: Sequence, token: int, lp: tuple[float, list[tuple[int, float]]] | None
+    ) -> None:
         request = seq.request
         now = time.time()
         if request.metrics.first_token_time is None:
@@ -253,7 +291,10 @@ class LLMEngine:
         is_eos = token in self.model_config.eos_token_ids or token in self.tokenizer.eos_token_ids
         if token in params.stop_token_ids or (is_eos and not params.ignore_eos):
             reason: tuple[str, str | int | None] | None = ("stop", token)
-        elif len(seq.output_token_ids) >= (params.max_tokens or 1 << 62) or seq.num_tokens >= request.max_total_tokens:
+        elif (
+            len(seq.output_token_ids) >= (params.max_tokens or 1 << 62)
+            or seq.num_tokens >= request.max_total_tokens
+        ):
             reason = ("length", None)
         else:
             reason = None
@@ -288,10 +329,11 @@ class LLMEngine:
             if seq.is_finished:
                 seq.finish_reported = True
         prompt_lp = None
-        if request.params.prompt_logprobs is not None and not request.prompt_logprobs_sent:
-            if all(s.num_computed_tokens >= request.num_prompt_tokens or s.is_finished for s in request.seqs[:1]):
-                prompt_lp = request.prompt_logprobs or [None] * request.num_prompt_tokens
-                request.prompt_logprobs_sent = True
+        first = request.seqs[0]
+        prompt_done = first.num_computed_tokens >= request.num_prompt_tokens or first.is_finished
+        if request.params.prompt_logprobs is not None and not request.prompt_logprobs_sent and prompt_done:
+            prompt_lp = request.prompt_logprobs or [None] * request.num_prompt_tokens
+            request.prompt_logprobs_sent = True
         finished = request.is_finished
         if finished:
             request.metrics.finished_time = time.time()
@@ -320,6 +362,7 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "prefix_cache_queries": bm.num_prefix_queries,
             "prefix_cache_hits": bm.num_prefix_hits,
+            "busy_seconds": self.busy_seconds,
         }
 
     def stream(self) -> Iterator[RequestOutput]:
@@ -327,11 +370,20 @@ class LLMEngine:
         while self.has_unfinished_requests():
             yield from self.step()
 
-    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> list[FinalOutput]:
+    def generate(self, prompts: Seq[str | list[int]], params: SamplingParams) -> list[FinalOutput]:
         """Run a list of prompts to completion (offline use); return one FinalOutput each, in order."""
         ids = [f"offline-{next(self.seq_ids)}-{i}" for i in range(len(prompts))]
-        finals = {rid: FinalOutput(rid, [], [""] * params.n, [[] for _ in range(params.n)], [None] * params.n,
-                                   [[] for _ in range(params.n)]) for rid in ids}
+        finals = {
+            rid: FinalOutput(
+                rid,
+                [],
+                [""] * params.n,
+                [[] for _ in range(params.n)],
+                [None] * params.n,
+                [[] for _ in range(params.n)],
+            )
+            for rid in ids
+        }
         for rid, prompt in zip(ids, prompts, strict=True):
             self.add_request(rid, prompt, params)
         for out in self.stream():

@@ -29,7 +29,9 @@ def visible_gpus() -> list[str]:
         return []
 
 
-def child_commands(worker_args: list[str], gpus: list[str], num_workers: int) -> list[tuple[dict[str, str], list[str]]]:
+def child_commands(
+    worker_args: list[str], gpus: list[str], num_workers: int
+) -> list[tuple[dict[str, str], list[str]]]:
     """Return (environment, argv) of each worker: one per GPU, or num_workers CPU workers when there are none."""
     base = [sys.executable, "-m", "gpu_worker", "worker", *worker_args]
     if gpus:

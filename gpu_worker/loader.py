@@ -20,7 +20,7 @@ from gpu_worker.checkpoints.hf_dir import read_hf_config, read_hf_tensors
 from gpu_worker.checkpoints.hub import GPT2_HUB_NAMES, is_hub_name, pull, resolve_cached_snapshot
 from gpu_worker.config import ModelConfig
 from gpu_worker.errors import ModelLoadError
-from gpu_worker.models import build_model
+from gpu_worker.models import CausalLM, build_model
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -72,7 +72,7 @@ RANDOM_SHAPES: dict[str, ModelConfig] = {
 class LoadedModel:
     """A model ready for the runner, plus where it came from and how to describe it to users."""
 
-    model: nn.Module
+    model: CausalLM
     config: ModelConfig
     name: str  # the served model name
     label: str  # human description; says RANDOM for synthetic weights
@@ -187,7 +187,7 @@ def random_hf_config(shape: str) -> PretrainedConfig:
     )
 
 
-def _empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
+def _empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> CausalLM:
     # Built on the meta device: no time spent on an init the weights overwrite anyway.
     with torch.device("meta"):
         model = build_model(config)

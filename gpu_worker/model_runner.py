@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from gpu_worker.attention import AttentionBackend, AttentionMetadata, allocate_kv_cache
+from gpu_worker.attention import AttentionMetadata, allocate_kv_cache
 from gpu_worker.cuda_graphs import DecodeGraphs
+from gpu_worker.models.base import CausalLM
 from gpu_worker.sampler import SamplingTensors, needs_processing, sample, top_logprobs
 from gpu_worker.scheduler import ScheduledBatch
 from gpu_worker.sequence import Sequence
@@ -38,7 +38,7 @@ class FlatBatch:
 class ModelRunner:
     def __init__(
         self,
-        model: nn.Module,
+        model: CausalLM,
         num_blocks: int,
         block_size: int,
         dtype: torch.dtype,
@@ -49,14 +49,13 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
-        self.vocab_size: int = model.config.vocab_size  # type: ignore[union-attr]
+        self.vocab_size = model.config.vocab_size
         self.kv_cache = allocate_kv_cache(model, num_blocks, block_size, dtype, device)
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda":
-            from kernels.paged_attention import paged_attention
-            from kernels.store_kv import store_kv
+            from kernels import cuda_backend
 
-            model.context.backend = AttentionBackend(store_kv=store_kv, paged_attention=paged_attention)  # type: ignore[union-attr]
+            model.context.backend = cuda_backend()
             if cuda_graph_max_batch > 0:
                 max_blocks = -(-max_model_len // block_size)
                 self.graphs = DecodeGraphs(model, cuda_graph_max_batch, max_blocks, device)
@@ -77,7 +76,9 @@ class ModelRunner:
             ids.extend(seq.token_ids[begin:end])
             positions.extend(range(begin, end))
             table = seq.block_table
-            slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size for p in range(begin, end))
+            slots.extend(
+                table[p // self.block_size] * self.block_size + p % self.block_size for p in range(begin, end)
+            )
             starts.append(len(ids))
             context_lens.append(end)
             if end == seq.num_tokens:
@@ -118,16 +119,18 @@ class ModelRunner:
         decode_only = flat.metadata.max_query_len == 1 and not flat.prompt_rows
         if decode_only and self.graphs is not None and self.graphs.fits(len(seqs)):
             # In a decode-only step every row is its sequence's last token, so rows = sample rows.
-            hidden = None
-            logits = self.graphs.run(flat.input_ids, flat.positions, flat.metadata)
+            hidden: torch.Tensor | None = None
+            logits: torch.Tensor | None = self.graphs.run(flat.input_ids, flat.positions, flat.metadata)
         else:
-            with self.model.context.use(flat.metadata):  # type: ignore[union-attr]
+            with self.model.context.use(flat.metadata):
                 hidden = self.model(flat.input_ids, flat.positions)  # [T, hidden]
-            logits = self.model.compute_logits(hidden[flat.sample_rows]) if seqs else None  # type: ignore[operator]
+            logits = self.model.compute_logits(hidden[flat.sample_rows]) if seqs else None
         parts: list[torch.Tensor] = []
         k = max((s.params.logprobs or 0 for s in seqs), default=0)
         if seqs and logits is not None:  # [S, V]
-            tensors = SamplingTensors.build(seqs, self.vocab_size, self.device) if needs_processing(seqs) else None
+            tensors = (
+                SamplingTensors.build(seqs, self.vocab_size, self.device) if needs_processing(seqs) else None
+            )
             next_ids = sample(logits, seqs, tensors)  # [S]
             parts.append(next_ids.double())
             if any(s.params.logprobs is not None for s in seqs):
@@ -143,7 +146,7 @@ class ModelRunner:
         parts: list[torch.Tensor] = []
         for seq, flat_start, first, count in flat.prompt_rows:
             k = seq.params.prompt_logprobs or 0
-            logits = self.model.compute_logits(hidden[flat_start : flat_start + count])  # type: ignore[operator]
+            logits = self.model.compute_logits(hidden[flat_start : flat_start + count])
             targets = torch.tensor(seq.token_ids[first + 1 : first + 1 + count], device=self.device)
             chosen, top_lp, top_ids = top_logprobs(logits, targets, k)
             parts += [chosen.double(), top_lp.double().flatten(), top_ids.double().flatten()]

@@ -105,8 +105,10 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch
 
 def needs_processing(seqs: list[Sequence]) -> bool:
     """Return whether any row needs more than an argmax of its raw logits."""
-    return any(not s.params.greedy or s.params.logit_bias or s.params.presence_penalty
-               or s.params.frequency_penalty for s in seqs)
+    return any(
+        not s.params.greedy or s.params.logit_bias or s.params.presence_penalty or s.params.frequency_penalty
+        for s in seqs
+    )
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], t: SamplingTensors | None) -> torch.Tensor:

@@ -37,6 +37,8 @@ class RequestMetrics:
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
     num_cached_tokens: int = 0
+    # This request's share of the measured step times it took part in (gpu_worker/cost.py).
+    device_seconds: float = 0.0
 
 
 @dataclass(eq=False)

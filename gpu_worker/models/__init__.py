@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from gpu_worker.config import ModelConfig
 from gpu_worker.errors import ModelLoadError
+from gpu_worker.models.base import CausalLM
 from gpu_worker.models.gpt2 import GPT2ForCausalLM
 from gpu_worker.models.llama import LlamaForCausalLM
 
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"gpt2": GPT2ForCausalLM, "llama": LlamaForCausalLM}
+MODEL_CLASSES: dict[str, type[CausalLM]] = {"gpt2": GPT2ForCausalLM, "llama": LlamaForCausalLM}
 
-__all__ = ["MODEL_CLASSES", "GPT2ForCausalLM", "LlamaForCausalLM", "build_model"]
+__all__ = ["MODEL_CLASSES", "CausalLM", "GPT2ForCausalLM", "LlamaForCausalLM", "build_model"]
 
 
-def build_model(config: ModelConfig) -> nn.Module:
+def build_model(config: ModelConfig) -> CausalLM:
     """Return a freshly initialised model of config.arch (weights are the modules' defaults)."""
     cls = MODEL_CLASSES.get(config.arch)
     if cls is None:

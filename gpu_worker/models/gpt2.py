@@ -9,6 +9,7 @@ from torch import nn
 from gpu_worker.attention import ForwardContext, PagedAttention
 from gpu_worker.config import ModelConfig
 from gpu_worker.errors import ModelLoadError
+from gpu_worker.models.base import CausalLM
 
 # HF's GPT2Attention keeps its causal mask as buffers named like weights; old checkpoints carry them.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
@@ -58,7 +59,7 @@ class GPT2Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT2ForCausalLM(nn.Module):
+class GPT2ForCausalLM(CausalLM):
     """GPT-2 over a flat batch of tokens from many sequences; attention metadata comes from self.context."""
 
     def __init__(self, config: ModelConfig) -> None:

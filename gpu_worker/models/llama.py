@@ -9,6 +9,7 @@ from torch import nn
 from gpu_worker.attention import ForwardContext, PagedAttention
 from gpu_worker.config import ModelConfig
 from gpu_worker.errors import ModelLoadError
+from gpu_worker.models.base import CausalLM
 
 
 class RMSNorm(nn.Module):
@@ -87,7 +88,7 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """Llama over a flat batch of tokens from many sequences; attention metadata comes from self.context."""
 
     def __init__(self, config: ModelConfig) -> None:

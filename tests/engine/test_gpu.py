@@ -26,7 +26,9 @@ def test_it_matches_the_cpu_reference_path_in_fp32(tiny_gpt2: Peer) -> None:
     prompts = batch(50257, 16)
     results = []
     for device in ("cpu", "cuda"):
-        engine = LLMEngine(EngineConfig(model=str(tiny_gpt2.path), device=device, dtype="float32", num_blocks=256))
+        engine = LLMEngine(
+            EngineConfig(model=str(tiny_gpt2.path), device=device, dtype="float32", num_blocks=256)
+        )
         results.append([o.token_ids[0] for o in engine.generate(prompts, GREEDY)])
     assert results[0] == results[1]
 
@@ -47,7 +49,9 @@ def test_it_matches_hf_in_fp16_on_the_gpt2_124m_shape(tmp_path_factory: pytest.T
     for ids, out in zip(prompts, outs, strict=True):
         ours = out.token_ids[0]
         with torch.inference_mode():
-            logits = hf(torch.tensor([ids + ours], device="cuda")).logits[0, len(ids) - 1 : -1].float()  # [32, V]
+            logits = (
+                hf(torch.tensor([ids + ours], device="cuda")).logits[0, len(ids) - 1 : -1].float()
+            )  # [32, V]
         best = logits.max(dim=-1).values
         picked = logits.gather(1, torch.tensor(ours, device="cuda")[:, None]).squeeze(1)
         gap = (best - picked).max().item()

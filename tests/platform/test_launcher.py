@@ -28,7 +28,9 @@ def test_it_pins_one_worker_to_each_visible_gpu() -> None:
 def test_it_starts_cpu_workers_when_there_is_no_gpu() -> None:
     commands = child_commands(["--model", "random:tiny"], [], num_workers=2)
     assert len(commands) == 2
-    assert all(env["CUDA_VISIBLE_DEVICES"] == "" and argv[-2:] == ["--device", "cpu"] for env, argv in commands)
+    assert all(
+        env["CUDA_VISIBLE_DEVICES"] == "" and argv[-2:] == ["--device", "cpu"] for env, argv in commands
+    )
 
 
 @pytest.mark.slow

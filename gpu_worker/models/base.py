@@ -1,0 +1,24 @@
+"""The interface every Ruvon model implements: the runner, CUDA graphs and the loader rely only on this."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gpu_worker.attention import ForwardContext
+from gpu_worker.config import ModelConfig
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM over a flat batch of tokens; attention metadata comes from `self.context`."""
+
+    config: ModelConfig
+    context: ForwardContext
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Return hidden states [T, hidden] for token ids [T] at positions [T]."""
+        raise NotImplementedError  # each architecture defines its own forward
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Return float32 logits [N, vocab] for hidden states [N, hidden]."""
+        raise NotImplementedError  # each architecture defines its own head
