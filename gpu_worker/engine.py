@@ -158,11 +158,13 @@ class LLMEngine:
         tenant: str = "default",
         weight: float = 1.0,
     ) -> None:
-        """Validate and queue a request; raise InvalidRequestError (nothing queued) if it is bad."""
+        """Validate and queue a request; raise InvalidRequestError if it is bad or CapacityError if the queue
+        is full (nothing queued either way)."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         max_total = self._check_request(ids, params, weight)
+        self.scheduler.check_capacity(max_total * params.n)
         request = Request(request_id, ids, params, tenant=tenant, weight=weight, max_total_tokens=max_total)
         request.metrics.num_prompt_tokens = len(ids)
         for index in range(params.n):
@@ -218,6 +220,11 @@ class LLMEngine:
         if request is not None:
             self.scheduler.abort_request(request)
             self._aborted.append(request)
+
+    def is_waiting(self, request_id: str) -> bool:
+        """Return whether the request is queued and has not been scheduled yet."""
+        request = self.requests.get(request_id)
+        return request is not None and request.metrics.first_scheduled_time is None
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
