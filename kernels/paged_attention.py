@@ -9,7 +9,7 @@ that belong to the other path.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -27,12 +27,23 @@ class Tiling:
     decode_warps: int = 4
     decode_stages: int = 2
     prefill_block_m: int = 64  # query rows per prefill program
-    prefill_block_n: int = 32  # keys per prefill inner-loop step
-    prefill_stages: int = 2
+    prefill_block_n: int = 64  # keys per prefill inner-loop step
+    prefill_stages: int = 3
 
     def prefill_warps(self, head_dim: int) -> int:
         """Return warps per prefill program: 8 once a [M, D] fp32 accumulator would crowd 4 warps' registers."""
         return 4 if head_dim <= 64 else 8
+
+    def for_dtype(self, dtype: torch.dtype) -> Tiling:
+        """Return the tiling for this dtype: fp32's IEEE dot runs on CUDA cores and needs smaller prefill tiles."""
+        if dtype != torch.float32:
+            return self
+        return replace(
+            self,
+            prefill_block_m=min(self.prefill_block_m, 32),
+            prefill_block_n=min(self.prefill_block_n, 32),
+            prefill_stages=min(self.prefill_stages, 2),
+        )
 
 
 DEFAULT_TILING = Tiling()
@@ -496,6 +507,7 @@ def _prefill(
     num_seqs = block_tables.shape[0]
     num_heads, head_dim = query.shape[1], query.shape[2]
     dot_dtype, precision = _dot_dtype(query.dtype)
+    tiling = tiling.for_dtype(query.dtype)
     grid = (triton.cdiv(max_query_len, tiling.prefill_block_m), num_seqs, num_heads)
     _prefill_kernel[grid](
         query,
