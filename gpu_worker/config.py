@@ -52,6 +52,7 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs (they are only used on CUDA anyway)
     cuda_graph_max_batch: int = 512
     max_waiting: int = 10_000  # admission bound on queued requests
+    max_waiting_tokens: int | None = None  # ... and on their tokens (prompt + max completion); None: no bound
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from gpu_worker.block_manager import BlockManager
 from gpu_worker.config import EngineConfig
+from gpu_worker.errors import CapacityError
 from gpu_worker.sequence import Request, Sequence, SequenceStatus
 
 
@@ -47,6 +48,18 @@ class Scheduler:
         self.num_preemptions = 0
 
     # ---- queue changes -------------------------------------------------------------------------
+    def check_capacity(self, tokens: int) -> None:
+        """Raise CapacityError if a request of up to `tokens` tokens would overfill the waiting queue
+        (max_waiting requests, max_waiting_tokens tokens; an empty queue takes any one request)."""
+        waiting = self.num_waiting
+        if waiting >= self.config.max_waiting:
+            raise CapacityError(f"the engine's queue is full ({waiting} requests waiting); retry shortly")
+        limit = self.config.max_waiting_tokens
+        if waiting and limit is not None and self.waiting_tokens + tokens > limit:
+            raise CapacityError(
+                f"the engine's queue is full ({self.waiting_tokens} tokens waiting); retry shortly"
+            )
+
     def add_request(self, request: Request) -> None:
         first, *siblings = request.seqs
         self._enqueue(first)
@@ -89,6 +102,13 @@ class Scheduler:
     def num_waiting(self) -> int:
         held = sum(len(v) for v in self.held.values())
         return sum(len(q) for q in self.waiting.values()) + held
+
+    @property
+    def waiting_tokens(self) -> int:
+        """Return the token bounds (prompt + max completion) of the waiting sequences."""
+        held = (seq for seqs in self.held.values() for seq in seqs)
+        queued = (seq for queue in self.waiting.values() for seq in queue)
+        return sum(seq.request.max_total_tokens for seq in (*queued, *held))
 
     def has_unfinished(self) -> bool:
         return bool(self.running) or self.num_waiting > 0
