@@ -37,6 +37,13 @@ class Tenant(models.Model):
     name = models.CharField(max_length=100)
     slug = models.SlugField(max_length=50, unique=True)
     is_active = models.BooleanField(default=True, help_text="Inactive tenants' API keys are refused.")
+    monthly_budget_usd = models.DecimalField(
+        max_digits=12,
+        decimal_places=2,
+        null=True,
+        blank=True,
+        help_text="Spend allowed per calendar month (UTC), in dollars; empty means no limit.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from gpu_worker.errors import CapacityError, InvalidRequestError
-from gpu_worker.protocol import Event, Job, is_terminal
+from gpu_worker.protocol import Event, Job, is_terminal, job_token_budget
 from gpu_worker.worker import Delivery, Finished
 
 log = logging.getLogger("ruvon.worker")
@@ -66,31 +66,55 @@ class MemoryTransport:
     """Both ends of the embedded job queue: the web side submits and reads, the worker side fetches and
     publishes. Finished buffers are kept `retain_s` seconds so a late reader still sees every event."""
 
-    def __init__(self, usage_sink: UsageSink, *, max_queue: int = 1000, retain_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        usage_sink: UsageSink,
+        *,
+        max_queue: int = 1000,
+        max_queue_tokens: int = 1_000_000,
+        retain_s: float = 300.0,
+    ) -> None:
         self.usage_sink = usage_sink
         self.max_queue = max_queue
+        self.max_queue_tokens = max_queue_tokens
         self.retain_s = retain_s
         self._jobs: queue.Queue[Job] = queue.Queue()
         self._buffers: dict[str, EventBuffer] = {}
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
-        self._open = 0  # submitted and not yet ended: the admission bound counts these
+        # Submitted and not yet taken by the worker (request id -> token budget): the admission bounds.
+        self._waiting: dict[str, int] = {}
+        self._waiting_tokens = 0
         self.last_heartbeat: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------ web side
 
     def submit(self, job: Job) -> None:
-        """Queue a job; raise CapacityError when `max_queue` requests are already open."""
-        rid = job["request_id"]
+        """Queue a job; raise CapacityError when `max_queue` requests or `max_queue_tokens` tokens already
+        wait for the worker (an empty queue takes any one job)."""
+        rid, tokens = job["request_id"], job_token_budget(job)
         with self._lock:
             self._purge_expired()
-            if self._open >= self.max_queue:
-                raise CapacityError(f"the server is busy ({self._open} requests in flight); retry shortly")
+            waiting = len(self._waiting)
+            if waiting >= self.max_queue:
+                raise CapacityError(f"the server is busy ({waiting} requests waiting); retry shortly")
+            if waiting and self._waiting_tokens + tokens > self.max_queue_tokens:
+                raise CapacityError(
+                    f"the server is busy ({self._waiting_tokens} tokens waiting, this request needs up to "
+                    f"{tokens}); retry shortly"
+                )
             if rid in self._buffers:
                 raise InvalidRequestError(f"request id {rid!r} was already submitted", param="request_id")
             self._buffers[rid] = EventBuffer()
-            self._open += 1
+            self._waiting[rid] = tokens
+            self._waiting_tokens += tokens
         self._jobs.put(job)
+
+    def _taken(self, deliveries: list[Delivery]) -> list[Delivery]:
+        with self._lock:
+            for delivery in deliveries:
+                self._waiting_tokens -= self._waiting.pop(delivery.request_id or "", 0)
+        return deliveries
 
     async def events(self, request_id: str) -> AsyncIterator[Event]:
         """Yield the request's events from the first one, ending after the terminal event."""
@@ -132,7 +156,7 @@ class MemoryTransport:
                 deliveries.append(Delivery(self._jobs.get_nowait()))
             except queue.Empty:
                 break
-        return deliveries
+        return self._taken(deliveries)
 
     def publish(self, batch: list[tuple[str, Event]]) -> None:
         for rid, event in batch:
@@ -149,16 +173,13 @@ class MemoryTransport:
                 log.exception("usage sink failed for %s", item.request_id)
             with self._lock:
                 self._cancelled.discard(item.request_id)
-                if item.request_id in self._buffers:
-                    self._open -= 1
             self.publish([(item.request_id, item.terminal)])
 
     def discard(self, delivery: Delivery) -> None:
         rid = delivery.request_id
         if rid is not None:
             with self._lock:
-                if self._buffers.pop(rid, None) is not None:
-                    self._open -= 1
+                self._buffers.pop(rid, None)
 
     def cancel_requested(self, request_ids: list[str]) -> set[str]:
         with self._lock:

@@ -46,6 +46,16 @@ def workers_key(model: str) -> str:
     return f"ruvon:workers:{model}"
 
 
+def waiting_key(model: str) -> str:
+    """Return the Redis hash of the jobs no worker has taken yet (request id -> token budget), for one model."""
+    return f"ruvon:waiting:{model}"
+
+
+def waiting_tokens_key(model: str) -> str:
+    """Return the Redis counter of the token budgets of the jobs in waiting_key(model)."""
+    return f"ruvon:waiting-tokens:{model}"
+
+
 USAGE_STREAM = "ruvon:usage"
 
 
@@ -63,8 +73,16 @@ def make_job(
     weight: float = 1.0,
     adapter: str | None = None,
     submitted_at: float | None = None,
+    token_budget: int | None = None,
+    reserved_tokens: int = 0,
+    max_queue_s: float | None = None,
+    timeout_s: float | None = None,
 ) -> Job:
-    """Return a job dict in the wire format; SamplingParams are flattened to their fields."""
+    """Return a job dict in the wire format; SamplingParams are flattened to their fields.
+
+    token_budget: the most tokens the job can use (prompt + n x max completion), what admission counts;
+    reserved_tokens: what the API key's token bucket was charged for it; max_queue_s / timeout_s: how long
+    it may wait for a worker, and live in all, counted from submitted_at (None: no bound)."""
     if isinstance(params, SamplingParams):
         params = sampling_params_to_dict(params)
     return {
@@ -77,7 +95,20 @@ def make_job(
         "weight": weight,
         "adapter": adapter,
         "submitted_at": time.time() if submitted_at is None else submitted_at,
+        "token_budget": len(prompt_token_ids) if token_budget is None else token_budget,
+        "reserved_tokens": reserved_tokens,
+        "max_queue_s": max_queue_s,
+        "timeout_s": timeout_s,
     }
+
+
+def job_token_budget(job: Job) -> int:
+    """Return what admission counts for a job: its token_budget, else its prompt length."""
+    budget = job.get("token_budget")
+    if isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0:
+        return budget
+    ids = job.get("prompt_token_ids")
+    return len(ids) if isinstance(ids, list) else 0
 
 
 def sampling_params_to_dict(params: SamplingParams) -> dict[str, Any]:
@@ -155,6 +186,10 @@ class ParsedJob:
     adapter: str | None
     submitted_at: float
     raw: Job = field(repr=False)
+    # Deadlines from submitted_at: queue_timeout if not running after max_queue_s, request_timeout if not
+    # finished after timeout_s.
+    max_queue_s: float | None = None
+    timeout_s: float | None = None
 
 
 def parse_job(job: Any) -> ParsedJob:
@@ -186,7 +221,18 @@ def parse_job(job: Any) -> ParsedJob:
         adapter=job.get("adapter"),
         submitted_at=float(submitted_at),
         raw=job,
+        max_queue_s=_optional_seconds(job, "max_queue_s"),
+        timeout_s=_optional_seconds(job, "timeout_s"),
     )
+
+
+def _optional_seconds(job: Job, name: str) -> float | None:
+    value = job.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise InvalidRequestError(f"{name} must be a positive number of seconds", param=name)
+    return float(value)
 
 
 # -------------------------------------------------------------------------------------------- events
@@ -286,6 +332,7 @@ def usage_event(
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "cached_tokens": cached_tokens,
+        "reserved_tokens": raw.get("reserved_tokens") or 0,  # drawn from the key's token bucket at admission
         "status": status,
         "finish_reason": finish_reason,
         "submitted_at": raw.get("submitted_at"),

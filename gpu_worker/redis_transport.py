@@ -14,7 +14,16 @@ from typing import Any
 
 import redis
 
-from gpu_worker.protocol import USAGE_STREAM, Event, cancel_key, events_stream, request_stream, workers_key
+from gpu_worker.protocol import (
+    USAGE_STREAM,
+    Event,
+    cancel_key,
+    events_stream,
+    request_stream,
+    waiting_key,
+    waiting_tokens_key,
+    workers_key,
+)
 from gpu_worker.worker import Delivery, Finished
 
 log = logging.getLogger("ruvon.worker")
@@ -35,6 +44,20 @@ redis.call('XADD', KEYS[3], '*', 'e', ARGV[5])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('DEL', KEYS[4])
 return 1
+"""
+
+
+# A job leaves the waiting count (see inference/transport/redis_client.py) when a worker takes it. HDEL makes
+# it count once however often it is taken (a reclaim, a reader that gave up on it).
+DEQUEUE_LUA = """
+for i = 1, #ARGV do
+  local tokens = redis.call('HGET', KEYS[1], ARGV[i])
+  if tokens then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    redis.call('DECRBY', KEYS[2], tokens)
+  end
+end
+return #ARGV
 """
 
 
@@ -72,6 +95,7 @@ class RedisWorkerTransport:
         self._next_reclaim = 0.0
         self._claim_cursor = "0-0"
         self._finish_script = self.r.register_script(_FINISH_LUA)
+        self._dequeue_script = self.r.register_script(DEQUEUE_LUA)
         self.ensure_group()
 
     @classmethod
@@ -91,22 +115,40 @@ class RedisWorkerTransport:
     def fetch(self, max_jobs: int, timeout_s: float) -> list[Delivery]:
         deliveries = self._reclaim(max_jobs) if time.monotonic() >= self._next_reclaim else []
         room = max_jobs - len(deliveries)
-        if room <= 0:
-            return deliveries
-        block = int(timeout_s * 1000) if timeout_s > 0 and not deliveries else None
-        response = self.r.xreadgroup(GROUP, self.consumer, {self.stream: ">"}, count=room, block=block)
-        for _stream, entries in _stream_items(response):
-            deliveries.extend(Delivery(_decode(fields.get("job")), entry_id) for entry_id, fields in entries)
+        if room > 0:
+            block = int(timeout_s * 1000) if timeout_s > 0 and not deliveries else None
+            for _stream, entries in _stream_items(self._read_new(room, block)):
+                deliveries.extend(
+                    Delivery(_decode(fields.get("job")), entry_id) for entry_id, fields in entries
+                )
+        taken = [d.request_id for d in deliveries if d.request_id is not None]
+        if taken:
+            self._dequeue_script(keys=[waiting_key(self.model), waiting_tokens_key(self.model)], args=taken)
         return deliveries
+
+    def _read_new(self, count: int, block: int | None) -> Any:
+        try:
+            return self.r.xreadgroup(GROUP, self.consumer, {self.stream: ">"}, count=count, block=block)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # Redis restarted without its data: the stream and group are gone, so make them again.
+            log.warning("the consumer group of %s is gone (Redis restarted?); recreating it", self.stream)
+            self.ensure_group()
+            return []
 
     def _reclaim(self, max_jobs: int) -> list[Delivery]:
         """Take over jobs idle longer than claim_idle_s (their worker died), with what they already sent."""
         self._next_reclaim = time.monotonic() + self.reclaim_every_s
-        cursor, entries, deleted = _xautoclaim(
-            self.r.xautoclaim(
+        try:
+            reply = self.r.xautoclaim(
                 self.stream, GROUP, self.consumer, self.claim_idle_ms, self._claim_cursor, max_jobs
             )
-        )
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            return []  # the group is recreated by the read that follows
+        cursor, entries, deleted = _xautoclaim(reply)
         self._claim_cursor = cursor
         if deleted:  # trimmed from the stream before anyone finished them: nothing left to serve
             self.r.xack(self.stream, GROUP, *deleted)

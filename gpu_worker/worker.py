@@ -160,6 +160,7 @@ class Worker:
         if admit:
             self._admit_new_jobs()
         self._apply_cancellations()
+        self._enforce_deadlines()
         if self._active or self.engine.has_unfinished_requests():
             self._step()
         self._reap_orphans()
@@ -189,6 +190,10 @@ class Worker:
             self._reject_unparsed(delivery, exc)
             return
         started_at = time.time()
+        late = deadline_event(job, started_at, waiting=True)
+        if late is not None:  # it waited in the stream past its bound: serving it now helps nobody
+            self._finish_error(delivery, job.raw, late, started_at, finish_reason=late["code"])
+            return
         try:
             self._add_to_engine(job)
         except Exception as exc:  # InvalidRequestError, CapacityError or a bug: this request fails alone
@@ -222,7 +227,7 @@ class Worker:
         tokens = sum(len(e.get("token_ids", [])) for e in delivery.prior_events if e.get("type") == "delta")
         message = "the worker serving this request stopped; please retry"
         event = error_event("failed", "worker_lost", message, None, 503)
-        self._finish_error(delivery, delivery.job, event, time.time(), completion_tokens=tokens)
+        self._finish_error(delivery, delivery.job, event, time.time(), tokens, finish_reason="worker_lost")
 
     # ------------------------------------------------------------------------------------ stepping
 
@@ -236,6 +241,25 @@ class Worker:
                 self.engine.abort_request(rid)
             except Exception:  # the reaper below still ends it as cancelled
                 log.exception("abort of %s failed", rid)
+
+    def _enforce_deadlines(self) -> None:
+        """End the requests past max_queue_s (still waiting for the engine) or timeout_s, freeing their blocks."""
+        now = time.time()
+        for rid, st in list(self._active.items()):
+            event = deadline_event(st.job, now, waiting=self.engine.is_waiting(rid))
+            if event is None:
+                continue
+            log.info("request %s: %s", rid, event["message"])
+            self.engine.abort_request(rid)  # its final output from the next step is ignored: no longer active
+            del self._active[rid]
+            self._finish_error(
+                st.delivery,
+                st.job.raw,
+                event,
+                st.started_at,
+                st.completion_tokens,
+                finish_reason=event["code"],
+            )
 
     def _step(self) -> None:
         try:
@@ -337,6 +361,7 @@ class Worker:
         event: Event,
         started_at: float,
         completion_tokens: int = 0,
+        finish_reason: str | None = None,
     ) -> None:
         ids = raw.get("prompt_token_ids")
         record = usage_event(
@@ -345,7 +370,7 @@ class Worker:
             completion_tokens=completion_tokens,
             cached_tokens=0,
             status=event["status"],
-            finish_reason=None,
+            finish_reason=finish_reason,
             started_at=started_at,
             first_token_at=None,
             finished_at=time.time(),
@@ -381,6 +406,19 @@ class Worker:
         }
 
 
+def deadline_event(job: ParsedJob, now: float, waiting: bool) -> Event | None:
+    """Return the error that ends a job past its deadline: queue_timeout (503, rejected) while it still
+    waits to run, request_timeout (504, failed) once it has run too long; None while it is in time."""
+    age = now - job.submitted_at
+    if job.timeout_s is not None and age > job.timeout_s:
+        message = f"the request did not finish within {job.timeout_s:g}s (request timeout)"
+        return error_event("failed", "request_timeout", message, None, 504)
+    if waiting and job.max_queue_s is not None and age > job.max_queue_s:
+        message = f"the request waited {age:.1f}s for a free slot (limit {job.max_queue_s:g}s); retry later"
+        return error_event("rejected", "queue_timeout", message, None, 503)
+    return None
+
+
 # ------------------------------------------------------------------------------------------ the process
 
 
@@ -401,11 +439,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-inflight", type=int, default=64, help="jobs this worker holds at once")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget per engine step")
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=1024, help="token budget per engine step"
+    )
     parser.add_argument(
         "--claim-idle-s",
         type=float,
-        default=60.0,
+        default=15.0,  # live workers re-claim their jobs every heartbeat, so only a dead one's grow this idle
         help="reclaim another worker's job after this long without its heartbeat",
     )
     parser.add_argument("--heartbeat-s", type=float, default=2.0)

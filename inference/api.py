@@ -11,7 +11,8 @@ from django.http import HttpRequest, StreamingHttpResponse
 from ninja import NinjaAPI, Query
 
 from accounts.auth import api_key_auth
-from accounts.limits import admit
+from accounts.limits import admit, check_budget, release, reserved_tokens
+from gpu_worker.errors import CapacityError
 from inference import services
 from inference.errors import ModelNotFound, install_error_handlers
 from inference.schemas import (
@@ -68,9 +69,16 @@ async def _run(
     request: HttpRequest, client: JobClient, served: ServedModel, prepared: services.Prepared, stream: bool
 ) -> dict[str, Any] | StreamingHttpResponse:
     key = request.auth  # type: ignore[attr-defined]
-    request.response_headers = await admit(key)  # type: ignore[attr-defined]
-    job = services.build_job(request.request_id, served, prepared, key)  # type: ignore[attr-defined]
-    return await services.execute(client, job, prepared, stream)
+    await check_budget(key.tenant)
+    tokens = services.token_budget(prepared, served.max_model_len)
+    request.response_headers = await admit(key, tokens)  # type: ignore[attr-defined]
+    reserved = reserved_tokens(key, tokens)
+    job = services.build_job(request.request_id, served, prepared, key, reserved)  # type: ignore[attr-defined]
+    try:
+        return await services.execute(client, job, prepared, stream)
+    except CapacityError:
+        await release(key, tokens)  # the queue refused it: it never ran, so it costs the key nothing
+        raise
 
 
 @api.get("/models", response={200: ModelList, **ERRORS}, tags=["models"])

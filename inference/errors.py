@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
 from django.http import Http404, HttpRequest, JsonResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from accounts.auth import ApiKeyRejected
-from accounts.limits import RateLimited
+from accounts.limits import QuotaExceeded, RateLimited
 from gpu_worker.errors import CapacityError, InvalidRequestError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -41,19 +42,23 @@ class ApiError(Exception):
         param: str | None = None,
         retry_after: int | None = None,
         headers: dict[str, str] | None = None,
+        error_type: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.code = code
         self.param = param
+        self.error_type = error_type
         self.headers = dict(headers or {})
         retry_after = retry_after if retry_after is not None else RETRY_AFTER_S.get(status)
-        if retry_after is not None:
+        if retry_after is not None and "x-should-retry" not in self.headers:
             self.headers["Retry-After"] = str(retry_after)
 
     @property
     def type(self) -> str:
+        if self.error_type is not None:
+            return self.error_type
         return ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
 
     def body(self) -> dict[str, Any]:
@@ -97,7 +102,17 @@ def to_api_error(exc: Exception) -> ApiError:
                 status=429,
                 code="rate_limit_exceeded",
                 retry_after=exc.retry_after,
-                headers=exc.headers,
+                # The openai SDK waits retry-after-ms (finer than whole seconds) when it is there.
+                headers=exc.headers | {"retry-after-ms": str(max(1, round(exc.retry_after_s * 1000)))},
+            )
+        case QuotaExceeded():
+            # OpenAI's shape for a spent quota; x-should-retry tells SDKs not to retry in a loop.
+            return ApiError(
+                exc.message,
+                status=429,
+                code="insufficient_quota",
+                error_type="insufficient_quota",
+                headers={"x-should-retry": "false"},
             )
         case AuthenticationError():
             return ApiError("Invalid authentication.", status=401, code="invalid_api_key")
@@ -105,6 +120,12 @@ def to_api_error(exc: Exception) -> ApiError:
             return ApiError(str(exc) or "The server is busy; retry shortly.", status=503, code="overloaded")
         case ModelLoadError():
             return ApiError(f"The model is unavailable: {exc}", status=503, code="model_unavailable")
+        case redis.ConnectionError() | redis.TimeoutError():
+            # Redis (the job queue, the rate-limit buckets) is down or restarting: a retry soon will work.
+            logger.warning("Redis is unreachable: %s", exc)
+            return ApiError(
+                "The job queue is unavailable; retry shortly.", status=503, code="service_unavailable"
+            )
         case Http404():
             return ApiError(str(exc) or "Not found.", status=404, code="not_found")
         case HttpError():

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.http import StreamingHttpResponse
 
 from accounts.models import ApiKey
@@ -218,8 +219,21 @@ def _include_usage(body: SamplingFields) -> bool:
     return bool(body.stream and body.stream_options and body.stream_options.include_usage)
 
 
-def build_job(request_id: str, served: ServedModel, prepared: Prepared, api_key: ApiKey) -> Job:
-    """Return the wire-format job for a prepared request, tagged with the caller's tenant and key."""
+def token_budget(prepared: Prepared, max_model_len: int | None) -> int:
+    """Return the most tokens a request can use: its prompt plus n completions of max_tokens (of the rest of
+    the context when max_tokens is unset). Admission and the per-key token limit count this."""
+    prompt = len(prepared.prompt_ids)
+    completion = prepared.params.max_tokens
+    if completion is None:
+        completion = max(0, max_model_len - prompt) if max_model_len else 0
+    return prompt + prepared.params.n * completion
+
+
+def build_job(
+    request_id: str, served: ServedModel, prepared: Prepared, api_key: ApiKey, reserved_tokens: int = 0
+) -> Job:
+    """Return the wire-format job for a prepared request, tagged with the caller's tenant and key, and
+    bounded by the queue-time and request timeouts of the settings."""
     return make_job(
         request_id,
         served.name,
@@ -227,6 +241,10 @@ def build_job(request_id: str, served: ServedModel, prepared: Prepared, api_key:
         prepared.params,
         tenant_id=str(api_key.tenant_id),
         api_key_id=str(api_key.pk),
+        token_budget=token_budget(prepared, served.max_model_len),
+        reserved_tokens=reserved_tokens,
+        max_queue_s=settings.RUVON_MAX_QUEUE_TIME_S,
+        timeout_s=settings.RUVON_REQUEST_TIMEOUT_S,
     )
 
 

@@ -9,9 +9,8 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.db.models import Count, Sum
 from django.db.models.functions import Coalesce
-from django.utils import timezone
 
-from accounts.limits import add_tokens
+from accounts.limits import charge_tokens
 from accounts.models import ApiKey, Tenant
 from inference.models import UsageRecord
 from inference.schemas import UsageFilters
@@ -37,9 +36,9 @@ def record_usage(event: dict[str, Any]) -> bool:
         if UsageRecord.objects.filter(request_id=fields["request_id"]).exists():
             return False
         raise
-    if record.api_key_id is not None:
-        consumed_at = record.finished_at or timezone.now()
-        add_tokens(record.api_key_id, record.total_tokens, consumed_at.timestamp())
+    if record.api_key is not None:
+        # Admission drew an estimate from the key's token bucket; settle it against the real count.
+        charge_tokens(record.api_key, record.total_tokens - _count(event, "reserved_tokens"))
     return True
 
 

@@ -160,6 +160,19 @@ RUVON_MODEL = os.environ.get("RUVON_MODEL", "smollm2")
 RUVON_MODEL_NAME = os.environ.get("RUVON_MODEL_NAME", "smollm2-135m-instruct")
 RUVON_NUM_BLOCKS = env_int("RUVON_NUM_BLOCKS")
 
+# Admission (docs/operations.md): per served model, at most RUVON_MAX_QUEUE requests and RUVON_MAX_QUEUE_TOKENS
+# tokens (prompt + max completion) wait for a worker; beyond that the API answers 503 with Retry-After. A
+# request still waiting RUVON_MAX_QUEUE_TIME_S after submission ends with 503 queue_timeout, one not finished
+# after RUVON_REQUEST_TIMEOUT_S with 504 request_timeout. A stream whose worker's heartbeat is older than
+# RUVON_WORKER_TIMEOUT_S ends with 503 worker_lost.
+RUVON_MAX_QUEUE = env_int("RUVON_MAX_QUEUE") or 1000
+RUVON_MAX_QUEUE_TOKENS = env_int("RUVON_MAX_QUEUE_TOKENS") or 1_000_000
+RUVON_MAX_QUEUE_TIME_S = float(os.environ.get("RUVON_MAX_QUEUE_TIME_S") or 60)
+RUVON_REQUEST_TIMEOUT_S = float(os.environ.get("RUVON_REQUEST_TIMEOUT_S") or 600)
+RUVON_WORKER_TIMEOUT_S = float(os.environ.get("RUVON_WORKER_TIMEOUT_S") or 6)
+# Request bodies over this many bytes are refused with 413 before they are parsed (Django's default: 2.5 MB).
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("RUVON_MAX_REQUEST_BYTES") or 1024 * 1024
+
 # Billing (inference.billing): what a GPU-hour costs us, and what tenants pay per million tokens, per model,
 # as JSON like {"default": {"prompt": 0.2, "completion": 0.6}, "<model>": {...}}. Empty means the defaults.
 RUVON_GPU_HOUR_USD = os.environ.get("RUVON_GPU_HOUR_USD", "")

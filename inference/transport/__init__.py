@@ -52,11 +52,13 @@ def reset_job_client() -> None:
 
 def _build_client() -> JobClient:
     served_name = settings.RUVON_MODEL_NAME
-    max_queue = getattr(settings, "RUVON_MAX_QUEUE", 1000)
+    bounds = {"max_queue": settings.RUVON_MAX_QUEUE, "max_queue_tokens": settings.RUVON_MAX_QUEUE_TOKENS}
     if settings.REDIS_URL:
         from inference.transport.redis_client import RedisJobClient
 
-        return RedisJobClient(settings.REDIS_URL, served_name, max_queue=max_queue)
+        return RedisJobClient(
+            settings.REDIS_URL, served_name, worker_timeout_s=settings.RUVON_WORKER_TIMEOUT_S, **bounds
+        )
     from gpu_worker.config import EngineConfig
     from gpu_worker.engine import LLMEngine
     from inference.transport.inprocess import InProcessJobClient
@@ -64,4 +66,4 @@ def _build_client() -> JobClient:
 
     config: dict[str, Any] = {"model": settings.RUVON_MODEL, "num_blocks": settings.RUVON_NUM_BLOCKS}
     engine = LLMEngine(EngineConfig(**config))
-    return InProcessJobClient(engine, served_name, record_usage, max_queue=max_queue)
+    return InProcessJobClient(engine, served_name, record_usage, **bounds)

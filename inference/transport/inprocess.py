@@ -71,11 +71,14 @@ class InProcessJobClient:
         record_usage: Callable[[Event], Any],
         *,
         max_queue: int = 1000,
+        max_queue_tokens: int = 1_000_000,
     ) -> None:
         self.engine = engine
         self.served_name = served_name
         self.usage = UsageWriter(record_usage)
-        self.transport = MemoryTransport(self.usage.put, max_queue=max_queue)
+        self.transport = MemoryTransport(
+            self.usage.put, max_queue=max_queue, max_queue_tokens=max_queue_tokens
+        )
         self.worker = Worker(engine, self.transport, served_name=served_name, idle_wait_s=0.2)
         self._thread = threading.Thread(target=self.worker.run, name="ruvon-engine", daemon=True)
         self._thread.start()

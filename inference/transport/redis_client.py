@@ -1,5 +1,6 @@
-"""The JobClient over Redis Streams: XADD jobs to `ruvon:requests:<model>`, XREAD BLOCK the request's own
-event stream from its first entry, cancel through a key the worker checks every step."""
+"""The JobClient over Redis Streams: XADD jobs to `ruvon:requests:<model>` behind an atomic bound on the waiting
+jobs and their tokens, XREAD BLOCK the request's own event stream from its first entry (ending it with an
+error if its worker dies or its deadlines pass), cancel through a key the worker checks every step."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from gpu_worker.errors import CapacityError
 from gpu_worker.protocol import (
@@ -21,15 +25,34 @@ from gpu_worker.protocol import (
     error_event,
     events_stream,
     is_terminal,
+    job_token_budget,
     request_stream,
+    waiting_key,
+    waiting_tokens_key,
     workers_key,
 )
-from gpu_worker.redis_transport import GROUP, dumps
+from gpu_worker.redis_transport import DEQUEUE_LUA, dumps
 
 REQUESTS_MAXLEN = (
     100_000  # acknowledged jobs are trimmed away; the admission bound keeps the backlog far below
 )
 CANCEL_TTL_S = 3600
+DEADLINE_GRACE_S = 5.0  # the worker enforces the deadlines; the reader steps in only if no worker did
+# While Redis is down the API must answer 503 at once: one quick retry, then the error.
+FAIL_FAST: dict[str, Any] = {"socket_connect_timeout": 1.0}
+
+# Admission and enqueueing in one step, so concurrent web processes cannot overshoot the bounds. An empty
+# queue takes any one job, however large, or a job bigger than the token bound could never run.
+_SUBMIT_LUA = """
+local waiting = redis.call('HLEN', KEYS[2])
+local tokens = tonumber(redis.call('GET', KEYS[3]) or '0')
+if waiting >= tonumber(ARGV[1]) then return {0, waiting, tokens} end
+if waiting > 0 and tokens + tonumber(ARGV[4]) > tonumber(ARGV[2]) then return {-1, waiting, tokens} end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+redis.call('INCRBY', KEYS[3], ARGV[4])
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], '*', 'job', ARGV[5])
+return {1, waiting + 1, tokens + tonumber(ARGV[4])}
+"""
 
 
 class RedisJobClient:
@@ -41,69 +64,88 @@ class RedisJobClient:
         served_name: str,
         *,
         max_queue: int = 1000,
+        max_queue_tokens: int = 1_000_000,
+        worker_timeout_s: float = 6.0,
         silence_timeout_s: float = 600.0,
         block_ms: int = 1000,
     ) -> None:
         self.url = url
         self.served_name = served_name
         self.max_queue = max_queue
+        self.max_queue_tokens = max_queue_tokens
+        self.worker_timeout_s = worker_timeout_s
         self.silence_timeout_s = silence_timeout_s
         self.block_ms = block_ms
-        self._sync = redis.Redis.from_url(url, decode_responses=True)
+        self._sync = redis.Redis.from_url(
+            url, decode_responses=True, retry=Retry(ExponentialBackoff(), 1), **FAIL_FAST
+        )
         # redis.asyncio connections belong to the event loop that made them; keep one client per loop.
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = (
             weakref.WeakKeyDictionary()
         )
+        self._deadlines: dict[str, tuple[float, float | None, float | None]] = {}  # id -> submitted, bounds
 
     def _redis(self) -> aioredis.Redis:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            client = aioredis.Redis.from_url(self.url, decode_responses=True)
+            client = aioredis.Redis.from_url(
+                self.url, decode_responses=True, retry=AsyncRetry(ExponentialBackoff(), 1), **FAIL_FAST
+            )
             self._clients[loop] = client
         return client
 
     async def submit(self, job: Job) -> None:
         r = self._redis()
-        model = job["model"]
-        live, depth = await self._queue_state(r, model)
-        if not live:
+        model, rid = job["model"], job["request_id"]
+        if not _live(await r.hgetall(workers_key(model))):
             raise CapacityError(f"no worker is serving model {model!r} right now; retry shortly")
-        if depth >= self.max_queue:
-            raise CapacityError(f"the queue for {model!r} is full ({depth} jobs waiting); retry shortly")
-        await r.xadd(request_stream(model), {"job": dumps(job)}, maxlen=REQUESTS_MAXLEN, approximate=True)
-
-    async def _queue_state(self, r: aioredis.Redis, model: str) -> tuple[int, int]:
-        """Return (live workers, jobs queued or in flight) for a model."""
-        workers = await r.hgetall(workers_key(model))
-        try:
-            groups = await r.xinfo_groups(request_stream(model))
-        except redis.ResponseError:  # no stream yet: no worker ever started for this model
-            groups = []
-        depth = sum(int(g.get("lag") or 0) + int(g.get("pending") or 0) for g in groups if g["name"] == GROUP)
-        return len(_live(workers)), depth
+        keys = [request_stream(model), waiting_key(model), waiting_tokens_key(model)]
+        tokens = job_token_budget(job)
+        args = [self.max_queue, self.max_queue_tokens, rid, tokens, dumps(job), REQUESTS_MAXLEN]
+        admitted, waiting, queued_tokens = await r.eval(_SUBMIT_LUA, len(keys), *keys, *args)  # type: ignore[misc]
+        if admitted == 0:
+            raise CapacityError(
+                f"the queue for {model!r} is full ({waiting} requests waiting); retry shortly"
+            )
+        if admitted == -1:
+            raise CapacityError(
+                f"the queue for {model!r} is full ({queued_tokens} tokens waiting, this request needs up to "
+                f"{tokens}); retry shortly"
+            )
+        self._deadlines[rid] = (time.monotonic(), job.get("max_queue_s"), job.get("timeout_s"))
 
     async def events(self, request_id: str) -> AsyncIterator[Event]:
         r = self._redis()
+        watch = _Watch(self, request_id)
         stream, last = events_stream(request_id), "0-0"
-        heard_at = time.monotonic()
-        while True:
-            reply: Any = await r.xread({stream: last}, count=256, block=self.block_ms)
-            if not reply:
-                if time.monotonic() - heard_at > self.silence_timeout_s:
-                    await self.cancel(request_id)
-                    message = f"no word from any worker for {self.silence_timeout_s:.0f}s"
-                    yield error_event("failed", "timeout", message, None, 504)
-                    return
-                continue
-            heard_at = time.monotonic()
-            for _name, entries in reply:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    event = json.loads(fields["e"])
-                    yield event
-                    if is_terminal(event):
+        try:
+            while True:
+                reply: Any = await r.xread({stream: last}, count=256, block=self.block_ms)
+                if not reply:
+                    ending = await watch.check(r)
+                    if ending is not None:
+                        await self._abandon(r, request_id)
+                        yield ending
                         return
+                    continue
+                watch.heard()
+                for _name, entries in reply:
+                    for entry_id, fields in entries:
+                        last = entry_id
+                        event = json.loads(fields["e"])
+                        watch.saw(event)
+                        yield event
+                        if is_terminal(event):
+                            return
+        finally:
+            self._deadlines.pop(request_id, None)
+
+    async def _abandon(self, r: aioredis.Redis, request_id: str) -> None:
+        """Stop waiting for a job: cancel it, and take it off the waiting count if no worker took it."""
+        await self.cancel(request_id)
+        keys = [waiting_key(self.served_name), waiting_tokens_key(self.served_name)]
+        await r.eval(DEQUEUE_LUA, len(keys), *keys, request_id)  # type: ignore[misc]
 
     async def cancel(self, request_id: str) -> None:
         await self._redis().set(cancel_key(request_id), "1", ex=CANCEL_TTL_S)
@@ -123,6 +165,57 @@ class RedisJobClient:
     def close(self) -> None:
         self._sync.close()
         self._clients.clear()
+
+
+class _Watch:
+    """What the reader of one request's events knows: when it last heard, which worker started it, and the
+    deadlines. check() returns the error event to end with when the worker died or a deadline passed."""
+
+    def __init__(self, client: RedisJobClient, request_id: str) -> None:
+        self.client = client
+        self.heard_at = time.monotonic()
+        submitted, self.max_queue_s, self.timeout_s = client._deadlines.get(
+            request_id, (self.heard_at, None, None)
+        )
+        self.submitted = submitted
+        self.worker: str | None = None
+        self.worker_seen = False  # its heartbeat was found at least once (a name never seen proves nothing)
+
+    def heard(self) -> None:
+        self.heard_at = time.monotonic()
+
+    def saw(self, event: Event) -> None:
+        if event.get("type") == "started":
+            self.worker = event.get("worker") or None
+
+    async def check(self, r: aioredis.Redis) -> Event | None:
+        now = time.monotonic()
+        waited = now - self.submitted
+        if (
+            self.worker is None
+            and self.max_queue_s is not None
+            and waited > self.max_queue_s + DEADLINE_GRACE_S
+        ):
+            message = f"no worker started the request within {self.max_queue_s:g}s; retry later"
+            return error_event("rejected", "queue_timeout", message, None, 503)
+        if self.timeout_s is not None and waited > self.timeout_s + DEADLINE_GRACE_S:
+            message = f"the request did not finish within {self.timeout_s:g}s"
+            return error_event("failed", "request_timeout", message, None, 504)
+        if self.worker is not None and not await self._worker_alive(r):
+            message = "the worker serving this request stopped; please retry"
+            return error_event("failed", "worker_lost", message, None, 503)
+        if now - self.heard_at > self.client.silence_timeout_s:
+            message = f"no word from any worker for {self.client.silence_timeout_s:.0f}s"
+            return error_event("failed", "timeout", message, None, 504)
+        return None
+
+    async def _worker_alive(self, r: aioredis.Redis) -> bool:
+        raw = await r.hget(workers_key(self.client.served_name), self.worker or "")
+        if raw is None:
+            # Gone from the registry: it was pruned (dead a while) or said goodbye after draining.
+            return not self.worker_seen
+        self.worker_seen = True
+        return bool(_live({self.worker: raw}, max_age_s=self.client.worker_timeout_s))
 
 
 def _live(heartbeats: dict[Any, Any], max_age_s: float = 15.0) -> list[dict[str, Any]]:
