@@ -321,8 +321,10 @@ def usage_event(
     started_at: float | None,
     first_token_at: float | None,
     finished_at: float,
+    timings: dict[str, Any] | None = None,
 ) -> Event:
-    """Return the durable usage record for a request that reached the worker."""
+    """Return the durable usage record for a request that reached the worker; `timings` are the done
+    event's (queued_s, ttft_s, e2e_s, tpot_s, tokens_per_s, device_s), empty when it never ran."""
     raw = job.raw if isinstance(job, ParsedJob) else job
     return {
         "request_id": str(raw.get("request_id", "")),
@@ -339,4 +341,6 @@ def usage_event(
         "started_at": started_at,
         "first_token_at": first_token_at,
         "finished_at": finished_at,
+        "adapter": raw.get("adapter"),
+        "timings": dict(timings or {}),
     }

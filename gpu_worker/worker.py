@@ -327,7 +327,8 @@ class Worker:
             "completion_tokens": st.completion_tokens,
             "cached_tokens": cached,
         }
-        terminal = done_event(usage, self._timings(st, metrics, finished_at), status)
+        timings = self._timings(st, metrics, finished_at)
+        terminal = done_event(usage, timings, status)
         finish_reason = "abort" if st.cancel_requested else st.finish_reasons.get(0)
         record = usage_event(
             job,
@@ -337,6 +338,7 @@ class Worker:
             started_at=st.started_at,
             first_token_at=st.first_token_at,
             finished_at=finished_at,
+            timings=timings,
         )
         self._finished.append(Finished(st.delivery, job.request_id, terminal, record))
         self._active.pop(job.request_id, None)
@@ -345,13 +347,19 @@ class Worker:
         submitted = st.job.submitted_at
         scheduled = (metrics.first_scheduled_time if metrics else None) or st.started_at
         first_token = st.first_token_at
-        per_choice = st.completion_tokens / max(1, st.job.params.n)
-        tpot = (finished_at - first_token) / (per_choice - 1) if first_token and per_choice > 1 else None
+        n = max(1, st.job.params.n)
+        per_choice = st.completion_tokens / n
+        decode_s = finished_at - first_token if first_token else 0.0
+        tpot = decode_s / (per_choice - 1) if first_token and per_choice > 1 else None
         return {
             "queued_s": max(0.0, scheduled - submitted),
             "ttft_s": max(0.0, first_token - submitted) if first_token else None,
             "e2e_s": max(0.0, finished_at - submitted),
             "tpot_s": tpot,
+            # Decode speed: tokens after each choice's first, per second (n / tpot_s).
+            "tokens_per_s": (st.completion_tokens - n) / decode_s if tpot and decode_s > 0 else None,
+            # This request's share of the engine's measured step time (gpu_worker/cost.py).
+            "device_s": metrics.device_seconds if metrics else 0.0,
         }
 
     def _finish_error(
@@ -453,6 +461,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         "--drain-timeout-s", type=float, default=30.0, help="on SIGTERM, finish work this long"
     )
     parser.add_argument("--usage-stream", default=USAGE_STREAM, help="the stream usage records go to")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(env("RUVON_METRICS_PORT", "0")),
+        help="serve the engine's Prometheus metrics at :PORT/metrics (0: off; one port per worker)",
+    )
 
 
 def add_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -468,6 +482,8 @@ def run_worker_command(args: argparse.Namespace) -> int:
     from gpu_worker.config import EngineConfig
     from gpu_worker.engine import LLMEngine
     from gpu_worker.redis_transport import RedisWorkerTransport
+    from gpu_worker.telemetry import Telemetry
+    from gpu_worker.telemetry import serve as serve_metrics
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = EngineConfig(
@@ -480,6 +496,10 @@ def run_worker_command(args: argparse.Namespace) -> int:
     )
     engine = LLMEngine(config)
     name = args.served_model_name or engine.model_name
+    engine.telemetry = Telemetry(name)
+    if args.metrics_port:
+        serve_metrics(engine.telemetry, args.metrics_port)
+        log.info("engine metrics at http://0.0.0.0:%d/metrics", args.metrics_port)
     transport = RedisWorkerTransport.from_url(
         args.redis_url, name, claim_idle_s=args.claim_idle_s, usage_stream=args.usage_stream
     )

@@ -18,6 +18,7 @@ from accounts.models import Tenant
 from inference.models import UsageRecord
 
 MILLION = Decimal(1_000_000)
+PRICE_QUANTUM = Decimal("1e-12")  # stored prices keep 12 decimal places (UsageRecord.cost_usd, revenue_usd)
 # Placeholder list prices, in $ per million tokens; an operator sets real ones with RUVON_PRICE_SHEET.
 DEFAULT_PROMPT_PRICE = Decimal("0.20")
 DEFAULT_COMPLETION_PRICE = Decimal("0.60")
@@ -138,16 +139,37 @@ def tenant_month_spend(tenant: Tenant, now: datetime | None = None) -> Decimal:
     """Return what `tenant` is billed for the requests it submitted this UTC calendar month, in dollars."""
     since = start_of_month(now or timezone.now())
     records = UsageRecord.objects.for_tenant(tenant).filter(submitted_at__gte=since)
-    return records_revenue(records)
+    total = records.aggregate(spend=Sum("revenue_usd"))["spend"]
+    return Decimal(total or 0).quantize(PRICE_QUANTUM)
 
 
-def records_revenue(records: Any) -> Decimal:
-    """Return the billed total of a UsageRecord queryset, priced per model from the price sheet."""
+def price_fields(
+    model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int, device_seconds: float
+) -> dict[str, Decimal]:
+    """Return a request's UsageRecord price fields: cost_usd (its device time) and revenue_usd (billed)."""
     sheet = price_sheet()
-    totals = records.values("model").annotate(
-        prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"), cached=Sum("cached_tokens")
+    revenue = sheet.revenue(model, prompt_tokens, completion_tokens, cached_tokens)
+    return {
+        "cost_usd": sheet.cost(device_seconds).quantize(PRICE_QUANTUM),
+        "revenue_usd": revenue.quantize(PRICE_QUANTUM),
+    }
+
+
+def response_extension(model: str, usage: dict[str, int], timings: dict[str, Any]) -> dict[str, Any]:
+    """Return the `ruvon` field of an API response: the worker's timings, the request's device cost and
+    what it is billed, in dollars (the same numbers its UsageRecord gets)."""
+    prices = price_fields(
+        model,
+        usage.get("prompt_tokens", 0),
+        usage.get("completion_tokens", 0),
+        usage.get("cached_tokens", 0),
+        float(timings.get("device_s") or 0.0),
     )
-    spend = Decimal(0)
-    for row in totals:
-        spend += sheet.revenue(row["model"], row["prompt"] or 0, row["completion"] or 0, row["cached"] or 0)
-    return spend
+    return {
+        "timings": {name: timings.get(name) for name in RESPONSE_TIMINGS},
+        "cost_usd": float(prices["cost_usd"]),
+        "billed_usd": float(prices["revenue_usd"]),
+    }
+
+
+RESPONSE_TIMINGS = ("queued_s", "ttft_s", "e2e_s", "tpot_s", "tokens_per_s", "device_s")

@@ -1,4 +1,5 @@
-"""UsageRecord (one row per request that reached a worker) and UsageRollup (hourly totals per tenant+model)."""
+"""UsageRecord (one row per request that reached a worker, with its timings, device seconds, cost and price)
+and UsageRollup (hourly totals per tenant, model and adapter)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,16 @@ class UsageRecord(models.Model):
     first_token_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     recorded_at = models.DateTimeField(auto_now_add=True)
+    adapter = models.CharField(max_length=200, blank=True, default="", help_text="LoRA adapter; empty: none.")
+    # Timings as the worker measured them (gpu_worker/worker.py), null when the request never got that far.
+    queue_s = models.FloatField(null=True, blank=True, help_text="Submitted to first scheduled.")
+    ttft_s = models.FloatField(null=True, blank=True, help_text="Submitted to first token.")
+    tpot_s = models.FloatField(null=True, blank=True, help_text="Mean time per output token after the first.")
+    tokens_per_s = models.FloatField(null=True, blank=True, help_text="Decode speed after the first token.")
+    device_seconds = models.FloatField(default=0.0, help_text="Its share of the engine's step time.")
+    # Priced at ingestion, so a later price change does not rewrite history (inference/billing.py).
+    cost_usd = models.DecimalField(max_digits=20, decimal_places=12, default=0, help_text="Device cost.")
+    revenue_usd = models.DecimalField(max_digits=20, decimal_places=12, default=0, help_text="Billed.")
 
     objects = TenantScopedQuerySet.as_manager()
 
@@ -49,12 +60,13 @@ class UsageRecord(models.Model):
 
 
 class UsageRollup(models.Model):
-    """Totals of one tenant's usage of one model over one hour (recomputed, never incremented)."""
+    """Totals of one tenant's usage of one model (and adapter) over one hour (recomputed, never incremented)."""
 
     tenant = models.ForeignKey(
         Tenant, null=True, blank=True, on_delete=models.PROTECT, related_name="rollups"
     )
     model = models.CharField(max_length=200)
+    adapter = models.CharField(max_length=200, blank=True, default="")
     hour = models.DateTimeField(help_text="Start of the hour (UTC), by submission time.")
     requests = models.PositiveIntegerField(default=0)
     completed = models.PositiveIntegerField(default=0)
@@ -63,6 +75,12 @@ class UsageRollup(models.Model):
     prompt_tokens = models.PositiveBigIntegerField(default=0)
     completion_tokens = models.PositiveBigIntegerField(default=0)
     cached_tokens = models.PositiveBigIntegerField(default=0)
+    device_seconds = models.FloatField(default=0.0)
+    cost_usd = models.DecimalField(max_digits=20, decimal_places=12, default=0)
+    revenue_usd = models.DecimalField(max_digits=20, decimal_places=12, default=0)
+    # Mean decode speed = tokens_per_s_sum / timed_requests (the requests that decoded at least 2 tokens).
+    timed_requests = models.PositiveIntegerField(default=0)
+    tokens_per_s_sum = models.FloatField(default=0.0)
     updated_at = models.DateTimeField(auto_now=True)
 
     objects = TenantScopedQuerySet.as_manager()
@@ -70,7 +88,7 @@ class UsageRollup(models.Model):
     class Meta:
         ordering = ["-hour", "tenant", "model"]
         constraints = [
-            models.UniqueConstraint(fields=["tenant", "model", "hour"], name="one_rollup_per_hour")
+            models.UniqueConstraint(fields=["tenant", "model", "adapter", "hour"], name="one_rollup_per_hour")
         ]
 
     def __str__(self) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gpu_worker.protocol import Event
+from inference.billing import response_extension
 from inference.errors import from_error_event
 from inference.serving import ServedModel
 
@@ -36,6 +37,7 @@ class Collected:
     prompt_token_ids: list[int]
     prompt_logprobs: list[dict[str, Any] | None] | None
     usage: dict[str, int]
+    timings: dict[str, Any] = field(default_factory=dict)
 
 
 async def collect(events: AsyncIterator[Event], n: int) -> Collected:
@@ -57,6 +59,7 @@ async def collect(events: AsyncIterator[Event], n: int) -> Collected:
             raise from_error_event(event)
         elif kind == "done":
             result.usage = event["usage"]
+            result.timings = event.get("timings") or {}
     return result
 
 
@@ -109,8 +112,16 @@ class _BaseRenderer:
         }
 
     def usage_chunk(self, event: Event) -> dict[str, Any]:
-        """Return the last chunk of a stream with include_usage: no choices, just the usage."""
-        return self.envelope([], self.chunk_object_name, usage=usage_body(event["usage"]))
+        """Return the last chunk of a stream with include_usage: no choices, the usage and Ruvon's extension."""
+        return self.envelope(
+            [], self.chunk_object_name, usage=usage_body(event["usage"]), ruvon=self.extension(event)
+        )
+
+    def extension(self, done: Event | Collected) -> dict[str, Any]:
+        """Return the `ruvon` field (timings, cost, price) of a response or of the stream's usage chunk."""
+        if isinstance(done, Collected):
+            return response_extension(self.model, done.usage, done.timings)
+        return response_extension(self.model, done["usage"], done.get("timings") or {})
 
     def chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
         # With include_usage every chunk carries "usage": null until the last one, as OpenAI sends it.
@@ -149,7 +160,9 @@ class CompletionRenderer(_BaseRenderer):
         choices = [
             self._choice(c.index, c.text, c.token_ids, c.logprobs, c.finish_reason) for c in result.choices
         ]
-        return self.envelope(choices, self.object_name, usage=usage_body(result.usage))
+        return self.envelope(
+            choices, self.object_name, usage=usage_body(result.usage), ruvon=self.extension(result)
+        )
 
     async def chunks(self, events: AsyncIterator[Event]) -> AsyncIterator[dict[str, Any]]:
         # Echo with logprobs needs the prompt's logprobs first, so deltas wait until they arrive.
@@ -244,7 +257,9 @@ class ChatRenderer(_BaseRenderer):
             }
             for c in result.choices
         ]
-        return self.envelope(choices, self.object_name, usage=usage_body(result.usage))
+        return self.envelope(
+            choices, self.object_name, usage=usage_body(result.usage), ruvon=self.extension(result)
+        )
 
     async def chunks(self, events: AsyncIterator[Event]) -> AsyncIterator[dict[str, Any]]:
         async for event in events:

@@ -113,6 +113,23 @@ class CompletionChoice(Schema):
     finish_reason: str | None = None
 
 
+class RuvonTimings(Schema):
+    queued_s: float | None = Field(None, description="Submitted to first scheduled.")
+    ttft_s: float | None = Field(None, description="Submitted to first token.")
+    e2e_s: float | None = Field(None, description="Submitted to the end.")
+    tpot_s: float | None = Field(None, description="Mean time per output token after the first.")
+    tokens_per_s: float | None = Field(None, description="Decode speed after the first token.")
+    device_s: float | None = Field(None, description="This request's share of the engine's step time.")
+
+
+class RuvonExtension(Schema):
+    """Ruvon's extension of OpenAI's response: how the request went and what it cost."""
+
+    timings: RuvonTimings
+    cost_usd: float = Field(..., description="device_s at the configured price of a GPU-hour")
+    billed_usd: float = Field(..., description="What the request is billed by the price sheet")
+
+
 class ResponseEnvelope(Schema):
     """The fields every completion and chat completion response carries around its choices."""
 
@@ -121,6 +138,7 @@ class ResponseEnvelope(Schema):
     model: str
     system_fingerprint: str | None = None
     usage: Usage | None = None
+    ruvon: RuvonExtension | None = None
 
 
 class CompletionResponse(ResponseEnvelope):

@@ -3,6 +3,7 @@ are delivered, and reports a tenant's usage for GET /v1/usage."""
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,6 +13,7 @@ from django.db.models.functions import Coalesce
 
 from accounts.limits import charge_tokens
 from accounts.models import ApiKey, Tenant
+from inference.billing import price_fields
 from inference.models import UsageRecord
 from inference.schemas import UsageFilters
 
@@ -71,6 +73,35 @@ def usage_fields(event: dict[str, Any]) -> dict[str, Any]:
     )
     if fields["submitted_at"] is None:
         raise InvalidUsageEvent(f"usage event {request_id} has no timestamps")
+    fields["adapter"] = str(event.get("adapter") or "")
+    fields |= _timing_fields(event)
+    fields |= price_fields(
+        fields["model"],
+        fields["prompt_tokens"],
+        fields["completion_tokens"],
+        fields["cached_tokens"],
+        fields["device_seconds"],
+    )
+    return fields
+
+
+# The worker's timing names -> UsageRecord fields; device_s is 0 for a request that never ran.
+_TIMINGS = {"queued_s": "queue_s", "ttft_s": "ttft_s", "tpot_s": "tpot_s", "tokens_per_s": "tokens_per_s"}
+
+
+def _timing_fields(event: dict[str, Any]) -> dict[str, float | None]:
+    timings = event.get("timings") or {}
+    if not isinstance(timings, dict):
+        raise InvalidUsageEvent(f"usage event field timings must be an object, got {timings!r}")
+    fields: dict[str, float | None] = {}
+    for name, field_name in (*_TIMINGS.items(), ("device_s", "device_seconds")):
+        value = timings.get(name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf
+        ):
+            raise InvalidUsageEvent(f"usage event timing {name} must be a non-negative number, got {value!r}")
+        fields[field_name] = None if value is None else float(value)
+    fields["device_seconds"] = fields["device_seconds"] or 0.0
     return fields
 
 

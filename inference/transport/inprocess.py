@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from gpu_worker.memory_transport import MemoryTransport
 from gpu_worker.protocol import Event, Job
+from gpu_worker.telemetry import Telemetry
 from gpu_worker.worker import Worker
+from inference.metrics import expose_engine_metrics, hide_engine_metrics
 
 if TYPE_CHECKING:
     from gpu_worker.engine import LLMEngine
@@ -75,6 +77,9 @@ class InProcessJobClient:
     ) -> None:
         self.engine = engine
         self.served_name = served_name
+        # The engine runs in this process, so its metrics are served on the web tier's /metrics.
+        self.telemetry = engine.telemetry = engine.telemetry or Telemetry(served_name)
+        expose_engine_metrics(self.telemetry.registry)
         self.usage = UsageWriter(record_usage)
         self.transport = MemoryTransport(
             self.usage.put, max_queue=max_queue, max_queue_tokens=max_queue_tokens
@@ -111,3 +116,4 @@ class InProcessJobClient:
         self.worker.stop()
         self._thread.join(timeout=self.worker.drain_timeout_s + 5)
         self.usage.close()
+        hide_engine_metrics(self.telemetry.registry)
