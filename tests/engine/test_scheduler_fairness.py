@@ -45,4 +45,5 @@ def test_it_gives_a_newcomer_no_banked_credit(tiny_gpt2: Peer) -> None:
         engine.step()
     # A tenant arriving late starts at the active tenants' clock: it alternates, it does not take over.
     order = finish_order(engine, [(f"c{i}", "c", 1.0) for i in range(4)])
-    assert order[:4] != ["c0", "c1", "c2", "c3"], order
+    # With banked credit (a clock of 0 against a's 9) c would take the next three admissions in a row.
+    assert sum(r.startswith("c") for r in order[:3]) <= 2, order
