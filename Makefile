@@ -5,7 +5,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast lint bench-cpu generate clean
+.PHONY: install run test test-fast lint bench-cpu generate stress clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -40,6 +40,11 @@ generate: install
 
 bench-cpu: install
 	$(PY) bench/cpu_generate.py
+
+# 10,000 requests against the production shape (own redis-server, PostgreSQL at 127.0.0.1:5432, daphne,
+# gpu_worker, ingest_usage; random:tiny on CPU); prints the report, exits non-zero if an invariant fails.
+stress: install
+	$(PY) -m bench.stress --requests 10000
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

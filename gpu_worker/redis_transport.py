@@ -34,10 +34,11 @@ EVENTS_TTL_RUNNING_S = 600  # refreshed by every heartbeat; a stream of a vanish
 EVENTS_TTL_DONE_S = 600  # how long a late reader can still replay a finished request
 
 # The terminal event, the usage record and the acknowledgement land together, and only while this worker
-# still owns the job: a worker whose job was reclaimed while it stalled cannot add a second terminal.
+# still owns the job: a worker whose job was reclaimed while it stalled cannot add a second terminal. After a
+# Redis restart without its data the group is gone (XPENDING fails): the job and its reader went with it.
 _FINISH_LUA = """
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if #pending == 0 or pending[1][2] ~= ARGV[2] then return 0 end
+local pending = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if pending.err or #pending == 0 or pending[1][2] ~= ARGV[2] then return 0 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'e', ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('XADD', KEYS[3], '*', 'e', ARGV[5])

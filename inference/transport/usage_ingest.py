@@ -35,14 +35,28 @@ class UsageIngester:
         self.consumer = consumer or default_consumer_name()
         self.claim_idle_ms = claim_idle_ms
         self.stream = stream
+        self.ensure_group()
+
+    def ensure_group(self) -> None:
+        """Create the consumer group (and the stream) unless they exist."""
         try:
-            self.r.xgroup_create(stream, INGEST_GROUP, id="0", mkstream=True)
+            self.r.xgroup_create(self.stream, INGEST_GROUP, id="0", mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
     def run_once(self, count: int = 100, block_ms: int | None = None) -> int:
         """Ingest up to `count` events (an ingester that died leaves some to reclaim); return how many."""
+        try:
+            return self._run_once(count, block_ms)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("the group of %s is gone (Redis restarted?); recreating it", self.stream)
+            self.ensure_group()
+            return 0
+
+    def _run_once(self, count: int, block_ms: int | None) -> int:
         _cursor, entries, _deleted = self.r.xautoclaim(
             self.stream, INGEST_GROUP, self.consumer, self.claim_idle_ms, "0-0", count
         )[:3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from argparse import ArgumentParser
@@ -15,6 +16,8 @@ from django.db import close_old_connections
 from gpu_worker.protocol import USAGE_STREAM
 from inference.transport.usage_ingest import UsageIngester
 from inference.usage import record_usage
+
+log = logging.getLogger("ruvon.usage")
 
 
 def _record(event: dict[str, Any]) -> bool:
@@ -48,4 +51,8 @@ class Command(BaseCommand):
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         while not stop.is_set():
-            ingester.run_once(block_ms=1000)
+            try:
+                ingester.run_once(block_ms=1000)
+            except redis.ConnectionError as exc:  # Redis restarting: wait for it rather than exit
+                log.warning("Redis is unreachable (%s); retrying in 1s", exc)
+                stop.wait(1.0)
