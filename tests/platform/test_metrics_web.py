@@ -89,7 +89,11 @@ def test_it_serves_web_and_engine_metrics_that_move_by_what_the_requests_did(ser
     # Conservation: the device seconds the responses report are exactly the step time the engine measured.
     device = [ext["timings"]["device_s"] for ext in extensions]
     assert all(d > 0 for d in device)
-    assert math.fsum(device) == pytest.approx(delta("ruvon:step_time_seconds_sum"), rel=1e-6)
+    step_seconds = delta("ruvon:step_time_seconds_sum")
+    assert math.fsum(device) == pytest.approx(step_seconds, rel=1e-6)
+    # ... and their costs add up to that time at the price of a GPU-hour (each rounded to 1e-12 dollars).
+    costs = math.fsum(ext["cost_usd"] for ext in extensions)
+    assert costs == pytest.approx(step_seconds * float(SHEET.gpu_hour_usd) / 3600, rel=1e-6, abs=4e-12)
     # django-prometheus' own metrics sit beside the engine's.
     web_requests = sum(
         v for (name, _), v in after.items() if name == "django_http_requests_total_by_method_total"

@@ -1,0 +1,214 @@
+"""The cost dashboard: a tenant's own view (members only), the staff view of every tenant, the admin's cost
+report, and CSV exports with one row per request. Each view: authenticate → pick the tenant the user may see
+→ build the report (inference/cost_report.py) → draw its charts (inference/charts.py) → render."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.contrib.admin.views.decorators import staff_member_required
+from django.contrib.auth.decorators import login_required
+from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
+from django.shortcuts import redirect, render
+from django.utils import timezone
+
+from accounts.models import Tenant
+from inference.billing import price_sheet
+from inference.charts import line_chart
+from inference.cost_report import CostReport, cost_report
+from inference.models import UsageRecord
+
+PERIODS = (1, 7, 30, 90)  # days a dashboard can show
+CSV_COLUMNS = (
+    "request_id", "submitted_at", "tenant", "api_key", "model", "adapter", "status", "finish_reason",
+    "prompt_tokens", "completion_tokens", "cached_tokens", "queue_s", "ttft_s", "tpot_s", "tokens_per_s",
+    "device_seconds", "cost_usd", "revenue_usd",
+)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- views
+
+
+@login_required
+def tenant_costs(request: HttpRequest) -> HttpResponse:
+    """Render the dashboard of one tenant the user belongs to (?tenant=slug; default: their first)."""
+    tenants = _member_tenants(request)
+    if not tenants:
+        if request.user.is_staff:
+            return redirect("inference:staff_costs")
+        raise Http404("you are not a member of any tenant")
+    tenant = _chosen_tenant(request, tenants)
+    report = _report(request, tenant)
+    return render(request, "inference/costs.html", _context(request, report, tenants=tenants))
+
+
+@staff_member_required
+def staff_costs(request: HttpRequest) -> HttpResponse:
+    """Render the dashboard of all tenants, with margins and a per-tenant breakdown (staff only)."""
+    report = _report(request, None)
+    return render(request, "inference/costs.html", _context(request, report))
+
+
+@staff_member_required
+def admin_cost_report(request: HttpRequest, admin_context: dict[str, Any] | None = None) -> HttpResponse:
+    """Render the cost report inside the admin (UsageRecordAdmin routes it)."""
+    report = _report(request, None)
+    context = _context(request, report) | (admin_context or {}) | {"title": "Cost report"}
+    return render(request, "admin/inference/cost_report.html", context)
+
+
+@login_required
+def tenant_costs_csv(request: HttpRequest) -> StreamingHttpResponse:
+    """Stream one CSV row per request of the chosen tenant over the chosen period."""
+    tenants = _member_tenants(request)
+    if not tenants:
+        raise Http404("you are not a member of any tenant")
+    tenant = _chosen_tenant(request, tenants)
+    return _csv_response(UsageRecord.objects.for_tenant(tenant), request, f"ruvon-usage-{tenant.slug}")
+
+
+@staff_member_required
+def staff_costs_csv(request: HttpRequest) -> StreamingHttpResponse:
+    """Stream one CSV row per request of every tenant over the chosen period (staff only)."""
+    return _csv_response(UsageRecord.objects.all(), request, "ruvon-usage-all")
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def _member_tenants(request: HttpRequest) -> list[Tenant]:
+    return list(Tenant.objects.filter(memberships__user_id=request.user.pk).order_by("slug"))
+
+
+def _chosen_tenant(request: HttpRequest, tenants: list[Tenant]) -> Tenant:
+    """Return the tenant ?tenant= names, which must be one of the user's; 404 otherwise (no hint it exists)."""
+    slug = request.GET.get("tenant")
+    if not slug:
+        return tenants[0]
+    for tenant in tenants:
+        if tenant.slug == slug:
+            return tenant
+    raise Http404("no such tenant")
+
+
+def _days(request: HttpRequest) -> int:
+    try:
+        days = int(request.GET.get("days", "7"))
+    except ValueError:
+        return 7
+    return days if days in PERIODS else 7
+
+
+def _report(request: HttpRequest, tenant: Tenant | None) -> CostReport:
+    now = timezone.now()
+    return cost_report(tenant, now - timedelta(days=_days(request)), now, now)
+
+
+def _context(request: HttpRequest, report: CostReport, tenants: list[Tenant] | None = None) -> dict[str, Any]:
+    staff_view = report.tenant is None
+    return {
+        "report": report,
+        "staff_view": staff_view,
+        "tenants": tenants or [],
+        "days": _days(request),
+        "periods": PERIODS,
+        "charts": charts(report, staff_view),
+        "breakdowns": [(name, _rows(report, values)) for name, values in report.breakdowns()],
+        "total": _row(report, "all", report.total),
+        "gpu_hour_usd": price_sheet().gpu_hour_usd,
+    }
+
+
+def charts(report: CostReport, staff_view: bool) -> list[str]:
+    """Return the report's charts as SVG: spend, unit prices, decode speed and GPU utilisation over time."""
+    times = list(report.series)
+    buckets = list(report.series.values())
+
+    def line(values: list[Any]) -> list[float | None]:
+        return [None if v is None else float(v) for v in values]
+
+    money = {
+        "device cost": line([t.cost_usd for t in buckets]),
+        "billed": line([t.revenue_usd for t in buckets]),
+    }
+    if staff_view:
+        money["margin"] = line([t.margin_usd for t in buckets])
+    unit = {
+        "cost $/request": line([t.per_request(t.cost_usd) for t in buckets]),
+        "billed $/request": line([t.per_request(t.revenue_usd) for t in buckets]),
+    }
+    per_million = {
+        "cost $/M tokens": line([t.per_million_tokens(t.cost_usd) for t in buckets]),
+        "billed $/M tokens": line([t.per_million_tokens(t.revenue_usd) for t in buckets]),
+    }
+    speed = {"tokens/s": line([t.tokens_per_s for t in buckets])}
+    busy = {"GPU": line([t.utilisation(report.bucket_seconds(h)) for h, t in report.series.items()])}
+    step = report.bucket
+    return [
+        line_chart("Spend per " + ("hour" if step.days == 0 else "day"), times, money, "$", step),
+        line_chart("Dollars per request", times, unit, "$", step),
+        line_chart("Dollars per million tokens", times, per_million, "$", step),
+        line_chart("Decode speed (mean per request)", times, speed, "tokens/s", step),
+        line_chart("GPU utilisation (busy step time / wall time)", times, busy, "busy", step, percent=True),
+    ]
+
+
+def _rows(report: CostReport, values: dict[str, Any]) -> list[dict[str, Any]]:
+    return [_row(report, name, totals) for name, totals in values.items()]
+
+
+def _row(report: CostReport, name: str, totals: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "totals": totals,
+        "cost_per_request": totals.per_request(totals.cost_usd),
+        "billed_per_request": totals.per_request(totals.revenue_usd),
+        "cost_per_million": totals.per_million_tokens(totals.cost_usd),
+        "billed_per_million": totals.per_million_tokens(totals.revenue_usd),
+        "utilisation": totals.utilisation(report.wall_seconds),
+    }
+
+
+def _csv_response(records: Any, request: HttpRequest, name: str) -> StreamingHttpResponse:
+    since = timezone.now() - timedelta(days=_days(request))
+    rows = (
+        records.filter(submitted_at__gte=since)
+        .select_related("tenant", "api_key")
+        .order_by("submitted_at", "id")
+    )
+    response = StreamingHttpResponse(_csv_lines(rows.iterator()), content_type="text/csv")
+    response["Content-Disposition"] = f'attachment; filename="{name}.csv"'
+    return response
+
+
+class _Line:
+    """A file-like object whose write() returns the line, so csv.writer can feed a streaming response."""
+
+    def write(self, value: str) -> str:
+        return value
+
+
+def _csv_lines(records: Iterator[UsageRecord]) -> Iterator[str]:
+    writer = csv.writer(_Line())
+    yield writer.writerow(CSV_COLUMNS)
+    for r in records:
+        yield writer.writerow([_cell(getattr(r, c)) for c in CSV_COLUMNS[:3]] + [
+            r.api_key.prefix if r.api_key else "",
+            *(_cell(getattr(r, c)) for c in CSV_COLUMNS[4:]),
+        ])  # fmt: skip
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, Tenant):
+        return value.slug
+    return str(value)

@@ -1,0 +1,35 @@
+"""Template filters of the cost pages: dollars with enough digits to read sub-cent amounts, percentages."""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+from typing import Any
+
+from django import template
+
+register = template.Library()
+
+
+@register.filter
+def usd(value: Any) -> str:
+    """Return "$1,234.56" for cents and up, and three significant digits below a cent ("$0.0000123")."""
+    if value is None:
+        return "–"
+    amount = float(value)
+    if amount == 0 or abs(amount) >= 0.01:
+        return f"${amount:,.2f}"
+    digits = 2 - math.floor(math.log10(abs(amount)))
+    return f"${Decimal(amount):.{digits}f}"
+
+
+@register.filter
+def percent(value: Any) -> str:
+    """Return a fraction as a percentage with one decimal ("12.5%"), or a dash for None."""
+    return "–" if value is None else f"{float(value) * 100:.1f}%"
+
+
+@register.filter
+def number(value: Any, digits: int = 1) -> str:
+    """Return a number with thousands separators and `digits` decimals, or a dash for None."""
+    return "–" if value is None else f"{float(value):,.{int(digits)}f}"
