@@ -18,6 +18,13 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 
 from inference.routing import websocket_urlpatterns  # noqa: E402
 
+if settings.RUVON_WARM_START:
+    import threading
+
+    from inference.transport import get_job_client
+
+    threading.Thread(target=get_job_client, name="ruvon-warm-start", daemon=True).start()
+
 application = ProtocolTypeRouter(
     {
         "http": ASGIStaticFilesHandler(django_http) if settings.SERVE_STATIC else django_http,

@@ -159,6 +159,8 @@ CELERY_BEAT_SCHEDULE = {
 RUVON_MODEL = os.environ.get("RUVON_MODEL", "smollm2")
 RUVON_MODEL_NAME = os.environ.get("RUVON_MODEL_NAME", "smollm2-135m-instruct")
 RUVON_NUM_BLOCKS = env_int("RUVON_NUM_BLOCKS")
+# Build the job client (the embedded engine loads the model) when the server starts, not on the first request.
+RUVON_WARM_START = env_bool("RUVON_WARM_START", True)
 
 # Admission (docs/operations.md): per served model, at most RUVON_MAX_QUEUE requests and RUVON_MAX_QUEUE_TOKENS
 # tokens (prompt + max completion) wait for a worker; beyond that the API answers 503 with Retry-After. A
@@ -172,6 +174,8 @@ RUVON_REQUEST_TIMEOUT_S = float(os.environ.get("RUVON_REQUEST_TIMEOUT_S") or 600
 RUVON_WORKER_TIMEOUT_S = float(os.environ.get("RUVON_WORKER_TIMEOUT_S") or 6)
 # Request bodies over this many bytes are refused with 413 before they are parsed (Django's default: 2.5 MB).
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("RUVON_MAX_REQUEST_BYTES") or 1024 * 1024
+# Error reports mask the Authorization header (API keys) as well as the settings Django already hides.
+DEFAULT_EXCEPTION_REPORTER_FILTER = "accounts.reporting.SecretHidingFilter"
 
 # Billing (inference.billing): what a GPU-hour costs us, and what tenants pay per million tokens, per model,
 # as JSON like {"default": {"prompt": 0.2, "completion": 0.6}, "<model>": {...}}. Empty means the defaults.
