@@ -150,9 +150,11 @@ class RedisBuckets:
         loop = asyncio.get_running_loop()
         script = self._clients.get(loop)
         if script is None:
-            client = aioredis.Redis.from_url(
-                self.url, socket_connect_timeout=1, retry=AsyncRetry(ExponentialBackoff(), 1)
-            )
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.url, max_connections=200, timeout=10, socket_connect_timeout=1,
+                retry=AsyncRetry(ExponentialBackoff(), 1),
+            )  # fmt: skip
+            client = aioredis.Redis(connection_pool=pool)
             script = self._clients[loop] = client.register_script(_BUCKETS_LUA)
         return script
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from asgiref.sync import sync_to_async
+from django.db import close_old_connections
 from django.http import HttpRequest, StreamingHttpResponse
 from ninja import NinjaAPI, Query
 
@@ -74,6 +76,9 @@ async def _run(
     request.response_headers = await admit(key, tokens)  # type: ignore[attr-defined]
     reserved = reserved_tokens(key, tokens)
     job = services.build_job(request.request_id, served, prepared, key, reserved)  # type: ignore[attr-defined]
+    # The wait for the engine can last minutes: give back this request's database connection first, or
+    # a few hundred concurrent requests exhaust PostgreSQL's connections (ASGI uses a thread per request).
+    await sync_to_async(close_old_connections)()
     try:
         return await services.execute(client, job, prepared, stream)
     except CapacityError:

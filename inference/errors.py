@@ -6,6 +6,8 @@ import logging
 from typing import Any
 
 import redis
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, HttpRequest, JsonResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
@@ -125,6 +127,13 @@ def to_api_error(exc: Exception) -> ApiError:
             logger.warning("Redis is unreachable: %s", exc)
             return ApiError(
                 "The job queue is unavailable; retry shortly.", status=503, code="service_unavailable"
+            )
+        case RequestDataTooBig():
+            limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+            return ApiError(
+                f"The request body is larger than the limit of {limit} bytes.",
+                status=413,
+                code="request_too_large",
             )
         case Http404():
             return ApiError(str(exc) or "Not found.", status=404, code="not_found")

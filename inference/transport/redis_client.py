@@ -68,6 +68,8 @@ class RedisJobClient:
         worker_timeout_s: float = 6.0,
         silence_timeout_s: float = 600.0,
         block_ms: int = 1000,
+        deadline_grace_s: float = DEADLINE_GRACE_S,
+        max_connections: int = 2000,
     ) -> None:
         self.url = url
         self.served_name = served_name
@@ -76,6 +78,8 @@ class RedisJobClient:
         self.worker_timeout_s = worker_timeout_s
         self.silence_timeout_s = silence_timeout_s
         self.block_ms = block_ms
+        self.deadline_grace_s = deadline_grace_s
+        self.max_connections = max_connections
         self._sync = redis.Redis.from_url(
             url, decode_responses=True, retry=Retry(ExponentialBackoff(), 1), **FAIL_FAST
         )
@@ -89,10 +93,17 @@ class RedisJobClient:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            client = aioredis.Redis.from_url(
-                self.url, decode_responses=True, retry=AsyncRetry(ExponentialBackoff(), 1), **FAIL_FAST
+            # Every reader blocks in XREAD on a connection of its own: size the pool for the concurrent
+            # requests, and let a burst beyond it wait for a connection instead of failing.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.url,
+                max_connections=self.max_connections,
+                timeout=10,
+                decode_responses=True,
+                retry=AsyncRetry(ExponentialBackoff(), 1),
+                **FAIL_FAST,
             )
-            self._clients[loop] = client
+            client = self._clients[loop] = aioredis.Redis(connection_pool=pool)
         return client
 
     async def submit(self, job: Job) -> None:
@@ -191,14 +202,11 @@ class _Watch:
     async def check(self, r: aioredis.Redis) -> Event | None:
         now = time.monotonic()
         waited = now - self.submitted
-        if (
-            self.worker is None
-            and self.max_queue_s is not None
-            and waited > self.max_queue_s + DEADLINE_GRACE_S
-        ):
+        grace = self.client.deadline_grace_s
+        if self.worker is None and self.max_queue_s is not None and waited > self.max_queue_s + grace:
             message = f"no worker started the request within {self.max_queue_s:g}s; retry later"
             return error_event("rejected", "queue_timeout", message, None, 503)
-        if self.timeout_s is not None and waited > self.timeout_s + DEADLINE_GRACE_S:
+        if self.timeout_s is not None and waited > self.timeout_s + grace:
             message = f"the request did not finish within {self.timeout_s:g}s"
             return error_event("failed", "request_timeout", message, None, 504)
         if self.worker is not None and not await self._worker_alive(r):
