@@ -231,7 +231,7 @@ class UsageFilters(Schema):
     api_key: str | None = Field(None, description="Prefix of one of your API keys.")
     status: Literal["completed", "cancelled", "failed", "rejected"] | None = None
     limit: int = Field(100, ge=1, le=1000)
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=1_000_000_000)  # databases refuse offsets past 64 bits
 
 
 class TokenizeResponse(Schema):
