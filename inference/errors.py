@@ -8,6 +8,7 @@ from typing import Any
 import redis
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
+from django.db import OperationalError
 from django.http import Http404, HttpRequest, JsonResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
@@ -127,6 +128,12 @@ def to_api_error(exc: Exception) -> ApiError:
             logger.warning("Redis is unreachable: %s", exc)
             return ApiError(
                 "The job queue is unavailable; retry shortly.", status=503, code="service_unavailable"
+            )
+        case OperationalError():
+            # The database is down, restarting or out of connections: nothing is wrong with the request.
+            logger.warning("the database is unavailable: %s", exc)
+            return ApiError(
+                "The database is unavailable; retry shortly.", status=503, code="service_unavailable"
             )
         case RequestDataTooBig():
             limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import redis
+from django.db import OperationalError
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.engine import LLMEngine
@@ -21,6 +22,7 @@ from gpu_worker.memory_transport import MemoryTransport
 from gpu_worker.protocol import Event, make_job, started_event, waiting_key, waiting_tokens_key
 from gpu_worker.redis_transport import RedisWorkerTransport
 from gpu_worker.worker import Worker
+from inference.errors import error_response
 from inference.transport.redis_client import RedisJobClient
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -39,6 +41,17 @@ def job(rid: str, tokens: int = 0, **fields: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- in memory
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [CapacityError("full"), redis.ConnectionError("refused"), OperationalError("too many clients")],
+    ids=["queue full", "redis down", "database down"],
+)
+def test_it_answers_503_with_retry_after_when_a_retry_can_help(exc: Exception) -> None:
+    response = error_response(exc)
+    assert response.status_code == 503 and response["Retry-After"] == "1"
+    assert json.loads(response.content)["error"]["type"] == "server_error"
 
 
 def test_it_bounds_the_waiting_requests_and_tokens_in_memory() -> None:
