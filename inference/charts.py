@@ -52,13 +52,15 @@ def _style(ax: plt.Axes, title: str, ylabel: str, bucket: timedelta, points: int
     ax.set_ylim(bottom=0)
     ax.grid(axis="y", color="#e5e7eb")
     ax.spines[["top", "right"]].set_visible(False)
-    hourly = bucket <= timedelta(hours=1)
-    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M" if hourly else "%b %d"))
-    # At most ~8 ticks, on whole hours or days (AutoDateLocator warns on short ranges).
+    daily = bucket >= timedelta(days=1)
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%b %d" if daily else "%H:%M"))
+    # At most ~8 ticks, on whole minutes, hours or days (AutoDateLocator warns on short ranges).
     every = max(1, points // 8)
-    ax.xaxis.set_major_locator(
-        mdates.HourLocator(interval=every) if hourly else mdates.DayLocator(interval=every)
-    )
+    if bucket < timedelta(hours=1):
+        locator: mdates.DateLocator = mdates.MinuteLocator(interval=every)
+    else:
+        locator = mdates.DayLocator(interval=every) if daily else mdates.HourLocator(interval=every)
+    ax.xaxis.set_major_locator(locator)
     if legend:
         ax.legend(frameon=False, fontsize=8)
 

@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.db.models import Count, Max, QuerySet, Sum
-from django.db.models.functions import TruncHour
+from django.db.models.functions import TruncHour, TruncMinute
 
 from accounts.models import Tenant
 from inference.models import UsageRecord, UsageRollup
@@ -23,6 +23,7 @@ from inference.rollups import HOUR, start_of_hour
 
 MILLION = Decimal(1_000_000)
 DAY = timedelta(days=1)
+MINUTE = timedelta(minutes=1)
 NO_ADAPTER = "(base model)"
 
 
@@ -109,14 +110,16 @@ class CostReport:
 
 
 def cost_report(tenant: Tenant | None, start: datetime, end: datetime, now: datetime) -> CostReport:
-    """Return the report of `tenant` (None: all tenants) over [start, end), hourly up to two days, else daily."""
-    bucket = HOUR if end - start <= 2 * DAY else DAY
+    """Return the report of `tenant` (None: all tenants) over [start, end): per minute up to an hour (always
+    live), per hour up to two days, else per day."""
+    span = end - start
+    bucket = MINUTE if span <= HOUR else HOUR if span <= 2 * DAY else DAY
     report = CostReport(tenant, start, end, bucket)
     first = _floor(start, bucket)
     count = -(-(end - first) // bucket)  # buckets that overlap [start, end)
     report.series = {first + i * bucket: Totals() for i in range(count)}
     slugs = dict(Tenant.objects.values_list("id", "slug"))
-    for row in usage_rows(tenant, start, end, now):
+    for row in usage_rows(tenant, start, end, now, per_minute=bucket == MINUTE):
         report.total.add(row)
         report.series.setdefault(_floor(row["hour"], bucket), Totals()).add(row)
         report.by_model[row["model"]].add(row)
@@ -126,10 +129,12 @@ def cost_report(tenant: Tenant | None, start: datetime, end: datetime, now: date
 
 
 def usage_rows(
-    tenant: Tenant | None, start: datetime, end: datetime, now: datetime
+    tenant: Tenant | None, start: datetime, end: datetime, now: datetime, per_minute: bool = False
 ) -> Iterable[dict[str, Any]]:
-    """Yield hourly totals per (tenant, model, adapter): roll-ups before live_from(now), live records after."""
-    start, live = start_of_hour(start), live_from(now)
+    """Yield totals per (hour, tenant, model, adapter): roll-ups before live_from(now), live records after.
+    per_minute: the "hour" of live rows is their minute (the last hour is always live, see live_from)."""
+    live = live_from(now)
+    start = start if per_minute else start_of_hour(start)
     rollups: QuerySet[UsageRollup] = UsageRollup.objects.filter(hour__gte=start, hour__lt=min(end, live))
     records: QuerySet[UsageRecord] = UsageRecord.objects.filter(
         submitted_at__gte=max(start, live), submitted_at__lt=end
@@ -141,7 +146,7 @@ def usage_rows(
         "device_seconds", "cost_usd", "revenue_usd", "timed_requests", "tokens_per_s_sum",
     )  # fmt: skip
     live_rows = (
-        records.annotate(hour=TruncHour("submitted_at"))
+        records.annotate(hour=(TruncMinute if per_minute else TruncHour)("submitted_at"))
         .values("hour", "tenant_id", "model", "adapter")
         .annotate(
             requests=Count("id"),
@@ -182,5 +187,7 @@ def live_from(now: datetime) -> datetime:
 
 
 def _floor(moment: datetime, bucket: timedelta) -> datetime:
+    if bucket == MINUTE:
+        return moment.replace(second=0, microsecond=0)
     hour = start_of_hour(moment)
     return hour.replace(hour=0) if bucket == DAY else hour

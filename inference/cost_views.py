@@ -22,7 +22,10 @@ from inference.charts import line_chart
 from inference.cost_report import CostReport, cost_report
 from inference.models import UsageRecord
 
-PERIODS = (1, 7, 30, 90)  # days a dashboard can show
+# The periods a dashboard can show (?period=), and the default.
+PERIODS = {"1h": timedelta(hours=1), "24h": timedelta(days=1), "7d": timedelta(days=7), "30d": timedelta(days=30),
+           "90d": timedelta(days=90)}  # fmt: skip
+DEFAULT_PERIOD = "7d"
 CSV_COLUMNS = (
     "request_id", "submitted_at", "tenant", "api_key", "model", "adapter", "status", "finish_reason",
     "prompt_tokens", "completion_tokens", "cached_tokens", "queue_s", "ttft_s", "tpot_s", "tokens_per_s",
@@ -95,17 +98,14 @@ def _chosen_tenant(request: HttpRequest, tenants: list[Tenant]) -> Tenant:
     raise Http404("no such tenant")
 
 
-def _days(request: HttpRequest) -> int:
-    try:
-        days = int(request.GET.get("days", "7"))
-    except ValueError:
-        return 7
-    return days if days in PERIODS else 7
+def _period(request: HttpRequest) -> str:
+    period = request.GET.get("period", DEFAULT_PERIOD)
+    return period if period in PERIODS else DEFAULT_PERIOD
 
 
 def _report(request: HttpRequest, tenant: Tenant | None) -> CostReport:
     now = timezone.now()
-    return cost_report(tenant, now - timedelta(days=_days(request)), now, now)
+    return cost_report(tenant, now - PERIODS[_period(request)], now, now)
 
 
 def _context(request: HttpRequest, report: CostReport, tenants: list[Tenant] | None = None) -> dict[str, Any]:
@@ -114,7 +114,7 @@ def _context(request: HttpRequest, report: CostReport, tenants: list[Tenant] | N
         "report": report,
         "staff_view": staff_view,
         "tenants": tenants or [],
-        "days": _days(request),
+        "period": _period(request),
         "periods": PERIODS,
         "charts": charts(report, staff_view),
         "breakdowns": [(name, _rows(report, values)) for name, values in report.breakdowns()],
@@ -149,12 +149,16 @@ def charts(report: CostReport, staff_view: bool) -> list[str]:
     busy = {"GPU": line([t.utilisation(report.bucket_seconds(h)) for h, t in report.series.items()])}
     step = report.bucket
     return [
-        line_chart("Spend per " + ("hour" if step.days == 0 else "day"), times, money, "$", step),
+        line_chart(f"Spend per {_bucket_name(step)}", times, money, "$", step),
         line_chart("Dollars per request", times, unit, "$", step),
         line_chart("Dollars per million tokens", times, per_million, "$", step),
         line_chart("Decode speed (mean per request)", times, speed, "tokens/s", step),
         line_chart("GPU utilisation (busy step time / wall time)", times, busy, "busy", step, percent=True),
     ]
+
+
+def _bucket_name(bucket: timedelta) -> str:
+    return "day" if bucket.days else "hour" if bucket.seconds >= 3600 else "minute"
 
 
 def _rows(report: CostReport, values: dict[str, Any]) -> list[dict[str, Any]]:
@@ -174,7 +178,7 @@ def _row(report: CostReport, name: str, totals: Any) -> dict[str, Any]:
 
 
 def _csv_response(records: Any, request: HttpRequest, name: str) -> StreamingHttpResponse:
-    since = timezone.now() - timedelta(days=_days(request))
+    since = timezone.now() - PERIODS[_period(request)]
     rows = (
         records.filter(submitted_at__gte=since)
         .select_related("tenant", "api_key")

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -162,3 +163,24 @@ def test_it_serves_the_registry_over_http(engine: LLMEngine) -> None:
     samples = parse(response.text)
     assert value(samples, "ruvon:generation_tokens_total") == 4
     assert math.isclose(value(samples, "ruvon:prompt_tokens_total"), 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_it_reports_gpu_memory_and_attributes_every_step_on_cuda() -> None:
+    config = EngineConfig(model="random:gpt2", device="cuda", num_blocks=256)
+    engine = LLMEngine(config, telemetry=Telemetry("tiny"))
+    for i in range(8):
+        engine.add_request(
+            f"g{i}", list(range(1, 40 + 30 * i)), SamplingParams(max_tokens=20, ignore_eos=True)
+        )
+    device = 0.0
+    while engine.has_unfinished_requests():
+        device += sum(out.metrics.device_seconds for out in engine.step() if out.finished)
+    samples = parse(generate_latest(engine.telemetry.registry).decode())  # type: ignore[union-attr]
+    allocated = value(samples, "ruvon:gpu_memory_allocated_bytes")
+    reserved = value(samples, "ruvon:gpu_memory_reserved_bytes")
+    total = value(samples, "ruvon:gpu_memory_total_bytes")
+    assert 124e6 * 2 < allocated <= reserved <= total  # at least GPT-2's fp16 weights
+    assert value(samples, "ruvon:generation_tokens_total") == 8 * 20
+    assert device == pytest.approx(engine.busy_seconds, rel=1e-9)

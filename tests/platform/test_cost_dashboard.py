@@ -102,7 +102,7 @@ def test_it_asks_anonymous_users_to_log_in(usage: dict[str, list[str]]) -> None:
 
 def test_it_shows_staff_every_tenant_with_margins(usage: dict[str, list[str]], owner: Person) -> None:
     staff = get_user_model().objects.create_user("sam", password="pw", is_staff=True)
-    response = client_of(staff).get("/costs/all/?days=30")
+    response = client_of(staff).get("/costs/all/?period=30d")
     assert response.status_code == 200
     page = response.content.decode()
     assert page.count(CHART) == NUM_CHARTS and "Margin" in page
@@ -129,7 +129,7 @@ def test_it_renders_the_admin_cost_report(usage: dict[str, list[str]]) -> None:
 
 
 def test_it_exports_one_csv_row_per_request(usage: dict[str, list[str]], owner: Person) -> None:
-    response = client_of(owner.user).get("/costs/export.csv?days=7")
+    response = client_of(owner.user).get("/costs/export.csv?period=7d")
     assert response.status_code == 200 and response["Content-Type"] == "text/csv"
     rows = list(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode())))
     assert sorted(r["request_id"] for r in rows) == sorted(usage["acme"])
@@ -157,9 +157,9 @@ def test_it_reads_closed_hours_from_the_rollups(
     rollup_usage(closed.isoformat())
     record("late")  # arrives after that hour was rolled up
     client = client_of(owner.user)
-    assert client.get("/costs/?days=1").context["report"].total.requests == 1
+    assert client.get("/costs/?period=24h").context["report"].total.requests == 1
     rollup_usage(closed.isoformat())  # the next roll-up picks it up
-    report = client.get("/costs/?days=1").context["report"]
+    report = client.get("/costs/?period=24h").context["report"]
     assert report.total.requests == 2
     assert report.total.device_seconds == pytest.approx(4.0)
     assert report.series[closed].requests == 2
@@ -185,3 +185,12 @@ def test_it_draws_a_lone_point_without_years_of_ticks() -> None:
     svg = line_chart("One request", hours, {"tokens/s": values}, "tokens/s", timedelta(hours=1))
     assert svg.startswith('<svg role="img" aria-label="One request"')
     assert len(svg) < 100_000  # a zero-width x range once became 12,849 tick labels and 7 MB
+
+
+def test_it_shows_the_last_hour_minute_by_minute(usage: dict[str, list[str]], owner: Person) -> None:
+    report = client_of(owner.user).get("/costs/?period=1h").context["report"]
+    assert report.bucket == timedelta(minutes=1)
+    assert report.total.requests == 2  # a1 and a2; a3 is 30 hours old
+    assert 60 <= len(report.series) <= 61
+    a1 = UsageRecord.objects.get(request_id="a1").submitted_at.replace(second=0, microsecond=0)
+    assert report.series[a1].requests == 1
