@@ -40,6 +40,8 @@ def line_chart(
                 ax.set_xlim(times[0] - bucket / 2, times[-1] + bucket / 2)
             unit = ylabel + (" (%)" if percent else "")
             _style(ax, title, unit, bucket, len(times), legend=len(series) > 1)
+            if all(v is None or v >= 0 for values in series.values() for v in values):
+                ax.set_ylim(bottom=0)  # a negative margin keeps its axis below zero
             fig.tight_layout()
             return _svg(fig, title)
         finally:
@@ -49,7 +51,6 @@ def line_chart(
 def _style(ax: plt.Axes, title: str, ylabel: str, bucket: timedelta, points: int, legend: bool) -> None:
     ax.set_title(title, loc="left", fontsize=10, fontweight="bold")
     ax.set_ylabel(ylabel)
-    ax.set_ylim(bottom=0)
     ax.grid(axis="y", color="#e5e7eb")
     ax.spines[["top", "right"]].set_visible(False)
     daily = bucket >= timedelta(days=1)

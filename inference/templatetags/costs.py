@@ -17,10 +17,11 @@ def usd(value: Any) -> str:
     if value is None:
         return "–"
     amount = float(value)
-    if amount == 0 or abs(amount) >= 0.01:
-        return f"${amount:,.2f}"
-    digits = 2 - math.floor(math.log10(abs(amount)))
-    return f"${Decimal(amount):.{digits}f}"
+    sign, amount = ("-" if amount < 0 else ""), abs(amount)
+    if amount == 0 or amount >= 0.01:
+        return f"{sign}${amount:,.2f}"
+    digits = 2 - math.floor(math.log10(amount))
+    return f"{sign}${Decimal(amount):.{digits}f}"
 
 
 @register.filter

@@ -194,3 +194,13 @@ def test_it_shows_the_last_hour_minute_by_minute(usage: dict[str, list[str]], ow
     assert 60 <= len(report.series) <= 61
     a1 = UsageRecord.objects.get(request_id="a1").submitted_at.replace(second=0, microsecond=0)
     assert report.series[a1].requests == 1
+
+
+@pytest.mark.parametrize(
+    "amount, shown",
+    [(None, "–"), (0, "$0.00"), (1234.5, "$1,234.50"), (0.0000285, "$0.0000285"), (-0.04, "-$0.04")],
+)
+def test_it_shows_sub_cent_amounts_with_three_significant_digits(amount: Any, shown: str) -> None:
+    from inference.templatetags.costs import usd
+
+    assert usd(amount) == shown
