@@ -70,15 +70,17 @@ class Telemetry:
         self._define_metrics()
 
     # ---- definitions ---------------------------------------------------------------------------
-    def _histogram(self, name: str, doc: str, buckets: Sequence[float], *labels: str) -> Histogram:
-        labelnames = ["model_name", *labels]
-        return Histogram(PREFIX + name, doc, labelnames, registry=self.registry, buckets=buckets)
+    # Each helper registers a family labelled by model_name and returns this model's child: the hot path
+    # then skips the label lookup, and a scrape before the first request already lists every series.
+    def _histogram(self, name: str, doc: str, buckets: Sequence[float]) -> Histogram:
+        family = Histogram(PREFIX + name, doc, ["model_name"], registry=self.registry, buckets=buckets)
+        return family.labels(self.model_name)
 
-    def _counter(self, name: str, doc: str, *labels: str) -> Counter:
-        return Counter(PREFIX + name, doc, ["model_name", *labels], registry=self.registry)
+    def _counter(self, name: str, doc: str) -> Counter:
+        return Counter(PREFIX + name, doc, ["model_name"], registry=self.registry).labels(self.model_name)
 
     def _gauge(self, name: str, doc: str) -> Gauge:
-        return Gauge(PREFIX + name, doc, ["model_name"], registry=self.registry)
+        return Gauge(PREFIX + name, doc, ["model_name"], registry=self.registry).labels(self.model_name)
 
     def _define_metrics(self) -> None:
         h, c, g = self._histogram, self._counter, self._gauge
@@ -103,8 +105,11 @@ class Telemetry:
         self.batch_size = h("batch_size", "Sequences in one model step.", BATCH_BUCKETS)
         self.prompt_tokens = c("prompt_tokens", "Prompt tokens of requests that reached their first token.")
         self.generation_tokens = c("generation_tokens", "Generated tokens.")
-        self.success = c(
-            "request_success", "Finished requests, by the finish reason of choice 0.", "finished_reason"
+        self.success = Counter(
+            PREFIX + "request_success",
+            "Finished requests, by the finish reason of choice 0.",
+            ["model_name", "finished_reason"],
+            registry=self.registry,
         )
         self.preemptions = c("num_preemptions", "Sequences preempted (their KV cache freed and recomputed).")
         self.prefix_queries = c("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
@@ -115,29 +120,8 @@ class Telemetry:
         self.tokens_per_s = g(
             "generation_tokens_per_second", f"Generated tokens/s over the last {RATE_WINDOW_S:g} s."
         )
-        self.tokens_per_s.labels(self.model_name).set_function(self.tokens.rate)
+        self.tokens_per_s.set_function(self.tokens.rate)
         self._define_gpu_memory()
-        # Children exist from the start, so a scrape before the first request already lists every series.
-        for metric in (
-            self.ttft,
-            self.itl,
-            self.e2e,
-            self.queue,
-            self.prefill,
-            self.decode,
-            self.device,
-            self.step_time,
-            self.batch_size,
-            self.prompt_tokens,
-            self.generation_tokens,
-            self.preemptions,
-            self.prefix_queries,
-            self.prefix_hits,
-            self.running,
-            self.waiting,
-            self.kv_usage,
-        ):
-            metric.labels(self.model_name)
         for reason in ("stop", "length", "abort"):
             self.success.labels(self.model_name, reason)
 
@@ -157,7 +141,7 @@ class Telemetry:
             gauge = self._gauge(
                 name, f"torch.cuda {name.removeprefix('gpu_memory_').removesuffix('_bytes')} bytes."
             )
-            gauge.labels(self.model_name).set_function(read)
+            gauge.set_function(read)
 
     # ---- observation ---------------------------------------------------------------------------
     def observe_step(
@@ -169,11 +153,10 @@ class Telemetry:
         requests: Sequence[Request],
     ) -> None:
         """Record one engine step: its time and size, each output's tokens, and each finished request."""
-        name = self.model_name
         now = time.time()
         if batch and step_seconds is not None:
-            self.step_time.labels(name).observe(step_seconds)
-            self.batch_size.labels(name).observe(len(batch.seqs))
+            self.step_time.observe(step_seconds)
+            self.batch_size.observe(len(batch.seqs))
         new_tokens = 0
         for output, request in zip(outputs, requests, strict=True):
             tokens = sum(len(choice.token_ids) for choice in output.outputs)
@@ -183,7 +166,7 @@ class Telemetry:
             if output.finished:
                 self._observe_finished(request)
         if new_tokens:
-            self.generation_tokens.labels(name).inc(new_tokens)
+            self.generation_tokens.inc(new_tokens)
             self.tokens.add(new_tokens)
         self._observe_engine(engine)
 
@@ -191,41 +174,41 @@ class Telemetry:
         rid, metrics = request.request_id, request.metrics
         last = self._last_token_at.get(rid)
         if last is not None:
-            self.itl.labels(self.model_name).observe(now - last)
+            self.itl.observe(now - last)
         self._last_token_at[rid] = now
         if rid not in self._prefilled and metrics.first_token_time is not None:
             self._prefilled.add(rid)
-            self.ttft.labels(self.model_name).observe(metrics.first_token_time - metrics.arrival_time)
-            self.prompt_tokens.labels(self.model_name).inc(metrics.num_prompt_tokens)
+            self.ttft.observe(metrics.first_token_time - metrics.arrival_time)
+            self.prompt_tokens.inc(metrics.num_prompt_tokens)
 
     def _observe_finished(self, request: Request) -> None:
-        name, m = self.model_name, request.metrics
+        m = request.metrics
         self._last_token_at.pop(request.request_id, None)
         self._prefilled.discard(request.request_id)
         finished = m.finished_time or time.time()
         reason = request.seqs[0].finish_reason if request.seqs else None
-        self.success.labels(name, reason or "abort").inc()
-        self.e2e.labels(name).observe(finished - m.arrival_time)
-        self.device.labels(name).observe(m.device_seconds)
+        self.success.labels(self.model_name, reason or "abort").inc()
+        self.e2e.observe(finished - m.arrival_time)
+        self.device.observe(m.device_seconds)
         if m.first_scheduled_time is not None:
-            self.queue.labels(name).observe(m.first_scheduled_time - m.arrival_time)
+            self.queue.observe(m.first_scheduled_time - m.arrival_time)
         if m.first_token_time is not None and m.first_scheduled_time is not None:
-            self.prefill.labels(name).observe(m.first_token_time - m.first_scheduled_time)
-            self.decode.labels(name).observe(finished - m.first_token_time)
+            self.prefill.observe(m.first_token_time - m.first_scheduled_time)
+            self.decode.observe(finished - m.first_token_time)
 
     def _observe_engine(self, engine: LLMEngine) -> None:
         """Set the gauges from the engine's state and move the counters the engine keeps as totals."""
-        name, stats = self.model_name, engine.stats()
-        self.running.labels(name).set(stats["num_running"])
-        self.waiting.labels(name).set(stats["num_waiting"])
-        self.kv_usage.labels(name).set(stats["kv_cache_usage"])
+        stats = engine.stats()
+        self.running.set(stats["num_running"])
+        self.waiting.set(stats["num_waiting"])
+        self.kv_usage.set(stats["kv_cache_usage"])
         for key, counter, stat in (
             ("preemptions", self.preemptions, "num_preemptions"),
             ("prefix_queries", self.prefix_queries, "prefix_cache_queries"),
             ("prefix_hits", self.prefix_hits, "prefix_cache_hits"),
         ):
             total = int(stats[stat])
-            counter.labels(name).inc(max(0, total - self._seen[key]))
+            counter.inc(max(0, total - self._seen[key]))
             self._seen[key] = total
 
 

@@ -133,7 +133,7 @@ def test_it_counts_prefix_cache_hits_and_preemptions() -> None:
 
 def test_it_keeps_engines_metrics_apart() -> None:
     one, two = Telemetry("tiny"), Telemetry("tiny")
-    one.generation_tokens.labels("tiny").inc(5)
+    one.generation_tokens.inc(5)
     assert value(parse(generate_latest(two.registry).decode()), "ruvon:generation_tokens_total") == 0
     assert isinstance(one.registry, CollectorRegistry) and one.registry is not two.registry
 
