@@ -316,7 +316,7 @@ def default_stack(web_processes: int = 1) -> StackConfig:
     """The stress deployment: a small queue bound and one rate-limited key, so both 503s and 429s happen."""
     return StackConfig(
         web_processes=web_processes,
-        keys={"acme": {}, "globex": {}, "initech": {}, "limited": {"max_requests_per_minute": 600}},
+        keys={"acme": {}, "globex": {}, "initech": {}, "limited": {"max_requests_per_minute": 80}},
         settings={"RUVON_MAX_QUEUE": "48", "RUVON_MAX_QUEUE_TOKENS": "4096"},
     )
 
@@ -375,7 +375,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=128)
-    parser.add_argument("--web-processes", type=int, default=1)
+    parser.add_argument("--web-processes", type=int, default=2)
     parser.add_argument("--disconnect-fraction", type=float, default=0.02)
     parser.add_argument("--rss-limit-mib", type=float, default=64)
     parser.add_argument("--seed", type=int, default=0)
