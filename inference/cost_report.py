@@ -14,12 +14,12 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from django.db.models import Count, Max, QuerySet, Sum
+from django.db.models import Max, QuerySet
 from django.db.models.functions import TruncHour, TruncMinute
 
 from accounts.models import Tenant
 from inference.models import UsageRecord, UsageRollup
-from inference.rollups import HOUR, start_of_hour
+from inference.rollups import HOUR, start_of_hour, usage_totals
 
 MILLION = Decimal(1_000_000)
 DAY = timedelta(days=1)
@@ -145,35 +145,9 @@ def usage_rows(
         "hour", "tenant_id", "model", "adapter", "requests", "prompt_tokens", "completion_tokens",
         "device_seconds", "cost_usd", "revenue_usd", "timed_requests", "tokens_per_s_sum",
     )  # fmt: skip
-    live_rows = (
-        records.annotate(hour=(TruncMinute if per_minute else TruncHour)("submitted_at"))
-        .values("hour", "tenant_id", "model", "adapter")
-        .annotate(
-            requests=Count("id"),
-            prompt=Sum("prompt_tokens"),
-            completion=Sum("completion_tokens"),
-            device=Sum("device_seconds"),
-            cost=Sum("cost_usd"),
-            revenue=Sum("revenue_usd"),
-            timed=Count("tokens_per_s"),
-            speed=Sum("tokens_per_s"),
-        )
-    )
-    for row in live_rows:
-        yield {
-            "hour": row["hour"],
-            "tenant_id": row["tenant_id"],
-            "model": row["model"],
-            "adapter": row["adapter"],
-            "requests": row["requests"],
-            "prompt_tokens": row["prompt"] or 0,
-            "completion_tokens": row["completion"] or 0,
-            "device_seconds": row["device"] or 0.0,
-            "cost_usd": row["cost"] or 0,
-            "revenue_usd": row["revenue"] or 0,
-            "timed_requests": row["timed"],
-            "tokens_per_s_sum": row["speed"] or 0.0,
-        }
+    trunc = TruncMinute if per_minute else TruncHour
+    by_time = records.annotate(hour=trunc("submitted_at"))
+    yield from usage_totals(by_time, ("hour", "tenant_id", "model", "adapter"))
 
 
 def live_from(now: datetime) -> datetime:

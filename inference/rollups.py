@@ -3,10 +3,12 @@ device seconds, cost, revenue, decode speed) and upsert them; the cost dashboard
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from django.db import transaction
-from django.db.models import Count, Q, Sum
+from django.db.models import Aggregate, Count, Q, QuerySet, Sum
 
 from inference.models import UsageRecord, UsageRollup
 
@@ -18,6 +20,36 @@ def start_of_hour(moment: datetime) -> datetime:
     return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 
 
+# UsageRollup's summed fields: field -> (aggregate over UsageRecord, value when nothing was summed). The
+# annotations get a prefix because Django refuses an annotation named like a field of the model.
+_SUMS = {
+    "requests": (Count("id"), 0),
+    "prompt_tokens": (Sum("prompt_tokens"), 0),
+    "completion_tokens": (Sum("completion_tokens"), 0),
+    "cached_tokens": (Sum("cached_tokens"), 0),
+    "device_seconds": (Sum("device_seconds"), 0.0),
+    "cost_usd": (Sum("cost_usd"), 0),
+    "revenue_usd": (Sum("revenue_usd"), 0),
+    "timed_requests": (Count("tokens_per_s"), 0),  # requests that decoded at least two tokens
+    "tokens_per_s_sum": (Sum("tokens_per_s"), 0.0),
+}
+
+
+def usage_totals(
+    records: QuerySet[UsageRecord], keys: Sequence[str], **extra: Aggregate
+) -> list[dict[str, Any]]:
+    """Return the records' totals grouped by `keys`: each row has the keys, UsageRollup's summed fields and
+    the `extra` aggregates by their names."""
+    aggregates = {f"sum_{name}": aggregate for name, (aggregate, _) in _SUMS.items()} | extra
+    rows = records.values(*keys).annotate(**aggregates)
+    return [
+        {key: row[key] for key in keys}
+        | {name: row[f"sum_{name}"] or default for name, (_, default) in _SUMS.items()}
+        | {name: row[name] for name in extra}
+        for row in rows
+    ]
+
+
 def rollup_hour(hour: datetime) -> int:
     """Upsert the roll-ups of the hour starting at `hour`; return how many (tenant, model, adapter) rows it wrote.
 
@@ -25,40 +57,19 @@ def rollup_hour(hour: datetime) -> int:
     """
     hour = start_of_hour(hour)
     records = UsageRecord.objects.filter(submitted_at__gte=hour, submitted_at__lt=hour + HOUR)
-    totals = records.values("tenant_id", "model", "adapter").annotate(
-        requests=Count("id"),
+    totals = usage_totals(
+        records,
+        ("tenant_id", "model", "adapter"),
         completed=Count("id", filter=Q(status=UsageRecord.Status.COMPLETED)),
         cancelled=Count("id", filter=Q(status=UsageRecord.Status.CANCELLED)),
         failed=Count("id", filter=Q(status__in=[UsageRecord.Status.FAILED, UsageRecord.Status.REJECTED])),
-        prompt=Sum("prompt_tokens"),
-        completion=Sum("completion_tokens"),
-        cached=Sum("cached_tokens"),
-        device=Sum("device_seconds"),
-        cost=Sum("cost_usd"),
-        revenue=Sum("revenue_usd"),
-        timed=Count("tokens_per_s"),
-        speed=Sum("tokens_per_s"),
     )
     with transaction.atomic():
         for row in totals:
-            UsageRollup.objects.update_or_create(
-                tenant_id=row["tenant_id"],
-                model=row["model"],
-                adapter=row["adapter"],
-                hour=hour,
-                defaults={
-                    "requests": row["requests"],
-                    "completed": row["completed"],
-                    "cancelled": row["cancelled"],
-                    "failed": row["failed"],
-                    "prompt_tokens": row["prompt"] or 0,
-                    "completion_tokens": row["completion"] or 0,
-                    "cached_tokens": row["cached"] or 0,
-                    "device_seconds": row["device"] or 0.0,
-                    "cost_usd": row["cost"] or 0,
-                    "revenue_usd": row["revenue"] or 0,
-                    "timed_requests": row["timed"],
-                    "tokens_per_s_sum": row["speed"] or 0.0,
-                },
-            )
+            keys = {
+                "tenant_id": row.pop("tenant_id"),
+                "model": row.pop("model"),
+                "adapter": row.pop("adapter"),
+            }
+            UsageRollup.objects.update_or_create(**keys, hour=hour, defaults=row)
     return len(totals)
