@@ -106,7 +106,9 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(
             self.loaded.source_kind, self.loaded.source_path, self.model_config.arch
         )
-        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        # Positions past the model's own table do not exist (GPT-2's are learned), so never go beyond it.
+        self.max_model_len = min(config.max_model_len or 1 << 62, self.model_config.max_position_embeddings)
+        self.eos_ids = frozenset(self.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         num_blocks = config.num_blocks or self._blocks_from_memory()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
@@ -295,11 +297,11 @@ class LLMEngine:
             seq.pending_logprobs.append(self._token_logprob(token, *lp))
         text = self.texts[seq.seq_id]
         params = seq.params
-        is_eos = token in self.model_config.eos_token_ids or token in self.tokenizer.eos_token_ids
+        is_eos = token in self.eos_ids
         if token in params.stop_token_ids or (is_eos and not params.ignore_eos):
             reason: tuple[str, str | int | None] | None = ("stop", token)
         elif (
-            len(seq.output_token_ids) >= (params.max_tokens or 1 << 62)
+            seq.num_output_tokens >= (params.max_tokens or 1 << 62)
             or seq.num_tokens >= request.max_total_tokens
         ):
             reason = ("length", None)

@@ -71,6 +71,10 @@ class Sequence:
         return self.request.num_prompt_tokens
 
     @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.request.num_prompt_tokens
+
+    @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.request.num_prompt_tokens :]
 
