@@ -467,6 +467,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         default=int(env("RUVON_METRICS_PORT", "0")),
         help="serve the engine's Prometheus metrics at :PORT/metrics (0: off; one port per worker)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(env("RUVON_METRICS_PORT", "0")),
+        help="serve the engine's Prometheus metrics at :PORT/metrics (0: off; one port per worker)",
+    )
 
 
 def add_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -498,8 +504,11 @@ def run_worker_command(args: argparse.Namespace) -> int:
     name = args.served_model_name or engine.model_name
     engine.telemetry = Telemetry(name)
     if args.metrics_port:
-        serve_metrics(engine.telemetry, args.metrics_port)
-        log.info("engine metrics at http://0.0.0.0:%d/metrics", args.metrics_port)
+        try:
+            serve_metrics(engine.telemetry, args.metrics_port)
+            log.info("engine metrics at http://0.0.0.0:%d/metrics", args.metrics_port)
+        except OSError as exc:  # a taken port must not stop serving; each worker needs a port of its own
+            log.error("cannot serve metrics on port %d: %s", args.metrics_port, exc)
     transport = RedisWorkerTransport.from_url(
         args.redis_url, name, claim_idle_s=args.claim_idle_s, usage_stream=args.usage_stream
     )

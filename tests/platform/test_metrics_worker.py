@@ -71,3 +71,16 @@ def test_it_serves_each_workers_metrics_on_its_own_port(cluster: Cluster) -> Non
     assert device == pytest.approx(total("ruvon:step_time_seconds_sum"), rel=1e-6)
     usage = {u["request_id"]: u for u in cluster.usage()}
     assert math.fsum(u["timings"]["device_s"] for u in usage.values()) == pytest.approx(device)
+
+
+@pytest.mark.slow
+def test_it_keeps_serving_when_its_metrics_port_is_taken(cluster: Cluster, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        cluster.start_worker("--metrics-port", str(taken.getsockname()[1]))
+        [events] = run(
+            serve_all(RedisJobClient(REDIS_URL, cluster.model), [cluster.job("t", max_tokens=2)])
+        ).values()
+    assert events[-1]["type"] == "done"
+    assert "cannot serve metrics on port" in (tmp_path / "worker0.log").read_text()
