@@ -467,12 +467,6 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         default=int(env("RUVON_METRICS_PORT", "0")),
         help="serve the engine's Prometheus metrics at :PORT/metrics (0: off; one port per worker)",
     )
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(env("RUVON_METRICS_PORT", "0")),
-        help="serve the engine's Prometheus metrics at :PORT/metrics (0: off; one port per worker)",
-    )
 
 
 def add_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
