@@ -29,16 +29,31 @@ def visible_gpus() -> list[str]:
         return []
 
 
+def with_metrics_port(worker_args: list[str], index: int) -> list[str]:
+    """Return the worker's arguments with --metrics-port N replaced by N + index (0 stays off)."""
+    args = list(worker_args)
+    if "--metrics-port" in args[:-1]:
+        at = args.index("--metrics-port") + 1
+        base = int(args[at])
+        args[at] = str(base + index if base else 0)
+    return args
+
+
 def child_commands(
     worker_args: list[str], gpus: list[str], num_workers: int
 ) -> list[tuple[dict[str, str], list[str]]]:
-    """Return (environment, argv) of each worker: one per GPU, or num_workers CPU workers when there are none."""
-    base = [sys.executable, "-m", "gpu_worker", "worker", *worker_args]
-    if gpus:
-        chosen = gpus[:num_workers] if num_workers else gpus
-        return [({**os.environ, "CUDA_VISIBLE_DEVICES": gpu}, base) for gpu in chosen]
-    cpu_env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    return [(cpu_env, [*base, "--device", "cpu"]) for _ in range(max(num_workers, 1))]
+    """Return (environment, argv) of each worker: one per GPU, or num_workers CPU workers when there are none.
+
+    Child i serves its metrics on the given --metrics-port plus i, so workers can be scraped side by side.
+    """
+    chosen = (gpus[:num_workers] if num_workers else gpus) if gpus else [""] * max(num_workers, 1)
+    commands = []
+    for i, gpu in enumerate(chosen):
+        argv = [sys.executable, "-m", "gpu_worker", "worker", *with_metrics_port(worker_args, i)]
+        commands.append(
+            ({**os.environ, "CUDA_VISIBLE_DEVICES": gpu}, argv if gpus else [*argv, "--device", "cpu"])
+        )
+    return commands
 
 
 def run_launcher(args: argparse.Namespace) -> int:

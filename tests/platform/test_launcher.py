@@ -33,6 +33,14 @@ def test_it_starts_cpu_workers_when_there_is_no_gpu() -> None:
     )
 
 
+def test_it_gives_each_worker_its_own_metrics_port() -> None:
+    commands = child_commands(["--model", "gpt2", "--metrics-port", "9100"], ["0", "1", "2"], num_workers=0)
+    ports = [argv[argv.index("--metrics-port") + 1] for _, argv in commands]
+    assert ports == ["9100", "9101", "9102"]
+    off = child_commands(["--metrics-port", "0"], ["0", "1"], num_workers=0)
+    assert [argv[-1] for _, argv in off] == ["0", "0"]
+
+
 @pytest.mark.slow
 def test_it_serves_a_batch_exactly_once_across_launched_workers(cluster: Cluster) -> None:  # noqa: F811
     cmd = [sys.executable, "-m", "gpu_worker", "workers", "--num-workers", "2", "--",
