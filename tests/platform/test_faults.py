@@ -101,7 +101,8 @@ def usage_of(stack: Stack, ids: set[str | None], timeout_s: float) -> dict[str, 
 
 
 def all_blocks_free(stack: Stack) -> bool:
-    beats = stack.heartbeats().values()
+    """Return whether every live worker (a dead one's last heartbeat lingers a minute) is idle, blocks free."""
+    beats = [hb for hb in stack.heartbeats().values() if time.time() - hb["time"] < 5]
     return bool(beats) and all(
         hb["active"] == 0 and hb["stats"]["num_free_blocks"] == hb["stats"]["num_total_blocks"]
         for hb in beats
