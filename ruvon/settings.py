@@ -124,7 +124,8 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 # The ASGI app serves static files itself unless a front proxy does (SERVE_STATIC=0).
 SERVE_STATIC = env_bool("SERVE_STATIC", True)
 
-LOGIN_URL = "/admin/login/"
+LOGIN_URL = "/accounts/login/"  # tenant members sign in here; the admin login admits staff only
+LOGIN_REDIRECT_URL = "/chat/"
 
 REDIS_URL = os.environ.get("REDIS_URL") or None
 

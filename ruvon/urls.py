@@ -9,6 +9,7 @@ from inference.api import api
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("accounts/", include("accounts.urls")),
     path("v1/", api.urls),
     path("", include("inference.urls")),
     path("", include("django_prometheus.urls")),
