@@ -4,6 +4,7 @@ Cancels the request when the browser says stop or goes away."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from typing import Any
@@ -11,10 +12,13 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from accounts.limits import QuotaExceeded, check_budget
 from gpu_worker.errors import CapacityError, InvalidRequestError
 from gpu_worker.protocol import make_job, sampling_params_from_dict, sampling_params_to_dict
 from inference.serving import ServedModel, served_model
 from inference.transport import JobClient, get_job_client
+
+logger = logging.getLogger("ruvon.chat")
 
 CHAT_PARAMS = {"temperature", "top_p", "max_tokens", "seed"}  # what the chat page may set
 MAX_MESSAGES = 200
@@ -65,15 +69,26 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if self.stream_task is not None and not self.stream_task.done():
             await self._send_error("busy", 'a reply is still streaming; send {"type": "cancel"} first', None)
             return
-        client, served = await served_model()
         try:
+            # The same tenant budget the API enforces; chat traffic is billed like API traffic.
+            await check_budget(await _tenant(self.tenant_id))
+            client, served = await served_model()
             job = self._build_job(content, served)
             await client.submit(job)
         except InvalidRequestError as exc:
             await self._send_error("invalid_request_error", exc.message, exc.param)
             return
+        except QuotaExceeded as exc:
+            await self._send_error("insufficient_quota", str(exc), None)
+            return
         except CapacityError as exc:
             await self._send_error("capacity_exceeded", str(exc), None)
+            return
+        except Exception:  # the transport is down (Redis went away): tell the page, keep the socket
+            logger.exception("chat submission failed")
+            await self._send_error(
+                "service_unavailable", "the inference service is unavailable; retry shortly", None
+            )
             return
         self.request_id = job["request_id"]
         await self.send_json({"type": "started", "request_id": job["request_id"]})
@@ -161,6 +176,13 @@ def _client_timings(sent_at: float, first_token_at: float | None, tokens: int) -
         else None
     )
     return {"ttft_s": ttft, "tokens_per_s": rate, "tokens": tokens}
+
+
+@database_sync_to_async
+def _tenant(tenant_id: str) -> Any:
+    from accounts.models import Tenant
+
+    return Tenant.objects.get(pk=tenant_id)
 
 
 @database_sync_to_async

@@ -95,6 +95,26 @@ def test_it_streams_a_chat_to_a_member_and_records_usage(owner: Any) -> None:
     assert record.tenant == owner.key.tenant and record.status == "completed"
 
 
+def test_it_refuses_a_chat_over_the_tenant_budget(owner: Any) -> None:
+    tenant = owner.key.tenant
+    tenant.monthly_budget_usd = 0
+    tenant.save(update_fields=["monthly_budget_usd"])
+    headers = session_headers(owner.user)
+
+    async def scenario() -> dict[str, Any]:
+        ws = communicator(headers)
+        await ws.connect(timeout=30)
+        await ws.receive_json_from(timeout=30)  # ready
+        await ws.send_json_to({"messages": HELLO, "params": {"max_tokens": 5}})
+        [error] = await read_until(ws, {"error", "started"})
+        await ws.disconnect()
+        return error
+
+    error = async_to_sync(scenario)()
+    assert error["type"] == "error" and error["code"] == "insufficient_quota"
+    assert not UsageRecord.objects.filter(tenant=tenant).exists()
+
+
 def test_it_refuses_an_anonymous_websocket() -> None:
     async def scenario() -> bool:
         connected, _ = await communicator([(b"origin", b"http://127.0.0.1")]).connect(timeout=10)
