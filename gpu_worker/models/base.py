@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import nn
 
@@ -9,16 +11,16 @@ from gpu_worker.attention import ForwardContext
 from gpu_worker.config import ModelConfig
 
 
-class CausalLM(nn.Module):
+class CausalLM(nn.Module, ABC):
     """A decoder-only LM over a flat batch of tokens; attention metadata comes from `self.context`."""
 
     config: ModelConfig
     context: ForwardContext
 
+    @abstractmethod
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Return hidden states [T, hidden] for token ids [T] at positions [T]."""
-        raise NotImplementedError  # each architecture defines its own forward
 
+    @abstractmethod
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Return float32 logits [N, vocab] for hidden states [N, hidden]."""
-        raise NotImplementedError  # each architecture defines its own head
