@@ -41,6 +41,8 @@ def test_it_cancels_in_the_worker_when_the_client_goes_away(redis_server: LiveSe
         model=model,
         messages=[{"role": "user", "content": "Talk"}],
         max_tokens=100,
+        logprobs=True,
+        top_logprobs=20,  # more work per token, so the reply cannot finish before the cancel lands
         stream=True,
         extra_body={"ignore_eos": True},
     )
