@@ -25,7 +25,15 @@ from gpu_worker.models import CausalLM, build_model
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-__all__ = ["RANDOM_SHAPES", "LoadedModel", "load_model", "pull", "random_hf_config"]
+__all__ = [
+    "RANDOM_SHAPES",
+    "LoadedModel",
+    "ModelSource",
+    "load_model",
+    "pull",
+    "random_hf_config",
+    "resolve_spec",
+]
 
 PROGRESS_MIN_BYTES = 256 * 2**20  # below this a progress bar is noise
 
@@ -81,28 +89,60 @@ class LoadedModel:
     source_path: Path | None
 
 
-def load_model(
-    spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
-) -> LoadedModel:
-    """Load what `spec` names: an HF directory or cache name, a .gguf file, `smollm2`, or `random:<shape>`."""
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a spec's model lives, found without reading any weights."""
+
+    kind: Literal["hf_dir", "gguf", "random"]
+    name: str  # the served name
+    path: Path | None  # None for random weights
+    spec: str  # the spec, stripped
+
+    def arch(self) -> str:
+        """Return the architecture (reads at most config.json): what the tokenizer needs to know."""
+        if self.kind == "random":
+            return _random_shape(_parse_random_spec(self.spec, 0)[0]).arch
+        if self.kind == "gguf":
+            return "llama"  # the only GGUF architecture the loader reads
+        assert self.path is not None
+        return read_hf_config(self.path).arch
+
+
+def resolve_spec(spec: str) -> ModelSource:
+    """Return where `spec` points: an HF directory or cache name, a .gguf file, `smollm2`, or `random:<shape>`."""
     spec = spec.strip()
     if spec.startswith("random:"):
-        return _load_random(spec, dtype, device, seed)
+        shape, _ = _parse_random_spec(spec, 0)
+        _random_shape(shape)  # unknown shapes fail here, before anything is loaded
+        return ModelSource("random", f"random:{shape}", None, spec)
     if spec == "smollm2":
-        return _load_gguf(smollm2_gguf_path(), "smollm2", dtype, device)
+        return ModelSource("gguf", "smollm2", smollm2_gguf_path(), spec)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _load_hf_dir(path, path.name, dtype, device)
+        return ModelSource("hf_dir", path.name, path, spec)
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, path.stem, dtype, device)
+        return ModelSource("gguf", path.stem, path, spec)
     if path.is_file():
         raise ModelLoadError(f"{path} is a file but not a .gguf; pass a GGUF file or an HF model directory")
     if is_hub_name(spec):
-        return _load_hf_dir(resolve_cached_snapshot(spec), spec, dtype, device)
+        return ModelSource("hf_dir", spec, resolve_cached_snapshot(spec), spec)
     raise ModelLoadError(
         f"no model at {spec!r}: it is not an existing directory or .gguf file, an HF repo id (org/name), "
         f"a GPT-2 name ({', '.join(GPT2_HUB_NAMES)}), 'smollm2' or random:<shape> ({', '.join(RANDOM_SHAPES)})"
     )
+
+
+def load_model(
+    spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
+) -> LoadedModel:
+    """Load what `spec` names: an HF directory or cache name, a .gguf file, `smollm2`, or `random:<shape>`."""
+    source = resolve_spec(spec)
+    if source.kind == "random":
+        return _load_random(source.spec, dtype, device, seed)
+    assert source.path is not None
+    if source.kind == "gguf":
+        return _load_gguf(source.path, source.name, dtype, device)
+    return _load_hf_dir(source.path, source.name, dtype, device)
 
 
 def _load_hf_dir(path: Path, name: str, dtype: torch.dtype, device: str | torch.device) -> LoadedModel:
