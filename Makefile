@@ -22,6 +22,7 @@ install: $(VENV)/.installed
 run: install
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py bootstrap_demo
+	@echo "Ruvon: web chat http://$(HOST):$(PORT)/chat/  API http://$(HOST):$(PORT)/v1  (key above, shown once)"
 	$(PY) -m daphne -b $(HOST) -p $(PORT) ruvon.asgi:application
 
 test: install
