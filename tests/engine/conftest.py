@@ -52,6 +52,18 @@ def make_peer(shape: str, root: Path, seed: int = 0) -> Peer:
 
 
 @pytest.fixture(scope="session")
+def gpt2() -> Tokenizer:
+    """GPT-2's tokenizer from the shipped BPE ranks."""
+    return Tokenizer.gpt2_fallback()
+
+
+@pytest.fixture(scope="session")
+def smol() -> Tokenizer:
+    """SmolLM2's tokenizer from the shipped GGUF."""
+    return Tokenizer.from_gguf(smollm2_gguf_path())
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Peer:
     return make_peer("tiny", tmp_path_factory.mktemp("models"))
 

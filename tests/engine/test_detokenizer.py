@@ -6,20 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpu_worker.assets import smollm2_gguf_path
 from gpu_worker.detokenizer import IncrementalDetokenizer, StopStringMatcher, find_stop, partial_stop_length
 from gpu_worker.errors import InvalidRequestError
 from gpu_worker.tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def gpt2() -> Tokenizer:
-    return Tokenizer.gpt2_fallback()
-
-
-@pytest.fixture(scope="module")
-def smol() -> Tokenizer:
-    return Tokenizer.from_gguf(smollm2_gguf_path())
 
 
 def stream(tokenizer: Tokenizer, ids: list[int], skip_special_tokens: bool = True) -> list[str]:

@@ -21,16 +21,6 @@ from gpu_worker.tokenizer import Tokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def gpt2() -> Tokenizer:
-    return Tokenizer.gpt2_fallback()
-
-
-@pytest.fixture(scope="module")
-def smol() -> Tokenizer:
-    return Tokenizer.from_gguf(smollm2_gguf_path())
-
-
-@pytest.fixture(scope="module")
 def hf_smol() -> Any:
     """transformers' own tokenizer for the same GGUF file: the reference our ids must match."""
     from transformers import AutoTokenizer
