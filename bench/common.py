@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +28,22 @@ def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, Any]:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return best, result
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the throughput workload's options: 512 requests, prompts of 32-256 tokens, 128 new tokens."""
+    parser.add_argument("--requests", type=int, default=512)
+    parser.add_argument("--min-prompt", type=int, default=32)
+    parser.add_argument("--max-prompt", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--max-num-seqs", type=int, default=512)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+
+
+def workload(num: int, lo: int, hi: int, vocab: int = 50257, seed: int = 0) -> list[list[int]]:
+    """Return `num` random prompts with lengths uniform in [lo, hi]."""
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(num)]
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis  # noqa: E402
 
-from bench.common import print_table, write_json  # noqa: E402
+from bench.common import add_workload_arguments, print_table, workload, write_json  # noqa: E402
 from gpu_worker.protocol import make_job, request_stream, workers_key  # noqa: E402
 from gpu_worker.redis_transport import GROUP  # noqa: E402
 from inference.transport.redis_client import RedisJobClient  # noqa: E402
@@ -95,20 +94,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="random:tiny")
     parser.add_argument("--workers", type=int, action="append", default=None)
-    parser.add_argument("--requests", type=int, default=512)
-    parser.add_argument("--min-prompt", type=int, default=32)
-    parser.add_argument("--max-prompt", type=int, default=256)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--max-num-seqs", type=int, default=512)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    add_workload_arguments(parser)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--start-timeout", type=float, default=300)
     args = parser.parse_args()
-    rng = random.Random(0)
     vocab = 50257 if "llama" not in args.model else 49152
     hi = min(args.max_prompt, 100) if args.model == "random:tiny" else args.max_prompt
-    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(min(args.min_prompt, hi), hi))]
-               for _ in range(args.requests)]  # fmt: skip
+    prompts = workload(args.requests, min(args.min_prompt, hi), hi, vocab)
     rows = [run_once(args, n, prompts) for n in args.workers or [1, 2]]
     for row in rows:
         row["scaling"] = row["tok_s"] / rows[0]["tok_s"]

@@ -7,7 +7,6 @@ Run on a GPU: python bench/throughput.py --shape gpt2 --shape gpt2-xl --dtype fl
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 from pathlib import Path
 
@@ -16,14 +15,9 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import print_table, timed, write_json  # noqa: E402
+from bench.common import add_workload_arguments, print_table, timed, workload, write_json  # noqa: E402
 from bench.peers import same_weights, weight_bytes  # noqa: E402
 from gpu_worker.config import SamplingParams  # noqa: E402
-
-
-def workload(num: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(50257) for _ in range(rng.randint(lo, hi))] for _ in range(num)]
 
 
 def hf_generate_batch(model: transformers.PreTrainedModel, prompts: list[list[int]], new_tokens: int) -> int:
@@ -56,12 +50,7 @@ def main() -> None:
     parser.add_argument("--shape", action="append", default=None)
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--requests", type=int, default=512)
-    parser.add_argument("--min-prompt", type=int, default=32)
-    parser.add_argument("--max-prompt", type=int, default=256)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--max-num-seqs", type=int, default=512)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    add_workload_arguments(parser)
     parser.add_argument("--bandwidth", type=float, default=4.2e12)
     parser.add_argument("--skip-hf", action="store_true")
     args = parser.parse_args()
