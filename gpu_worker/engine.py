@@ -65,6 +65,22 @@ class FinalOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     metrics: RequestMetrics | None = None
 
+    @classmethod
+    def empty(cls, request_id: str, n: int) -> FinalOutput:
+        return cls(request_id, [], [""] * n, [[] for _ in range(n)], [None] * n, [[] for _ in range(n)])
+
+    def add(self, out: RequestOutput) -> None:
+        """Accumulate one step's deltas of this request."""
+        self.prompt_token_ids = out.prompt_token_ids
+        self.metrics = out.metrics
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        for c in out.outputs:
+            self.texts[c.index] += c.text
+            self.token_ids[c.index] += c.token_ids
+            self.logprobs[c.index] += c.logprobs or []
+            self.finish_reasons[c.index] = c.finish_reason or self.finish_reasons[c.index]
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -382,30 +398,10 @@ class LLMEngine:
     def generate(self, prompts: Seq[str | list[int]], params: SamplingParams) -> list[FinalOutput]:
         """Run a list of prompts to completion (offline use); return one FinalOutput each, in order."""
         ids = [f"offline-{next(self.seq_ids)}-{i}" for i in range(len(prompts))]
-        finals = {
-            rid: FinalOutput(
-                rid,
-                [],
-                [""] * params.n,
-                [[] for _ in range(params.n)],
-                [None] * params.n,
-                [[] for _ in range(params.n)],
-            )
-            for rid in ids
-        }
+        finals = {rid: FinalOutput.empty(rid, params.n) for rid in ids}
         for rid, prompt in zip(ids, prompts, strict=True):
             self.add_request(rid, prompt, params)
         for out in self.stream():
-            final = finals.get(out.request_id)
-            if final is None:
-                continue
-            final.prompt_token_ids = out.prompt_token_ids
-            final.metrics = out.metrics
-            if out.prompt_logprobs is not None:
-                final.prompt_logprobs = out.prompt_logprobs
-            for c in out.outputs:
-                final.texts[c.index] += c.text
-                final.token_ids[c.index] += c.token_ids
-                final.logprobs[c.index] += c.logprobs or []
-                final.finish_reasons[c.index] = c.finish_reason or final.finish_reasons[c.index]
+            if out.request_id in finals:
+                finals[out.request_id].add(out)
         return [finals[rid] for rid in ids]
