@@ -40,6 +40,11 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
 
 
+def add_decode_steps_argument(parser: argparse.ArgumentParser) -> None:
+    """Add --decode-steps (repeatable): tokens per sequence per decode launch, one result row each."""
+    parser.add_argument("--decode-steps", type=int, action="append", default=None)
+
+
 def workload(num: int, lo: int, hi: int, vocab: int = 50257, seed: int = 0) -> list[list[int]]:
     """Return `num` random prompts with lengths uniform in [lo, hi]."""
     rng = random.Random(seed)

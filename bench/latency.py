@@ -1,7 +1,7 @@
 """Batch-1 decode latency: Ruvon vs HF transformers eager generate() on the same random GPT-2 weights.
 
 Workload: one 128-token prompt, 256 new tokens, greedy, EOS ignored.
-Run on a GPU: python bench/latency.py --shape gpt2 --shape gpt2-xl --dtype float16
+Run on a GPU: python bench/latency.py --shape gpt2 --shape gpt2-xl --decode-steps 1 --decode-steps 8
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import print_table, write_json  # noqa: E402
+from bench.common import add_decode_steps_argument, print_table, write_json  # noqa: E402
 from bench.peers import same_weights, weight_bytes  # noqa: E402
 from gpu_worker.config import SamplingParams  # noqa: E402
 from gpu_worker.engine import LLMEngine  # noqa: E402
@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument(
         "--bandwidth", type=float, default=4.2e12, help="measured HBM bytes/s for the roofline"
     )
+    add_decode_steps_argument(parser)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     rows = []
@@ -85,24 +86,27 @@ def main() -> None:
         prompt = [random.Random(0).randrange(50257) for _ in range(args.prompt_len)]
         ruvon_ms_per_token(engine, prompt, 8)  # warm-up (graph capture, allocator)
         hf_ms_per_token(hf, prompt, 8)
-        r_ttft, r_tpot, r_tokens = ruvon_ms_per_token(engine, prompt, args.new_tokens)
         h_ttft, h_tpot, h_tokens = hf_ms_per_token(hf, prompt, args.new_tokens)
-        same = next(
-            (i for i, (a, b) in enumerate(zip(r_tokens, h_tokens, strict=False)) if a != b), len(r_tokens)
-        )
         roofline = weight_bytes(hf) / args.bandwidth * 1e3
-        rows.append(
-            {
-                "shape": shape,
-                "ruvon_ms_tok": r_tpot,
-                "hf_ms_tok": h_tpot,
-                "speedup": h_tpot / r_tpot,
-                "roofline_ms_tok": roofline,
-                "ruvon_ttft_ms": r_ttft,
-                "hf_ttft_ms": h_ttft,
-                "greedy_agree": same,
-            }
-        )
+        for steps in args.decode_steps or [engine.decode_steps]:
+            engine.decode_steps = steps
+            r_ttft, r_tpot, r_tokens = ruvon_ms_per_token(engine, prompt, args.new_tokens)
+            same = next(
+                (i for i, (a, b) in enumerate(zip(r_tokens, h_tokens, strict=False)) if a != b), len(r_tokens)
+            )
+            rows.append(
+                {
+                    "shape": shape,
+                    "decode_steps": steps,
+                    "ruvon_ms_tok": r_tpot,
+                    "hf_ms_tok": h_tpot,
+                    "speedup": h_tpot / r_tpot,
+                    "roofline_ms_tok": roofline,
+                    "ruvon_ttft_ms": r_ttft,
+                    "hf_ttft_ms": h_ttft,
+                    "greedy_agree": same,
+                }
+            )
         del hf, engine
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -71,12 +71,15 @@ def main() -> None:
         params = SamplingParams(temperature=0.0, max_tokens=args.steps + 20, ignore_eos=True)
         for i in range(batch):
             engine.add_request(f"r{i}", [rng.randrange(50257) for _ in range(args.prompt_len)], params)
+        prefill_steps = 0
         while engine.scheduler.num_waiting or any(
             s.num_uncomputed_tokens > 1 for s in engine.scheduler.running
         ):
             engine.step()  # finish prefill
+            prefill_steps += 1
         for _ in range(5):
             engine.step()
+        print(f"prefill took {prefill_steps} steps; {len(engine.scheduler.running)} running", flush=True)
         totals: dict[str, float] = defaultdict(float)
         instrument(engine, totals)
         if device == "cuda":
@@ -94,7 +97,8 @@ def main() -> None:
         step_ms = (time.perf_counter() - start) * 1e3 / args.steps
         rows = [{"phase": k, "ms_per_step": v * 1e3 / args.steps} for k, v in totals.items()]
         rows.append({"phase": "whole step", "ms_per_step": step_ms})
-        print(f"\n{engine.label}, batch {batch}, {args.steps} decode steps (profiler on: adds overhead)")
+        running = len(engine.scheduler.running)
+        print(f"\n{engine.label}, batch {batch} ({running} running), {args.steps} decode steps (profiler on)")
         print_table(rows)
         if prof is not None:
             print(

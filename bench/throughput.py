@@ -1,7 +1,7 @@
 """Offline throughput: 512 requests (prompts 32-256 tokens, 128 new tokens, EOS ignored), Ruvon vs HF.
 
 The peer is HF transformers' continuous batching (generate_batch with paged attention) on the same weights.
-Run on a GPU: python bench/throughput.py --shape gpt2 --shape gpt2-xl --dtype float16
+Run on a GPU: python bench/throughput.py --shape gpt2 --shape gpt2-xl --decode-steps 1 --decode-steps 8
 """
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import add_workload_arguments, print_table, timed, workload, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_decode_steps_argument,
+    add_workload_arguments,
+    print_table,
+    timed,
+    workload,
+    write_json,
+)
 from bench.peers import same_weights, weight_bytes  # noqa: E402
 from gpu_worker.config import SamplingParams  # noqa: E402
 
@@ -53,6 +60,7 @@ def main() -> None:
     add_workload_arguments(parser)
     parser.add_argument("--bandwidth", type=float, default=4.2e12)
     parser.add_argument("--skip-hf", action="store_true")
+    add_decode_steps_argument(parser)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     prompts = workload(args.requests, args.min_prompt, args.max_prompt)
@@ -70,17 +78,28 @@ def main() -> None:
         engine.generate(
             prompts[:8], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
         )  # warm-up
-        r_s, outs = timed(lambda e=engine, p=params: e.generate(prompts, p))
-        r_tokens = sum(len(o.token_ids[0]) for o in outs)
-        row = {"shape": shape, "ruvon_tok_s": r_tokens / r_s, "ruvon_s": r_s}
+        peer: dict[str, object] = {}
         if not args.skip_hf:
             try:
                 h_s, h_tokens = timed(lambda m=hf: hf_generate_batch(m, prompts, args.new_tokens))
-                row.update({"hf_tok_s": h_tokens / h_s, "speedup": (r_tokens / r_s) / (h_tokens / h_s)})
+                peer = {"hf_tok_s": h_tokens / h_s}
             except Exception as exc:  # the peer's API moves between versions: report, don't hide
-                row.update({"hf_tok_s": f"failed: {type(exc).__name__}: {exc}"[:80]})
-        row["roofline_tok_s"] = r_tokens / (bytes_moved(hf, prompts, args) / args.bandwidth)
-        rows.append(row)
+                peer = {"hf_tok_s": f"failed: {type(exc).__name__}: {exc}"[:80]}
+        for steps in args.decode_steps or [engine.decode_steps]:
+            engine.decode_steps = steps
+            r_s, outs = timed(lambda e=engine, p=params: e.generate(prompts, p))
+            r_tokens = sum(len(o.token_ids[0]) for o in outs)
+            row = {
+                "shape": shape,
+                "decode_steps": steps,
+                "ruvon_tok_s": r_tokens / r_s,
+                "ruvon_s": r_s,
+                **peer,
+            }
+            if isinstance(peer.get("hf_tok_s"), float):
+                row["speedup"] = (r_tokens / r_s) / peer["hf_tok_s"]  # type: ignore[operator]
+            row["roofline_tok_s"] = r_tokens / (bytes_moved(hf, prompts, args) / args.bandwidth)
+            rows.append(row)
         del hf, engine
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -53,6 +53,13 @@ class EngineConfig:
     cuda_graph_max_batch: int = 512
     max_waiting: int = 10_000  # admission bound on queued requests
     max_waiting_tokens: int | None = None  # ... and on their tokens (prompt + max completion); None: no bound
+    # Decode-only steps run as launches of `decode_steps` tokens per sequence, fed back on the device
+    # (model_runner.DecodeLaunch) when decode_steps > 1 or async_decode is on. >1 amortises the host's
+    # per-step work over several tokens; the stream then arrives in bursts of that many tokens.
+    decode_steps: int = 1
+    # Queue the next decode launch before reading the last one back, so the host's bookkeeping overlaps the
+    # device's work. None: on for CUDA, off on CPU (where it would only waste the lookahead's compute).
+    async_decode: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,12 @@ class SamplingParams:
         for ok, param, message in checks:
             if not ok:
                 raise InvalidRequestError(message, param=param)
+
+    @property
+    def device_only(self) -> bool:
+        """Whether the next token depends on nothing the host has to supply (no penalties over earlier output,
+        no logprobs to read back), so decode steps can be chained on the device."""
+        return self.logprobs is None and not self.presence_penalty and not self.frequency_penalty
 
     @property
     def greedy(self) -> bool:

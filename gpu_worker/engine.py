@@ -2,6 +2,12 @@
 
 The loop reads: batch = scheduler.schedule(); result = runner.run(batch); scheduler.postprocess(batch),
 then each sequence that got a token is detokenised and checked for stop conditions.
+
+When every running sequence is decoding, nothing waits and no one needs host-side sampling state, steps
+become decode launches instead (_decode_step): a launch chains `decode_steps` steps on the device, and with
+async_decode the next launch is queued before the last one is read back, so the host's per-token work runs
+while the device computes. A sequence that stops inside a launch has computed a few tokens too many: they
+are dropped, and the blocks they were written to go back to the pool.
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ from gpu_worker.cost import WorkModel, attribute_step
 from gpu_worker.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from gpu_worker.errors import InvalidRequestError
 from gpu_worker.loader import LoadedModel, load_model
-from gpu_worker.model_runner import ModelRunner, StepResult
-from gpu_worker.scheduler import Scheduler
+from gpu_worker.model_runner import DecodeLaunch, ModelRunner, StepResult
+from gpu_worker.scheduler import ScheduledBatch, Scheduler
 from gpu_worker.sequence import Request, RequestMetrics, Sequence, TokenLogprob
 from gpu_worker.tokenizer import Tokenizer, load_tokenizer
 
@@ -146,6 +152,16 @@ class LLMEngine:
         self.work_model = WorkModel.for_model(self.model_config)
         self.busy_seconds = 0.0  # total measured step time, all of it attributed to requests (cost.py)
         self._aborted: list[Request] = []  # aborted since the last step, still owed a final output
+        if config.decode_steps < 1:
+            raise ValueError("decode_steps must be at least 1")
+        self.decode_steps = config.decode_steps  # read at every launch; benchmarks vary it on one engine
+        self.async_decode = (
+            config.async_decode if config.async_decode is not None else self.device.type == "cuda"
+        )
+        # Chained launches pay off on CUDA; on CPU they are only used when asked for.
+        self.chain_decodes = config.decode_steps > 1 or self.async_decode
+        self._launch: DecodeLaunch | None = None  # decode launch queued on the device, not yet read back
+        self._last_collect = 0.0  # perf_counter() when the last launch was read back
 
     def _blocks_from_memory(self) -> int:
         cfg = self.model_config
@@ -252,6 +268,18 @@ class LLMEngine:
         """Run one scheduling + model step; return outputs of requests that progressed or ended."""
         touched: dict[str, Request] = {r.request_id: r for r in self._aborted}
         self._aborted = []
+        if self._launch is not None or self._can_chain_decodes():
+            batch, step_seconds = self._decode_step(touched)
+        else:
+            batch, step_seconds = self._scheduled_step(touched)
+        requests = list(touched.values())
+        outputs = [self._output(r) for r in requests]
+        if self.telemetry is not None:
+            self.telemetry.observe_step(self, batch, step_seconds, outputs, requests)
+        return outputs
+
+    def _scheduled_step(self, touched: dict[str, Request]) -> tuple[ScheduledBatch, float | None]:
+        """One scheduler-built step (prefill chunks and decodes together); note progressed requests in touched."""
         batch = self.scheduler.schedule()
         step_seconds: float | None = None
         if batch:
@@ -270,11 +298,78 @@ class LLMEngine:
                 if seq.request.prompt_logprobs and not seq.request.prompt_logprobs_sent:
                     touched[seq.request.request_id] = seq.request
             self.num_steps += 1
-        requests = list(touched.values())
-        outputs = [self._output(r) for r in requests]
-        if self.telemetry is not None:
-            self.telemetry.observe_step(self, batch, step_seconds, outputs, requests)
-        return outputs
+        return batch, step_seconds
+
+    # ---- chained decode launches ---------------------------------------------------------------
+    def _can_chain_decodes(self) -> bool:
+        """Whether the next step may be a decode launch: all running sequences decode, none waits."""
+        scheduler = self.scheduler
+        if not self.chain_decodes or scheduler.num_waiting or not scheduler.running:
+            return False
+        return all(s.num_uncomputed_tokens == 1 and s.params.device_only for s in scheduler.running)
+
+    def _launch_decodes(self, prev: DecodeLaunch | None) -> DecodeLaunch | None:
+        """Allocate blocks for and queue the next launch (after `prev`, if that is still in flight); None if
+        blocks run short, which leaves the scheduler's ordinary step (with its preemption) to go on."""
+        steps = self.decode_steps
+        seqs: list[Sequence] = []
+        first: list[int] = []
+        last: list[int] = []
+        for seq in self.scheduler.running:
+            in_flight = 0
+            if prev is not None:
+                if seq.seq_id not in prev.rows:
+                    return None
+                in_flight = prev.steps
+            start = seq.num_computed_tokens + in_flight
+            # The request's final token is sampled at position max_total - 2 and never fed back.
+            end = seq.request.max_total_tokens - 2
+            if start > end:
+                continue  # `prev` already samples its last token
+            stop = min(start + steps - 1, end)
+            need = stop + 1 - seq.num_computed_tokens
+            if not self.block_manager.can_allocate(seq, need):
+                return None
+            self.block_manager.allocate(seq, need)
+            seqs.append(seq)
+            first.append(start)
+            last.append(stop)
+        if not seqs:
+            return None
+        return self.runner.launch_decode(seqs, first, last, steps, prev)
+
+    def _decode_step(self, touched: dict[str, Request]) -> tuple[ScheduledBatch, float | None]:
+        """Read back one decode launch (queuing the next first, with async_decode) and apply its tokens."""
+        current = self._launch or self._launch_decodes(None)
+        self._launch = None
+        if current is None:  # blocks ran short: an ordinary step preempts
+            return self._scheduled_step(touched)
+        if self.async_decode and self._can_chain_decodes():
+            self._launch = self._launch_decodes(current)
+        sampled = self.runner.collect(current)
+        now = time.perf_counter()
+        live = [
+            (seq, tokens) for seq, tokens in zip(current.seqs, sampled, strict=True) if not seq.is_finished
+        ]
+        batch = ScheduledBatch([seq for seq, _ in live], [len(tokens) for _, tokens in live])
+        if not batch:  # every sequence in it was aborted while it ran (the worker may have idled since)
+            return batch, None
+        # The device worked on this launch from when it was queued or the previous one was read back.
+        step_seconds = now - max(current.started, self._last_collect)
+        self._last_collect = now
+        self.busy_seconds += step_seconds
+        attribute_step(batch, step_seconds, self.work_model)
+        for seq, tokens in live:
+            for token in tokens:
+                seq.num_computed_tokens += 1  # the step's input token is in the cache now
+                self._append_token(seq, token, None)
+                if seq.is_finished:
+                    break
+            else:
+                self.block_manager.commit(seq)
+            touched[seq.request.request_id] = seq.request
+        self.num_steps += 1
+        return batch, step_seconds
 
     def _record_prompt_logprobs(self, result: StepResult) -> None:
         for seq, first, rows in result.prompt_logprobs:

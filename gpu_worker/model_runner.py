@@ -1,7 +1,12 @@
-"""Turns a scheduled batch into flat tensors, runs the model, samples on the device, and syncs once."""
+"""Turns a scheduled batch into flat tensors, runs the model, samples on the device, and syncs once.
+
+Decode-only work has a second path, launch_decode(): several decode steps chained on the device (each step's
+sampled tokens are the next step's inputs), queued without waiting, and read back later by collect().
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +38,20 @@ class FlatBatch:
     sample_rows: torch.Tensor  # [S] index into T of each sequence's last token, for caught-up seqs
     sample_seqs: list[Sequence]
     prompt_rows: list[tuple[Sequence, int, int, int]]  # (seq, flat start, first position, count)
+
+
+@dataclass
+class DecodeLaunch:
+    """Decode steps queued on the device for a fixed set of sequences; collect() reads their tokens back."""
+
+    seqs: list[Sequence]
+    steps: int
+    valid: list[int]  # per sequence: how many of the steps it may use (the rest pass its last position)
+    rows: dict[int, int]  # seq_id -> row, for the next launch to pick its input tokens from ours
+    tokens: torch.Tensor  # [steps, S] sampled ids, on the device
+    host: torch.Tensor  # [steps, S] their host copy, complete once `done` has fired
+    done: torch.cuda.Event | None
+    started: float  # perf_counter() when it was queued
 
 
 class ModelRunner:
@@ -111,6 +130,82 @@ class ModelRunner:
             sample_seqs=sample_seqs,
             prompt_rows=prompt_rows,
         )
+
+    @torch.inference_mode()
+    def launch_decode(
+        self,
+        seqs: list[Sequence],
+        first: list[int],
+        last: list[int],
+        steps: int,
+        prev: DecodeLaunch | None,
+    ) -> DecodeLaunch:
+        """Queue `steps` decode steps for `seqs` and return without waiting for the device.
+
+        Sequence i feeds positions first[i], first[i]+1, ... up to last[i] (its final useful position; steps past
+        it recompute last[i] and store nothing). Its first input token is its last known token, or, when `prev`
+        is still in flight, the token `prev` samples last for it. Every position's block must be allocated.
+        """
+        started = time.perf_counter()
+        n, bs = len(seqs), self.block_size
+        width = max(len(s.block_table) for s in seqs)
+        tables = [b for s in seqs for b in s.block_table + [0] * (width - len(s.block_table))]
+        source = [prev.rows[s.seq_id] for s in seqs] if prev is not None else [s.token_ids[-1] for s in seqs]
+        host = torch.tensor(source + first + last + tables, dtype=torch.int64)
+        if self.device.type == "cuda":
+            host = host.pin_memory()  # a pageable copy would wait for the work already queued
+        packed = host.to(self.device, non_blocking=True)
+        src, first_t, last_t, tables_flat = packed.split([n, n, n, n * width])
+        block_tables = tables_flat.view(n, width)
+        ids = prev.tokens[-1].index_select(0, src) if prev is not None else src
+        # Every step's positions, slots and context lengths at once: [steps, n].
+        wanted = first_t[None, :] + torch.arange(steps, device=self.device)[:, None]
+        positions = torch.minimum(wanted, last_t[None, :])
+        slots = block_tables.gather(1, (positions // bs).t()).t() * bs + positions % bs
+        slots = torch.where(wanted <= last_t[None, :], slots, -1).contiguous()
+        context_lens = (positions + 1).int()
+        block_tables = block_tables.int()
+        query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=self.device)
+        tensors = (
+            SamplingTensors.build(seqs, self.vocab_size, self.device) if needs_processing(seqs) else None
+        )
+        tokens = torch.empty(steps, n, dtype=torch.int64, device=self.device)
+        use_graph = self.graphs is not None and self.graphs.fits(n)
+        for j in range(steps):
+            meta = AttentionMetadata(
+                slot_mapping=slots[j],
+                query_start_loc=query_start_loc,
+                context_lens=context_lens[j],
+                block_tables=block_tables,
+                max_query_len=1,
+                max_context_len=max(last) + 1,
+            )
+            if use_graph:
+                assert self.graphs is not None
+                logits = self.graphs.run(ids, positions[j], meta)
+            else:
+                with self.model.context.use(meta):
+                    logits = self.model.compute_logits(self.model(ids, positions[j]))
+            ids = sample(logits, seqs, tensors)
+            tokens[j] = ids
+        done = None
+        if self.device.type == "cuda":
+            out = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            out.copy_(tokens, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            out = tokens
+        valid = [min(steps, b - a + 1) for a, b in zip(first, last, strict=True)]
+        rows = {s.seq_id: i for i, s in enumerate(seqs)}
+        return DecodeLaunch(seqs, steps, valid, rows, tokens, out, done, started)
+
+    def collect(self, launch: DecodeLaunch) -> list[list[int]]:
+        """Wait for a launch and return each sequence's sampled tokens (only the valid ones)."""
+        if launch.done is not None:
+            launch.done.synchronize()
+        columns = launch.host.t().tolist()
+        return [col[:v] for col, v in zip(columns, launch.valid, strict=True)]
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:

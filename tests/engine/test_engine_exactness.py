@@ -47,13 +47,25 @@ def test_it_matches_hf_greedy_alone(peer_name: str, request: pytest.FixtureReque
     assert out.token_ids[0] == peer.greedy(ids, 12)
 
 
+# Decode steps as the scheduler builds them (CPU default), and as chained device launches (model_runner).
+DECODE_MODES = {
+    "scheduled": {},
+    "async": {"async_decode": True},
+    "launches-of-3": {"decode_steps": 3, "async_decode": False},
+    "async-launches-of-4": {"decode_steps": 4, "async_decode": True},
+}
+
+
+@pytest.mark.parametrize("mode", DECODE_MODES)
 @pytest.mark.parametrize("peer_name", ["tiny_gpt2", "tiny_llama"])
 def test_it_matches_hf_greedy_in_a_batch_with_chunks_joiners_and_preemption(
-    peer_name: str, request: pytest.FixtureRequest
+    peer_name: str, mode: str, request: pytest.FixtureRequest
 ) -> None:
     peer: Peer = request.getfixturevalue(peer_name)
     # 16 blocks of 4 tokens cannot hold eight running sequences of up to 49 tokens: preemption must happen.
-    engine = engine_for(peer, num_blocks=16, block_size=4, max_num_batched_tokens=16, max_num_seqs=8)
+    engine = engine_for(
+        peer, num_blocks=16, block_size=4, max_num_batched_tokens=16, max_num_seqs=8, **DECODE_MODES[mode]
+    )
     batch = prompts(peer.model.config.vocab_size, [3, 37, 8, 21, 5, 30, 13, 2, 17, 26])
     got = run_with_late_joiners(engine, batch, late=4)
     for i, ids in enumerate(batch):

@@ -74,15 +74,19 @@ def test_it_moves_counters_and_histograms_by_the_right_amounts(engine: LLMEngine
         engine.add_request(rid, prompts[rid], SamplingParams(max_tokens=max_tokens, ignore_eos=True))
     engine.add_request("x", prompts["x"], SamplingParams(max_tokens=40, ignore_eos=True))
     batch_sizes: list[int] = []
-    original_schedule = engine.scheduler.schedule
 
-    def schedule():  # type: ignore[no-untyped-def]
-        batch = original_schedule()
-        if batch:
-            batch_sizes.append(len(batch.seqs))
-        return batch
+    def recording(step):  # type: ignore[no-untyped-def]
+        # Both kinds of step (scheduled, chained decode launch) return the batch they ran.
+        def wrapped(touched):  # type: ignore[no-untyped-def]
+            batch, seconds = step(touched)
+            if batch:
+                batch_sizes.append(len(batch.seqs))
+            return batch, seconds
 
-    engine.scheduler.schedule = schedule  # type: ignore[method-assign]
+        return wrapped
+
+    engine._scheduled_step = recording(engine._scheduled_step)  # type: ignore[method-assign]
+    engine._decode_step = recording(engine._decode_step)  # type: ignore[method-assign]
     tokens = run(engine, abort_after_first_token={"x"})
     samples = parse(generate_latest(telemetry.registry).decode())
 
