@@ -1,15 +1,19 @@
-"""Paged attention on a GPU: the Triton kernels vs the torch reference vs torch SDPA on dense gathered K/V.
+"""Paged attention on a GPU: the Triton kernels vs the torch reference vs torch SDPA on dense gathered K/V;
+and the small-M linear kernel vs cuBLAS (F.linear) on GPT-2's decode GEMMs.
 
-Run on a GPU: python bench/kernels_bench.py [--quick] [--out results.json]
+Run on a GPU: python bench/kernels_bench.py [--quick] [--linear-only] [--out results.json]
 Times are medians of triton.testing.do_bench (CUDA events, L2 flushed before every call). `graph` times
 replay the call captured in a CUDA graph, as the engine's decode does: device time without Python's
 launch cost. `eager` times include it; `host` is the Python-side cost of one call. Bandwidth is the K/V
-bytes a decode step must read (B * L * Hkv * D * 2 tensors * 2 bytes) over the graph time.
+bytes a decode step must read (B * L * Hkv * D * 2 tensors * 2 bytes) over the graph time; for the
+linear section it is the weight's bytes over the time per call, from a graph of calls on distinct weight copies
+(together several times the L2), as a decode step's chain of layers runs them.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import sys
 import time
@@ -18,10 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import print_table, write_json  # noqa: E402
+from kernels.linear import DEFAULT_TILING as LINEAR_TILING  # noqa: E402
+from kernels.linear import Tiling as LinearTiling  # noqa: E402
+from kernels.linear import small_m_linear  # noqa: E402
 from kernels.paged_attention import DEFAULT_TILING, Tiling, paged_attention  # noqa: E402
 from kernels.reference import paged_attention_ref  # noqa: E402
 
@@ -43,6 +51,19 @@ PREFILL_SWEEP = [
     Tiling(prefill_block_m=m, prefill_block_n=n, prefill_stages=s)
     for m, n, s in itertools.product((64, 128), (32, 64), (2, 3))
 ]
+# (N, K) of GPT-2's linear layers: qkv, attention out, MLP up (carries the tanh-GELU), MLP down.
+LINEAR_SHAPES = {
+    "gpt2": ((2304, 768), (768, 768), (3072, 768), (768, 3072)),
+    "gpt2-xl": ((4800, 1600), (1600, 1600), (6400, 1600), (1600, 6400)),
+}
+LINEAR_ROWS = (1, 2, 4, 8, 16)
+LINEAR_SWEEP = [
+    LinearTiling(min_programs=p, tile=t, num_warps=w)
+    for p, t, w in itertools.product((264, 528, 1056), (4096, 8192, 16384), (4, 8))
+]
+LINEAR_SWEEP_CASES = (("gpt2-xl", 4800, 1600, 1), ("gpt2-xl", 1600, 6400, 1), ("gpt2-xl", 4800, 1600, 4))
+LINEAR_FIELDS = ("min_programs", "tile", "num_warps")
+LINEAR_CHAIN_BYTES = 256 * 2**20  # weight copies per timed graph: several times the H200's 60 MB L2
 
 
 def median_us(fn: Callable[[], Any]) -> float:
@@ -186,6 +207,79 @@ def sweep_case(
     return rows
 
 
+class LinearCase:
+    """An fp16 decode GEMM: x [M, K] against nn.Linear weights [N, K] and bias; GELU on the MLP's up projection.
+
+    Holds enough copies of the weight that a graph of one call per copy streams them from HBM, not L2.
+    """
+
+    def __init__(self, n: int, k: int, m: int) -> None:
+        self.x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
+        self.weight_bytes = n * k * 2
+        copies = max(2, -(-LINEAR_CHAIN_BYTES // self.weight_bytes))
+        self.weights = [torch.randn(n, k, device=DEVICE, dtype=torch.float16) / k**0.5 for _ in range(copies)]
+        self.bias = torch.randn(n, device=DEVICE, dtype=torch.float16)
+        self.gelu = n == 4 * k
+
+    def triton(self, tiling: LinearTiling = LINEAR_TILING) -> None:
+        for weight in self.weights:
+            small_m_linear(self.x, weight, self.bias, self.gelu, tiling)
+
+    def cublas(self) -> None:
+        for weight in self.weights:
+            out = F.linear(self.x, weight, self.bias)
+            if self.gelu:
+                F.gelu(out, approximate="tanh")
+
+    def per_call_us(self, fn: Callable[[], None]) -> float:
+        """Return the graph time of fn (one call per weight copy) divided by the copies."""
+        return graph_us(fn) / len(self.weights)
+
+    def error(self) -> float:
+        """Return the kernel's relative L2 error against F.linear (+ GELU) in fp32."""
+        out = small_m_linear(self.x, self.weights[0], self.bias, self.gelu).float()
+        ref = F.linear(self.x.float(), self.weights[0].float(), self.bias.float())
+        ref = F.gelu(ref, approximate="tanh") if self.gelu else ref
+        return ((out - ref).norm() / ref.norm()).item()
+
+
+def linear_row(model: str, n: int, k: int, m: int) -> dict[str, Any]:
+    """Graph-time small_m_linear and cuBLAS on one case; compare the kernel with fp32 first."""
+    case = LinearCase(n, k, m)
+    error = case.error()
+    if not error < 1e-2:
+        print(f"MISMATCH linear {model} {n}x{k} M={m}: relative error {error:.2e}", flush=True)
+    triton_us, cublas_us = case.per_call_us(case.triton), case.per_call_us(case.cublas)
+    row = {"model": model, "N": n, "K": k, "M": m, "gelu": case.gelu, "triton_us": triton_us}
+    row |= {"cublas_us": cublas_us, "speedup": cublas_us / triton_us}
+    row |= {
+        "triton_TB_s": case.weight_bytes / triton_us / 1e6,
+        "cublas_TB_s": case.weight_bytes / cublas_us / 1e6,
+    }
+    return row | {"err_x1e4": error * 1e4}
+
+
+def linear_rows() -> list[dict[str, Any]]:
+    """Return one row per (model, layer shape, M)."""
+    cases = [(model, n, k) for model, shapes in LINEAR_SHAPES.items() for n, k in shapes]
+    return [linear_row(model, n, k, m) for model, n, k in cases for m in LINEAR_ROWS]
+
+
+def linear_sweep_rows() -> list[dict[str, Any]]:
+    """Graph-time each linear tiling variant on a few cases; one row per (case, variant)."""
+    rows = []
+    for model, n, k, m in LINEAR_SWEEP_CASES:
+        case = LinearCase(n, k, m)
+        name = f"linear {model} {n}x{k} M={m}"
+        for tiling in LINEAR_SWEEP:
+            us = case.per_call_us(functools.partial(case.triton, tiling))
+            label = " ".join(f"{f}={getattr(tiling, f)}" for f in LINEAR_FIELDS)
+            is_default = all(getattr(tiling, f) == getattr(LINEAR_TILING, f) for f in LINEAR_FIELDS)
+            row = {"case": name, "tiling": label + (" *" if is_default else ""), "us": us}
+            rows.append(row | {"rate": case.weight_bytes / us / 1e6, "unit": "TB/s"})
+    return rows
+
+
 def copy_tb_per_s() -> float:
     """Return device-to-device copy bandwidth, bytes read plus written, on 2 GiB: the ceiling to compare to."""
     src = torch.randn(2**29, device=DEVICE)
@@ -197,6 +291,7 @@ def copy_tb_per_s() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="skip the tiling sweep")
+    parser.add_argument("--linear-only", action="store_true", help="run only the small-M linear sections")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -210,17 +305,34 @@ def main() -> None:
     ]
     if not args.quick:
         sections.append(("sweep", sweep_rows))
+    if args.linear_only:
+        sections = []
+    sections.append(("linear", linear_rows))
+    if not args.quick:
+        sections.append(("linear_sweep", linear_sweep_rows))
     for name, run in sections:
         payload[name] = run()
         path = write_json("kernels_bench", payload)
         if args.out:
             args.out.write_text(path.read_text())
-    print("\nTiling sweep (graph times; * = default):" + (" skipped" if args.quick else ""))
-    print_table(payload.get("sweep", []))
-    print("\nPrefill over a paged prefix (gpt2 heads, fp16):")
-    print_table(payload["prefill"])
-    print(f"\nDecode (fp16, block 16); device copy bandwidth {payload['copy_TB_s']:.2f} TB/s (read + write):")
-    print_table(payload["decode"])
+    if not args.linear_only:
+        print("\nTiling sweep (graph times; * = default):" + (" skipped" if args.quick else ""))
+        print_table(payload.get("sweep", []))
+        print("\nPrefill over a paged prefix (gpt2 heads, fp16):")
+        print_table(payload["prefill"])
+        print(
+            f"\nDecode (fp16, block 16); device copy bandwidth {payload['copy_TB_s']:.2f} TB/s (read + write):"
+        )
+        print_table(payload["decode"])
+    print(
+        "\nSmall-M linear tiling sweep (graph time per call; * = default):"
+        + (" skipped" if args.quick else "")
+    )
+    print_table(payload.get("linear_sweep", []))
+    print(
+        f"\nSmall-M linear vs cuBLAS (fp16, graph time per call; copy bandwidth {payload['copy_TB_s']:.2f} TB/s):"
+    )
+    print_table(payload["linear"])
     print(f"\nwrote {path}")
 
 

@@ -1,6 +1,9 @@
 """Where one decode step's time goes: host phases (schedule, prepare, model, postprocess, outputs) and GPU ops.
 
 Run on a GPU: python bench/profile_step.py --shape gpt2 --batch 1 --batch 512
+
+Decode-only steps are chained launches on CUDA (async_decode): "launch_decode" is the host's time to queue one,
+"collect" its wait for the device plus the read-back; the step's wall time is what counts.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ PHASES = {
     "schedule": ("scheduler", "schedule"),
     "prepare": ("runner", "prepare"),
     "run (model+sample+sync)": ("runner", "run"),
+    "launch_decode (queue)": ("runner", "launch_decode"),
+    "collect (wait + read)": ("runner", "collect"),
     "postprocess": ("scheduler", "postprocess"),
     "append_token": ("engine", "_append_token"),
     "outputs": ("engine", "_output"),
@@ -55,6 +60,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, action="append", default=None)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--decode-steps", type=int, default=1)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results: dict[str, Any] = {}
@@ -65,10 +71,13 @@ def main() -> None:
                 device=device,
                 max_num_seqs=max(batch, 1),
                 max_num_batched_tokens=max(8192, args.prompt_len * 4),
+                decode_steps=args.decode_steps,
             )
         )
         rng = random.Random(0)
-        params = SamplingParams(temperature=0.0, max_tokens=args.steps + 20, ignore_eos=True)
+        params = SamplingParams(
+            temperature=0.0, max_tokens=(args.steps + 20) * args.decode_steps, ignore_eos=True
+        )
         for i in range(batch):
             engine.add_request(f"r{i}", [rng.randrange(50257) for _ in range(args.prompt_len)], params)
         prefill_steps = 0

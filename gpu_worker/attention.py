@@ -1,4 +1,4 @@
-"""Per-step attention metadata, the context object models read it from, and the paged attention layer."""
+"""Per-step attention metadata, the kernel backend, the context models read both from, and paged attention."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from kernels.reference import paged_attention_ref, store_kv_ref
+from kernels.reference import (
+    add_layer_norm_ref,
+    add_rms_norm_ref,
+    linear_ref,
+    paged_attention_ref,
+    store_kv_ref,
+)
 
 if TYPE_CHECKING:
     from gpu_worker.models.base import CausalLM
@@ -29,11 +35,17 @@ class AttentionMetadata:
 
 
 @dataclass
-class AttentionBackend:
-    """The two cache operations; the runner picks Triton kernels on CUDA, references elsewhere."""
+class KernelBackend:
+    """The kernels models call: the two cache operations, the fused residual-add + norms, and linear layers.
+
+    The runner sets the Triton kernels on CUDA (kernels.cuda_backend()); elsewhere the torch references run.
+    """
 
     store_kv: Callable[..., None] = store_kv_ref
     paged_attention: Callable[..., torch.Tensor] = paged_attention_ref
+    add_layer_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = add_layer_norm_ref
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = add_rms_norm_ref
+    linear: Callable[..., torch.Tensor] = linear_ref  # (x, weight, bias=None, gelu=False)
 
 
 class ForwardContext:
@@ -41,7 +53,7 @@ class ForwardContext:
 
     def __init__(self) -> None:
         self.metadata: AttentionMetadata | None = None
-        self.backend = AttentionBackend()
+        self.backend = KernelBackend()
 
     @contextmanager
     def use(self, metadata: AttentionMetadata) -> Iterator[None]:

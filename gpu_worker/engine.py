@@ -359,10 +359,11 @@ class LLMEngine:
         self._last_collect = now
         self.busy_seconds += step_seconds
         attribute_step(batch, step_seconds, self.work_model)
+        wall = time.time()
         for seq, tokens in live:
             for token in tokens:
                 seq.num_computed_tokens += 1  # the step's input token is in the cache now
-                self._append_token(seq, token, None)
+                self._append_token(seq, token, None, wall)
                 if seq.is_finished:
                     break
             else:
@@ -395,37 +396,40 @@ class LLMEngine:
         )
 
     def _append_token(
-        self, seq: Sequence, token: int, lp: tuple[float, list[tuple[int, float]]] | None
+        self, seq: Sequence, token: int, lp: tuple[float, list[tuple[int, float]]] | None, now: float = 0.0
     ) -> None:
+        """Add one sampled token to a sequence: its text delta, and whether it ends the sequence.
+
+        Runs once per generated token, so it keeps to plain attribute work (a large batch spends most of its
+        host time here)."""
         request = seq.request
-        now = time.time()
-        if request.metrics.first_token_time is None:
-            request.metrics.first_token_time = now
-        request.metrics.num_generation_tokens += 1
+        metrics = request.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now or time.time()
+        metrics.num_generation_tokens += 1
         seq.token_ids.append(token)
         seq.pending_token_ids.append(token)
         if lp is not None:
             seq.pending_logprobs.append(self._token_logprob(token, *lp))
         text = self.texts[seq.seq_id]
-        params = seq.params
-        is_eos = token in self.eos_ids
-        if token in params.stop_token_ids or (is_eos and not params.ignore_eos):
-            reason: tuple[str, str | int | None] | None = ("stop", token)
-        elif (
-            seq.num_output_tokens >= (params.max_tokens or 1 << 62)
-            or seq.num_tokens >= request.max_total_tokens
-        ):
+        params = request.params
+        reason: tuple[str, str | int | None] | None = None
+        if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
+            reason = ("stop", token)
+        elif len(seq.token_ids) >= request.max_total_tokens:  # max_tokens or the context, whichever is first
             reason = ("length", None)
-        else:
-            reason = None
         # A stop token's own text is not part of the output; other tokens go through the stop matcher.
-        piece = "" if reason and reason[0] == "stop" else text.detok.push(token)
-        emitted, stopped = text.stops.feed(piece)
-        if stopped:
-            reason = ("stop", text.stops.matched)
-        elif reason is not None:
-            emitted += text.stops.feed(text.detok.flush())[0] + text.stops.flush()
-        seq.pending_text += emitted
+        piece = "" if reason is not None and reason[0] == "stop" else text.detok.push(token)
+        if not text.stops.stops:
+            emitted = piece if reason is None else piece + text.detok.flush()
+        else:
+            emitted, stopped = text.stops.feed(piece)
+            if stopped:
+                reason = ("stop", text.stops.matched)
+            elif reason is not None:
+                emitted += text.stops.feed(text.detok.flush())[0] + text.stops.flush()
+        if emitted:
+            seq.pending_text += emitted
         if reason is not None:
             self.scheduler.finish(seq, reason[0], reason[1])
 

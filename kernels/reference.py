@@ -1,4 +1,4 @@
-"""Plain-torch reference kernels for the paged KV cache; the CPU engine runs these, Triton kernels must match them.
+"""Plain-torch reference kernels (paged KV cache, add + norm); the CPU engine runs these; Triton matches them.
 
 Cache layout, per layer: k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
 A token's slot is block_id * block_size + offset; slot -1 means "do not store".
@@ -7,6 +7,7 @@ A token's slot is block_id * block_size + offset; slot -1 means "do not store".
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def store_kv_ref(
@@ -74,3 +75,42 @@ def paged_attention_ref(
         enable_gqa=num_heads != num_kv_heads,
     ).transpose(1, 2)  # [B, Q, H, D]
     return out[valid_q]
+
+
+def linear_ref(
+    x: torch.Tensor,  # [T, K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,  # [N]
+    gelu: bool = False,
+) -> torch.Tensor:
+    """Return x @ weight.T + bias ([T, N]), then tanh-GELU when gelu."""
+    out = F.linear(x, weight, bias)
+    return F.gelu(out, approximate="tanh") if gelu else out
+
+
+def add_layer_norm_ref(
+    x: torch.Tensor,  # [T, C]
+    residual: torch.Tensor | None,  # [T, C], or None for the first norm
+    weight: torch.Tensor,  # [C]
+    bias: torch.Tensor,  # [C]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (x + residual, LayerNorm of it); the new residual is x itself when residual is None."""
+    if residual is not None:
+        x = x + residual
+    return x, F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def add_rms_norm_ref(
+    x: torch.Tensor,  # [T, C]
+    residual: torch.Tensor | None,  # [T, C], or None for the first norm
+    weight: torch.Tensor,  # [C]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (x + residual, RMSNorm of it); the new residual is x itself when residual is None."""
+    if residual is not None:
+        x = x + residual
+    # Normalise in float32 (half-precision squares overflow), scale in the model's dtype.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return x, weight * x32.to(x.dtype)

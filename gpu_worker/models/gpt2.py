@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,33 +32,48 @@ class GPT2Attention(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
         self.attn = PagedAttention(context, config.num_heads, config.num_heads, config.head_dim)
+        self.context = context
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x [T, H*D]
-        return self.proj(self.attn(q, k, v))
+        linear = self.context.backend.linear
+        q, k, v = linear(x, self.qkv.weight, self.qkv.bias).chunk(3, dim=-1)  # 3 x [T, H*D]
+        return linear(self.attn(q, k, v), self.proj.weight, self.proj.bias)
 
 
 class GPT2MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, context: ForwardContext) -> None:
         super().__init__()
         self.fc = nn.Linear(config.hidden_size, config.intermediate_size)
         self.proj = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.context = context
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        linear = self.context.backend.linear  # tanh-GELU rides in fc's epilogue where the kernel allows
+        return linear(linear(x, self.fc.weight, self.fc.bias, gelu=True), self.proj.weight, self.proj.bias)
+
+
+def add_norm(
+    context: ForwardContext, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.LayerNorm
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (x + residual, norm of it) through the context's fused kernel."""
+    return context.backend.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
 
 
 class GPT2Block(nn.Module):
     def __init__(self, config: ModelConfig, context: ForwardContext) -> None:
         super().__init__()
+        self.context = context
         self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.attn = GPT2Attention(config, context)
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
-        self.mlp = GPT2MLP(config)
+        self.mlp = GPT2MLP(config, context)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+    def forward(
+        self, h: torch.Tensor, residual: torch.Tensor, next_norm: nn.LayerNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # h is ln_1 of the residual stream, applied by the step before (see GPT2ForCausalLM.forward).
+        residual, h = add_norm(self.context, self.attn(h), residual, self.ln_2)
+        return add_norm(self.context, self.mlp(h), residual, next_norm)
 
 
 class GPT2ForCausalLM(CausalLM):
@@ -77,10 +94,15 @@ class GPT2ForCausalLM(CausalLM):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden [T, C]
-        x = self.wte(input_ids) + self.wpe(positions)
-        for block in self.h:
-            x = block(x)
-        return self.ln_f(x)
+        # Each norm is fused with the residual add before it, so a block ends with the next block's ln_1
+        # (ln_f after the last block) and hands on (residual stream, normed activations).
+        embeddings = self.wte(input_ids) + self.wpe(positions)
+        blocks = cast(list[GPT2Block], list(self.h))
+        norms = [block.ln_1 for block in blocks] + [self.ln_f]
+        residual, h = add_norm(self.context, embeddings, None, norms[0])
+        for block, next_norm in zip(blocks, norms[1:], strict=True):
+            residual, h = block(h, residual, next_norm)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # [N, C] -> [N, V] float32

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,19 +12,26 @@ from gpu_worker.attention import ForwardContext, PagedAttention
 from gpu_worker.config import ModelConfig
 from gpu_worker.errors import ModelLoadError
 from gpu_worker.models.base import CausalLM
+from kernels.reference import add_rms_norm_ref
 
 
 class RMSNorm(nn.Module):
+    """Holds the norm's weight and eps; models apply it fused with the residual add through `add_norm`."""
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 (half-precision squares overflow), scale in the model's dtype.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return add_rms_norm_ref(x, None, self.weight, self.eps)[1]
+
+
+def add_norm(
+    context: ForwardContext, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (x + residual, norm of it) through the context's fused kernel."""
+    return context.backend.add_rms_norm(x, residual, norm.weight, norm.eps)
 
 
 def rope_cos_sin(
@@ -57,35 +66,49 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        linear = self.attn.context.backend.linear
+        q, k, v = linear(x, self.qkv_proj.weight).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rope(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)  # [T, H, D]
         k = apply_rope(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
         out = self.attn(q.reshape(num_tokens, self.q_size), k.reshape(num_tokens, self.kv_size), v)
-        return self.o_proj(out)
+        return linear(out, self.o_proj.weight)
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, context: ForwardContext) -> None:
         super().__init__()
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.context = context
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # 2 x [T, I]
-        return self.down_proj(F.silu(gate) * up)
+        linear = self.context.backend.linear
+        gate, up = linear(x, self.gate_up_proj.weight).chunk(2, dim=-1)  # 2 x [T, I]
+        return linear(F.silu(gate) * up, self.down_proj.weight)
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, context: ForwardContext) -> None:
         super().__init__()
+        self.context = context
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.self_attn = LlamaAttention(config, context)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, context)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self,
+        h: torch.Tensor,
+        residual: torch.Tensor,
+        next_norm: RMSNorm,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # h is input_layernorm of the residual stream, applied by the step before (see the model's forward).
+        residual, h = add_norm(
+            self.context, self.self_attn(h, cos, sin), residual, self.post_attention_layernorm
+        )
+        return add_norm(self.context, self.mlp(h), residual, next_norm)
 
 
 class LlamaForCausalLM(CausalLM):
@@ -106,11 +129,16 @@ class LlamaForCausalLM(CausalLM):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden [T, C]
-        x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.norm(x)
+        embeddings = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, embeddings.dtype)
+        # Each norm is fused with the residual add before it, so a layer ends with the next layer's
+        # input_layernorm (the final norm after the last) and hands on (residual stream, normed activations).
+        layers = cast(list[LlamaDecoderLayer], list(self.layers))
+        norms = [layer.input_layernorm for layer in layers] + [self.norm]
+        residual, h = add_norm(self.context, embeddings, None, norms[0])
+        for layer, next_norm in zip(layers, norms[1:], strict=True):
+            residual, h = layer(h, residual, next_norm, cos, sin)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # [N, C] -> [N, V] float32

@@ -22,12 +22,24 @@ def batch(vocab: int, n: int, seed: int = 3) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(rng.randint(4, 60))] for _ in range(n)]
 
 
-def test_it_matches_the_cpu_reference_path_in_fp32(tiny_gpt2: Peer) -> None:
-    prompts = batch(50257, 16)
+# On CUDA decode steps are chained launches with the next queued ahead (async_decode) unless told otherwise.
+CUDA_MODES = {
+    "async": {},
+    "async-launches-of-4": {"decode_steps": 4},
+    "scheduled": {"async_decode": False},
+}
+
+
+@pytest.mark.parametrize("mode", CUDA_MODES)
+@pytest.mark.parametrize("num_prompts", [1, 16])  # one prompt: the single-row linear kernel runs too
+def test_it_matches_the_cpu_reference_path_in_fp32(tiny_gpt2: Peer, mode: str, num_prompts: int) -> None:
+    prompts = batch(50257, num_prompts)
     results = []
-    for device in ("cpu", "cuda"):
+    for device, overrides in (("cpu", {}), ("cuda", CUDA_MODES[mode])):
         engine = LLMEngine(
-            EngineConfig(model=str(tiny_gpt2.path), device=device, dtype="float32", num_blocks=256)
+            EngineConfig(
+                model=str(tiny_gpt2.path), device=device, dtype="float32", num_blocks=256, **overrides
+            )  # type: ignore[arg-type]
         )
         results.append([o.token_ids[0] for o in engine.generate(prompts, GREEDY)])
     assert results[0] == results[1]
