@@ -9,6 +9,7 @@ Decode-only steps are chained launches on CUDA (async_decode): "launch_decode" i
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import sys
 import time
@@ -114,7 +115,11 @@ def main() -> None:
                 prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60)
             )
         results[f"batch{batch}"] = rows
-        del engine
+        # The next engine sizes its KV cache from free memory: this one's must really be gone first.
+        del engine, prof
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     print("wrote", write_json(f"profile_{args.shape}", results))
 
 

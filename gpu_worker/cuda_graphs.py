@@ -3,14 +3,23 @@
 A decode step of GPT-2 124M is ~100 small kernels; launching them eagerly costs more than running them.
 Each graph captures forward + logits for a fixed batch size; a batch is padded up to the next captured
 size (padded rows store nothing, slot -1, and their outputs are dropped).
+
+Greedy decode launches (model_runner.chained_decode_steps) are captured whole as well: `steps` chained
+steps, metadata, argmax and feedback included, so a launch costs the host a few copies and one replay.
+Those graphs are captured per step count on first use, in a memory pool of their own.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from gpu_worker.attention import AttentionMetadata
 from gpu_worker.models.base import CausalLM
+
+# (ids, first, last, block_tables, steps) -> tokens [steps, B]: a greedy launch's body, see model_runner.
+LaunchBody = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 
@@ -29,6 +38,13 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        # Greedy launches: the rows' first and last positions (a padded row has last = -1: it stores nothing).
+        self.first = torch.zeros(n, dtype=torch.int64, device=device)
+        self.last = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.launch_body: LaunchBody | None = None
+        self.launch_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (steps, batch size)
+        self.launch_tokens: dict[tuple[int, int], torch.Tensor] = {}
+        self.launch_pool = torch.cuda.graph_pool_handle()  # launch graphs' own memory pool
 
     def _metadata(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -81,3 +97,42 @@ class DecodeGraphs:
         self.block_tables[:num, :width].copy_(metadata.block_tables, non_blocking=True)
         self.graphs[bs].replay()
         return self.logits[bs][:num]
+
+    @torch.inference_mode()
+    def capture_launches(self, steps: int) -> None:
+        """Capture a greedy launch of `steps` chained steps for every batch size (needs launch_body set)."""
+        assert self.launch_body is not None
+        body = self.launch_body
+        self.last.fill_(-1)  # warm-up runs store nothing
+        for bs in reversed(self.sizes):
+            args = (self.input_ids[:bs], self.first[:bs], self.last[:bs], self.block_tables[:bs], steps)
+            body(*args)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.launch_pool):
+                self.launch_tokens[steps, bs] = body(*args)
+            self.launch_graphs[steps, bs] = graph
+        torch.cuda.synchronize()
+
+    def launch(
+        self,
+        steps: int,
+        ids: torch.Tensor,  # [B]
+        first: torch.Tensor,  # [B] int64
+        last: torch.Tensor,  # [B] int64
+        block_tables: torch.Tensor,  # [B, W] int32
+    ) -> torch.Tensor:  # [steps, B]
+        """Replay the greedy launch graph that holds the batch; return its tokens (a view of a static buffer
+        that the next launch replay overwrites: read it, or copy it, before queuing that)."""
+        if (steps, self.sizes[-1]) not in self.launch_graphs:
+            self.capture_launches(steps)
+        num = ids.shape[0]
+        bs = next(b for b in self.sizes if b >= num)
+        self.input_ids[:num].copy_(ids, non_blocking=True)
+        self.first[:num].copy_(first, non_blocking=True)
+        self.last[:num].copy_(last, non_blocking=True)
+        self.last[num:bs].fill_(-1)
+        width = block_tables.shape[1]
+        self.block_tables[:num, :width].copy_(block_tables, non_blocking=True)
+        self.launch_graphs[steps, bs].replay()
+        return self.launch_tokens[steps, bs][:, :num]

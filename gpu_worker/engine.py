@@ -13,6 +13,7 @@ are dropped, and the blocks they were written to go back to the pool.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
@@ -34,6 +35,8 @@ from gpu_worker.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
     from gpu_worker.telemetry import Telemetry
+
+log = logging.getLogger("ruvon.engine")
 
 
 @dataclass
@@ -178,6 +181,12 @@ class LLMEngine:
             # Leave room for activations and logits of the largest step.
             reserve = total * (1 - self.config.gpu_memory_utilization) + 2 * 2**30
             budget = max(free - reserve, bytes_per_block * 64)
+            if free - reserve < bytes_per_block * 64:
+                log.warning(
+                    "only %.1f GiB of device memory is free: the KV cache gets the minimum of 64 blocks "
+                    "(is another engine in this process still holding its cache?)",
+                    free / 2**30,
+                )
         else:
             budget = self.config.cpu_kv_cache_gib * 2**30
         return max(int(budget // bytes_per_block), 1)

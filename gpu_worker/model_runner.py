@@ -7,6 +7,7 @@ sampled tokens are the next step's inputs), queued without waiting, and read bac
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,46 @@ class DecodeLaunch:
     started: float  # perf_counter() when it was queued
 
 
+def chained_decode_steps(
+    ids: torch.Tensor,  # [B] each sequence's first input token
+    first: torch.Tensor,  # [B] int64 its first position
+    last: torch.Tensor,  # [B] int64 its last useful position (a padded row: -1)
+    block_tables: torch.Tensor,  # [B, W] int32
+    steps: int,
+    block_size: int,
+    forward: Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor],
+    pick: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:  # [steps, B] int64
+    """Run `steps` decode steps where each step's picked tokens are the next step's inputs, all on the device.
+
+    A row past its last position recomputes that position and stores nothing (slot -1); its tokens are
+    dropped later. Nothing here reads a value back to the host, so it can be captured in a CUDA graph.
+    """
+    batch = ids.shape[0]
+    tokens = torch.empty(steps, batch, dtype=torch.int64, device=ids.device)
+    query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=ids.device)
+    for j in range(steps):
+        wanted = first + j
+        positions = torch.minimum(wanted, last).clamp_(min=0)
+        blocks = block_tables.gather(1, (positions // block_size)[:, None]).squeeze(1)
+        slots = torch.where(wanted <= last, blocks * block_size + positions % block_size, -1)
+        metadata = AttentionMetadata(
+            slot_mapping=slots,
+            query_start_loc=query_start_loc,
+            context_lens=(positions + 1).int(),
+            block_tables=block_tables,
+            max_query_len=1,
+            max_context_len=block_tables.shape[1] * block_size,  # an upper bound; decode reads context_lens
+        )
+        ids = pick(forward(ids, positions, metadata))
+        tokens[j] = ids
+    return tokens
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -79,6 +120,7 @@ class ModelRunner:
                 max_blocks = -(-max_model_len // block_size)
                 self.graphs = DecodeGraphs(model, cuda_graph_max_batch, max_blocks, device)
                 self.graphs.capture()
+                self.graphs.launch_body = self._greedy_launch_body
 
     def prepare(self, batch: ScheduledBatch) -> FlatBatch:
         ids: list[int] = []
@@ -147,7 +189,7 @@ class ModelRunner:
         is still in flight, the token `prev` samples last for it. Every position's block must be allocated.
         """
         started = time.perf_counter()
-        n, bs = len(seqs), self.block_size
+        n = len(seqs)
         width = max(len(s.block_table) for s in seqs)
         tables = [b for s in seqs for b in s.block_table + [0] * (width - len(s.block_table))]
         source = [prev.rows[s.seq_id] for s in seqs] if prev is not None else [s.token_ids[-1] for s in seqs]
@@ -156,38 +198,23 @@ class ModelRunner:
             host = host.pin_memory()  # a pageable copy would wait for the work already queued
         packed = host.to(self.device, non_blocking=True)
         src, first_t, last_t, tables_flat = packed.split([n, n, n, n * width])
-        block_tables = tables_flat.view(n, width)
         ids = prev.tokens[-1].index_select(0, src) if prev is not None else src
-        # Every step's positions, slots and context lengths at once: [steps, n].
-        wanted = first_t[None, :] + torch.arange(steps, device=self.device)[:, None]
-        positions = torch.minimum(wanted, last_t[None, :])
-        slots = block_tables.gather(1, (positions // bs).t()).t() * bs + positions % bs
-        slots = torch.where(wanted <= last_t[None, :], slots, -1).contiguous()
-        context_lens = (positions + 1).int()
-        block_tables = block_tables.int()
-        query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=self.device)
-        tensors = (
-            SamplingTensors.build(seqs, self.vocab_size, self.device) if needs_processing(seqs) else None
-        )
-        tokens = torch.empty(steps, n, dtype=torch.int64, device=self.device)
-        use_graph = self.graphs is not None and self.graphs.fits(n)
-        for j in range(steps):
-            meta = AttentionMetadata(
-                slot_mapping=slots[j],
-                query_start_loc=query_start_loc,
-                context_lens=context_lens[j],
-                block_tables=block_tables,
-                max_query_len=1,
-                max_context_len=max(last) + 1,
+        block_tables = tables_flat.view(n, width).int()
+        greedy = not needs_processing(seqs)
+        if greedy and self.graphs is not None and self.graphs.fits(n):
+            # The whole launch is one graph replay (cuda_graphs.LaunchGraphs).
+            tokens = self.graphs.launch(steps, ids, first_t, last_t, block_tables)
+        else:
+            tensors = None if greedy else SamplingTensors.build(seqs, self.vocab_size, self.device)
+
+            def pick(logits: torch.Tensor) -> torch.Tensor:
+                return sample(logits, seqs, tensors)
+
+            use_graph = self.graphs is not None and self.graphs.fits(n)
+            forward = self.graphs.run if use_graph and self.graphs is not None else self.forward_logits
+            tokens = chained_decode_steps(
+                ids, first_t, last_t, block_tables, steps, self.block_size, forward, pick
             )
-            if use_graph:
-                assert self.graphs is not None
-                logits = self.graphs.run(ids, positions[j], meta)
-            else:
-                with self.model.context.use(meta):
-                    logits = self.model.compute_logits(self.model(ids, positions[j]))
-            ids = sample(logits, seqs, tensors)
-            tokens[j] = ids
         done = None
         if self.device.type == "cuda":
             out = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -199,6 +226,26 @@ class ModelRunner:
         valid = [min(steps, b - a + 1) for a, b in zip(first, last, strict=True)]
         rows = {s.seq_id: i for i, s in enumerate(seqs)}
         return DecodeLaunch(seqs, steps, valid, rows, tokens, out, done, started)
+
+    def _greedy_launch_body(
+        self,
+        ids: torch.Tensor,
+        first: torch.Tensor,
+        last: torch.Tensor,
+        block_tables: torch.Tensor,
+        steps: int,
+    ) -> torch.Tensor:
+        """What a greedy launch graph captures: eager forwards and an argmax per step."""
+        return chained_decode_steps(
+            ids, first, last, block_tables, steps, self.block_size, self.forward_logits, _argmax
+        )
+
+    def forward_logits(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        """Run the model eagerly on one decode row per sequence; return float32 logits [B, V]."""
+        with self.model.context.use(metadata):
+            return self.model.compute_logits(self.model(input_ids, positions))
 
     def collect(self, launch: DecodeLaunch) -> list[list[int]]:
         """Wait for a launch and return each sequence's sampled tokens (only the valid ones)."""

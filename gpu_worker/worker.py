@@ -451,6 +451,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-num-batched-tokens", type=int, default=1024, help="token budget per engine step"
     )
     parser.add_argument(
+        "--decode-steps",
+        type=int,
+        default=int(env("RUVON_DECODE_STEPS", "1")),
+        help="tokens per sequence per decode launch (>1: more throughput, tokens stream in bursts)",
+    )
+    parser.add_argument(
         "--claim-idle-s",
         type=float,
         default=15.0,  # live workers re-claim their jobs every heartbeat, so only a dead one's grow this idle
@@ -493,6 +499,7 @@ def run_worker_command(args: argparse.Namespace) -> int:
         num_blocks=args.num_blocks,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        decode_steps=args.decode_steps,
     )
     engine = LLMEngine(config)
     name = args.served_model_name or engine.model_name

@@ -45,6 +45,20 @@ def test_it_matches_the_cpu_reference_path_in_fp32(tiny_gpt2: Peer, mode: str, n
     assert results[0] == results[1]
 
 
+def test_seeded_sampling_gives_the_same_tokens_in_launches_as_in_scheduled_steps(tiny_gpt2: Peer) -> None:
+    prompts = batch(50257, 6)
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=5, max_tokens=24, ignore_eos=True)
+    results = []
+    for overrides in ({"async_decode": False}, {"decode_steps": 3}):
+        engine = LLMEngine(
+            EngineConfig(
+                model=str(tiny_gpt2.path), device="cuda", dtype="float32", num_blocks=256, **overrides
+            )  # type: ignore[arg-type]
+        )
+        results.append([o.token_ids[0] for o in engine.generate(prompts, params)])
+    assert results[0] == results[1]
+
+
 def test_it_matches_hf_in_fp16_on_the_gpt2_124m_shape(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Every greedy pick is HF's fp16 argmax at that position, except at measured fp16 near-ties.
 
