@@ -90,6 +90,7 @@ def main() -> None:
         roofline = weight_bytes(hf) / args.bandwidth * 1e3
         for steps in args.decode_steps or [engine.decode_steps]:
             engine.decode_steps = steps
+            ruvon_ms_per_token(engine, prompt, 2 * steps + 2)  # warm-up: captures this step count's graphs
             r_ttft, r_tpot, r_tokens = ruvon_ms_per_token(engine, prompt, args.new_tokens)
             same = next(
                 (i for i, (a, b) in enumerate(zip(r_tokens, h_tokens, strict=False)) if a != b), len(r_tokens)

@@ -11,7 +11,9 @@ Those graphs are captured per step count on first use, in a memory pool of their
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -22,6 +24,20 @@ from gpu_worker.models.base import CausalLM
 LaunchBody = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
+
+
+@contextmanager
+def _no_garbage_collection() -> Iterator[None]:
+    """Collect now, then keep the collector off while capturing: a dead object collected mid-capture (an old
+    engine's pinned buffer or event, say) makes CUDA calls that invalidate the capture."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class DecodeGraphs:
@@ -65,14 +81,15 @@ class DecodeGraphs:
     def capture(self) -> None:
         """Capture one graph per batch size, largest first so smaller ones reuse its memory pool."""
         pool = torch.cuda.graph_pool_handle()
-        for bs in reversed(self.sizes):
-            for _ in range(2):  # warm-up: Triton compiles and autotunes outside capture
-                self._forward(bs)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[bs] = self._forward(bs)
-            self.graphs[bs] = graph
+        with _no_garbage_collection():
+            for bs in reversed(self.sizes):
+                for _ in range(2):  # warm-up: Triton compiles and autotunes outside capture
+                    self._forward(bs)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.logits[bs] = self._forward(bs)
+                self.graphs[bs] = graph
         torch.cuda.synchronize()
 
     def fits(self, num_seqs: int) -> bool:
@@ -104,14 +121,15 @@ class DecodeGraphs:
         assert self.launch_body is not None
         body = self.launch_body
         self.last.fill_(-1)  # warm-up runs store nothing
-        for bs in reversed(self.sizes):
-            args = (self.input_ids[:bs], self.first[:bs], self.last[:bs], self.block_tables[:bs], steps)
-            body(*args)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.launch_pool):
-                self.launch_tokens[steps, bs] = body(*args)
-            self.launch_graphs[steps, bs] = graph
+        with _no_garbage_collection():
+            for bs in reversed(self.sizes):
+                args = (self.input_ids[:bs], self.first[:bs], self.last[:bs], self.block_tables[:bs], steps)
+                body(*args)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.launch_pool):
+                    self.launch_tokens[steps, bs] = body(*args)
+                self.launch_graphs[steps, bs] = graph
         torch.cuda.synchronize()
 
     def launch(

@@ -137,6 +137,14 @@ class LLMEngine:
         num_blocks = config.num_blocks or self._blocks_from_memory()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
+        if config.decode_steps < 1:
+            raise ValueError("decode_steps must be at least 1")
+        self.decode_steps = config.decode_steps  # read at every launch; benchmarks vary it on one engine
+        self.async_decode = (
+            config.async_decode if config.async_decode is not None else self.device.type == "cuda"
+        )
+        # Chained launches pay off on CUDA; on CPU they are only used when asked for.
+        self.chain_decodes = config.decode_steps > 1 or self.async_decode
         self.runner = ModelRunner(
             self.loaded.model,
             num_blocks,
@@ -147,6 +155,7 @@ class LLMEngine:
             cuda_graph_max_batch=0
             if config.enforce_eager
             else min(config.cuda_graph_max_batch, config.max_num_seqs),
+            launch_steps=config.decode_steps if self.chain_decodes else 0,
         )
         self.requests: dict[str, Request] = {}
         self.texts: dict[int, _SeqText] = {}
@@ -155,14 +164,6 @@ class LLMEngine:
         self.work_model = WorkModel.for_model(self.model_config)
         self.busy_seconds = 0.0  # total measured step time, all of it attributed to requests (cost.py)
         self._aborted: list[Request] = []  # aborted since the last step, still owed a final output
-        if config.decode_steps < 1:
-            raise ValueError("decode_steps must be at least 1")
-        self.decode_steps = config.decode_steps  # read at every launch; benchmarks vary it on one engine
-        self.async_decode = (
-            config.async_decode if config.async_decode is not None else self.device.type == "cuda"
-        )
-        # Chained launches pay off on CUDA; on CPU they are only used when asked for.
-        self.chain_decodes = config.decode_steps > 1 or self.async_decode
         self._launch: DecodeLaunch | None = None  # decode launch queued on the device, not yet read back
         self._last_collect = 0.0  # perf_counter() when the last launch was read back
 

@@ -105,6 +105,7 @@ class ModelRunner:
         device: torch.device,
         max_model_len: int,
         cuda_graph_max_batch: int = 0,  # 0: run eagerly
+        launch_steps: int = 0,  # capture greedy launches of this many steps up front (0: none)
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -121,6 +122,8 @@ class ModelRunner:
                 self.graphs = DecodeGraphs(model, cuda_graph_max_batch, max_blocks, device)
                 self.graphs.capture()
                 self.graphs.launch_body = self._greedy_launch_body
+                if launch_steps:
+                    self.graphs.capture_launches(launch_steps)
 
     def prepare(self, batch: ScheduledBatch) -> FlatBatch:
         ids: list[int] = []
