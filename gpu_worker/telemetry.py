@@ -162,7 +162,7 @@ class Telemetry:
             tokens = sum(len(choice.token_ids) for choice in output.outputs)
             new_tokens += tokens
             if tokens:
-                self._observe_tokens(request, now)
+                self._observe_tokens(request, now, tokens)
             if output.finished:
                 self._observe_finished(request)
         if new_tokens:
@@ -170,11 +170,13 @@ class Telemetry:
             self.tokens.add(new_tokens)
         self._observe_engine(engine)
 
-    def _observe_tokens(self, request: Request, now: float) -> None:
+    def _observe_tokens(self, request: Request, now: float, tokens: int) -> None:
         rid, metrics = request.request_id, request.metrics
         last = self._last_token_at.get(rid)
         if last is not None:
-            self.itl.observe(now - last)
+            # A decode launch hands over several tokens at once: each gets its share of the gap.
+            for _ in range(tokens):
+                self.itl.observe((now - last) / tokens)
         self._last_token_at[rid] = now
         if rid not in self._prefilled and metrics.first_token_time is not None:
             self._prefilled.add(rid)

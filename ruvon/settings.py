@@ -160,6 +160,9 @@ CELERY_BEAT_SCHEDULE = {
 RUVON_MODEL = os.environ.get("RUVON_MODEL", "smollm2")
 RUVON_MODEL_NAME = os.environ.get("RUVON_MODEL_NAME", "smollm2-135m-instruct")
 RUVON_NUM_BLOCKS = env_int("RUVON_NUM_BLOCKS")
+# Tokens per sequence per decode launch (gpu_worker EngineConfig.decode_steps): >1 trades smooth streaming
+# for throughput.
+RUVON_DECODE_STEPS = env_int("RUVON_DECODE_STEPS") or 1
 # Build the job client (the embedded engine loads the model) when the server starts, not on the first request.
 RUVON_WARM_START = env_bool("RUVON_WARM_START", True)
 

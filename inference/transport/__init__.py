@@ -64,6 +64,10 @@ def _build_client() -> JobClient:
     from inference.transport.inprocess import InProcessJobClient
     from inference.usage import record_usage
 
-    config: dict[str, Any] = {"model": settings.RUVON_MODEL, "num_blocks": settings.RUVON_NUM_BLOCKS}
+    config: dict[str, Any] = {
+        "model": settings.RUVON_MODEL,
+        "num_blocks": settings.RUVON_NUM_BLOCKS,
+        "decode_steps": settings.RUVON_DECODE_STEPS,
+    }
     engine = LLMEngine(EngineConfig(**config))
     return InProcessJobClient(engine, served_name, record_usage, **bounds)

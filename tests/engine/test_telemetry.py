@@ -45,9 +45,12 @@ def run(engine: LLMEngine, abort_after_first_token: set[str] = frozenset()) -> d
     return tokens
 
 
-@pytest.fixture
-def engine() -> Iterator[LLMEngine]:
-    config = EngineConfig(model="random:tiny", device="cpu", num_blocks=64, max_num_batched_tokens=32)
+# Scheduler steps (one token per sequence per step), and decode launches of 4 queued ahead.
+@pytest.fixture(params=[{}, {"decode_steps": 4, "async_decode": True}], ids=["steps", "launches"])
+def engine(request: pytest.FixtureRequest) -> Iterator[LLMEngine]:
+    config = EngineConfig(
+        model="random:tiny", device="cpu", num_blocks=64, max_num_batched_tokens=32, **request.param
+    )
     yield LLMEngine(config, telemetry=Telemetry("tiny"))
 
 

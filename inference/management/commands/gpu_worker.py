@@ -25,6 +25,7 @@ class Command(BaseCommand):
             model=settings.RUVON_MODEL,
             served_model_name=settings.RUVON_MODEL_NAME,
             num_blocks=settings.RUVON_NUM_BLOCKS,
+            decode_steps=settings.RUVON_DECODE_STEPS,
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
