@@ -30,7 +30,7 @@ from gpu_worker.errors import InvalidRequestError
 from gpu_worker.loader import LoadedModel, load_model
 from gpu_worker.model_runner import DecodeLaunch, ModelRunner, StepResult
 from gpu_worker.scheduler import ScheduledBatch, Scheduler
-from gpu_worker.sequence import Request, RequestMetrics, Sequence, TokenLogprob
+from gpu_worker.sequence import Request, RequestMetrics, Sequence, SequenceStatus, TokenLogprob
 from gpu_worker.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ruvon.engine")
 
 
-@dataclass
+@dataclass(slots=True)
 class CompletionOutput:
     """What one choice produced since the last output (a delta), and why it finished if it did."""
 
@@ -51,7 +51,7 @@ class CompletionOutput:
     stop_reason: str | int | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
     outputs: list[CompletionOutput]
@@ -444,31 +444,34 @@ class LLMEngine:
             self.scheduler.finish(seq, reason[0], reason[1])
 
     def _output(self, request: Request) -> RequestOutput:
+        """Hand over what the request's choices produced since the last output (once per request per step, so
+        it stays lean: a 512-wide step builds 512 of these)."""
         outputs = []
+        params = request.params
+        finished = True
         for seq in request.seqs:
-            news = seq.pending_token_ids or seq.pending_text or seq.is_finished
-            if not news or seq.finish_reported:
+            done = seq.status is SequenceStatus.FINISHED
+            finished = finished and done
+            if seq.finish_reported or not (seq.pending_token_ids or seq.pending_text or done):
                 continue
             outputs.append(
                 CompletionOutput(
-                    index=seq.index,
-                    text=seq.pending_text,
-                    token_ids=seq.pending_token_ids,
-                    logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None,
-                    finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason,
+                    seq.index,
+                    seq.pending_text,
+                    seq.pending_token_ids,
+                    seq.pending_logprobs if params.logprobs is not None else None,
+                    seq.finish_reason,
+                    seq.stop_reason,
                 )
             )
             seq.pending_text, seq.pending_token_ids, seq.pending_logprobs = "", [], []
-            if seq.is_finished:
-                seq.finish_reported = True
+            seq.finish_reported = done
         prompt_lp = None
-        first = request.seqs[0]
-        prompt_done = first.num_computed_tokens >= request.num_prompt_tokens or first.is_finished
-        if request.params.prompt_logprobs is not None and not request.prompt_logprobs_sent and prompt_done:
-            prompt_lp = request.prompt_logprobs or [None] * request.num_prompt_tokens
-            request.prompt_logprobs_sent = True
-        finished = request.is_finished
+        if params.prompt_logprobs is not None and not request.prompt_logprobs_sent:
+            first = request.seqs[0]
+            if first.num_computed_tokens >= request.num_prompt_tokens or first.is_finished:
+                prompt_lp = request.prompt_logprobs or [None] * request.num_prompt_tokens
+                request.prompt_logprobs_sent = True
         if finished:
             request.metrics.finished_time = time.time()
             self.requests.pop(request.request_id, None)
