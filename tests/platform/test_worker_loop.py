@@ -18,9 +18,13 @@ from gpu_worker.protocol import make_job
 from gpu_worker.worker import Worker
 
 
-@pytest.fixture(scope="module")
-def engine() -> LLMEngine:
-    return LLMEngine(EngineConfig(model="random:tiny", device="cpu", dtype="float32", num_blocks=64))
+# Scheduler steps, and decode launches of 3 queued ahead of the host (the CUDA default's shape, on CPU).
+@pytest.fixture(
+    scope="module", params=[{}, {"decode_steps": 3, "async_decode": True}], ids=["steps", "launches"]
+)
+def engine(request: pytest.FixtureRequest) -> LLMEngine:
+    config = EngineConfig(model="random:tiny", device="cpu", dtype="float32", num_blocks=64, **request.param)
+    return LLMEngine(config)
 
 
 class Harness:
@@ -109,9 +113,12 @@ def test_it_cancels_a_request_and_frees_its_kv_blocks(engine: LLMEngine) -> None
     events = asyncio.run(collect(transport, "long"))
     assert [e["type"] for e in events] == ["started", "delta", "delta", "delta", "done"]
     assert (events[-2]["finish_reason"], events[-2]["token_ids"]) == ("abort", [])
-    assert events[-1]["status"] == "cancelled" and events[-1]["usage"]["completion_tokens"] == 2
+    # Two engine steps ran: one token each, or (decode launches of 3) one token, then three.
+    streamed = sum(len(e["token_ids"]) for e in events if e["type"] == "delta")
+    assert streamed == (2 if engine.decode_steps == 1 else 1 + engine.decode_steps)
+    assert events[-1]["status"] == "cancelled" and events[-1]["usage"]["completion_tokens"] == streamed
     assert [(u["status"], u["finish_reason"], u["completion_tokens"]) for u in usage] == [
-        ("cancelled", "abort", 2)
+        ("cancelled", "abort", streamed)
     ]
     stats = engine.stats()
     assert stats["num_free_blocks"] == stats["num_total_blocks"] and not engine.has_unfinished_requests()
