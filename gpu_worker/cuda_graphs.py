@@ -6,7 +6,8 @@ size (padded rows store nothing, slot -1, and their outputs are dropped).
 
 Greedy decode launches (model_runner.chained_decode_steps) are captured whole as well: `steps` chained
 steps, metadata, argmax and feedback included, so a launch costs the host a few copies and one replay.
-Those graphs are captured per step count on first use, in a memory pool of their own.
+Those graphs are captured, in a memory pool of their own, at start-up for the configured step count and on
+first use for any other.
 """
 
 from __future__ import annotations

@@ -94,6 +94,8 @@ class StopStringMatcher:
 
     def feed(self, new_text: str) -> tuple[str, bool]:
         """Return (text safe to emit now, whether a stop string has ended the output)."""
+        if not self.stops:  # nothing to watch for: every token of every request without `stop` comes here
+            return new_text, False
         if self.stopped:
             return "", True
         text = self.held + new_text

@@ -430,14 +430,11 @@ class LLMEngine:
             reason = ("length", None)
         # A stop token's own text is not part of the output; other tokens go through the stop matcher.
         piece = "" if reason is not None and reason[0] == "stop" else text.detok.push(token)
-        if not text.stops.stops:
-            emitted = piece if reason is None else piece + text.detok.flush()
-        else:
-            emitted, stopped = text.stops.feed(piece)
-            if stopped:
-                reason = ("stop", text.stops.matched)
-            elif reason is not None:
-                emitted += text.stops.feed(text.detok.flush())[0] + text.stops.flush()
+        emitted, stopped = text.stops.feed(piece)
+        if stopped:
+            reason = ("stop", text.stops.matched)
+        elif reason is not None:
+            emitted += text.stops.feed(text.detok.flush())[0] + text.stops.flush()
         if emitted:
             seq.pending_text += emitted
         if reason is not None:

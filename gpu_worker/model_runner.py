@@ -204,17 +204,17 @@ class ModelRunner:
         ids = prev.tokens[-1].index_select(0, src) if prev is not None else src
         block_tables = tables_flat.view(n, width).int()
         greedy = not needs_processing(seqs)
-        if greedy and self.graphs is not None and self.graphs.fits(n):
-            # The whole launch is one graph replay (cuda_graphs.LaunchGraphs).
-            tokens = self.graphs.launch(steps, ids, first_t, last_t, block_tables)
+        graphs = self.graphs if self.graphs is not None and self.graphs.fits(n) else None
+        if greedy and graphs is not None:
+            # The whole launch is one graph replay (DecodeGraphs.launch).
+            tokens = graphs.launch(steps, ids, first_t, last_t, block_tables)
         else:
             tensors = None if greedy else SamplingTensors.build(seqs, self.vocab_size, self.device)
 
             def pick(logits: torch.Tensor) -> torch.Tensor:
                 return sample(logits, seqs, tensors)
 
-            use_graph = self.graphs is not None and self.graphs.fits(n)
-            forward = self.graphs.run if use_graph and self.graphs is not None else self.forward_logits
+            forward = graphs.run if graphs is not None else self.forward_logits
             tokens = chained_decode_steps(
                 ids, first_t, last_t, block_tables, steps, self.block_size, forward, pick
             )
