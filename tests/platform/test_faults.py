@@ -54,10 +54,15 @@ def body(max_tokens: int, stream: bool = True) -> dict[str, Any]:
 
 
 async def read_stream(
-    client: httpx.AsyncClient, url: str, key: str, max_tokens: int, stop_after: int | None = None
+    client: httpx.AsyncClient,
+    url: str,
+    key: str,
+    max_tokens: int,
+    stop_after: int | None = None,
+    seen: Stream | None = None,
 ) -> Stream:
-    """Stream a completion to its end (or close the connection after `stop_after` chunks)."""
-    seen = Stream()
+    """Stream a completion to its end (or close the connection after `stop_after` chunks) into `seen`."""
+    seen = seen if seen is not None else Stream()
     headers = {"Authorization": f"Bearer {key}"}
     async with client.stream(
         "POST", url + "/completions", json=body(max_tokens), headers=headers
@@ -135,11 +140,13 @@ def test_it_hands_a_killed_workers_queue_to_another_and_ends_its_streams_within_
 
     async def load() -> list[Stream]:
         async with httpx.AsyncClient(timeout=60) as client:
-            tasks = [asyncio.create_task(read_stream(client, url, key, 110)) for _ in range(16)]
-            # Kill once the victim is streaming: 4 jobs in its engine, the rest waiting in the stream.
-            while not any(stack.heartbeats()[n]["active"] for n in stack.heartbeats()):
+            seen = [Stream() for _ in range(16)]
+            tasks = [asyncio.create_task(read_stream(client, url, key, 110, seen=s)) for s in seen]
+            # Kill once the victim has streamed tokens (4 jobs in its engine, the rest waiting in the
+            # stream). Not sooner: a job killed before its first token is restarted, rightly, by the
+            # worker that reclaims it, and a slow machine can take a while to reach that first token.
+            while not any(s.chunks >= 2 for s in seen):
                 await asyncio.sleep(0.01)
-            await asyncio.sleep(0.2)
             stack.kill_worker(victim)
             killed_at.append(time.monotonic())
             await asyncio.to_thread(stack.start_worker, "--claim-idle-s", "3")
