@@ -41,21 +41,38 @@ def paged_attention_ref(
     Works for any mix of prefill chunks and single-token decodes: query token i of a sequence
     with q_len new tokens and context length L sits at position L - q_len + i and sees keys 0..that.
     """
-    num_seqs, max_blocks = block_tables.shape
+    num_seqs = block_tables.shape[0]
     block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     num_heads = query.shape[1]
     device = query.device
-    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()  # [B]
     ctx = context_lens.long()  # [B]
 
-    # Gather every sequence's keys/values through its block table: [B, L, Hkv, D].
+    # Gather every sequence's keys/values through its block table: [B, L, Hkv, D]. (index_select on the
+    # flat slot list, not advanced indexing: the same gather, several times faster on CPU.)
     offsets = torch.arange(block_size, device=device)
-    slots = (block_tables.long().clamp(min=0)[:, :, None] * block_size + offsets).view(num_seqs, -1)
-    max_len = slots.shape[1]
-    keys = k_cache.view(-1, num_kv_heads, head_dim)[slots]
-    values = v_cache.view(-1, num_kv_heads, head_dim)[slots]
+    slots = (block_tables.long().clamp(min=0)[:, :, None] * block_size + offsets).view(-1)
+    max_len = slots.shape[0] // max(num_seqs, 1)
+    keys = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)
+    values = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)
+    keys = keys.view(num_seqs, max_len, num_kv_heads, head_dim).transpose(1, 2).to(query.dtype)
+    values = values.view(num_seqs, max_len, num_kv_heads, head_dim).transpose(1, 2).to(query.dtype)
+    k_pos = torch.arange(max_len, device=device)
+
+    if max_query_len == 1 and query.shape[0] == num_seqs:
+        # Every sequence decodes one token at position ctx - 1: it sees keys 0..ctx-1.
+        mask = k_pos[None, :] < ctx[:, None]  # [B, L]
+        out = F.scaled_dot_product_attention(
+            query[:, :, None, :],  # [B, H, 1, D]
+            keys,  # [B, Hkv, L, D]
+            values,
+            attn_mask=mask[:, None, None, :],
+            scale=scale,
+            enable_gqa=num_heads != num_kv_heads,
+        )
+        return out[:, :, 0, :]  # [B, H, D]
 
     # Scatter the flat queries into a padded [B, Q, H, D] batch.
+    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()  # [B]
     q_idx = torch.arange(max_query_len, device=device)
     valid_q = q_idx[None, :] < q_lens[:, None]  # [B, Q]
     flat_index = (query_start_loc[:-1].long()[:, None] + q_idx[None, :]).clamp(max=query.shape[0] - 1)
@@ -63,13 +80,12 @@ def paged_attention_ref(
 
     # Key j is visible to query i when j <= its position and j < context length.
     q_pos = ctx[:, None] - q_lens[:, None] + q_idx[None, :]  # [B, Q]
-    k_pos = torch.arange(max_len, device=device)
     mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < ctx[:, None, None])
     mask = mask | ~valid_q[:, :, None]  # padding rows attend to everything: finite, then dropped
-    out = torch.nn.functional.scaled_dot_product_attention(
+    out = F.scaled_dot_product_attention(
         padded_q.transpose(1, 2),  # [B, H, Q, D]
-        keys.transpose(1, 2).to(query.dtype),  # [B, Hkv, L, D]
-        values.transpose(1, 2).to(query.dtype),
+        keys,  # [B, Hkv, L, D]
+        values,
         attn_mask=mask[:, None, :, :],
         scale=scale,
         enable_gqa=num_heads != num_kv_heads,
