@@ -143,8 +143,8 @@ def test_it_hands_a_killed_workers_queue_to_another_and_ends_its_streams_within_
             seen = [Stream() for _ in range(16)]
             tasks = [asyncio.create_task(read_stream(client, url, key, 110, seen=s)) for s in seen]
             # Kill once the victim has streamed tokens (4 jobs in its engine, the rest waiting in the
-            # stream). Not sooner: a job killed before its first token is restarted, rightly, by the
-            # worker that reclaims it, and a slow machine can take a while to reach that first token.
+            # stream). Not sooner: a job killed before it published anything is restarted, rightly, by
+            # the worker that reclaims it, and a slow machine can take a while to publish its first events.
             while not any(s.chunks >= 2 for s in seen):
                 await asyncio.sleep(0.01)
             stack.kill_worker(victim)
