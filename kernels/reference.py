@@ -50,10 +50,10 @@ def paged_attention_ref(
     # Gather every sequence's keys/values through its block table: [B, L, Hkv, D]. (index_select on the
     # flat slot list, not advanced indexing: the same gather, several times faster on CPU.)
     offsets = torch.arange(block_size, device=device)
-    slots = (block_tables.long().clamp(min=0)[:, :, None] * block_size + offsets).view(-1)
-    max_len = slots.shape[0] // max(num_seqs, 1)
-    keys = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)
-    values = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)
+    slots = (block_tables.long().clamp(min=0)[:, :, None] * block_size + offsets).view(num_seqs, -1)
+    max_len = slots.shape[1]
+    keys = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots.view(-1))
+    values = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots.view(-1))
     keys = keys.view(num_seqs, max_len, num_kv_heads, head_dim).transpose(1, 2).to(query.dtype)
     values = values.view(num_seqs, max_len, num_kv_heads, head_dim).transpose(1, 2).to(query.dtype)
     k_pos = torch.arange(max_len, device=device)
