@@ -37,7 +37,7 @@ lint: install
 	$(VENV)/bin/mypy gpu_worker kernels
 
 generate: install
-	$(PY) -m gpu_worker generate --model smollm2 "The capital of France is"
+	$(PY) -m ruvon_cli generate --model smollm2 "The capital of France is"
 
 bench-cpu: install
 	$(PY) bench/cpu_generate.py

@@ -15,9 +15,9 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import print_table, timed, write_json  # noqa: E402
-from gpu_worker.assets import smollm2_gguf_path  # noqa: E402
 from gpu_worker.config import EngineConfig, SamplingParams  # noqa: E402
-from gpu_worker.engine import LLMEngine  # noqa: E402
+from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
+from gpu_worker.loading.assets import smollm2_gguf_path  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",

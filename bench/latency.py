@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import add_decode_steps_argument, print_table, write_json  # noqa: E402
 from bench.peers import same_weights, weight_bytes  # noqa: E402
 from gpu_worker.config import SamplingParams  # noqa: E402
-from gpu_worker.engine import LLMEngine  # noqa: E402
+from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
 
 
 def ruvon_ms_per_token(

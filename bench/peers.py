@@ -9,8 +9,8 @@ import torch
 import transformers
 
 from gpu_worker.config import EngineConfig
-from gpu_worker.engine import LLMEngine
-from gpu_worker.loader import random_hf_config
+from gpu_worker.engine.llm_engine import LLMEngine
+from gpu_worker.loading.loader import random_hf_config
 
 
 def same_weights(

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import print_table, write_json  # noqa: E402
 from gpu_worker.config import EngineConfig, SamplingParams  # noqa: E402
-from gpu_worker.engine import LLMEngine  # noqa: E402
+from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
 
 PHASES = {
     "schedule": ("scheduler", "schedule"),

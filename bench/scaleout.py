@@ -26,14 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import redis  # noqa: E402
 
 from bench.common import add_workload_arguments, print_table, workload, write_json  # noqa: E402
-from gpu_worker.protocol import make_job, request_stream, workers_key  # noqa: E402
-from gpu_worker.redis_transport import GROUP  # noqa: E402
+from gpu_worker.serving.protocol import make_job, request_stream, workers_key  # noqa: E402
+from gpu_worker.serving.redis_transport import GROUP  # noqa: E402
 from inference.transport.redis_client import RedisJobClient  # noqa: E402
 
 
 def start_workers(args: argparse.Namespace, n: int, model: str, usage: str) -> subprocess.Popen[bytes]:
     # Each worker holds at most its share of the batch, so one fast reader cannot take every job.
-    cmd = [sys.executable, "-m", "gpu_worker", "workers", "--num-workers", str(n), "--",
+    cmd = [sys.executable, "-m", "ruvon_cli", "workers", "--num-workers", str(n), "--",
            "--redis-url", args.redis_url, "--model", args.model, "--served-model-name", model,
            "--usage-stream", usage, "--max-inflight", str(-(-args.requests // n)),
            "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]  # fmt: skip

@@ -24,8 +24,8 @@ from prometheus_client import generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from gpu_worker.config import EngineConfig, SamplingParams  # noqa: E402
-from gpu_worker.engine import LLMEngine  # noqa: E402
-from gpu_worker.telemetry import Telemetry  # noqa: E402
+from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
+from gpu_worker.serving.telemetry import Telemetry  # noqa: E402
 
 
 def scrape(telemetry: Telemetry) -> dict[str, float]:

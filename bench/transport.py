@@ -24,11 +24,11 @@ import redis  # noqa: E402
 
 from bench.common import print_table, write_json  # noqa: E402
 from gpu_worker.config import EngineConfig, SamplingParams  # noqa: E402
-from gpu_worker.engine import LLMEngine  # noqa: E402
-from gpu_worker.memory_transport import MemoryTransport  # noqa: E402
-from gpu_worker.protocol import make_job  # noqa: E402
-from gpu_worker.redis_transport import RedisWorkerTransport  # noqa: E402
-from gpu_worker.worker import Worker  # noqa: E402
+from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
+from gpu_worker.serving.memory_transport import MemoryTransport  # noqa: E402
+from gpu_worker.serving.protocol import make_job  # noqa: E402
+from gpu_worker.serving.redis_transport import RedisWorkerTransport  # noqa: E402
+from gpu_worker.serving.worker import Worker  # noqa: E402
 from inference.transport.redis_client import RedisJobClient  # noqa: E402
 
 PROMPT = list(range(1000, 1016))

@@ -37,7 +37,7 @@ class RequestMetrics:
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
     num_cached_tokens: int = 0
-    # This request's share of the measured step times it took part in (gpu_worker/cost.py).
+    # This request's share of the measured step times it took part in (gpu_worker/engine/cost.py).
     device_seconds: float = 0.0
 
 

@@ -14,7 +14,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from accounts.limits import QuotaExceeded, check_budget
 from gpu_worker.errors import CapacityError, InvalidRequestError
-from gpu_worker.protocol import make_job, sampling_params_from_dict, sampling_params_to_dict
+from gpu_worker.serving.protocol import make_job, sampling_params_from_dict, sampling_params_to_dict
 from inference.serving import ServedModel, served_model
 from inference.transport import JobClient, get_job_client
 

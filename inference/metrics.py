@@ -1,5 +1,5 @@
 """Engine metrics on the web tier's /metrics: in the embedded default the engine runs inside the web process,
-so its registry (gpu_worker/telemetry.py) joins django-prometheus' exposition and one scrape sees both."""
+so its registry (gpu_worker/serving/telemetry.py) joins django-prometheus' exposition and one scrape sees both."""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ class UsageRecord(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     recorded_at = models.DateTimeField(auto_now_add=True)
     adapter = models.CharField(max_length=200, blank=True, default="", help_text="LoRA adapter; empty: none.")
-    # Timings as the worker measured them (gpu_worker/worker.py), null when the request never got that far.
+    # Timings as the worker measured them (gpu_worker/serving/worker.py), null when the request never got that far.
     queue_s = models.FloatField(null=True, blank=True, help_text="Submitted to first scheduled.")
     ttft_s = models.FloatField(null=True, blank=True, help_text="Submitted to first token.")
     tpot_s = models.FloatField(null=True, blank=True, help_text="Mean time per output token after the first.")

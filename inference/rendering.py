@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from gpu_worker.protocol import Event
+from gpu_worker.serving.protocol import Event
 from inference.billing import response_extension
 from inference.errors import from_error_event
 from inference.serving import ServedModel

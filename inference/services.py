@@ -14,8 +14,8 @@ from django.http import StreamingHttpResponse
 from accounts.models import ApiKey
 from gpu_worker.config import SamplingParams
 from gpu_worker.errors import InvalidRequestError
-from gpu_worker.protocol import Event, Job, is_terminal, make_job
-from gpu_worker.tokenizer import Tokenizer
+from gpu_worker.serving.protocol import Event, Job, is_terminal, make_job
+from gpu_worker.tokenization.tokenizer import Tokenizer
 from inference.errors import ApiError, ModelNotFound, from_error_event, to_api_error
 from inference.rendering import ChatRenderer, CompletionRenderer, Renderer, collect
 from inference.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, TokenizeRequest

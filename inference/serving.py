@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from gpu_worker.tokenizer import Tokenizer
+from gpu_worker.tokenization.tokenizer import Tokenizer
 from inference.transport import JobClient, get_job_client, get_tokenizer
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gpu_worker.attention import KernelBackend
+    from gpu_worker.layers.attention import KernelBackend
 
 
 def cuda_backend() -> KernelBackend:
     """Return the kernel backend built from the Triton kernels (imports Triton; for CUDA devices)."""
     # Imported here so that importing kernels.reference (the CPU path) never needs Triton.
-    from gpu_worker.attention import KernelBackend
+    from gpu_worker.layers.attention import KernelBackend
     from kernels.linear import linear
     from kernels.norm import add_layer_norm, add_rms_norm
     from kernels.paged_attention import paged_attention

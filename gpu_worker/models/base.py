@@ -7,8 +7,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from gpu_worker.attention import ForwardContext
 from gpu_worker.config import ModelConfig
+from gpu_worker.layers.attention import ForwardContext
 
 
 class CausalLM(nn.Module, ABC):

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpu_worker.attention import ForwardContext, PagedAttention
 from gpu_worker.config import ModelConfig
 from gpu_worker.errors import ModelLoadError
+from gpu_worker.layers.attention import ForwardContext, PagedAttention
 from gpu_worker.models.base import CausalLM
 
 # HF's GPT2Attention keeps its causal mask as buffers named like weights; old checkpoints carry them.

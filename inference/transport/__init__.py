@@ -12,7 +12,7 @@ from django.conf import settings
 from inference.transport.base import JobClient
 
 if TYPE_CHECKING:
-    from gpu_worker.tokenizer import Tokenizer
+    from gpu_worker.tokenization.tokenizer import Tokenizer
 
 __all__ = ["JobClient", "get_job_client", "get_tokenizer", "reset_job_client"]
 
@@ -60,7 +60,7 @@ def _build_client() -> JobClient:
             settings.REDIS_URL, served_name, worker_timeout_s=settings.RUVON_WORKER_TIMEOUT_S, **bounds
         )
     from gpu_worker.config import EngineConfig
-    from gpu_worker.engine import LLMEngine
+    from gpu_worker.engine.llm_engine import LLMEngine
     from inference.transport.inprocess import InProcessJobClient
     from inference.usage import record_usage
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from gpu_worker.protocol import Event, Job
+from gpu_worker.serving.protocol import Event, Job
 
 
 class JobClient(Protocol):

@@ -9,14 +9,14 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from gpu_worker.memory_transport import MemoryTransport
-from gpu_worker.protocol import Event, Job
-from gpu_worker.telemetry import Telemetry
-from gpu_worker.worker import Worker
+from gpu_worker.serving.memory_transport import MemoryTransport
+from gpu_worker.serving.protocol import Event, Job
+from gpu_worker.serving.telemetry import Telemetry
+from gpu_worker.serving.worker import Worker
 from inference.metrics import expose_engine_metrics, hide_engine_metrics
 
 if TYPE_CHECKING:
-    from gpu_worker.engine import LLMEngine
+    from gpu_worker.engine.llm_engine import LLMEngine
 
 log = logging.getLogger("ruvon.transport")
 

@@ -18,7 +18,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from gpu_worker.errors import CapacityError
-from gpu_worker.protocol import (
+from gpu_worker.serving.protocol import (
     Event,
     Job,
     cancel_key,
@@ -31,7 +31,7 @@ from gpu_worker.protocol import (
     waiting_tokens_key,
     workers_key,
 )
-from gpu_worker.redis_transport import DEQUEUE_LUA, dumps
+from gpu_worker.serving.redis_transport import DEQUEUE_LUA, dumps
 
 REQUESTS_MAXLEN = (
     100_000  # acknowledged jobs are trimmed away; the admission bound keeps the backlog far below

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from functools import cache
 
-from gpu_worker.loader import resolve_spec
-from gpu_worker.tokenizer import Tokenizer, load_tokenizer
+from gpu_worker.loading.loader import resolve_spec
+from gpu_worker.tokenization.tokenizer import Tokenizer, load_tokenizer
 
 
 @cache

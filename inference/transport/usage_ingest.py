@@ -10,8 +10,8 @@ from typing import Any
 
 import redis
 
-from gpu_worker.protocol import USAGE_STREAM
-from gpu_worker.redis_transport import default_consumer_name
+from gpu_worker.serving.protocol import USAGE_STREAM
+from gpu_worker.serving.redis_transport import default_consumer_name
 
 log = logging.getLogger("ruvon.usage")
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 import transformers
 
-from gpu_worker.assets import smollm2_gguf_path
 from gpu_worker.config import EngineConfig
-from gpu_worker.engine import LLMEngine
-from gpu_worker.loader import random_hf_config
-from gpu_worker.tokenizer import Tokenizer
+from gpu_worker.engine.llm_engine import LLMEngine
+from gpu_worker.loading.assets import smollm2_gguf_path
+from gpu_worker.loading.loader import random_hf_config
+from gpu_worker.tokenization.tokenizer import Tokenizer
 
 
 @dataclass

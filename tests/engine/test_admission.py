@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gpu_worker.config import EngineConfig, SamplingParams
-from gpu_worker.engine import LLMEngine
+from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.errors import CapacityError
 
 PARAMS = SamplingParams(max_tokens=4, ignore_eos=True)

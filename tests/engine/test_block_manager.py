@@ -7,8 +7,8 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpu_worker.block_manager import BlockManager
 from gpu_worker.config import SamplingParams
+from gpu_worker.engine.block_manager import BlockManager
 from gpu_worker.sequence import Request, Sequence
 
 BLOCK = 4

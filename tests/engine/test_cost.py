@@ -1,4 +1,4 @@
-"""Cost attribution (gpu_worker/cost.py): a step's measured time is split by each sequence's FLOPs, and the
+"""Cost attribution (gpu_worker/engine/cost.py): a step's measured time is split by each sequence's FLOPs, and the
 device seconds of all requests add up to the engine's measured step time."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import math
 import pytest
 
 from gpu_worker.config import EngineConfig, ModelConfig, SamplingParams
-from gpu_worker.cost import WorkModel, attribute_step, step_shares
-from gpu_worker.engine import LLMEngine
-from gpu_worker.scheduler import ScheduledBatch
+from gpu_worker.engine.cost import WorkModel, attribute_step, step_shares
+from gpu_worker.engine.llm_engine import LLMEngine
+from gpu_worker.engine.scheduler import ScheduledBatch
 from gpu_worker.sequence import Request, Sequence
 
 GPT2_SMALL = ModelConfig("gpt2", 50257, 768, 12, 12, 12, 3072, 1024)

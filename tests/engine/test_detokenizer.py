@@ -6,9 +6,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpu_worker.detokenizer import IncrementalDetokenizer, StopStringMatcher, find_stop, partial_stop_length
 from gpu_worker.errors import InvalidRequestError
-from gpu_worker.tokenizer import Tokenizer
+from gpu_worker.tokenization.detokenizer import (
+    IncrementalDetokenizer,
+    StopStringMatcher,
+    find_stop,
+    partial_stop_length,
+)
+from gpu_worker.tokenization.tokenizer import Tokenizer
 
 
 def stream(tokenizer: Tokenizer, ids: list[int], skip_special_tokens: bool = True) -> list[str]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gpu_worker.config import EngineConfig, SamplingParams
-from gpu_worker.engine import LLMEngine
+from gpu_worker.engine.llm_engine import LLMEngine
 
 from .conftest import Peer, make_peer
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gpu_worker.attention import forward_dense
-from gpu_worker.checkpoints.gguf_file import unpermute_rope_rows
 from gpu_worker.errors import ModelLoadError
-from gpu_worker.loader import load_model, pull
+from gpu_worker.layers.attention import forward_dense
+from gpu_worker.loading.checkpoints.gguf_file import unpermute_rope_rows
+from gpu_worker.loading.loader import load_model, pull
 
 PROMPT = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 198, 40]
 
@@ -57,7 +57,7 @@ def test_it_tells_how_to_fix_a_hub_cache_miss(tmp_path: Path, monkeypatch: pytes
         ModelLoadError, match="openai-community/gpt2-xl is not in the local Hugging Face cache"
     ) as info:
         load_model("gpt2-xl")
-    assert "python -m gpu_worker pull gpt2-xl" in str(info.value)
+    assert "python -m ruvon_cli pull gpt2-xl" in str(info.value)
 
 
 def test_it_rejects_a_truncated_safetensors(tiny_gpt2, tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ import pytest
 import torch
 import transformers
 
-from gpu_worker.assets import smollm2_gguf_path
-from gpu_worker.attention import AttentionMetadata, allocate_kv_cache, forward_dense
-from gpu_worker.loader import LoadedModel, load_model, random_hf_config
+from gpu_worker.layers.attention import AttentionMetadata, allocate_kv_cache, forward_dense
+from gpu_worker.loading.assets import smollm2_gguf_path
+from gpu_worker.loading.loader import LoadedModel, load_model, random_hf_config
 from gpu_worker.models import GPT2ForCausalLM, LlamaForCausalLM, build_model
 
 PROMPT = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 198, 40, 1101, 1807, 257, 11, 290, 345]

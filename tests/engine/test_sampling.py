@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gpu_worker.config import SamplingParams
-from gpu_worker.sampler import SamplingTensors, apply_penalties_and_bias, sample, truncate
+from gpu_worker.runner.sampler import SamplingTensors, apply_penalties_and_bias, sample, truncate
 from gpu_worker.sequence import Request, Sequence
 
 from .conftest import Peer, engine_for

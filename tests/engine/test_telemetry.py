@@ -1,4 +1,4 @@
-"""Engine telemetry (gpu_worker/telemetry.py): after a known set of requests the counters and histograms
+"""Engine telemetry (gpu_worker/serving/telemetry.py): after a known set of requests the counters and histograms
 have moved by exactly the right amounts, in a registry of the engine's own, served over HTTP."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpu_worker.config import EngineConfig, SamplingParams
-from gpu_worker.engine import LLMEngine
-from gpu_worker.telemetry import Telemetry, TokenRate, serve
+from gpu_worker.engine.llm_engine import LLMEngine
+from gpu_worker.serving.telemetry import Telemetry, TokenRate, serve
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

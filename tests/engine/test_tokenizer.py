@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpu_worker.assets import gpt2_tiktoken_path, smollm2_gguf_path
-from gpu_worker.bpe import BYTE_TO_CHAR, TOKEN_TYPE_CONTROL, load_gpt2_ranks
-from gpu_worker.chat_template import ChatTemplate
 from gpu_worker.errors import InvalidRequestError, ModelLoadError
-from gpu_worker.tokenizer import Tokenizer, load_tokenizer
+from gpu_worker.loading.assets import gpt2_tiktoken_path, smollm2_gguf_path
+from gpu_worker.tokenization.bpe import BYTE_TO_CHAR, TOKEN_TYPE_CONTROL, load_gpt2_ranks
+from gpu_worker.tokenization.chat_template import ChatTemplate
+from gpu_worker.tokenization.tokenizer import Tokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="module")

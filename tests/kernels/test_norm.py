@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from gpu_worker.attention import KernelBackend, forward_dense
-from gpu_worker.loader import load_model
+from gpu_worker.layers.attention import KernelBackend, forward_dense
+from gpu_worker.loading.loader import load_model
 from kernels.reference import add_layer_norm_ref, add_rms_norm_ref
 
 pytest.importorskip("triton")

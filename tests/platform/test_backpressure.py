@@ -16,12 +16,12 @@ import redis
 from django.db import OperationalError
 
 from gpu_worker.config import EngineConfig
-from gpu_worker.engine import LLMEngine
+from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.errors import CapacityError
-from gpu_worker.memory_transport import MemoryTransport
-from gpu_worker.protocol import Event, make_job, started_event, waiting_key, waiting_tokens_key
-from gpu_worker.redis_transport import RedisWorkerTransport
-from gpu_worker.worker import Worker
+from gpu_worker.serving.memory_transport import MemoryTransport
+from gpu_worker.serving.protocol import Event, make_job, started_event, waiting_key, waiting_tokens_key
+from gpu_worker.serving.redis_transport import RedisWorkerTransport
+from gpu_worker.serving.worker import Worker
 from inference.errors import error_response
 from inference.transport.redis_client import RedisJobClient
 

@@ -8,7 +8,7 @@ import io
 
 import pytest
 
-from gpu_worker.chat_client import ChatClient, ChatSession, add_chat_parser, run_chat
+from ruvon_cli.chat_client import ChatClient, ChatSession, add_chat_parser, run_chat
 from tests.platform.live_server import LiveServer, shared_live_server
 
 pytestmark = pytest.mark.slow

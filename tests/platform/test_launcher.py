@@ -10,9 +10,9 @@ from collections import Counter
 
 import pytest
 
-from gpu_worker.launcher import child_commands
-from gpu_worker.protocol import request_stream, workers_key
-from gpu_worker.redis_transport import GROUP
+from gpu_worker.serving.launcher import child_commands
+from gpu_worker.serving.protocol import request_stream, workers_key
+from gpu_worker.serving.redis_transport import GROUP
 from inference.transport.redis_client import RedisJobClient
 
 from .test_worker_process import REDIS_URL, ROOT, Cluster, cluster, run, serve_all  # noqa: F401
@@ -43,7 +43,7 @@ def test_it_gives_each_worker_its_own_metrics_port() -> None:
 
 @pytest.mark.slow
 def test_it_serves_a_batch_exactly_once_across_launched_workers(cluster: Cluster) -> None:  # noqa: F811
-    cmd = [sys.executable, "-m", "gpu_worker", "workers", "--num-workers", "2", "--",
+    cmd = [sys.executable, "-m", "ruvon_cli", "workers", "--num-workers", "2", "--",
            "--redis-url", REDIS_URL, "--model", "random:tiny", "--served-model-name", cluster.model,
            "--usage-stream", cluster.usage_stream, "--num-blocks", "64", "--heartbeat-s", "0.2",
            "--max-inflight", "2"]  # fmt: skip

@@ -12,7 +12,7 @@ from django.test import Client
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpu_worker.telemetry import Telemetry
+from gpu_worker.serving.telemetry import Telemetry
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 GPU_ONLY = {

@@ -1,4 +1,4 @@
-"""Two real `python -m gpu_worker worker` processes on one request stream, each serving its engine metrics on
+"""Two real `python -m ruvon_cli worker` processes on one request stream, each serving its engine metrics on
 its own --metrics-port: both expositions parse, and together they count exactly what the requests did."""
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import pytest
 
 from gpu_worker.config import SamplingParams
 from gpu_worker.errors import CapacityError, InvalidRequestError
-from gpu_worker.protocol import (
+from gpu_worker.serving.protocol import (
     error_event_for,
     make_job,
     parse_job,
@@ -70,7 +70,7 @@ def test_it_maps_exceptions_to_terminal_error_events() -> None:
 
 def test_it_keeps_the_worker_module_free_of_django_and_torch() -> None:
     code = (
-        "import sys, gpu_worker.worker, gpu_worker.redis_transport, gpu_worker.memory_transport; "
+        "import sys, gpu_worker.serving.worker, gpu_worker.serving.redis_transport, gpu_worker.serving.memory_transport; "
         "print(sorted(m for m in ('django', 'torch') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -16,11 +16,18 @@ import pytest
 import redis
 
 from gpu_worker.config import EngineConfig
-from gpu_worker.engine import LLMEngine
+from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.errors import CapacityError
-from gpu_worker.protocol import Event, cancel_key, events_stream, make_job, request_stream, started_event
-from gpu_worker.redis_transport import EVENTS_TTL_DONE_S, GROUP, RedisWorkerTransport
-from gpu_worker.worker import Delivery, Finished, Worker
+from gpu_worker.serving.protocol import (
+    Event,
+    cancel_key,
+    events_stream,
+    make_job,
+    request_stream,
+    started_event,
+)
+from gpu_worker.serving.redis_transport import EVENTS_TTL_DONE_S, GROUP, RedisWorkerTransport
+from gpu_worker.serving.worker import Delivery, Finished, Worker
 from inference.transport.redis_client import RedisJobClient
 
 REDIS_URL = "redis://127.0.0.1:6379/0"

@@ -19,7 +19,7 @@ import pytest
 import redis
 from django.core.management import call_command
 
-from gpu_worker.protocol import make_job, request_stream, workers_key
+from gpu_worker.serving.protocol import make_job, request_stream, workers_key
 from inference.models import UsageRecord
 from inference.transport.usage_ingest import INGEST_GROUP
 

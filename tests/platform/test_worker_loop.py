@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from gpu_worker.config import EngineConfig
-from gpu_worker.engine import LLMEngine
-from gpu_worker.memory_transport import MemoryTransport
-from gpu_worker.protocol import make_job
-from gpu_worker.worker import Worker
+from gpu_worker.engine.llm_engine import LLMEngine
+from gpu_worker.serving.memory_transport import MemoryTransport
+from gpu_worker.serving.protocol import make_job
+from gpu_worker.serving.worker import Worker
 
 
 # Scheduler steps, and decode launches of 3 queued ahead of the host (the CUDA default's shape, on CPU).

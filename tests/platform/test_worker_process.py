@@ -1,4 +1,4 @@
-"""Real `python -m gpu_worker worker` processes serving random:tiny through the machine's Redis: a batch shared
+"""Real `python -m ruvon_cli worker` processes serving random:tiny through the machine's Redis: a batch shared
 by two workers is served exactly once, a SIGKILLed worker's jobs are reclaimed, SIGTERM drains."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import redis
 
-from gpu_worker.protocol import Event, make_job, request_stream, workers_key
-from gpu_worker.redis_transport import GROUP
+from gpu_worker.serving.protocol import Event, make_job, request_stream, workers_key
+from gpu_worker.serving.redis_transport import GROUP
 from inference.transport.redis_client import RedisJobClient
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -41,7 +41,7 @@ class Cluster:
     def start_worker(self, *extra: str) -> subprocess.Popen[bytes]:
         before = len(self.r.hkeys(workers_key(self.model)))
         log = open(self.tmp_path / f"worker{len(self.procs)}.log", "wb")  # noqa: SIM115 (kept for the process)
-        cmd = [sys.executable, "-m", "gpu_worker", "worker", "--redis-url", REDIS_URL, "--model", "random:tiny",
+        cmd = [sys.executable, "-m", "ruvon_cli", "worker", "--redis-url", REDIS_URL, "--model", "random:tiny",
                "--served-model-name", self.model, "--usage-stream", self.usage_stream, "--num-blocks", "64",
                "--device", "cpu", "--heartbeat-s", "0.2", *extra]  # fmt: skip
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)

@@ -9,7 +9,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from gpu_worker.worker import add_worker_arguments, run_worker_command
+from gpu_worker.serving.worker import add_worker_arguments, run_worker_command
 
 
 class Command(BaseCommand):

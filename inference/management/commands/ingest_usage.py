@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import close_old_connections
 
-from gpu_worker.protocol import USAGE_STREAM
+from gpu_worker.serving.protocol import USAGE_STREAM
 from inference.transport.usage_ingest import UsageIngester
 from inference.usage import record_usage
 

@@ -53,7 +53,7 @@ def resolve_cached_snapshot(name: str, cache_dir: Path | None = None) -> Path:
         return candidates[0].parent
     raise ModelLoadError(
         f"{repo_id} is not in the local Hugging Face cache (looked for {repo_dir}/snapshots/<rev>/config.json). "
-        f"On a machine with internet run `python -m gpu_worker pull {name}`, point HF_HUB_CACHE or HF_HOME "
+        f"On a machine with internet run `python -m ruvon_cli pull {name}`, point HF_HUB_CACHE or HF_HOME "
         "at a cache that has it, or pass a local model directory"
     )
 

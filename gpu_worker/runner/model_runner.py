@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from gpu_worker.attention import AttentionMetadata, allocate_kv_cache
-from gpu_worker.cuda_graphs import DecodeGraphs
+from gpu_worker.engine.scheduler import ScheduledBatch
+from gpu_worker.layers.attention import AttentionMetadata, allocate_kv_cache
 from gpu_worker.models.base import CausalLM
-from gpu_worker.sampler import SamplingTensors, needs_processing, sample, top_logprobs
-from gpu_worker.scheduler import ScheduledBatch
+from gpu_worker.runner.cuda_graphs import DecodeGraphs
+from gpu_worker.runner.sampler import SamplingTensors, needs_processing, sample, top_logprobs
 from gpu_worker.sequence import Sequence
 
 

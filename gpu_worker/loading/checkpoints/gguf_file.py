@@ -12,9 +12,9 @@ import gguf
 import torch
 from gguf.quants import dequantize
 
-from gpu_worker.checkpoints import Checkpoint, reject_unsupported
 from gpu_worker.config import ModelConfig
 from gpu_worker.errors import ModelLoadError
+from gpu_worker.loading.checkpoints import Checkpoint, reject_unsupported
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from gpu_worker.checkpoints import Checkpoint, reject_unsupported
 from gpu_worker.config import ModelConfig
 from gpu_worker.errors import ModelLoadError
+from gpu_worker.loading.checkpoints import Checkpoint, reject_unsupported
 
 TensorReader = Callable[[list[Path]], Iterator[tuple[str, torch.Tensor]]]
 

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from gpu_worker.errors import CapacityError, InvalidRequestError
-from gpu_worker.protocol import Event, Job, is_terminal, job_token_budget
-from gpu_worker.worker import Delivery, Finished
+from gpu_worker.serving.protocol import Event, Job, is_terminal, job_token_budget
+from gpu_worker.serving.worker import Delivery, Finished
 
 log = logging.getLogger("ruvon.worker")
 

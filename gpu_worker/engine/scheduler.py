@@ -12,8 +12,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from gpu_worker.block_manager import BlockManager
 from gpu_worker.config import EngineConfig
+from gpu_worker.engine.block_manager import BlockManager
 from gpu_worker.errors import CapacityError
 from gpu_worker.sequence import Request, Sequence, SequenceStatus
 

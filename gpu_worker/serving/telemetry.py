@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 if TYPE_CHECKING:
-    from gpu_worker.engine import LLMEngine, RequestOutput
-    from gpu_worker.scheduler import ScheduledBatch
+    from gpu_worker.engine.llm_engine import LLMEngine, RequestOutput
+    from gpu_worker.engine.scheduler import ScheduledBatch
     from gpu_worker.sequence import Request
 
 PREFIX = "ruvon:"
@@ -96,7 +96,7 @@ class Telemetry:
         self.decode = h("request_decode_time_seconds", "First token to the request's end.", REQUEST_BUCKETS)
         self.device = h(
             "request_device_seconds",
-            "Step time attributed to a request (gpu_worker/cost.py).",
+            "Step time attributed to a request (gpu_worker/engine/cost.py).",
             REQUEST_BUCKETS,
         )
         self.step_time = h(

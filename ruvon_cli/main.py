@@ -7,15 +7,15 @@ import sys
 import time
 import uuid
 
-from gpu_worker.chat_client import add_chat_parser
 from gpu_worker.config import EngineConfig, SamplingParams
 from gpu_worker.errors import RuvonError
-from gpu_worker.launcher import add_launcher_parser
-from gpu_worker.worker import add_worker_parser
+from gpu_worker.serving.launcher import add_launcher_parser
+from gpu_worker.serving.worker import add_worker_parser
+from ruvon_cli.chat_client import add_chat_parser
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from gpu_worker.engine import LLMEngine
+    from gpu_worker.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed))
     print(f"[model: {engine.label}]", file=sys.stderr)
@@ -49,7 +49,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from gpu_worker.loader import pull
+    from gpu_worker.loading.loader import pull
 
     print(pull(args.repo_id, cache_dir=args.cache_dir))
     return 0

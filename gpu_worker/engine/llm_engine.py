@@ -22,19 +22,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gpu_worker.block_manager import BlockManager
 from gpu_worker.config import EngineConfig, SamplingParams
-from gpu_worker.cost import WorkModel, attribute_step
-from gpu_worker.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from gpu_worker.engine.block_manager import BlockManager
+from gpu_worker.engine.cost import WorkModel, attribute_step
+from gpu_worker.engine.scheduler import ScheduledBatch, Scheduler
 from gpu_worker.errors import InvalidRequestError
-from gpu_worker.loader import LoadedModel, load_model
-from gpu_worker.model_runner import DecodeLaunch, ModelRunner, StepResult
-from gpu_worker.scheduler import ScheduledBatch, Scheduler
+from gpu_worker.loading.loader import LoadedModel, load_model
+from gpu_worker.runner.model_runner import DecodeLaunch, ModelRunner, StepResult
 from gpu_worker.sequence import Request, RequestMetrics, Sequence, SequenceStatus, TokenLogprob
-from gpu_worker.tokenizer import Tokenizer, load_tokenizer
+from gpu_worker.tokenization.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from gpu_worker.tokenization.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
-    from gpu_worker.telemetry import Telemetry
+    from gpu_worker.serving.telemetry import Telemetry
 
 log = logging.getLogger("ruvon.engine")
 
@@ -119,7 +119,9 @@ class LLMEngine:
         self, config: EngineConfig, loaded: LoadedModel | None = None, telemetry: Telemetry | None = None
     ) -> None:
         self.config = config
-        self.telemetry = telemetry  # told about every step (gpu_worker/telemetry.py); may be set later
+        self.telemetry = (
+            telemetry  # told about every step (gpu_worker/serving/telemetry.py); may be set later
+        )
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.loaded = loaded or load_model(

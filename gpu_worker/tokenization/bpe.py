@@ -13,8 +13,8 @@ import gguf
 import tiktoken
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from gpu_worker.assets import GPT2_TIKTOKEN_SHA256
 from gpu_worker.errors import ModelLoadError
+from gpu_worker.loading.assets import GPT2_TIKTOKEN_SHA256
 
 # GPT-2's pre-tokenizer: contractions, letter runs, digit runs, punctuation runs (each may take one leading
 # space), then whitespace. BPE merges never cross the boundaries of these pieces.

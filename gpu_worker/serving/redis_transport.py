@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from gpu_worker.protocol import (
+from gpu_worker.serving.protocol import (
     USAGE_STREAM,
     Event,
     cancel_key,
@@ -24,7 +24,7 @@ from gpu_worker.protocol import (
     waiting_tokens_key,
     workers_key,
 )
-from gpu_worker.worker import Delivery, Finished
+from gpu_worker.serving.worker import Delivery, Finished
 
 log = logging.getLogger("ruvon.worker")
 

@@ -7,7 +7,7 @@ import codecs
 from collections.abc import Sequence
 
 from gpu_worker.errors import InvalidRequestError
-from gpu_worker.tokenizer import Tokenizer
+from gpu_worker.tokenization.tokenizer import Tokenizer
 
 
 class IncrementalDetokenizer:

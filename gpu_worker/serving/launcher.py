@@ -49,7 +49,7 @@ def child_commands(
     chosen = (gpus[:num_workers] if num_workers else gpus) if gpus else [""] * max(num_workers, 1)
     commands = []
     for i, gpu in enumerate(chosen):
-        argv = [sys.executable, "-m", "gpu_worker", "worker", *with_metrics_port(worker_args, i)]
+        argv = [sys.executable, "-m", "gpu_worker.serving", *with_metrics_port(worker_args, i)]
         commands.append(
             ({**os.environ, "CUDA_VISIBLE_DEVICES": gpu}, argv if gpus else [*argv, "--device", "cpu"])
         )

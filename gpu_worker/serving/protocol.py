@@ -13,7 +13,7 @@ from gpu_worker.config import SamplingParams
 from gpu_worker.errors import CapacityError, InvalidRequestError
 
 if TYPE_CHECKING:  # the engine pulls in torch; the web tier only needs the dict shapes
-    from gpu_worker.engine import RequestOutput, TokenLogprob
+    from gpu_worker.engine.llm_engine import RequestOutput, TokenLogprob
 
 Job = dict[str, Any]
 Event = dict[str, Any]

@@ -13,13 +13,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from gpu_worker.assets import smollm2_gguf_path
-from gpu_worker.checkpoints import Checkpoint
-from gpu_worker.checkpoints.gguf_file import open_gguf, read_gguf_config, read_gguf_tensors
-from gpu_worker.checkpoints.hf_dir import read_hf_config, read_hf_tensors
-from gpu_worker.checkpoints.hub import GPT2_HUB_NAMES, is_hub_name, pull, resolve_cached_snapshot
 from gpu_worker.config import ModelConfig
 from gpu_worker.errors import ModelLoadError
+from gpu_worker.loading.assets import smollm2_gguf_path
+from gpu_worker.loading.checkpoints import Checkpoint
+from gpu_worker.loading.checkpoints.gguf_file import open_gguf, read_gguf_config, read_gguf_tensors
+from gpu_worker.loading.checkpoints.hf_dir import read_hf_config, read_hf_tensors
+from gpu_worker.loading.checkpoints.hub import GPT2_HUB_NAMES, is_hub_name, pull, resolve_cached_snapshot
 from gpu_worker.models import CausalLM, build_model
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gpu_worker.errors import InvalidRequestError
-from gpu_worker.protocol import (
+from gpu_worker.serving.protocol import (
     USAGE_STREAM,
     Event,
     ParsedJob,
@@ -30,7 +30,7 @@ from gpu_worker.protocol import (
 )
 
 if TYPE_CHECKING:
-    from gpu_worker.engine import LLMEngine, RequestMetrics
+    from gpu_worker.engine.llm_engine import LLMEngine, RequestMetrics
 
 log = logging.getLogger("ruvon.worker")
 
@@ -358,7 +358,7 @@ class Worker:
             "tpot_s": tpot,
             # Decode speed: tokens after each choice's first, per second (n / tpot_s).
             "tokens_per_s": (st.completion_tokens - n) / decode_s if tpot and decode_s > 0 else None,
-            # This request's share of the engine's measured step time (gpu_worker/cost.py).
+            # This request's share of the engine's measured step time (gpu_worker/engine/cost.py).
             "device_s": metrics.device_seconds if metrics else 0.0,
         }
 
@@ -486,10 +486,10 @@ def add_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_worker_command(args: argparse.Namespace) -> int:
     """Build the engine and the Redis transport from parsed options, then serve until SIGTERM."""
     from gpu_worker.config import EngineConfig
-    from gpu_worker.engine import LLMEngine
-    from gpu_worker.redis_transport import RedisWorkerTransport
-    from gpu_worker.telemetry import Telemetry
-    from gpu_worker.telemetry import serve as serve_metrics
+    from gpu_worker.engine.llm_engine import LLMEngine
+    from gpu_worker.serving.redis_transport import RedisWorkerTransport
+    from gpu_worker.serving.telemetry import Telemetry
+    from gpu_worker.serving.telemetry import serve as serve_metrics
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = EngineConfig(

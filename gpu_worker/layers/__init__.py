@@ -1,0 +1,1 @@
+"""Model building blocks: projections, fused add + norm, rotary embeddings, attention over the paged cache."""

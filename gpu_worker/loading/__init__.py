@@ -1,0 +1,1 @@
+"""Model loading: HF directories and hub names, GGUF files, random:<shape>, the shipped assets."""

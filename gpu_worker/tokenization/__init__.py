@@ -1,0 +1,1 @@
+"""Text <-> token ids: BPE tokenizers, chat templates, incremental detokenising and stop strings."""
