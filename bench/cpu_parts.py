@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import print_table, write_json  # noqa: E402
 from gpu_worker.config import EngineConfig, SamplingParams  # noqa: E402
 from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
-from gpu_worker.layers.attention import forward_dense  # noqa: E402
 from gpu_worker.loading.loader import LoadedModel, load_model  # noqa: E402
+from gpu_worker.runner.kv_cache import forward_dense  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
 TEXT = "The history of computing is a story of people, machines and ideas. " * 40

@@ -28,6 +28,7 @@ from gpu_worker.engine.cost import WorkModel, attribute_step
 from gpu_worker.engine.scheduler import ScheduledBatch, Scheduler
 from gpu_worker.errors import InvalidRequestError
 from gpu_worker.loading.loader import LoadedModel, load_model
+from gpu_worker.runner.kv_cache import blocks_from_memory
 from gpu_worker.runner.model_runner import DecodeLaunch, ModelRunner, StepResult
 from gpu_worker.sequence import Request, RequestMetrics, Sequence, SequenceStatus, TokenLogprob
 from gpu_worker.tokenization.detokenizer import IncrementalDetokenizer, StopStringMatcher
@@ -136,7 +137,12 @@ class LLMEngine:
         # Positions past the model's own table do not exist (GPT-2's are learned), so never go beyond it.
         self.max_model_len = min(config.max_model_len or 1 << 62, self.model_config.max_position_embeddings)
         self.eos_ids = frozenset(self.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
-        num_blocks = config.num_blocks or self._blocks_from_memory()
+        # A bench refuses to report a run whose KV cache fell to the floor (kv_cache.MIN_BLOCKS).
+        num_blocks, self.kv_cache_at_floor = (
+            (config.num_blocks, False)
+            if config.num_blocks
+            else blocks_from_memory(config, self.model_config, self.dtype, self.device)
+        )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         if config.decode_steps < 1:
@@ -168,31 +174,6 @@ class LLMEngine:
         self._aborted: list[Request] = []  # aborted since the last step, still owed a final output
         self._launch: DecodeLaunch | None = None  # decode launch queued on the device, not yet read back
         self._last_collect = 0.0  # perf_counter() when the last launch was read back
-
-    def _blocks_from_memory(self) -> int:
-        cfg = self.model_config
-        bytes_per_block = (
-            2
-            * cfg.num_layers
-            * self.config.block_size
-            * cfg.num_kv_heads
-            * cfg.head_dim
-            * self.dtype.itemsize
-        )
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            # Leave room for activations and logits of the largest step.
-            reserve = total * (1 - self.config.gpu_memory_utilization) + 2 * 2**30
-            budget = max(free - reserve, bytes_per_block * 64)
-            if free - reserve < bytes_per_block * 64:
-                log.warning(
-                    "only %.1f GiB of device memory is free: the KV cache gets the minimum of 64 blocks "
-                    "(is another engine in this process still holding its cache?)",
-                    free / 2**30,
-                )
-        else:
-            budget = self.config.cpu_kv_cache_gib * 2**30
-        return max(int(budget // bytes_per_block), 1)
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(

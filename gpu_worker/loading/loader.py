@@ -1,6 +1,7 @@
 """Turns a model spec (HF directory, HF cache name, GGUF file, `random:<shape>`) into a loaded Ruvon model.
 
-Reading files is the job of gpu_worker/checkpoints; this module picks the reader and fills the model.
+Reading files is the job of gpu_worker/loading/checkpoints; this module picks the reader, and the model's
+layers take the tensors one by one (CausalLM.load_weight).
 """
 
 from __future__ import annotations
@@ -236,24 +237,18 @@ def _empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.de
     return model.eval()
 
 
-def _fill(model: nn.Module, checkpoint: Checkpoint, desc: str) -> None:
-    """Copy every checkpoint tensor into its place; fail if the checkpoint left a parameter unset."""
+def _fill(model: CausalLM, checkpoint: Checkpoint, desc: str) -> None:
+    """Hand every checkpoint tensor to the model's layers; fail if the checkpoint left a parameter unset."""
     with torch.no_grad():
         for param in model.parameters():
             param.fill_(float("nan"))  # anything still NaN afterwards was missing from the checkpoint
-        quiet = True if checkpoint.nbytes < PROGRESS_MIN_BYTES else None  # None: tqdm hides itself off a tty
-        for name, tensor in tqdm(
-            checkpoint.tensors, total=checkpoint.count or None, desc=desc, disable=quiet
-        ):
-            target = model.checkpoint_target(name)  # type: ignore[operator]
-            if target is None:
-                continue
-            if target.shape != tensor.shape:
-                raise ModelLoadError(
-                    f"{desc}: tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
-                )
-            target.copy_(tensor)
-        unset = [name for name, param in model.named_parameters() if param.isnan().any()]
+    quiet = True if checkpoint.nbytes < PROGRESS_MIN_BYTES else None  # None: tqdm hides itself off a tty
+    for name, tensor in tqdm(checkpoint.tensors, total=checkpoint.count or None, desc=desc, disable=quiet):
+        try:
+            model.load_weight(name, tensor)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{desc}: tensor {name} {exc}") from None
+    unset = [name for name, param in model.named_parameters() if param.isnan().any()]
     if unset:
         raise ModelLoadError(
             f"{desc}: the checkpoint lacks (or has NaN in) {len(unset)} tensors, e.g. {unset[:5]}"

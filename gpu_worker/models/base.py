@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from gpu_worker.config import ModelConfig
-from gpu_worker.layers.attention import ForwardContext
+from gpu_worker.errors import ModelLoadError
+from gpu_worker.layers.base import Layer
+from gpu_worker.layers.context import ForwardContext
 
 
 class CausalLM(nn.Module, ABC):
@@ -24,3 +26,18 @@ class CausalLM(nn.Module, ABC):
     @abstractmethod
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Return float32 logits [N, vocab] for hidden states [N, hidden]."""
+
+    @abstractmethod
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        """Put the HF-named checkpoint tensor `name` where it belongs (or skip it); raise ModelLoadError if
+        the model has no place for it."""
+
+    def load_into(self, module_name: str, leaf: str, tensor: torch.Tensor) -> None:
+        """Hand `tensor` to the layer at `module_name` as its `leaf` (e.g. "weight", "q_proj.weight")."""
+        try:
+            layer = self.get_submodule(module_name)
+        except AttributeError:
+            layer = None
+        if not isinstance(layer, Layer):
+            raise ModelLoadError(f"has no place in a {type(self).__name__} (no layer {module_name!r})")
+        layer.load_weight(leaf, tensor)

@@ -10,12 +10,16 @@ from torch import nn
 
 from gpu_worker.config import ModelConfig
 from gpu_worker.errors import ModelLoadError
-from gpu_worker.layers.attention import ForwardContext, PagedAttention
+from gpu_worker.layers.attention import PagedAttention
+from gpu_worker.layers.base import Embedding
+from gpu_worker.layers.context import ForwardContext
+from gpu_worker.layers.linear import Linear
+from gpu_worker.layers.norm import LayerNorm
 from gpu_worker.models.base import CausalLM
 
 # HF's GPT2Attention keeps its causal mask as buffers named like weights; old checkpoints carry them.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-# HF stores these as Conv1D weights [in, out]; our nn.Linear weights are [out, in].
+# HF stores these as Conv1D weights [in, out]; our Linear weights are [out, in].
 _CONV1D_NAMES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _HF_TO_OURS = {
     "attn.c_attn": "attn.qkv",
@@ -29,51 +33,40 @@ class GPT2Attention(nn.Module):
     def __init__(self, config: ModelConfig, context: ForwardContext) -> None:
         super().__init__()
         hidden = config.hidden_size
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.proj = nn.Linear(hidden, hidden)
+        self.qkv = Linear(context, hidden, 3 * hidden, bias=True)
+        self.proj = Linear(context, hidden, hidden, bias=True)
         self.attn = PagedAttention(context, config.num_heads, config.num_heads, config.head_dim)
-        self.context = context
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        linear = self.context.backend.linear
-        q, k, v = linear(x, self.qkv.weight, self.qkv.bias).chunk(3, dim=-1)  # 3 x [T, H*D]
-        return linear(self.attn(q, k, v), self.proj.weight, self.proj.bias)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x [T, H*D]
+        return self.proj(self.attn(q, k, v))
 
 
 class GPT2MLP(nn.Module):
     def __init__(self, config: ModelConfig, context: ForwardContext) -> None:
         super().__init__()
-        self.fc = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.proj = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.context = context
+        # tanh-GELU rides in fc's epilogue where the kernel allows.
+        self.fc = Linear(context, config.hidden_size, config.intermediate_size, bias=True, gelu=True)
+        self.proj = Linear(context, config.intermediate_size, config.hidden_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        linear = self.context.backend.linear  # tanh-GELU rides in fc's epilogue where the kernel allows
-        return linear(linear(x, self.fc.weight, self.fc.bias, gelu=True), self.proj.weight, self.proj.bias)
-
-
-def add_norm(
-    context: ForwardContext, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.LayerNorm
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (x + residual, norm of it) through the context's fused kernel."""
-    return context.backend.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
+        return self.proj(self.fc(x))
 
 
 class GPT2Block(nn.Module):
     def __init__(self, config: ModelConfig, context: ForwardContext) -> None:
         super().__init__()
-        self.context = context
-        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.ln_1 = LayerNorm(context, config.hidden_size, config.norm_eps)
         self.attn = GPT2Attention(config, context)
-        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.ln_2 = LayerNorm(context, config.hidden_size, config.norm_eps)
         self.mlp = GPT2MLP(config, context)
 
     def forward(
-        self, h: torch.Tensor, residual: torch.Tensor, next_norm: nn.LayerNorm
+        self, h: torch.Tensor, residual: torch.Tensor, next_norm: LayerNorm
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # h is ln_1 of the residual stream, applied by the step before (see GPT2ForCausalLM.forward).
-        residual, h = add_norm(self.context, self.attn(h), residual, self.ln_2)
-        return add_norm(self.context, self.mlp(h), residual, next_norm)
+        residual, h = self.ln_2(self.attn(h), residual)
+        return next_norm(self.mlp(h), residual)
 
 
 class GPT2ForCausalLM(CausalLM):
@@ -87,10 +80,10 @@ class GPT2ForCausalLM(CausalLM):
             )
         self.config = config
         self.context = ForwardContext()
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.wte = Embedding(config.vocab_size, config.hidden_size)
+        self.wpe = Embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(config, self.context) for _ in range(config.num_layers))
-        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.ln_f = LayerNorm(self.context, config.hidden_size, config.norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden [T, C]
@@ -99,7 +92,7 @@ class GPT2ForCausalLM(CausalLM):
         embeddings = self.wte(input_ids) + self.wpe(positions)
         blocks = cast(list[GPT2Block], list(self.h))
         norms = [block.ln_1 for block in blocks] + [self.ln_f]
-        residual, h = add_norm(self.context, embeddings, None, norms[0])
+        residual, h = norms[0](embeddings)
         for block, next_norm in zip(blocks, norms[1:], strict=True):
             residual, h = block(h, residual, next_norm)
         return h
@@ -108,16 +101,14 @@ class GPT2ForCausalLM(CausalLM):
         # [N, C] -> [N, V] float32
         return F.linear(hidden, self.wte.weight).float()
 
-    def checkpoint_target(self, name: str) -> torch.Tensor | None:
-        """Return the view of our parameter that HF checkpoint tensor `name` fills, or None to skip it."""
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
         name = name.removeprefix("transformer.")
         if name == "lm_head.weight" or name.endswith(_IGNORED_SUFFIXES):
-            return None  # the head is tied to wte
+            return  # the head is tied to wte
+        if name.endswith(_CONV1D_NAMES):
+            tensor = tensor.t()
         ours = name
         for hf, mine in _HF_TO_OURS.items():
             ours = ours.replace(f".{hf}.", f".{mine}.")
-        try:
-            param = self.get_parameter(ours)
-        except AttributeError:
-            raise ModelLoadError(f"unexpected tensor {name!r} in a GPT-2 checkpoint") from None
-        return param.data.t() if name.endswith(_CONV1D_NAMES) else param.data
+        module, _, leaf = ours.rpartition(".")
+        self.load_into(module, leaf, tensor)

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
-from gpu_worker.layers.attention import AttentionMetadata
+from gpu_worker.layers.context import AttentionMetadata
 from gpu_worker.models.base import CausalLM
 
 # (ids, first, last, block_tables, steps) -> tokens [steps, B]: a greedy launch's body, see model_runner.

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from gpu_worker.engine.scheduler import ScheduledBatch
-from gpu_worker.layers.attention import AttentionMetadata, allocate_kv_cache
+from gpu_worker.layers.context import AttentionMetadata
 from gpu_worker.models.base import CausalLM
 from gpu_worker.runner.cuda_graphs import DecodeGraphs
+from gpu_worker.runner.kv_cache import allocate_kv_cache
 from gpu_worker.runner.sampler import SamplingTensors, needs_processing, sample, top_logprobs
 from gpu_worker.sequence import Sequence
 
@@ -114,7 +115,7 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(model, num_blocks, block_size, dtype, device)
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda":
-            from kernels import cuda_backend
+            from kernels.backend import cuda_backend
 
             model.context.backend = cuda_backend()
             if cuda_graph_max_batch > 0:

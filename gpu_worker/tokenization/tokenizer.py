@@ -13,9 +13,9 @@ import tiktoken
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from gpu_worker.tokenization import bpe
 from gpu_worker.errors import InvalidRequestError, ModelLoadError
 from gpu_worker.loading.assets import gpt2_tiktoken_path, smollm2_gguf_path
+from gpu_worker.tokenization import bpe
 from gpu_worker.tokenization.chat_template import ChatTemplate
 
 

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gpu_worker.errors import ModelLoadError
-from gpu_worker.layers.attention import forward_dense
 from gpu_worker.loading.checkpoints.gguf_file import unpermute_rope_rows
 from gpu_worker.loading.loader import load_model, pull
+from gpu_worker.runner.kv_cache import forward_dense
 
 PROMPT = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 198, 40]
 

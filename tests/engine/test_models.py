@@ -9,10 +9,12 @@ import pytest
 import torch
 import transformers
 
-from gpu_worker.layers.attention import AttentionMetadata, allocate_kv_cache, forward_dense
+from gpu_worker.layers.context import AttentionMetadata
+from gpu_worker.layers.linear import MergedLinear
 from gpu_worker.loading.assets import smollm2_gguf_path
 from gpu_worker.loading.loader import LoadedModel, load_model, random_hf_config
 from gpu_worker.models import GPT2ForCausalLM, LlamaForCausalLM, build_model
+from gpu_worker.runner.kv_cache import allocate_kv_cache, forward_dense
 
 PROMPT = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 198, 40, 1101, 1807, 257, 11, 290, 345]
 
@@ -116,7 +118,7 @@ def test_it_builds_the_model_class_of_each_arch() -> None:
     model = build_model(llama)
     assert isinstance(model, LlamaForCausalLM)
     assert all(layer.context is model.context for layer in model.modules() if hasattr(layer, "k_cache"))
-    assert isinstance(model.layers[0].self_attn.qkv_proj, torch.nn.Linear)
+    assert isinstance(model.layers[0].self_attn.qkv_proj, MergedLinear)
 
 
 # ---- SmolLM2-135M-Instruct from the shipped GGUF, against HF transformers reading the same file ----

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from gpu_worker.layers.attention import KernelBackend, forward_dense
 from gpu_worker.loading.loader import load_model
+from gpu_worker.runner.kv_cache import forward_dense
+from kernels.backend import KernelBackend
 from kernels.reference import add_layer_norm_ref, add_rms_norm_ref
 
 pytest.importorskip("triton")
@@ -165,7 +166,7 @@ def test_it_runs_the_models_like_the_references(shape: str) -> None:
 
 
 def test_it_offers_the_kernels_in_the_cuda_backend() -> None:
-    from kernels import cuda_backend
+    from kernels.backend import cuda_backend
 
     backend = cuda_backend()
     assert backend.add_layer_norm is add_layer_norm and backend.add_rms_norm is add_rms_norm

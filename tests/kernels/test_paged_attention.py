@@ -228,7 +228,7 @@ def test_it_runs_inside_a_cuda_graph_as_contexts_grow() -> None:
 
 
 def test_it_offers_the_kernels_as_an_attention_backend() -> None:
-    from kernels import cuda_backend
+    from kernels.backend import cuda_backend
     from kernels.store_kv import store_kv
 
     backend = cuda_backend()

@@ -97,7 +97,7 @@ def _hf_name(name: str) -> str:
     match = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
     if match and match[2] in _LAYER_NAMES:
         return f"layers.{match[1]}.{_LAYER_NAMES[match[2]]}.weight"
-    return name  # unknown: the model's checkpoint_target reports it
+    return name  # unknown: the model reports it (CausalLM.load_weight)
 
 
 def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:

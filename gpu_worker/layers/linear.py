@@ -1,0 +1,62 @@
+"""Projections: Linear (y = x W^T + b, optionally with tanh-GELU fused in) and MergedLinear (several
+checkpoint projections stacked by rows into one, e.g. q/k/v). The kernel is the context's backend's."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gpu_worker.errors import ModelLoadError
+from gpu_worker.layers.base import Layer, copy_checked
+from gpu_worker.layers.context import ForwardContext
+
+
+class Linear(Layer):
+    """weight [out, in], bias [out] or None. A quantised or LoRA projection replaces this module whole."""
+
+    def __init__(
+        self,
+        context: ForwardContext,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = False,
+        gelu: bool = False,
+    ) -> None:
+        super().__init__()
+        self.context = context
+        self.in_features, self.out_features, self.gelu = in_features, out_features, gelu
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [T, in] -> [T, out]
+        return self.context.backend.linear(x, self.weight, self.bias, self.gelu)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, gelu={self.gelu}"
+        )
+
+
+class MergedLinear(Linear):
+    """One projection holding several checkpoint projections as consecutive row blocks (no bias).
+
+    `shards` maps each checkpoint name to its row count, in order: {"q_proj": 576, "k_proj": 192, ...}; the
+    loader fills one with load_weight("q_proj.weight", tensor).
+    """
+
+    def __init__(self, context: ForwardContext, in_features: int, shards: dict[str, int]) -> None:
+        super().__init__(context, in_features, sum(shards.values()))
+        self.shard_rows: dict[str, tuple[int, int]] = {}
+        start = 0
+        for shard, rows in shards.items():
+            self.shard_rows[shard] = (start, start + rows)
+            start += rows
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        shard, _, leaf = name.partition(".")
+        if shard not in self.shard_rows or leaf != "weight":
+            raise ModelLoadError(f"is not one of {sorted(self.shard_rows)} (weights only)")
+        start, end = self.shard_rows[shard]
+        copy_checked(self.weight.data[start:end], tensor)
