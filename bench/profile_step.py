@@ -33,14 +33,19 @@ PHASES = {
     "launch_decode (queue)": ("runner", "launch_decode"),
     "collect (wait + read)": ("runner", "collect"),
     "postprocess": ("scheduler", "postprocess"),
-    "append_token": ("engine", "_append_token"),
+    "append_token": ("outputs", "append_token"),
     "outputs": ("engine", "_output"),
 }
 
 
 def instrument(engine: LLMEngine, totals: dict[str, float]) -> None:
     """Wrap each phase's method so its wall time accumulates into totals."""
-    owners = {"engine": engine, "scheduler": engine.scheduler, "runner": engine.runner}
+    owners = {
+        "engine": engine,
+        "scheduler": engine.scheduler,
+        "runner": engine.runner,
+        "outputs": engine.outputs,
+    }
     for label, (owner_name, method) in PHASES.items():
         owner = owners[owner_name]
         original: Callable[..., Any] = getattr(owner, method)

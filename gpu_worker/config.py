@@ -49,6 +49,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None  # None: the model's own context length
     enable_prefix_caching: bool = True
+    # "tenant": cached prefixes are shared only within a tenant (and cache_salt); "global": across tenants.
+    prefix_cache_scope: str = "tenant"
     enforce_eager: bool = False  # True: no CUDA graphs (they are only used on CUDA anyway)
     cuda_graph_max_batch: int = 512
     max_waiting: int = 10_000  # admission bound on queued requests

@@ -1,4 +1,5 @@
-"""A request (one prompt, n choices) and its sequences (one per choice): the state the scheduler moves around."""
+"""A request (one prompt, n choices), its sequences (one per choice), and a step's scheduled work: the state
+the scheduler moves around and the runner reads."""
 
 from __future__ import annotations
 
@@ -105,6 +106,10 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     prompt_logprobs_sent: bool = False
+    # Root of the prefix-cache hash chain (block_manager.isolation_root): requests share cached KV blocks
+    # only when their roots are equal (same tenant and cache_salt by default).
+    cache_root: bytes = b""
+    error: str | None = None  # why the engine failed this request, when it did
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -113,3 +118,22 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: each sequence and how many of its uncomputed tokens to compute now."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+
+    def add(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.num_tokens.append(n)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)

@@ -35,6 +35,8 @@ class SamplingFields(Schema):
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = False
     user: str | None = None
+    # vLLM's field: requests share cached prompt prefixes only with the same tenant *and* the same salt.
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)
 
 
 class CompletionRequest(SamplingFields):

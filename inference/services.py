@@ -162,6 +162,7 @@ class Prepared:
     prompt_ids: list[int]
     params: SamplingParams
     renderer: Renderer
+    cache_salt: str | None = None  # joins the tenant in the prefix-cache isolation key
 
 
 def prepare_completion(body: CompletionRequest, served: ServedModel, request_id: str) -> Prepared:
@@ -187,7 +188,7 @@ def prepare_completion(body: CompletionRequest, served: ServedModel, request_id:
     renderer = CompletionRenderer(
         request_id, served, params.n, _include_usage(body), echo_text, body.logprobs
     )
-    return Prepared(prompt_ids, params, renderer)
+    return Prepared(prompt_ids, params, renderer, body.cache_salt)
 
 
 def prepare_chat(body: ChatCompletionRequest, served: ServedModel, request_id: str) -> Prepared:
@@ -212,7 +213,7 @@ def prepare_chat(body: ChatCompletionRequest, served: ServedModel, request_id: s
         extra_stop=tokenizer.chat_stop_strings,
     )
     renderer = ChatRenderer(request_id, served, params.n, _include_usage(body), logprobs is not None)
-    return Prepared(prompt_ids, params, renderer)
+    return Prepared(prompt_ids, params, renderer, body.cache_salt)
 
 
 def _include_usage(body: SamplingFields) -> bool:
@@ -241,6 +242,7 @@ def build_job(
         prepared.params,
         tenant_id=str(api_key.tenant_id),
         api_key_id=str(api_key.pk),
+        cache_salt=prepared.cache_salt,
         token_budget=token_budget(prepared, served.max_model_len),
         reserved_tokens=reserved_tokens,
         max_queue_s=settings.RUVON_MAX_QUEUE_TIME_S,

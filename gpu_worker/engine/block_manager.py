@@ -1,20 +1,33 @@
 """Owns the paged KV cache's blocks: free list, ref counts, block tables, and prefix caching by hash chain.
 
-A block holds `block_size` consecutive tokens of one sequence. A full block's identity is a hash chained
-over every token before and in it, so two sequences with the same prefix can share its blocks. Freed
-blocks keep their hash and stay findable until they are reused, oldest-freed first (LRU).
+A block holds `block_size` consecutive tokens of one sequence. A full block's identity is a SHA-256 chain
+over every token before and in it, rooted in the request's isolation key (tenant, cache_salt, adapter), so
+two sequences share blocks only when they have the same prefix *and* the same root: one tenant's cached
+prompt is invisible to another (no hit, no cached_tokens, no timing difference), and a collision cannot be
+crafted. Freed blocks keep their hash and stay findable until they are reused, oldest-freed first (LRU).
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
+from collections.abc import Sequence as Seq
 
 from gpu_worker.sequence import Sequence
 
+BlockHash = bytes
 
-def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
-    """Return the hash of a full block given its predecessor's hash and its own tokens."""
-    return hash((prev, tokens))
+
+def isolation_root(*parts: str) -> BlockHash:
+    """Return the hash chain's root for an isolation key made of `parts` (e.g. tenant, cache_salt)."""
+    key = "\x00".join(parts).encode()
+    return hashlib.sha256(b"ruvon-prefix-cache-v1\x00" + key).digest()
+
+
+def chain_hash(prev: BlockHash, tokens: Seq[int]) -> BlockHash:
+    """Return the hash of a full block given its predecessor's hash (or the root) and its own tokens."""
+    return hashlib.sha256(prev + array("q", tokens).tobytes()).digest()
 
 
 class BlockManager:
@@ -23,8 +36,8 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
-        self.cached: dict[int, int] = {}  # hash -> block id
+        self.block_hash: list[BlockHash | None] = [None] * num_blocks
+        self.cached: dict[BlockHash, int] = {}  # hash -> block id
         # Free blocks, oldest freed first; an OrderedDict gives O(1) removal of a block revived by a hit.
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.num_prefix_queries = 0  # tokens looked up
@@ -42,14 +55,13 @@ class BlockManager:
         """Return the fraction of blocks held by live sequences."""
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def _full_block_hashes(self, seq: Sequence) -> list[int]:
+    def _full_block_hashes(self, seq: Sequence) -> list[BlockHash]:
         """Return hash chain over the sequence's full blocks, leaving at least one token to compute."""
-        hashes: list[int] = []
-        prev: int | None = None
+        hashes: list[BlockHash] = []
+        prev = seq.request.cache_root
         usable = (seq.num_tokens - 1) // self.block_size
         for i in range(usable):
-            tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
-            prev = chain_hash(prev, tokens)
+            prev = chain_hash(prev, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             hashes.append(prev)
         return hashes
 
@@ -109,18 +121,32 @@ class BlockManager:
             return
         full = seq.num_computed_tokens // self.block_size
         start = seq.num_hashed_blocks
-        prev = self.block_hash[seq.block_table[start - 1]] if start else None
+        prev = self.block_hash[seq.block_table[start - 1]] if start else seq.request.cache_root
         for i in range(start, full):
             block = seq.block_table[i]
             known = self.block_hash[block]
             if known is not None:  # a shared prefix block
                 prev = known
                 continue
-            tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
-            prev = chain_hash(prev, tokens)
+            assert prev is not None  # every block before a hashed one is hashed
+            prev = chain_hash(prev, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             self.block_hash[block] = prev
             self.cached.setdefault(prev, block)
         seq.num_hashed_blocks = max(start, full)
+
+    def trim(self, seq: Sequence) -> None:
+        """Release the blocks past what the sequence's tokens need (after a rollback of rejected tokens).
+
+        The tokens taken back must not reach into a block that is registered for prefix caching: commit()
+        runs only on tokens that stay."""
+        if seq.num_tokens < seq.num_hashed_blocks * self.block_size:
+            raise RuntimeError("trim() into a hashed block: tokens were committed before they were accepted")
+        keep = self.blocks_needed(seq.num_tokens)
+        for block in reversed(seq.block_table[keep:]):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+        del seq.block_table[keep:]
 
     def free_seq(self, seq: Sequence) -> None:
         """Release the sequence's blocks; unreferenced ones return to the free list (hash kept for reuse)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gpu_worker.config import ModelConfig
-from gpu_worker.engine.scheduler import ScheduledBatch
+from gpu_worker.sequence import ScheduledBatch
 
 
 @dataclass(frozen=True)

@@ -1,95 +1,56 @@
 """LLMEngine: add and abort requests, step the model, and hand back per-request outputs as deltas.
 
-The loop reads: batch = scheduler.schedule(); result = runner.run(batch); scheduler.postprocess(batch),
-then each sequence that got a token is detokenised and checked for stop conditions.
+One step is: plan (scheduler) -> run (runner) -> postprocess (scheduler advances the sequences, the output
+processor detokenises and checks stops). When every running sequence is decoding, nothing waits and no one
+needs host-side sampling state, the scheduler plans decode launches instead: a launch chains `decode_steps`
+steps on the device, and with async_decode the next launch is queued before the last one is read back, so
+the host's per-token work runs while the device computes. A sequence that stops inside a launch has computed
+a few tokens too many: they are dropped, and the blocks they were written to go back to the pool.
 
-When every running sequence is decoding, nothing waits and no one needs host-side sampling state, steps
-become decode launches instead (_decode_step): a launch chains `decode_steps` steps on the device, and with
-async_decode the next launch is queued before the last one is read back, so the host's per-token work runs
-while the device computes. A sequence that stops inside a launch has computed a few tokens too many: they
-are dropped, and the blocks they were written to go back to the pool.
+An error that one request causes fails that request alone (_run_isolated), never the batch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import time
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from gpu_worker.config import EngineConfig, SamplingParams
-from gpu_worker.engine.block_manager import BlockManager
+from gpu_worker.engine.block_manager import BlockManager, isolation_root
 from gpu_worker.engine.cost import WorkModel, attribute_step
-from gpu_worker.engine.scheduler import ScheduledBatch, Scheduler
+from gpu_worker.engine.output_processor import OutputProcessor
+from gpu_worker.engine.outputs import CompletionOutput, FinalOutput, RequestOutput
+from gpu_worker.engine.scheduler import Scheduler
+from gpu_worker.engine.stats import StepObserver, StepStats
 from gpu_worker.errors import InvalidRequestError
 from gpu_worker.loading.loader import LoadedModel, load_model
 from gpu_worker.runner.kv_cache import blocks_from_memory
 from gpu_worker.runner.model_runner import DecodeLaunch, ModelRunner, StepResult
-from gpu_worker.sequence import Request, RequestMetrics, Sequence, SequenceStatus, TokenLogprob
-from gpu_worker.tokenization.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from gpu_worker.tokenization.tokenizer import Tokenizer, load_tokenizer
+from gpu_worker.sequence import Request, RequestMetrics, ScheduledBatch, Sequence, TokenLogprob
+from gpu_worker.tokenization.tokenizer import load_tokenizer
 
-if TYPE_CHECKING:
-    from gpu_worker.serving.telemetry import Telemetry
+__all__ = [
+    "CompletionOutput",
+    "FinalOutput",
+    "LLMEngine",
+    "RequestMetrics",
+    "RequestOutput",
+    "TokenLogprob",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 log = logging.getLogger("ruvon.engine")
 
-
-@dataclass(slots=True)
-class CompletionOutput:
-    """What one choice produced since the last output (a delta), and why it finished if it did."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob] | None
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    request_id: str
-    outputs: list[CompletionOutput]
-    prompt_token_ids: list[int]
-    prompt_logprobs: list[TokenLogprob | None] | None
-    finished: bool
-    metrics: RequestMetrics
-
-
-@dataclass
-class FinalOutput:
-    """A whole finished request, as offline generate() returns it."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    texts: list[str]
-    token_ids: list[list[int]]
-    finish_reasons: list[str | None]
-    logprobs: list[list[TokenLogprob]] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    metrics: RequestMetrics | None = None
-
-    @classmethod
-    def empty(cls, request_id: str, n: int) -> FinalOutput:
-        return cls(request_id, [], [""] * n, [[] for _ in range(n)], [None] * n, [[] for _ in range(n)])
-
-    def add(self, out: RequestOutput) -> None:
-        """Accumulate one step's deltas of this request."""
-        self.prompt_token_ids = out.prompt_token_ids
-        self.metrics = out.metrics
-        if out.prompt_logprobs is not None:
-            self.prompt_logprobs = out.prompt_logprobs
-        for c in out.outputs:
-            self.texts[c.index] += c.text
-            self.token_ids[c.index] += c.token_ids
-            self.logprobs[c.index] += c.logprobs or []
-            self.finish_reasons[c.index] = c.finish_reason or self.finish_reasons[c.index]
+# Prefix-cache isolation (EngineConfig.prefix_cache_scope): "tenant" roots every hash chain in the tenant
+# (and the request's cache_salt), "global" shares cached prefixes across tenants (an explicit choice).
+CACHE_SCOPES = ("tenant", "global")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,22 +68,35 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtypes[name]
 
 
-class _SeqText:
-    """Per-sequence detokeniser and stop-string matcher."""
+def generator_seed(seed: int, index: int) -> int:
+    """Map any integer seed and choice index to a seed in the generator's range, deterministically."""
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # [0, 2**63)
 
-    def __init__(self, tokenizer: Tokenizer, stops: Seq[str]) -> None:
-        self.detok = IncrementalDetokenizer(tokenizer)
-        self.stops = StopStringMatcher(stops)
+
+def _generator_states(seqs: list[Sequence]) -> list[tuple[torch.Generator, torch.Tensor]]:
+    """Return the states of the seeded sequences' generators (only seeded ones pay for this)."""
+    return [(s.generator, s.generator.get_state()) for s in seqs if s.generator is not None]
+
+
+def _restore_generators(states: list[tuple[torch.Generator, torch.Tensor]]) -> None:
+    for generator, state in states:
+        generator.set_state(state)
 
 
 class LLMEngine:
     def __init__(
-        self, config: EngineConfig, loaded: LoadedModel | None = None, telemetry: Telemetry | None = None
+        self,
+        config: EngineConfig,
+        loaded: LoadedModel | None = None,
+        telemetry: StepObserver | None = None,
     ) -> None:
+        if config.decode_steps < 1:
+            raise ValueError("decode_steps must be at least 1")
+        if config.prefix_cache_scope not in CACHE_SCOPES:
+            raise ValueError(f"prefix_cache_scope must be one of {CACHE_SCOPES}")
         self.config = config
-        self.telemetry = (
-            telemetry  # told about every step (gpu_worker/serving/telemetry.py); may be set later
-        )
+        self.telemetry = telemetry  # told about every step (StepStats); may be set later
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.loaded = loaded or load_model(
@@ -136,7 +110,7 @@ class LLMEngine:
         )
         # Positions past the model's own table do not exist (GPT-2's are learned), so never go beyond it.
         self.max_model_len = min(config.max_model_len or 1 << 62, self.model_config.max_position_embeddings)
-        self.eos_ids = frozenset(self.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
+        eos_ids = frozenset(self.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         # A bench refuses to report a run whose KV cache fell to the floor (kv_cache.MIN_BLOCKS).
         num_blocks, self.kv_cache_at_floor = (
             (config.num_blocks, False)
@@ -145,8 +119,7 @@ class LLMEngine:
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
-        if config.decode_steps < 1:
-            raise ValueError("decode_steps must be at least 1")
+        self.outputs = OutputProcessor(self.tokenizer, eos_ids, self.scheduler.finish)
         self.decode_steps = config.decode_steps  # read at every launch; benchmarks vary it on one engine
         self.async_decode = (
             config.async_decode if config.async_decode is not None else self.device.type == "cuda"
@@ -166,12 +139,11 @@ class LLMEngine:
             launch_steps=config.decode_steps if self.chain_decodes else 0,
         )
         self.requests: dict[str, Request] = {}
-        self.texts: dict[int, _SeqText] = {}
         self.seq_ids = itertools.count()
         self.num_steps = 0
         self.work_model = WorkModel.for_model(self.model_config)
         self.busy_seconds = 0.0  # total measured step time, all of it attributed to requests (cost.py)
-        self._aborted: list[Request] = []  # aborted since the last step, still owed a final output
+        self._aborted: list[Request] = []  # aborted or failed since the last step, still owed a final output
         self._launch: DecodeLaunch | None = None  # decode launch queued on the device, not yet read back
         self._last_collect = 0.0  # perf_counter() when the last launch was read back
 
@@ -184,6 +156,7 @@ class LLMEngine:
         *,
         tenant: str = "default",
         weight: float = 1.0,
+        cache_salt: str | None = None,
     ) -> None:
         """Validate and queue a request; raise InvalidRequestError if it is bad or CapacityError if the queue
         is full (nothing queued either way)."""
@@ -193,22 +166,33 @@ class LLMEngine:
         max_total = self._check_request(ids, params, weight)
         self.scheduler.check_capacity(max_total * params.n)
         request = Request(request_id, ids, params, tenant=tenant, weight=weight, max_total_tokens=max_total)
+        request.cache_root = self._cache_root(tenant, cache_salt)
         request.metrics.num_prompt_tokens = len(ids)
         for index in range(params.n):
             seq = Sequence(
                 next(self.seq_ids), request, index, list(ids), generator=self._generator(params, index)
             )
             request.seqs.append(seq)
-            self.texts[seq.seq_id] = _SeqText(self.tokenizer, params.stop)
+            self.outputs.add(seq)
         self.requests[request_id] = request
         self.scheduler.add_request(request)
+
+    def _cache_root(self, tenant: str, cache_salt: str | None) -> bytes:
+        scope = tenant if self.config.prefix_cache_scope == "tenant" else ""
+        return isolation_root(f"scope={scope}", f"salt={cache_salt or ''}")
 
     def _check_request(self, ids: list[int], params: SamplingParams, weight: float) -> int:
         """Return the request's token bound (prompt + completion) or raise InvalidRequestError."""
         params.validate()
+        vocab = self.model_config.vocab_size
+        if params.top_k > vocab:
+            raise InvalidRequestError(
+                f"top_k must be at most the vocabulary size ({vocab}), or -1/0 for no limit", param="top_k"
+            )
+        if any(not 0 <= t < vocab for t in params.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
         if not ids:
             raise InvalidRequestError("prompt is empty", param="prompt")
-        vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         if weight <= 0:
@@ -238,7 +222,7 @@ class LLMEngine:
         if params.seed is None:
             return None
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(params.seed * 1_000_003 + index)  # each choice of n gets its own stream
+        gen.manual_seed(generator_seed(params.seed, index))  # each choice of n gets its own stream
         return gen
 
     def abort_request(self, request_id: str) -> None:
@@ -247,6 +231,12 @@ class LLMEngine:
         if request is not None:
             self.scheduler.abort_request(request)
             self._aborted.append(request)
+
+    def _fail_request(self, request: Request, error: str) -> None:
+        """End one request with an error (finish_reason "error"); the rest of the batch goes on."""
+        request.error = error
+        self.scheduler.abort_request(request, reason="error")
+        self._aborted.append(request)
 
     def is_waiting(self, request_id: str) -> bool:
         """Return whether the request is queued and has not been scheduled yet."""
@@ -258,87 +248,96 @@ class LLMEngine:
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling + model step; return outputs of requests that progressed or ended."""
-        touched: dict[str, Request] = {r.request_id: r for r in self._aborted}
-        self._aborted = []
-        if self._launch is not None or self._can_chain_decodes():
-            batch, step_seconds = self._decode_step(touched)
+        """Run one step (scheduled, or a decode launch); return outputs of requests that progressed or ended."""
+        touched: dict[str, Request] = {}
+        if self._launch is not None or (self.chain_decodes and self.scheduler.can_launch_decodes()):
+            batch, step_seconds = self._launch_step(touched)
         else:
             batch, step_seconds = self._scheduled_step(touched)
+        for request in self._aborted:
+            touched.setdefault(request.request_id, request)
+        self._aborted = []
         requests = list(touched.values())
         outputs = [self._output(r) for r in requests]
         if self.telemetry is not None:
-            self.telemetry.observe_step(self, batch, step_seconds, outputs, requests)
+            self.telemetry.observe_step(self._step_stats(batch, step_seconds, outputs, requests))
         return outputs
 
     def _scheduled_step(self, touched: dict[str, Request]) -> tuple[ScheduledBatch, float | None]:
         """One scheduler-built step (prefill chunks and decodes together); note progressed requests in touched."""
         batch = self.scheduler.schedule()
-        step_seconds: float | None = None
-        if batch:
-            # The runner ends with a host sync, so on CUDA this wall time is the device's time for the step.
-            started = time.perf_counter()
-            result = self.runner.run(batch)
-            step_seconds = time.perf_counter() - started
-            self.busy_seconds += step_seconds
-            attribute_step(batch, step_seconds, self.work_model)  # before postprocess moves the sequences on
-            ready = self.scheduler.postprocess(batch)
-            self._record_prompt_logprobs(result)
-            for seq, token, lp in zip(ready, result.token_ids, result.logprobs, strict=True):
-                self._append_token(seq, token, lp)
+        if not batch:
+            return batch, None
+        # The runner ends with a host sync, so on CUDA this wall time is the device's time for the step.
+        started = time.perf_counter()
+        batch, result = self._run_isolated(batch)
+        step_seconds = time.perf_counter() - started
+        self.busy_seconds += step_seconds
+        attribute_step(batch, step_seconds, self.work_model)  # before postprocess moves the sequences on
+        ready = self.scheduler.postprocess(batch)
+        self.outputs.record_prompt_logprobs(result)
+        for seq, token, lp in zip(ready, result.token_ids, result.logprobs, strict=True):
+            self.outputs.append_token(seq, token, lp)
+            touched[seq.request.request_id] = seq.request
+        for seq in batch.seqs:
+            if seq.request.prompt_logprobs and not seq.request.prompt_logprobs_sent:
                 touched[seq.request.request_id] = seq.request
-            for seq in batch.seqs:
-                if seq.request.prompt_logprobs and not seq.request.prompt_logprobs_sent:
-                    touched[seq.request.request_id] = seq.request
-            self.num_steps += 1
+        self.num_steps += 1
         return batch, step_seconds
 
+    def _run_isolated(self, batch: ScheduledBatch) -> tuple[ScheduledBatch, StepResult]:
+        """Run the batch; if that raises, run each request's part alone and fail only the parts that raise.
+
+        Re-running a step is safe: it writes the same keys and values to the same cache slots, and seeded
+        generators are wound back first, so a seeded request samples what it would have without the failure."""
+        states = _generator_states(batch.seqs)
+        try:
+            return batch, self.runner.run(batch)
+        except Exception:
+            log.exception("a step of %d sequences failed; retrying each request alone", len(batch.seqs))
+        _restore_generators(states)
+        parts: dict[str, ScheduledBatch] = {}
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            parts.setdefault(seq.request.request_id, ScheduledBatch()).add(seq, n)
+        kept, merged = ScheduledBatch(), StepResult([], [], [])
+        for part in parts.values():
+            try:
+                result = self.runner.run(part)
+            except Exception as exc:
+                log.exception("request %s fails alone", part.seqs[0].request.request_id)
+                self._fail_request(
+                    part.seqs[0].request, f"the engine failed on this request ({type(exc).__name__})"
+                )
+                continue
+            for seq, n in zip(part.seqs, part.num_tokens, strict=True):
+                kept.add(seq, n)
+            merged.token_ids += result.token_ids
+            merged.logprobs += result.logprobs
+            merged.prompt_logprobs += result.prompt_logprobs
+        return kept, merged
+
     # ---- chained decode launches ---------------------------------------------------------------
-    def _can_chain_decodes(self) -> bool:
-        """Whether the next step may be a decode launch: all running sequences decode, none waits."""
-        scheduler = self.scheduler
-        if not self.chain_decodes or scheduler.num_waiting or not scheduler.running:
-            return False
-        return all(s.num_uncomputed_tokens == 1 and s.params.device_only for s in scheduler.running)
-
-    def _launch_decodes(self, prev: DecodeLaunch | None) -> DecodeLaunch | None:
-        """Allocate blocks for and queue the next launch (after `prev`, if that is still in flight); None if
-        blocks run short, which leaves the scheduler's ordinary step (with its preemption) to go on."""
-        steps = self.decode_steps
-        seqs: list[Sequence] = []
-        first: list[int] = []
-        last: list[int] = []
-        for seq in self.scheduler.running:
-            in_flight = 0
-            if prev is not None:
-                if seq.seq_id not in prev.rows:
-                    return None
-                in_flight = prev.steps
-            start = seq.num_computed_tokens + in_flight
-            # The request's final token is sampled at position max_total - 2 and never fed back.
-            end = seq.request.max_total_tokens - 2
-            if start > end:
-                continue  # `prev` already samples its last token
-            stop = min(start + steps - 1, end)
-            need = stop + 1 - seq.num_computed_tokens
-            if not self.block_manager.can_allocate(seq, need):
-                return None
-            self.block_manager.allocate(seq, need)
-            seqs.append(seq)
-            first.append(start)
-            last.append(stop)
-        if not seqs:
+    def _queue_launch(self, prev: DecodeLaunch | None) -> DecodeLaunch | None:
+        """Plan and queue the next launch (after `prev`, if still in flight); None if the scheduler declines."""
+        plan = self.scheduler.schedule_launch(self.decode_steps, prev)
+        if plan is None:
             return None
-        return self.runner.launch_decode(seqs, first, last, steps, prev)
+        states = _generator_states(plan.seqs)
+        try:
+            return self.runner.launch_decode(plan.seqs, plan.first, plan.last, plan.steps, prev)
+        except Exception:  # the scheduled step that follows finds and fails the request that broke it
+            log.exception("a decode launch of %d sequences failed", len(plan.seqs))
+            _restore_generators(states)
+            return None
 
-    def _decode_step(self, touched: dict[str, Request]) -> tuple[ScheduledBatch, float | None]:
+    def _launch_step(self, touched: dict[str, Request]) -> tuple[ScheduledBatch, float | None]:
         """Read back one decode launch (queuing the next first, with async_decode) and apply its tokens."""
-        current = self._launch or self._launch_decodes(None)
+        current = self._launch or self._queue_launch(None)
         self._launch = None
         if current is None:  # blocks ran short: an ordinary step preempts
             return self._scheduled_step(touched)
-        if self.async_decode and self._can_chain_decodes():
-            self._launch = self._launch_decodes(current)
+        if self.async_decode and self.scheduler.can_launch_decodes():
+            self._launch = self._queue_launch(current)
         sampled = self.runner.collect(current)
         now = time.perf_counter()
         live = [
@@ -354,119 +353,40 @@ class LLMEngine:
         attribute_step(batch, step_seconds, self.work_model)
         wall = time.time()
         for seq, tokens in live:
-            for token in tokens:
-                seq.num_computed_tokens += 1  # the step's input token is in the cache now
-                self._append_token(seq, token, None, wall)
-                if seq.is_finished:
-                    break
-            else:
-                self.block_manager.commit(seq)
+            # Each token sampled in the launch was fed back, so its input is in the cache now.
+            self.scheduler.advance(seq, self.outputs.append_tokens(seq, tokens, wall))
             touched[seq.request.request_id] = seq.request
         self.num_steps += 1
         return batch, step_seconds
 
-    def _record_prompt_logprobs(self, result: StepResult) -> None:
-        for seq, first, rows in result.prompt_logprobs:
-            request = seq.request
-            if not request.prompt_logprobs:
-                request.prompt_logprobs = [None] * request.num_prompt_tokens
-            for r, (chosen, top) in enumerate(rows):
-                pos = first + 1 + r
-                request.prompt_logprobs[pos] = self._token_logprob(seq.token_ids[pos], chosen, top)
-
-    def _token_text(self, token_id: int) -> str:
-        # A model's embedding table may be padded past the tokenizer's vocabulary.
-        return self.tokenizer.id_to_token(token_id) if token_id < self.tokenizer.vocab_size else ""
-
-    def _token_logprob(self, token_id: int, chosen: float, top: list[tuple[int, float]]) -> TokenLogprob:
-        in_vocab = token_id < self.tokenizer.vocab_size
-        return TokenLogprob(
-            token_id=token_id,
-            token=self._token_text(token_id),
-            bytes=list(self.tokenizer.token_bytes(token_id)) if in_vocab else [],
-            logprob=chosen,
-            top=[(t, self._token_text(t), lp) for t, lp in top],
-        )
-
-    def _append_token(
-        self, seq: Sequence, token: int, lp: tuple[float, list[tuple[int, float]]] | None, now: float = 0.0
-    ) -> None:
-        """Add one sampled token to a sequence: its text delta, and whether it ends the sequence.
-
-        Runs once per generated token, so it keeps to plain attribute work (a large batch spends most of its
-        host time here)."""
-        request = seq.request
-        metrics = request.metrics
-        if metrics.first_token_time is None:
-            metrics.first_token_time = now or time.time()
-        metrics.num_generation_tokens += 1
-        seq.token_ids.append(token)
-        seq.pending_token_ids.append(token)
-        if lp is not None:
-            seq.pending_logprobs.append(self._token_logprob(token, *lp))
-        text = self.texts[seq.seq_id]
-        params = request.params
-        reason: tuple[str, str | int | None] | None = None
-        if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
-            reason = ("stop", token)
-        elif len(seq.token_ids) >= request.max_total_tokens:  # max_tokens or the context, whichever is first
-            reason = ("length", None)
-        # A stop token's own text is not part of the output; other tokens go through the stop matcher.
-        piece = "" if reason is not None and reason[0] == "stop" else text.detok.push(token)
-        emitted, stopped = text.stops.feed(piece)
-        if stopped:
-            reason = ("stop", text.stops.matched)
-        elif reason is not None:
-            emitted += text.stops.feed(text.detok.flush())[0] + text.stops.flush()
-        if emitted:
-            seq.pending_text += emitted
-        if reason is not None:
-            self.scheduler.finish(seq, reason[0], reason[1])
-
     def _output(self, request: Request) -> RequestOutput:
-        """Hand over what the request's choices produced since the last output (once per request per step, so
-        it stays lean: a 512-wide step builds 512 of these)."""
-        outputs = []
-        params = request.params
-        finished = True
-        for seq in request.seqs:
-            done = seq.status is SequenceStatus.FINISHED
-            finished = finished and done
-            if seq.finish_reported or not (seq.pending_token_ids or seq.pending_text or done):
-                continue
-            outputs.append(
-                CompletionOutput(
-                    seq.index,
-                    seq.pending_text,
-                    seq.pending_token_ids,
-                    seq.pending_logprobs if params.logprobs is not None else None,
-                    seq.finish_reason,
-                    seq.stop_reason,
-                )
-            )
-            seq.pending_text, seq.pending_token_ids, seq.pending_logprobs = "", [], []
-            seq.finish_reported = done
-        prompt_lp = None
-        if params.prompt_logprobs is not None and not request.prompt_logprobs_sent:
-            first = request.seqs[0]
-            if first.num_computed_tokens >= request.num_prompt_tokens or first.is_finished:
-                prompt_lp = request.prompt_logprobs or [None] * request.num_prompt_tokens
-                request.prompt_logprobs_sent = True
-        if finished:
-            request.metrics.finished_time = time.time()
+        out = self.outputs.output(request)
+        if out.finished:
             self.requests.pop(request.request_id, None)
-            for seq in request.seqs:
-                self.texts.pop(seq.seq_id, None)
-        return RequestOutput(
-            request_id=request.request_id,
-            outputs=outputs,
-            prompt_token_ids=request.prompt_token_ids,
-            prompt_logprobs=prompt_lp,
-            finished=finished,
-            metrics=request.metrics,
-        )
+        return out
 
     # ---- conveniences --------------------------------------------------------------------------
+    def _step_stats(
+        self,
+        batch: ScheduledBatch,
+        step_seconds: float | None,
+        outputs: list[RequestOutput],
+        requests: list[Request],
+    ) -> StepStats:
+        bm = self.block_manager
+        return StepStats(
+            num_seqs=len(batch.seqs),
+            step_seconds=step_seconds,
+            outputs=outputs,
+            requests=requests,
+            num_running=len(self.scheduler.running),
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=bm.usage(),
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=bm.num_prefix_queries,
+            prefix_cache_hits=bm.num_prefix_hits,
+        )
+
     def stats(self) -> dict[str, float]:
         bm = self.block_manager
         return {

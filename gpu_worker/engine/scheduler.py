@@ -4,37 +4,36 @@ Every sequence simply has tokens whose keys/values are not yet cached. A step gi
 as many of those as the budget allows (1 for a decode, a chunk for a prefill), so prefill chunks and
 decodes share one batch. When blocks run out the newest running sequence is preempted and later
 recomputed. Waiting sequences are admitted by weighted fair share across tenants.
+
+When every running sequence decodes and nothing waits, the scheduler plans decode launches instead
+(schedule_launch): several tokens per sequence computed on the device in one go, their KV slots allocated
+ahead (lookahead slots). Tokens a sequence does not keep are taken back with rollback().
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.engine.block_manager import BlockManager
 from gpu_worker.errors import CapacityError
-from gpu_worker.sequence import Request, Sequence, SequenceStatus
+from gpu_worker.sequence import Request, ScheduledBatch, Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from gpu_worker.runner.model_runner import DecodeLaunch
 
 
 @dataclass
-class ScheduledBatch:
-    """One step's work: each sequence and how many of its uncomputed tokens to compute now."""
+class LaunchPlan:
+    """Decode steps to chain on the device: sequence i feeds positions first[i]..last[i] (blocks allocated)."""
 
-    seqs: list[Sequence] = field(default_factory=list)
-    num_tokens: list[int] = field(default_factory=list)
-
-    def add(self, seq: Sequence, n: int) -> None:
-        self.seqs.append(seq)
-        self.num_tokens.append(n)
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_tokens)
-
-    def __bool__(self) -> bool:
-        return bool(self.seqs)
+    seqs: list[Sequence]
+    first: list[int]
+    last: list[int]
+    steps: int
 
 
 class Scheduler:
@@ -92,11 +91,11 @@ class Scheduler:
         for sibling in self.held.pop(seq.seq_id, []):
             self._enqueue(sibling, front=True)
 
-    def abort_request(self, request: Request) -> None:
+    def abort_request(self, request: Request, reason: str = "abort") -> None:
         for seq in request.seqs:
             self.held.pop(seq.seq_id, None)
         for seq in request.seqs:
-            self.finish(seq, "abort")
+            self.finish(seq, reason)
 
     @property
     def num_waiting(self) -> int:
@@ -195,3 +194,57 @@ class Scheduler:
                     for sibling in self.held.pop(seq.seq_id):
                         self._enqueue(sibling, front=True)
         return ready
+
+    def advance(self, seq: Sequence, num_tokens: int) -> None:
+        """Count `num_tokens` more of a live sequence's tokens as computed and register its full blocks."""
+        if seq.is_finished:
+            return
+        seq.num_computed_tokens += num_tokens
+        self.block_manager.commit(seq)
+
+    def rollback(self, seq: Sequence, num_tokens: int) -> None:
+        """Take back a sequence's last `num_tokens` tokens (e.g. rejected drafts): they leave the sequence
+        and, where computed, the cache; blocks they alone needed return to the pool. The new last token
+        counts as uncomputed, so the next step feeds it and samples what follows it (a verifier that appends
+        its own next token at once can count the one before back with advance())."""
+        if num_tokens <= 0 or seq.is_finished:
+            return
+        if num_tokens > seq.num_output_tokens:
+            raise ValueError("rollback() into the prompt")
+        keep = seq.num_tokens - num_tokens
+        del seq.token_ids[keep:]
+        seq.num_computed_tokens = min(seq.num_computed_tokens, keep - 1)
+        self.block_manager.trim(seq)
+
+    # ---- decode launches -----------------------------------------------------------------------
+    def can_launch_decodes(self) -> bool:
+        """Whether the next step may be a decode launch: all running sequences decode, none waits, and none
+        needs host-side sampling state (logprobs to read back, penalties over its output)."""
+        if self.num_waiting or not self.running:
+            return False
+        return all(s.num_uncomputed_tokens == 1 and s.params.device_only for s in self.running)
+
+    def schedule_launch(self, steps: int, prev: DecodeLaunch | None) -> LaunchPlan | None:
+        """Plan `steps` decode steps per running sequence after `prev` (if that is still in flight), allocating
+        the blocks they write; None if blocks run short (an ordinary step then preempts) or nothing is left."""
+        plan = LaunchPlan([], [], [], steps)
+        for seq in self.running:
+            in_flight = 0
+            if prev is not None:
+                if seq.seq_id not in prev.rows:
+                    return None
+                in_flight = prev.steps
+            start = seq.num_computed_tokens + in_flight
+            # The request's final token is sampled at position max_total - 2 and never fed back.
+            end = seq.request.max_total_tokens - 2
+            if start > end:
+                continue  # `prev` already samples its last token
+            stop = min(start + steps - 1, end)
+            need = stop + 1 - seq.num_computed_tokens
+            if not self.block_manager.can_allocate(seq, need):
+                return None
+            self.block_manager.allocate(seq, need)
+            plan.seqs.append(seq)
+            plan.first.append(start)
+            plan.last.append(stop)
+        return plan if plan.seqs else None

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from gpu_worker.engine.scheduler import ScheduledBatch
 from gpu_worker.layers.context import AttentionMetadata
 from gpu_worker.models.base import CausalLM
 from gpu_worker.runner.cuda_graphs import DecodeGraphs
 from gpu_worker.runner.kv_cache import allocate_kv_cache
 from gpu_worker.runner.sampler import SamplingTensors, needs_processing, sample, top_logprobs
-from gpu_worker.sequence import Sequence
+from gpu_worker.sequence import ScheduledBatch, Sequence
 
 
 @dataclass

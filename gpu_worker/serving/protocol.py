@@ -13,7 +13,8 @@ from gpu_worker.config import SamplingParams
 from gpu_worker.errors import CapacityError, InvalidRequestError
 
 if TYPE_CHECKING:  # the engine pulls in torch; the web tier only needs the dict shapes
-    from gpu_worker.engine.llm_engine import RequestOutput, TokenLogprob
+    from gpu_worker.engine.outputs import RequestOutput
+    from gpu_worker.sequence import TokenLogprob
 
 Job = dict[str, Any]
 Event = dict[str, Any]
@@ -72,6 +73,7 @@ def make_job(
     api_key_id: str | None = None,
     weight: float = 1.0,
     adapter: str | None = None,
+    cache_salt: str | None = None,
     submitted_at: float | None = None,
     token_budget: int | None = None,
     reserved_tokens: int = 0,
@@ -94,6 +96,7 @@ def make_job(
         "api_key_id": api_key_id,
         "weight": weight,
         "adapter": adapter,
+        "cache_salt": cache_salt,
         "submitted_at": time.time() if submitted_at is None else submitted_at,
         "token_budget": len(prompt_token_ids) if token_budget is None else token_budget,
         "reserved_tokens": reserved_tokens,
@@ -186,6 +189,7 @@ class ParsedJob:
     adapter: str | None
     submitted_at: float
     raw: Job = field(repr=False)
+    cache_salt: str | None = None  # joins the tenant in the prefix-cache isolation key
     # Deadlines from submitted_at: queue_timeout if not running after max_queue_s, request_timeout if not
     # finished after timeout_s.
     max_queue_s: float | None = None
@@ -207,6 +211,9 @@ def parse_job(job: Any) -> ParsedJob:
     weight = job.get("weight", 1.0)
     if not isinstance(weight, int | float) or isinstance(weight, bool) or not 0 < weight < math.inf:
         raise InvalidRequestError("weight must be a positive number", param="weight")
+    cache_salt = job.get("cache_salt")
+    if cache_salt is not None and not isinstance(cache_salt, str):
+        raise InvalidRequestError("cache_salt must be a string", param="cache_salt")
     submitted_at = job.get("submitted_at")
     if not isinstance(submitted_at, int | float):
         submitted_at = time.time()
@@ -221,6 +228,7 @@ def parse_job(job: Any) -> ParsedJob:
         adapter=job.get("adapter"),
         submitted_at=float(submitted_at),
         raw=job,
+        cache_salt=cache_salt,
         max_queue_s=_optional_seconds(job, "max_queue_s"),
         timeout_s=_optional_seconds(job, "timeout_s"),
     )

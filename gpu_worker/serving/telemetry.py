@@ -1,6 +1,6 @@
 """Engine metrics for Prometheus, in vLLM's naming style (`ruvon:<name>{model_name=...}`), kept in a registry
 of their own per engine so several engines (and tests) never share counters. The engine calls
-`Telemetry.observe_step` once per step; a worker serves `registry` on its own port (`serve`)."""
+`Telemetry.observe_step` with a StepStats once per step; a worker serves `registry` on its own port (`serve`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 if TYPE_CHECKING:
-    from gpu_worker.engine.llm_engine import LLMEngine, RequestOutput
-    from gpu_worker.engine.scheduler import ScheduledBatch
+    from gpu_worker.engine.stats import StepStats
     from gpu_worker.sequence import Request
 
 PREFIX = "ruvon:"
@@ -144,21 +143,14 @@ class Telemetry:
             gauge.set_function(read)
 
     # ---- observation ---------------------------------------------------------------------------
-    def observe_step(
-        self,
-        engine: LLMEngine,
-        batch: ScheduledBatch,
-        step_seconds: float | None,
-        outputs: Sequence[RequestOutput],
-        requests: Sequence[Request],
-    ) -> None:
+    def observe_step(self, stats: StepStats) -> None:
         """Record one engine step: its time and size, each output's tokens, and each finished request."""
         now = time.time()
-        if batch and step_seconds is not None:
-            self.step_time.observe(step_seconds)
-            self.batch_size.observe(len(batch.seqs))
+        if stats.num_seqs and stats.step_seconds is not None:
+            self.step_time.observe(stats.step_seconds)
+            self.batch_size.observe(stats.num_seqs)
         new_tokens = 0
-        for output, request in zip(outputs, requests, strict=True):
+        for output, request in zip(stats.outputs, stats.requests, strict=True):
             tokens = sum(len(choice.token_ids) for choice in output.outputs)
             new_tokens += tokens
             if tokens:
@@ -168,7 +160,7 @@ class Telemetry:
         if new_tokens:
             self.generation_tokens.inc(new_tokens)
             self.tokens.add(new_tokens)
-        self._observe_engine(engine)
+        self._observe_engine(stats)
 
     def _observe_tokens(self, request: Request, now: float, tokens: int) -> None:
         rid, metrics = request.request_id, request.metrics
@@ -198,18 +190,16 @@ class Telemetry:
             self.prefill.observe(m.first_token_time - m.first_scheduled_time)
             self.decode.observe(finished - m.first_token_time)
 
-    def _observe_engine(self, engine: LLMEngine) -> None:
+    def _observe_engine(self, stats: StepStats) -> None:
         """Set the gauges from the engine's state and move the counters the engine keeps as totals."""
-        stats = engine.stats()
-        self.running.set(stats["num_running"])
-        self.waiting.set(stats["num_waiting"])
-        self.kv_usage.set(stats["kv_cache_usage"])
-        for key, counter, stat in (
-            ("preemptions", self.preemptions, "num_preemptions"),
-            ("prefix_queries", self.prefix_queries, "prefix_cache_queries"),
-            ("prefix_hits", self.prefix_hits, "prefix_cache_hits"),
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        for key, counter, total in (
+            ("preemptions", self.preemptions, stats.num_preemptions),
+            ("prefix_queries", self.prefix_queries, stats.prefix_cache_queries),
+            ("prefix_hits", self.prefix_hits, stats.prefix_cache_hits),
         ):
-            total = int(stats[stat])
             counter.inc(max(0, total - self._seen[key]))
             self._seen[key] = total
 

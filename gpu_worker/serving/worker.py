@@ -30,7 +30,8 @@ from gpu_worker.serving.protocol import (
 )
 
 if TYPE_CHECKING:
-    from gpu_worker.engine.llm_engine import LLMEngine, RequestMetrics
+    from gpu_worker.engine.llm_engine import LLMEngine
+    from gpu_worker.sequence import RequestMetrics
 
 log = logging.getLogger("ruvon.worker")
 
@@ -206,6 +207,8 @@ class Worker:
 
     def _add_to_engine(self, job: ParsedJob) -> None:
         kwargs: dict[str, Any] = {"tenant": job.tenant_id, "weight": job.weight}
+        if job.cache_salt is not None:
+            kwargs["cache_salt"] = job.cache_salt
         if job.adapter is not None:
             if not self._takes_adapter:
                 raise InvalidRequestError(f"adapter {job.adapter!r} is not served by this worker", "model")
@@ -264,7 +267,9 @@ class Worker:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as exc:  # we cannot tell which request broke the step: fail the batch, keep the loop
+        except (
+            Exception
+        ) as exc:  # the engine fails a request that breaks a step alone; this is a bug of its own
             log.exception("engine step failed; failing %d requests", len(self._active))
             self._fail_all("engine_error", f"the engine failed: {type(exc).__name__}: {exc}", 500)
             return
@@ -286,7 +291,11 @@ class Worker:
                 st.first_token_at = output.metrics.first_token_time or now
             if event["finish_reason"] is not None:
                 st.finish_reasons[event["index"]] = event["finish_reason"]
-        if output.finished:
+        if output.finished and output.error is not None:  # the engine failed this request alone
+            event = error_event("failed", "engine_error", output.error, None, 500)
+            self._finish_error(st.delivery, st.job.raw, event, st.started_at, st.completion_tokens)
+            self._active.pop(rid, None)
+        elif output.finished:
             self._finish_done(st, output.metrics, now)
 
     def _reap_orphans(self) -> None:

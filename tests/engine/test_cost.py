@@ -10,8 +10,7 @@ import pytest
 from gpu_worker.config import EngineConfig, ModelConfig, SamplingParams
 from gpu_worker.engine.cost import WorkModel, attribute_step, step_shares
 from gpu_worker.engine.llm_engine import LLMEngine
-from gpu_worker.engine.scheduler import ScheduledBatch
-from gpu_worker.sequence import Request, Sequence
+from gpu_worker.sequence import Request, ScheduledBatch, Sequence
 
 GPT2_SMALL = ModelConfig("gpt2", 50257, 768, 12, 12, 12, 3072, 1024)
 SMOLLM2_135M = ModelConfig("llama", 49152, 576, 30, 9, 3, 1536, 8192)

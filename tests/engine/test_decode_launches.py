@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from gpu_worker.config import SamplingParams
-from gpu_worker.engine.llm_engine import FinalOutput, LLMEngine
+from gpu_worker.engine.llm_engine import LLMEngine
+from gpu_worker.engine.outputs import FinalOutput
 
 from .conftest import Peer, engine_for
 

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpu_worker.config import EngineConfig, SamplingParams
 from gpu_worker.engine.llm_engine import LLMEngine
+from gpu_worker.engine.stats import StepStats
 from gpu_worker.serving.telemetry import Telemetry, TokenRate, serve
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -78,18 +79,14 @@ def test_it_moves_counters_and_histograms_by_the_right_amounts(engine: LLMEngine
     engine.add_request("x", prompts["x"], SamplingParams(max_tokens=40, ignore_eos=True))
     batch_sizes: list[int] = []
 
-    def recording(step):  # type: ignore[no-untyped-def]
-        # Both kinds of step (scheduled, chained decode launch) return the batch they ran.
-        def wrapped(touched):  # type: ignore[no-untyped-def]
-            batch, seconds = step(touched)
-            if batch:
-                batch_sizes.append(len(batch.seqs))
-            return batch, seconds
+    observe = telemetry.observe_step
 
-        return wrapped
+    def recording(stats: StepStats) -> None:  # both kinds of step (scheduled, decode launch) report here
+        if stats.num_seqs:
+            batch_sizes.append(stats.num_seqs)
+        observe(stats)
 
-    engine._scheduled_step = recording(engine._scheduled_step)  # type: ignore[method-assign]
-    engine._decode_step = recording(engine._decode_step)  # type: ignore[method-assign]
+    telemetry.observe_step = recording  # type: ignore[method-assign]
     tokens = run(engine, abort_after_first_token={"x"})
     samples = parse(generate_latest(telemetry.registry).decode())
 
