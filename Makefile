@@ -34,7 +34,8 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy gpu_worker kernels
+	$(VENV)/bin/mypy gpu_worker kernels inference accounts ruvon ruvon_cli
+	$(VENV)/bin/lint-imports
 
 generate: install
 	$(PY) -m ruvon_cli generate --model smollm2 "The capital of France is"

@@ -20,7 +20,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from accounts.models import ApiKey, Tenant
+from accounts.models import ApiKey
 
 WINDOW_S = 60  # the limits are per minute; a bucket refills limit/WINDOW_S units every second
 
@@ -281,20 +281,3 @@ def duration(seconds: float) -> str:
         return f"{seconds:.3g}s"
     minutes, rest = divmod(round(seconds), 60)
     return f"{minutes}m{rest}s"
-
-
-# ------------------------------------------------------------------------------------- the budget
-
-
-async def check_budget(tenant: Tenant) -> None:
-    """Raise QuotaExceeded when the tenant has a monthly budget and this month's spend has reached it."""
-    if tenant.monthly_budget_usd is None:
-        return
-    from inference.billing import tenant_month_spend  # inference depends on accounts, not the reverse
-
-    spend = await sync_to_async(tenant_month_spend)(tenant)
-    if spend >= tenant.monthly_budget_usd:
-        raise QuotaExceeded(
-            f"You exceeded your current quota: this month's spend ${spend:.2f} reached the tenant's "
-            f"budget of ${tenant.monthly_budget_usd:.2f}. Raise the budget or wait for next month."
-        )

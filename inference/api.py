@@ -13,9 +13,10 @@ from django.http import HttpRequest, StreamingHttpResponse
 from ninja import NinjaAPI, Query
 
 from accounts.auth import api_key_auth
-from accounts.limits import admit, check_budget, release, reserved_tokens
+from accounts.limits import admit, release, reserved_tokens
 from gpu_worker.errors import CapacityError
 from inference import services
+from inference.billing import check_budget
 from inference.errors import ModelNotFound, install_error_handlers
 from inference.schemas import (
     ChatCompletionRequest,

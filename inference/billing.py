@@ -9,11 +9,13 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db.models import Sum
 from django.utils import timezone
 
+from accounts.limits import QuotaExceeded
 from accounts.models import Tenant
 from inference.models import UsageRecord
 
@@ -173,3 +175,15 @@ def response_extension(model: str, usage: dict[str, int], timings: dict[str, Any
 
 
 RESPONSE_TIMINGS = ("queued_s", "ttft_s", "e2e_s", "tpot_s", "tokens_per_s", "device_s")
+
+
+async def check_budget(tenant: Tenant) -> None:
+    """Raise QuotaExceeded when the tenant has a monthly budget and this month's spend has reached it."""
+    if tenant.monthly_budget_usd is None:
+        return
+    spend = await sync_to_async(tenant_month_spend)(tenant)
+    if spend >= tenant.monthly_budget_usd:
+        raise QuotaExceeded(
+            f"You exceeded your current quota: this month's spend ${spend:.2f} reached the tenant's "
+            f"budget of ${tenant.monthly_budget_usd:.2f}. Raise the budget or wait for next month."
+        )

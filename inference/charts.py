@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
 import matplotlib
@@ -24,7 +24,7 @@ _lock = threading.Lock()  # pyplot's state is global; ASGI may draw two charts a
 def line_chart(
     title: str,
     times: Sequence[datetime],
-    series: dict[str, Sequence[float | None]],
+    series: Mapping[str, Sequence[float | None]],
     ylabel: str,
     bucket: timedelta,
     percent: bool = False,
@@ -35,9 +35,17 @@ def line_chart(
         try:
             for (label, values), color in zip(series.items(), PALETTE, strict=False):
                 ys = [float("nan") if v is None else v * (100 if percent else 1) for v in values]
-                ax.plot(times, ys, marker="o", markersize=3, linewidth=1.5, color=color, label=label)
+                ax.plot(
+                    mdates.date2num(times),
+                    ys,
+                    marker="o",
+                    markersize=3,
+                    linewidth=1.5,
+                    color=color,
+                    label=label,
+                )
             if times:  # fixed limits: one lone point would otherwise widen the axis to years of ticks
-                ax.set_xlim(times[0] - bucket / 2, times[-1] + bucket / 2)
+                ax.set_xlim(mdates.date2num(times[0] - bucket / 2), mdates.date2num(times[-1] + bucket / 2))
             unit = ylabel + (" (%)" if percent else "")
             _style(ax, title, unit, bucket, len(times), legend=len(series) > 1)
             if all(v is None or v >= 0 for values in series.values() for v in values):

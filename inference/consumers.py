@@ -12,9 +12,10 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from accounts.limits import QuotaExceeded, check_budget
+from accounts.limits import QuotaExceeded
 from gpu_worker.errors import CapacityError, InvalidRequestError
 from gpu_worker.serving.protocol import make_job, sampling_params_from_dict, sampling_params_to_dict
+from inference.billing import check_budget
 from inference.serving import ServedModel, served_model
 from inference.transport import JobClient, get_job_client
 

@@ -160,6 +160,8 @@ CELERY_BEAT_SCHEDULE = {
 RUVON_MODEL = os.environ.get("RUVON_MODEL", "smollm2")
 RUVON_MODEL_NAME = os.environ.get("RUVON_MODEL_NAME", "smollm2-135m-instruct")
 RUVON_NUM_BLOCKS = env_int("RUVON_NUM_BLOCKS")
+# Cached prompt prefixes are shared within a tenant (and cache_salt) only; "global" shares across tenants.
+RUVON_PREFIX_CACHE_SCOPE = os.environ.get("RUVON_PREFIX_CACHE_SCOPE", "tenant")
 # Tokens per sequence per decode launch (gpu_worker EngineConfig.decode_steps): >1 trades smooth streaming
 # for throughput.
 RUVON_DECODE_STEPS = env_int("RUVON_DECODE_STEPS") or 1

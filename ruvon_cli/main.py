@@ -7,17 +7,18 @@ import sys
 import time
 import uuid
 
-from gpu_worker.config import EngineConfig, SamplingParams
+from gpu_worker.config import SamplingParams
+from gpu_worker.engine_args import add_engine_arguments, engine_config
 from gpu_worker.errors import RuvonError
 from gpu_worker.serving.launcher import add_launcher_parser
-from gpu_worker.serving.worker import add_worker_parser
+from gpu_worker.serving.process import add_worker_parser
 from ruvon_cli.chat_client import add_chat_parser
 
 
 def _generate(args: argparse.Namespace) -> int:
     from gpu_worker.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed))
+    engine = LLMEngine(engine_config(vars(args)))
     print(f"[model: {engine.label}]", file=sys.stderr)
     prompt = args.prompt
     if args.chat:
@@ -60,14 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="stream a completion from a local engine")
     gen.add_argument("prompt")
-    gen.add_argument("--model", default="smollm2", help="smollm2, random:<shape>, an HF dir or name, a .gguf")
-    gen.add_argument("--device", default="auto")
-    gen.add_argument("--dtype", default="auto")
+    add_engine_arguments(gen, model="smollm2")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.set_defaults(func=_generate)
     pull = sub.add_parser("pull", help="download a model from the Hugging Face hub (needs internet)")

@@ -2,7 +2,7 @@
 
 import argparse
 
-from gpu_worker.serving.worker import add_worker_arguments, run_worker_command
+from gpu_worker.serving.process import add_worker_arguments, run_worker_command
 
 parser = argparse.ArgumentParser(prog="python -m gpu_worker.serving", description="one Ruvon GPU worker")
 add_worker_arguments(parser)

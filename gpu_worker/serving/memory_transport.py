@@ -14,7 +14,7 @@ from typing import Any
 
 from gpu_worker.errors import CapacityError, InvalidRequestError
 from gpu_worker.serving.protocol import Event, Job, is_terminal, job_token_budget
-from gpu_worker.serving.worker import Delivery, Finished
+from gpu_worker.serving.transport import Delivery, Finished
 
 log = logging.getLogger("ruvon.worker")
 

@@ -24,7 +24,7 @@ from gpu_worker.serving.protocol import (
     waiting_tokens_key,
     workers_key,
 )
-from gpu_worker.serving.worker import Delivery, Finished
+from gpu_worker.serving.transport import Delivery, Finished
 
 log = logging.getLogger("ruvon.worker")
 

@@ -204,6 +204,6 @@ class Telemetry:
             self._seen[key] = total
 
 
-def serve(telemetry: Telemetry, port: int, addr: str = "0.0.0.0") -> None:
+def serve(telemetry: Telemetry, port: int, addr: str = "127.0.0.1") -> None:
     """Serve the telemetry's registry at http://addr:port/metrics on a daemon thread."""
     start_http_server(port, addr=addr, registry=telemetry.registry)

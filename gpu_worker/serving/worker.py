@@ -3,19 +3,16 @@ One loop drives both the embedded in-process mode and the Redis mode through the
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import logging
-import os
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from gpu_worker.errors import InvalidRequestError
 from gpu_worker.serving.protocol import (
-    USAGE_STREAM,
     Event,
     ParsedJob,
     delta_events,
@@ -28,54 +25,13 @@ from gpu_worker.serving.protocol import (
     started_event,
     usage_event,
 )
+from gpu_worker.serving.transport import Delivery, Finished, WorkerTransport
 
 if TYPE_CHECKING:
     from gpu_worker.engine.llm_engine import LLMEngine
     from gpu_worker.sequence import RequestMetrics
 
 log = logging.getLogger("ruvon.worker")
-
-
-@dataclass
-class Delivery:
-    """One job handed to the worker; `prior_events` is what an earlier (dead) worker already published."""
-
-    job: Any
-    token: Any = None  # the transport's handle for acknowledging it (a Redis entry id)
-    prior_events: list[Event] = field(default_factory=list)
-
-    @property
-    def request_id(self) -> str | None:
-        rid = self.job.get("request_id") if isinstance(self.job, dict) else None
-        return rid if isinstance(rid, str) and rid else None
-
-
-@dataclass
-class Finished:
-    """A request's end: its terminal event and usage record, published together with the acknowledgement."""
-
-    delivery: Delivery
-    request_id: str
-    terminal: Event
-    usage: Event
-
-
-class WorkerTransport(Protocol):
-    """Where jobs come from and events go; Redis Streams in production, memory in the embedded mode."""
-
-    def fetch(self, max_jobs: int, timeout_s: float) -> list[Delivery]: ...
-
-    def publish(self, batch: list[tuple[str, Event]]) -> None: ...
-
-    def finish(self, items: list[Finished]) -> None: ...
-
-    def discard(self, delivery: Delivery) -> None: ...
-
-    def cancel_requested(self, request_ids: list[str]) -> set[str]: ...
-
-    def heartbeat(self, info: dict[str, Any], active: list[Delivery]) -> None: ...
-
-    def close(self) -> None: ...
 
 
 @dataclass
@@ -434,104 +390,3 @@ def deadline_event(job: ParsedJob, now: float, waiting: bool) -> Event | None:
         message = f"the request waited {age:.1f}s for a free slot (limit {job.max_queue_s:g}s); retry later"
         return error_event("rejected", "queue_timeout", message, None, 503)
     return None
-
-
-# ------------------------------------------------------------------------------------------ the process
-
-
-def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the worker's options (shared by `ruvon worker` and `manage.py gpu_worker`); env vars give defaults."""
-    env = os.environ.get
-    parser.add_argument("--redis-url", default=env("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    parser.add_argument(
-        "--model", default=env("RUVON_MODEL", "smollm2"), help="engine spec: smollm2, random:tiny, a path"
-    )
-    parser.add_argument(
-        "--served-model-name",
-        default=env("RUVON_MODEL_NAME"),
-        help="the name clients ask for (default: the engine's model name)",
-    )
-    parser.add_argument("--num-blocks", type=int, default=int(env("RUVON_NUM_BLOCKS", "0")) or None)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-inflight", type=int, default=64, help="jobs this worker holds at once")
-    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
-    parser.add_argument(
-        "--max-num-batched-tokens", type=int, default=1024, help="token budget per engine step"
-    )
-    parser.add_argument(
-        "--decode-steps",
-        type=int,
-        default=int(env("RUVON_DECODE_STEPS", "1")),
-        help="tokens per sequence per decode launch (>1: more throughput, tokens stream in bursts)",
-    )
-    parser.add_argument(
-        "--claim-idle-s",
-        type=float,
-        default=15.0,  # live workers re-claim their jobs every heartbeat, so only a dead one's grow this idle
-        help="reclaim another worker's job after this long without its heartbeat",
-    )
-    parser.add_argument("--heartbeat-s", type=float, default=2.0)
-    parser.add_argument(
-        "--drain-timeout-s", type=float, default=30.0, help="on SIGTERM, finish work this long"
-    )
-    parser.add_argument("--usage-stream", default=USAGE_STREAM, help="the stream usage records go to")
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(env("RUVON_METRICS_PORT", "0")),
-        help="serve the engine's Prometheus metrics at :PORT/metrics (0: off; one port per worker)",
-    )
-
-
-def add_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `worker` on the `ruvon` command line."""
-    parser = subparsers.add_parser("worker", help="serve jobs from Redis Streams with one engine")
-    add_worker_arguments(parser)
-    parser.set_defaults(func=run_worker_command)
-    return parser
-
-
-def run_worker_command(args: argparse.Namespace) -> int:
-    """Build the engine and the Redis transport from parsed options, then serve until SIGTERM."""
-    from gpu_worker.config import EngineConfig
-    from gpu_worker.engine.llm_engine import LLMEngine
-    from gpu_worker.serving.redis_transport import RedisWorkerTransport
-    from gpu_worker.serving.telemetry import Telemetry
-    from gpu_worker.serving.telemetry import serve as serve_metrics
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = EngineConfig(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        num_blocks=args.num_blocks,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        decode_steps=args.decode_steps,
-    )
-    engine = LLMEngine(config)
-    name = args.served_model_name or engine.model_name
-    engine.telemetry = Telemetry(name)
-    if args.metrics_port:
-        try:
-            serve_metrics(engine.telemetry, args.metrics_port)
-            log.info("engine metrics at http://0.0.0.0:%d/metrics", args.metrics_port)
-        except OSError as exc:  # a taken port must not stop serving; each worker needs a port of its own
-            log.error("cannot serve metrics on port %d: %s", args.metrics_port, exc)
-    transport = RedisWorkerTransport.from_url(
-        args.redis_url, name, claim_idle_s=args.claim_idle_s, usage_stream=args.usage_stream
-    )
-    worker = Worker(
-        engine,
-        transport,
-        served_name=name,
-        max_inflight=args.max_inflight,
-        heartbeat_s=args.heartbeat_s,
-        drain_timeout_s=args.drain_timeout_s,
-        name=transport.consumer,
-    )
-    worker.install_signal_handlers()
-    log.info("worker %s consumes %s", transport.consumer, transport.stream)
-    worker.run()
-    return 0

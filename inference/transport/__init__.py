@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import atexit
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 
@@ -59,15 +59,16 @@ def _build_client() -> JobClient:
         return RedisJobClient(
             settings.REDIS_URL, served_name, worker_timeout_s=settings.RUVON_WORKER_TIMEOUT_S, **bounds
         )
-    from gpu_worker.config import EngineConfig
     from gpu_worker.engine.llm_engine import LLMEngine
+    from gpu_worker.engine_args import engine_config
     from inference.transport.inprocess import InProcessJobClient
     from inference.usage import record_usage
 
-    config: dict[str, Any] = {
+    options = {
         "model": settings.RUVON_MODEL,
         "num_blocks": settings.RUVON_NUM_BLOCKS,
         "decode_steps": settings.RUVON_DECODE_STEPS,
+        "prefix_cache_scope": settings.RUVON_PREFIX_CACHE_SCOPE,
     }
-    engine = LLMEngine(EngineConfig(**config))
+    engine = LLMEngine(engine_config(options))
     return InProcessJobClient(engine, served_name, record_usage, **bounds)

@@ -78,7 +78,8 @@ class InProcessJobClient:
         self.engine = engine
         self.served_name = served_name
         # The engine runs in this process, so its metrics are served on the web tier's /metrics.
-        self.telemetry = engine.telemetry = engine.telemetry or Telemetry(served_name)
+        self.telemetry = Telemetry(served_name)
+        engine.telemetry = self.telemetry
         expose_engine_metrics(self.telemetry.registry)
         self.usage = UsageWriter(record_usage)
         self.transport = MemoryTransport(

@@ -27,7 +27,8 @@ from gpu_worker.serving.protocol import (
     started_event,
 )
 from gpu_worker.serving.redis_transport import EVENTS_TTL_DONE_S, GROUP, RedisWorkerTransport
-from gpu_worker.serving.worker import Delivery, Finished, Worker
+from gpu_worker.serving.transport import Delivery, Finished
+from gpu_worker.serving.worker import Worker
 from inference.transport.redis_client import RedisJobClient
 
 REDIS_URL = "redis://127.0.0.1:6379/0"

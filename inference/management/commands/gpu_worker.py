@@ -9,7 +9,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from gpu_worker.serving.worker import add_worker_arguments, run_worker_command
+from gpu_worker.serving.process import add_worker_arguments, run_worker_command
 
 
 class Command(BaseCommand):
@@ -26,6 +26,7 @@ class Command(BaseCommand):
             served_model_name=settings.RUVON_MODEL_NAME,
             num_blocks=settings.RUVON_NUM_BLOCKS,
             decode_steps=settings.RUVON_DECODE_STEPS,
+            prefix_cache_scope=settings.RUVON_PREFIX_CACHE_SCOPE,
         )
 
     def handle(self, *args: Any, **options: Any) -> None:

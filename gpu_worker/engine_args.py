@@ -1,0 +1,57 @@
+"""The engine's command-line options, defined once for every command that builds an EngineConfig (`ruvon
+generate`, `ruvon worker`, `manage.py gpu_worker`, the benches); the embedded server passes the same names
+from its settings to engine_config()."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any
+
+from gpu_worker.config import EngineConfig
+
+_FIELDS = {f.name for f in fields(EngineConfig)}
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, model: str | None = None) -> None:
+    """Add the EngineConfig options; environment variables (RUVON_MODEL, ...) give the defaults."""
+    env = os.environ.get
+    group = parser.add_argument_group("engine")
+    group.add_argument(
+        "--model",
+        default=model or env("RUVON_MODEL", "smollm2"),
+        help="smollm2, random:<shape>, an HF dir or hub name, a .gguf",
+    )
+    group.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    group.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), or a name")
+    group.add_argument("--seed", type=int, default=0, help="seed of random:<shape> weights")
+    group.add_argument(
+        "--num-blocks",
+        type=int,
+        default=int(env("RUVON_NUM_BLOCKS", "0")) or None,
+        help="KV-cache blocks (default: sized from free memory)",
+    )
+    group.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
+    group.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget per step")
+    group.add_argument("--max-model-len", type=int, default=None, help="context bound (default: the model's)")
+    group.add_argument(
+        "--decode-steps",
+        type=int,
+        default=int(env("RUVON_DECODE_STEPS", "1")),
+        help="tokens per sequence per decode launch (>1: more throughput, tokens stream in bursts)",
+    )
+    group.add_argument(
+        "--prefix-cache-scope",
+        choices=("tenant", "global"),
+        default=env("RUVON_PREFIX_CACHE_SCOPE", "tenant"),
+        help="share cached prompt prefixes within a tenant (default) or across tenants",
+    )
+    group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+
+
+def engine_config(options: Mapping[str, Any]) -> EngineConfig:
+    """Return the EngineConfig of parsed options (or settings) under EngineConfig's own names; None and
+    unknown names are left to the defaults."""
+    return EngineConfig(**{k: v for k, v in options.items() if k in _FIELDS and v is not None})
