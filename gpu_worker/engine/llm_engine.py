@@ -363,6 +363,7 @@ class LLMEngine:
         out = self.outputs.output(request)
         if out.finished:
             self.requests.pop(request.request_id, None)
+            self.runner.release(request.seqs)
         return out
 
     # ---- conveniences --------------------------------------------------------------------------

@@ -15,8 +15,9 @@ import torch
 from gpu_worker.layers.context import AttentionMetadata
 from gpu_worker.models.base import CausalLM
 from gpu_worker.runner.cuda_graphs import DecodeGraphs
+from gpu_worker.runner.input_batch import InputBatch
 from gpu_worker.runner.kv_cache import allocate_kv_cache
-from gpu_worker.runner.sampler import SamplingTensors, needs_processing, sample, top_logprobs
+from gpu_worker.runner.sampler import needs_processing, sample, top_logprobs
 from gpu_worker.sequence import ScheduledBatch, Sequence
 
 
@@ -111,6 +112,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.vocab_size = model.config.vocab_size
+        self.input_batch = InputBatch(self.vocab_size, device)
         self.kv_cache = allocate_kv_cache(model, num_blocks, block_size, dtype, device)
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda":
@@ -203,16 +205,16 @@ class ModelRunner:
         src, first_t, last_t, tables_flat = packed.split([n, n, n, n * width])
         ids = prev.tokens[-1].index_select(0, src) if prev is not None else src
         block_tables = tables_flat.view(n, width).int()
-        greedy = not needs_processing(seqs)
+        greedy = not needs_processing([s.params for s in seqs])
         graphs = self.graphs if self.graphs is not None and self.graphs.fits(n) else None
         if greedy and graphs is not None:
             # The whole launch is one graph replay (DecodeGraphs.launch).
             tokens = graphs.launch(steps, ids, first_t, last_t, block_tables)
         else:
-            tensors = None if greedy else SamplingTensors.build(seqs, self.vocab_size, self.device)
+            metadata = None if greedy else self.input_batch.metadata(seqs)
 
             def pick(logits: torch.Tensor) -> torch.Tensor:
-                return sample(logits, seqs, tensors)
+                return sample(logits, metadata)
 
             forward = graphs.run if graphs is not None else self.forward_logits
             tokens = chained_decode_steps(
@@ -250,6 +252,11 @@ class ModelRunner:
         with self.model.context.use(metadata):
             return self.model.compute_logits(self.model(input_ids, positions))
 
+    def release(self, seqs: list[Sequence]) -> None:
+        """Forget finished sequences' per-sequence state (their rows of the input batch)."""
+        for seq in seqs:
+            self.input_batch.release(seq)
+
     def collect(self, launch: DecodeLaunch) -> list[list[int]]:
         """Wait for a launch and return each sequence's sampled tokens (only the valid ones)."""
         if launch.done is not None:
@@ -273,10 +280,8 @@ class ModelRunner:
         parts: list[torch.Tensor] = []
         k = max((s.params.logprobs or 0 for s in seqs), default=0)
         if seqs and logits is not None:  # [S, V]
-            tensors = (
-                SamplingTensors.build(seqs, self.vocab_size, self.device) if needs_processing(seqs) else None
-            )
-            next_ids = sample(logits, seqs, tensors)  # [S]
+            processed = needs_processing([s.params for s in seqs])
+            next_ids = sample(logits, self.input_batch.metadata(seqs) if processed else None)  # [S]
             parts.append(next_ids.double())
             if any(s.params.logprobs is not None for s in seqs):
                 chosen, top_lp, top_ids = top_logprobs(logits, next_ids, k)

@@ -4,64 +4,101 @@ Order: logit bias and penalties, then temperature, then top-k / top-p / min-p tr
 Logprobs are reported from the model's raw distribution (log_softmax of unmodified logits).
 The draw is an exponential race (argmax of p / E, E ~ Exp(1)), which lets each seeded row use its own
 generator so a seed gives the same text whatever else shares the batch.
+
+The sampler sees rows, never sequences: SamplingMetadata holds one row per logits row (a sequence may own
+several, e.g. k + 1 rows when k drafted tokens are verified), built by runner/input_batch.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from gpu_worker.sequence import Sequence
+from gpu_worker.config import SamplingParams
 
 
 @dataclass
-class SamplingTensors:
-    """Per-row sampling parameters laid out as device tensors for one step."""
+class SamplingMetadata:
+    """Per-row sampling parameters of one step: device tensors, plus the few things the host holds per row."""
 
-    temperature: torch.Tensor  # [S] float, 1.0 for greedy rows (unused there)
-    greedy: torch.Tensor  # [S] bool
-    top_k: torch.Tensor  # [S] int64, vocab size when disabled
-    top_p: torch.Tensor  # [S] float
-    min_p: torch.Tensor  # [S] float
-    presence: torch.Tensor  # [S] float
-    frequency: torch.Tensor  # [S] float
+    temperature: torch.Tensor  # [R] float, 1.0 for greedy rows (unused there)
+    greedy: torch.Tensor  # [R] bool
+    top_k: torch.Tensor  # [R] int64, vocab size when disabled
+    top_p: torch.Tensor  # [R] float
+    min_p: torch.Tensor  # [R] float
+    presence: torch.Tensor  # [R] float
+    frequency: torch.Tensor  # [R] float
+    generators: list[torch.Generator | None]  # [R] a seeded row's own generator
     all_greedy: bool
     any_truncation: bool
     any_penalty: bool
+    # (row, token, bias) of every logit_bias entry, and each row's output so far when any_penalty.
+    bias: list[tuple[int, int, float]] = field(default_factory=list)
+    output_ids: list[list[int]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingTensors:
-        ps = [s.params for s in seqs]
-        top_k = [p.top_k if p.top_k > 0 else vocab_size for p in ps]
-
-        def f(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
-
-        return cls(
-            temperature=f([p.temperature if not p.greedy else 1.0 for p in ps]),
-            greedy=torch.tensor([p.greedy for p in ps], device=device),
-            top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
-            top_p=f([p.top_p for p in ps]),
-            min_p=f([p.min_p for p in ps]),
-            presence=f([p.presence_penalty for p in ps]),
-            frequency=f([p.frequency_penalty for p in ps]),
-            all_greedy=all(p.greedy for p in ps),
-            any_truncation=any(k < vocab_size for k in top_k) or any(p.top_p < 1 or p.min_p > 0 for p in ps),
-            any_penalty=any(p.presence_penalty or p.frequency_penalty for p in ps),
-        )
+    def build(
+        cls,
+        params: list[SamplingParams],
+        vocab_size: int,
+        device: torch.device,
+        generators: list[torch.Generator | None] | None = None,
+        output_ids: list[list[int]] | None = None,
+    ) -> SamplingMetadata:
+        """Lay out per-row params as fresh tensors (tests and one-off use; the runner's InputBatch keeps them
+        on the device between steps instead)."""
+        columns = [row_values(p, vocab_size) for p in params]
+        table = torch.tensor(columns, dtype=torch.float32, device=device).reshape(len(params), -1).t()
+        return from_table(table, params, generators or [None] * len(params), output_ids or [], vocab_size)
 
 
-def apply_penalties_and_bias(logits: torch.Tensor, seqs: list[Sequence], t: SamplingTensors) -> torch.Tensor:
+def row_values(p: SamplingParams, vocab_size: int) -> list[float]:
+    """Return a row's entries in the order of from_table's table rows."""
+    top_k = min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size
+    temperature = 1.0 if p.greedy else p.temperature
+    return [
+        temperature,
+        float(p.greedy),
+        float(top_k),
+        p.top_p,
+        p.min_p,
+        p.presence_penalty,
+        p.frequency_penalty,
+    ]
+
+
+def from_table(
+    table: torch.Tensor,  # [7, R] float32 rows of row_values(), on the device
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    output_ids: list[list[int]],
+    vocab_size: int,
+) -> SamplingMetadata:
+    any_penalty = any(p.presence_penalty or p.frequency_penalty for p in params)
+    return SamplingMetadata(
+        temperature=table[0],
+        greedy=table[1] > 0,
+        top_k=table[2].long(),
+        top_p=table[3],
+        min_p=table[4],
+        presence=table[5],
+        frequency=table[6],
+        generators=generators,
+        all_greedy=all(p.greedy for p in params),
+        any_truncation=any(0 < p.top_k < vocab_size or p.top_p < 1 or p.min_p > 0 for p in params),
+        any_penalty=any_penalty,
+        bias=[
+            (i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items() if 0 <= t < vocab_size
+        ],
+        output_ids=output_ids if any_penalty else [],
+    )
+
+
+def apply_penalties_and_bias(logits: torch.Tensor, t: SamplingMetadata) -> torch.Tensor:
     """Return logits with logit_bias added and presence/frequency penalties (OpenAI's rule) subtracted."""
-    rows, cols, vals = [], [], []
-    for i, seq in enumerate(seqs):
-        for token, bias in seq.params.logit_bias.items():
-            if 0 <= token < logits.shape[1]:
-                rows.append(i)
-                cols.append(token)
-                vals.append(bias)
-    if rows:
+    if t.bias:
+        rows, cols, vals = zip(*t.bias, strict=True)
         logits = logits.index_put(
             (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)),
             torch.tensor(vals, dtype=logits.dtype, device=logits.device),
@@ -69,8 +106,7 @@ def apply_penalties_and_bias(logits: torch.Tensor, seqs: list[Sequence], t: Samp
         )
     if t.any_penalty:
         counts = torch.zeros_like(logits)
-        for i, seq in enumerate(seqs):
-            out = seq.output_token_ids
+        for i, out in enumerate(t.output_ids):
             if out:
                 ids = torch.tensor(out, device=logits.device)
                 counts[i].index_add_(0, ids, torch.ones(len(out), device=logits.device))
@@ -78,9 +114,9 @@ def apply_penalties_and_bias(logits: torch.Tensor, seqs: list[Sequence], t: Samp
     return logits
 
 
-def truncate(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+def truncate(logits: torch.Tensor, t: SamplingMetadata) -> torch.Tensor:
     """Return logits with everything outside each row's top-k, top-p nucleus and min-p floor set to -inf."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [S, V]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V]
     ranks = torch.arange(logits.shape[1], device=logits.device)
     drop = ranks[None, :] >= t.top_k[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
@@ -103,34 +139,31 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch
     return (probs / noise).argmax(dim=-1)
 
 
-def needs_processing(seqs: list[Sequence]) -> bool:
+def needs_processing(params: list[SamplingParams]) -> bool:
     """Return whether any row needs more than an argmax of its raw logits."""
-    return any(
-        not s.params.greedy or s.params.logit_bias or s.params.presence_penalty or s.params.frequency_penalty
-        for s in seqs
-    )
+    return any(not p.greedy or p.logit_bias or p.presence_penalty or p.frequency_penalty for p in params)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], t: SamplingTensors | None) -> torch.Tensor:
+def sample(logits: torch.Tensor, t: SamplingMetadata | None) -> torch.Tensor:
     """Return the next token id for each row (a device tensor: no host sync here).
 
-    t may be None when needs_processing(seqs) is False: then every row is a plain greedy pick.
+    t may be None when needs_processing() is False: then every row is a plain greedy pick.
     """
     if t is None:
         return logits.argmax(dim=-1)
-    logits = apply_penalties_and_bias(logits, seqs, t)
+    logits = apply_penalties_and_bias(logits, t)
     greedy_tokens = logits.argmax(dim=-1)
     if t.all_greedy:
         return greedy_tokens
     scaled = logits / t.temperature[:, None]
     if t.any_truncation:
         scaled = truncate(scaled, t)
-    sampled = draw(scaled.softmax(dim=-1), [s.generator for s in seqs])
+    sampled = draw(scaled.softmax(dim=-1), t.generators)
     return torch.where(t.greedy, greedy_tokens, sampled)
 
 
 def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-    """Return (chosen logprob [S], top-k logprobs [S, k], top-k ids [S, k]) of the raw distribution."""
+    """Return (chosen logprob [R], top-k logprobs [R, k], top-k ids [R, k]) of the raw distribution."""
     logprobs = logits.float().log_softmax(dim=-1)
     chosen_lp = logprobs.gather(1, chosen[:, None]).squeeze(1)
     top_lp, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], chosen[:, None][:, :0])

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from gpu_worker.config import SamplingParams
-from gpu_worker.runner.sampler import SamplingTensors, apply_penalties_and_bias, sample, truncate
+from gpu_worker.runner.input_batch import InputBatch
+from gpu_worker.runner.sampler import SamplingMetadata, apply_penalties_and_bias, sample, truncate
 from gpu_worker.sequence import Request, Sequence
 
 from .conftest import Peer, engine_for
@@ -22,8 +23,8 @@ def seqs_for(params: list[SamplingParams], outputs: list[list[int]] | None = Non
     return result
 
 
-def tensors(seqs: list[Sequence], vocab: int) -> SamplingTensors:
-    return SamplingTensors.build(seqs, vocab, torch.device("cpu"))
+def tensors(seqs: list[Sequence], vocab: int) -> SamplingMetadata:
+    return InputBatch(vocab, torch.device("cpu"), capacity=2).metadata(seqs)
 
 
 def test_it_never_samples_outside_the_top_k() -> None:
@@ -33,7 +34,7 @@ def test_it_never_samples_outside_the_top_k() -> None:
     allowed = [set(logits[i].topk(k).indices.tolist()) for i, k in enumerate((1, 3, 10, 50))]
     t = tensors(seqs, 100)
     for _ in range(300):
-        for i, token in enumerate(sample(logits, seqs, t).tolist()):
+        for i, token in enumerate(sample(logits, t).tolist()):
             assert token in allowed[i]
 
 
@@ -61,7 +62,7 @@ def test_it_penalises_like_openai_and_adds_logit_bias() -> None:
     logits = torch.zeros(1, 6)
     params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias={5: 3.0})
     seqs = seqs_for([params], outputs=[[2, 2, 2, 4]])
-    out = apply_penalties_and_bias(logits, seqs, tensors(seqs, 6))[0].tolist()
+    out = apply_penalties_and_bias(logits, tensors(seqs, 6))[0].tolist()
     assert out == pytest.approx([0, 0, -(0.5 + 3 * 0.25), 0, -(0.5 + 0.25), 3.0])
 
 
@@ -131,3 +132,27 @@ def test_it_samples_n_choices_sharing_the_prompt_blocks(tiny_gpt2: Peer) -> None
     assert engine.stats()["prefix_cache_hits"] >= 2 * 24  # both siblings reused the first one's six blocks
     [again] = engine.generate([prompt], params)
     assert again.token_ids == out.token_ids  # seeds make n > 1 reproducible too
+
+
+def test_the_input_batch_gathers_each_sequences_params_for_its_rows() -> None:
+    params = [
+        SamplingParams(temperature=0.5, top_k=3),
+        SamplingParams(temperature=0.0),
+        SamplingParams(top_p=0.5),
+    ]
+    seqs = seqs_for(params)
+    batch = InputBatch(100, torch.device("cpu"), capacity=1)  # grows as sequences arrive
+    t = batch.metadata(seqs, rows_per_seq=[2, 1, 3])
+    assert t.temperature.tolist() == [0.5, 0.5, 1.0, 1.0, 1.0, 1.0]
+    assert t.top_k.tolist() == [3, 3, 100, 100, 100, 100]
+    assert t.greedy.tolist() == [False, False, True, False, False, False]
+    assert t.top_p.tolist() == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
+    # The same table answers the same question from fresh tensors.
+    fresh = SamplingMetadata.build([params[0]] * 2 + [params[1]] + [params[2]] * 3, 100, torch.device("cpu"))
+    assert torch.equal(fresh.top_k, t.top_k) and torch.equal(fresh.temperature, t.temperature)
+    # A released sequence's column is reused by the next one, with the newcomer's params.
+    batch.release(seqs[0])
+    [late] = seqs_for([SamplingParams(temperature=1.5)])
+    late.seq_id = 99
+    assert batch.metadata([late, seqs[1]]).temperature.tolist() == [1.5, 1.0]
+    assert len(batch.slots) == 3

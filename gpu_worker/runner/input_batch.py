@@ -1,0 +1,66 @@
+"""The persistent input batch: each live sequence's sampling parameters sit in one device table, written
+once when the sequence first runs and released when it finishes; a step only sends the row indices."""
+
+from __future__ import annotations
+
+import torch
+
+from gpu_worker.runner.sampler import SamplingMetadata, from_table, row_values
+from gpu_worker.sequence import Sequence
+
+NUM_FIELDS = 7  # the entries of sampler.row_values()
+
+
+class InputBatch:
+    def __init__(self, vocab_size: int, device: torch.device, capacity: int = 64) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+        self.table = torch.zeros(NUM_FIELDS, capacity, dtype=torch.float32, device=device)
+        self.slots: dict[int, int] = {}  # seq_id -> column of the table
+        self.free = list(range(capacity - 1, -1, -1))
+        self._pending: dict[int, list[float]] = {}  # column -> values not yet on the device
+
+    def metadata(self, seqs: list[Sequence], rows_per_seq: list[int] | None = None) -> SamplingMetadata:
+        """Return the sampling metadata of `seqs`, rows_per_seq[i] consecutive rows for sequence i (one each
+        by default). Rows of one sequence share its params and its generator."""
+        counts = rows_per_seq or [1] * len(seqs)
+        columns = [self._slot(seq) for seq in seqs]
+        self._flush()
+        index = [c for c, r in zip(columns, counts, strict=True) for _ in range(r)]
+        table = self.table.index_select(1, torch.tensor(index, device=self.device))  # [7, R]
+        rows = [seq for seq, r in zip(seqs, counts, strict=True) for _ in range(r)]
+        params = [s.params for s in rows]
+        any_penalty = any(p.presence_penalty or p.frequency_penalty for p in params)
+        output_ids = [s.output_token_ids for s in rows] if any_penalty else []
+        return from_table(table, params, [s.generator for s in rows], output_ids, self.vocab_size)
+
+    def release(self, seq: Sequence) -> None:
+        """Free a finished sequence's column."""
+        column = self.slots.pop(seq.seq_id, None)
+        if column is not None:
+            self._pending.pop(column, None)
+            self.free.append(column)
+
+    def _slot(self, seq: Sequence) -> int:
+        column = self.slots.get(seq.seq_id)
+        if column is None:
+            if not self.free:
+                self._grow()
+            column = self.slots[seq.seq_id] = self.free.pop()
+            self._pending[column] = row_values(seq.params, self.vocab_size)
+        return column
+
+    def _flush(self) -> None:
+        """Write the params of newly seen sequences: one host-to-device copy for all of them."""
+        if not self._pending:
+            return
+        columns = torch.tensor(list(self._pending), device=self.device)
+        values = torch.tensor(list(self._pending.values()), dtype=torch.float32).t().to(self.device)
+        self.table.index_copy_(1, columns, values)
+        self._pending.clear()
+
+    def _grow(self) -> None:
+        """Double the table (preempted sequences keep their columns while they wait)."""
+        capacity = self.table.shape[1]
+        self.table = torch.cat([self.table, torch.zeros_like(self.table)], dim=1)
+        self.free.extend(range(2 * capacity - 1, capacity - 1, -1))
