@@ -95,7 +95,7 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
-def source_commit(root: Path = ROOT) -> str:
+def source_commit(root: Path = ROOT, use_env: bool = True) -> str:
     """Return the commit of the source tree at root: git if root is a checkout, else $RUVON_COMMIT.
 
     A checkout with uncommitted changes to tracked files reads "<sha>-dirty".
@@ -114,7 +114,7 @@ def source_commit(root: Path = ROOT) -> str:
             return lines[1] + ("-dirty" if dirty.returncode else "")
     except (OSError, subprocess.TimeoutExpired):
         pass
-    return os.environ.get("RUVON_COMMIT") or "unknown"
+    return (os.environ.get("RUVON_COMMIT") if use_env else None) or "unknown"
 
 
 def gpu_properties() -> dict[str, Any] | None:
@@ -182,11 +182,8 @@ def floor_refusal(engine: Any, what: str) -> str | None:
     """Return why rows measured on engine must not be reported (its KV cache is at the floor), else None."""
     if not engine.kv_cache_at_floor:
         return None
-    free = torch.cuda.mem_get_info()[0] / 2**30 if torch.cuda.is_available() else float("nan")
-    return (
-        f"{what}: refused, its KV cache fell to the minimum-block floor because device memory was short "
-        f"({free:.1f} GiB free after building it)"
-    )
+    free = f" ({torch.cuda.mem_get_info()[0] / 2**30:.1f} GiB free)" if torch.cuda.is_available() else ""
+    return f"{what}: refused, its KV cache fell to the minimum-block floor: device memory was short{free}"
 
 
 def exit_if_at_floor(engine: Any, what: str) -> None:
