@@ -39,6 +39,7 @@ from bench.common import REFUSED_EXIT, ROOT, source_commit  # noqa: E402
 
 SCRIPTS = {"latency": "latency.py", "throughput": "throughput.py", "kernels": "kernels_bench.py"}
 RESULT_NAMES = {"latency": "latency", "throughput": "throughput", "kernels": "kernels_bench"}
+MIN_PROCESS_S = 30  # with less of --budget left, a bench process is not started
 FLOOR_WARNING = "the KV cache gets the minimum of"  # what the engine logs, at cfdb967 as now
 
 
@@ -105,7 +106,7 @@ def stream(cmd: list[str], tree: Path, env: dict[str, str], timeout: float) -> t
 
 
 def run_bench(
-    args: argparse.Namespace, tree: Path, env: dict[str, str], bench: str, shape: str | None
+    args: argparse.Namespace, tree: Path, env: dict[str, str], bench: str, shape: str | None, timeout: float
 ) -> tuple[dict[str, Any] | None, str, int]:
     """Run one bench process; return (its results payload or None, the command as run, the exit status).
 
@@ -118,9 +119,7 @@ def run_bench(
     command = " ".join(["python", f"bench/{SCRIPTS[bench]}", *map(shlex.quote, argv)])
     print(f"\n=== {args.label}: {command}", flush=True)
     start = time.perf_counter()
-    rc, at_floor = stream(
-        [sys.executable, str(tree / "bench" / SCRIPTS[bench]), *argv], tree, env, args.timeout
-    )
+    rc, at_floor = stream([sys.executable, str(tree / "bench" / SCRIPTS[bench]), *argv], tree, env, timeout)
     print(f"=== exit {rc} after {time.perf_counter() - start:.0f} s", flush=True)
     payload = json.loads(result.read_text()) if result.exists() else None
     if payload is not None and at_floor:
@@ -326,6 +325,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--kernels-args", default="--quick", help="kernels_bench.py flags (default --quick)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per bench process")
+    parser.add_argument("--budget", type=float, default=0, help="seconds for the whole call (0: no limit)")
     args = parser.parse_args(argv)
     args.shape = args.shape or ["gpt2", "gpt2-xl"]
     args.decode_steps = args.decode_steps or [1, 8]
@@ -345,8 +345,14 @@ def main() -> None:
         result["run"] = measure_run_info(args, commit)  # the tree's benches record none: measure it here
         if result["run"]:
             result["run"]["commit"] = commit
+    deadline = time.monotonic() + (args.budget or float("inf"))
     for bench, shape in plan(args, tree):
-        payload, command, rc = run_bench(args, tree, env, bench, shape)
+        left = deadline - time.monotonic()
+        if left < MIN_PROCESS_S:
+            why = f"not run: the --budget of {args.budget:.0f} s was spent"
+            result["rows"].append({"key": f"{bench}: {shape}", "bench": bench, "shape": shape, "failed": why})
+            continue
+        payload, command, rc = run_bench(args, tree, env, bench, shape, min(args.timeout, left))
         rows = rows_of(bench, payload, shape, rc)
         rows = [r for r in rows if r.get("shape") in args.shape or r.get("shape") is None]
         for r in rows:

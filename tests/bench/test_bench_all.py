@@ -87,7 +87,7 @@ def run_fake(tmp_path: Path, shape: str) -> list[dict]:
     tree = fake_tree(tmp_path)
     args = bench_all.parse_args(["--out", str(tmp_path / "out"), "--device", "cpu", "--shape", shape])
     env = bench_all.child_env(tree, "cfdb967")
-    payload, command, rc = bench_all.run_bench(args, tree, env, "latency", shape)
+    payload, command, rc = bench_all.run_bench(args, tree, env, "latency", shape, 60)
     assert rc == 0 and command.startswith(f"python bench/latency.py --shape {shape} --decode-steps 1")
     return bench_all.rows_of("latency", payload, shape, rc)
 
