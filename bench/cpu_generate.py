@@ -14,7 +14,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import print_table, timed, write_json  # noqa: E402
+from bench.common import exit_if_at_floor, print_table, timed, write_json  # noqa: E402
 from gpu_worker.config import EngineConfig, SamplingParams  # noqa: E402
 from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
 from gpu_worker.loading.assets import smollm2_gguf_path  # noqa: E402
@@ -60,6 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     gguf = smollm2_gguf_path()
     engine = LLMEngine(EngineConfig(model="smollm2", device="cpu", dtype="float32"))
+    exit_if_at_floor(engine, "cpu_generate smollm2")
     hf_tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32

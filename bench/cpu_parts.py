@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import print_table, write_json  # noqa: E402
+from bench.common import exit_if_at_floor, print_table, write_json  # noqa: E402
 from gpu_worker.config import EngineConfig, SamplingParams  # noqa: E402
 from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
 from gpu_worker.loading.loader import LoadedModel, load_model  # noqa: E402
@@ -31,7 +31,9 @@ TEXT = "The history of computing is a story of people, machines and ideas. " * 4
 def engine(loaded: LoadedModel, **overrides: object) -> LLMEngine:
     settings: dict[str, object] = {"model": "smollm2", "device": "cpu", "dtype": "float32", "num_blocks": 512}
     settings.update(overrides)
-    return LLMEngine(EngineConfig(**settings), loaded=loaded)  # type: ignore[arg-type]
+    eng = LLMEngine(EngineConfig(**settings), loaded=loaded)  # type: ignore[arg-type]
+    exit_if_at_floor(eng, "cpu_parts smollm2")
+    return eng
 
 
 def kv_cache_effect(loaded: LoadedModel, prompt: list[int], new_tokens: int = 64) -> dict[str, float]:

@@ -1,13 +1,15 @@
 """Paged attention on a GPU: the Triton kernels vs the torch reference vs torch SDPA on dense gathered K/V;
 and the small-M linear kernel vs cuBLAS (F.linear) on GPT-2's decode GEMMs.
 
-Run on a GPU: python bench/kernels_bench.py [--quick] [--linear-only] [--out results.json]
+Run on a GPU: python bench/kernels_bench.py [--quick] [--linear-only] [--shape gpt2 --shape gpt2-xl] [--out results.json]
 Times are medians of triton.testing.do_bench (CUDA events, L2 flushed before every call). `graph` times
 replay the call captured in a CUDA graph, as the engine's decode does: device time without Python's
 launch cost. `eager` times include it; `host` is the Python-side cost of one call. Bandwidth is the K/V
 bytes a decode step must read (B * L * Hkv * D * 2 tensors * 2 bytes) over the graph time; for the
 linear section it is the weight's bytes over the time per call, from a graph of calls on distinct weight copies
 (together several times the L2), as a decode step's chain of layers runs them.
+--shape (repeatable) keeps only that model's head and layer shapes; prefill cases use GPT-2's heads and
+run with gpt2. The JSON records run_info() (commit, GPU, clocks, copy bandwidth) under "run".
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import print_table, write_json  # noqa: E402
+from bench.common import print_table, run_info, write_json  # noqa: E402
 from kernels.linear import DEFAULT_TILING as LINEAR_TILING  # noqa: E402
 from kernels.linear import Tiling as LinearTiling  # noqa: E402
 from kernels.linear import small_m_linear  # noqa: E402
@@ -259,9 +261,9 @@ def linear_row(model: str, n: int, k: int, m: int) -> dict[str, Any]:
     return row | {"err_x1e4": error * 1e4}
 
 
-def linear_rows() -> list[dict[str, Any]]:
+def linear_rows(models: list[str]) -> list[dict[str, Any]]:
     """Return one row per (model, layer shape, M)."""
-    cases = [(model, n, k) for model, shapes in LINEAR_SHAPES.items() for n, k in shapes]
+    cases = [(model, n, k) for model in models for n, k in LINEAR_SHAPES[model]]
     return [linear_row(model, n, k, m) for model, n, k in cases for m in LINEAR_ROWS]
 
 
@@ -280,34 +282,31 @@ def linear_sweep_rows() -> list[dict[str, Any]]:
     return rows
 
 
-def copy_tb_per_s() -> float:
-    """Return device-to-device copy bandwidth, bytes read plus written, on 2 GiB: the ceiling to compare to."""
-    src = torch.randn(2**29, device=DEVICE)
-    dst = torch.empty_like(src)
-    us = median_us(lambda: dst.copy_(src))
-    return 2 * src.numel() * src.element_size() / us / 1e6
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="skip the tiling sweep")
     parser.add_argument("--linear-only", action="store_true", help="run only the small-M linear sections")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--shape", action="append", choices=sorted(HEAD_CONFIGS), help="default: all")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernels_bench needs a CUDA GPU")
+    models = args.shape or list(HEAD_CONFIGS)
+    run = run_info(DEVICE)
     torch.manual_seed(0)
-    payload: dict[str, Any] = {"device": torch.cuda.get_device_name(), "copy_TB_s": copy_tb_per_s()}
+    payload: dict[str, Any] = {"device": torch.cuda.get_device_name(), "copy_TB_s": run["copy_gb_s"] / 1e3}
+    payload["run"] = run
     # Each section is written as soon as it is done, so a run cut short still leaves its numbers.
     sections: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
-        ("decode", lambda: [decode_row(m, b, c) for m in HEAD_CONFIGS for b in BATCHES for c in CONTEXTS]),
-        ("prefill", lambda: [prefill_row(*case) for case in PREFILL_CASES]),
+        ("decode", lambda: [decode_row(m, b, c) for m in models for b in BATCHES for c in CONTEXTS]),
     ]
+    if "gpt2" in models:
+        sections.append(("prefill", lambda: [prefill_row(*case) for case in PREFILL_CASES]))
     if not args.quick:
         sections.append(("sweep", sweep_rows))
     if args.linear_only:
         sections = []
-    sections.append(("linear", linear_rows))
+    sections.append(("linear", lambda: linear_rows(models)))
     if not args.quick:
         sections.append(("linear_sweep", linear_sweep_rows))
     for name, run in sections:
@@ -319,7 +318,7 @@ def main() -> None:
         print("\nTiling sweep (graph times; * = default):" + (" skipped" if args.quick else ""))
         print_table(payload.get("sweep", []))
         print("\nPrefill over a paged prefix (gpt2 heads, fp16):")
-        print_table(payload["prefill"])
+        print_table(payload.get("prefill", []))
         print(
             f"\nDecode (fp16, block 16); device copy bandwidth {payload['copy_TB_s']:.2f} TB/s (read + write):"
         )

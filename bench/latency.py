@@ -2,6 +2,9 @@
 
 Workload: one 128-token prompt, 256 new tokens, greedy, EOS ignored.
 Run on a GPU: python bench/latency.py --shape gpt2 --shape gpt2-xl --decode-steps 1 --decode-steps 8
+
+Each of several shapes runs in its own process; a shape whose engine got the floor KV cache is refused.
+--skip-hf leaves the peer out (for Ruvon-vs-Ruvon comparisons, bench/all.py --no-peer).
 """
 
 from __future__ import annotations
@@ -17,7 +20,16 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import add_decode_steps_argument, print_table, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_decode_steps_argument,
+    exit_status,
+    floor_refusal,
+    print_rows,
+    release,
+    rows_from_children,
+    run_info,
+    write_json,
+)
 from bench.peers import same_weights, weight_bytes  # noqa: E402
 from gpu_worker.config import SamplingParams  # noqa: E402
 from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
@@ -67,6 +79,55 @@ def hf_ms_per_token(
     return ttft * 1e3, (total - ttft) * 1e3 / (new_tokens - 1), out[0, len(prompt) :].tolist()
 
 
+def measure(
+    hf: transformers.PreTrainedModel, engine: LLMEngine, shape: str, args: argparse.Namespace
+) -> list[dict[str, object]]:
+    """Return one row per decode_steps for one shape's engine and peer."""
+    prompt = [random.Random(0).randrange(50257) for _ in range(args.prompt_len)]
+    ruvon_ms_per_token(engine, prompt, 8)  # warm-up (graph capture, allocator)
+    h_ttft, h_tpot, h_tokens = None, None, None
+    if not args.skip_hf:
+        hf_ms_per_token(hf, prompt, 8)
+        h_ttft, h_tpot, h_tokens = hf_ms_per_token(hf, prompt, args.new_tokens)
+    roofline = weight_bytes(hf) / args.bandwidth * 1e3
+    rows: list[dict[str, object]] = []
+    for steps in args.decode_steps or [engine.decode_steps]:
+        engine.decode_steps = steps
+        ruvon_ms_per_token(engine, prompt, 2 * steps + 2)  # warm-up: captures this step count's graphs
+        r_ttft, r_tpot, r_tokens = ruvon_ms_per_token(engine, prompt, args.new_tokens)
+        same = None
+        if h_tokens is not None:
+            pairs = enumerate(zip(r_tokens, h_tokens, strict=False))
+            same = next((i for i, (a, b) in pairs if a != b), len(r_tokens))
+        rows.append(
+            {
+                "shape": shape,
+                "decode_steps": steps,
+                "ruvon_ms_tok": r_tpot,
+                "hf_ms_tok": h_tpot,
+                "speedup": h_tpot / r_tpot if h_tpot else None,
+                "roofline_ms_tok": roofline,
+                "ruvon_ttft_ms": r_ttft,
+                "hf_ttft_ms": h_ttft,
+                "greedy_agree": same,
+            }
+        )
+    return rows
+
+
+def one_shape(shape: str, args: argparse.Namespace) -> list[dict[str, object]]:
+    """Measure one shape in this process, each row tagged with the run's machine and commit."""
+    info = run_info(args.device)  # before the engine: the copy's buffers are freed again
+    hf, engine = same_weights(
+        shape, getattr(torch, args.dtype), args.device, num_blocks=args.num_blocks or None
+    )
+    refused = floor_refusal(engine, f"latency {shape}")
+    rows = [{"shape": shape, "refused": refused}] if refused else measure(hf, engine, shape, args)
+    del hf, engine
+    release()
+    return [{**row, "run": info} for row in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", action="append", default=None)
@@ -74,48 +135,22 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--num-blocks", type=int, default=256, help="KV blocks (0: size from free memory)")
     parser.add_argument(
         "--bandwidth", type=float, default=4.2e12, help="measured HBM bytes/s for the roofline"
     )
+    parser.add_argument("--skip-hf", action="store_true", help="do not run the HF peer")
     add_decode_steps_argument(parser)
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
-    rows = []
-    for shape in args.shape or ["gpt2"]:
-        hf, engine = same_weights(shape, dtype, args.device, num_blocks=256)
-        prompt = [random.Random(0).randrange(50257) for _ in range(args.prompt_len)]
-        ruvon_ms_per_token(engine, prompt, 8)  # warm-up (graph capture, allocator)
-        hf_ms_per_token(hf, prompt, 8)
-        h_ttft, h_tpot, h_tokens = hf_ms_per_token(hf, prompt, args.new_tokens)
-        roofline = weight_bytes(hf) / args.bandwidth * 1e3
-        for steps in args.decode_steps or [engine.decode_steps]:
-            engine.decode_steps = steps
-            ruvon_ms_per_token(engine, prompt, 2 * steps + 2)  # warm-up: captures this step count's graphs
-            r_ttft, r_tpot, r_tokens = ruvon_ms_per_token(engine, prompt, args.new_tokens)
-            same = next(
-                (i for i, (a, b) in enumerate(zip(r_tokens, h_tokens, strict=False)) if a != b), len(r_tokens)
-            )
-            rows.append(
-                {
-                    "shape": shape,
-                    "decode_steps": steps,
-                    "ruvon_ms_tok": r_tpot,
-                    "hf_ms_tok": h_tpot,
-                    "speedup": h_tpot / r_tpot,
-                    "roofline_ms_tok": roofline,
-                    "ruvon_ttft_ms": r_ttft,
-                    "hf_ttft_ms": h_ttft,
-                    "greedy_agree": same,
-                }
-            )
-        del hf, engine
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    shapes = args.shape or ["gpt2"]
+    # Several shapes: one child process each, so each engine sizes its cache with the device to itself.
+    rows = rows_from_children(__file__, "latency", shapes) if len(shapes) > 1 else one_shape(shapes[0], args)
     print(
         f"batch-1 decode, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, {args.dtype}, {args.device}"
     )
-    print_table(rows)
+    print_rows(rows)
     print("wrote", write_json("latency", {"args": vars(args), "rows": rows}))
+    sys.exit(exit_status(rows))
 
 
 if __name__ == "__main__":

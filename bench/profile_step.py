@@ -4,12 +4,12 @@ Run on a GPU: python bench/profile_step.py --shape gpt2 --batch 1 --batch 512
 
 Decode-only steps are chained launches on CUDA (async_decode): "launch_decode" is the host's time to queue one,
 "collect" its wait for the device plus the read-back; the step's wall time is what counts.
+An engine whose KV cache fell to the floor (another still held memory) is refused: its batch is not profiled.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import random
 import sys
 import time
@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import print_table, write_json  # noqa: E402
+from bench.common import REFUSED_EXIT, floor_refusal, print_table, release, run_info, write_json  # noqa: E402
 from gpu_worker.config import EngineConfig, SamplingParams  # noqa: E402
 from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
 
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=1)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"run": run_info(device)}
     for batch in args.batch or [1]:
         engine = LLMEngine(
             EngineConfig(
@@ -80,6 +80,13 @@ def main() -> None:
                 decode_steps=args.decode_steps,
             )
         )
+        refused = floor_refusal(engine, f"profile {args.shape} batch {batch}")
+        if refused:
+            print(refused, flush=True)
+            results[f"batch{batch}"] = {"refused": refused}
+            del engine
+            release()
+            continue
         rng = random.Random(0)
         params = SamplingParams(
             temperature=0.0, max_tokens=(args.steps + 20) * args.decode_steps, ignore_eos=True
@@ -122,10 +129,10 @@ def main() -> None:
         results[f"batch{batch}"] = rows
         # The next engine sizes its KV cache from free memory: this one's must really be gone first.
         del engine, prof
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        release()
     print("wrote", write_json(f"profile_{args.shape}", results))
+    if any(isinstance(v, dict) and "refused" in v for v in results.values()):
+        sys.exit(REFUSED_EXIT)
 
 
 class _null:

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from prometheus_client import generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from bench.common import exit_if_at_floor  # noqa: E402
 from gpu_worker.config import EngineConfig, SamplingParams  # noqa: E402
 from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
 from gpu_worker.serving.telemetry import Telemetry  # noqa: E402
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     telemetry = Telemetry(args.model)
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, num_blocks=args.num_blocks)
     engine = LLMEngine(config, telemetry=telemetry)
+    exit_if_at_floor(engine, f"telemetry_run {args.model}")
     vocab = engine.model_config.vocab_size
     rng = random.Random(args.seed)
     schedule = arrivals(args.seconds, args.rate_min, args.rate_max, args.seed)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis  # noqa: E402
 
-from bench.common import print_table, write_json  # noqa: E402
+from bench.common import exit_if_at_floor, print_table, write_json  # noqa: E402
 from gpu_worker.config import EngineConfig, SamplingParams  # noqa: E402
 from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
 from gpu_worker.serving.memory_transport import MemoryTransport  # noqa: E402
@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     engine = LLMEngine(EngineConfig(model=args.model, device=args.device, num_blocks=512))
+    exit_if_at_floor(engine, f"transport {args.model}")
     paths: list[Callable[[], dict[str, Any]]] = [
         lambda: on_thread(lambda: bare_engine(engine, args.requests, args.max_tokens)),
         lambda: embedded(engine, args.requests, args.max_tokens),
