@@ -55,6 +55,7 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose keys/values are in the cache
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0  # leading blocks already registered for prefix caching
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache chain over its full blocks
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     finish_reported: bool = False  # the caller has been told this choice finished

@@ -55,13 +55,14 @@ class BlockManager:
         """Return the fraction of blocks held by live sequences."""
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def _full_block_hashes(self, seq: Sequence) -> list[BlockHash]:
-        """Return hash chain over the sequence's full blocks, leaving at least one token to compute."""
-        hashes: list[BlockHash] = []
-        prev = seq.request.cache_root
-        usable = (seq.num_tokens - 1) // self.block_size
-        for i in range(usable):
-            prev = chain_hash(prev, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+    def _hashes(self, seq: Sequence, count: int) -> list[BlockHash]:
+        """Return the hash chain over the sequence's first `count` full blocks; each block is hashed once in
+        the sequence's life (the chain is kept on the sequence, as its tokens never change)."""
+        hashes = seq.block_hashes
+        prev = hashes[-1] if hashes else seq.request.cache_root
+        size = self.block_size
+        for i in range(len(hashes), count):
+            prev = chain_hash(prev, seq.token_ids[i * size : (i + 1) * size])
             hashes.append(prev)
         return hashes
 
@@ -70,7 +71,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
-        for h in self._full_block_hashes(seq):
+        # Leave at least one token to compute: its logits give the next token.
+        for h in self._hashes(seq, (seq.num_tokens - 1) // self.block_size):
             block = self.cached.get(h)
             if block is None:
                 break
@@ -121,17 +123,13 @@ class BlockManager:
             return
         full = seq.num_computed_tokens // self.block_size
         start = seq.num_hashed_blocks
-        prev = self.block_hash[seq.block_table[start - 1]] if start else seq.request.cache_root
+        hashes = self._hashes(seq, full)
         for i in range(start, full):
             block = seq.block_table[i]
-            known = self.block_hash[block]
-            if known is not None:  # a shared prefix block
-                prev = known
+            if self.block_hash[block] is not None:  # a shared prefix block, registered already
                 continue
-            assert prev is not None  # every block before a hashed one is hashed
-            prev = chain_hash(prev, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
-            self.block_hash[block] = prev
-            self.cached.setdefault(prev, block)
+            self.block_hash[block] = hashes[i]
+            self.cached.setdefault(hashes[i], block)
         seq.num_hashed_blocks = max(start, full)
 
     def trim(self, seq: Sequence) -> None:
@@ -141,6 +139,7 @@ class BlockManager:
         runs only on tokens that stay."""
         if seq.num_tokens < seq.num_hashed_blocks * self.block_size:
             raise RuntimeError("trim() into a hashed block: tokens were committed before they were accepted")
+        del seq.block_hashes[seq.num_tokens // self.block_size :]
         keep = self.blocks_needed(seq.num_tokens)
         for block in reversed(seq.block_table[keep:]):
             self.ref_counts[block] -= 1
