@@ -15,6 +15,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from accounts.limits import QuotaExceeded, check_budget
 from gpu_worker.errors import CapacityError, InvalidRequestError
 from gpu_worker.protocol import make_job, sampling_params_from_dict, sampling_params_to_dict
+from inference.services import engine_seed, with_default_max_tokens
 from inference.serving import ServedModel, served_model
 from inference.transport import JobClient, get_job_client
 
@@ -105,13 +106,18 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if model != served.name:
             raise InvalidRequestError(f"model {model!r} is not served here", param="model")
         tokenizer = served.tokenizer
-        params = sampling_params_from_dict({**raw, "stop": list(tokenizer.chat_stop_strings)})
         prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
         if served.max_model_len is not None and len(prompt_ids) >= served.max_model_len:
             raise InvalidRequestError(
                 f"the conversation has {len(prompt_ids)} tokens; this model's context is {served.max_model_len}",
                 param="messages",
             )
+        # The API's own bounds: any int64 seed folded into the engine's range, a server default max_tokens.
+        raw = raw | {"seed": engine_seed(raw.get("seed"))}
+        max_tokens = raw.get("max_tokens")
+        if max_tokens is None or isinstance(max_tokens, int):
+            raw["max_tokens"] = with_default_max_tokens(max_tokens, len(prompt_ids), served.max_model_len)
+        params = sampling_params_from_dict({**raw, "stop": list(tokenizer.chat_stop_strings)})
         job_id = f"chat-{uuid.uuid4().hex}"
         return make_job(job_id, model, prompt_ids, sampling_params_to_dict(params), tenant_id=self.tenant_id)
 

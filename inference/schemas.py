@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from ninja import Field, Schema
-from pydantic import ConfigDict
+from pydantic import ConfigDict, StrictInt
 
 from gpu_worker.config import MAX_TOP_LOGPROBS
 
@@ -24,12 +24,13 @@ class SamplingFields(Schema):
     n: int | None = Field(1, ge=1, le=128)
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: int | None = Field(None, ge=-1, description="-1 or 0: off; else at most the vocabulary size.")
     min_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    # Strict: 1.5 or "7" is a 400, not silently truncated. Any int64 is taken (services.engine_seed).
+    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**63)
     stop: Stop = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None

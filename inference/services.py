@@ -23,6 +23,11 @@ from inference.serving import ServedModel
 from inference.transport import JobClient
 
 MODEL_CREATED = 1_735_689_600  # 2025-01-01: /v1/models wants a creation time; the served model has none
+# The engine seeds a torch.Generator per choice with seed * 1_000_003 + index, which must stay inside the
+# generator's 64-bit range; the API takes any int64, so seeds are folded into [0, 2**43) (those already
+# there keep their streams).
+SEED_RANGE = 2**43
+INT64 = 2**63
 
 
 def check_model(requested: str | None, served: ServedModel) -> None:
@@ -129,15 +134,33 @@ def sampling_params(
         "frequency_penalty": body.frequency_penalty,
         "ignore_eos": body.ignore_eos,
     }
+    check_top_k(body.top_k, vocab_size)
     return SamplingParams(
         **{name: value for name, value in values.items() if value is not None},
         max_tokens=max_tokens,
-        seed=body.seed,
+        seed=engine_seed(body.seed),
         stop=tuple(stop),
         logit_bias=logit_bias(body.logit_bias, vocab_size),
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
     )
+
+
+def check_top_k(top_k: int | None, vocab_size: int) -> None:
+    """Raise InvalidRequestError unless top_k is off (None, -1, 0) or at most the vocabulary size."""
+    if top_k is not None and not -1 <= top_k <= vocab_size:
+        raise InvalidRequestError(
+            f"top_k must be -1 or 0 (off) or at most the vocabulary size {vocab_size}; got {top_k}", "top_k"
+        )
+
+
+def engine_seed(seed: int | None) -> int | None:
+    """Return the seed the engine gets for an API seed (any int64): the same one every time, in its range."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -INT64 <= seed < INT64:
+        raise InvalidRequestError("seed must be an integer in [-2**63, 2**63)", param="seed")
+    return seed % SEED_RANGE
 
 
 def logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
@@ -177,7 +200,7 @@ def prepare_completion(body: CompletionRequest, served: ServedModel, request_id:
     params = sampling_params(
         body,
         vocab_size=tokenizer.vocab_size,
-        max_tokens=body.max_tokens,
+        max_tokens=with_default_max_tokens(body.max_tokens, len(prompt_ids), served.max_model_len),
         logprobs=body.logprobs,
         prompt_logprobs=body.logprobs if body.echo else None,
     )
@@ -207,12 +230,23 @@ def prepare_chat(body: ChatCompletionRequest, served: ServedModel, request_id: s
     params = sampling_params(
         body,
         vocab_size=tokenizer.vocab_size,
-        max_tokens=max_tokens,
+        max_tokens=with_default_max_tokens(max_tokens, len(prompt_ids), served.max_model_len),
         logprobs=logprobs,
         extra_stop=tokenizer.chat_stop_strings,
     )
     renderer = ChatRenderer(request_id, served, params.n, _include_usage(body), logprobs is not None)
     return Prepared(prompt_ids, params, renderer)
+
+
+def with_default_max_tokens(max_tokens: int | None, prompt_len: int, max_model_len: int | None) -> int | None:
+    """Return max_tokens, or when the client sent none the server default RUVON_DEFAULT_MAX_TOKENS (cut to the
+    room the context leaves), so a request without it ends in seconds rather than at the context's end."""
+    if max_tokens is not None:
+        return max_tokens
+    default: int = settings.RUVON_DEFAULT_MAX_TOKENS
+    if max_model_len is not None:
+        default = min(default, max_model_len - prompt_len)
+    return max(1, default)
 
 
 def _include_usage(body: SamplingFields) -> bool:

@@ -163,6 +163,9 @@ RUVON_NUM_BLOCKS = env_int("RUVON_NUM_BLOCKS")
 # Tokens per sequence per decode launch (gpu_worker EngineConfig.decode_steps): >1 trades smooth streaming
 # for throughput.
 RUVON_DECODE_STEPS = env_int("RUVON_DECODE_STEPS") or 1
+# max_tokens of a request that sends none: small enough that the embedded default (SmolLM2 on a laptop CPU,
+# ~30 tokens/s) answers in seconds.
+RUVON_DEFAULT_MAX_TOKENS = env_int("RUVON_DEFAULT_MAX_TOKENS") or 256
 # Build the job client (the embedded engine loads the model) when the server starts, not on the first request.
 RUVON_WARM_START = env_bool("RUVON_WARM_START", True)
 
