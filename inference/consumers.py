@@ -15,9 +15,10 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from accounts.limits import QuotaExceeded, check_budget
 from gpu_worker.errors import CapacityError, InvalidRequestError
 from gpu_worker.protocol import make_job, sampling_params_from_dict, sampling_params_to_dict
+from inference.errors import ApiError, from_error_event
+from inference.runs import JobRun
 from inference.services import engine_seed, with_default_max_tokens
 from inference.serving import ServedModel, served_model
-from inference.transport import JobClient, get_job_client
 
 logger = logging.getLogger("ruvon.chat")
 
@@ -29,7 +30,10 @@ ROLES = {"system", "user", "assistant"}
 class ChatConsumer(AsyncJsonWebsocketConsumer):
     """One chat session: at most one generation at a time, streamed as delta/done/error JSON messages."""
 
-    request_id: str | None = None
+    # No channel layer: nothing is sent to this socket from other processes, and with one (Redis) a Redis
+    # restart would end every open chat with it.
+    channel_layer_alias = "unused"
+    run: JobRun | None = None
     stream_task: asyncio.Task[None] | None = None
     tenant_id = ""
 
@@ -51,7 +55,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # Nobody reads the rest: stop streaming, and let the worker end the request as cancelled.
         if self.stream_task is not None:
             self.stream_task.cancel()
-        await self._cancel_current()
+        if self.run is not None:
+            await self.run.close()
 
     async def receive(
         self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
@@ -75,25 +80,30 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await check_budget(await _tenant(self.tenant_id))
             client, served = await served_model()
             job = self._build_job(content, served)
-            await client.submit(job)
         except InvalidRequestError as exc:
             await self._send_error("invalid_request_error", exc.message, exc.param)
             return
         except QuotaExceeded as exc:
             await self._send_error("insufficient_quota", str(exc), None)
             return
+        except Exception:  # the transport is down (Redis went away): tell the page, keep the socket
+            logger.exception("chat submission failed")
+            await self._send_unavailable()
+            return
+        run = JobRun(client, job)
+        try:
+            await client.submit(job)
         except CapacityError as exc:
             await self._send_error("capacity_exceeded", str(exc), None)
             return
-        except Exception:  # the transport is down (Redis went away): tell the page, keep the socket
-            logger.exception("chat submission failed")
-            await self._send_error(
-                "service_unavailable", "the inference service is unavailable; retry shortly", None
-            )
+        except Exception as exc:  # it may have been queued all the same: withdraw it, record it unbilled
+            logger.warning("chat submission failed: %s", exc)
+            await run.fail(exc)
+            await self._send_unavailable()
             return
-        self.request_id = job["request_id"]
+        self.run = run
         await self.send_json({"type": "started", "request_id": job["request_id"]})
-        self.stream_task = asyncio.create_task(self._stream(client, job["request_id"], time.monotonic()))
+        self.stream_task = asyncio.create_task(self._stream(run, time.monotonic()))
 
     def _build_job(self, content: Any, served: ServedModel) -> dict[str, Any]:
         if not isinstance(content, dict):
@@ -121,11 +131,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         job_id = f"chat-{uuid.uuid4().hex}"
         return make_job(job_id, model, prompt_ids, sampling_params_to_dict(params), tenant_id=self.tenant_id)
 
-    async def _stream(self, client: JobClient, request_id: str, sent_at: float) -> None:
+    async def _stream(self, run: JobRun, sent_at: float) -> None:
         first_token_at: float | None = None
         tokens = 0
         try:
-            async for event in client.events(request_id):
+            async for event in run.events():
                 kind = event["type"]
                 if kind == "delta":
                     if event["token_ids"] and first_token_at is None:
@@ -139,16 +149,24 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                         {**event, "client": _client_timings(sent_at, first_token_at, tokens)}
                     )
                 elif kind == "error":
-                    await self._send_error(event["code"], event["message"], event.get("param"))
+                    await self._send_api_error(await run.fail(from_error_event(event, run.request_id)))
         except Exception as exc:  # the transport failed (Redis went away): tell the page, keep the socket
-            await self._send_error("internal_error", f"lost the reply's stream: {exc}", None)
+            await self._send_api_error(await run.fail(exc))
         finally:
-            self.request_id = None
+            self.run = None
 
     async def _cancel_current(self) -> None:
         """Ask the worker to stop; the stream still ends with its "done" event (status cancelled)."""
-        if self.request_id is not None:
-            await get_job_client().cancel(self.request_id)  # built already: a request is in flight
+        if self.run is not None:
+            await self.run.cancel()
+
+    async def _send_api_error(self, error: ApiError) -> None:
+        await self._send_error(error.code or error.type, error.message, error.param)
+
+    async def _send_unavailable(self) -> None:
+        await self._send_error(
+            "service_unavailable", "the inference service is unavailable; retry shortly", None
+        )
 
     async def _send_error(self, code: str, message: str, param: str | None) -> None:
         await self.send_json({"type": "error", "code": code, "message": message, "param": param})

@@ -13,11 +13,12 @@ from django.http import StreamingHttpResponse
 
 from accounts.models import ApiKey
 from gpu_worker.config import SamplingParams
-from gpu_worker.errors import InvalidRequestError
-from gpu_worker.protocol import Event, Job, is_terminal, make_job
+from gpu_worker.errors import CapacityError, InvalidRequestError
+from gpu_worker.protocol import Event, Job, make_job
 from gpu_worker.tokenizer import Tokenizer
-from inference.errors import ApiError, ModelNotFound, from_error_event, to_api_error
+from inference.errors import ModelNotFound, from_error_event
 from inference.rendering import ChatRenderer, CompletionRenderer, Renderer, collect
+from inference.runs import JobRun
 from inference.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, TokenizeRequest
 from inference.serving import ServedModel
 from inference.transport import JobClient
@@ -310,48 +311,34 @@ def tokenize(body: TokenizeRequest, served: ServedModel) -> list[int]:
 # ------------------------------------------------------------------------------------------- running
 
 
-class JobRun:
-    """One submitted job's events; cancels the job if the caller stops listening before its end."""
-
-    def __init__(self, client: JobClient, request_id: str) -> None:
-        self.client = client
-        self.request_id = request_id
-        self.ended = False
-
-    async def events(self) -> AsyncIterator[Event]:
-        async for event in self.client.events(self.request_id):
-            self.ended = self.ended or is_terminal(event)
-            yield event
-        if not self.ended:
-            raise ApiError("the worker's event stream ended early", status=500, code="internal_error")
-
-    async def close(self) -> None:
-        """Cancel the job unless it already ended (a disconnected client, an error on our side)."""
-        if not self.ended:
-            self.ended = True
-            await self.client.cancel(self.request_id)
-
-
 async def execute(
     client: JobClient, job: Job, prepared: Prepared, stream: bool
 ) -> dict[str, Any] | StreamingHttpResponse:
-    """Submit the job and return the whole response, or an SSE response once the worker has accepted it."""
-    await client.submit(job)
-    run = JobRun(client, job["request_id"])
-    events = run.events()
-    if not stream:
-        try:
-            return prepared.renderer.response(await collect(events, prepared.params.n))
-        finally:
-            await run.close()
+    """Submit the job and return the whole response, or an SSE response once the worker has accepted it.
+    Whatever error the client is answered, the job is withdrawn and recorded unbilled (inference/runs.py)."""
+    run = JobRun(client, job)
     try:
+        await client.submit(job)
+    except CapacityError:
+        raise  # refused before it was queued: nothing ran, nothing to record
+    except Exception as exc:  # Redis failed: the job may have been queued all the same
+        raise await run.fail(exc) from exc
+    events = run.events()
+    try:
+        if not stream:
+            return prepared.renderer.response(await collect(events, prepared.params.n, run.request_id))
         # The first event tells a rejected job (a proper HTTP error) from an accepted one (status 200 and SSE).
         first = await anext(events)
         if first["type"] == "error":
-            raise from_error_event(first)
-    except BaseException:
+            raise from_error_event(first, run.request_id)
+    except Exception as exc:
+        raise await run.fail(exc) from exc
+    except BaseException:  # the client went away (the view was cancelled)
         await run.close()
         raise
+    finally:
+        if not stream:
+            await run.close()
     return sse_response(prepared.renderer.chunks(_chain(first, events)), run)
 
 
@@ -362,18 +349,19 @@ async def _chain(first: Event, rest: AsyncIterator[Event]) -> AsyncIterator[Even
 
 
 def sse_response(chunks: AsyncIterator[dict[str, Any]], run: JobRun) -> StreamingHttpResponse:
-    """Return a text/event-stream response of `data: {chunk}` lines ending with `data: [DONE]`."""
+    """Return a text/event-stream response of `data: {chunk}` lines ending with `data: [DONE]`; an error
+    after the status line is sent in-band first. Every exit ends the stream: the cleanup never raises."""
 
     async def body() -> AsyncIterator[str]:
         try:
             async for chunk in chunks:
                 yield _sse(chunk)
-            yield "data: [DONE]\n\n"
         except Exception as exc:  # the status line is gone: report the error in-band, as OpenAI does
-            yield _sse(to_api_error(exc).body())
+            yield _sse((await run.fail(exc)).body())
         finally:
             # A client that disconnects cancels this generator (CancelledError); the job must stop too.
             await run.close()
+        yield "data: [DONE]\n\n"
 
     response = StreamingHttpResponse(body(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
