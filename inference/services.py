@@ -115,6 +115,7 @@ def sampling_params(
     extra_stop: Sequence[str] = (),
 ) -> SamplingParams:
     """Return the SamplingParams a request asks for; InvalidRequestError names the first bad field."""
+    check_stream_options(body)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4:
         raise InvalidRequestError("stop may hold at most 4 sequences", param="stop")
@@ -248,6 +249,12 @@ def with_default_max_tokens(max_tokens: int | None, prompt_len: int, max_model_l
     if max_model_len is not None:
         default = min(default, max_model_len - prompt_len)
     return max(1, default)
+
+
+def check_stream_options(body: SamplingFields) -> None:
+    """Raise InvalidRequestError for stream_options on a request that does not stream (as OpenAI does)."""
+    if body.stream_options is not None and not body.stream:
+        raise InvalidRequestError("stream_options is only allowed when stream is true", "stream_options")
 
 
 def _include_usage(body: SamplingFields) -> bool:
