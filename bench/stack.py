@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -95,6 +96,9 @@ class Stack:
         self.database_url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + self.database
         self.web_ports = [free_port() for _ in range(config.web_processes)]
         self.keys: dict[str, str] = {}
+        self.secret_key = secrets.token_urlsafe(
+            50
+        )  # one for all of this stack's processes, as production needs
         self.redis_proc: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
         self.others: list[subprocess.Popen[bytes]] = []
@@ -115,6 +119,7 @@ class Stack:
                 "DJANGO_SETTINGS_MODULE": "ruvon.settings",
                 "DATABASE_URL": self.database_url,
                 "REDIS_URL": self.redis_url,
+                "SECRET_KEY": self.secret_key,
                 "RUVON_VAR_DIR": str(self.workdir),
                 "RUVON_MODEL": self.config.model,
                 "RUVON_MODEL_NAME": self.config.served_name,

@@ -22,6 +22,8 @@ from django.test import Client, override_settings
 from accounts.models import ApiKey, Membership, Tenant
 
 TINY_MODEL_NAME = "tiny"
+# Processes these tests start with REDIS_URL or DATABASE_URL (the production shape) need a shared key.
+os.environ.setdefault("SECRET_KEY", "test-only-" + "k" * 50)
 
 
 @dataclass
