@@ -19,6 +19,7 @@ from inference.errors import ApiError, from_error_event
 from inference.runs import JobRun
 from inference.services import engine_seed, with_default_max_tokens
 from inference.serving import ServedModel, served_model
+from inference.transport import ModelLoading
 
 logger = logging.getLogger("ruvon.chat")
 
@@ -48,7 +49,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         self.tenant_id = tenant_id
         await self.accept()
-        _client, served = await served_model()
+        try:
+            _client, served = await served_model()
+        except ModelLoading as exc:
+            await self._send_error("model_loading", str(exc), None)
+            await self.close(code=1013)  # "try again later"
+            return
         await self.send_json({"type": "ready", "model": {"model": served.name, "label": served.label}})
 
     async def disconnect(self, code: int) -> None:

@@ -16,6 +16,7 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 from accounts.auth import ApiKeyRejected
 from accounts.limits import QuotaExceeded, RateLimited
 from gpu_worker.errors import CapacityError, InvalidRequestError, ModelLoadError
+from inference.transport import ModelLoading
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ ERROR_TYPES = {
     503: "server_error",
 }
 RETRY_AFTER_S = {429: 1, 503: 1}
+MODEL_LOADING_RETRY_S = 2
 
 
 class ApiError(Exception):
@@ -137,6 +139,8 @@ def to_api_error(exc: Exception, request_id: str | None = None) -> ApiError:
             return ApiError("Invalid authentication.", status=401, code="invalid_api_key")
         case CapacityError():
             return ApiError(str(exc) or "The server is busy; retry shortly.", status=503, code="overloaded")
+        case ModelLoading():
+            return ApiError(str(exc), status=503, code="model_loading", retry_after=MODEL_LOADING_RETRY_S)
         case ModelLoadError():
             return ApiError(f"The model is unavailable: {exc}", status=503, code="model_unavailable")
         case redis.ConnectionError() | redis.TimeoutError():

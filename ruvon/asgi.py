@@ -19,11 +19,9 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 from inference.routing import websocket_urlpatterns  # noqa: E402
 
 if settings.RUVON_WARM_START:
-    import threading
+    from inference.transport import warm_start
 
-    from inference.transport import get_job_client
-
-    threading.Thread(target=get_job_client, name="ruvon-warm-start", daemon=True).start()
+    warm_start(os.environ.get("RUVON_READY_BANNER") or "Ruvon: ready")
 
 application = ProtocolTypeRouter(
     {
