@@ -17,6 +17,9 @@ from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from inference.routing import websocket_urlpatterns  # noqa: E402
+from ruvon import http_limits  # noqa: E402
+
+http_limits.install()  # daphne serves this application through Twisted's HTTP channel
 
 if settings.RUVON_WARM_START:
     from inference.transport import warm_start

@@ -80,3 +80,20 @@ def test_it_documents_the_event_stream_answer(db: None) -> None:
     for path in ("/v1/completions", "/v1/chat/completions"):
         content = schema["paths"][path]["post"]["responses"]["200"]["content"]
         assert {"application/json", "text/event-stream"} <= set(content), content
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("headers", [{"X-Big": "a" * 20_000}, {f"X-H{i}": "b" * 100 for i in range(200)}])
+def test_it_answers_an_oversized_request_head_with_431_of_a_live_server(
+    tiny_server: Any, headers: dict[str, str]
+) -> None:
+    import httpx
+
+    response = httpx.post(
+        tiny_server.base_url + "/completions",
+        json=COMPLETION,
+        headers=tiny_server.headers | headers,
+        timeout=30,
+    )
+    assert response.status_code == 431, response.content
+    assert response.json()["error"]["code"] == "request_header_fields_too_large"
