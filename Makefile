@@ -22,7 +22,8 @@ install: $(VENV)/.installed
 run: install
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py bootstrap_demo
-	@echo "Ruvon: web chat http://$(HOST):$(PORT)/chat/  API http://$(HOST):$(PORT)/v1  (key above, shown once)"
+	@echo "Ruvon: loading the model (requests get 503 + Retry-After until it prints ready)"
+	RUVON_READY_BANNER="Ruvon: ready. Web chat http://$(HOST):$(PORT)/chat/  API http://$(HOST):$(PORT)/v1  (key above)" \
 	$(PY) -m daphne -b $(HOST) -p $(PORT) ruvon.asgi:application
 
 test: install

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -78,6 +79,9 @@ class StackConfig:
     keys: dict[str, dict[str, Any]] = field(default_factory=lambda: {"stress": {}})
     settings: dict[str, str] = field(default_factory=dict)  # RUVON_MAX_QUEUE=..., read by every process
     worker_args: list[str] = field(default_factory=lambda: ["--heartbeat-s", "1"])
+    # Redis with an append-only file fsynced on every write, as production runs it: a restart keeps the
+    # jobs and events in flight (restart_redis). Off: a restart loses them.
+    redis_aof: bool = False
 
 
 class Stack:
@@ -92,6 +96,9 @@ class Stack:
         self.database_url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + self.database
         self.web_ports = [free_port() for _ in range(config.web_processes)]
         self.keys: dict[str, str] = {}
+        self.secret_key = secrets.token_urlsafe(
+            50
+        )  # one for all of this stack's processes, as production needs
         self.redis_proc: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
         self.others: list[subprocess.Popen[bytes]] = []
@@ -112,6 +119,7 @@ class Stack:
                 "DJANGO_SETTINGS_MODULE": "ruvon.settings",
                 "DATABASE_URL": self.database_url,
                 "REDIS_URL": self.redis_url,
+                "SECRET_KEY": self.secret_key,
                 "RUVON_VAR_DIR": str(self.workdir),
                 "RUVON_MODEL": self.config.model,
                 "RUVON_MODEL_NAME": self.config.served_name,
@@ -213,18 +221,30 @@ class Stack:
     # -------------------------------------------------------------------------------------- faults
 
     def start_redis(self) -> None:
+        aof = (
+            ["--appendonly", "yes", "--appendfsync", "always"]
+            if self.config.redis_aof
+            else ["--appendonly", "no"]
+        )
         cmd = ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--dir", str(self.workdir)]  # fmt: skip
+               *aof, "--dir", str(self.workdir)]  # fmt: skip
         log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 (the child holds it)
         self.redis_proc = subprocess.Popen(cmd, stdout=log, stderr=log)
         self._wait(lambda: self.redis().ping(), 20, "redis-server did not start")
 
     def stop_redis(self) -> None:
-        """Kill this stack's redis-server (its data goes with it: no persistence)."""
+        """Kill this stack's redis-server (its data goes with it unless redis_aof is on)."""
         if self.redis_proc is not None and self.redis_proc.poll() is None:
             self.redis_proc.send_signal(signal.SIGKILL)
             self.redis_proc.wait(timeout=10)
         self.redis_proc = None
+
+    def restart_redis(self, down_s: float) -> None:
+        """Kill redis-server, leave it down `down_s` seconds, start it again on the same port (with its data
+        when redis_aof is on)."""
+        self.stop_redis()
+        time.sleep(down_s)
+        self.start_redis()
 
     def kill_worker(self, proc: subprocess.Popen[bytes]) -> None:
         proc.send_signal(signal.SIGKILL)
@@ -243,6 +263,15 @@ class Stack:
     def sql(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.database_url) as db:
             return db.execute(query, args).fetchall()
+
+    def billed(self) -> dict[str, tuple[str, int, float, float]]:
+        """Return request_id -> (status, completion_tokens, revenue_usd, cost_usd) of every usage record."""
+        rows = self.sql(
+            "select request_id, status, completion_tokens, revenue_usd, cost_usd from inference_usagerecord"
+        )
+        return {
+            rid: (status, tokens, float(revenue), float(cost)) for rid, status, tokens, revenue, cost in rows
+        }
 
     def usage_records(self) -> dict[str, tuple[str, int, int]]:
         """Return request_id -> (status, prompt_tokens, completion_tokens) of every usage record."""

@@ -49,10 +49,24 @@ api = NinjaAPI(
 )
 install_error_handlers(api)
 
-ERRORS: dict[int, Any] = {code: ErrorResponse for code in (400, 401, 404, 429, 500, 503)}
+ERRORS: dict[int, Any] = {code: ErrorResponse for code in (400, 401, 404, 413, 415, 429, 500, 503, 504)}
 
 
-@api.post("/completions", response={200: CompletionResponse, **ERRORS}, tags=["generation"])
+def streamed(description: str) -> dict[str, Any]:
+    """Return the openapi_extra that adds the `stream: true` answer (server-sent events) to a 200."""
+    event_stream = {
+        "schema": {"type": "string", "description": "`data: {chunk JSON}` lines, then `data: [DONE]`"},
+        "example": 'data: {"id": "cmpl-1", "choices": [...]}\n\ndata: [DONE]\n\n',
+    }
+    return {"responses": {200: {"description": description, "content": {"text/event-stream": event_stream}}}}
+
+
+@api.post(
+    "/completions",
+    response={200: CompletionResponse, **ERRORS},
+    tags=["generation"],
+    openapi_extra=streamed("The completion; with `stream: true`, text_completion chunks as events."),
+)
 async def create_completion(request: HttpRequest, body: CompletionRequest) -> Any:
     """Complete a prompt (text or token ids). With `stream: true` the answer is server-sent events."""
     client, served = await served_model()
@@ -60,7 +74,12 @@ async def create_completion(request: HttpRequest, body: CompletionRequest) -> An
     return await _run(request, client, served, prepared, bool(body.stream))
 
 
-@api.post("/chat/completions", response={200: ChatCompletionResponse, **ERRORS}, tags=["generation"])
+@api.post(
+    "/chat/completions",
+    response={200: ChatCompletionResponse, **ERRORS},
+    tags=["generation"],
+    openapi_extra=streamed("The answer; with `stream: true`, chat.completion.chunk objects as events."),
+)
 async def create_chat_completion(request: HttpRequest, body: ChatCompletionRequest) -> Any:
     """Answer a conversation, rendered with the model's chat template. `stream: true` gives SSE chunks."""
     client, served = await served_model()

@@ -145,12 +145,25 @@ def tenant_month_spend(tenant: Tenant, now: datetime | None = None) -> Decimal:
     return Decimal(total or 0).quantize(PRICE_QUANTUM)
 
 
+# The billing policy (docs/platform.md): a request is billed its tokens only when it completed or its client
+# cancelled it; a failed or rejected one (the client was told an error) is billed nothing. Device time is
+# charged as cost whatever the ending.
+BILLED_STATUSES = frozenset({"completed", "cancelled"})
+
+
 def price_fields(
-    model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int, device_seconds: float
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int,
+    device_seconds: float,
+    status: str = "completed",
 ) -> dict[str, Decimal]:
     """Return a request's UsageRecord price fields: cost_usd (its device time) and revenue_usd (billed)."""
     sheet = price_sheet()
     revenue = sheet.revenue(model, prompt_tokens, completion_tokens, cached_tokens)
+    if status not in BILLED_STATUSES:
+        revenue = Decimal(0)
     return {
         "cost_usd": sheet.cost(device_seconds).quantize(PRICE_QUANTUM),
         "revenue_usd": revenue.quantize(PRICE_QUANTUM),

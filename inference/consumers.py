@@ -16,8 +16,11 @@ from accounts.limits import QuotaExceeded
 from gpu_worker.errors import CapacityError, InvalidRequestError
 from gpu_worker.serving.protocol import make_job, sampling_params_from_dict, sampling_params_to_dict
 from inference.billing import check_budget
+from inference.errors import ApiError, from_error_event
+from inference.runs import JobRun
+from inference.services import engine_seed, with_default_max_tokens
 from inference.serving import ServedModel, served_model
-from inference.transport import JobClient, get_job_client
+from inference.transport import ModelLoading
 
 logger = logging.getLogger("ruvon.chat")
 
@@ -29,7 +32,10 @@ ROLES = {"system", "user", "assistant"}
 class ChatConsumer(AsyncJsonWebsocketConsumer):
     """One chat session: at most one generation at a time, streamed as delta/done/error JSON messages."""
 
-    request_id: str | None = None
+    # No channel layer: nothing is sent to this socket from other processes, and with one (Redis) a Redis
+    # restart would end every open chat with it.
+    channel_layer_alias = "unused"
+    run: JobRun | None = None
     stream_task: asyncio.Task[None] | None = None
     tenant_id = ""
 
@@ -44,14 +50,20 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         self.tenant_id = tenant_id
         await self.accept()
-        _client, served = await served_model()
+        try:
+            _client, served = await served_model()
+        except ModelLoading as exc:
+            await self._send_error("model_loading", str(exc), None)
+            await self.close(code=1013)  # "try again later"
+            return
         await self.send_json({"type": "ready", "model": {"model": served.name, "label": served.label}})
 
     async def disconnect(self, code: int) -> None:
         # Nobody reads the rest: stop streaming, and let the worker end the request as cancelled.
         if self.stream_task is not None:
             self.stream_task.cancel()
-        await self._cancel_current()
+        if self.run is not None:
+            await self.run.close()
 
     async def receive(
         self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
@@ -75,25 +87,30 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await check_budget(await _tenant(self.tenant_id))
             client, served = await served_model()
             job = self._build_job(content, served)
-            await client.submit(job)
         except InvalidRequestError as exc:
             await self._send_error("invalid_request_error", exc.message, exc.param)
             return
         except QuotaExceeded as exc:
             await self._send_error("insufficient_quota", str(exc), None)
             return
+        except Exception:  # the transport is down (Redis went away): tell the page, keep the socket
+            logger.exception("chat submission failed")
+            await self._send_unavailable()
+            return
+        run = JobRun(client, job)
+        try:
+            await client.submit(job)
         except CapacityError as exc:
             await self._send_error("capacity_exceeded", str(exc), None)
             return
-        except Exception:  # the transport is down (Redis went away): tell the page, keep the socket
-            logger.exception("chat submission failed")
-            await self._send_error(
-                "service_unavailable", "the inference service is unavailable; retry shortly", None
-            )
+        except Exception as exc:  # it may have been queued all the same: withdraw it, record it unbilled
+            logger.warning("chat submission failed: %s", exc)
+            await run.fail(exc)
+            await self._send_unavailable()
             return
-        self.request_id = job["request_id"]
+        self.run = run
         await self.send_json({"type": "started", "request_id": job["request_id"]})
-        self.stream_task = asyncio.create_task(self._stream(client, job["request_id"], time.monotonic()))
+        self.stream_task = asyncio.create_task(self._stream(run, time.monotonic()))
 
     def _build_job(self, content: Any, served: ServedModel) -> dict[str, Any]:
         if not isinstance(content, dict):
@@ -106,21 +123,26 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if model != served.name:
             raise InvalidRequestError(f"model {model!r} is not served here", param="model")
         tokenizer = served.tokenizer
-        params = sampling_params_from_dict({**raw, "stop": list(tokenizer.chat_stop_strings)})
         prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
         if served.max_model_len is not None and len(prompt_ids) >= served.max_model_len:
             raise InvalidRequestError(
                 f"the conversation has {len(prompt_ids)} tokens; this model's context is {served.max_model_len}",
                 param="messages",
             )
+        # The API's own bounds: any int64 seed folded into the engine's range, a server default max_tokens.
+        raw = raw | {"seed": engine_seed(raw.get("seed"))}
+        max_tokens = raw.get("max_tokens")
+        if max_tokens is None or isinstance(max_tokens, int):
+            raw["max_tokens"] = with_default_max_tokens(max_tokens, len(prompt_ids), served.max_model_len)
+        params = sampling_params_from_dict({**raw, "stop": list(tokenizer.chat_stop_strings)})
         job_id = f"chat-{uuid.uuid4().hex}"
         return make_job(job_id, model, prompt_ids, sampling_params_to_dict(params), tenant_id=self.tenant_id)
 
-    async def _stream(self, client: JobClient, request_id: str, sent_at: float) -> None:
+    async def _stream(self, run: JobRun, sent_at: float) -> None:
         first_token_at: float | None = None
         tokens = 0
         try:
-            async for event in client.events(request_id):
+            async for event in run.events():
                 kind = event["type"]
                 if kind == "delta":
                     if event["token_ids"] and first_token_at is None:
@@ -134,16 +156,24 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                         {**event, "client": _client_timings(sent_at, first_token_at, tokens)}
                     )
                 elif kind == "error":
-                    await self._send_error(event["code"], event["message"], event.get("param"))
+                    await self._send_api_error(await run.fail(from_error_event(event, run.request_id)))
         except Exception as exc:  # the transport failed (Redis went away): tell the page, keep the socket
-            await self._send_error("internal_error", f"lost the reply's stream: {exc}", None)
+            await self._send_api_error(await run.fail(exc))
         finally:
-            self.request_id = None
+            self.run = None
 
     async def _cancel_current(self) -> None:
         """Ask the worker to stop; the stream still ends with its "done" event (status cancelled)."""
-        if self.request_id is not None:
-            await get_job_client().cancel(self.request_id)  # built already: a request is in flight
+        if self.run is not None:
+            await self.run.cancel()
+
+    async def _send_api_error(self, error: ApiError) -> None:
+        await self._send_error(error.code or error.type, error.message, error.param)
+
+    async def _send_unavailable(self) -> None:
+        await self._send_error(
+            "service_unavailable", "the inference service is unavailable; retry shortly", None
+        )
 
     async def _send_error(self, code: str, message: str, param: str | None) -> None:
         await self.send_json({"type": "error", "code": code, "message": message, "param": param})

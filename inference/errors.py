@@ -16,6 +16,7 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 from accounts.auth import ApiKeyRejected
 from accounts.limits import QuotaExceeded, RateLimited
 from gpu_worker.errors import CapacityError, InvalidRequestError, ModelLoadError
+from inference.transport import ModelLoading
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ ERROR_TYPES = {
     503: "server_error",
 }
 RETRY_AFTER_S = {429: 1, 503: 1}
+MODEL_LOADING_RETRY_S = 2
 
 
 class ApiError(Exception):
@@ -78,18 +80,34 @@ class ModelNotFound(ApiError):
         )
 
 
-def from_error_event(event: dict[str, Any]) -> ApiError:
-    """Return the ApiError for a worker's terminal error event."""
+# Worker error codes whose message may carry exception text: the client gets a generic one instead.
+INTERNAL_CODES = frozenset({"internal_error", "engine_error"})
+
+
+def internal_error(request_id: str | None) -> ApiError:
+    """Return the generic 500 a client gets for a bug: no internals, the request id to quote."""
+    suffix = f" (request id {request_id})" if request_id else ""
     return ApiError(
-        str(event.get("message") or "the request failed"),
-        status=int(event.get("http_status") or 500),
-        code=event.get("code"),
-        param=event.get("param"),
+        f"The server had an error while processing your request{suffix}.", status=500, code="internal_error"
     )
 
 
-def to_api_error(exc: Exception) -> ApiError:
-    """Return the ApiError that describes `exc`; unknown exceptions become a logged 500."""
+def from_error_event(event: dict[str, Any], request_id: str | None = None) -> ApiError:
+    """Return the ApiError for a worker's terminal error event; internal failures are logged, not shown."""
+    status = int(event.get("http_status") or 500)
+    code = event.get("code")
+    if status >= 500 and code in INTERNAL_CODES:
+        logger.error("request %s failed in the worker: %s", request_id, event.get("message"))
+        error = internal_error(request_id)
+        error.code = code
+        return error
+    return ApiError(
+        str(event.get("message") or "the request failed"), status=status, code=code, param=event.get("param")
+    )
+
+
+def to_api_error(exc: Exception, request_id: str | None = None) -> ApiError:
+    """Return the ApiError that describes `exc`; unknown exceptions become a logged 500 naming the request."""
     match exc:
         case ApiError():
             return exc
@@ -121,6 +139,8 @@ def to_api_error(exc: Exception) -> ApiError:
             return ApiError("Invalid authentication.", status=401, code="invalid_api_key")
         case CapacityError():
             return ApiError(str(exc) or "The server is busy; retry shortly.", status=503, code="overloaded")
+        case ModelLoading():
+            return ApiError(str(exc), status=503, code="model_loading", retry_after=MODEL_LOADING_RETRY_S)
         case ModelLoadError():
             return ApiError(f"The model is unavailable: {exc}", status=503, code="model_unavailable")
         case redis.ConnectionError() | redis.TimeoutError():
@@ -146,10 +166,8 @@ def to_api_error(exc: Exception) -> ApiError:
             return ApiError(str(exc) or "Not found.", status=404, code="not_found")
         case HttpError():
             return ApiError(exc.message, status=exc.status_code)
-    logger.exception("unhandled error in the API", exc_info=exc)
-    return ApiError(
-        "The server had an error while processing your request.", status=500, code="internal_error"
-    )
+    logger.error("unhandled error in the API (request %s)", request_id, exc_info=exc)
+    return internal_error(request_id)
 
 
 def _from_validation_error(exc: ValidationError) -> ApiError:
@@ -163,9 +181,9 @@ def _from_validation_error(exc: ValidationError) -> ApiError:
     return ApiError(f"{param}: {message}" if param else message, status=400, param=param)
 
 
-def error_response(exc: Exception) -> JsonResponse:
+def error_response(exc: Exception, request_id: str | None = None) -> JsonResponse:
     """Return the JSON error response for `exc`, with its headers (Retry-After when retrying later can help)."""
-    error = to_api_error(exc)
+    error = to_api_error(exc, request_id)
     response = JsonResponse(error.body(), status=error.status)
     for name, value in error.headers.items():
         response[name] = value
@@ -176,7 +194,7 @@ def install_error_handlers(api: NinjaAPI) -> None:
     """Route every exception the API sees, ninja's own included, through error_response."""
 
     def handler(request: HttpRequest, exc: Any) -> JsonResponse:
-        return error_response(exc)
+        return error_response(exc, getattr(request, "request_id", None))
 
     for exc_class in (Exception, Http404, HttpError, ValidationError):
         api.add_exception_handler(exc_class, handler)

@@ -1,5 +1,6 @@
 """Gives every request an id (`request.request_id`) and returns it in the `x-request-id` response header,
-with any headers a view left in `request.response_headers` (rate-limit state)."""
+with any headers a view left in `request.response_headers` (rate-limit state); under /v1/ every error body
+is an OpenAI error object, the refusals made outside the API's views (405, 404, 415) included."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import uuid
 from collections.abc import Callable
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django.http import HttpRequest
+from django.http import HttpRequest, JsonResponse
 from django.http.response import HttpResponseBase
 from django.utils.decorators import sync_and_async_middleware
 
@@ -42,3 +43,54 @@ def _tag(request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
     for name, value in getattr(request, "response_headers", {}).items():
         response[name] = value
     return response
+
+
+API_PREFIX = "/v1/"
+JSON_TYPES = ("application/json", "")  # an empty Content-Type: the API reads the body as JSON anyway
+_REFUSALS = {
+    404: ("invalid_request_error", "not_found", "Unknown endpoint {method} {path}."),
+    405: ("invalid_request_error", "method_not_allowed", "Method {method} is not allowed on {path}."),
+    415: ("invalid_request_error", "unsupported_media_type", "Send the body as application/json."),
+}
+
+
+@sync_and_async_middleware
+def api_error_body_middleware(get_response: Callable) -> Callable:
+    """Under /v1/: refuse a body that is not JSON (multipart, form, text) with 415, and turn the non-JSON
+    error pages Django and ninja answer themselves (404, 405) into OpenAI error objects."""
+    if iscoroutinefunction(get_response):
+
+        async def async_middleware(request: HttpRequest) -> HttpResponseBase:
+            refusal = _refuse_media_type(request)
+            return refusal or _as_api_error(request, await get_response(request))
+
+        return markcoroutinefunction(async_middleware)
+
+    def middleware(request: HttpRequest) -> HttpResponseBase:
+        return _refuse_media_type(request) or _as_api_error(request, get_response(request))
+
+    return middleware
+
+
+def _refuse_media_type(request: HttpRequest) -> HttpResponseBase | None:
+    if not request.path.startswith(API_PREFIX) or request.method not in ("POST", "PUT", "PATCH"):
+        return None
+    media_type = request.content_type or ""
+    return None if media_type in JSON_TYPES else _error(request, 415)
+
+
+def _as_api_error(request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+    is_json = response.get("Content-Type", "").startswith("application/json")
+    if request.path.startswith(API_PREFIX) and response.status_code in _REFUSALS and not is_json:
+        refusal = _error(request, response.status_code)
+        if response.has_header("Allow"):
+            refusal["Allow"] = response["Allow"]
+        return refusal
+    return response
+
+
+def _error(request: HttpRequest, status: int) -> JsonResponse:
+    error_type, code, message = _REFUSALS[status]
+    text = message.format(method=request.method, path=request.path)
+    body = {"error": {"message": text, "type": error_type, "param": None, "code": code}}
+    return JsonResponse(body, status=status)

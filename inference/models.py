@@ -44,6 +44,10 @@ class UsageRecord(models.Model):
     # Priced at ingestion, so a later price change does not rewrite history (inference/billing.py).
     cost_usd = models.DecimalField(max_digits=20, decimal_places=12, default=0, help_text="Device cost.")
     revenue_usd = models.DecimalField(max_digits=20, decimal_places=12, default=0, help_text="Billed.")
+    # Set when the web tier answered the client an error without the worker's ending (Redis down, the worker
+    # lost, a deadline): the request is failed (or rejected) and unbilled, whatever the worker did after.
+    told_error = models.CharField(max_length=40, blank=True, default="", help_text="Error the client got.")
+    worker_reported = models.BooleanField(default=True, help_text="The worker's usage event is in.")
 
     objects = TenantScopedQuerySet.as_manager()
 

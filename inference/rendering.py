@@ -40,7 +40,7 @@ class Collected:
     timings: dict[str, Any] = field(default_factory=dict)
 
 
-async def collect(events: AsyncIterator[Event], n: int) -> Collected:
+async def collect(events: AsyncIterator[Event], n: int, request_id: str | None = None) -> Collected:
     """Read a job's events to the end; raise ApiError if it failed."""
     result = Collected([ChoiceResult(i) for i in range(n)], [], None, {})
     async for event in events:
@@ -56,7 +56,7 @@ async def collect(events: AsyncIterator[Event], n: int) -> Collected:
             choice.logprobs += event["logprobs"] or []
             choice.finish_reason = event["finish_reason"] or choice.finish_reason
         elif kind == "error":
-            raise from_error_event(event)
+            raise from_error_event(event, request_id)
         elif kind == "done":
             result.usage = event["usage"]
             result.timings = event.get("timings") or {}
@@ -93,6 +93,7 @@ class _BaseRenderer:
     id_prefix = ""
 
     def __init__(self, request_id: str, served: ServedModel, n: int, include_usage: bool) -> None:
+        self.request_id = request_id
         self.id = self.id_prefix + request_id.removeprefix("req_")
         self.model = served.name
         self.tokenizer = served.tokenizer
@@ -181,7 +182,7 @@ class CompletionRenderer(_BaseRenderer):
             elif kind == "delta":
                 yield self._delta_chunk(event)
             elif kind == "error":
-                raise from_error_event(event)
+                raise from_error_event(event, self.request_id)
             elif kind == "done":
                 for waiting in held or []:
                     yield self._delta_chunk(waiting)
@@ -276,7 +277,7 @@ class ChatRenderer(_BaseRenderer):
                 if event["finish_reason"]:
                     yield self._chunk(index, {}, finish_reason=event["finish_reason"])
             elif kind == "error":
-                raise from_error_event(event)
+                raise from_error_event(event, self.request_id)
             elif kind == "done" and self.include_usage:
                 yield self.usage_chunk(event)
 

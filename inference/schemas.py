@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from ninja import Field, Schema
-from pydantic import ConfigDict
+from pydantic import ConfigDict, StrictBool, StrictInt, ValidationInfo, field_validator
 
 from gpu_worker.config import MAX_TOP_LOGPROBS
 
@@ -14,7 +14,9 @@ Stop = str | list[str] | None
 
 
 class StreamOptions(Schema):
-    include_usage: bool | None = False
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: StrictBool | None = False
 
 
 class SamplingFields(Schema):
@@ -24,12 +26,13 @@ class SamplingFields(Schema):
     n: int | None = Field(1, ge=1, le=128)
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: int | None = Field(None, ge=-1, description="-1 or 0: off; else at most the vocabulary size.")
     min_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    # Strict: 1.5 or "7" is a 400, not silently truncated. Any int64 is taken (services.engine_seed).
+    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**63)
     stop: Stop = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -227,13 +230,27 @@ class UsageList(Schema):
 
 
 class UsageFilters(Schema):
-    start: datetime | None = Field(None, description="Submitted at or after (ISO 8601).")
-    end: datetime | None = Field(None, description="Submitted before (ISO 8601).")
+    start: datetime | None = Field(None, description="Submitted at or after (ISO 8601; UTC unless it says).")
+    end: datetime | None = Field(None, description="Submitted before (ISO 8601; UTC unless it says).")
     model: str | None = None
     api_key: str | None = Field(None, description="Prefix of one of your API keys.")
     status: Literal["completed", "cancelled", "failed", "rejected"] | None = None
     limit: int = Field(100, ge=1, le=1000)
     offset: int = Field(0, ge=0, le=1_000_000_000)  # databases refuse offsets past 64 bits
+
+    @field_validator("start", "end")
+    @classmethod
+    def _utc(cls, moment: datetime | None) -> datetime | None:
+        # A time without a zone is UTC (the records' own zone), never the server's local time.
+        return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
+
+    @field_validator("end")
+    @classmethod
+    def _after_start(cls, end: datetime | None, info: ValidationInfo) -> datetime | None:
+        start = info.data.get("start")
+        if start is not None and end is not None and end <= start:
+            raise ValueError("end must be after start")
+        return end
 
 
 class TokenizeResponse(Schema):

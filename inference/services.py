@@ -13,16 +13,18 @@ from django.http import StreamingHttpResponse
 
 from accounts.models import ApiKey
 from gpu_worker.config import SamplingParams
-from gpu_worker.errors import InvalidRequestError
-from gpu_worker.serving.protocol import Event, Job, is_terminal, make_job
+from gpu_worker.errors import CapacityError, InvalidRequestError
+from gpu_worker.serving.protocol import Event, Job, make_job
 from gpu_worker.tokenization.tokenizer import Tokenizer
-from inference.errors import ApiError, ModelNotFound, from_error_event, to_api_error
+from inference.errors import ModelNotFound, from_error_event
 from inference.rendering import ChatRenderer, CompletionRenderer, Renderer, collect
+from inference.runs import JobRun
 from inference.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, TokenizeRequest
 from inference.serving import ServedModel
 from inference.transport import JobClient
 
 MODEL_CREATED = 1_735_689_600  # 2025-01-01: /v1/models wants a creation time; the served model has none
+INT64 = 2**63
 
 
 def check_model(requested: str | None, served: ServedModel) -> None:
@@ -109,6 +111,7 @@ def sampling_params(
     extra_stop: Sequence[str] = (),
 ) -> SamplingParams:
     """Return the SamplingParams a request asks for; InvalidRequestError names the first bad field."""
+    check_stream_options(body)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4:
         raise InvalidRequestError("stop may hold at most 4 sequences", param="stop")
@@ -129,15 +132,34 @@ def sampling_params(
         "frequency_penalty": body.frequency_penalty,
         "ignore_eos": body.ignore_eos,
     }
+    check_top_k(body.top_k, vocab_size)
     return SamplingParams(
         **{name: value for name, value in values.items() if value is not None},
         max_tokens=max_tokens,
-        seed=body.seed,
+        seed=engine_seed(body.seed),
         stop=tuple(stop),
         logit_bias=logit_bias(body.logit_bias, vocab_size),
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
     )
+
+
+def check_top_k(top_k: int | None, vocab_size: int) -> None:
+    """Raise InvalidRequestError unless top_k is off (None, -1, 0) or at most the vocabulary size."""
+    if top_k is not None and not -1 <= top_k <= vocab_size:
+        raise InvalidRequestError(
+            f"top_k must be -1 or 0 (off) or at most the vocabulary size {vocab_size}; got {top_k}", "top_k"
+        )
+
+
+def engine_seed(seed: int | None) -> int | None:
+    """Return the seed the engine gets for an API seed: any int64 (the engine maps it into its generator's
+    range, llm_engine.generator_seed); anything else is a 400."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -INT64 <= seed < INT64:
+        raise InvalidRequestError("seed must be an integer in [-2**63, 2**63)", param="seed")
+    return seed
 
 
 def logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
@@ -178,7 +200,7 @@ def prepare_completion(body: CompletionRequest, served: ServedModel, request_id:
     params = sampling_params(
         body,
         vocab_size=tokenizer.vocab_size,
-        max_tokens=body.max_tokens,
+        max_tokens=with_default_max_tokens(body.max_tokens, len(prompt_ids), served.max_model_len),
         logprobs=body.logprobs,
         prompt_logprobs=body.logprobs if body.echo else None,
     )
@@ -208,12 +230,29 @@ def prepare_chat(body: ChatCompletionRequest, served: ServedModel, request_id: s
     params = sampling_params(
         body,
         vocab_size=tokenizer.vocab_size,
-        max_tokens=max_tokens,
+        max_tokens=with_default_max_tokens(max_tokens, len(prompt_ids), served.max_model_len),
         logprobs=logprobs,
         extra_stop=tokenizer.chat_stop_strings,
     )
     renderer = ChatRenderer(request_id, served, params.n, _include_usage(body), logprobs is not None)
     return Prepared(prompt_ids, params, renderer, body.cache_salt)
+
+
+def with_default_max_tokens(max_tokens: int | None, prompt_len: int, max_model_len: int | None) -> int | None:
+    """Return max_tokens, or when the client sent none the server default RUVON_DEFAULT_MAX_TOKENS (cut to the
+    room the context leaves), so a request without it ends in seconds rather than at the context's end."""
+    if max_tokens is not None:
+        return max_tokens
+    default: int = settings.RUVON_DEFAULT_MAX_TOKENS
+    if max_model_len is not None:
+        default = min(default, max_model_len - prompt_len)
+    return max(1, default)
+
+
+def check_stream_options(body: SamplingFields) -> None:
+    """Raise InvalidRequestError for stream_options on a request that does not stream (as OpenAI does)."""
+    if body.stream_options is not None and not body.stream:
+        raise InvalidRequestError("stream_options is only allowed when stream is true", "stream_options")
 
 
 def _include_usage(body: SamplingFields) -> bool:
@@ -278,48 +317,34 @@ def tokenize(body: TokenizeRequest, served: ServedModel) -> list[int]:
 # ------------------------------------------------------------------------------------------- running
 
 
-class JobRun:
-    """One submitted job's events; cancels the job if the caller stops listening before its end."""
-
-    def __init__(self, client: JobClient, request_id: str) -> None:
-        self.client = client
-        self.request_id = request_id
-        self.ended = False
-
-    async def events(self) -> AsyncIterator[Event]:
-        async for event in self.client.events(self.request_id):
-            self.ended = self.ended or is_terminal(event)
-            yield event
-        if not self.ended:
-            raise ApiError("the worker's event stream ended early", status=500, code="internal_error")
-
-    async def close(self) -> None:
-        """Cancel the job unless it already ended (a disconnected client, an error on our side)."""
-        if not self.ended:
-            self.ended = True
-            await self.client.cancel(self.request_id)
-
-
 async def execute(
     client: JobClient, job: Job, prepared: Prepared, stream: bool
 ) -> dict[str, Any] | StreamingHttpResponse:
-    """Submit the job and return the whole response, or an SSE response once the worker has accepted it."""
-    await client.submit(job)
-    run = JobRun(client, job["request_id"])
-    events = run.events()
-    if not stream:
-        try:
-            return prepared.renderer.response(await collect(events, prepared.params.n))
-        finally:
-            await run.close()
+    """Submit the job and return the whole response, or an SSE response once the worker has accepted it.
+    Whatever error the client is answered, the job is withdrawn and recorded unbilled (inference/runs.py)."""
+    run = JobRun(client, job)
     try:
+        await client.submit(job)
+    except CapacityError:
+        raise  # refused before it was queued: nothing ran, nothing to record
+    except Exception as exc:  # Redis failed: the job may have been queued all the same
+        raise await run.fail(exc) from exc
+    events = run.events()
+    try:
+        if not stream:
+            return prepared.renderer.response(await collect(events, prepared.params.n, run.request_id))
         # The first event tells a rejected job (a proper HTTP error) from an accepted one (status 200 and SSE).
         first = await anext(events)
         if first["type"] == "error":
-            raise from_error_event(first)
-    except BaseException:
+            raise from_error_event(first, run.request_id)
+    except Exception as exc:
+        raise await run.fail(exc) from exc
+    except BaseException:  # the client went away (the view was cancelled)
         await run.close()
         raise
+    finally:
+        if not stream:
+            await run.close()
     return sse_response(prepared.renderer.chunks(_chain(first, events)), run)
 
 
@@ -330,18 +355,19 @@ async def _chain(first: Event, rest: AsyncIterator[Event]) -> AsyncIterator[Even
 
 
 def sse_response(chunks: AsyncIterator[dict[str, Any]], run: JobRun) -> StreamingHttpResponse:
-    """Return a text/event-stream response of `data: {chunk}` lines ending with `data: [DONE]`."""
+    """Return a text/event-stream response of `data: {chunk}` lines ending with `data: [DONE]`; an error
+    after the status line is sent in-band first. Every exit ends the stream: the cleanup never raises."""
 
     async def body() -> AsyncIterator[str]:
         try:
             async for chunk in chunks:
                 yield _sse(chunk)
-            yield "data: [DONE]\n\n"
         except Exception as exc:  # the status line is gone: report the error in-band, as OpenAI does
-            yield _sse(to_api_error(exc).body())
+            yield _sse((await run.fail(exc)).body())
         finally:
             # A client that disconnects cancels this generator (CancelledError); the job must stop too.
             await run.close()
+        yield "data: [DONE]\n\n"
 
     response = StreamingHttpResponse(body(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"

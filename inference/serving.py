@@ -8,7 +8,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from gpu_worker.tokenization.tokenizer import Tokenizer
-from inference.transport import JobClient, get_job_client, get_tokenizer
+from inference.transport import JobClient, get_tokenizer, ready_job_client
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ async def served_model() -> tuple[JobClient, ServedModel]:
 
 
 def _served_model() -> tuple[JobClient, ServedModel]:
-    client = get_job_client()
+    client = ready_job_client()
     info = client.model_info()
     served = ServedModel(
         name=str(info.get("model") or settings.RUVON_MODEL_NAME),

@@ -4,6 +4,7 @@ are delivered, and reports a tenant's usage for GET /v1/usage."""
 from __future__ import annotations
 
 import math
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,6 +14,7 @@ from django.db.models.functions import Coalesce
 
 from accounts.limits import charge_tokens
 from accounts.models import ApiKey, Tenant
+from gpu_worker.serving.protocol import usage_event
 from inference.billing import price_fields
 from inference.models import UsageRecord
 from inference.schemas import UsageFilters
@@ -26,21 +28,93 @@ class InvalidUsageEvent(ValueError):
 
 
 def record_usage(event: dict[str, Any]) -> bool:
-    """Store one usage event; return False (and change nothing) if its request was already recorded."""
+    """Store one usage event; return False (and change nothing) if its request was already recorded. A request
+    the web tier already recorded as told an error takes the worker's measurements but stays unbilled."""
     fields = usage_fields(event)
     if UsageRecord.objects.filter(request_id=fields["request_id"]).exists():
-        return False
+        return _merge_into_told(fields)
     try:
         with transaction.atomic():
             record = UsageRecord.objects.create(**fields)
     except IntegrityError:
-        # Two ingesters raced on the same event and the other one won; anything else is a real error.
+        # Two ingesters (or an ingester and the web tier) raced; the other one won.
         if UsageRecord.objects.filter(request_id=fields["request_id"]).exists():
-            return False
+            return _merge_into_told(fields)
         raise
-    if record.api_key is not None:
-        # Admission drew an estimate from the key's token bucket; settle it against the real count.
-        charge_tokens(record.api_key, record.total_tokens - _count(event, "reserved_tokens"))
+    _settle(record.api_key, record.total_tokens - _count(event, "reserved_tokens"))
+    return True
+
+
+def _settle(api_key: ApiKey | None, tokens: int) -> None:
+    # Admission drew an estimate from the key's token bucket; settle it against the real count.
+    if api_key is not None and tokens:
+        charge_tokens(api_key, tokens)
+
+
+def _merge_into_told(fields: dict[str, Any]) -> bool:
+    """Give a told-error record the worker's tokens, timings and device cost (once); return whether it did."""
+    with transaction.atomic():
+        record = UsageRecord.objects.select_for_update().filter(request_id=fields["request_id"]).first()
+        if record is None or record.worker_reported:
+            return False
+        before = record.total_tokens
+        for name in (*_COUNT_FIELDS, *_TIME_FIELDS, *_TIMINGS.values(), "device_seconds", "cost_usd"):
+            setattr(record, name, fields[name])
+        record.status = told_status(fields["status"], record.status)
+        record.worker_reported = True
+        record.save()
+    _settle(record.api_key, record.total_tokens - before)
+    return True
+
+
+def told_status(worker_status: str, told: str) -> str:
+    """Return the status of a request whose client was told an error: failed if the worker ran it at all."""
+    return told if worker_status == UsageRecord.Status.REJECTED else UsageRecord.Status.FAILED
+
+
+def record_told_error(job: dict[str, Any], code: str, started: bool) -> None:
+    """Record that the client of `job` was answered the error `code` without the worker's ending, so the
+    request is never billed: failed if it had started, else rejected. The worker's own usage event, if one
+    comes (before or after), adds what it measured (see _merge_into_told)."""
+    ids = job.get("prompt_token_ids")
+    status = UsageRecord.Status.FAILED if started else UsageRecord.Status.REJECTED
+    told = {"told_error": code, "finish_reason": code, "revenue_usd": 0}
+    rid = str(job.get("request_id"))
+    for _attempt in range(2):  # the worker's record may land between our update and our insert
+        if _told_update(rid, told):
+            return
+        event = usage_event(
+            job,
+            prompt_tokens=len(ids) if isinstance(ids, list) else 0,
+            completion_tokens=0,
+            cached_tokens=0,
+            status=status,
+            finish_reason=code,
+            started_at=None,
+            first_token_at=None,
+            finished_at=time.time(),
+        )
+        fields = usage_fields(event) | told | {"worker_reported": False}
+        try:
+            with transaction.atomic():
+                record = UsageRecord.objects.create(**fields)
+        except IntegrityError:
+            continue
+        _settle(record.api_key, record.total_tokens - _count(event, "reserved_tokens"))
+        return
+
+
+def _told_update(request_id: str, told: dict[str, Any]) -> bool:
+    """Make an existing record say what the client was told; return whether there was one."""
+    with transaction.atomic():
+        record = UsageRecord.objects.select_for_update().filter(request_id=request_id).first()
+        if record is None:
+            return False
+        if not record.told_error:
+            record.status = told_status(record.status, UsageRecord.Status.REJECTED)
+            for name, value in told.items():
+                setattr(record, name, value)
+            record.save()
     return True
 
 
@@ -52,7 +126,7 @@ def usage_fields(event: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(request_id, str) or not request_id:
         raise InvalidUsageEvent("usage event has no request_id")
     status = event.get("status")
-    if status not in UsageRecord.Status.values:
+    if not isinstance(status, str) or status not in UsageRecord.Status.values:
         raise InvalidUsageEvent(f"usage event {request_id} has unknown status {status!r}")
     tenant = _tenant(event.get("tenant_id"))
     fields: dict[str, Any] = {
@@ -81,6 +155,7 @@ def usage_fields(event: dict[str, Any]) -> dict[str, Any]:
         fields["completion_tokens"],
         fields["cached_tokens"],
         fields["device_seconds"],
+        status,
     )
     return fields
 

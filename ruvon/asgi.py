@@ -17,13 +17,14 @@ from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from inference.routing import websocket_urlpatterns  # noqa: E402
+from ruvon import http_limits  # noqa: E402
+
+http_limits.install()  # daphne serves this application through Twisted's HTTP channel
 
 if settings.RUVON_WARM_START:
-    import threading
+    from inference.transport import warm_start
 
-    from inference.transport import get_job_client
-
-    threading.Thread(target=get_job_client, name="ruvon-warm-start", daemon=True).start()
+    warm_start(os.environ.get("RUVON_READY_BANNER") or "Ruvon: ready")
 
 application = ProtocolTypeRouter(
     {

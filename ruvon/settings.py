@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dj_database_url
 from celery.schedules import crontab
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("RUVON_VAR_DIR", BASE_DIR / "var"))
@@ -33,10 +34,20 @@ def env_int(name: str) -> int | None:
     return int(value) if value else None
 
 
+# The production shape (a shared database or Redis) runs on several hosts; the embedded default on one.
+PRODUCTION_SHAPE = bool(os.environ.get("DATABASE_URL") or os.environ.get("REDIS_URL"))
+
+
 def secret_key() -> str:
-    """Return SECRET_KEY from the environment, else a random key kept in var/ so restarts keep sessions."""
+    """Return SECRET_KEY from the environment, else (embedded default only) a random key kept in var/ so
+    restarts keep sessions. The production shape must set it: each host would generate a different one."""
     if key := os.environ.get("SECRET_KEY"):
         return key
+    if PRODUCTION_SHAPE:
+        raise ImproperlyConfigured(
+            "SECRET_KEY must be set when DATABASE_URL or REDIS_URL is: every web host, worker and ingester "
+            "must share one key (a key generated here would differ per host)"
+        )
     path = VAR_DIR / "secret_key"
     try:
         # O_EXCL: the web server and a Celery worker starting together must agree on one key.
@@ -52,6 +63,19 @@ SECRET_KEY = secret_key()
 DEBUG = env_bool("DEBUG", False)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
+
+# TLS, for a deployment served over HTTPS (docs/operations.md); `manage.py check --deploy` is clean with
+# SECURE_SSL_REDIRECT, SESSION_COOKIE_SECURE, CSRF_COOKIE_SECURE on and SECURE_HSTS_SECONDS set.
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+SECURE_REDIRECT_EXEMPT = [r"^metrics$"]  # Prometheus scrapes over the internal network, without TLS
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", False)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", False)
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS") or 0
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+# Behind a proxy that terminates TLS: the header it sets (e.g. HTTP_X_FORWARDED_PROTO) says "https".
+if proxy_header := os.environ.get("SECURE_PROXY_SSL_HEADER", "").strip():
+    SECURE_PROXY_SSL_HEADER = (proxy_header, "https")
 
 INSTALLED_APPS = [
     "daphne",  # first, so `runserver` serves ASGI (websockets, async streaming)
@@ -71,6 +95,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "inference.middleware.request_id_middleware",
+    "inference.middleware.api_error_body_middleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -165,6 +190,9 @@ RUVON_PREFIX_CACHE_SCOPE = os.environ.get("RUVON_PREFIX_CACHE_SCOPE", "tenant")
 # Tokens per sequence per decode launch (gpu_worker EngineConfig.decode_steps): >1 trades smooth streaming
 # for throughput.
 RUVON_DECODE_STEPS = env_int("RUVON_DECODE_STEPS") or 1
+# max_tokens of a request that sends none: small enough that the embedded default (SmolLM2 on a laptop CPU,
+# ~30 tokens/s) answers in seconds.
+RUVON_DEFAULT_MAX_TOKENS = env_int("RUVON_DEFAULT_MAX_TOKENS") or 256
 # Build the job client (the embedded engine loads the model) when the server starts, not on the first request.
 RUVON_WARM_START = env_bool("RUVON_WARM_START", True)
 

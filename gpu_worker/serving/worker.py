@@ -45,6 +45,7 @@ class _Active:
     completion_tokens: int = 0
     finish_reasons: dict[int, str] = field(default_factory=dict)
     cancel_requested: bool = False
+    metrics: RequestMetrics | None = None  # the engine's, from its last output: device time so far
 
 
 class Worker:
@@ -131,8 +132,21 @@ class Worker:
         if room <= 0:
             return
         idle = not self._active and not self.engine.has_unfinished_requests()
-        for delivery in self.transport.fetch(room, self.idle_wait_s if idle else 0.0):
-            self._admit(delivery)
+        deliveries = self.transport.fetch(room, self.idle_wait_s if idle else 0.0)
+        # A job its client gave up on while it waited (or the web tier withdrew after answering an error)
+        # must not run: one look at the cancel flags before any of them starts.
+        fresh = [d.request_id for d in deliveries if d.request_id is not None and not d.prior_events]
+        withdrawn = self.transport.cancel_requested(fresh) if fresh else set()
+        for delivery in deliveries:
+            if delivery.request_id in withdrawn:
+                self._reject_withdrawn(delivery)
+            else:
+                self._admit(delivery)
+
+    def _reject_withdrawn(self, delivery: Delivery) -> None:
+        message = "the request was cancelled before it started"
+        event = error_event("rejected", "cancelled", message, None, 499)
+        self._finish_error(delivery, delivery.job, event, time.time(), finish_reason="cancelled")
 
     def _admit(self, delivery: Delivery) -> None:
         rid = delivery.request_id
@@ -218,6 +232,7 @@ class Worker:
                 st.started_at,
                 st.completion_tokens,
                 finish_reason=event["code"],
+                timings=self._timings(st, st.metrics, now),
             )
 
     def _step(self) -> None:
@@ -237,6 +252,7 @@ class Worker:
 
     def _record_output(self, st: _Active, output: Any, now: float) -> None:
         rid = st.job.request_id
+        st.metrics = output.metrics
         prompt_event = prompt_logprobs_event(output)
         if prompt_event is not None:
             self._outbox.append((rid, prompt_event))
@@ -273,7 +289,10 @@ class Worker:
             except Exception:
                 log.exception("abort of %s failed", rid)
             event = error_event("failed", code, message, None, http_status)
-            self._finish_error(st.delivery, st.job.raw, event, st.started_at, st.completion_tokens)
+            timings = self._timings(st, st.metrics, time.time())
+            self._finish_error(
+                st.delivery, st.job.raw, event, st.started_at, st.completion_tokens, timings=timings
+            )
         self._active.clear()
         try:
             self.engine.step()  # hands back the aborted requests' final outputs, so the engine forgets them
@@ -335,7 +354,10 @@ class Worker:
         started_at: float,
         completion_tokens: int = 0,
         finish_reason: str | None = None,
+        timings: dict[str, Any] | None = None,
     ) -> None:
+        """End a request with an error event; `timings` (device_s above all) of one that ran are still kept,
+        so its device time is charged as cost though the request is not billed."""
         ids = raw.get("prompt_token_ids")
         record = usage_event(
             raw,
@@ -347,6 +369,7 @@ class Worker:
             started_at=started_at,
             first_token_at=None,
             finished_at=time.time(),
+            timings=timings,
         )
         self._finished.append(Finished(delivery, record["request_id"], event, record))
 

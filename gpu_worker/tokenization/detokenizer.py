@@ -18,7 +18,8 @@ class IncrementalDetokenizer:
     U+FFFD. So we feed each token's bytes to an incremental UTF-8 decoder, which returns only the characters
     that are complete and keeps the bytes of an unfinished one until its last byte arrives. Bytes that can
     never become a character (0xFF, a stray continuation byte) turn into U+FFFD as soon as that is certain,
-    exactly where a one-shot decode of the whole output would put them.
+    exactly where a one-shot decode of the whole output would put them. An unfinished character at the end
+    is dropped.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
@@ -34,8 +35,10 @@ class IncrementalDetokenizer:
         return self._utf8.decode(self.tokenizer.token_bytes(token_id))
 
     def flush(self) -> str:
-        """Return what is left at the end: an unfinished character's bytes are invalid by now, so U+FFFD."""
-        return self._utf8.decode(b"", final=True)
+        """Return what is left at the end: nothing. An unfinished character (max_tokens cut it) is dropped, as
+        vLLM does, rather than shown as U+FFFD; the decoder only ever holds a valid prefix of a character."""
+        self._utf8.reset()
+        return ""
 
 
 # ---- stop strings -----------------------------------------------------------------------------------

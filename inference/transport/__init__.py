@@ -4,7 +4,9 @@ settings.REDIS_URL (unset: the engine embedded on a background thread; set: GPU 
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from django.conf import settings
@@ -14,10 +16,50 @@ from inference.transport.base import JobClient
 if TYPE_CHECKING:
     from gpu_worker.tokenization.tokenizer import Tokenizer
 
-__all__ = ["JobClient", "get_job_client", "get_tokenizer", "reset_job_client"]
+__all__ = [
+    "JobClient",
+    "ModelLoading",
+    "get_job_client",
+    "get_tokenizer",
+    "ready_job_client",
+    "reset_job_client",
+    "warm_start",
+]
+
+log = logging.getLogger("ruvon.transport")
 
 _client: JobClient | None = None
 _lock = threading.Lock()
+_warming = threading.Event()  # set while warm_start() builds the client (the embedded engine loads)
+
+
+class ModelLoading(Exception):
+    """The server started and is still loading the model: a 503 with Retry-After, not a wait of seconds."""
+
+
+def warm_start(banner: str) -> None:
+    """Build the job client on a background thread, so the server answers at once (503 while the model
+    loads); print `banner` when it serves."""
+    _warming.set()
+
+    def build() -> None:
+        started = time.monotonic()
+        try:
+            get_job_client()
+            print(f"{banner} (model loaded in {time.monotonic() - started:.1f}s)", flush=True)
+        except Exception:
+            log.exception("the warm start failed; the first request builds the job client again")
+        finally:
+            _warming.clear()
+
+    threading.Thread(target=build, name="ruvon-warm-start", daemon=True).start()
+
+
+def ready_job_client() -> JobClient:
+    """Return the job client; raise ModelLoading while the warm start still builds it."""
+    if _warming.is_set() and _client is None:
+        raise ModelLoading("the model is still loading; retry in a few seconds")
+    return get_job_client()
 
 
 def get_job_client() -> JobClient:
@@ -59,7 +101,8 @@ def _build_client() -> JobClient:
         return RedisJobClient(
             settings.REDIS_URL, served_name, worker_timeout_s=settings.RUVON_WORKER_TIMEOUT_S, **bounds
         )
-    from gpu_worker.engine.llm_engine import LLMEngine
+    from gpu_worker.engine.llm_engine.llm_engine.llm_engine import LLMEngine
+
     from gpu_worker.engine_args import engine_config
     from inference.transport.inprocess import InProcessJobClient
     from inference.usage import record_usage

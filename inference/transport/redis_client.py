@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -32,6 +33,8 @@ from gpu_worker.serving.protocol import (
     workers_key,
 )
 from gpu_worker.serving.redis_transport import DEQUEUE_LUA, dumps
+
+log = logging.getLogger("ruvon.transport")
 
 REQUESTS_MAXLEN = (
     100_000  # acknowledged jobs are trimmed away; the admission bound keeps the backlog far below
@@ -137,7 +140,7 @@ class RedisJobClient:
                     ending = await watch.check(r)
                     if ending is not None:
                         await self._abandon(r, request_id)
-                        yield ending
+                        yield ending | {"local": True}  # the reader's ending: the worker may not know it
                         return
                     continue
                 watch.heard()
@@ -153,10 +156,14 @@ class RedisJobClient:
             self._deadlines.pop(request_id, None)
 
     async def _abandon(self, r: aioredis.Redis, request_id: str) -> None:
-        """Stop waiting for a job: cancel it, and take it off the waiting count if no worker took it."""
-        await self.cancel(request_id)
+        """Stop waiting for a job: cancel it, and take it off the waiting count if no worker took it. Best
+        effort: the ending is yielded anyway."""
         keys = [waiting_key(self.served_name), waiting_tokens_key(self.served_name)]
-        await r.eval(DEQUEUE_LUA, len(keys), *keys, request_id)  # type: ignore[misc]
+        try:
+            await self.cancel(request_id)
+            await r.eval(DEQUEUE_LUA, len(keys), *keys, request_id)  # type: ignore[misc]
+        except redis.RedisError as exc:
+            log.warning("could not abandon %s: %s", request_id, exc)
 
     async def cancel(self, request_id: str) -> None:
         await self._redis().set(cancel_key(request_id), "1", ex=CANCEL_TTL_S)

@@ -22,6 +22,8 @@ from django.test import Client, override_settings
 from accounts.models import ApiKey, Membership, Tenant
 
 TINY_MODEL_NAME = "tiny"
+# Processes these tests start with REDIS_URL or DATABASE_URL (the production shape) need a shared key.
+os.environ.setdefault("SECRET_KEY", "test-only-" + "k" * 50)
 
 
 @dataclass
@@ -113,7 +115,9 @@ def tiny_served() -> Iterator[None]:
     """Serve random:tiny in-process under the name "tiny" for the whole session, then stop the engine."""
     from inference.transport import reset_job_client
 
-    with override_settings(RUVON_MODEL="random:tiny", RUVON_MODEL_NAME=TINY_MODEL_NAME, RUVON_NUM_BLOCKS=64):
+    # No warm start when a test imports ruvon.asgi: the client is built on first use, not behind a 503.
+    tiny = {"RUVON_MODEL": "random:tiny", "RUVON_MODEL_NAME": TINY_MODEL_NAME, "RUVON_NUM_BLOCKS": 64}
+    with override_settings(**tiny, RUVON_WARM_START=False):
         reset_job_client()
         yield
         reset_job_client()

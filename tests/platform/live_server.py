@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO_USER, DEMO_PASSWORD = "demo", "ruvon-demo"
+DEMO_USER, DEMO_PASSWORD = "demo", "live-demo-pw"  # not the default: REDIS_URL runs refuse it
 
 
 @dataclass
@@ -94,7 +94,9 @@ def start_live_server(extra_env: dict[str, str] | None = None) -> LiveServer:
     )
     env.update(extra_env or {})
     run_manage(env, "migrate", "--noinput")
-    match = re.search(r"api key: (\S+)", run_manage(env, "bootstrap_demo").stdout)
+    match = re.search(
+        r"api key: (\S+)", run_manage(env, "bootstrap_demo", "--password", DEMO_PASSWORD).stdout
+    )
     assert match, "bootstrap_demo printed no key"
     port = _free_port()
     log = open(var / "daphne.log", "wb")  # noqa: SIM115 (held by the server process)

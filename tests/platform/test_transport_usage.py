@@ -72,6 +72,7 @@ def test_it_runs_the_worker_as_a_management_command(tmp_path: Path) -> None:
            "--served-model-name", model, "--usage-stream", usage, "--num-blocks", "32", "--heartbeat-s", "0.2"]  # fmt: skip
     env = {
         "DATABASE_URL": "postgres://nobody@127.0.0.1:1/none",
+        "SECRET_KEY": "test-only-worker-key",  # the production shape requires one in every process
         "PATH": "/usr/bin:/bin",
     }  # no usable database
     log = tmp_path / "worker.log"
