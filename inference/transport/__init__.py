@@ -101,8 +101,7 @@ def _build_client() -> JobClient:
         return RedisJobClient(
             settings.REDIS_URL, served_name, worker_timeout_s=settings.RUVON_WORKER_TIMEOUT_S, **bounds
         )
-    from gpu_worker.engine.llm_engine.llm_engine.llm_engine import LLMEngine
-
+    from gpu_worker.engine.llm_engine import LLMEngine
     from gpu_worker.engine_args import engine_config
     from inference.transport.inprocess import InProcessJobClient
     from inference.usage import record_usage
