@@ -200,6 +200,15 @@ def test_it_emits_exactly_the_text_before_the_first_stop(
     bounds = [0, *sorted(set(cuts)), len(text)]
     deltas = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
     out, stopped = feed_all(StopStringMatcher(stops), deltas)
-    hit = find_stop(text, stops)
+    # Stops are checked as text arrives: the output ends before the earliest stop string in the text
+    # received when the first one completes (a longer stop that starts earlier but is not complete yet
+    # does not count: see the test below).
+    hit = next((h for b in bounds[1:] if (h := find_stop(text[:b], stops))), None)
     assert "".join(out) == (text[: hit[0]] if hit else text)
     assert stopped == (hit is not None)
+
+
+def test_a_stop_that_completes_first_ends_the_output() -> None:
+    # ":" completes with the first delta; "a::", which starts earlier, would only complete with the second.
+    out, stopped = feed_all(StopStringMatcher([":", "a::"]), ["a:", ":"])
+    assert ("".join(out), stopped) == ("a", True)
