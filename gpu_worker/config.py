@@ -124,6 +124,18 @@ class SamplingParams:
             if not ok:
                 raise InvalidRequestError(message, param=param)
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise InvalidRequestError if a field names more tokens than the vocabulary has."""
+        if self.top_k > vocab_size:
+            raise InvalidRequestError(
+                f"top_k must be -1 or 0 (off) or at most the vocabulary size {vocab_size}; got {self.top_k}",
+                param="top_k",
+            )
+        if any(not 0 <= t < vocab_size for t in self.logit_bias):
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids in [0, {vocab_size})", param="logit_bias"
+            )
+
     @property
     def device_only(self) -> bool:
         """Whether the next token depends on nothing the host has to supply (no penalties over earlier output,
@@ -133,3 +145,23 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+
+def check_context(
+    num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, prompt_param: str = "prompt"
+) -> None:
+    """Raise InvalidRequestError if the prompt (plus max_tokens) cannot fit the model's context. The web tier
+    and the engine both call this, so a client gets the same answer from either."""
+    if num_prompt_tokens >= max_model_len:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_model_len} tokens, and your prompt has "
+            f"{num_prompt_tokens} tokens. Please shorten the prompt.",
+            param=prompt_param,
+        )
+    if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} for the "
+            "completion). Please reduce the prompt or max_tokens.",
+            param="max_tokens",
+        )

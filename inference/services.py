@@ -12,7 +12,7 @@ from django.conf import settings
 from django.http import StreamingHttpResponse
 
 from accounts.models import ApiKey
-from gpu_worker.config import SamplingParams
+from gpu_worker.config import SamplingParams, check_context
 from gpu_worker.errors import CapacityError, InvalidRequestError
 from gpu_worker.serving.protocol import Event, Job, make_job
 from gpu_worker.tokenization.tokenizer import Tokenizer
@@ -77,25 +77,12 @@ def chat_prompt_ids(
     return tokenizer.encode(text)
 
 
-def check_context(
+def check_prompt_context(
     prompt_ids: list[int], max_tokens: int | None, max_model_len: int | None, prompt_param: str = "prompt"
 ) -> None:
     """Raise InvalidRequestError if the prompt (plus max_tokens) cannot fit the model's context."""
-    if max_model_len is None:
-        return  # not known yet (no worker reported); the worker checks again
-    if len(prompt_ids) >= max_model_len:
-        raise InvalidRequestError(
-            f"This model's maximum context length is {max_model_len} tokens, and your prompt has "
-            f"{len(prompt_ids)} tokens. Please shorten the prompt.",
-            param=prompt_param,
-        )
-    if max_tokens is not None and len(prompt_ids) + max_tokens > max_model_len:
-        raise InvalidRequestError(
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} for the "
-            "completion). Please reduce the prompt or max_tokens.",
-            param="max_tokens",
-        )
+    if max_model_len is not None:  # None: not known yet (no worker reported); the worker checks again
+        check_context(len(prompt_ids), max_tokens, max_model_len, prompt_param)
 
 
 # ------------------------------------------------------------------------------------ sampling params
@@ -132,8 +119,7 @@ def sampling_params(
         "frequency_penalty": body.frequency_penalty,
         "ignore_eos": body.ignore_eos,
     }
-    check_top_k(body.top_k, vocab_size)
-    return SamplingParams(
+    params = SamplingParams(
         **{name: value for name, value in values.items() if value is not None},
         max_tokens=max_tokens,
         seed=engine_seed(body.seed),
@@ -142,14 +128,8 @@ def sampling_params(
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
     )
-
-
-def check_top_k(top_k: int | None, vocab_size: int) -> None:
-    """Raise InvalidRequestError unless top_k is off (None, -1, 0) or at most the vocabulary size."""
-    if top_k is not None and not -1 <= top_k <= vocab_size:
-        raise InvalidRequestError(
-            f"top_k must be -1 or 0 (off) or at most the vocabulary size {vocab_size}; got {top_k}", "top_k"
-        )
+    params.check_vocab(vocab_size)  # the same rules the engine applies when the job arrives
+    return params
 
 
 def engine_seed(seed: int | None) -> int | None:
@@ -196,7 +176,7 @@ def prepare_completion(body: CompletionRequest, served: ServedModel, request_id:
         raise InvalidRequestError("best_of is not supported (it must equal n)", param="best_of")
     tokenizer = served.tokenizer
     prompt_ids, prompt_text = completion_prompt(body, tokenizer)
-    check_context(prompt_ids, body.max_tokens, served.max_model_len)
+    check_prompt_context(prompt_ids, body.max_tokens, served.max_model_len)
     params = sampling_params(
         body,
         vocab_size=tokenizer.vocab_size,
@@ -225,7 +205,7 @@ def prepare_chat(body: ChatCompletionRequest, served: ServedModel, request_id: s
     tokenizer = served.tokenizer
     prompt_ids = chat_prompt_ids(body.messages, tokenizer)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    check_context(prompt_ids, max_tokens, served.max_model_len, prompt_param="messages")
+    check_prompt_context(prompt_ids, max_tokens, served.max_model_len, prompt_param="messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(
         body,

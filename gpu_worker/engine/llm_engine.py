@@ -21,7 +21,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from gpu_worker.config import EngineConfig, SamplingParams
+from gpu_worker.config import EngineConfig, SamplingParams, check_context
 from gpu_worker.engine.block_manager import BlockManager, isolation_root
 from gpu_worker.engine.cost import WorkModel, attribute_step
 from gpu_worker.engine.output_processor import OutputProcessor
@@ -185,30 +185,15 @@ class LLMEngine:
         """Return the request's token bound (prompt + completion) or raise InvalidRequestError."""
         params.validate()
         vocab = self.model_config.vocab_size
-        if params.top_k > vocab:
-            raise InvalidRequestError(
-                f"top_k must be at most the vocabulary size ({vocab}), or -1/0 for no limit", param="top_k"
-            )
-        if any(not 0 <= t < vocab for t in params.logit_bias):
-            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
+        params.check_vocab(vocab)
         if not ids:
             raise InvalidRequestError("prompt is empty", param="prompt")
         if any(not 0 <= t < vocab for t in ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         if weight <= 0:
             raise InvalidRequestError("weight must be positive", param="weight")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens",
-                param="prompt",
-            )
+        check_context(len(ids), params.max_tokens, self.max_model_len)
         room = self.max_model_len - len(ids)
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise InvalidRequestError(
-                f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} tokens exceeds the context of "
-                f"{self.max_model_len} tokens",
-                param="max_tokens",
-            )
         max_total = len(ids) + (params.max_tokens if params.max_tokens is not None else room)
         capacity = self.block_manager.num_blocks * self.block_manager.block_size
         if max_total > capacity:

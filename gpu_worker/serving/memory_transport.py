@@ -110,6 +110,11 @@ class MemoryTransport:
             self._waiting_tokens += tokens
         self._jobs.put(job)
 
+    def num_queued(self) -> int:
+        """Return how many submitted jobs the worker has not taken yet."""
+        with self._lock:
+            return len(self._waiting)
+
     def _taken(self, deliveries: list[Delivery]) -> list[Delivery]:
         with self._lock:
             for delivery in deliveries:

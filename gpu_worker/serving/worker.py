@@ -389,6 +389,10 @@ class Worker:
         self._last_heartbeat = now
         self.transport.heartbeat(self.info(), [st.delivery for st in self._active.values()])
 
+    def idle(self) -> bool:
+        """Return whether the worker holds no job and has nothing left to publish."""
+        return not self._active and not self._outbox and not self._finished
+
     def info(self) -> dict[str, Any]:
         """Return what this worker serves and how busy it is (published with every heartbeat)."""
         return {

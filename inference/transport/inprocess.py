@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -111,6 +112,23 @@ class InProcessJobClient:
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    def settle(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every submitted job has ended and its usage is written; return whether it settled in
+        time (tests call this before the database is torn down under the usage writer)."""
+        deadline = time.monotonic() + timeout_s
+        quiet_since: float | None = None
+        # Idle for 50 ms running: a job between the worker's fetch and its admission is seen by neither.
+        while quiet_since is None or time.monotonic() - quiet_since < 0.05:
+            if time.monotonic() > deadline:
+                return False
+            if self.transport.num_queued() == 0 and self.worker.idle():
+                quiet_since = quiet_since or time.monotonic()
+            else:
+                quiet_since = None
+            time.sleep(0.01)
+        self.usage.join()
+        return True
 
     def close(self) -> None:
         """Drain the engine, stop its thread and flush usage."""

@@ -110,6 +110,24 @@ def fresh_cache() -> Iterator[None]:
     yield
 
 
+@pytest.fixture(autouse=True)
+def settled_usage(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a database test, wait for the in-process engine to end its jobs and write their usage, so the
+    usage writer never races the test database's teardown (or writes into the next test)."""
+    uses_db = {"db", "transactional_db"} & set(request.fixturenames)
+    if request.node.get_closest_marker("django_db") is None and not uses_db:
+        yield
+        return
+    request.getfixturevalue("_django_db_helper")  # set up before us, so torn down after us
+    yield
+    from inference import transport
+    from inference.transport.inprocess import InProcessJobClient
+
+    client = transport._client
+    if isinstance(client, InProcessJobClient):
+        assert client.settle(), "the in-process engine did not finish its jobs within 30 s of the test"
+
+
 @pytest.fixture(scope="session")
 def tiny_served() -> Iterator[None]:
     """Serve random:tiny in-process under the name "tiny" for the whole session, then stop the engine."""
