@@ -376,7 +376,8 @@ class LLMEngine:
         running = self.scheduler.running
         k = drafts_for_batch(self.config, self.spec_table, len(running))
         bm = self.block_manager
-        spare = bm.num_free_blocks - len(running)  # leave every running sequence a block for its own token
+        # Drafts take only blocks that no running sequence needs for its own next tokens.
+        spare = bm.num_free_blocks - sum(bm.blocks_needed(s.num_tokens) - len(s.block_table) for s in running)
         seqs, wanted = [], []
         for seq in running:
             if seq.num_drafts or seq.num_uncomputed_tokens != 1 or not seq.params.speculative:

@@ -18,7 +18,7 @@ from gpu_worker.runner.cuda_graphs import DecodeGraphs
 from gpu_worker.runner.input_batch import InputBatch
 from gpu_worker.runner.kv_cache import allocate_kv_cache
 from gpu_worker.runner.rejection_sampler import first_rejections, rejection_sample, target_probs
-from gpu_worker.runner.sampler import needs_processing, sample, top_logprobs
+from gpu_worker.runner.sampler import apply_penalties_and_bias, needs_processing, sample, top_logprobs
 from gpu_worker.sequence import ScheduledBatch, Sequence
 
 Logprob = tuple[float, list[tuple[int, float]]]  # (chosen logprob, [(token id, logprob), ...])
@@ -327,30 +327,42 @@ class ModelRunner:
         emitted token if it is reached, whether its draft was accepted, and (when asked) target logprobs."""
         seqs, counts = flat.sample_seqs, flat.rows_per_seq
         meta = self.input_batch.metadata(seqs, counts)
-        p = target_probs(logits, meta)  # [R, V]
-        q = torch.zeros_like(p)
-        drafts: list[int] = []
-        one_hot: list[int] = []  # rows whose q is one-hot on their draft
-        row = 0
-        for seq, r in zip(seqs, counts, strict=True):
-            drafts += seq.draft_token_ids + [-1]
-            if r > 1 and seq.draft_probs is None:
-                one_hot += range(row, row + r - 1)
-            elif r > 1 and seq.draft_probs is not None:
-                width = min(seq.draft_probs.shape[1], p.shape[1])
-                q[row : row + r - 1, :width] = seq.draft_probs[:, :width].to(q.dtype)
-            row += r
+        drafts = [t for seq in seqs for t in [*seq.draft_token_ids, -1]]
         draft_t = torch.tensor(drafts, dtype=torch.int64).to(self.device)
-        if one_hot:
-            hot = torch.tensor(one_hot, dtype=torch.int64).to(self.device)
-            q[hot, draft_t[hot]] = 1.0
-        accepted, recovered = rejection_sample(p, q, draft_t, meta.generators)
+        if meta.all_greedy:  # p is one-hot on the argmax: a draft passes iff it is the argmax
+            recovered = apply_penalties_and_bias(logits, meta).argmax(dim=-1)
+            accepted = draft_t == recovered
+        else:
+            p = target_probs(logits, meta)  # [R, V]
+            accepted, recovered = rejection_sample(
+                p, self._draft_probs(p, seqs, counts, draft_t), draft_t, meta.generators
+            )
         chosen = torch.where(accepted, draft_t, recovered)  # each row's token, up to its first rejection
         parts = [chosen.double(), accepted.double()]
         if any(s.params.logprobs is not None for s in seqs):
             chosen_lp, top_lp, top_ids = top_logprobs(logits, chosen, k)
             parts += [chosen_lp.double(), top_lp.double().flatten(), top_ids.double().flatten()]
         return parts
+
+    def _draft_probs(
+        self, p: torch.Tensor, seqs: list[Sequence], counts: list[int], drafts: torch.Tensor
+    ) -> torch.Tensor:
+        """Return q [R, V]: each draft row's draft distribution (one-hot when the proposer gave none), zero
+        on rows without a draft."""
+        q = torch.zeros_like(p)
+        one_hot: list[int] = []
+        row = 0
+        for seq, r in zip(seqs, counts, strict=True):
+            if r > 1 and seq.draft_probs is None:
+                one_hot += range(row, row + r - 1)
+            elif r > 1 and seq.draft_probs is not None:
+                width = min(seq.draft_probs.shape[1], p.shape[1])
+                q[row : row + r - 1, :width] = seq.draft_probs[:, :width].to(q.dtype)
+            row += r
+        if one_hot:
+            hot = torch.tensor(one_hot, dtype=torch.int64).to(self.device)
+            q[hot, drafts[hot]] = 1.0
+        return q
 
     def _unpack_verified(self, host: list[float], flat: FlatBatch, k: int, has_prompt: bool) -> StepResult:
         seqs, counts = flat.sample_seqs, flat.rows_per_seq

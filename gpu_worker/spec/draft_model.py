@@ -10,7 +10,7 @@ import torch
 from gpu_worker.loading.loader import load_model
 from gpu_worker.runner.model_runner import ModelRunner
 from gpu_worker.runner.rejection_sampler import target_probs
-from gpu_worker.runner.sampler import draw
+from gpu_worker.runner.sampler import apply_penalties_and_bias, draw
 from gpu_worker.sequence import ScheduledBatch, Sequence
 from gpu_worker.spec.proposer import Proposal
 
@@ -62,14 +62,17 @@ class DraftModelProposer:
             shadows = [shadow for _, shadow in active]
             logits = self.runner.last_logits(batch)[:, : self.target_vocab]  # [S, V]
             meta = self.runner.input_batch.metadata(shadows)
-            q = target_probs(logits, meta)
-            picked = q.argmax(dim=-1) if meta.all_greedy else draw(q, meta.generators)
+            if meta.all_greedy:  # certain drafts: no distribution to keep
+                picked, q = apply_penalties_and_bias(logits, meta).argmax(dim=-1), None
+            else:
+                q = target_probs(logits, meta)
+                picked = draw(q, meta.generators)
             for (i, shadow), token in zip(active, picked.tolist(), strict=True):
                 shadow.num_computed_tokens = shadow.num_tokens
                 shadow.token_ids.append(token)
                 tokens[i].append(token)
             for row, (i, shadow) in enumerate(active):
-                if not shadow.params.greedy:
+                if q is not None and not shadow.params.greedy:
                     probs[i].append(q[row])
         return [Proposal(t, torch.stack(p) if p else None) for t, p in zip(tokens, probs, strict=True)]
 

@@ -40,12 +40,17 @@ def _synthetic() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
     return p0, p1, q0, q1
 
 
-def _first_two_tokens(sampler: Sampler, seed: int = 1) -> torch.Tensor:
+def _first_two_tokens(sampler: Sampler, seed: int = 1, one_hot: bool = False) -> torch.Tensor:
     """Return N samples of the first two tokens [N, 2]: each sequence drafts two tokens from q, the target
     verifies them in one batch of 3 rows each, and a sequence rejected at row 0 draws its second token
-    from p1 in a following step (as the engine would)."""
+    from p1 in a following step (as the engine would). one_hot: certain drafts (as n-gram ones), the
+    target's second least likely token each time."""
     p0, p1, q0, q1 = _synthetic()
     g = torch.Generator().manual_seed(seed)
+    if one_hot:
+        second_least = p0.argsort()[1].item(), p1.argsort(1)[:, 1]
+        q0 = torch.nn.functional.one_hot(torch.tensor(second_least[0]), V).float()
+        q1 = torch.nn.functional.one_hot(second_least[1], V).float()
     x0 = torch.multinomial(q0, N, replacement=True, generator=g)
     x1 = torch.multinomial(q1[x0], 1, generator=g).squeeze(1)
     p_rows = torch.stack([p0.expand(N, V), p1[x0], p1[x1]], 1).reshape(3 * N, V)  # bonus row: any p works
@@ -60,16 +65,17 @@ def _first_two_tokens(sampler: Sampler, seed: int = 1) -> torch.Tensor:
     return torch.stack([first, second], 1)
 
 
-def _p_value(sampler: Sampler) -> float:
+def _p_value(sampler: Sampler, one_hot: bool = False) -> float:
     p0, p1, _, _ = _synthetic()
-    pairs = _first_two_tokens(sampler)
+    pairs = _first_two_tokens(sampler, one_hot=one_hot)
     observed = torch.bincount(pairs[:, 0] * V + pairs[:, 1], minlength=V * V).double()
     expected = (p0[:, None] * p1).flatten().double() * N
     return chi_square_p_value(observed, expected)
 
 
-def test_it_keeps_the_target_distribution_with_a_far_draft() -> None:
-    p_value = _p_value(rejection_sample)
+@pytest.mark.parametrize("one_hot", [False, True], ids=["far-draft-model", "certain-drafts"])
+def test_it_keeps_the_target_distribution_with_a_far_draft(one_hot: bool) -> None:
+    p_value = _p_value(rejection_sample, one_hot)
     assert p_value > P_VALUE_FLOOR, p_value
 
 
@@ -86,8 +92,9 @@ def _accept_without_ratio(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor
 
 
 @pytest.mark.parametrize("mutant", [_always_accept, _accept_without_ratio])
-def test_the_distribution_check_fails_a_wrong_sampler(mutant: Sampler) -> None:
-    assert _p_value(mutant) < P_VALUE_FLOOR
+@pytest.mark.parametrize("one_hot", [False, True], ids=["far-draft-model", "certain-drafts"])
+def test_the_distribution_check_fails_a_wrong_sampler(mutant: Sampler, one_hot: bool) -> None:
+    assert _p_value(mutant, one_hot) < P_VALUE_FLOOR
 
 
 def test_greedy_rows_accept_exactly_the_argmax() -> None:

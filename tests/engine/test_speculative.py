@@ -222,12 +222,12 @@ def test_a_bad_speculative_setting_is_refused(tiny_gpt2: Peer) -> None:
 
 
 # ---- the output distribution, end to end -------------------------------------------------------------
-TOP_K = 3
-SAMPLES = 6000
+TOP_K = 2
+SAMPLES = 1200
 
 
 def _exact_joint(peer: Peer, prompt: list[int]) -> dict[tuple[int, int, int], float]:
-    """Return the target's exact distribution of its first three tokens under top_k=3, temperature 1."""
+    """Return the target's exact distribution of its first three tokens under top_k, temperature 1."""
 
     def dist(logits: torch.Tensor) -> dict[int, float]:
         top = logits.topk(TOP_K)
@@ -242,18 +242,19 @@ def _exact_joint(peer: Peer, prompt: list[int]) -> dict[tuple[int, int, int], fl
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["far", "ngram"])
+@pytest.mark.parametrize("kind", ["far", "perfect"])
 def test_sampled_output_keeps_the_target_distribution(tiny_gpt2: Peer, far_draft: Peer, kind: str) -> None:
-    """6,000 seeded requests: tokens 2 and 3 come out of verification (2 drafts each), token 1 from prefill."""
+    """1,200 seeded requests (the sampler alone is checked on 40,000 draws): tokens 2 and 3 come out of verification (2 drafts each), token 1 from prefill."""
     prompt = [11, 12, 13, 11, 12, 13, 11, 12]
     joint = _exact_joint(tiny_gpt2, prompt)
     engine = engine_for(
         tiny_gpt2,
         speculative=_speculative(tiny_gpt2, far_draft)[kind],
         num_speculative_tokens=2,
+        speculative_max_batch=512,
         max_num_seqs=512,
         max_num_batched_tokens=8192,
-        num_blocks=1100,
+        num_blocks=600,
     )
     params = [
         SamplingParams(temperature=1.0, top_k=TOP_K, max_tokens=4, ignore_eos=True, seed=i)
