@@ -147,6 +147,9 @@ class LLMEngine:
         )
         self.proposer: Proposer | None = self._make_proposer(num_blocks)
         self.spec_table = load_batch_table(config.speculative_batch_table)
+        # Read at every step, like decode_steps: benchmarks vary them on one engine.
+        self.num_speculative_tokens = config.num_speculative_tokens
+        self.speculative_max_batch = config.speculative_max_batch
         # Totals since start: verification steps of a sequence with drafts, drafts, accepted drafts.
         self.spec_num_drafts = self.spec_num_draft_tokens = self.spec_num_accepted_tokens = 0
         self.requests: dict[str, Request] = {}
@@ -365,8 +368,13 @@ class LLMEngine:
         running = self.scheduler.running
         return (
             self.proposer is not None
-            and drafts_for_batch(self.config, self.spec_table, len(running)) > 0
+            and self._drafts_for(len(running)) > 0
             and any(s.params.speculative for s in running)
+        )
+
+    def _drafts_for(self, batch: int) -> int:
+        return drafts_for_batch(
+            self.num_speculative_tokens, self.speculative_max_batch, self.spec_table, batch
         )
 
     def _propose(self) -> None:
@@ -374,7 +382,7 @@ class LLMEngine:
         if self.proposer is None or not self._speculating():
             return
         running = self.scheduler.running
-        k = drafts_for_batch(self.config, self.spec_table, len(running))
+        k = self._drafts_for(len(running))
         bm = self.block_manager
         # Drafts take only blocks that no running sequence needs for its own next tokens.
         spare = bm.num_free_blocks - sum(bm.blocks_needed(s.num_tokens) - len(s.block_table) for s in running)

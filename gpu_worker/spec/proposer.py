@@ -11,7 +11,6 @@ from typing import Protocol
 
 import torch
 
-from gpu_worker.config import EngineConfig
 from gpu_worker.sequence import Sequence
 
 
@@ -47,12 +46,13 @@ def load_batch_table(path: str | None) -> list[tuple[int, int]] | None:
     return table
 
 
-def drafts_for_batch(config: EngineConfig, table: list[tuple[int, int]] | None, batch: int) -> int:
-    """Return how many drafts each sequence gets when `batch` sequences run (0: speculation off)."""
+def drafts_for_batch(k: int, max_batch: int, table: list[tuple[int, int]] | None, batch: int) -> int:
+    """Return how many drafts each sequence gets when `batch` sequences run (0: speculation off): the
+    table's entry for the largest size not above the batch, else k up to max_batch sequences."""
     if table is None:
-        return config.num_speculative_tokens if batch <= config.speculative_max_batch else 0
-    k = 0
+        return k if batch <= max_batch else 0
+    drafts = 0
     for size, tokens in table:
         if size <= batch:
-            k = tokens
-    return k
+            drafts = tokens
+    return drafts

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpu_worker.config import EngineConfig, SamplingParams
+from gpu_worker.config import SamplingParams
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.outputs import FinalOutput
 from gpu_worker.serving.protocol import sampling_params_from_dict, sampling_params_to_dict
@@ -180,9 +180,8 @@ def test_the_batch_size_table_turns_it_off(tiny_gpt2: Peer, tmp_path: Path) -> N
     table_path = tmp_path / "table.json"
     table_path.write_text(json.dumps({"1": 4, "2": 2, "3": 0}))
     table = load_batch_table(str(table_path))
-    config = EngineConfig(num_speculative_tokens=3, speculative_max_batch=8)
-    assert [drafts_for_batch(config, table, b) for b in (1, 2, 3, 50)] == [4, 2, 0, 0]
-    assert [drafts_for_batch(config, None, b) for b in (1, 8, 9)] == [3, 3, 0]
+    assert [drafts_for_batch(3, 8, table, b) for b in (1, 2, 3, 50)] == [4, 2, 0, 0]
+    assert [drafts_for_batch(3, 8, None, b) for b in (1, 8, 9)] == [3, 3, 0]
     engine = engine_for(tiny_gpt2, speculative="ngram", speculative_batch_table=str(table_path))
     expected = engine_for(tiny_gpt2).generate(PROMPTS, GREEDY)
     assert _tokens(engine.generate(PROMPTS, GREEDY)) == _tokens(expected)  # 4 running: never drafts
