@@ -2,12 +2,13 @@
 non-speculative Ruvon in the same run and engine (the baseline requests turn speculation off per request).
 
 Workloads: a chat question, summarising a given passage, editing given code (all through the model's chat
-template). Proposers: n-gram prompt lookup for each k; with --oracle-alpha, a labelled ORACLE proposer that
+template). Each speculative run is paired with a baseline run just before it. Proposers: n-gram prompt lookup for each k; with --oracle-alpha, a labelled ORACLE proposer that
 knows the greedy continuation (from the baseline run) and proposes the right token with probability alpha,
 for controlled acceptance (what verification costs and saves, not a real proposer). Greedy decoding, so every
 speculative run must reproduce the baseline token for token (checked, reported as `identical`).
 
 Run: .venv/bin/python bench/speculative.py [--model smollm2] [--k 2 4] [--streams 1 4] [--oracle-alpha 0.6 0.9]
+     [--draft <smaller model of the same tokenizer>]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import exit_if_at_floor, print_table, write_json  # noqa: E402
 from gpu_worker.config import EngineConfig, SamplingParams  # noqa: E402
 from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
+from gpu_worker.spec.draft_model import DraftModelProposer  # noqa: E402
 from gpu_worker.spec.ngram import NgramProposer  # noqa: E402
 from gpu_worker.spec.oracle import OracleProposer  # noqa: E402
 from gpu_worker.spec.proposer import Proposer  # noqa: E402
@@ -86,6 +88,19 @@ def run(engine: LLMEngine, prompts: list[str], params: SamplingParams) -> dict[s
     }
 
 
+def draft_proposer(engine: LLMEngine, spec: str) -> DraftModelProposer:
+    """Return a draft-model proposer for `spec` sized like the engine's own KV cache."""
+    return DraftModelProposer(
+        spec,
+        num_blocks=engine.block_manager.num_blocks,
+        block_size=engine.config.block_size,
+        dtype=engine.dtype,
+        device=engine.device,
+        target_vocab=engine.model_config.vocab_size,
+        max_model_len=engine.max_model_len,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2")
@@ -95,11 +110,13 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--oracle-alpha", type=float, nargs="*", default=[])
+    parser.add_argument("--draft", nargs="*", default=[], help="draft models (same tokenizer) to try too")
     args = parser.parse_args()
     engine = LLMEngine(
         EngineConfig(model=args.model, device=args.device, speculative="ngram", speculative_max_batch=1 << 20)
     )
     exit_if_at_floor(engine, "speculative")
+    drafts = {d: draft_proposer(engine, d) for d in args.draft}
     base_params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, speculative=False)
     spec_params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens)
     rows: list[dict[str, Any]] = []
@@ -111,6 +128,7 @@ def main() -> None:
             ids = [engine.tokenizer.encode(p) for p in prompts]
             continuations = {tuple(i): out for i, out in zip(ids, base["outputs"], strict=True)}
             proposers: list[tuple[str, Proposer]] = [("ngram", NgramProposer())]
+            proposers += [(f"draft:{d}", drafts[d]) for d in args.draft]
             vocab = engine.model_config.vocab_size
             proposers += [
                 (f"ORACLE alpha={a:g}", OracleProposer(continuations, a, vocab)) for a in args.oracle_alpha
@@ -119,6 +137,9 @@ def main() -> None:
                 engine.proposer = proposer
                 for k in args.k:
                     engine.num_speculative_tokens = k
+                    # Paired: a baseline run right before each speculative one, so drift on a shared
+                    # machine hits both; the speedup is of the pair.
+                    base = run(engine, prompts, base_params)
                     spec = run(engine, ids, spec_params)
                     rows.append(
                         {
