@@ -67,7 +67,7 @@ def prompts_for(engine: LLMEngine, names: list[str], streams: int) -> list[str]:
 
 
 def run(engine: LLMEngine, prompts: list[str], params: SamplingParams) -> dict[str, Any]:
-    before = engine.stats()
+    before, steps = engine.stats(), engine.num_steps
     started = time.perf_counter()
     outs = engine.generate(prompts, params)
     seconds = time.perf_counter() - started
@@ -81,6 +81,8 @@ def run(engine: LLMEngine, prompts: list[str], params: SamplingParams) -> dict[s
         "seconds": seconds,
         "tokens": tokens,
         "ms_per_token": 1000 * seconds / max(1, tokens),
+        # Target forwards per generated token: machine-independent (1.0 without speculation, at batch 1).
+        "steps_per_token": (engine.num_steps - steps) / max(1, tokens),
         "draft_tokens": drafted,
         "acceptance_rate": accepted / drafted if drafted else None,
         # Accepted drafts per verification of a sequence that had drafts (tokens per such step: this + 1).
@@ -150,6 +152,8 @@ def main() -> None:
                             "tokens": spec["tokens"],
                             "acceptance": spec["acceptance_rate"],
                             "mean_accepted": spec["mean_accepted_length"],
+                            "base_steps_tok": base["steps_per_token"],
+                            "spec_steps_tok": spec["steps_per_token"],
                             "base_ms_tok": base["ms_per_token"],
                             "spec_ms_tok": spec["ms_per_token"],
                             "speedup": base["seconds"] / spec["seconds"],
