@@ -113,9 +113,18 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--oracle-alpha", type=float, nargs="*", default=[])
     parser.add_argument("--draft", nargs="*", default=[], help="draft models (same tokenizer) to try too")
+    parser.add_argument(
+        "--num-blocks", type=int, default=None, help="KV blocks (set it with --draft on a GPU)"
+    )
     args = parser.parse_args()
     engine = LLMEngine(
-        EngineConfig(model=args.model, device=args.device, speculative="ngram", speculative_max_batch=1 << 20)
+        EngineConfig(
+            model=args.model,
+            device=args.device,
+            num_blocks=args.num_blocks,
+            speculative="ngram",
+            speculative_max_batch=1 << 20,
+        )
     )
     exit_if_at_floor(engine, "speculative")
     drafts = {d: draft_proposer(engine, d) for d in args.draft}
