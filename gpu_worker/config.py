@@ -62,6 +62,15 @@ class EngineConfig:
     # Queue the next decode launch before reading the last one back, so the host's bookkeeping overlaps the
     # device's work. None: on for CUDA, off on CPU (where it would only waste the lookahead's compute).
     async_decode: bool | None = None
+    # Speculative decoding (gpu_worker/spec/): "none", "ngram" (prompt lookup) or "draft:<model spec>" (a
+    # smaller model of the same tokenizer). Each decoding sequence gets up to num_speculative_tokens drafts,
+    # verified in the next scheduled step. Above speculative_max_batch running sequences it is off (drafts
+    # cost more than they save in a full batch); speculative_batch_table names a JSON file {"batch size": k}
+    # that overrides both (k of the largest size not above the batch; 0 turns it off).
+    speculative: str = "none"
+    num_speculative_tokens: int = 3
+    speculative_max_batch: int = 32
+    speculative_batch_table: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs of each generated token (0: chosen token only)
     prompt_logprobs: int | None = None  # likewise for the prompt tokens
+    speculative: bool = True  # False: this request never gets drafts, whatever the engine's setting
 
     def __post_init__(self) -> None:
         self.validate()
@@ -119,6 +129,7 @@ class SamplingParams:
             ),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty"),
             (len(self.stop) <= 4, "stop", "at most 4 stop sequences"),
+            (isinstance(self.speculative, bool), "speculative", "speculative must be true or false"),
         ]
         for ok, param, message in checks:
             if not ok:

@@ -49,6 +49,22 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model: str | None = No
         help="share cached prompt prefixes within a tenant (default) or across tenants",
     )
     group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    group.add_argument(
+        "--speculative",
+        default=env("RUVON_SPECULATIVE", "none"),
+        help="speculative decoding: none, ngram (prompt lookup) or draft:<model> (same tokenizer)",
+    )
+    group.add_argument(
+        "--num-speculative-tokens", type=int, default=3, help="draft tokens per sequence per step"
+    )
+    group.add_argument(
+        "--speculative-max-batch", type=int, default=32, help="no drafts above this many running sequences"
+    )
+    group.add_argument(
+        "--speculative-batch-table",
+        default=None,
+        help='JSON file {"<batch size>": k}: drafts per sequence by batch size (overrides the max batch)',
+    )
 
 
 def engine_config(options: Mapping[str, Any]) -> EngineConfig:

@@ -40,6 +40,10 @@ class RequestMetrics:
     num_cached_tokens: int = 0
     # This request's share of the measured step times it took part in (gpu_worker/engine/cost.py).
     device_seconds: float = 0.0
+    # Speculative decoding: verification steps that had drafts, drafts proposed, drafts accepted.
+    num_spec_steps: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 @dataclass(eq=False)
@@ -59,6 +63,10 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     finish_reported: bool = False  # the caller has been told this choice finished
+    # Draft tokens (speculative decoding) at the tail of token_ids, not yet verified, and their draft
+    # distributions q [num_drafts, V] (None: one-hot on the draft, as for n-gram proposals).
+    num_drafts: int = 0
+    draft_probs: torch.Tensor | None = None
     # Outputs not yet handed to the caller (deltas).
     pending_token_ids: list[int] = field(default_factory=list)
     pending_text: str = ""
@@ -79,6 +87,10 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.request.num_prompt_tokens :]
+
+    @property
+    def draft_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.token_ids) - self.num_drafts :] if self.num_drafts else []
 
     @property
     def num_uncomputed_tokens(self) -> int:

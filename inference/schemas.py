@@ -37,6 +37,9 @@ class SamplingFields(Schema):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = False
+    # Ruvon extension (the openai SDK sends it with extra_body): false turns speculative decoding off for
+    # this request.
+    speculative: bool | None = None
     user: str | None = None
     # vLLM's field: requests share cached prompt prefixes only with the same tenant *and* the same salt.
     cache_salt: str | None = Field(None, min_length=1, max_length=256)

@@ -118,6 +118,7 @@ def sampling_params(
         "presence_penalty": body.presence_penalty,
         "frequency_penalty": body.frequency_penalty,
         "ignore_eos": body.ignore_eos,
+        "speculative": body.speculative,
     }
     params = SamplingParams(
         **{name: value for name, value in values.items() if value is not None},

@@ -8,7 +8,8 @@ context length `L`, and samples a token if it caught up, did
 
 where F_token = 2 × the non-embedding weights (every token goes through every linear layer once),
 pairs(n, L) = the causal (query, key) pairs of its chunk, F_pair = 4 × layers × heads × head_dim (QKᵀ and
-PV for one pair in every layer), F_sample = 2 × hidden × vocab (the LM head, only on sampled rows). So a
+PV for one pair in every layer), F_sample = 2 × hidden × vocab (the LM head, only on sampled rows: k + 1
+of them for a sequence verifying k drafts). So a
 prefill token weighs about as much as a decode token in the linear layers, but a long context makes every
 token it computes dearer, and a prefill chunk that samples nothing skips the LM head. The shares of a step
 sum to 1, so the device seconds of all requests add up to the total measured step time.
@@ -43,14 +44,15 @@ class WorkModel:
             flops_per_sample=2.0 * hidden * config.vocab_size,
         )
 
-    def work(self, new_tokens: int, context_len: int, sampled: bool) -> float:
-        """Return the FLOPs of computing `new_tokens` tokens that end at `context_len` (and sampling one)."""
+    def work(self, new_tokens: int, context_len: int, sampled: bool | int) -> float:
+        """Return the FLOPs of computing `new_tokens` tokens that end at `context_len` (and sampling one, or
+        `sampled` rows: k + 1 when k drafts are verified)."""
         # Token i of the chunk (0-based) attends to context_len - new_tokens + i + 1 keys.
         pairs = new_tokens * context_len - new_tokens * (new_tokens - 1) / 2
         return (
             new_tokens * self.flops_per_token
             + pairs * self.flops_per_pair
-            + (self.flops_per_sample if sampled else 0.0)
+            + self.flops_per_sample * int(sampled)
         )
 
 
@@ -59,7 +61,7 @@ def step_shares(batch: ScheduledBatch, model: WorkModel) -> list[float]:
     works = []
     for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
         end = seq.num_computed_tokens + n
-        works.append(model.work(n, end, sampled=end == seq.num_tokens))
+        works.append(model.work(n, end, sampled=seq.num_drafts + 1 if end == seq.num_tokens else 0))
     total = sum(works)
     if total <= 0:
         return [1.0 / len(works)] * len(works) if works else []

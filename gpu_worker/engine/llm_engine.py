@@ -8,6 +8,12 @@ the host's per-token work runs while the device computes. A sequence that stops 
 a few tokens too many: they are dropped, and the blocks they were written to go back to the pool.
 
 An error that one request causes fails that request alone (_run_isolated), never the batch.
+
+Speculative decoding (config.speculative): before a scheduled step a proposer (gpu_worker/spec/) drafts up
+to k tokens for each decoding sequence; they are appended as ordinary tokens, the step computes logits at
+all k + 1 of its rows, the rejection sampler (runner/rejection_sampler.py) keeps an exact prefix of them
+plus one token from the target, and the scheduler takes the rest back. Decode launches are for
+non-speculative batches only.
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ from gpu_worker.engine.stats import StepObserver, StepStats
 from gpu_worker.errors import InvalidRequestError
 from gpu_worker.loading.loader import LoadedModel, load_model
 from gpu_worker.runner.kv_cache import blocks_from_memory
-from gpu_worker.runner.model_runner import DecodeLaunch, ModelRunner, StepResult
+from gpu_worker.runner.model_runner import DecodeLaunch, Logprob, ModelRunner, StepResult
 from gpu_worker.sequence import Request, RequestMetrics, ScheduledBatch, Sequence, TokenLogprob
+from gpu_worker.spec.proposer import Proposer, drafts_for_batch, load_batch_table
 from gpu_worker.tokenization.tokenizer import load_tokenizer
 
 __all__ = [
@@ -138,6 +145,13 @@ class LLMEngine:
             else min(config.cuda_graph_max_batch, config.max_num_seqs),
             launch_steps=config.decode_steps if self.chain_decodes else 0,
         )
+        self.proposer: Proposer | None = self._make_proposer(num_blocks)
+        self.spec_table = load_batch_table(config.speculative_batch_table)
+        # Read at every step, like decode_steps: benchmarks vary them on one engine.
+        self.num_speculative_tokens = config.num_speculative_tokens
+        self.speculative_max_batch = config.speculative_max_batch
+        # Totals since start: verification steps of a sequence with drafts, drafts, accepted drafts.
+        self.spec_num_drafts = self.spec_num_draft_tokens = self.spec_num_accepted_tokens = 0
         self.requests: dict[str, Request] = {}
         self.seq_ids = itertools.count()
         self.num_steps = 0
@@ -146,6 +160,31 @@ class LLMEngine:
         self._aborted: list[Request] = []  # aborted or failed since the last step, still owed a final output
         self._launch: DecodeLaunch | None = None  # decode launch queued on the device, not yet read back
         self._last_collect = 0.0  # perf_counter() when the last launch was read back
+
+    def _make_proposer(self, num_blocks: int) -> Proposer | None:
+        kind = self.config.speculative
+        if self.config.num_speculative_tokens < 0:
+            raise ValueError("num_speculative_tokens must be non-negative")
+        if kind == "none":
+            return None
+        if kind == "ngram":
+            from gpu_worker.spec.ngram import NgramProposer
+
+            return NgramProposer()
+        if kind.startswith("draft:") and len(kind) > len("draft:"):
+            from gpu_worker.spec.draft_model import DraftModelProposer
+
+            return DraftModelProposer(
+                kind.removeprefix("draft:"),
+                num_blocks=num_blocks,
+                block_size=self.config.block_size,
+                dtype=self.dtype,
+                device=self.device,
+                target_vocab=self.model_config.vocab_size,
+                max_model_len=self.max_model_len,
+                seed=self.config.seed,
+            )
+        raise ValueError(f"speculative must be none, ngram or draft:<model>, not {kind!r}")
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(
@@ -235,7 +274,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one step (scheduled, or a decode launch); return outputs of requests that progressed or ended."""
         touched: dict[str, Request] = {}
-        if self._launch is not None or (self.chain_decodes and self.scheduler.can_launch_decodes()):
+        launch = self.chain_decodes and self.scheduler.can_launch_decodes() and not self._speculating()
+        if self._launch is not None or launch:
             batch, step_seconds = self._launch_step(touched)
         else:
             batch, step_seconds = self._scheduled_step(touched)
@@ -250,6 +290,7 @@ class LLMEngine:
 
     def _scheduled_step(self, touched: dict[str, Request]) -> tuple[ScheduledBatch, float | None]:
         """One scheduler-built step (prefill chunks and decodes together); note progressed requests in touched."""
+        self._propose()
         batch = self.scheduler.schedule()
         if not batch:
             return batch, None
@@ -261,8 +302,11 @@ class LLMEngine:
         attribute_step(batch, step_seconds, self.work_model)  # before postprocess moves the sequences on
         ready = self.scheduler.postprocess(batch)
         self.outputs.record_prompt_logprobs(result)
-        for seq, token, lp in zip(ready, result.token_ids, result.logprobs, strict=True):
-            self.outputs.append_token(seq, token, lp)
+        for i, (seq, token, lp) in enumerate(zip(ready, result.token_ids, result.logprobs, strict=True)):
+            if seq.num_drafts:
+                self._accept(seq, result.num_accepted[i], token, [*result.draft_logprobs[i], lp])
+            else:
+                self.outputs.append_token(seq, token, lp)
             touched[seq.request.request_id] = seq.request
         for seq in batch.seqs:
             if seq.request.prompt_logprobs and not seq.request.prompt_logprobs_sent:
@@ -284,7 +328,7 @@ class LLMEngine:
         parts: dict[str, ScheduledBatch] = {}
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             parts.setdefault(seq.request.request_id, ScheduledBatch()).add(seq, n)
-        kept, merged = ScheduledBatch(), StepResult([], [], [])
+        kept, merged = ScheduledBatch(), StepResult([], [], [], [], [])
         for part in parts.values():
             try:
                 result = self.runner.run(part)
@@ -299,7 +343,74 @@ class LLMEngine:
             merged.token_ids += result.token_ids
             merged.logprobs += result.logprobs
             merged.prompt_logprobs += result.prompt_logprobs
+            merged.num_accepted += result.num_accepted or [0] * len(result.token_ids)
+            merged.draft_logprobs += result.draft_logprobs or [[] for _ in result.token_ids]
         return kept, merged
+
+    # ---- speculative decoding ------------------------------------------------------------------
+    def _speculating(self) -> bool:
+        """Whether the next step should draft: a proposer, drafts at this batch size, someone who wants them."""
+        running = self.scheduler.running
+        return (
+            self.proposer is not None
+            and self._drafts_for(len(running)) > 0
+            and any(s.params.speculative for s in running)
+        )
+
+    def _drafts_for(self, batch: int) -> int:
+        return drafts_for_batch(
+            self.num_speculative_tokens, self.speculative_max_batch, self.spec_table, batch
+        )
+
+    def _propose(self) -> None:
+        """Draft for every caught-up running sequence that wants it, within its token bound and free blocks."""
+        if self.proposer is None or not self._speculating():
+            return
+        running = self.scheduler.running
+        k = self._drafts_for(len(running))
+        bm = self.block_manager
+        # Drafts take only blocks that no running sequence needs for its own next tokens.
+        spare = bm.num_free_blocks - sum(bm.blocks_needed(s.num_tokens) - len(s.block_table) for s in running)
+        seqs, wanted = [], []
+        for seq in running:
+            if seq.num_drafts or seq.num_uncomputed_tokens != 1 or not seq.params.speculative:
+                continue
+            # Verification emits up to k + 1 tokens: the last must stay within max_tokens and the context.
+            n = min(k, seq.request.max_total_tokens - seq.num_tokens - 1)
+            extra = bm.blocks_needed(seq.num_tokens + n) - len(seq.block_table)
+            if n <= 0 or extra > spare:
+                continue
+            spare -= max(0, extra)
+            seqs.append(seq)
+            wanted.append(n)
+        if not seqs:
+            return
+        try:
+            proposals = self.proposer.propose(seqs, wanted)
+        except Exception:  # drafting is an optimisation: without drafts every request still decodes
+            log.exception("proposing drafts for %d sequences failed; this step runs without", len(seqs))
+            return
+        for seq, n, proposal in zip(seqs, wanted, proposals, strict=True):
+            if proposal.tokens:
+                tokens = proposal.tokens[:n]
+                probs = proposal.probs[: len(tokens)] if proposal.probs is not None else None
+                self.scheduler.add_drafts(seq, tokens, probs)
+
+    def _accept(self, seq: Sequence, num_accepted: int, token: int, logprobs: list[Logprob | None]) -> None:
+        """Apply a verified sequence's outcome: its accepted drafts and the target's token after them."""
+        drafted = seq.num_drafts
+        metrics = seq.request.metrics
+        metrics.num_spec_steps += 1
+        metrics.num_draft_tokens += drafted
+        metrics.num_accepted_tokens += num_accepted
+        self.spec_num_drafts += 1
+        self.spec_num_draft_tokens += drafted
+        self.spec_num_accepted_tokens += num_accepted
+        accepted = self.scheduler.take_drafts(seq, num_accepted)
+        tokens = [*accepted, token]
+        wants = seq.params.logprobs is not None
+        taken = self.outputs.append_tokens(seq, tokens, time.time(), logprobs if wants else ())
+        self.scheduler.advance(seq, taken)
 
     # ---- chained decode launches ---------------------------------------------------------------
     def _queue_launch(self, prev: DecodeLaunch | None) -> DecodeLaunch | None:
@@ -349,6 +460,8 @@ class LLMEngine:
         if out.finished:
             self.requests.pop(request.request_id, None)
             self.runner.release(request.seqs)
+            if self.proposer is not None:
+                self.proposer.release(request.seqs)
         return out
 
     # ---- conveniences --------------------------------------------------------------------------
@@ -371,6 +484,9 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=bm.num_prefix_queries,
             prefix_cache_hits=bm.num_prefix_hits,
+            spec_num_drafts=self.spec_num_drafts,
+            spec_num_draft_tokens=self.spec_num_draft_tokens,
+            spec_num_accepted_tokens=self.spec_num_accepted_tokens,
         )
 
     def stats(self) -> dict[str, float]:
@@ -386,6 +502,9 @@ class LLMEngine:
             "prefix_cache_queries": bm.num_prefix_queries,
             "prefix_cache_hits": bm.num_prefix_hits,
             "busy_seconds": self.busy_seconds,
+            "spec_num_drafts": self.spec_num_drafts,
+            "spec_num_draft_tokens": self.spec_num_draft_tokens,
+            "spec_num_accepted_tokens": self.spec_num_accepted_tokens,
         }
 
     def stream(self) -> Iterator[RequestOutput]:

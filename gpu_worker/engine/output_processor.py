@@ -37,12 +37,14 @@ class OutputProcessor:
     def add(self, seq: Sequence) -> None:
         self.texts[seq.seq_id] = _SeqText(self.tokenizer, seq.params.stop)
 
-    def append_tokens(self, seq: Sequence, tokens: Iterable[int], now: float) -> int:
+    def append_tokens(
+        self, seq: Sequence, tokens: Iterable[int], now: float, logprobs: Seq[Logprob | None] = ()
+    ) -> int:
         """Append tokens until one ends the sequence; return how many were taken."""
         taken = 0
         for token in tokens:
+            self.append_token(seq, token, logprobs[taken] if logprobs else None, now)
             taken += 1
-            self.append_token(seq, token, None, now)
             if seq.is_finished:
                 break
         return taken

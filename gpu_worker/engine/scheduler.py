@@ -8,6 +8,12 @@ recomputed. Waiting sequences are admitted by weighted fair share across tenants
 When every running sequence decodes and nothing waits, the scheduler plans decode launches instead
 (schedule_launch): several tokens per sequence computed on the device in one go, their KV slots allocated
 ahead (lookahead slots). Tokens a sequence does not keep are taken back with rollback().
+
+Speculative decoding's drafts are ordinary tokens here: add_drafts() appends k of them to a caught-up
+sequence, so the next schedule() gives it k + 1 tokens; take_drafts() then takes back the rejected ones and
+hands over the accepted ones. Drafts are never committed to the prefix cache, never split across steps (a
+sequence that cannot get all of them this step, or whose blocks run short, drops them) and never survive a
+preemption.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from gpu_worker.errors import CapacityError
 from gpu_worker.sequence import Request, ScheduledBatch, Sequence, SequenceStatus
 
 if TYPE_CHECKING:
+    import torch
+
     from gpu_worker.runner.model_runner import DecodeLaunch
 
 
@@ -122,6 +130,11 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if seq.num_drafts and (
+                seq.num_uncomputed_tokens > budget
+                or not self.block_manager.can_allocate(seq, seq.num_uncomputed_tokens)
+            ):
+                self.drop_drafts(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.block_manager.can_allocate(seq, n):
                 preempted = True
@@ -177,6 +190,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks and queue it first in line to be recomputed."""
+        self.drop_drafts(seq)
         self.running.remove(seq)
         self.block_manager.free_seq(seq)
         self.num_preemptions += 1
@@ -187,7 +201,8 @@ class Scheduler:
         ready: list[Sequence] = []
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             seq.num_computed_tokens += n
-            self.block_manager.commit(seq)
+            if not seq.num_drafts:  # drafts are committed once accepted (take_drafts, then advance)
+                self.block_manager.commit(seq)
             if seq.num_uncomputed_tokens == 0:
                 ready.append(seq)
                 if seq.seq_id in self.held and seq.num_computed_tokens >= seq.num_prompt_tokens:
@@ -215,6 +230,35 @@ class Scheduler:
         del seq.token_ids[keep:]
         seq.num_computed_tokens = min(seq.num_computed_tokens, keep - 1)
         self.block_manager.trim(seq)
+
+    # ---- drafts (speculative decoding) ----------------------------------------------------------
+    def add_drafts(self, seq: Sequence, tokens: list[int], probs: torch.Tensor | None = None) -> None:
+        """Append draft tokens (and their draft distributions) to a caught-up running sequence."""
+        if seq.num_drafts or seq.num_uncomputed_tokens != 1 or seq.status is not SequenceStatus.RUNNING:
+            raise RuntimeError("add_drafts() on a sequence that is not caught up: engine bug")
+        if seq.num_tokens + len(tokens) >= seq.request.max_total_tokens:
+            raise RuntimeError("drafts past the request's token bound: engine bug")
+        seq.token_ids.extend(tokens)
+        seq.num_drafts = len(tokens)
+        seq.draft_probs = probs
+
+    def drop_drafts(self, seq: Sequence) -> None:
+        """Take back all of a sequence's drafts unverified."""
+        if seq.num_drafts:
+            k, seq.num_drafts, seq.draft_probs = seq.num_drafts, 0, None
+            self.rollback(seq, k)
+
+    def take_drafts(self, seq: Sequence, num_accepted: int) -> list[int]:
+        """After verification: take back the rejected drafts (and their blocks) and return the accepted ones,
+        which leave token_ids too; the caller appends them again through output processing, with the token
+        verification sampled after them, then advance()s past those it appended (their KV is cached)."""
+        k, seq.num_drafts, seq.draft_probs = seq.num_drafts, 0, None
+        self.rollback(seq, k - num_accepted)
+        keep = seq.num_tokens - num_accepted
+        accepted = seq.token_ids[keep:]
+        del seq.token_ids[keep:]
+        seq.num_computed_tokens = min(seq.num_computed_tokens, keep - 1)
+        return accepted
 
     # ---- decode launches -----------------------------------------------------------------------
     def can_launch_decodes(self) -> bool:

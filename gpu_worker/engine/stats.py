@@ -21,6 +21,10 @@ class StepStats:
     num_preemptions: int  # totals since the engine started
     prefix_cache_queries: int
     prefix_cache_hits: int
+    # Speculative decoding totals: verifications of a sequence with drafts, drafts, accepted drafts.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
 
 class StepObserver(Protocol):

@@ -22,7 +22,8 @@ class InputBatch:
 
     def metadata(self, seqs: list[Sequence], rows_per_seq: list[int] | None = None) -> SamplingMetadata:
         """Return the sampling metadata of `seqs`, rows_per_seq[i] consecutive rows for sequence i (one each
-        by default). Rows of one sequence share its params and its generator."""
+        by default). Rows of one sequence share its params and its generator; with r > 1 rows the last r - 1
+        tokens are drafts under verification."""
         counts = rows_per_seq or [1] * len(seqs)
         columns = [self._slot(seq) for seq in seqs]
         self._flush()
@@ -31,7 +32,18 @@ class InputBatch:
         rows = [seq for seq, r in zip(seqs, counts, strict=True) for _ in range(r)]
         params = [s.params for s in rows]
         any_penalty = any(p.presence_penalty or p.frequency_penalty for p in params)
-        output_ids = [s.output_token_ids for s in rows] if any_penalty else []
+        # Row j of a sequence's r rows scores the position before its last r - 1 - j tokens (drafts being
+        # verified), so its penalties count only the output before that position.
+        output_ids = (
+            [
+                out[: len(out) - (r - 1 - j)]
+                for seq, r in zip(seqs, counts, strict=True)
+                for out in [seq.output_token_ids]
+                for j in range(r)
+            ]
+            if any_penalty
+            else []
+        )
         return from_table(table, params, [s.generator for s in rows], output_ids, self.vocab_size)
 
     def release(self, seq: Sequence) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,8 +17,11 @@ from gpu_worker.models.base import CausalLM
 from gpu_worker.runner.cuda_graphs import DecodeGraphs
 from gpu_worker.runner.input_batch import InputBatch
 from gpu_worker.runner.kv_cache import allocate_kv_cache
-from gpu_worker.runner.sampler import needs_processing, sample, top_logprobs
+from gpu_worker.runner.rejection_sampler import first_rejections, rejection_sample, target_probs
+from gpu_worker.runner.sampler import apply_penalties_and_bias, needs_processing, sample, top_logprobs
 from gpu_worker.sequence import ScheduledBatch, Sequence
+
+Logprob = tuple[float, list[tuple[int, float]]]  # (chosen logprob, [(token id, logprob), ...])
 
 
 @dataclass
@@ -26,10 +29,14 @@ class StepResult:
     """Host-side results of one step, for the sequences that produced a new token."""
 
     token_ids: list[int]
-    # Per sampled row: (chosen logprob, [(token id, logprob), ...]) when its request asked for logprobs.
-    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+    # Per sampled sequence: (chosen logprob, [(token id, logprob), ...]) when its request asked for logprobs.
+    logprobs: list[Logprob | None]
     # Per prompt-logprob row: (seq, first prompt position, [(chosen lp, top list)]).
-    prompt_logprobs: list[tuple[Sequence, int, list[tuple[float, list[tuple[int, float]]]]]]
+    prompt_logprobs: list[tuple[Sequence, int, list[Logprob]]]
+    # Per sampled sequence, when the step verified drafts: how many of its drafts were accepted (they come
+    # before token_ids[i]) and their target logprobs. Empty when no sequence of the step had drafts.
+    num_accepted: list[int] = field(default_factory=list)
+    draft_logprobs: list[list[Logprob | None]] = field(default_factory=list)
 
 
 @dataclass
@@ -39,6 +46,7 @@ class FlatBatch:
     metadata: AttentionMetadata
     sample_rows: torch.Tensor  # [S] index into T of each sequence's last token, for caught-up seqs
     sample_seqs: list[Sequence]
+    rows_per_seq: list[int]  # [S] sampled rows of each sample_seqs entry: its drafts + 1
     prompt_rows: list[tuple[Sequence, int, int, int]]  # (seq, flat start, first position, count)
 
 
@@ -135,6 +143,7 @@ class ModelRunner:
         context_lens: list[int] = []
         sample_rows: list[int] = []
         sample_seqs: list[Sequence] = []
+        rows_per_seq: list[int] = []
         prompt_rows: list[tuple[Sequence, int, int, int]] = []
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             begin, end = seq.num_computed_tokens, seq.num_computed_tokens + n
@@ -148,8 +157,14 @@ class ModelRunner:
             starts.append(len(ids))
             context_lens.append(end)
             if end == seq.num_tokens:
-                sample_rows.append(len(ids) - 1)
+                # A sequence with k drafts is scored at its last k + 1 rows (the scheduler schedules them
+                # together); any other caught-up sequence at its last row.
+                rows = seq.num_drafts + 1
+                if n < rows:
+                    raise RuntimeError("drafts scheduled apart from their verification: scheduler bug")
+                sample_rows.extend(range(len(ids) - rows, len(ids)))
                 sample_seqs.append(seq)
+                rows_per_seq.append(rows)
             wants = seq.params.prompt_logprobs is not None and seq.index == 0
             if wants and begin < seq.num_prompt_tokens - 1 and not seq.request.prompt_logprobs_sent:
                 # Row r predicts token r+1; prompt logprobs cover prompt tokens 1..P-1.
@@ -175,6 +190,7 @@ class ModelRunner:
             ),
             sample_rows=views[5],
             sample_seqs=sample_seqs,
+            rows_per_seq=rows_per_seq,
             prompt_rows=prompt_rows,
         )
 
@@ -265,6 +281,15 @@ class ModelRunner:
         return [col[:v] for col, v in zip(columns, launch.valid, strict=True)]
 
     @torch.inference_mode()
+    def last_logits(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Run the batch (every sequence caught up by it) and return float32 logits at each one's last row
+        [S, V], without sampling: a draft model's proposer draws from them itself."""
+        flat = self.prepare(batch)
+        with self.model.context.use(flat.metadata):
+            hidden = self.model(flat.input_ids, flat.positions)
+        return self.model.compute_logits(hidden[flat.sample_rows])
+
+    @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
         flat = self.prepare(batch)
         seqs = flat.sample_seqs
@@ -279,7 +304,10 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[flat.sample_rows]) if seqs else None
         parts: list[torch.Tensor] = []
         k = max((s.params.logprobs or 0 for s in seqs), default=0)
-        if seqs and logits is not None:  # [S, V]
+        verify = len(flat.sample_rows) > len(seqs)
+        if verify and logits is not None:  # [R, V], k + 1 rows per sequence with k drafts
+            parts += self._verify(logits, flat, k)
+        elif seqs and logits is not None:  # [S, V]
             processed = needs_processing([s.params for s in seqs])
             next_ids = sample(logits, self.input_batch.metadata(seqs) if processed else None)  # [S]
             parts.append(next_ids.double())
@@ -290,7 +318,80 @@ class ModelRunner:
         parts += prompt_parts
         # The step's one host sync.
         host = parts[0].tolist() if len(parts) == 1 else torch.cat(parts).tolist() if parts else []
+        if verify:
+            return self._unpack_verified(host, flat, k, bool(prompt_parts))
         return self._unpack(host, flat, k, bool(prompt_parts))
+
+    def _verify(self, logits: torch.Tensor, flat: FlatBatch, k: int) -> list[torch.Tensor]:
+        """Run the rejection sampler over every sampled row; return the parts to read back: each row's
+        emitted token if it is reached, whether its draft was accepted, and (when asked) target logprobs."""
+        seqs, counts = flat.sample_seqs, flat.rows_per_seq
+        meta = self.input_batch.metadata(seqs, counts)
+        drafts = [t for seq in seqs for t in [*seq.draft_token_ids, -1]]
+        draft_t = torch.tensor(drafts, dtype=torch.int64).to(self.device)
+        if meta.all_greedy:  # p is one-hot on the argmax: a draft passes iff it is the argmax
+            recovered = apply_penalties_and_bias(logits, meta).argmax(dim=-1)
+            accepted = draft_t == recovered
+        else:
+            p = target_probs(logits, meta)  # [R, V]
+            accepted, recovered = rejection_sample(
+                p, self._draft_probs(p, seqs, counts, draft_t), draft_t, meta.generators
+            )
+        chosen = torch.where(accepted, draft_t, recovered)  # each row's token, up to its first rejection
+        parts = [chosen.double(), accepted.double()]
+        if any(s.params.logprobs is not None for s in seqs):
+            chosen_lp, top_lp, top_ids = top_logprobs(logits, chosen, k)
+            parts += [chosen_lp.double(), top_lp.double().flatten(), top_ids.double().flatten()]
+        return parts
+
+    def _draft_probs(
+        self, p: torch.Tensor, seqs: list[Sequence], counts: list[int], drafts: torch.Tensor
+    ) -> torch.Tensor:
+        """Return q [R, V]: each draft row's draft distribution (one-hot when the proposer gave none), zero
+        on rows without a draft."""
+        q = torch.zeros_like(p)
+        one_hot: list[int] = []
+        row = 0
+        for seq, r in zip(seqs, counts, strict=True):
+            if r > 1 and seq.draft_probs is None:
+                one_hot += range(row, row + r - 1)
+            elif r > 1 and seq.draft_probs is not None:
+                width = min(seq.draft_probs.shape[1], p.shape[1])
+                q[row : row + r - 1, :width] = seq.draft_probs[:, :width].to(q.dtype)
+            row += r
+        if one_hot:
+            hot = torch.tensor(one_hot, dtype=torch.int64).to(self.device)
+            q[hot, drafts[hot]] = 1.0
+        return q
+
+    def _unpack_verified(self, host: list[float], flat: FlatBatch, k: int, has_prompt: bool) -> StepResult:
+        seqs, counts = flat.sample_seqs, flat.rows_per_seq
+        rows = sum(counts)
+        chosen = [int(x) for x in host[:rows]]
+        accepted = [x > 0 for x in host[rows : 2 * rows]]
+        pos = 2 * rows
+        row_lps: list[Logprob | None] = [None] * rows
+        if any(s.params.logprobs is not None for s in seqs):
+            lp, top_lp = host[pos : pos + rows], host[pos + rows : pos + rows * (1 + k)]
+            top_ids = host[pos + rows * (1 + k) : pos + rows * (1 + 2 * k)]
+            pos += rows * (1 + 2 * k)
+            start = 0
+            for seq, r in zip(seqs, counts, strict=True):
+                n = seq.params.logprobs
+                if n is not None:
+                    for i in range(start, start + r):
+                        row_lps[i] = (lp[i], [(int(top_ids[i * k + j]), top_lp[i * k + j]) for j in range(n)])
+                start += r
+        num_accepted = first_rejections(accepted, counts)
+        result = StepResult([], [], [], num_accepted=num_accepted)
+        start = 0
+        for r, n in zip(counts, num_accepted, strict=True):
+            result.token_ids.append(chosen[start + n])
+            result.logprobs.append(row_lps[start + n])
+            result.draft_logprobs.append(row_lps[start : start + n])
+            start += r
+        result.prompt_logprobs = _unpack_prompt_logprobs(host[pos:], flat) if has_prompt else []
+        return result
 
     def _prompt_logprob_parts(self, hidden: torch.Tensor, flat: FlatBatch) -> list[torch.Tensor]:
         parts: list[torch.Tensor] = []
@@ -320,13 +421,26 @@ class ModelRunner:
                     n = seq.params.logprobs
                     top = [(int(top_ids[i * k + j]), top_lp[i * k + j]) for j in range(n)]
                     logprobs[i] = (chosen[i], top)
-        prompt: list[tuple[Sequence, int, list[tuple[float, list[tuple[int, float]]]]]] = []
-        for seq, _start, first, count in flat.prompt_rows if has_prompt else []:
-            k_p = seq.params.prompt_logprobs or 0
-            chosen, top_lp, top_ids = take(count), take(count * k_p), take(count * k_p)
-            rows = [
-                (chosen[r], [(int(top_ids[r * k_p + j]), top_lp[r * k_p + j]) for j in range(k_p)])
-                for r in range(count)
-            ]
-            prompt.append((seq, first, rows))
+        prompt = _unpack_prompt_logprobs(host[pos:], flat) if has_prompt else []
         return StepResult(token_ids=token_ids, logprobs=logprobs, prompt_logprobs=prompt)
+
+
+def _unpack_prompt_logprobs(host: list[float], flat: FlatBatch) -> list[tuple[Sequence, int, list[Logprob]]]:
+    """Return the prompt-logprob rows of a step from the tail of its host read-back."""
+    pos = 0
+
+    def take(n: int) -> list[float]:
+        nonlocal pos
+        pos += n
+        return host[pos - n : pos]
+
+    prompt: list[tuple[Sequence, int, list[Logprob]]] = []
+    for seq, _start, first, count in flat.prompt_rows:
+        k_p = seq.params.prompt_logprobs or 0
+        chosen, top_lp, top_ids = take(count), take(count * k_p), take(count * k_p)
+        rows = [
+            (chosen[r], [(int(top_ids[r * k_p + j]), top_lp[r * k_p + j]) for j in range(k_p)])
+            for r in range(count)
+        ]
+        prompt.append((seq, first, rows))
+    return prompt

@@ -36,6 +36,8 @@ class SamplingMetadata:
     # (row, token, bias) of every logit_bias entry, and each row's output so far when any_penalty.
     bias: list[tuple[int, int, float]] = field(default_factory=list)
     output_ids: list[list[int]] = field(default_factory=list)
+    # The largest top_k of any row (the vocab size when some row has none): truncation looks no further.
+    max_top_k: int = 0
 
     @classmethod
     def build(
@@ -92,6 +94,7 @@ def from_table(
             (i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items() if 0 <= t < vocab_size
         ],
         output_ids=output_ids if any_penalty else [],
+        max_top_k=max((min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params), default=0),
     )
 
 
@@ -116,8 +119,12 @@ def apply_penalties_and_bias(logits: torch.Tensor, t: SamplingMetadata) -> torch
 
 def truncate(logits: torch.Tensor, t: SamplingMetadata) -> torch.Tensor:
     """Return logits with everything outside each row's top-k, top-p nucleus and min-p floor set to -inf."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V]
-    ranks = torch.arange(logits.shape[1], device=logits.device)
+    width = t.max_top_k if 0 < t.max_top_k < logits.shape[1] else logits.shape[1]
+    if width < logits.shape[1]:  # every row keeps at most `width` tokens: no need to sort the rest
+        sorted_logits, order = logits.topk(width, dim=-1)  # [R, width], descending
+    else:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V]
+    ranks = torch.arange(width, device=logits.device)
     drop = ranks[None, :] >= t.top_k[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)

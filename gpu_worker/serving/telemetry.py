@@ -65,7 +65,9 @@ class Telemetry:
         self.tokens = TokenRate()
         self._last_token_at: dict[str, float] = {}  # request id -> when it last produced tokens
         self._prefilled: set[str] = set()  # requests whose first token (and prompt) has been counted
-        self._seen = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0}
+        self._seen = dict.fromkeys(
+            ("preemptions", "prefix_queries", "prefix_hits", "drafts", "draft_tokens", "accepted"), 0
+        )
         self._define_metrics()
 
     # ---- definitions ---------------------------------------------------------------------------
@@ -113,6 +115,12 @@ class Telemetry:
         self.preemptions = c("num_preemptions", "Sequences preempted (their KV cache freed and recomputed).")
         self.prefix_queries = c("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = c("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.spec_drafts = c(
+            "spec_decode_num_drafts",
+            "Verifications of a sequence that had draft tokens (speculative decoding).",
+        )
+        self.spec_draft_tokens = c("spec_decode_num_draft_tokens", "Draft tokens proposed and verified.")
+        self.spec_accepted = c("spec_decode_num_accepted_tokens", "Draft tokens the target accepted.")
         self.running = g("num_requests_running", "Sequences in the running batch.")
         self.waiting = g("num_requests_waiting", "Sequences waiting to be scheduled.")
         self.kv_usage = g("kv_cache_usage_perc", "Fraction of KV-cache blocks held by live sequences (0..1).")
@@ -199,6 +207,9 @@ class Telemetry:
             ("preemptions", self.preemptions, stats.num_preemptions),
             ("prefix_queries", self.prefix_queries, stats.prefix_cache_queries),
             ("prefix_hits", self.prefix_hits, stats.prefix_cache_hits),
+            ("drafts", self.spec_drafts, stats.spec_num_drafts),
+            ("draft_tokens", self.spec_draft_tokens, stats.spec_num_draft_tokens),
+            ("accepted", self.spec_accepted, stats.spec_num_accepted_tokens),
         ):
             counter.inc(max(0, total - self._seen[key]))
             self._seen[key] = total

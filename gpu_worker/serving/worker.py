@@ -344,6 +344,9 @@ class Worker:
             "tokens_per_s": (st.completion_tokens - n) / decode_s if tpot and decode_s > 0 else None,
             # This request's share of the engine's measured step time (gpu_worker/engine/cost.py).
             "device_s": metrics.device_seconds if metrics else 0.0,
+            # Speculative decoding: draft tokens verified for this request, and how many were accepted.
+            "draft_tokens": metrics.num_draft_tokens if metrics else 0,
+            "accepted_draft_tokens": metrics.num_accepted_tokens if metrics else 0,
         }
 
     def _finish_error(

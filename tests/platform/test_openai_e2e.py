@@ -192,3 +192,19 @@ def test_it_cancels_when_the_client_goes_away(sdk: openai.OpenAI, tiny_server: L
     row = tiny_server.usage_of(request_id)
     assert row["status"] == "cancelled"
     assert row["completion_tokens"] < 120
+
+
+def test_it_takes_the_speculative_switch_from_extra_body(sdk: openai.OpenAI, tiny_server: LiveServer) -> None:
+    """`"speculative": false` turns speculative decoding off for one request; the answer is the same."""
+    args: dict[str, Any] = {
+        "model": "tiny",
+        "prompt": "The quick brown fox",
+        "max_tokens": 6,
+        "temperature": 0,
+    }
+    on = sdk.completions.create(**args)
+    raw = sdk.completions.with_raw_response.create(**args, extra_body={"speculative": False})
+    assert raw.parse().choices[0].text == on.choices[0].text
+    assert tiny_server.usage_of(raw.headers["x-request-id"])["status"] == "completed"
+    with pytest.raises(openai.APIStatusError):
+        sdk.completions.create(**args, extra_body={"speculative": "sometimes"})

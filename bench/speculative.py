@@ -1,0 +1,190 @@
+"""Speculative decoding on real prompts: acceptance, mean accepted length, ms/token and speedup against
+non-speculative Ruvon in the same run and engine (the baseline requests turn speculation off per request).
+
+Workloads: a chat question, summarising a given passage, editing given code (all through the model's chat
+template). Each speculative run is paired with a baseline run just before it. Proposers: n-gram prompt lookup for each k; with --oracle-alpha, a labelled ORACLE proposer that
+knows the greedy continuation (from the baseline run) and proposes the right token with probability alpha,
+for controlled acceptance (what verification costs and saves, not a real proposer). Greedy decoding, so every
+speculative run must reproduce the baseline token for token (checked, reported as `identical`).
+
+Run: .venv/bin/python bench/speculative.py [--model smollm2] [--k 2 4] [--streams 1 4] [--oracle-alpha 0.6 0.9]
+     [--draft <smaller model of the same tokenizer>]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import exit_if_at_floor, print_table, write_json  # noqa: E402
+from gpu_worker.config import EngineConfig, SamplingParams  # noqa: E402
+from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
+from gpu_worker.spec.draft_model import DraftModelProposer  # noqa: E402
+from gpu_worker.spec.ngram import NgramProposer  # noqa: E402
+from gpu_worker.spec.oracle import OracleProposer  # noqa: E402
+from gpu_worker.spec.proposer import Proposer  # noqa: E402
+
+PASSAGE = (
+    "The paged KV cache splits each sequence's keys and values into fixed-size blocks, so memory is "
+    "allocated on demand instead of reserved for the longest possible output. A block table maps each "
+    "sequence's logical blocks to physical ones, which lets sequences that share a prompt prefix share "
+    "its blocks. Continuous batching then adds and removes sequences from the running batch at every "
+    "step, so a finished request frees its blocks at once and a waiting one can start."
+)
+CODE = """def total_price(items):
+    total = 0
+    for item in items:
+        total = total + item["price"] * item["quantity"]
+    return total
+
+
+def cheapest(items):
+    best = None
+    for item in items:
+        if best is None or item["price"] < best["price"]:
+            best = item
+    return best
+"""
+WORKLOADS = {
+    "chat": "What are three good habits for writing maintainable Python code? Answer briefly.",
+    "summarise": f"Summarise this passage in two sentences, reusing its wording:\n\n{PASSAGE}",
+    "edit_code": f"Rename the variable `total` to `subtotal` in this code and return the whole code:\n\n{CODE}",
+}
+
+
+def prompts_for(engine: LLMEngine, names: list[str], streams: int) -> list[str]:
+    """Return `streams` chat-formatted prompts of each workload."""
+    return [
+        engine.tokenizer.apply_chat_template([{"role": "user", "content": WORKLOADS[name]}])
+        for name in names
+        for _ in range(streams)
+    ]
+
+
+def run(engine: LLMEngine, prompts: list[str], params: SamplingParams) -> dict[str, Any]:
+    before, steps = engine.stats(), engine.num_steps
+    started = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    seconds = time.perf_counter() - started
+    after = engine.stats()
+    tokens = sum(len(o.token_ids[0]) for o in outs)
+    verifications = after["spec_num_drafts"] - before["spec_num_drafts"]
+    drafted = after["spec_num_draft_tokens"] - before["spec_num_draft_tokens"]
+    accepted = after["spec_num_accepted_tokens"] - before["spec_num_accepted_tokens"]
+    return {
+        "outputs": [o.token_ids[0] for o in outs],
+        "seconds": seconds,
+        "tokens": tokens,
+        "ms_per_token": 1000 * seconds / max(1, tokens),
+        # Target forwards per generated token: machine-independent (1.0 without speculation, at batch 1).
+        "steps_per_token": (engine.num_steps - steps) / max(1, tokens),
+        "draft_tokens": drafted,
+        "acceptance_rate": accepted / drafted if drafted else None,
+        # Accepted drafts per verification of a sequence that had drafts (tokens per such step: this + 1).
+        "mean_accepted_length": accepted / verifications if verifications else None,
+    }
+
+
+def draft_proposer(engine: LLMEngine, spec: str) -> DraftModelProposer:
+    """Return a draft-model proposer for `spec` sized like the engine's own KV cache."""
+    return DraftModelProposer(
+        spec,
+        num_blocks=engine.block_manager.num_blocks,
+        block_size=engine.config.block_size,
+        dtype=engine.dtype,
+        device=engine.device,
+        target_vocab=engine.model_config.vocab_size,
+        max_model_len=engine.max_model_len,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--k", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--streams", type=int, nargs="+", default=[1])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--oracle-alpha", type=float, nargs="*", default=[])
+    parser.add_argument("--draft", nargs="*", default=[], help="draft models (same tokenizer) to try too")
+    parser.add_argument(
+        "--num-blocks", type=int, default=None, help="KV blocks (set it with --draft on a GPU)"
+    )
+    args = parser.parse_args()
+    engine = LLMEngine(
+        EngineConfig(
+            model=args.model,
+            device=args.device,
+            num_blocks=args.num_blocks,
+            speculative="ngram",
+            speculative_max_batch=1 << 20,
+        )
+    )
+    exit_if_at_floor(engine, "speculative")
+    drafts = {d: draft_proposer(engine, d) for d in args.draft}
+    base_params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, speculative=False)
+    spec_params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens)
+    rows: list[dict[str, Any]] = []
+    for streams in args.streams:
+        for name in args.workloads:
+            prompts = prompts_for(engine, [name], streams)
+            run(engine, prompts[:1], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
+            base = run(engine, prompts, base_params)
+            ids = [engine.tokenizer.encode(p) for p in prompts]
+            continuations = {tuple(i): out for i, out in zip(ids, base["outputs"], strict=True)}
+            proposers: list[tuple[str, Proposer]] = [("ngram", NgramProposer())]
+            proposers += [(f"draft:{d}", drafts[d]) for d in args.draft]
+            vocab = engine.model_config.vocab_size
+            proposers += [
+                (f"ORACLE alpha={a:g}", OracleProposer(continuations, a, vocab)) for a in args.oracle_alpha
+            ]
+            for label, proposer in proposers:
+                engine.proposer = proposer
+                for k in args.k:
+                    engine.num_speculative_tokens = k
+                    # Paired: a baseline run right before each speculative one, so drift on a shared
+                    # machine hits both; the speedup is of the pair.
+                    base = run(engine, prompts, base_params)
+                    spec = run(engine, ids, spec_params)
+                    rows.append(
+                        {
+                            "workload": name,
+                            "streams": streams,
+                            "proposer": label,
+                            "k": k,
+                            "tokens": spec["tokens"],
+                            "acceptance": spec["acceptance_rate"],
+                            "mean_accepted": spec["mean_accepted_length"],
+                            "base_steps_tok": base["steps_per_token"],
+                            "spec_steps_tok": spec["steps_per_token"],
+                            "base_ms_tok": base["ms_per_token"],
+                            "spec_ms_tok": spec["ms_per_token"],
+                            "speedup": base["seconds"] / spec["seconds"],
+                            "identical": spec["outputs"] == base["outputs"],
+                        }
+                    )
+                    print_table(rows[-1:])
+    print_table(rows)
+    path = write_json(
+        "speculative",
+        {
+            "model": engine.model_name,
+            "label": engine.label,
+            "device": args.device,
+            "args": vars(args),
+            "rows": rows,
+        },
+    )
+    print(f"wrote {path}")
+    if not all(r["identical"] for r in rows):
+        sys.exit("a speculative run's greedy output differs from the baseline's")
+
+
+if __name__ == "__main__":
+    main()
