@@ -6,7 +6,7 @@ layers take the tensors one by one (CausalLM.load_weight).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -42,6 +42,7 @@ __all__ = [
     "load_model",
     "pull",
     "random_hf_config",
+    "requantize",
     "resolve_spec",
 ]
 
@@ -221,17 +222,36 @@ def _load_random(
     shape, seed = _parse_random_spec(spec, seed)
     config = _random_shape(shape)
     label = f"{shape} (RANDOM weights, seed {seed}{_quantized(scheme, 'at load')})"
-    if scheme is None:
-        model, _ = _empty_model(config, dtype, device, None)
-        _fill_random(model, seed)
-    else:
-        # The same random weights as unquantised, drawn on the CPU, then quantised into the device's layers.
-        full, _ = _empty_model(config, dtype, "cpu", None)
-        _fill_random(full, seed)
-        model, _ = _empty_model(config, dtype, device, scheme)
-        with torch.no_grad():
-            load_quantized_from(model, full)
+    # Quantised: the same random weights as unquantised, drawn on the CPU, then quantised into the device's layers.
+    model, _ = _empty_model(config, dtype, "cpu" if scheme else device, None)
+    _fill_random(model, seed)
+    if scheme is not None:
+        model = _quantized_copy(model, config, dtype, device, scheme)
     return LoadedModel(model, config, f"random:{shape}", label, True, "random", None)
+
+
+def requantize(loaded: LoadedModel, quantization: str) -> LoadedModel:
+    """Return `loaded` with its projections quantised from its full-precision weights, labelled so.
+
+    For comparisons such as int8 / int4 g128 from a GGUF's dequantised Q4_1 weights, which load_model
+    refuses (quantising quantised weights again compounds their error: bench/quant_accuracy.py measures it).
+    """
+    scheme = parse_scheme(quantization)
+    if scheme is None:
+        return loaded
+    param = next(loaded.model.parameters())
+    model = _quantized_copy(loaded.model, loaded.config, param.dtype, param.device, scheme)
+    label = f"{loaded.label.removesuffix(')')}, then {scheme.describe()} from those weights)"
+    return replace(loaded, model=model, label=label)
+
+
+def _quantized_copy(
+    full: CausalLM, config: ModelConfig, dtype: torch.dtype, device: str | torch.device, scheme: QuantScheme
+) -> CausalLM:
+    model, _ = _empty_model(config, dtype, device, scheme)
+    with torch.no_grad():
+        load_quantized_from(model, full)
+    return model
 
 
 def _fill_random(model: CausalLM, seed: int) -> None:
