@@ -126,3 +126,26 @@ def test_it_offers_the_kernels_in_the_backends() -> None:
     assert cuda.int8_linear is int8_linear and cuda.int4_linear is int4_linear
     assert cuda.int4_pack is pack_int4_ref  # the layout the Triton kernel reads
     assert cpu_backend().int4_pack is pack_int4_cpu
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_split_k_sums_slices_then_applies_bias_and_gelu(split_k: int, gelu: bool) -> None:
+    x, q, scales, mins, bias = _int4_case(3, 20, 256, 32, seed=11)
+    qweight, qscales = pack_int4_ref(q, scales, mins)
+    ref = int4_linear_ref(x, qweight, qscales, bias, gelu)
+    _close(int4_gemv(x, qweight, qscales, bias, gelu, split_k=split_k), ref)
+    x8, q8, s8, b8 = (t.cpu() for t in _int8_case(2, 12, 200, 1, seed=12))  # K slices 128 + 72
+    _close(int8_gemv(x8, q8, s8, b8, gelu, split_k=split_k), int8_linear_ref(x8, q8, s8, b8, gelu))
+    g8 = torch.rand(12, 8) / 1000  # Q8_0 groups: slices of whole groups
+    x8 = torch.randn(2, 256)
+    q8 = torch.randint(-127, 128, (12, 256), dtype=torch.int8)
+    _close(int8_gemv(x8, q8, g8, None, False, split_k=split_k), int8_linear_ref(x8, q8, g8))
+
+
+def test_split_k_is_chosen_where_n_is_small_and_k_large() -> None:
+    from kernels.quant_linear import MIN_PROGRAMS, _split_k
+
+    assert _split_k(n_programs=MIN_PROGRAMS, steps=200) == 1  # enough programs already
+    assert _split_k(n_programs=MIN_PROGRAMS // 4, steps=200) == 4  # GPT-2 XL's down projection, say
+    assert _split_k(n_programs=1, steps=8) == 1  # too few steps to slice
