@@ -5,7 +5,7 @@ The text is the Python Language Reference's topic pages that ship with CPython (
 stdlib of the interpreter running this): English prose with code samples. Perplexity is over consecutive
 non-overlapping windows of --window tokens (each window predicts its tokens 1..W-1).
 
-Run: .venv/bin/python bench/quant_accuracy.py [--tokens 50000] [--window 1024] [--skip-random]
+Run: .venv/bin/python bench/quant_accuracy.py [--tokens 50000] [--window 1024] [--skip-random] [--rows ...]
 """
 
 from __future__ import annotations
@@ -31,14 +31,16 @@ from gpu_worker.models import CausalLM  # noqa: E402
 from gpu_worker.runner.kv_cache import forward_dense  # noqa: E402
 from gpu_worker.tokenization.tokenizer import Tokenizer  # noqa: E402
 
-# (row name, how it is built): load_model's scheme straight from the GGUF, or requantize() of the fp32 model.
-SMOLLM2_ROWS = [
-    ("fp32 (dequantised Q4_1)", "none", "direct"),
-    ("int8 per-channel", "int8", "requantised"),
-    ("int4 g128", "int4-g128", "requantised"),
-    ("int4 g32", "int4-g32", "requantised"),
-    ("int4 g32 = Q4_1 as shipped", "int4-g32", "direct"),
-]
+# key -> (row name, scheme, how it is built): load_model's scheme straight from the GGUF, or requantize() of the
+# fp32 model. SmolLM2's width 576 is 4.5 x 128, so g128 cannot apply to its q/k/v/o/gate/up projections;
+# g64 is the largest power-of-two group that divides every layer.
+SMOLLM2_ROWS = {
+    "fp32": ("fp32 (dequantised Q4_1)", "none", "direct"),
+    "int8": ("int8 per-channel", "int8", "requantised"),
+    "int4-g64": ("int4 g64", "int4-g64", "requantised"),
+    "int4-g32": ("int4 g32", "int4-g32", "requantised"),
+    "q4_1": ("int4 g32 = Q4_1 as shipped", "int4-g32", "direct"),
+}
 
 
 def english_text() -> tuple[str, str]:
@@ -67,14 +69,14 @@ def perplexity(model: CausalLM, ids: list[int], window: int) -> tuple[float, int
     return math.exp(nll / count), count
 
 
-def smollm2_table(tokens: int, window: int) -> tuple[list[dict], dict]:
+def smollm2_table(tokens: int, window: int, keys: list[str]) -> tuple[list[dict], dict]:
     text, source = english_text()
     tokenizer = Tokenizer.from_gguf(smollm2_gguf_path())
     ids = tokenizer.encode(text)[:tokens]
     print(f"text: {source}; {len(ids):,} tokens used of it, windows of {window}")
     base = load_model("smollm2")
     rows: list[dict] = []
-    for name, scheme, how in SMOLLM2_ROWS:
+    for name, scheme, how in [SMOLLM2_ROWS[key] for key in ["fp32", *(k for k in keys if k != "fp32")]]:
         loaded: LoadedModel = (
             (base if scheme == "none" else load_model("smollm2", quantization=scheme))
             if how == "direct"
@@ -140,6 +142,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-random", action="store_true")
     parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument(
+        "--rows", nargs="+", choices=list(SMOLLM2_ROWS), default=list(SMOLLM2_ROWS), help="fp32 always runs"
+    )
     args = parser.parse_args()
     payload: dict = {}
     if not args.skip_random:
@@ -147,7 +152,7 @@ def main() -> None:
         print_table([random_row])
         payload["random_gpt2"] = random_row
     if not args.skip_smollm2:
-        rows, meta = smollm2_table(args.tokens, args.window)
+        rows, meta = smollm2_table(args.tokens, args.window, args.rows)
         print(f"\nSmolLM2-135M-Instruct perplexity, CPU ({torch.get_num_threads()} threads); {meta['text']}")
         print_table(rows)
         payload["smollm2"] = {**meta, "rows": rows}
