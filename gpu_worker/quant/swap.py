@@ -7,7 +7,7 @@ from torch import nn
 from gpu_worker.errors import ModelLoadError
 from gpu_worker.layers.linear import Linear
 from gpu_worker.quant.layers import Int4Linear, Int8Linear, QuantLinear
-from gpu_worker.quant.schemes import QuantScheme
+from gpu_worker.quant.schemes import INT4_GROUPS, QuantScheme
 
 LM_HEAD = "lm_head"
 
@@ -50,9 +50,10 @@ def _check(targets: list[tuple[str, Linear]], scheme: QuantScheme) -> None:
     group = scheme.group_size
     bad = [f"{name} (in_features {m.in_features})" for name, m in targets if group and m.in_features % group]
     if bad:
+        fits = [f"int4-g{g}" for g in INT4_GROUPS if all(m.in_features % g == 0 for _, m in targets)]
         raise ModelLoadError(
             f"{scheme.describe()}: group size {group} does not divide the input width of {', '.join(bad[:3])}; "
-            "choose a group size that divides it (int4-g32 / -g64 / -g128) or --quantization int8"
+            f"use --quantization {' or '.join([*fits, 'int8'])}"
         )
     if scheme.bits == 4:
         multiple = targets[0][1].context.backend.int4_n_multiple if targets else 1
