@@ -22,39 +22,18 @@ def quantize_int8(
     return q.view(n, k), scales
 
 
-# Shrinks of a group's [min, max] tried by quantize_int4: clipping a few outliers often buys a finer grid for
-# the rest; each group keeps the shrink with the least squared error (1.0, plain min-max, is always tried).
-INT4_SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
-
-
 def quantize_int4(
     weight: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return (q uint8 [N, K] in 0..15, scales, mins [N, K // G]) with weight ~ q * scale + min per group:
-    the group's range [min, max], shrunk by whichever of INT4_SHRINKS fits it best, in 15 equal steps."""
+    the group's range [min, max] in 15 equal steps (min and max themselves exact up to rounding)."""
     n, k = weight.shape
-    w = weight.float().reshape(n, k // group_size, group_size)
+    w = weight.float().view(n, k // group_size, group_size)
     low, high = w.amin(dim=-1), w.amax(dim=-1)
-    best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-    best_err = torch.full_like(low, float("inf"))
-    for shrink in INT4_SHRINKS:
-        scales = ((high - low) * shrink / 15).clamp(min=_TINY).to(dtype).float()
-        mins = (low * shrink).to(dtype).float()
-        q = torch.round((w - mins[..., None]) / scales[..., None]).clamp(0, 15)
-        err = (q * scales[..., None] + mins[..., None] - w).pow(2).sum(dim=-1)  # [N, K // G]
-        if best is None:
-            best = (q, scales, mins)
-        else:
-            better = err < best_err
-            best = (
-                torch.where(better[..., None], q, best[0]),
-                torch.where(better, scales, best[1]),
-                torch.where(better, mins, best[2]),
-            )
-        best_err = torch.minimum(best_err, err)
-    assert best is not None
-    q, scales, mins = best
-    return q.to(torch.uint8).view(n, k), scales, mins
+    scales = ((high - low) / 15).clamp(min=_TINY).to(dtype).float()
+    mins = low.to(dtype).float()
+    q = torch.round((w - mins[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.view(n, k), scales, mins
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
