@@ -1,7 +1,8 @@
 """Paged attention on a GPU: the Triton kernels vs the torch reference vs torch SDPA on dense gathered K/V;
-and the small-M linear kernel vs cuBLAS (F.linear) on GPT-2's decode GEMMs.
+the small-M linear kernel vs cuBLAS (F.linear) on GPT-2's decode GEMMs; and the weight-only int8 / int4 GEMVs
+(kernels/quant_linear.py) on the same shapes vs cuBLAS fp16.
 
-Run on a GPU: python bench/kernels_bench.py [--quick] [--linear-only] [--shape gpt2 --shape gpt2-xl] [--out results.json]
+Run on a GPU: python bench/kernels_bench.py [--quick] [--linear-only] [--quant-only] [--shape gpt2 --shape gpt2-xl] [--out results.json]
 Times are medians of triton.testing.do_bench (CUDA events, L2 flushed before every call). `graph` times
 replay the call captured in a CUDA graph, as the engine's decode does: device time without Python's
 launch cost. `eager` times include it; `host` is the Python-side cost of one call. Bandwidth is the K/V
@@ -33,7 +34,13 @@ from kernels.linear import DEFAULT_TILING as LINEAR_TILING  # noqa: E402
 from kernels.linear import Tiling as LinearTiling  # noqa: E402
 from kernels.linear import small_m_linear  # noqa: E402
 from kernels.paged_attention import DEFAULT_TILING, Tiling, paged_attention  # noqa: E402
-from kernels.reference import paged_attention_ref  # noqa: E402
+from kernels.quant_linear import int4_gemv, int8_gemv  # noqa: E402
+from kernels.reference import (  # noqa: E402
+    int4_linear_ref,
+    int8_linear_ref,
+    pack_int4_ref,
+    paged_attention_ref,
+)
 
 HEAD_CONFIGS = {"gpt2": (12, 64), "gpt2-xl": (25, 64)}  # (heads, head_dim); both multi-head, Hkv = H
 BATCHES = (1, 64, 512)
@@ -65,6 +72,8 @@ LINEAR_SWEEP = [
 ]
 LINEAR_SWEEP_CASES = (("gpt2-xl", 4800, 1600, 1), ("gpt2-xl", 1600, 6400, 1), ("gpt2-xl", 4800, 1600, 4))
 LINEAR_FIELDS = ("min_programs", "tile", "num_warps")
+QUANT_SCHEMES = ("int8", "int4-g128", "int4-g64", "int4-g32")
+QUANT_ROWS = (1, 4, 16)
 LINEAR_CHAIN_BYTES = 256 * 2**20  # weight copies per timed graph: several times the H200's 60 MB L2
 
 
@@ -261,6 +270,79 @@ def linear_row(model: str, n: int, k: int, m: int) -> dict[str, Any]:
     return row | {"err_x1e4": error * 1e4}
 
 
+class QuantCase:
+    """A W8A16 / W4A16 decode GEMV: fp16 x [M, K] against packed weights (kernels/reference.py's layouts),
+    enough copies that a graph of one call per copy streams them from HBM; fp16 cuBLAS on the same shape."""
+
+    def __init__(self, n: int, k: int, m: int, scheme: str) -> None:
+        self.x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
+        self.bias = torch.randn(n, device=DEVICE, dtype=torch.float16)
+        self.gelu = n == 4 * k
+        if scheme == "int8":
+            self.kernel, self.ref = int8_gemv, int8_linear_ref
+            make = lambda: (  # noqa: E731
+                torch.randint(-127, 128, (n, k), device=DEVICE, dtype=torch.int8),
+                (torch.rand(n, 1, device=DEVICE) / (127 * k**0.5)).half(),
+            )
+        else:
+            group = int(scheme.removeprefix("int4-g"))
+            self.kernel, self.ref = int4_gemv, int4_linear_ref
+
+            def make() -> tuple[torch.Tensor, torch.Tensor]:
+                q = torch.randint(0, 16, (n, k), device=DEVICE, dtype=torch.uint8)
+                scales = torch.rand(n, k // group, device=DEVICE) / (8 * k**0.5)
+                return pack_int4_ref(q, scales.half(), (-8 * scales).half())
+
+        first = make()
+        self.packed_bytes = sum(t.numel() * t.element_size() for t in first)
+        copies = max(2, -(-LINEAR_CHAIN_BYTES // self.packed_bytes))
+        self.weights = [first] + [make() for _ in range(copies - 1)]
+        self.fp16 = [
+            torch.randn(n, k, device=DEVICE, dtype=torch.float16)
+            for _ in range(max(2, -(-LINEAR_CHAIN_BYTES // (n * k * 2))))
+        ]
+
+    def triton(self) -> None:
+        for qweight, scales in self.weights:
+            self.kernel(self.x, qweight, scales, self.bias, self.gelu)
+
+    def cublas(self) -> None:
+        for weight in self.fp16:
+            out = F.linear(self.x, weight, self.bias)
+            if self.gelu:
+                F.gelu(out, approximate="tanh")
+
+    def error(self) -> float:
+        """Return the kernel's relative L2 error against its torch reference in fp32."""
+        qweight, scales = self.weights[0]
+        out = self.kernel(self.x, qweight, scales, self.bias, self.gelu).float()
+        ref = self.ref(self.x.float(), qweight, scales.float(), self.bias.float(), self.gelu)
+        return ((out - ref).norm() / ref.norm()).item()
+
+
+def quant_rows(models: list[str]) -> list[dict[str, Any]]:
+    """Return one row per (model, layer shape, scheme, M): GEMV graph time, packed bytes / time, vs fp16."""
+    rows = []
+    for model in models:
+        for (n, k), scheme, m in itertools.product(LINEAR_SHAPES[model], QUANT_SCHEMES, QUANT_ROWS):
+            if scheme.startswith("int4-g") and k % int(scheme.removeprefix("int4-g")):
+                continue  # e.g. GPT-2 XL's K = 1600 is 12.5 groups of 128: the loader refuses it too
+            case = QuantCase(n, k, m, scheme)
+            error = case.error()
+            if not error < 1e-2:
+                print(f"MISMATCH {scheme} {model} {n}x{k} M={m}: relative error {error:.2e}", flush=True)
+            us = graph_us(case.triton) / len(case.weights)
+            fp16_us = graph_us(case.cublas) / len(case.fp16)
+            rows.append(
+                {
+                    "model": model, "N": n, "K": k, "M": m, "scheme": scheme, "triton_us": us,
+                    "GB_s": case.packed_bytes / us / 1e3, "cublas_fp16_us": fp16_us,
+                    "speedup_vs_fp16": fp16_us / us, "err_x1e4": error * 1e4,
+                }
+            )  # fmt: skip
+    return rows
+
+
 def linear_rows(models: list[str]) -> list[dict[str, Any]]:
     """Return one row per (model, layer shape, M)."""
     cases = [(model, n, k) for model in models for n, k in LINEAR_SHAPES[model]]
@@ -286,6 +368,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="skip the tiling sweep")
     parser.add_argument("--linear-only", action="store_true", help="run only the small-M linear sections")
+    parser.add_argument("--quant-only", action="store_true", help="run only the int8 / int4 GEMV section")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--shape", action="append", choices=sorted(HEAD_CONFIGS), help="default: all")
     args = parser.parse_args()
@@ -304,16 +387,25 @@ def main() -> None:
         sections.append(("prefill", lambda: [prefill_row(*case) for case in PREFILL_CASES]))
     if not args.quick:
         sections.append(("sweep", sweep_rows))
-    if args.linear_only:
+    if args.linear_only or args.quant_only:
         sections = []
-    sections.append(("linear", lambda: linear_rows(models)))
-    if not args.quick:
-        sections.append(("linear_sweep", linear_sweep_rows))
+    if not args.quant_only:
+        sections.append(("linear", lambda: linear_rows(models)))
+        if not args.quick:
+            sections.append(("linear_sweep", linear_sweep_rows))
+    sections.append(("quant_linear", lambda: quant_rows(models)))
     for name, run in sections:
         payload[name] = run()
         path = write_json("kernels_bench", payload)
         if args.out:
             args.out.write_text(path.read_text())
+    print(
+        "\nWeight-only int8 / int4 GEMVs vs cuBLAS fp16 (graph time per call; GB/s of packed weight + scales):"
+    )
+    print_table(payload["quant_linear"])
+    if args.quant_only:
+        print(f"\nwrote {path}")
+        return
     if not args.linear_only:
         print("\nTiling sweep (graph times; * = default):" + (" skipped" if args.quick else ""))
         print_table(payload.get("sweep", []))

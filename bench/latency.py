@@ -2,6 +2,7 @@
 
 Workload: one 128-token prompt, 256 new tokens, greedy, EOS ignored.
 Run on a GPU: python bench/latency.py --shape gpt2 --shape gpt2-xl --decode-steps 1 --decode-steps 8
+Quantised (Ruvon's projections only; the peer stays fp16): add --quantization int8 or int4 (g128).
 
 Each of several shapes runs in its own process; a shape whose engine got the floor KV cache is refused.
 --skip-hf leaves the peer out (for Ruvon-vs-Ruvon comparisons, bench/all.py --no-peer).
@@ -33,6 +34,7 @@ from bench.common import (  # noqa: E402
 from bench.peers import same_weights, weight_bytes  # noqa: E402
 from gpu_worker.config import SamplingParams  # noqa: E402
 from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
+from gpu_worker.quant import SCHEMES  # noqa: E402
 
 
 def ruvon_ms_per_token(
@@ -89,7 +91,7 @@ def measure(
     if not args.skip_hf:
         hf_ms_per_token(hf, prompt, 8)
         h_ttft, h_tpot, h_tokens = hf_ms_per_token(hf, prompt, args.new_tokens)
-    roofline = weight_bytes(hf) / args.bandwidth * 1e3
+    roofline = weight_bytes(engine.loaded.model, buffers=True) / args.bandwidth * 1e3  # Ruvon's bytes
     rows: list[dict[str, object]] = []
     for steps in args.decode_steps or [engine.decode_steps]:
         engine.decode_steps = steps
@@ -102,6 +104,7 @@ def measure(
         rows.append(
             {
                 "shape": shape,
+                "quantization": args.quantization,
                 "decode_steps": steps,
                 "ruvon_ms_tok": r_tpot,
                 "hf_ms_tok": h_tpot,
@@ -119,7 +122,11 @@ def one_shape(shape: str, args: argparse.Namespace) -> list[dict[str, object]]:
     """Measure one shape in this process, each row tagged with the run's machine and commit."""
     info = run_info(args.device)  # before the engine: the copy's buffers are freed again
     hf, engine = same_weights(
-        shape, getattr(torch, args.dtype), args.device, num_blocks=args.num_blocks or None
+        shape,
+        getattr(torch, args.dtype),
+        args.device,
+        num_blocks=args.num_blocks or None,
+        quantization=args.quantization,
     )
     refused = floor_refusal(engine, f"latency {shape}")
     rows = [{"shape": shape, "refused": refused}] if refused else measure(hf, engine, shape, args)
@@ -138,6 +145,12 @@ def main() -> None:
     parser.add_argument("--num-blocks", type=int, default=256, help="KV blocks (0: size from free memory)")
     parser.add_argument(
         "--bandwidth", type=float, default=4.2e12, help="measured HBM bytes/s for the roofline"
+    )
+    parser.add_argument(
+        "--quantization",
+        choices=SCHEMES,
+        default="none",
+        help="Ruvon's weight-only scheme (the peer stays fp)",
     )
     parser.add_argument("--skip-hf", action="store_true", help="do not run the HF peer")
     add_decode_steps_argument(parser)

@@ -30,11 +30,12 @@ def same_weights(
     return hf, engine
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Return the bytes one full read of the model's parameters moves (tied weights counted once)."""
+def weight_bytes(model: torch.nn.Module, buffers: bool = False) -> int:
+    """Return the bytes one full read of the model's parameters moves (tied weights counted once); with
+    `buffers`, its buffers too (a quantised Ruvon model keeps its packed weights there; KV caches are not)."""
     seen: set[int] = set()
     total = 0
-    for p in model.parameters():
+    for p in [*model.parameters(), *(model.buffers() if buffers else [])]:
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()

@@ -34,6 +34,7 @@ from bench.common import (  # noqa: E402
 from bench.peers import same_weights, weight_bytes  # noqa: E402
 from gpu_worker.config import SamplingParams  # noqa: E402
 from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
+from gpu_worker.quant import SCHEMES  # noqa: E402
 
 
 def hf_generate_batch(model: transformers.PreTrainedModel, prompts: list[list[int]], new_tokens: int) -> int:
@@ -50,13 +51,17 @@ def hf_generate_batch(model: transformers.PreTrainedModel, prompts: list[list[in
 
 
 def bytes_moved(
-    model: transformers.PreTrainedModel, prompts: list[list[int]], args: argparse.Namespace
+    model: transformers.PreTrainedModel,
+    ruvon_weight_bytes: int,
+    prompts: list[list[int]],
+    args: argparse.Namespace,
 ) -> float:
-    """Return the bytes the decode phase must read at least: weights once per step, each token's KV per step."""
+    """Return the bytes the decode phase must read at least: Ruvon's weights (packed, when quantised) once per
+    step, each token's KV per step."""
     cfg = model.config
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.hidden_size * model.dtype.itemsize
     waves = -(-len(prompts) // args.max_num_seqs)
-    weights = waves * args.new_tokens * weight_bytes(model)
+    weights = waves * args.new_tokens * ruvon_weight_bytes
     kv = sum(kv_per_token * (len(p) + t) for p in prompts for t in range(args.new_tokens))
     return weights + kv
 
@@ -92,6 +97,7 @@ def measure(
         r_tokens = sum(len(o.token_ids[0]) for o in outs)
         row: dict[str, object] = {
             "shape": shape,
+            "quantization": args.quantization,
             "decode_steps": steps,
             "ruvon_tok_s": r_tokens / r_s,
             "ruvon_s": r_s,
@@ -99,7 +105,8 @@ def measure(
         }
         if isinstance(peer.get("hf_tok_s"), float):
             row["speedup"] = (r_tokens / r_s) / peer["hf_tok_s"]  # type: ignore[operator]
-        row["roofline_tok_s"] = r_tokens / (bytes_moved(hf, prompts, args) / args.bandwidth)
+        moved = bytes_moved(hf, weight_bytes(engine.loaded.model, buffers=True), prompts, args)
+        row["roofline_tok_s"] = r_tokens / (moved / args.bandwidth)
         rows.append(row)
     return rows
 
@@ -115,6 +122,7 @@ def one_shape(shape: str, args: argparse.Namespace) -> list[dict[str, object]]:
         attn="paged|sdpa",
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        quantization=args.quantization,
     )
     refused = floor_refusal(engine, f"throughput {shape}")
     rows = [{"shape": shape, "refused": refused}] if refused else measure(hf, engine, shape, prompts, args)
@@ -130,6 +138,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_workload_arguments(parser)
     parser.add_argument("--bandwidth", type=float, default=4.2e12)
+    parser.add_argument(
+        "--quantization",
+        choices=SCHEMES,
+        default="none",
+        help="Ruvon's weight-only scheme (the peer stays fp)",
+    )
     parser.add_argument("--skip-hf", action="store_true")
     add_decode_steps_argument(parser)
     args = parser.parse_args()

@@ -41,6 +41,8 @@ class EngineConfig:
     dtype: str = "auto"  # auto: float32 on CPU, float16 on CUDA
     device: str = "auto"  # auto: cuda when available, else cpu
     seed: int = 0
+    # Weight-only quantisation of the projections (gpu_worker.quant.SCHEMES): none, int8, int4 (g128), int4-g32...
+    quantization: str = "none"
     block_size: int = 16
     num_blocks: int | None = None  # None: sized from gpu_memory_utilization (CUDA) or cpu_kv_cache_gib
     gpu_memory_utilization: float = 0.90

@@ -11,6 +11,7 @@ from dataclasses import fields
 from typing import Any
 
 from gpu_worker.config import EngineConfig
+from gpu_worker.quant.schemes import SCHEMES
 
 _FIELDS = {f.name for f in fields(EngineConfig)}
 
@@ -27,6 +28,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model: str | None = No
     group.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     group.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), or a name")
     group.add_argument("--seed", type=int, default=0, help="seed of random:<shape> weights")
+    group.add_argument(
+        "--quantization",
+        choices=SCHEMES,
+        default=env("RUVON_QUANTIZATION", "none"),
+        help="weight-only quantisation of the projections: int8 (W8A16 per channel), int4 (W4A16 group 128), "
+        "int4-g32/-g64/-g128; a GGUF's Q8_0 / Q4_0 / Q4_1 weights load as they are under int8 / int4-g32",
+    )
     group.add_argument(
         "--num-blocks",
         type=int,

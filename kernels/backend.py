@@ -10,7 +10,10 @@ import torch
 from kernels.reference import (
     add_layer_norm_ref,
     add_rms_norm_ref,
+    int4_linear_ref,
+    int8_linear_ref,
     linear_ref,
+    pack_int4_ref,
     paged_attention_ref,
     store_kv_ref,
 )
@@ -20,7 +23,9 @@ from kernels.reference import (
 class KernelBackend:
     """The kernels layers call: the two cache operations, the fused residual-add + norms, and linear layers.
 
-    The default fields are the torch references; cuda_backend() fills in the Triton kernels.
+    The default fields are the torch references; cuda_backend() fills in the Triton kernels, cpu_backend()
+    torch's packed int8/int4 CPU matmuls. int4_pack and int4_linear go together (int4_pack's layout is the
+    one int4_linear reads), so a model is quantised under the backend it runs with.
     """
 
     store_kv: Callable[..., None] = store_kv_ref
@@ -28,6 +33,11 @@ class KernelBackend:
     add_layer_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = add_layer_norm_ref
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = add_rms_norm_ref
     linear: Callable[..., torch.Tensor] = linear_ref  # (x, weight, bias=None, gelu=False)
+    int8_linear: Callable[..., torch.Tensor] = int8_linear_ref  # (x, qweight, scales, bias=None, gelu=False)
+    # (q [N, K] values 0..15, scales, mins [N, K // G]) -> (qweight, qscales) in int4_linear's layout
+    int4_pack: Callable[..., tuple[torch.Tensor, torch.Tensor]] = pack_int4_ref
+    int4_linear: Callable[..., torch.Tensor] = int4_linear_ref  # (x, qweight, qscales, bias=None, gelu=False)
+    int4_n_multiple: int = 1  # int4_pack needs the output rows N to be a multiple of this
 
 
 def cuda_backend() -> KernelBackend:
@@ -36,6 +46,7 @@ def cuda_backend() -> KernelBackend:
     from kernels.linear import linear
     from kernels.norm import add_layer_norm, add_rms_norm
     from kernels.paged_attention import paged_attention
+    from kernels.quant_linear import int4_linear, int8_linear
     from kernels.store_kv import store_kv
 
     return KernelBackend(
@@ -44,9 +55,23 @@ def cuda_backend() -> KernelBackend:
         add_layer_norm=add_layer_norm,
         add_rms_norm=add_rms_norm,
         linear=linear,
+        int8_linear=int8_linear,
+        int4_linear=int4_linear,  # reads pack_int4_ref's layout
+    )
+
+
+def cpu_backend() -> KernelBackend:
+    """Return the references, with torch's own packed int8/int4 CPU matmuls for quantised layers."""
+    from kernels.quant_cpu import INT4_CPU_N_MULTIPLE, int4_linear_cpu, int8_linear_cpu, pack_int4_cpu
+
+    return KernelBackend(
+        int8_linear=int8_linear_cpu,
+        int4_pack=pack_int4_cpu,
+        int4_linear=int4_linear_cpu,
+        int4_n_multiple=INT4_CPU_N_MULTIPLE,
     )
 
 
 def backend_for(device: torch.device) -> KernelBackend:
-    """Return the Triton backend on CUDA devices, the torch references elsewhere."""
-    return cuda_backend() if device.type == "cuda" else KernelBackend()
+    """Return the Triton backend on CUDA devices, the CPU one (torch references) elsewhere."""
+    return cuda_backend() if device.type == "cuda" else cpu_backend()

@@ -6,6 +6,8 @@ A token's slot is block_id * block_size + offset; slot -1 means "do not store".
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -130,3 +132,81 @@ def add_rms_norm_ref(
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return x, weight * x32.to(x.dtype)
+
+
+# Weight-only quantised linears (W8A16, W4A16). Layouts, shared by these references and the Triton kernels:
+#   int8: qweight int8 [N, K]; scales [N, K // G] (G = K: one scale per output channel); w = q * scale.
+#   int4: qweight uint8 [N, K // 2], byte j of a row holds k = 2j (low nibble) and k = 2j + 1 (high);
+#         qscales [N, K // G, 2] = (scale, min) per group of G along K; w = q * scale + min, q in 0..15.
+_DEQUANT_ROWS = 1024  # rows dequantised at a time: a layer's full-precision copy never exists whole
+
+
+def pack_int4_ref(
+    q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (qweight, qscales) in the references' int4 layout from values q [N, K] (0..15) and [N, K // G]
+    scales and mins."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4), torch.stack([scales, mins], dim=-1)
+
+
+def unpack_int4_ref(qweight: torch.Tensor) -> torch.Tensor:
+    """Return the values [N, K] (uint8, 0..15) of a reference-layout int4 qweight [N, K // 2]."""
+    return torch.stack([qweight & 0xF, qweight >> 4], dim=-1).flatten(1)
+
+
+def _chunked_linear(
+    x: torch.Tensor,
+    rows: int,
+    dequant: Callable[[int, int], torch.Tensor],
+    bias: torch.Tensor | None,
+    gelu: bool,
+) -> torch.Tensor:
+    # Output columns in blocks of _DEQUANT_ROWS weight rows, each dequantised just before its matmul.
+    out = torch.cat(
+        [
+            F.linear(x, dequant(r, min(r + _DEQUANT_ROWS, rows)).to(x.dtype))
+            for r in range(0, rows, _DEQUANT_ROWS)
+        ],
+        dim=-1,
+    )
+    if bias is not None:
+        out = out + bias
+    return F.gelu(out, approximate="tanh") if gelu else out
+
+
+def int8_linear_ref(
+    x: torch.Tensor,  # [T, K]
+    qweight: torch.Tensor,  # [N, K] int8
+    scales: torch.Tensor,  # [N, K // G]
+    bias: torch.Tensor | None = None,  # [N]
+    gelu: bool = False,
+) -> torch.Tensor:
+    """Return x @ (qweight * scales).T + bias ([T, N]), then tanh-GELU when gelu."""
+    n, k = qweight.shape
+    group = k // scales.shape[1]
+
+    def dequant(start: int, end: int) -> torch.Tensor:
+        q = qweight[start:end].float().view(end - start, -1, group)
+        return (q * scales[start:end, :, None].float()).view(end - start, k)
+
+    return _chunked_linear(x, n, dequant, bias, gelu)
+
+
+def int4_linear_ref(
+    x: torch.Tensor,  # [T, K]
+    qweight: torch.Tensor,  # [N, K // 2] uint8, the layout above
+    qscales: torch.Tensor,  # [N, K // G, 2]: (scale, min)
+    bias: torch.Tensor | None = None,  # [N]
+    gelu: bool = False,
+) -> torch.Tensor:
+    """Return x @ W.T + bias ([T, N]) with W = q * scale + min per group, then tanh-GELU when gelu."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    group = k // qscales.shape[1]
+
+    def dequant(start: int, end: int) -> torch.Tensor:
+        q = unpack_int4_ref(qweight[start:end]).float().view(end - start, -1, group)
+        s = qscales[start:end].float()
+        return (q * s[:, :, 0:1] + s[:, :, 1:2]).view(end - start, k)
+
+    return _chunked_linear(x, n, dequant, bias, gelu)

@@ -184,6 +184,8 @@ CELERY_BEAT_SCHEDULE = {
 # The served model: the engine spec the worker loads, and the name clients send as "model".
 RUVON_MODEL = os.environ.get("RUVON_MODEL", "smollm2")
 RUVON_MODEL_NAME = os.environ.get("RUVON_MODEL_NAME", "smollm2-135m-instruct")
+# none, int8, int4, int4-g32, ...; int4-g32 runs SmolLM2 from its Q4_1 weights as they are.
+RUVON_QUANTIZATION = os.environ.get("RUVON_QUANTIZATION", "none")
 RUVON_NUM_BLOCKS = env_int("RUVON_NUM_BLOCKS")
 # Cached prompt prefixes are shared within a tenant (and cache_salt) only; "global" shares across tenants.
 RUVON_PREFIX_CACHE_SCOPE = os.environ.get("RUVON_PREFIX_CACHE_SCOPE", "tenant")

@@ -107,7 +107,11 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.loaded = loaded or load_model(
-            config.model, dtype=self.dtype, device=self.device, seed=config.seed
+            config.model,
+            dtype=self.dtype,
+            device=self.device,
+            seed=config.seed,
+            quantization=config.quantization,
         )
         self.model_config = self.loaded.config
         self.model_name = self.loaded.name

@@ -1,6 +1,10 @@
-"""Layer: a module the loader fills one checkpoint tensor at a time (load_weight), shape-checked."""
+"""Layer: a module the loader fills one checkpoint tensor at a time (load_weight), shape-checked; and the
+QuantizedTensor a checkpoint hands over when its tensor arrives already quantised (GGUF Q8_0, Q4_0, Q4_1)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,11 +20,47 @@ def copy_checked(target: torch.Tensor, tensor: torch.Tensor) -> None:
         target.copy_(tensor)
 
 
+@dataclass
+class QuantizedTensor:
+    """A weight [N, K] that arrives quantised in groups along K: w = q * scale (+ min), per group.
+
+    bits 8: q int8 [N, K], symmetric (mins None). bits 4: q uint8 [N, K] holding 0..15, mins [N, K // G].
+    Only the quantised layers (gpu_worker/quant) take one; any other layer refuses it.
+    """
+
+    bits: int
+    q: torch.Tensor  # [N, K]
+    scales: torch.Tensor  # [N, K // G] float32
+    mins: torch.Tensor | None  # [N, K // G] float32, or None (symmetric)
+    source: str  # what it was in the checkpoint, e.g. "Q4_1"
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def group_size(self) -> int:
+        return self.q.shape[1] // self.scales.shape[1]
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedTensor:
+        """Return the tensor with `fn` (a row permutation of a [rows, cols] tensor) applied to q and its scales."""
+        mins = None if self.mins is None else fn(self.mins)
+        return QuantizedTensor(self.bits, fn(self.q), fn(self.scales), mins, self.source)
+
+
+CheckpointTensor = torch.Tensor | QuantizedTensor
+
+
 class Layer(nn.Module):
     """A module that takes its checkpoint tensors by name; by default each name is one of its parameters."""
 
-    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+    def load_weight(self, name: str, tensor: CheckpointTensor) -> None:
         """Fill the parameter `name` ("weight", "bias", ...) from a checkpoint tensor."""
+        if isinstance(tensor, QuantizedTensor):
+            raise ModelLoadError(
+                f"arrives quantised ({tensor.source}) but {type(self).__name__} takes full precision; "
+                "load with --quantization none (dequantises it) or a scheme that keeps it"
+            )
         try:
             param = self.get_parameter(name)
         except AttributeError:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from gpu_worker.errors import ModelLoadError
-from gpu_worker.layers.base import Layer, copy_checked
+from gpu_worker.layers.base import CheckpointTensor, Layer, QuantizedTensor, copy_checked
 from gpu_worker.layers.context import ForwardContext
 
 
@@ -54,9 +54,12 @@ class MergedLinear(Linear):
             self.shard_rows[shard] = (start, start + rows)
             start += rows
 
-    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+    def load_weight(self, name: str, tensor: CheckpointTensor) -> None:
         shard, _, leaf = name.partition(".")
         if shard not in self.shard_rows or leaf != "weight":
             raise ModelLoadError(f"is not one of {sorted(self.shard_rows)} (weights only)")
+        if isinstance(tensor, QuantizedTensor):
+            super().load_weight(name, tensor)  # refuses it, naming the fix
+            return
         start, end = self.shard_rows[shard]
         copy_checked(self.weight.data[start:end], tensor)

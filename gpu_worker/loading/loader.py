@@ -6,7 +6,7 @@ layers take the tensors one by one (CausalLM.load_weight).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -18,10 +18,19 @@ from gpu_worker.config import ModelConfig
 from gpu_worker.errors import ModelLoadError
 from gpu_worker.loading.assets import smollm2_gguf_path
 from gpu_worker.loading.checkpoints import Checkpoint
-from gpu_worker.loading.checkpoints.gguf_file import open_gguf, read_gguf_config, read_gguf_tensors
+from gpu_worker.loading.checkpoints.gguf_file import (
+    FLOAT_TYPES,
+    GGUF_QUANT_LAYOUTS,
+    open_gguf,
+    projection_types,
+    read_gguf_config,
+    read_gguf_tensors,
+)
 from gpu_worker.loading.checkpoints.hf_dir import read_hf_config, read_hf_tensors
 from gpu_worker.loading.checkpoints.hub import GPT2_HUB_NAMES, is_hub_name, pull, resolve_cached_snapshot
 from gpu_worker.models import CausalLM, build_model
+from gpu_worker.quant import QuantScheme, load_quantized_from, parse_scheme, quantize
+from kernels.backend import backend_for
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -33,6 +42,7 @@ __all__ = [
     "load_model",
     "pull",
     "random_hf_config",
+    "requantize",
     "resolve_spec",
 ]
 
@@ -134,39 +144,117 @@ def resolve_spec(spec: str) -> ModelSource:
 
 
 def load_model(
-    spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
+    spec: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    quantization: str = "none",
 ) -> LoadedModel:
-    """Load what `spec` names: an HF directory or cache name, a .gguf file, `smollm2`, or `random:<shape>`."""
+    """Load what `spec` names: an HF directory or cache name, a .gguf file, `smollm2`, or `random:<shape>`;
+    with its projections quantised by `quantization` (gpu_worker.quant.SCHEMES) unless "none"."""
+    scheme = parse_scheme(quantization)  # a bad name fails here, before anything is read
     source = resolve_spec(spec)
     if source.kind == "random":
-        return _load_random(source.spec, dtype, device, seed)
+        return _load_random(source.spec, dtype, device, seed, scheme)
     assert source.path is not None
     if source.kind == "gguf":
-        return _load_gguf(source.path, source.name, dtype, device)
-    return _load_hf_dir(source.path, source.name, dtype, device)
+        return _load_gguf(source.path, source.name, dtype, device, scheme)
+    return _load_hf_dir(source.path, source.name, dtype, device, scheme)
 
 
-def _load_hf_dir(path: Path, name: str, dtype: torch.dtype, device: str | torch.device) -> LoadedModel:
+def _load_hf_dir(
+    path: Path, name: str, dtype: torch.dtype, device: str | torch.device, scheme: QuantScheme | None
+) -> LoadedModel:
     config = read_hf_config(path)
-    model = _empty_model(config, dtype, device)
+    model, params = _empty_model(config, dtype, device, scheme)
     _fill(model, read_hf_tensors(path), desc=name)
-    label = f"{name} ({config.arch}, {_num_params(model)}, from {path})"
+    label = f"{name} ({config.arch}, {params}{_quantized(scheme, 'at load')}, from {path})"
     return LoadedModel(model, config, name, label, False, "hf_dir", path)
 
 
-def _load_gguf(path: Path, name: str, dtype: torch.dtype, device: str | torch.device) -> LoadedModel:
+def _load_gguf(
+    path: Path, name: str, dtype: torch.dtype, device: str | torch.device, scheme: QuantScheme | None
+) -> LoadedModel:
     reader = open_gguf(path)
     config = read_gguf_config(reader, path)
-    model = _empty_model(config, dtype, device)
-    _fill(model, read_gguf_tensors(reader, config), desc=name)
-    label = f"{name} (llama, {_num_params(model)}, dequantised from {path.name})"
+    keep, scheme = _gguf_plan(path, projection_types(reader), scheme)
+    model, params = _empty_model(config, dtype, device, scheme)
+    _fill(model, read_gguf_tensors(reader, config, keep), desc=name)
+    how = f"from {'/'.join(sorted(keep))} GGUF {path.name}" if keep else f"at load from GGUF {path.name}"
+    label = f"{name} (llama, {params}, " + (
+        f"{scheme.describe()} {how})" if scheme else f"dequantised from {path.name})"
+    )
     return LoadedModel(model, config, name, label, False, "gguf", path)
 
 
-def _load_random(spec: str, dtype: torch.dtype, device: str | torch.device, seed: int) -> LoadedModel:
+def _gguf_plan(
+    path: Path, types: dict[str, str], scheme: QuantScheme | None
+) -> tuple[frozenset[str], QuantScheme | None]:
+    """Return the GGUF types to load as they are and the scheme that takes them (int8 from Q8_0 becomes
+    int8 g32, Q8_0's block); raise ModelLoadError, naming the scheme that would, if a projection's type
+    cannot map to `scheme` (requantising quantised weights would compound their error)."""
+    if scheme is None:
+        return frozenset(), None
+    if scheme.bits == 8 and "Q8_0" in types.values():
+        scheme = QuantScheme(8, 32)
+    direct = {t for t in types.values() if GGUF_QUANT_LAYOUTS.get(t) == (scheme.bits, scheme.group_size)}
+    stuck = sorted(set(types.values()) - direct - FLOAT_TYPES)
+    if stuck:
+        fits = {"Q8_0": "int8", "Q4_0": "int4-g32", "Q4_1": "int4-g32"}
+        fixes = sorted({fits.get(t, "none") for t in stuck})
+        example = next(name for name, t in types.items() if t == stuck[0])
+        raise ModelLoadError(
+            f"{path.name}: its projections are {', '.join(stuck)} (e.g. {example}), which "
+            f"{scheme.describe()} cannot take as they are; use --quantization {' or '.join(fixes)}"
+            + ("" if "none" in fixes else " (loads them as they are) or none (dequantises them)")
+        )
+    return frozenset(direct), scheme
+
+
+def _quantized(scheme: QuantScheme | None, how: str) -> str:
+    return f", {scheme.describe()} {how}" if scheme else ""
+
+
+def _load_random(
+    spec: str, dtype: torch.dtype, device: str | torch.device, seed: int, scheme: QuantScheme | None
+) -> LoadedModel:
     shape, seed = _parse_random_spec(spec, seed)
     config = _random_shape(shape)
-    model = _empty_model(config, dtype, device)
+    label = f"{shape} (RANDOM weights, seed {seed}{_quantized(scheme, 'at load')})"
+    # Quantised: the same random weights as unquantised, drawn on the CPU, then quantised into the device's layers.
+    model, _ = _empty_model(config, dtype, "cpu" if scheme else device, None)
+    _fill_random(model, seed)
+    if scheme is not None:
+        model = _quantized_copy(model, config, dtype, device, scheme)
+    return LoadedModel(model, config, f"random:{shape}", label, True, "random", None)
+
+
+def requantize(loaded: LoadedModel, quantization: str) -> LoadedModel:
+    """Return `loaded` with its projections quantised from its full-precision weights, labelled so.
+
+    For comparisons such as int8 / int4 g128 from a GGUF's dequantised Q4_1 weights, which load_model
+    refuses (quantising quantised weights again compounds their error: bench/quant_accuracy.py measures it).
+    """
+    scheme = parse_scheme(quantization)
+    if scheme is None:
+        return loaded
+    param = next(loaded.model.parameters())
+    model = _quantized_copy(loaded.model, loaded.config, param.dtype, param.device, scheme)
+    label = f"{loaded.label.removesuffix(')')}, then {scheme.describe()} from those weights)"
+    return replace(loaded, model=model, label=label)
+
+
+def _quantized_copy(
+    full: CausalLM, config: ModelConfig, dtype: torch.dtype, device: str | torch.device, scheme: QuantScheme
+) -> CausalLM:
+    model, _ = _empty_model(config, dtype, device, scheme)
+    with torch.no_grad():
+        load_quantized_from(model, full)
+    return model
+
+
+def _fill_random(model: CausalLM, seed: int) -> None:
     # Drawn on the CPU in a fixed order, so one seed gives the same weights on every device and dtype.
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -175,8 +263,6 @@ def _load_random(spec: str, dtype: torch.dtype, device: str | torch.device, seed
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
             else:
                 param.fill_(0.0 if name.endswith(".bias") else 1.0)  # biases 0, norm scales 1
-    label = f"{shape} (RANDOM weights, seed {seed})"
-    return LoadedModel(model, config, f"random:{shape}", label, True, "random", None)
 
 
 def _parse_random_spec(spec: str, seed: int) -> tuple[str, int]:
@@ -228,13 +314,23 @@ def random_hf_config(shape: str) -> PretrainedConfig:
     )
 
 
-def _empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> CausalLM:
-    # Built on the meta device: no time spent on an init the weights overwrite anyway.
+def _empty_model(
+    config: ModelConfig, dtype: torch.dtype, device: str | torch.device, scheme: QuantScheme | None
+) -> tuple[CausalLM, str]:
+    """Return the model, allocated but unfilled, with the kernel backend of its device, and its size.
+
+    Built on the meta device (no time spent on an init the weights overwrite anyway) and quantised there,
+    so the full-precision projections are never allocated.
+    """
     with torch.device("meta"):
         model = build_model(config)
+    params = _num_params(model)
+    model.context.backend = backend_for(torch.device(device))  # quantised layers pack for it as they load
+    if scheme is not None:
+        quantize(model, scheme)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.requires_grad_(False)
-    return model.eval()
+    return model.eval(), params
 
 
 def _fill(model: CausalLM, checkpoint: Checkpoint, desc: str) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 
 from gpu_worker.config import ModelConfig
 from gpu_worker.errors import ModelLoadError
-from gpu_worker.layers.base import Layer
+from gpu_worker.layers.base import CheckpointTensor, Layer
 from gpu_worker.layers.context import ForwardContext
 
 
@@ -28,11 +28,11 @@ class CausalLM(nn.Module, ABC):
         """Return float32 logits [N, vocab] for hidden states [N, hidden]."""
 
     @abstractmethod
-    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+    def load_weight(self, name: str, tensor: CheckpointTensor) -> None:
         """Put the HF-named checkpoint tensor `name` where it belongs (or skip it); raise ModelLoadError if
         the model has no place for it."""
 
-    def load_into(self, module_name: str, leaf: str, tensor: torch.Tensor) -> None:
+    def load_into(self, module_name: str, leaf: str, tensor: CheckpointTensor) -> None:
         """Hand `tensor` to the layer at `module_name` as its `leaf` (e.g. "weight", "q_proj.weight")."""
         try:
             layer = self.get_submodule(module_name)

@@ -11,7 +11,7 @@ from torch import nn
 from gpu_worker.config import ModelConfig
 from gpu_worker.errors import ModelLoadError
 from gpu_worker.layers.attention import PagedAttention
-from gpu_worker.layers.base import Embedding
+from gpu_worker.layers.base import CheckpointTensor, Embedding
 from gpu_worker.layers.context import ForwardContext
 from gpu_worker.layers.linear import Linear
 from gpu_worker.layers.norm import LayerNorm
@@ -101,11 +101,11 @@ class GPT2ForCausalLM(CausalLM):
         # [N, C] -> [N, V] float32
         return F.linear(hidden, self.wte.weight).float()
 
-    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+    def load_weight(self, name: str, tensor: CheckpointTensor) -> None:
         name = name.removeprefix("transformer.")
         if name == "lm_head.weight" or name.endswith(_IGNORED_SUFFIXES):
             return  # the head is tied to wte
-        if name.endswith(_CONV1D_NAMES):
+        if name.endswith(_CONV1D_NAMES) and isinstance(tensor, torch.Tensor):
             tensor = tensor.t()
         ours = name
         for hf, mine in _HF_TO_OURS.items():

@@ -11,7 +11,7 @@ from torch import nn
 from gpu_worker.config import ModelConfig
 from gpu_worker.errors import ModelLoadError
 from gpu_worker.layers.attention import PagedAttention
-from gpu_worker.layers.base import Embedding
+from gpu_worker.layers.base import CheckpointTensor, Embedding
 from gpu_worker.layers.context import ForwardContext
 from gpu_worker.layers.linear import Linear, MergedLinear
 from gpu_worker.layers.norm import RMSNorm
@@ -119,7 +119,7 @@ class LlamaForCausalLM(CausalLM):
             return F.linear(hidden, self.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
 
-    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+    def load_weight(self, name: str, tensor: CheckpointTensor) -> None:
         name = name.removeprefix("model.")
         if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.lm_head is None):
             return  # recomputed from positions / tied to the embedding

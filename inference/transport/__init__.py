@@ -108,6 +108,7 @@ def _build_client() -> JobClient:
 
     options = {
         "model": settings.RUVON_MODEL,
+        "quantization": settings.RUVON_QUANTIZATION,
         "num_blocks": settings.RUVON_NUM_BLOCKS,
         "decode_steps": settings.RUVON_DECODE_STEPS,
         "prefix_cache_scope": settings.RUVON_PREFIX_CACHE_SCOPE,

@@ -6,16 +6,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from gpu_worker.errors import ModelLoadError
+from gpu_worker.layers.base import CheckpointTensor
 
 
 @dataclass
 class Checkpoint:
-    """A lazy stream of (HF-style name, tensor) pairs, with its size for the progress bar."""
+    """A lazy stream of (HF-style name, tensor) pairs, with its size for the progress bar; a tensor may arrive
+    quantised (QuantizedTensor) when the loader asked the reader to keep it so."""
 
-    tensors: Iterator[tuple[str, torch.Tensor]]
+    tensors: Iterator[tuple[str, CheckpointTensor]]
     count: int
     nbytes: int
 

@@ -1,20 +1,29 @@
-"""Reads a llama-architecture GGUF file: metadata to ModelConfig, tensors dequantised and renamed to HF names."""
+"""Reads a llama-architecture GGUF file: metadata to ModelConfig, tensors renamed to HF names, dequantised to
+float32, or (projections of the types the loader asks to keep) decoded to QuantizedTensor without any float
+copy of the weight: Q8_0 as int8, Q4_0 and Q4_1 as 4-bit values, each with its block-32 scales."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 import torch
 from gguf.quants import dequantize
 
 from gpu_worker.config import ModelConfig
 from gpu_worker.errors import ModelLoadError
+from gpu_worker.layers.base import CheckpointTensor, QuantizedTensor
 from gpu_worker.loading.checkpoints import Checkpoint, reject_unsupported
+
+# GGUF block types that load as they are: (bits, block size along K).
+GGUF_QUANT_LAYOUTS = {"Q8_0": (8, 32), "Q4_0": (4, 32), "Q4_1": (4, 32)}
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -84,10 +93,22 @@ def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
     return replace(config, eos_token_ids=() if eos is None else (int(eos),))
 
 
-def read_gguf_tensors(reader: gguf.GGUFReader, config: ModelConfig) -> Checkpoint:
-    """Return the GGUF's tensors as a lazy stream of dequantised float32 tensors under HF names."""
+def read_gguf_tensors(
+    reader: gguf.GGUFReader, config: ModelConfig, keep_quantized: frozenset[str] = frozenset()
+) -> Checkpoint:
+    """Return the GGUF's tensors as a lazy stream under HF names: projections whose type is in
+    `keep_quantized` (see GGUF_QUANT_LAYOUTS) as QuantizedTensor, everything else dequantised to float32."""
     nbytes = sum(int(t.n_bytes) for t in reader.tensors)
-    return Checkpoint(_tensors(reader, config), len(reader.tensors), nbytes)
+    return Checkpoint(_tensors(reader, config, keep_quantized), len(reader.tensors), nbytes)
+
+
+def projection_types(reader: gguf.GGUFReader) -> dict[str, str]:
+    """Return {HF name: GGUF type name} of the transformer blocks' projections (what quantize() swaps)."""
+    return {
+        name: entry.tensor_type.name
+        for entry in reader.tensors
+        if (name := _hf_name(entry.name)).endswith("_proj.weight")
+    }
 
 
 def _hf_name(name: str) -> str:
@@ -110,15 +131,48 @@ def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return weight.view(num_heads, rows // num_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _tensors(reader: gguf.GGUFReader, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def decode_quantized(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> QuantizedTensor:
+    """Return the Q8_0 / Q4_0 / Q4_1 blocks `data` ([rows, bytes per row] uint8) of a [rows, cols] weight
+    as a QuantizedTensor, integers kept as integers.
+
+    A block holds 32 weights of a row: an fp16 scale d (Q4_1: and an fp16 min m), then Q8_0: 32 int8 q
+    (w = d * q); Q4_0 / Q4_1: 16 bytes, weight j in the low nibble of byte j and weight j + 16 in its high
+    nibble (Q4_0: w = d * (q - 8); Q4_1: w = d * q + m).
+    """
+    rows, cols = shape
+    blocks = np.ascontiguousarray(data).reshape(rows, cols // 32, -1)  # [rows, blocks, bytes per block]
+    scales = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
+    if type_name == "Q8_0":
+        q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8).reshape(rows, cols))
+        return QuantizedTensor(8, q, scales, None, type_name)
+    nibbles = blocks[..., 4:] if type_name == "Q4_1" else blocks[..., 2:]  # [rows, blocks, 16]
+    q = torch.from_numpy(np.concatenate([nibbles & 0xF, nibbles >> 4], axis=-1).reshape(rows, cols))
+    if type_name == "Q4_1":
+        mins = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+    else:
+        mins = -8 * scales
+    return QuantizedTensor(4, q, scales, mins, type_name)
+
+
+def _tensors(
+    reader: gguf.GGUFReader, config: ModelConfig, keep_quantized: frozenset[str]
+) -> Iterator[tuple[str, CheckpointTensor]]:
+    rope_heads = {"q_proj.weight": config.num_heads, "k_proj.weight": config.num_kv_heads}
     for entry in reader.tensors:
         shape = tuple(reversed([int(n) for n in entry.shape]))  # GGUF lists dims innermost first
-        array = dequantize(entry.data, entry.tensor_type).reshape(shape)
-        # Unquantised tensors come back as read-only views of the memory-mapped file.
-        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
         name = _hf_name(entry.name)
-        if name.endswith("q_proj.weight"):
-            tensor = unpermute_rope_rows(tensor, config.num_heads)
-        elif name.endswith("k_proj.weight"):
-            tensor = unpermute_rope_rows(tensor, config.num_kv_heads)
+        tensor: CheckpointTensor
+        if entry.tensor_type.name in keep_quantized and name.endswith("_proj.weight"):
+            tensor = decode_quantized(entry.data, entry.tensor_type.name, (shape[0], shape[1]))
+        else:
+            array = dequantize(entry.data, entry.tensor_type).reshape(shape)
+            # Unquantised tensors come back as read-only views of the memory-mapped file.
+            tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
+        heads = next((h for suffix, h in rope_heads.items() if name.endswith(suffix)), None)
+        if heads is not None:
+            # The same row order for packed rows and their scales as for float rows.
+            if isinstance(tensor, QuantizedTensor):
+                tensor = tensor.map_rows(partial(unpermute_rope_rows, num_heads=heads))
+            else:
+                tensor = unpermute_rope_rows(tensor, heads)
         yield name, tensor

@@ -1,0 +1,163 @@
+"""Accuracy of weight-only quantisation: SmolLM2-135M perplexity on real English text (fp32 from the
+dequantised Q4_1 GGUF vs int8, int4 g128, int4 g32), and int8 vs fp32 greedy agreement on random GPT-2 124M.
+
+The text is the Python Language Reference's topic pages that ship with CPython (pydoc_data/topics.py, the
+stdlib of the interpreter running this): English prose with code samples. Perplexity is over consecutive
+non-overlapping windows of --window tokens (each window predicts its tokens 1..W-1).
+
+Run: .venv/bin/python bench/quant_accuracy.py [--tokens 50000] [--window 1024] [--skip-random] [--rows ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pydoc_data.topics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import print_table, write_json  # noqa: E402
+from gpu_worker.config import EngineConfig, SamplingParams  # noqa: E402
+from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
+from gpu_worker.loading.assets import smollm2_gguf_path  # noqa: E402
+from gpu_worker.loading.loader import LoadedModel, load_model, requantize  # noqa: E402
+from gpu_worker.models import CausalLM  # noqa: E402
+from gpu_worker.runner.kv_cache import forward_dense  # noqa: E402
+from gpu_worker.tokenization.tokenizer import Tokenizer  # noqa: E402
+
+# key -> (row name, scheme, how it is built): load_model's scheme straight from the GGUF, or requantize() of the
+# fp32 model. SmolLM2's width 576 is 4.5 x 128, so g128 cannot apply to its q/k/v/o/gate/up projections;
+# g64 is the largest power-of-two group that divides every layer.
+SMOLLM2_ROWS = {
+    "fp32": ("fp32 (dequantised Q4_1)", "none", "direct"),
+    "int8": ("int8 per-channel", "int8", "requantised"),
+    "int4-g64": ("int4 g64", "int4-g64", "requantised"),
+    "int4-g32": ("int4 g32", "int4-g32", "requantised"),
+    "q4_1": ("int4 g32 = Q4_1 as shipped", "int4-g32", "direct"),
+}
+
+
+def english_text() -> tuple[str, str]:
+    """Return the text and where it comes from."""
+    topics = pydoc_data.topics.topics
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    return text, f"{pydoc_data.topics.__file__} ({len(topics)} topics, {len(text):,} characters)"
+
+
+def weight_bytes(model: CausalLM) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def perplexity(model: CausalLM, ids: list[int], window: int) -> tuple[float, int]:
+    """Return (perplexity, tokens predicted) over consecutive windows of `window` tokens."""
+    nll, count = 0.0, 0
+    for start in tqdm(range(0, len(ids) - 1, window), desc="windows", leave=False):
+        chunk = ids[start : start + window]
+        if len(chunk) < 2:
+            break
+        with torch.no_grad():
+            logits = forward_dense(model, chunk)  # [W, V]
+        targets = torch.tensor(chunk[1:])
+        nll += torch.nn.functional.cross_entropy(logits[:-1], targets, reduction="sum").item()
+        count += len(chunk) - 1
+    return math.exp(nll / count), count
+
+
+def smollm2_table(tokens: int, window: int, keys: list[str]) -> tuple[list[dict], dict]:
+    text, source = english_text()
+    tokenizer = Tokenizer.from_gguf(smollm2_gguf_path())
+    ids = tokenizer.encode(text)[:tokens]
+    print(f"text: {source}; {len(ids):,} tokens used of it, windows of {window}")
+    base = load_model("smollm2")
+    rows: list[dict] = []
+    for name, scheme, how in [SMOLLM2_ROWS[key] for key in ["fp32", *(k for k in keys if k != "fp32")]]:
+        loaded: LoadedModel = (
+            (base if scheme == "none" else load_model("smollm2", quantization=scheme))
+            if how == "direct"
+            else requantize(base, scheme)
+        )
+        start = time.perf_counter()
+        ppl, count = perplexity(loaded.model, ids, window)
+        rows.append(
+            {
+                "model": name,
+                "built": how,
+                "weight_MB": round(weight_bytes(loaded.model) / 1e6, 1),
+                "ppl": round(ppl, 4),
+                "vs_fp32_%": 0.0 if not rows else round(100 * (ppl / rows[0]["ppl"] - 1), 2),
+                "tokens": count,
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+        )
+        print_table(rows[-1:])
+    return rows, {"text": source, "tokens": len(ids), "window": window}
+
+
+def random_gpt2_agreement(prompts: int, new_tokens: int) -> dict:
+    """Greedy generations of int8 vs fp32 on random GPT-2 124M weights, and the max logit error."""
+    gen = torch.Generator().manual_seed(0)
+    prompt_ids = [torch.randint(0, 50257, (8,), generator=gen).tolist() for _ in range(prompts)]
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    outs, models = {}, {}
+    for scheme in ("none", "int8"):
+        engine = LLMEngine(
+            EngineConfig(model="random:gpt2", device="cpu", quantization=scheme, num_blocks=256)
+        )
+        outs[scheme] = [o.token_ids[0] for o in engine.generate(list(prompt_ids), params)]
+        models[scheme] = engine.loaded.model
+    same = sum(
+        a == b for x, y in zip(outs["none"], outs["int8"], strict=True) for a, b in zip(x, y, strict=True)
+    )
+    first_split = [
+        next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), new_tokens)
+        for x, y in zip(outs["none"], outs["int8"], strict=True)
+    ]
+    err = 0.0
+    for p, cont in zip(prompt_ids, outs["none"], strict=True):
+        with torch.no_grad():
+            ref, got = forward_dense(models["none"], p + cont), forward_dense(models["int8"], p + cont)
+        err = max(err, (ref - got).abs().max().item())
+    return {
+        "model": "random:gpt2 (RANDOM weights, GPT-2 124M shapes), int8 vs fp32, CPU",
+        "prompts": prompts,
+        "new_tokens": new_tokens,
+        "token_agreement": round(same / (prompts * new_tokens), 4),
+        "identical_sequences": sum(s == new_tokens for s in first_split),
+        "mean_tokens_before_first_difference": round(sum(first_split) / prompts, 1),
+        "max_logit_error_teacher_forced": round(err, 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=50_000)
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--skip-random", action="store_true")
+    parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument(
+        "--rows", nargs="+", choices=list(SMOLLM2_ROWS), default=list(SMOLLM2_ROWS), help="fp32 always runs"
+    )
+    args = parser.parse_args()
+    payload: dict = {}
+    if not args.skip_random:
+        random_row = random_gpt2_agreement(args.prompts, args.new_tokens)
+        print_table([random_row])
+        payload["random_gpt2"] = random_row
+    if not args.skip_smollm2:
+        rows, meta = smollm2_table(args.tokens, args.window, args.rows)
+        print(f"\nSmolLM2-135M-Instruct perplexity, CPU ({torch.get_num_threads()} threads); {meta['text']}")
+        print_table(rows)
+        payload["smollm2"] = {**meta, "rows": rows}
+    print("wrote", write_json("quant_accuracy", payload))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""Weight-only quantisation by module swap: quantize(model, scheme) replaces every projection with an int8
+(W8A16) or int4 (W4A16) layer of the same forward; the layers quantise each tensor as it loads."""
+
+from gpu_worker.quant.layers import Int4Linear, Int8Linear, QuantLinear
+from gpu_worker.quant.schemes import SCHEMES, QuantScheme, parse_scheme
+from gpu_worker.quant.swap import load_quantized_from, quantize
+
+__all__ = [
+    "SCHEMES",
+    "Int4Linear",
+    "Int8Linear",
+    "QuantLinear",
+    "QuantScheme",
+    "load_quantized_from",
+    "parse_scheme",
+    "quantize",
+]

@@ -1,0 +1,205 @@
+"""Quantised projections with Linear's forward: Int8Linear (W8A16) and Int4Linear (W4A16).
+
+Each quantises its checkpoint tensors in load_weight, on its own device, so a model never sits there in full
+precision; a tensor that arrives already quantised (GGUF, a QuantizedTensor) is taken as it is. Like
+MergedLinear, one layer may hold several checkpoint projections as consecutive row blocks (shards).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gpu_worker.errors import ModelLoadError
+from gpu_worker.layers.base import CheckpointTensor, Layer, QuantizedTensor, copy_checked
+from gpu_worker.layers.context import ForwardContext
+from gpu_worker.layers.linear import Linear, MergedLinear
+from gpu_worker.quant.quantizers import quantize_int4, quantize_int8
+from gpu_worker.quant.schemes import QuantScheme
+
+WHOLE = ""  # the one shard of a layer that is not merged: its checkpoint names are "weight", "bias"
+
+
+class QuantLinear(Layer):
+    """What both quantised layers share: shape, bias, fused GELU and the shards a checkpoint fills."""
+
+    bits: int
+
+    def __init__(
+        self,
+        context: ForwardContext,
+        in_features: int,
+        shards: dict[str, int],
+        group_size: int | None,
+        *,
+        bias: bool = False,
+        gelu: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.context = context
+        self.in_features, self.out_features, self.gelu = in_features, sum(shards.values()), gelu
+        self.group_size = group_size or in_features
+        if in_features % self.group_size:
+            raise ModelLoadError(f"group size {group_size} does not divide in_features {in_features}")
+        self.shard_rows: dict[str, tuple[int, int]] = {}
+        start = 0
+        for shard, rows in shards.items():
+            self.shard_rows[shard] = (start, start + rows)
+            start += rows
+        self.bias = nn.Parameter(torch.zeros(self.out_features, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: Linear, scheme: QuantScheme) -> QuantLinear:
+        """Return an empty quantised layer of `linear`'s shape (and shards), on its device."""
+        if isinstance(linear, MergedLinear):
+            shards = {name: end - start for name, (start, end) in linear.shard_rows.items()}
+        else:
+            shards = {WHOLE: linear.out_features}
+        return cls(
+            linear.context,
+            linear.in_features,
+            shards,
+            scheme.group_size,
+            bias=linear.bias is not None,
+            gelu=linear.gelu,
+            device=linear.weight.device,
+        )
+
+    def load_weight(self, name: str, tensor: CheckpointTensor) -> None:
+        shard, _, leaf = name.rpartition(".")
+        if (shard, leaf) == (WHOLE, "bias") and self.bias is not None:
+            super().load_weight(name, tensor)
+            return
+        if shard not in self.shard_rows or leaf != "weight":
+            names = [f"{s}.weight" if s else "weight" for s in self.shard_rows]
+            raise ModelLoadError(f"is not one of {names}" + (" or bias" if self.bias is not None else ""))
+        start, end = self.shard_rows[shard]
+        if tuple(tensor.shape) != (end - start, self.in_features):
+            raise ModelLoadError(
+                f"has shape {tuple(tensor.shape)}, the model expects {(end - start, self.in_features)}"
+            )
+        if isinstance(tensor, QuantizedTensor) and (tensor.bits, tensor.group_size) != (
+            self.bits,
+            self.group_size,
+        ):
+            raise ModelLoadError(
+                f"arrives as {tensor.source} (int{tensor.bits} g{tensor.group_size}); this layer is "
+                f"int{self.bits} g{self.group_size}: pick the scheme that matches it, or --quantization none"
+            )
+        self._load_shard(shard, start, end, tensor)
+
+    def load_linear(self, linear: Linear) -> None:
+        """Quantise a full-precision Linear of the same shape (e.g. random weights) into this layer."""
+        for shard, (start, end) in self.shard_rows.items():
+            self.load_weight(f"{shard}.weight" if shard else "weight", linear.weight.detach()[start:end])
+        if self.bias is not None and linear.bias is not None:
+            self.load_weight("bias", linear.bias.detach())
+
+    def _load_shard(self, shard: str, start: int, end: int, tensor: CheckpointTensor) -> None:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, int{self.bits} g{self.group_size}, "
+            f"bias={self.bias is not None}, gelu={self.gelu}"
+        )
+
+
+class Int8Linear(QuantLinear):
+    """qweight int8 [N, K], scales [N, K // G] (one per output channel unless grouped): w = q * scale."""
+
+    bits = 8
+    qweight: torch.Tensor
+
+    def __init__(
+        self,
+        context: ForwardContext,
+        in_features: int,
+        shards: dict[str, int],
+        group_size: int | None,
+        *,
+        bias: bool = False,
+        gelu: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(context, in_features, shards, group_size, bias=bias, gelu=gelu, device=device)
+        n, k = self.out_features, self.in_features
+        self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8, device=device))
+        # A parameter (never trained), so the loader's NaN check sees a projection the checkpoint left out.
+        self.scales = nn.Parameter(torch.empty(n, k // self.group_size, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [T, in] -> [T, out]
+        return self.context.backend.int8_linear(x, self.qweight, self.scales, self.bias, self.gelu)
+
+    def _load_shard(self, shard: str, start: int, end: int, tensor: CheckpointTensor) -> None:
+        if isinstance(tensor, QuantizedTensor):
+            q, scales = tensor.q, tensor.scales
+        else:
+            q, scales = quantize_int8(tensor.to(self.qweight.device), self.group_size, self.scales.dtype)
+        copy_checked(self.qweight[start:end], q)
+        copy_checked(self.scales.data[start:end], scales)
+
+
+class Int4Linear(QuantLinear):
+    """Packed two per byte with (scale, min) per group of G along K: w = q * scale + min, q in 0..15.
+
+    The layout is the backend's (KernelBackend.int4_pack), made once per layer when its last shard has
+    arrived; until then the shards wait as quantised values, never in full precision.
+    """
+
+    bits = 4
+    qweight: torch.Tensor
+
+    def __init__(
+        self,
+        context: ForwardContext,
+        in_features: int,
+        shards: dict[str, int],
+        group_size: int | None,
+        *,
+        bias: bool = False,
+        gelu: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(context, in_features, shards, group_size, bias=bias, gelu=gelu, device=device)
+        n, k = self.out_features, self.in_features
+        self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8, device=device))
+        groups = k // self.group_size
+        self.qscales = nn.Parameter(torch.empty(n, groups, 2, device=device), requires_grad=False)
+        self._staged: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._packed_by = context.backend.int4_pack
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [T, in] -> [T, out]
+        backend = self.context.backend
+        if backend.int4_pack is not self._packed_by:
+            raise RuntimeError(
+                "Int4Linear was packed for another kernel backend; quantise under the one it runs"
+            )
+        return backend.int4_linear(x, self.qweight, self.qscales, self.bias, self.gelu)
+
+    def _load_shard(self, shard: str, start: int, end: int, tensor: CheckpointTensor) -> None:
+        if isinstance(tensor, QuantizedTensor):
+            assert tensor.mins is not None  # 4-bit tensors are asymmetric
+            values = (tensor.q, tensor.scales, tensor.mins)
+        else:
+            values = quantize_int4(tensor.to(self.qweight.device), self.group_size, self.qscales.dtype)
+        self._staged[shard] = values
+        if len(self._staged) == len(self.shard_rows):
+            self._pack()
+
+    def _pack(self) -> None:
+        device, dtype = self.qweight.device, self.qscales.dtype
+        q, scales, mins = (
+            torch.cat([self._staged[s][i] for s in self.shard_rows]).to(device) for i in range(3)
+        )
+        self._staged.clear()
+        self._packed_by = self.context.backend.int4_pack
+        try:
+            qweight, qscales = self._packed_by(q, scales.to(dtype), mins.to(dtype))
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+        copy_checked(self.qweight, qweight)
+        self.qscales = nn.Parameter(qscales, requires_grad=False)

@@ -1,0 +1,45 @@
+"""Round-to-nearest weight quantisers: symmetric int8 per channel (or group), asymmetric int4 per group."""
+
+from __future__ import annotations
+
+import torch
+
+_TINY = 1e-12  # floor of a scale, so an all-zero row or group quantises to zeros instead of NaN
+
+
+def quantize_int8(
+    weight: torch.Tensor, group_size: int | None, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (q int8 [N, K], scales [N, K // G]) with weight ~ q * scale, |q| <= 127; G = K when None.
+
+    Scales are rounded to `dtype` (what the layer stores) before q is computed, so q matches them.
+    """
+    n, k = weight.shape
+    group = group_size or k
+    w = weight.float().view(n, k // group, group)
+    scales = (w.abs().amax(dim=-1) / 127).clamp(min=_TINY).to(dtype).float()  # [N, K // G]
+    q = torch.round(w / scales[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.view(n, k), scales
+
+
+def quantize_int4(
+    weight: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (q uint8 [N, K] in 0..15, scales, mins [N, K // G]) with weight ~ q * scale + min per group:
+    the group's range [min, max] in 15 equal steps (min and max themselves exact up to rounding)."""
+    n, k = weight.shape
+    w = weight.float().view(n, k // group_size, group_size)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scales = ((high - low) / 15).clamp(min=_TINY).to(dtype).float()
+    mins = low.to(dtype).float()
+    q = torch.round((w - mins[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.view(n, k), scales, mins
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
+    """Return the float32 weight [N, K] of q [N, K] with [N, K // G] scales (and mins)."""
+    n, k = q.shape
+    w = q.float().view(n, scales.shape[1], -1) * scales.float()[..., None]
+    if mins is not None:
+        w = w + mins.float()[..., None]
+    return w.view(n, k)

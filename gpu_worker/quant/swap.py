@@ -1,0 +1,65 @@
+"""quantize(model, scheme): every projection becomes its quantised twin, checked before anything is swapped."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from gpu_worker.errors import ModelLoadError
+from gpu_worker.layers.linear import Linear
+from gpu_worker.quant.layers import Int4Linear, Int8Linear, QuantLinear
+from gpu_worker.quant.schemes import INT4_GROUPS, QuantScheme
+
+LM_HEAD = "lm_head"
+
+
+def quantize(model: nn.Module, scheme: QuantScheme, *, lm_head: bool = False) -> list[str]:
+    """Swap every Linear in `model` (the LM head only when `lm_head`) for the scheme's layer; return the
+    names swapped. Raise ModelLoadError, before changing anything, if a layer cannot take the scheme.
+
+    Meant for a model on the meta device, before its weights are allocated and loaded: the new layers
+    quantise each tensor as it loads (QuantLinear.load_weight).
+    """
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, Linear) and (lm_head or name.rpartition(".")[2] != LM_HEAD)
+    ]
+    _check(targets, scheme)
+    cls: type[QuantLinear] = Int8Linear if scheme.bits == 8 else Int4Linear
+    for name, linear in targets:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, cls.from_linear(linear, scheme))
+    return [name for name, _ in targets]
+
+
+def load_quantized_from(model: nn.Module, full: nn.Module) -> None:
+    """Fill a quantised `model` from `full`, the same model unquantised: its projections quantised layer by
+    layer, every other parameter copied."""
+    source = full.state_dict()
+    for name, param in model.named_parameters():
+        if name in source and source[name].shape == param.shape:
+            param.data.copy_(source[name])
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            linear = full.get_submodule(name)
+            assert isinstance(linear, Linear)
+            module.load_linear(linear)
+
+
+def _check(targets: list[tuple[str, Linear]], scheme: QuantScheme) -> None:
+    group = scheme.group_size
+    bad = [f"{name} (in_features {m.in_features})" for name, m in targets if group and m.in_features % group]
+    if bad:
+        fits = [f"int4-g{g}" for g in INT4_GROUPS if all(m.in_features % g == 0 for _, m in targets)]
+        raise ModelLoadError(
+            f"{scheme.describe()}: group size {group} does not divide the input width of {', '.join(bad[:3])}; "
+            f"use --quantization {' or '.join([*fits, 'int8'])}"
+        )
+    if scheme.bits == 4:
+        multiple = targets[0][1].context.backend.int4_n_multiple if targets else 1
+        odd = [f"{name} (out_features {m.out_features})" for name, m in targets if m.out_features % multiple]
+        if odd:
+            raise ModelLoadError(
+                f"int4 on this device packs rows in blocks of {multiple}; {', '.join(odd[:3])} is not a "
+                "multiple: use --quantization int8 here"
+            )

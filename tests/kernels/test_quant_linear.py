@@ -1,0 +1,151 @@
+"""Triton int8 / int4 GEMVs against their torch references (same signature, same layout), odd shapes, under
+TRITON_INTERPRET=1 on CPU; and torch's CPU packed ops against the same references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.backend import cpu_backend
+from kernels.quant_cpu import int4_linear_cpu, int8_linear_cpu, pack_int4_cpu
+from kernels.reference import int4_linear_ref, int8_linear_ref, pack_int4_ref, unpack_int4_ref
+
+pytest.importorskip("triton")
+from kernels.quant_linear import MAX_QUANT_M, int4_gemv, int4_linear, int8_gemv, int8_linear  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _int8_case(m: int, n: int, k: int, groups: int, seed: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen)
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scales = torch.rand(n, groups, generator=gen) / (127 * k**0.5)
+    bias = torch.randn(n, generator=gen)
+    return x.to(DEVICE), q.to(DEVICE), scales.to(DEVICE), bias.to(DEVICE)
+
+
+def _int4_case(m: int, n: int, k: int, group: int, seed: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen)
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scales = torch.rand(n, k // group, generator=gen) / (8 * k**0.5)
+    mins = -8 * scales + torch.randn(n, k // group, generator=gen) * 0.01
+    bias = torch.randn(n, generator=gen)
+    return x, q, scales, mins, bias
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, tolerance: float = 1e-5) -> None:
+    error = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert error < tolerance, f"relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("m", [1, 3, MAX_QUANT_M])
+@pytest.mark.parametrize(("n", "k"), [(37, 96), (4, 200)])  # N not a multiple of the tile; K not of 128
+@pytest.mark.parametrize("gelu", [False, True])
+def test_int8_gemv_matches_its_reference_per_channel(m: int, n: int, k: int, gelu: bool) -> None:
+    x, q, scales, bias = _int8_case(m, n, k, 1, seed=m * 100 + n + k)
+    _close(int8_gemv(x, q, scales, bias, gelu), int8_linear_ref(x, q, scales, bias, gelu))
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 37, 96), (5, 20, 64)])
+def test_int8_gemv_matches_its_reference_with_q8_0_groups(m: int, n: int, k: int) -> None:
+    x, q, scales, bias = _int8_case(m, n, k, k // 32, seed=7)
+    _close(int8_gemv(x, q, scales, None), int8_linear_ref(x, q, scales, None))
+
+
+@pytest.mark.parametrize("m", [1, 4, MAX_QUANT_M])
+@pytest.mark.parametrize(("n", "k", "group"), [(37, 96, 32), (24, 128, 64), (5, 256, 128)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int4_gemv_matches_its_reference(m: int, n: int, k: int, group: int, with_bias: bool) -> None:
+    x, q, scales, mins, bias = _int4_case(m, n, k, group, seed=m + n + k)
+    qweight, qscales = pack_int4_ref(q, scales, mins)
+    args = [t.to(DEVICE) for t in (x, qweight, qscales)]
+    b = bias.to(DEVICE) if with_bias else None
+    _close(int4_gemv(*args, b, with_bias), int4_linear_ref(*args, b, with_bias))
+
+
+def test_int4_gemv_in_fp16() -> None:
+    x, q, scales, mins, bias = _int4_case(2, 40, 128, 32, seed=3)
+    qweight, qscales = pack_int4_ref(q, scales.half(), mins.half())
+    x16 = x.half().to(DEVICE)
+    out = int4_gemv(x16, qweight.to(DEVICE), qscales.to(DEVICE))
+    assert out.dtype == torch.float16
+    _close(out, int4_linear_ref(x16.float(), qweight.to(DEVICE), qscales.to(DEVICE).float()), 2e-3)
+
+
+def test_the_reference_layout_round_trips() -> None:
+    q = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
+    qweight, _ = pack_int4_ref(q, torch.ones(3, 2), torch.zeros(3, 2))
+    assert qweight.shape == (3, 32) and torch.equal(unpack_int4_ref(qweight), q)
+    assert torch.equal(qweight[:, 0], q[:, 0] | (q[:, 1] << 4))  # low nibble: the even k
+
+
+def test_the_gemvs_refuse_what_they_cannot_read() -> None:
+    x, q, scales, mins, _ = _int4_case(1, 16, 96, 32, seed=0)
+    qweight, qscales = pack_int4_ref(q, scales, mins)
+    with pytest.raises(ValueError, match="G a power of two >= 32"):  # 3 groups of 32 read as groups of 48
+        int4_gemv(x, qweight, qscales[:, :2].contiguous())
+    with pytest.raises(ValueError, match=f"at most {MAX_QUANT_M} rows"):
+        int4_gemv(torch.randn(MAX_QUANT_M + 1, 96), qweight, qscales)
+    with pytest.raises(ValueError, match="groups dividing K"):
+        int8_gemv(x, torch.zeros(16, 96, dtype=torch.int8), torch.ones(16, 5))
+
+
+def test_the_dispatchers_take_the_reference_off_cuda_and_for_prefill_rows() -> None:
+    x, q, scales, mins, bias = _int4_case(MAX_QUANT_M + 3, 16, 64, 32, seed=1)
+    qweight, qscales = pack_int4_ref(q, scales, mins)
+    assert torch.equal(int4_linear(x, qweight, qscales, bias), int4_linear_ref(x, qweight, qscales, bias))
+    x8, q8, s8, b8 = (t.cpu() for t in _int8_case(2, 16, 64, 1, seed=2))
+    assert torch.equal(int8_linear(x8, q8, s8, b8), int8_linear_ref(x8, q8, s8, b8))
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_torch_cpu_int4_matmul_matches_the_reference_to_bf16(group: int) -> None:
+    x, q, scales, mins, bias = _int4_case(3, 48, 256, group, seed=group)
+    out = int4_linear_cpu(x, *pack_int4_cpu(q, scales, mins), bias, True)
+    _close(out, int4_linear_ref(x, *pack_int4_ref(q, scales, mins), bias, True), 1e-2)
+
+
+def test_torch_cpu_int8_matmul_matches_the_reference_to_bf16() -> None:
+    x, q, scales, bias = (t.cpu() for t in _int8_case(3, 48, 96, 1, seed=5))
+    _close(int8_linear_cpu(x, q, scales, bias), int8_linear_ref(x, q, scales, bias), 1e-2)
+    grouped = torch.rand(48, 3) / 100  # Q8_0 groups: the reference itself, exact
+    assert torch.equal(int8_linear_cpu(x, q, grouped), int8_linear_ref(x, q, grouped))
+
+
+def test_the_cpu_int4_packing_names_its_limits() -> None:
+    with pytest.raises(ValueError, match="N a multiple of 16"):
+        pack_int4_cpu(torch.zeros(20, 64, dtype=torch.uint8), torch.ones(20, 2), torch.zeros(20, 2))
+
+
+def test_it_offers_the_kernels_in_the_backends() -> None:
+    from kernels.backend import cuda_backend
+
+    cuda = cuda_backend()
+    assert cuda.int8_linear is int8_linear and cuda.int4_linear is int4_linear
+    assert cuda.int4_pack is pack_int4_ref  # the layout the Triton kernel reads
+    assert cpu_backend().int4_pack is pack_int4_cpu
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_split_k_sums_slices_then_applies_bias_and_gelu(split_k: int, gelu: bool) -> None:
+    x, q, scales, mins, bias = _int4_case(3, 20, 256, 32, seed=11)
+    qweight, qscales = pack_int4_ref(q, scales, mins)
+    ref = int4_linear_ref(x, qweight, qscales, bias, gelu)
+    _close(int4_gemv(x, qweight, qscales, bias, gelu, split_k=split_k), ref)
+    x8, q8, s8, b8 = (t.cpu() for t in _int8_case(2, 12, 200, 1, seed=12))  # K slices 128 + 72
+    _close(int8_gemv(x8, q8, s8, b8, gelu, split_k=split_k), int8_linear_ref(x8, q8, s8, b8, gelu))
+    g8 = torch.rand(12, 8) / 1000  # Q8_0 groups: slices of whole groups
+    x8 = torch.randn(2, 256)
+    q8 = torch.randint(-127, 128, (12, 256), dtype=torch.int8)
+    _close(int8_gemv(x8, q8, g8, None, False, split_k=split_k), int8_linear_ref(x8, q8, g8))
+
+
+def test_split_k_is_chosen_where_n_is_small_and_k_large() -> None:
+    from kernels.quant_linear import MIN_PROGRAMS, _split_k
+
+    assert _split_k(n_programs=MIN_PROGRAMS, steps=200) == 1  # enough programs already
+    assert _split_k(n_programs=MIN_PROGRAMS // 4, steps=200) == 4  # GPT-2 XL's down projection, say
+    assert _split_k(n_programs=1, steps=8) == 1  # too few steps to slice

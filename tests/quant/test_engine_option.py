@@ -1,0 +1,33 @@
+"""--quantization reaches the engine from the one option table, and the model label says what runs."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from gpu_worker.config import EngineConfig, SamplingParams
+from gpu_worker.engine.llm_engine import LLMEngine
+from gpu_worker.engine_args import add_engine_arguments, engine_config
+
+
+def _parse(argv: list[str]) -> EngineConfig:
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    return engine_config(vars(parser.parse_args(argv)))
+
+
+def test_it_takes_the_option_and_its_environment_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _parse([]).quantization == "none"
+    assert _parse(["--quantization", "int4-g32"]).quantization == "int4-g32"
+    monkeypatch.setenv("RUVON_QUANTIZATION", "int8")
+    assert _parse([]).quantization == "int8"
+    with pytest.raises(SystemExit):
+        _parse(["--quantization", "int5"])
+
+
+def test_an_engine_generates_with_a_quantised_model_and_labels_it() -> None:
+    engine = LLMEngine(EngineConfig(model="random:tiny-llama", quantization="int4-g32", num_blocks=32))
+    assert engine.label == "tiny-llama (RANDOM weights, seed 0, int4 g32 at load)"
+    out = engine.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    assert len(out[0].token_ids[0]) == 4
