@@ -32,7 +32,7 @@ from websockets.sync.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.platform.live_server import LiveServer, run_manage, start_live_server  # noqa: E402
+from tests.live_server import LiveServer, run_manage, start_live_server  # noqa: E402
 
 CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip

@@ -1,0 +1,105 @@
+"""The web chat page in a real headless Chromium against a live server: sign in, type, watch the reply stream
+in with its TTFT and tokens/s. Driven over the DevTools protocol with the `websockets` client; skipped when
+no Chromium is installed (.ci/run installs it)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from websockets.sync.client import ClientConnection, connect
+
+from tests.live_server import LiveServer, shared_live_server
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed"),
+]
+
+
+class Page:
+    """One browser tab, spoken to over the Chrome DevTools protocol."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.ids = itertools.count(1)
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        call_id = next(self.ids)
+        self.ws.send(json.dumps({"id": call_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv(timeout=30))
+            if message.get("id") == call_id:
+                assert "error" not in message, message
+                return message.get("result", {})
+
+    def js(self, expression: str) -> Any:
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout_s: float = 60) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while not (value := self.js(expression)):
+            assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+            time.sleep(0.1)
+        return value
+
+
+@pytest.fixture(scope="module")
+def page() -> Iterator[Page]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    profile = tempfile.mkdtemp(prefix="ruvon-chromium-")
+    cmd = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+           f"--remote-debugging-port={port}", f"--user-data-dir={profile}", "about:blank"]  # fmt: skip
+    browser = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ws_url = _page_websocket(port)
+        with connect(ws_url, max_size=None, open_timeout=30) as ws:
+            yield Page(ws)
+    finally:
+        browser.terminate()
+        browser.wait(timeout=20)
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _page_websocket(port: int, timeout_s: float = 60) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=5).json()
+            return next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
+        except (httpx.HTTPError, StopIteration):
+            assert time.monotonic() < deadline, "Chromium did not open its DevTools port"
+            time.sleep(0.2)
+
+
+def test_it_streams_a_reply_into_the_chat_page(page: Page) -> None:
+    server: LiveServer = shared_live_server()
+    name, value = server.login_cookie().split("=", 1)
+    page.call("Network.enable")
+    page.call("Network.setCookie", name=name, value=value, url=server.url)
+    page.call("Page.navigate", url=f"{server.url}/chat/")
+    status = page.wait_for("document.getElementById('status')?.textContent.startsWith('connected') && "
+                           "document.getElementById('status').textContent")  # fmt: skip
+    assert "tiny" in status and "RANDOM" in status
+    page.js("document.getElementById('max_tokens').value = '6';"
+            "document.getElementById('prompt').value = 'Hello';"
+            "document.getElementById('compose').requestSubmit();")  # fmt: skip
+    meta = page.wait_for("document.querySelector('.meta')?.textContent")
+    assert "TTFT" in meta and "tokens/s" in meta
+    assert page.js("document.querySelector('.msg.user').textContent") == "Hello"
+    assert page.js("document.querySelector('.msg.assistant').textContent.length") > 0
+    assert page.js("document.getElementById('send').disabled") is False

@@ -1,0 +1,113 @@
+"""Bad requests fail alone, before reaching the engine, as OpenAI-format errors with the right status."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from gpu_worker.errors import CapacityError, ModelLoadError
+from inference.errors import error_response
+
+if TYPE_CHECKING:
+    from tests.conftest import ApiClient
+
+pytestmark = pytest.mark.usefixtures("tiny_served")
+
+COMPLETION = {"model": "tiny", "prompt": "Hello", "max_tokens": 4}
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+
+def _error(response: Any, status: int, param: str | None) -> dict[str, Any]:
+    assert response.status_code == status, response.content
+    assert response["x-request-id"].startswith("req_")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert error["message"]
+    return error
+
+
+@pytest.mark.parametrize(
+    "changes, param",
+    [
+        ({"model": None}, "model"),
+        ({"prompt": None}, "prompt"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": [""]}, "stop"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 500}}, "logit_bias"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": [1, 2, 10**9]}, "prompt"),
+        ({"prompt": ["one", "two"]}, "prompt"),
+        ({"suffix": "end"}, "suffix"),
+        ({"seed": 2**64}, "seed"),
+    ],
+)
+def test_it_rejects_bad_completion_fields(as_owner: ApiClient, changes: dict[str, Any], param: str) -> None:
+    body = {k: v for k, v in (COMPLETION | changes).items() if v is not None}
+    error = _error(as_owner.post("/v1/completions", body), 400, param)
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "changes, param",
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"max_completion_tokens": 500}, "max_tokens"),
+    ],
+)
+def test_it_rejects_bad_chat_fields(as_owner: ApiClient, changes: dict[str, Any], param: str) -> None:
+    _error(as_owner.post("/v1/chat/completions", CHAT | changes), 400, param)
+
+
+def test_it_rejects_a_body_that_is_not_json(as_owner: ApiClient) -> None:
+    response = as_owner.client.post(
+        "/v1/completions", "{not json", content_type="application/json", headers=as_owner.headers
+    )
+    assert _error(response, 400, None)["type"] == "invalid_request_error"
+
+
+def test_it_rejects_a_prompt_longer_than_the_context(as_owner: ApiClient) -> None:
+    # random:tiny has a 128-token context.
+    error = _error(as_owner.post("/v1/completions", COMPLETION | {"prompt": list(range(200))}), 400, "prompt")
+    assert "128" in error["message"]
+    _error(
+        as_owner.post("/v1/completions", COMPLETION | {"prompt": list(range(120)), "max_tokens": 20}),
+        400,
+        "max_tokens",
+    )
+    long_chat = {"model": "tiny", "messages": [{"role": "user", "content": "word " * 200}]}
+    _error(as_owner.post("/v1/chat/completions", long_chat), 400, "messages")
+
+
+def test_it_answers_404_for_an_unknown_model(as_owner: ApiClient) -> None:
+    for path, body in [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)]:
+        error = _error(as_owner.post(path, body | {"model": "gpt-9"}), 404, "model")
+        assert error["code"] == "model_not_found"
+    assert _error(as_owner.get("/v1/models/gpt-9"), 404, "model")["code"] == "model_not_found"
+
+
+def test_it_maps_server_side_errors_in_one_place() -> None:
+    busy = error_response(CapacityError("queue full"))
+    assert busy.status_code == 503 and busy["Retry-After"] == "1"
+    assert json.loads(busy.content)["error"]["type"] == "server_error"
+    assert error_response(ModelLoadError("weights missing")).status_code == 503
+    crash = error_response(RuntimeError("secret internals"))
+    assert crash.status_code == 500
+    assert "secret internals" not in crash.content.decode()
