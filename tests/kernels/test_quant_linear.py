@@ -132,14 +132,15 @@ def test_it_offers_the_kernels_in_the_backends() -> None:
 @pytest.mark.parametrize("gelu", [False, True])
 def test_split_k_sums_slices_then_applies_bias_and_gelu(split_k: int, gelu: bool) -> None:
     x, q, scales, mins, bias = _int4_case(3, 20, 256, 32, seed=11)
-    qweight, qscales = pack_int4_ref(q, scales, mins)
+    qweight, qscales = (t.to(DEVICE) for t in pack_int4_ref(q, scales, mins))
+    x, bias = x.to(DEVICE), bias.to(DEVICE)
     ref = int4_linear_ref(x, qweight, qscales, bias, gelu)
     _close(int4_gemv(x, qweight, qscales, bias, gelu, split_k=split_k), ref)
-    x8, q8, s8, b8 = (t.cpu() for t in _int8_case(2, 12, 200, 1, seed=12))  # K slices 128 + 72
+    x8, q8, s8, b8 = _int8_case(2, 12, 200, 1, seed=12)  # K slices 128 + 72, on DEVICE
     _close(int8_gemv(x8, q8, s8, b8, gelu, split_k=split_k), int8_linear_ref(x8, q8, s8, b8, gelu))
-    g8 = torch.rand(12, 8) / 1000  # Q8_0 groups: slices of whole groups
-    x8 = torch.randn(2, 256)
-    q8 = torch.randint(-127, 128, (12, 256), dtype=torch.int8)
+    g8 = (torch.rand(12, 8) / 1000).to(DEVICE)  # Q8_0 groups: slices of whole groups
+    x8 = torch.randn(2, 256).to(DEVICE)
+    q8 = torch.randint(-127, 128, (12, 256), dtype=torch.int8).to(DEVICE)
     _close(int8_gemv(x8, q8, g8, None, False, split_k=split_k), int8_linear_ref(x8, q8, g8))
 
 
