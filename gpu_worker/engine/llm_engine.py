@@ -278,8 +278,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one step (scheduled, or a decode launch); return outputs of requests that progressed or ended."""
         touched: dict[str, Request] = {}
-        launch = self.chain_decodes and self.scheduler.can_launch_decodes() and not self._speculating()
-        if self._launch is not None or launch:
+        if self._launch is not None or self._can_launch():
             batch, step_seconds = self._launch_step(touched)
         else:
             batch, step_seconds = self._scheduled_step(touched)
@@ -350,6 +349,10 @@ class LLMEngine:
             merged.num_accepted += result.num_accepted or [0] * len(result.token_ids)
             merged.draft_logprobs += result.draft_logprobs or [[] for _ in result.token_ids]
         return kept, merged
+
+    def _can_launch(self) -> bool:
+        """Whether the next step may be a decode launch (speculating batches take scheduled steps)."""
+        return self.chain_decodes and self.scheduler.can_launch_decodes() and not self._speculating()
 
     # ---- speculative decoding ------------------------------------------------------------------
     def _speculating(self) -> bool:
