@@ -7,6 +7,8 @@ MergedLinear, one layer may hold several checkpoint projections as consecutive r
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import nn
 
@@ -20,7 +22,7 @@ from gpu_worker.quant.schemes import QuantScheme
 WHOLE = ""  # the one shard of a layer that is not merged: its checkpoint names are "weight", "bias"
 
 
-class QuantLinear(Layer):
+class QuantLinear(Layer, ABC):
     """What both quantised layers share: shape, bias, fused GELU and the shards a checkpoint fills."""
 
     bits: int
@@ -96,8 +98,9 @@ class QuantLinear(Layer):
         if self.bias is not None and linear.bias is not None:
             self.load_weight("bias", linear.bias.detach())
 
+    @abstractmethod
     def _load_shard(self, shard: str, start: int, end: int, tensor: CheckpointTensor) -> None:
-        raise NotImplementedError
+        """Store one shard's rows [start, end), quantising a full-precision tensor on the way."""
 
     def extra_repr(self) -> str:
         return (
