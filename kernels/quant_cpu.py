@@ -13,19 +13,12 @@ result comes back in x's dtype: the rounding of a bf16 model, which the perplexi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from kernels.reference import int8_linear_ref
+from kernels.reference import add_bias_gelu, int8_linear_ref
 
 INT4_CPU_N_MULTIPLE = 16
 INT4_CPU_GROUPS = (32, 64, 128, 256)
 CPU_MATMUL_DTYPE = torch.bfloat16
-
-
-def _epilogue(out: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
-    if bias is not None:
-        out = out + bias
-    return F.gelu(out, approximate="tanh") if gelu else out
 
 
 def int8_linear_cpu(
@@ -41,7 +34,7 @@ def int8_linear_cpu(
     out = torch._weight_int8pack_mm(
         x.to(CPU_MATMUL_DTYPE).contiguous(), qweight, scales[:, 0].to(CPU_MATMUL_DTYPE)
     )
-    return _epilogue(out.to(x.dtype), bias, gelu)
+    return add_bias_gelu(out.to(x.dtype), bias, gelu)
 
 
 def pack_int4_cpu(
@@ -73,4 +66,4 @@ def int4_linear_cpu(
     group = qweight.shape[1] * 2 // qscales.shape[0]
     x16 = x.to(CPU_MATMUL_DTYPE).contiguous()
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(x16, qweight, group, qscales)
-    return _epilogue(out.to(x.dtype), bias, gelu)
+    return add_bias_gelu(out.to(x.dtype), bias, gelu)

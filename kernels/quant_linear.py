@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kernels.reference import int4_linear_ref, int8_linear_ref
+from kernels.reference import add_bias_gelu, int4_linear_ref, int8_linear_ref
 
 try:
     import triton
@@ -204,12 +204,8 @@ def _launch(
     )  # fmt: skip
     if fuse:
         return out[0]
-    result = out.sum(dim=0)
-    if bias is not None:
-        result += bias.float()
-    if gelu:
-        result = torch.nn.functional.gelu(result, approximate="tanh")
-    return result.to(x.dtype)
+    bias32 = None if bias is None else bias.float()
+    return add_bias_gelu(out.sum(dim=0), bias32, gelu).to(x.dtype)
 
 
 def _check(x: torch.Tensor, n: int, k: int, bias: torch.Tensor | None) -> None:

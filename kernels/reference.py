@@ -155,6 +155,13 @@ def unpack_int4_ref(qweight: torch.Tensor) -> torch.Tensor:
     return torch.stack([qweight & 0xF, qweight >> 4], dim=-1).flatten(1)
 
 
+def add_bias_gelu(out: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+    """Return out + bias (when given), then tanh-GELU when gelu: the epilogue of every linear here."""
+    if bias is not None:
+        out = out + bias
+    return F.gelu(out, approximate="tanh") if gelu else out
+
+
 def _chunked_linear(
     x: torch.Tensor,
     rows: int,
@@ -170,9 +177,7 @@ def _chunked_linear(
         ],
         dim=-1,
     )
-    if bias is not None:
-        out = out + bias
-    return F.gelu(out, approximate="tanh") if gelu else out
+    return add_bias_gelu(out, bias, gelu)
 
 
 def int8_linear_ref(
