@@ -11,6 +11,15 @@ from gpu_worker.layers.base import CheckpointTensor, Layer, QuantizedTensor, cop
 from gpu_worker.layers.context import ForwardContext
 
 
+def shard_row_ranges(shards: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """Return each shard's [start, end) rows when shards of the given row counts are stacked in order."""
+    ranges, start = {}, 0
+    for shard, rows in shards.items():
+        ranges[shard] = (start, start + rows)
+        start += rows
+    return ranges
+
+
 class Linear(Layer):
     """weight [out, in], bias [out] or None. A quantised or LoRA projection replaces this module whole."""
 
@@ -48,11 +57,7 @@ class MergedLinear(Linear):
 
     def __init__(self, context: ForwardContext, in_features: int, shards: dict[str, int]) -> None:
         super().__init__(context, in_features, sum(shards.values()))
-        self.shard_rows: dict[str, tuple[int, int]] = {}
-        start = 0
-        for shard, rows in shards.items():
-            self.shard_rows[shard] = (start, start + rows)
-            start += rows
+        self.shard_rows = shard_row_ranges(shards)
 
     def load_weight(self, name: str, tensor: CheckpointTensor) -> None:
         shard, _, leaf = name.partition(".")

@@ -15,7 +15,7 @@ from torch import nn
 from gpu_worker.errors import ModelLoadError
 from gpu_worker.layers.base import CheckpointTensor, Layer, QuantizedTensor, copy_checked
 from gpu_worker.layers.context import ForwardContext
-from gpu_worker.layers.linear import Linear, MergedLinear
+from gpu_worker.layers.linear import Linear, MergedLinear, shard_row_ranges
 from gpu_worker.quant.quantizers import quantize_int4, quantize_int8
 from gpu_worker.quant.schemes import QuantScheme
 
@@ -44,11 +44,7 @@ class QuantLinear(Layer, ABC):
         self.group_size = group_size or in_features
         if in_features % self.group_size:
             raise ModelLoadError(f"group size {group_size} does not divide in_features {in_features}")
-        self.shard_rows: dict[str, tuple[int, int]] = {}
-        start = 0
-        for shard, rows in shards.items():
-            self.shard_rows[shard] = (start, start + rows)
-            start += rows
+        self.shard_rows = shard_row_ranges(shards)
         self.bias = nn.Parameter(torch.zeros(self.out_features, device=device)) if bias else None
 
     @classmethod
