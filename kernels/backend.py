@@ -13,6 +13,8 @@ from kernels.reference import (
     int4_linear_ref,
     int8_linear_ref,
     linear_ref,
+    lora_expand_ref,
+    lora_shrink_ref,
     pack_int4_ref,
     paged_attention_ref,
     store_kv_ref,
@@ -38,6 +40,9 @@ class KernelBackend:
     int4_pack: Callable[..., tuple[torch.Tensor, torch.Tensor]] = pack_int4_ref
     int4_linear: Callable[..., torch.Tensor] = int4_linear_ref  # (x, qweight, qscales, bias=None, gelu=False)
     int4_n_multiple: int = 1  # int4_pack needs the output rows N to be a multiple of this
+    # Many LoRA adapters in one batch (kernels/reference.py explains the segment layout):
+    lora_shrink: Callable[..., torch.Tensor] = lora_shrink_ref  # (x, a, seg_indptr, seg_slots, ranks) -> h
+    lora_expand: Callable[..., None] = lora_expand_ref  # (y, h, b, seg_indptr, seg_slots, ranks, scales)
 
 
 def cuda_backend() -> KernelBackend:

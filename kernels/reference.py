@@ -215,3 +215,53 @@ def int4_linear_ref(
         return (q * s[:, :, 0:1] + s[:, :, 1:2]).view(end - start, k)
 
     return _chunked_linear(x, n, dequant, bias, gelu)
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+# Many adapters in one batch: the rows of a step come in segments (one sequence's rows are consecutive);
+# segment g is rows seg_indptr[g]:seg_indptr[g + 1] and uses adapter slot seg_slots[g] (-1: no adapter).
+# Slots are stacked and padded to the widest rank R; ranks[s] is slot s's own rank (columns past it are
+# zero and may be skipped). y += scales[s] * (x @ A[s]^T) @ B[s]^T is done in two steps: shrink, expand.
+
+
+def _segments(seg_indptr: torch.Tensor, seg_slots: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Return (start, end, slot) for every segment that has an adapter."""
+    bounds, slots = seg_indptr.tolist(), seg_slots.tolist()
+    return [
+        (bounds[g], bounds[g + 1], s) for g, s in enumerate(slots) if s >= 0 and bounds[g + 1] > bounds[g]
+    ]
+
+
+def lora_shrink_ref(
+    x: torch.Tensor,  # [T, K]
+    a: torch.Tensor,  # [S, R, K]
+    seg_indptr: torch.Tensor,  # [G + 1] int32
+    seg_slots: torch.Tensor,  # [G] int32
+    ranks: torch.Tensor,  # [S] int32
+) -> torch.Tensor:
+    """Return h [T, R] float32: each row times its segment's A^T; zero for rows without an adapter and for
+    columns past the slot's rank."""
+    h = torch.zeros(x.shape[0], a.shape[1], dtype=torch.float32, device=x.device)
+    rank_of = ranks.tolist()
+    for start, end, slot in _segments(seg_indptr, seg_slots):
+        r = rank_of[slot]
+        h[start:end, :r] = x[start:end].float() @ a[slot, :r].float().T
+    return h
+
+
+def lora_expand_ref(
+    y: torch.Tensor,  # [T, N], updated in place
+    h: torch.Tensor,  # [T, R] float32, from lora_shrink
+    b: torch.Tensor,  # [S, N, R]
+    seg_indptr: torch.Tensor,  # [G + 1] int32
+    seg_slots: torch.Tensor,  # [G] int32
+    ranks: torch.Tensor,  # [S] int32
+    scales: torch.Tensor,  # [S] float32
+) -> None:
+    """y[rows] += scales[slot] * h[rows, :rank] @ B[slot, :, :rank]^T, in float32, stored in y's dtype; rows
+    without an adapter are left as they are."""
+    rank_of, scale_of = ranks.tolist(), scales.tolist()
+    for start, end, slot in _segments(seg_indptr, seg_slots):
+        r = rank_of[slot]
+        delta = h[start:end, :r] @ b[slot, :, :r].float().T
+        y[start:end] = (y[start:end].float() + scale_of[slot] * delta).to(y.dtype)
