@@ -293,11 +293,16 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> StepResult:
         flat = self.prepare(batch)
         seqs = flat.sample_seqs
-        decode_only = flat.metadata.max_query_len == 1 and not flat.prompt_rows
-        if decode_only and self.graphs is not None and self.graphs.fits(len(seqs)):
-            # In a decode-only step every row is its sequence's last token, so rows = sample rows.
-            hidden: torch.Tensor | None = None
-            logits: torch.Tensor | None = self.graphs.run(flat.input_ids, flat.positions, flat.metadata)
+        q = flat.metadata.max_query_len
+        # Every row sampled and no prompt rows: a decode step (q = 1) or a verification of drafts (q > 1).
+        all_sampled = not flat.prompt_rows and len(flat.sample_rows) == flat.input_ids.shape[0]
+        graphs = self.graphs if all_sampled else None
+        hidden: torch.Tensor | None = None
+        logits: torch.Tensor | None
+        if graphs is not None and q == 1 and graphs.fits(len(seqs)):
+            logits = graphs.run(flat.input_ids, flat.positions, flat.metadata)
+        elif graphs is not None and graphs.fits_verify(len(seqs), q):
+            logits = graphs.run_verify(flat.input_ids, flat.positions, flat.metadata)
         else:
             with self.model.context.use(flat.metadata):
                 hidden = self.model(flat.input_ids, flat.positions)  # [T, hidden]
