@@ -220,6 +220,8 @@ def main() -> None:
                 engine.proposer = proposer
                 for k in args.k:
                     engine.num_speculative_tokens = k
+                    # Warm-up at this k: verification graphs of k + 1 rows are captured on first use.
+                    run(engine, ids[:1], SamplingParams(temperature=0.0, max_tokens=2 * k + 2))
                     # Paired: a baseline run right before each speculative one, so drift on a shared
                     # machine hits both; the speedup is of the pair.
                     base = run(engine, prompts, base_params)

@@ -115,6 +115,7 @@ class ModelRunner:
         max_model_len: int,
         cuda_graph_max_batch: int = 0,  # 0: run eagerly
         launch_steps: int = 0,  # capture greedy launches of this many steps up front (0: none)
+        verify_rows: int = 0,  # capture verification graphs of this many rows per sequence up front (0: none)
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -134,6 +135,8 @@ class ModelRunner:
                 self.graphs.launch_body = self._greedy_launch_body
                 if launch_steps:
                     self.graphs.capture_launches(launch_steps)
+                if verify_rows > 1:
+                    self.graphs.capture_verify(verify_rows)
 
     def prepare(self, batch: ScheduledBatch) -> FlatBatch:
         ids: list[int] = []
