@@ -1,11 +1,15 @@
 """Multi-LoRA Triton kernels: shrink (h = x @ A^T) and expand (y += scale * h @ B^T) over segments of rows.
 
 Same signatures and semantics as lora_shrink_ref / lora_expand_ref (kernels/reference.py explains the
-segment layout). One launch each covers every segment, decode steps (one row per segment, BGMV-style) and
-prefill chunks (long segments, SGMV-style) alike: the grid tiles the step's rows, and each program walks the
-segments that overlap its row tile, reading each one's slot, rank and scale on the device. Rows without an
-adapter are skipped, A and B are never read past a slot's own rank, and accumulation is in fp32. The grid
-comes from tensor shapes only and nothing is read on the host, so both are safe inside CUDA graphs.
+segment layout). Each is one launch over every segment, its slot, rank and scale read on the device, in
+one of two shapes chosen from the tensor shapes alone:
+- per row (BGMV, decode steps: about one row per segment): one program per row (and K slice or column
+  tile) finds its segment with one load of the bounds and multiplies by its own adapter with FMAs;
+- row tiles (SGMV, prefill chunks: long segments): one program per tile of 16 or 64 rows walks the
+  segments that overlap it, one tl.dot per segment.
+Rows without an adapter are skipped, A and B are never read past a slot's own rank (mixed ranks share one
+padded stack), and accumulation is in fp32; expand rewrites only the rows an adapter updates. The grid
+comes from shapes only and nothing is read on the host, so both are safe inside CUDA graphs.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class Tiling:
     """Launch-shape heuristics of both kernels; the bench sweeps variants of them."""
 
     min_programs: int = 528  # aim for four programs per SM of an H200 (132 SMs)
+    per_row: float = 2.0  # mean rows per segment up to which every row is its own program (BGMV)
     long_segment: int = 32  # mean rows per segment from which row tiles grow to long_block_m
     long_block_m: int = 64  # rows per program for prefill-style layouts (else 16, tl.dot's least)
     block_k: int = 64  # K step of the shrink
@@ -31,51 +36,154 @@ class Tiling:
     num_warps: int = 4
     num_stages: int = 2
 
+    def rows_apart(self, rows: int, segments: int) -> bool:
+        """Return True when each row runs as its own program (decode-style steps), else row tiles do."""
+        return rows <= self.per_row * max(segments, 1)
+
     def block_m(self, rows: int, segments: int) -> int:
         """Return rows per program: 16 when segments are short (decode), long_block_m when they are long."""
         return self.long_block_m if rows > self.long_segment * max(segments, 1) else 16
 
-    def k_split(self, row_tiles: int, k: int) -> int:
-        """Return the K columns one shrink program reduces: split K until the row tiles times the slices
+    def k_split(self, row_programs: int, k: int) -> int:
+        """Return the K columns one shrink program reduces: split K until the row programs times the slices
         reach min_programs (a decode step with few rows still fills the GPU), a whole number of steps each."""
         steps = triton.cdiv(k, self.block_k)
-        split = max(1, min(steps, triton.cdiv(self.min_programs, row_tiles)))
+        split = max(1, min(steps, triton.cdiv(self.min_programs, row_programs)))
         return triton.cdiv(steps, split) * self.block_k
 
-    def block_n(self, row_tiles: int, n: int) -> int:
+    def block_n(self, row_programs: int, n: int) -> int:
         """Return expand columns per program: the most (a power of two in 16..max_block_n) that still
         leaves min_programs programs."""
-        want = max(1, n * row_tiles // self.min_programs)
+        want = max(1, n * row_programs // self.min_programs)
         return max(16, min(self.max_block_n, 1 << (want.bit_length() - 1)))
 
 
 DEFAULT_TILING = Tiling()
+SEGMENT_BLOCK = 256  # segment bounds one load reads when a program looks for its segment
 
 
 @triton.jit
-def _first_segment(seg_indptr_ptr, num_segments, row):
-    """Return the last segment g in 0..G whose start seg_indptr[g] <= row (binary search; indptr ascends)."""
-    lo = tl.program_id(0) * 0
-    hi = lo + num_segments
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        up = tl.load(seg_indptr_ptr + mid) <= row
-        lo = tl.where(up, mid, lo)
-        hi = tl.where(up, hi, mid - 1)
-    return lo
+def _segment_of(seg_indptr_ptr, num_segments, row, BLOCK_G: tl.constexpr):
+    """Return the last segment g whose start seg_indptr[g] <= row: -1 before the first, G past the last.
+
+    The bounds ascend, so that is the count of bounds at or below row, minus one: BLOCK_G bounds a load,
+    no chain of dependent loads as a binary search would have.
+    """
+    count = tl.program_id(0) * 0
+    offsets = tl.arange(0, BLOCK_G)
+    for start in range(0, num_segments + 1, BLOCK_G):
+        in_table = start + offsets <= num_segments
+        bounds = tl.load(seg_indptr_ptr + start + offsets, mask=in_table, other=0)
+        count += tl.sum((in_table & (bounds <= row)).to(tl.int32), axis=0)
+    return count - 1
 
 
 @triton.jit
-def _segment_adapter(seg_slots_ptr, ranks_ptr, g, num_slots, max_rank):
-    """Return (slot, rank) of segment g; rank 0 when it has no adapter (slot -1, or past the stack)."""
-    slot = tl.load(seg_slots_ptr + g)
+def _segment_adapter(seg_slots_ptr, ranks_ptr, g, num_segments, num_slots, max_rank):
+    """Return (slot, rank) of segment g; rank 0 when there is no adapter (slot -1, a slot past the stack,
+    or g outside 0..G-1), and never more than the stack's width."""
+    slot = tl.load(seg_slots_ptr + g, mask=(g >= 0) & (g < num_segments), other=-1)
     valid = (slot >= 0) & (slot < num_slots)
     rank = tl.load(ranks_ptr + slot, mask=valid, other=0)
     return tl.where(valid, slot, 0), tl.minimum(tl.maximum(rank, 0), max_rank)
 
 
 @triton.jit
-def _lora_shrink_kernel(
+def _shrink_rows_kernel(
+    x_ptr,
+    a_ptr,
+    seg_indptr_ptr,
+    seg_slots_ptr,
+    ranks_ptr,
+    out_ptr,
+    K,
+    R,
+    G,
+    S,
+    stride_xt,
+    stride_xk,
+    stride_as,
+    stride_ar,
+    stride_ak,
+    stride_ot,
+    stride_osplit,
+    K_SPLIT,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    # One program per row and K slice (BGMV): x[row, slice] against its own adapter's A[slot, :rank, slice].
+    row = tl.program_id(0)
+    k_begin = tl.program_id(1) * K_SPLIT
+    k_end = tl.minimum(K, k_begin + K_SPLIT)
+    ranks = tl.arange(0, BLOCK_R)
+    ks = tl.arange(0, BLOCK_K)
+    g = _segment_of(seg_indptr_ptr, G, row, BLOCK_G)
+    slot, rank = _segment_adapter(seg_slots_ptr, ranks_ptr, g, G, S, R)
+    x_ptrs = x_ptr + row.to(tl.int64) * stride_xt + (k_begin + ks) * stride_xk  # [BLOCK_K]
+    a_ptrs = (
+        a_ptr
+        + slot.to(tl.int64) * stride_as
+        + ranks[:, None] * stride_ar
+        + (k_begin + ks)[None, :] * stride_ak
+    )  # [BLOCK_R, BLOCK_K]
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(k_begin, tl.where(rank > 0, k_end, k_begin), BLOCK_K):  # no steps without an adapter
+        k_mask = ks < k_end - k0
+        x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptrs, mask=(ranks < rank)[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(a * x[None, :], axis=1)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    out_ptrs = out_ptr + tl.program_id(1) * stride_osplit + row.to(tl.int64) * stride_ot + ranks
+    tl.store(out_ptrs, acc, mask=ranks < R)
+
+
+@triton.jit
+def _expand_rows_kernel(
+    y_ptr,
+    h_ptr,
+    b_ptr,
+    seg_indptr_ptr,
+    seg_slots_ptr,
+    ranks_ptr,
+    scales_ptr,
+    N,
+    R,
+    G,
+    S,
+    stride_yt,
+    stride_yn,
+    stride_ht,
+    stride_hr,
+    stride_bs,
+    stride_bn,
+    stride_br,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    # One program per row and column tile (BGMV): y[row, cols] += scale * B[slot, cols, :rank] . h[row, :rank].
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ranks = tl.arange(0, BLOCK_R)
+    g = _segment_of(seg_indptr_ptr, G, row, BLOCK_G)
+    slot, rank = _segment_adapter(seg_slots_ptr, ranks_ptr, g, G, S, R)
+    if rank > 0:
+        col_mask, rank_mask = cols < N, ranks < rank
+        h = tl.load(h_ptr + row.to(tl.int64) * stride_ht + ranks * stride_hr, mask=rank_mask, other=0.0)
+        b_ptrs = (
+            b_ptr + slot.to(tl.int64) * stride_bs + cols[:, None] * stride_bn + ranks[None, :] * stride_br
+        )
+        b = tl.load(b_ptrs, mask=col_mask[:, None] & rank_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
+        delta = tl.sum(b.to(tl.float32) * h[None, :], axis=1)  # [BLOCK_N]
+        y_ptrs = y_ptr + row.to(tl.int64) * stride_yt + cols * stride_yn
+        y = tl.load(y_ptrs, mask=col_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, (y + tl.load(scales_ptr + slot) * delta).to(y_ptr.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
+def _shrink_tiles_kernel(
     x_ptr,
     a_ptr,
     seg_indptr_ptr,
@@ -98,6 +206,7 @@ def _lora_shrink_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -111,11 +220,11 @@ def _lora_shrink_kernel(
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
 
-    g = _first_segment(seg_indptr_ptr, G, row_begin)
+    g = tl.maximum(_segment_of(seg_indptr_ptr, G, row_begin, BLOCK_G), 0)
     seg_start = tl.load(seg_indptr_ptr + g)
     while (g < G) & (seg_start < row_begin + BLOCK_M):
         seg_end = tl.load(seg_indptr_ptr + g + 1)
-        slot, rank = _segment_adapter(seg_slots_ptr, ranks_ptr, g, S, R)
+        slot, rank = _segment_adapter(seg_slots_ptr, ranks_ptr, g, G, S, R)
         row_mask = (rows >= seg_start) & (rows < seg_end) & (rows < T)
         x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xt + (k_begin + ks)[None, :] * stride_xk
         a_ptrs = (
@@ -144,7 +253,7 @@ def _lora_shrink_kernel(
 
 
 @triton.jit
-def _lora_expand_kernel(
+def _expand_tiles_kernel(
     y_ptr,
     h_ptr,
     b_ptr,
@@ -167,6 +276,7 @@ def _lora_expand_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    BLOCK_G: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     # One program owns a [BLOCK_M, BLOCK_N] tile of y: for each segment that overlaps its rows,
@@ -179,11 +289,11 @@ def _lora_expand_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     touched = tl.zeros((BLOCK_M,), dtype=tl.int32)  # [BLOCK_M] > 0: rows some adapter updates
 
-    g = _first_segment(seg_indptr_ptr, G, row_begin)
+    g = tl.maximum(_segment_of(seg_indptr_ptr, G, row_begin, BLOCK_G), 0)
     seg_start = tl.load(seg_indptr_ptr + g)
     while (g < G) & (seg_start < row_begin + BLOCK_M):
         seg_end = tl.load(seg_indptr_ptr + g + 1)
-        slot, rank = _segment_adapter(seg_slots_ptr, ranks_ptr, g, S, R)
+        slot, rank = _segment_adapter(seg_slots_ptr, ranks_ptr, g, G, S, R)
         row_end = tl.where(rank > 0, seg_end, seg_start)  # no rows to update without an adapter
         row_mask = (rows >= seg_start) & (rows < row_end) & (rows < T)
         if tl.max(row_mask.to(tl.int32), axis=0) > 0:
@@ -208,8 +318,9 @@ def _lora_expand_kernel(
 
 def _check_segments(
     seg_indptr: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor, slots: int
-) -> None:
-    """Raise ValueError when the segment tables do not have the shapes and dtypes the kernels read."""
+) -> int:
+    """Return the number of segments G; raise ValueError when the tables lack the shapes and dtypes the kernels
+    read."""
     g = seg_slots.shape[0] if seg_slots.dim() == 1 else -1
     if g < 0 or seg_indptr.shape != (g + 1,) or ranks.shape != (slots,):
         raise ValueError(
@@ -218,6 +329,7 @@ def _check_segments(
         )
     if any(t.dtype != torch.int32 for t in (seg_indptr, seg_slots, ranks)):
         raise ValueError("seg_indptr, seg_slots and ranks must be int32")
+    return g
 
 
 def lora_shrink(
@@ -231,23 +343,25 @@ def lora_shrink(
     """Return lora_shrink_ref's h: each row times its segment's A^T in fp32, zero where there is no adapter."""
     if x.dim() != 2 or a.dim() != 3 or a.shape[2] != x.shape[1]:
         raise ValueError(f"x must be [T, K] and a [S, R, K]; got {tuple(x.shape)} and {tuple(a.shape)}")
-    (t, k), (s, r) = x.shape, a.shape[:2]
-    _check_segments(seg_indptr, seg_slots, ranks, s)
+    (t, k), (s, r), g = x.shape, a.shape[:2], _check_segments(seg_indptr, seg_slots, ranks, a.shape[0])
     if t == 0 or r == 0 or k == 0:
         return torch.zeros((t, r), dtype=torch.float32, device=x.device)
-    block_m = tiling.block_m(t, seg_slots.shape[0])
-    row_tiles = triton.cdiv(t, block_m)
-    k_split = tiling.k_split(row_tiles, k)
+    apart = tiling.rows_apart(t, g)
+    block_m = 1 if apart else tiling.block_m(t, g)
+    k_split = tiling.k_split(triton.cdiv(t, block_m), k)
     split = triton.cdiv(k, k_split)
     out = torch.empty((split, t, r), dtype=torch.float32, device=x.device)  # [split, T, R] partial sums
-    dtype, precision = dot_dtype(x.dtype if a.dtype == x.dtype else torch.float32)
-    _lora_shrink_kernel[(row_tiles, split)](
-        x, a, seg_indptr, seg_slots, ranks, out,
-        t, k, r, seg_slots.shape[0], s,
-        x.stride(0), x.stride(1), a.stride(0), a.stride(1), a.stride(2), out.stride(1), out.stride(0), k_split,
-        BLOCK_M=block_m, BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_K=tiling.block_k,
-        DOT_DTYPE=dtype, PRECISION=precision, num_warps=tiling.num_warps, num_stages=tiling.num_stages,
-    )  # fmt: skip
+    args = (x, a, seg_indptr, seg_slots, ranks, out) + (() if apart else (t,)) + (k, r, g, s, *x.stride())
+    args += (*a.stride(), out.stride(1), out.stride(0), k_split)
+    meta = dict(BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_K=tiling.block_k, BLOCK_G=SEGMENT_BLOCK)
+    meta |= dict(num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+    if apart:
+        _shrink_rows_kernel[(t, split)](*args, **meta)
+    else:
+        dtype, precision = dot_dtype(x.dtype if a.dtype == x.dtype else torch.float32)
+        _shrink_tiles_kernel[(triton.cdiv(t, block_m), split)](
+            *args, BLOCK_M=block_m, DOT_DTYPE=dtype, PRECISION=precision, **meta
+        )
     return out[0] if split == 1 else out.sum(dim=0)
 
 
@@ -267,22 +381,23 @@ def lora_expand(
         raise ValueError(
             f"y must be [T, N], h [T, R] and b [S, N, R]; got {tuple(y.shape)}, {tuple(h.shape)}, {tuple(b.shape)}"
         )
-    (t, n), (s, _, r) = y.shape, b.shape
-    _check_segments(seg_indptr, seg_slots, ranks, s)
+    (t, n), (s, _, r), g = y.shape, b.shape, _check_segments(seg_indptr, seg_slots, ranks, b.shape[0])
     if scales.shape != (s,) or scales.dtype != torch.float32 or h.dtype != torch.float32:
         raise ValueError(f"h and scales [S={s}] must be float32")
     if t == 0 or n == 0 or r == 0:
         return
-    block_m = tiling.block_m(t, seg_slots.shape[0])
-    row_tiles = triton.cdiv(t, block_m)
-    block_n = tiling.block_n(row_tiles, n)
-    # h stays fp32 (fp16 could overflow: down projections see large activations); against a half-precision
-    # B, whose values tf32 holds exactly, the dot runs in tf32 on the tensor cores, against fp32 B in IEEE fp32.
-    precision = "ieee" if b.dtype == torch.float32 else "tf32"
-    _lora_expand_kernel[(row_tiles, triton.cdiv(n, block_n))](
-        y, h, b, seg_indptr, seg_slots, ranks, scales,
-        t, n, r, seg_slots.shape[0], s,
-        y.stride(0), y.stride(1), h.stride(0), h.stride(1), b.stride(0), b.stride(1), b.stride(2),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(r)),
-        PRECISION=precision, num_warps=tiling.num_warps, num_stages=tiling.num_stages,
-    )  # fmt: skip
+    apart = tiling.rows_apart(t, g)
+    block_m = 1 if apart else tiling.block_m(t, g)
+    block_n = tiling.block_n(triton.cdiv(t, block_m), n)
+    grid = (triton.cdiv(t, block_m), triton.cdiv(n, block_n))
+    args = (y, h, b, seg_indptr, seg_slots, ranks, scales) + (() if apart else (t,)) + (n, r, g, s)
+    args += (*y.stride(), *h.stride(), *b.stride())
+    meta = dict(BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_G=SEGMENT_BLOCK)
+    meta |= dict(num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+    if apart:
+        _expand_rows_kernel[grid](*args, **meta)
+    else:
+        # h stays fp32 (fp16 could overflow: down projections see large activations). Against half-precision
+        # B, whose values tf32 holds exactly, the dot runs in tf32 on the tensor cores; against fp32 B, in IEEE.
+        precision = "ieee" if b.dtype == torch.float32 else "tf32"
+        _expand_tiles_kernel[grid](*args, BLOCK_M=block_m, PRECISION=precision, **meta)

@@ -21,14 +21,17 @@ RANKS = (3, 8, 16)  # three slots, padded to R = 16
 # padding rows of a CUDA-graph batch).
 LAYOUTS = {
     "decode": ([1] * 9, [0, -1, 2, 1, 2, 2, -1, 0, 1]),
-    "prefill": ([45, 0, 27], [1, 0, 2]),
+    "prefill": ([37, 0, 19], [1, 0, 2]),
     "mixed": ([13, 0, 1, 21, 1, 5], [2, 1, -1, 0, 1, 2]),
     "padded": ([1, 1, 17, 1], [1, -1, 0, 2]),  # + 6 rows past the last segment
 }
 PADDING_ROWS = {"padded": 6}
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
-# Tiny tiles: a K step of 16, K split over several programs, long-segment row tiles from 4 rows on.
-TINY = Tiling(min_programs=64, long_segment=4, block_k=16, max_block_n=16)
+# Every layout through each path, with tiny tiles: a K step of 16, K split over several programs, 16
+# columns per expand program; row tiles of 64 from 4 rows per segment on.
+TILES = Tiling(min_programs=64, per_row=0.0, long_segment=4, block_k=16, max_block_n=16)
+ROWS = Tiling(min_programs=64, per_row=1e9, block_k=16, max_block_n=32)
+TILINGS = pytest.mark.parametrize("tiling", [Tiling(), TILES, ROWS], ids=["default", "tiles", "rows"])
 
 
 class Case:
@@ -76,7 +79,7 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> No
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("tiling", [Tiling(), TINY], ids=["default", "tiny"])
+@TILINGS
 def test_shrink_matches_its_reference(layout: str, dtype: torch.dtype, tiling: Tiling) -> None:
     case = Case(layout, k=72, n=40, dtype=dtype)  # K = 72: not a multiple of the K step
     h = lora_shrink(case.x, case.a, *case.tables(), tiling=tiling)
@@ -87,7 +90,7 @@ def test_shrink_matches_its_reference(layout: str, dtype: torch.dtype, tiling: T
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("tiling", [Tiling(), TINY], ids=["default", "tiny"])
+@TILINGS
 def test_expand_matches_its_reference_in_place(layout: str, dtype: torch.dtype, tiling: Tiling) -> None:
     case = Case(layout, k=24, n=50, dtype=dtype)  # N = 50: not a multiple of the column tile
     case.y[case.bare_rows, ::3] = -0.0  # a rewrite of y + 0 would turn these into +0.0
@@ -101,31 +104,33 @@ def test_expand_matches_its_reference_in_place(layout: str, dtype: torch.dtype, 
 
 
 @pytest.mark.parametrize("layout", ["decode", "mixed"])
-def test_it_never_reads_past_a_slots_rank(layout: str) -> None:
+@pytest.mark.parametrize("tiling", [TILES, ROWS], ids=["tiles", "rows"])
+def test_it_never_reads_past_a_slots_rank(layout: str, tiling: Tiling) -> None:
     # NaN in every padded column of A and B, and in h past each row's rank (all of it for rows without an
     # adapter): one stray read would spread NaN into the output.
     case = Case(layout, k=40, n=30, dtype=torch.float32, pad=float("nan"), seed=3)
-    h = lora_shrink(case.x, case.a, *case.tables(), tiling=TINY)
+    h = lora_shrink(case.x, case.a, *case.tables(), tiling=tiling)
     assert torch.isfinite(h).all()
     assert_close(h, case.h(), torch.float32)
     rank_of_row = torch.tensor([RANKS[s] if s >= 0 else 0 for s in case.slot_of_row.tolist()], device=DEVICE)
     in_rank = torch.arange(h.shape[1], device=DEVICE)[None, :] < rank_of_row[:, None]  # [T, R]
     h_nan = torch.where(in_rank, h, float("nan"))
     y = case.y.clone()
-    lora_expand(y, h_nan, case.b, *case.tables(), case.scales)
+    lora_expand(y, h_nan, case.b, *case.tables(), case.scales, tiling=tiling)
     expected = case.y.clone()
     lora_expand_ref(expected, h, case.b, *case.tables(), case.scales)
     assert torch.isfinite(y).all()
     assert_close(y, expected, torch.float32)
 
 
-def test_a_slot_past_the_stack_reads_as_no_adapter() -> None:
+@pytest.mark.parametrize("tiling", [TILES, ROWS], ids=["tiles", "rows"])
+def test_a_slot_past_the_stack_reads_as_no_adapter(tiling: Tiling) -> None:
     # A corrupt slot index must not read another tenant's memory or crash the step: its rows are left alone.
     case = Case("decode", k=24, n=20, dtype=torch.float32)
     case.seg_slots[2] = len(RANKS)
     before = case.y.clone()
-    h = lora_shrink(case.x, case.a, *case.tables())
-    lora_expand(case.y, h, case.b, *case.tables(), case.scales)
+    h = lora_shrink(case.x, case.a, *case.tables(), tiling=tiling)
+    lora_expand(case.y, h, case.b, *case.tables(), case.scales, tiling=tiling)
     assert not h[2].any() and torch.equal(case.y[2], before[2])
     assert h[0].any() and not torch.equal(case.y[0], before[0])
 
