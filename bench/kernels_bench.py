@@ -98,7 +98,7 @@ LORA_RANKS = (8, 16, 12, 8, 16, 10, 8, 16)  # 8 adapters, padded to R = 16
 # (rows, layout): decode steps (one row per sequence, each on the next adapter) and prefill chunks (one
 # sequence per adapter, rows / 8 rows each).
 LORA_CASES = ((1, "decode"), (16, "decode"), (256, "decode"), (256, "prefill"), (2048, "prefill"))
-LORA_CPU_CASES = ((1, "decode"), (16, "decode"), (16, "prefill"))
+LORA_CPU_CASES = ((1, "decode"), (16, "decode"), (64, "prefill"))
 LORA_SWEEP = [
     LoraTiling(block_k=bk, max_block_n=bn, num_warps=w)
     for bk, bn, w in itertools.product((32, 64, 128), (64, 128), (2, 4))
@@ -484,7 +484,8 @@ def lora_row(model: str, layer: str, k: int, n: int, rows: int, layout: str) -> 
     copies = len(case.weights)
     per_call = (lambda fn: graph_us(fn) / copies) if cuda else cpu_us
     lora_us, linear_us = per_call(case.lora), per_call(case.linear)
-    row = {"model": model, "layer": layer, "K": k, "N": n, "rows": rows, "layout": layout}
+    path = "rows" if LORA_TILING.rows_apart(rows, case.seg_slots.shape[0]) else "tiles"
+    row = {"model": model, "layer": layer, "K": k, "N": n, "rows": rows, "layout": layout, "path": path}
     row |= {"lora_us": lora_us, "shrink_us": per_call(case.shrink), "expand_us": per_call(case.expand)}
     row |= {"linear_us": linear_us, "lora/linear": lora_us / linear_us}
     row |= {"lora_eager_us": (median_us(case.lora) / copies) if cuda else lora_us}
