@@ -317,10 +317,10 @@ def _expand_tiles_kernel(
 
 
 def _check_segments(
-    seg_indptr: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor, slots: int
+    seg_indptr: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor, slots: int, device: torch.device
 ) -> int:
-    """Return the number of segments G; raise ValueError when the tables lack the shapes and dtypes the kernels
-    read."""
+    """Return the number of segments G; raise ValueError when the tables lack the shapes, dtypes or device the
+    kernels read."""
     g = seg_slots.shape[0] if seg_slots.dim() == 1 else -1
     if g < 0 or seg_indptr.shape != (g + 1,) or ranks.shape != (slots,):
         raise ValueError(
@@ -329,6 +329,8 @@ def _check_segments(
         )
     if any(t.dtype != torch.int32 for t in (seg_indptr, seg_slots, ranks)):
         raise ValueError("seg_indptr, seg_slots and ranks must be int32")
+    if not seg_indptr.device == seg_slots.device == ranks.device == device:
+        raise ValueError(f"seg_indptr, seg_slots and ranks must be on {device}, with the activations")
     return g
 
 
@@ -343,7 +345,10 @@ def lora_shrink(
     """Return lora_shrink_ref's h: each row times its segment's A^T in fp32, zero where there is no adapter."""
     if x.dim() != 2 or a.dim() != 3 or a.shape[2] != x.shape[1]:
         raise ValueError(f"x must be [T, K] and a [S, R, K]; got {tuple(x.shape)} and {tuple(a.shape)}")
-    (t, k), (s, r), g = x.shape, a.shape[:2], _check_segments(seg_indptr, seg_slots, ranks, a.shape[0])
+    if a.device != x.device:
+        raise ValueError(f"a must be on {x.device}, with x")
+    (t, k), (s, r) = x.shape, a.shape[:2]
+    g = _check_segments(seg_indptr, seg_slots, ranks, s, x.device)
     if t == 0 or r == 0 or k == 0:
         return torch.zeros((t, r), dtype=torch.float32, device=x.device)
     apart = tiling.rows_apart(t, g)
@@ -381,9 +386,12 @@ def lora_expand(
         raise ValueError(
             f"y must be [T, N], h [T, R] and b [S, N, R]; got {tuple(y.shape)}, {tuple(h.shape)}, {tuple(b.shape)}"
         )
-    (t, n), (s, _, r), g = y.shape, b.shape, _check_segments(seg_indptr, seg_slots, ranks, b.shape[0])
+    (t, n), (s, _, r) = y.shape, b.shape
+    g = _check_segments(seg_indptr, seg_slots, ranks, s, y.device)
     if scales.shape != (s,) or scales.dtype != torch.float32 or h.dtype != torch.float32:
         raise ValueError(f"h and scales [S={s}] must be float32")
+    if not h.device == scales.device == b.device == y.device:
+        raise ValueError(f"h, b and scales must be on {y.device}, with y")
     if t == 0 or n == 0 or r == 0:
         return
     apart = tiling.rows_apart(t, g)

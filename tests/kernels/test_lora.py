@@ -159,6 +159,8 @@ def test_it_takes_strided_views_and_an_empty_step() -> None:
         (lambda c: setattr(c, "ranks", c.ranks[:2]), "ranks"),
         (lambda c: setattr(c, "seg_indptr", c.seg_indptr[:-1]), "seg_indptr"),
         (lambda c: setattr(c, "a", c.a[:, :, :-1]), "must be"),
+        (lambda c: setattr(c, "seg_slots", c.seg_slots.to("meta")), "must be on"),
+        (lambda c: setattr(c, "a", c.a.to("meta")), "must be on"),
     ],
 )
 def test_it_rejects_tables_it_cannot_read(change: Callable[[Case], None], match: str) -> None:
