@@ -194,19 +194,30 @@ def test_the_cuda_backend_runs_these_kernels() -> None:
     assert backend.lora_shrink is lora_shrink and backend.lora_expand is lora_expand
 
 
+# Steps at real sizes: decode rows only (the per-row path), and decode rows beside a prefill chunk or
+# prefill chunks alone (row tiles).
+GPU_STEPS = {
+    "decode-1": [1],
+    "decode-16": [1] * 16,
+    "decode-256": [1] * 256,
+    "mixed-256": [1] * 64 + [192],
+    "prefill-512": [64] * 8,
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(("k", "n"), [(768, 2304), (1600, 4800), (3072, 768), (6400, 1600)])
-@pytest.mark.parametrize("rows", [1, 16, 256])
+@pytest.mark.parametrize("step", sorted(GPU_STEPS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_it_matches_the_reference_at_gpt2_sizes(k: int, n: int, rows: int, dtype: torch.dtype) -> None:
+def test_it_matches_the_reference_at_gpt2_sizes(k: int, n: int, step: str, dtype: torch.dtype) -> None:
+    lengths = GPU_STEPS[step]
+    rows, slots, r = sum(lengths), 8, 16
     gen = torch.Generator().manual_seed(k + n + rows)
-    slots, r = 8, 16
     x = torch.randn(rows, k, generator=gen).to("cuda", dtype)
     a = (torch.randn(slots, r, k, generator=gen) / k**0.5).to("cuda", dtype)
     b = (torch.randn(slots, n, r, generator=gen) / r**0.5).to("cuda", dtype)
     ranks = torch.tensor([8, 16, 12, 8, 16, 10, 8, 16], dtype=torch.int32, device="cuda")
-    lengths = [1] * rows if rows < 256 else [1] * 192 + [16] * 4  # decode rows, then prefill chunks
     seg_indptr = torch.tensor([0, *lengths]).cumsum(0).to("cuda", torch.int32)
     seg_slots = (torch.arange(len(lengths)) % (slots + 1) - 1).to("cuda", torch.int32)  # -1 every 9th
     scales = torch.rand(slots, device="cuda") + 0.5
@@ -223,18 +234,20 @@ def test_it_matches_the_reference_at_gpt2_sizes(k: int, n: int, rows: int, dtype
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_it_replays_in_a_cuda_graph_with_new_segment_tables() -> None:
-    # Captured once; new slots, ranks and segment bounds are copied into the same tensors before each replay.
-    case = Case("mixed", k=1600, n=4800, dtype=torch.float16)
+@pytest.mark.parametrize("layout", ["decode", "mixed"])
+def test_it_replays_in_a_cuda_graph_with_new_segment_tables(layout: str) -> None:
+    # Captured once; new slots and segment bounds are copied into the same tensors before each replay.
+    case = Case(layout, k=1600, n=4800, dtype=torch.float16)
     tables, y = case.tables(), case.y.clone()
     lora_expand(y, lora_shrink(case.x, case.a, *tables), case.b, *tables, case.scales)  # compile first
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         h = lora_shrink(case.x, case.a, *tables)
         lora_expand(y, h, case.b, *tables, case.scales)
-    for lengths, slots in (LAYOUTS["mixed"], ([10, 30, 1, 0, 0, 0], [0, 2, 1, -1, -1, -1])):
-        case.seg_indptr.copy_(torch.tensor([0, *lengths]).cumsum(0))
-        case.seg_slots.copy_(torch.tensor(slots))
+    lengths, slots = LAYOUTS[layout]
+    for new_lengths, new_slots in ((lengths, slots), (lengths[::-1], slots[1:] + slots[:1])):
+        case.seg_indptr.copy_(torch.tensor([0, *new_lengths]).cumsum(0))
+        case.seg_slots.copy_(torch.tensor(new_slots))
         y.copy_(case.y)
         graph.replay()
         expected = case.y.clone()
