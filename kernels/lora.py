@@ -30,9 +30,13 @@ class Tiling:
     min_programs: int = 528  # aim for four programs per SM of an H200 (132 SMs)
     per_row: float = 2.0  # mean rows per segment up to which every row is its own program (BGMV)
     long_segment: int = 32  # mean rows per segment from which row tiles grow to long_block_m
-    long_block_m: int = 64  # rows per program for prefill-style layouts (else 16, tl.dot's least)
+    long_block_m: int = 64  # rows per program for prefill-style layouts (else 16, tl.dot's least) ...
+    max_acc: int = 2048  # ... at most these elements in a [M, R] tile (a wide fused stack spills on sm_90)
     block_k: int = 64  # K step of the shrink
     max_block_n: int = 128  # output columns per expand program, at most
+    max_tile: int = (
+        4096  # elements of an expand program's largest tile, [M, N] or [N, R]: more spill on sm_90
+    )
     num_warps: int = 4
     num_stages: int = 2
 
@@ -40,9 +44,11 @@ class Tiling:
         """Return True when each row runs as its own program (decode-style steps), else row tiles do."""
         return rows <= self.per_row * max(segments, 1)
 
-    def block_m(self, rows: int, segments: int) -> int:
-        """Return rows per program: 16 when segments are short (decode), long_block_m when they are long."""
-        return self.long_block_m if rows > self.long_segment * max(segments, 1) else 16
+    def block_m(self, rows: int, segments: int, block_r: int) -> int:
+        """Return rows per row tile: 16 when segments are short, up to long_block_m when they are long."""
+        if rows <= self.long_segment * max(segments, 1):
+            return 16
+        return max(16, min(self.long_block_m, self.max_acc // block_r))
 
     def k_split(self, row_programs: int, k: int) -> int:
         """Return the K columns one shrink program reduces: split K until the row programs times the slices
@@ -51,11 +57,12 @@ class Tiling:
         split = max(1, min(steps, triton.cdiv(self.min_programs, row_programs)))
         return triton.cdiv(steps, split) * self.block_k
 
-    def block_n(self, row_programs: int, n: int) -> int:
+    def block_n(self, row_programs: int, n: int, block_m: int, block_r: int) -> int:
         """Return expand columns per program: the most (a power of two in 16..max_block_n) that still
-        leaves min_programs programs."""
+        leaves min_programs programs and keeps the [block_m, N] and [N, block_r] tiles within max_tile."""
         want = max(1, n * row_programs // self.min_programs)
-        return max(16, min(self.max_block_n, 1 << (want.bit_length() - 1)))
+        most = min(self.max_block_n, self.max_tile // max(block_m, block_r))
+        return max(16, min(most, 1 << (want.bit_length() - 1)))
 
 
 DEFAULT_TILING = Tiling()
@@ -351,14 +358,14 @@ def lora_shrink(
     g = _check_segments(seg_indptr, seg_slots, ranks, s, x.device)
     if t == 0 or r == 0 or k == 0:
         return torch.zeros((t, r), dtype=torch.float32, device=x.device)
-    apart = tiling.rows_apart(t, g)
-    block_m = 1 if apart else tiling.block_m(t, g)
+    apart, block_r = tiling.rows_apart(t, g), max(16, triton.next_power_of_2(r))
+    block_m = 1 if apart else tiling.block_m(t, g, block_r)
     k_split = tiling.k_split(triton.cdiv(t, block_m), k)
     split = triton.cdiv(k, k_split)
     out = torch.empty((split, t, r), dtype=torch.float32, device=x.device)  # [split, T, R] partial sums
     args = (x, a, seg_indptr, seg_slots, ranks, out) + (() if apart else (t,)) + (k, r, g, s, *x.stride())
     args += (*a.stride(), out.stride(1), out.stride(0), k_split)
-    meta = dict(BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_K=tiling.block_k, BLOCK_G=SEGMENT_BLOCK)
+    meta = dict(BLOCK_R=block_r, BLOCK_K=tiling.block_k, BLOCK_G=SEGMENT_BLOCK)
     meta |= dict(num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     if apart:
         _shrink_rows_kernel[(t, split)](*args, **meta)
@@ -394,13 +401,13 @@ def lora_expand(
         raise ValueError(f"h, b and scales must be on {y.device}, with y")
     if t == 0 or n == 0 or r == 0:
         return
-    apart = tiling.rows_apart(t, g)
-    block_m = 1 if apart else tiling.block_m(t, g)
-    block_n = tiling.block_n(triton.cdiv(t, block_m), n)
+    apart, block_r = tiling.rows_apart(t, g), max(16, triton.next_power_of_2(r))
+    block_m = 1 if apart else tiling.block_m(t, g, block_r)
+    block_n = tiling.block_n(triton.cdiv(t, block_m), n, block_m, block_r)
     grid = (triton.cdiv(t, block_m), triton.cdiv(n, block_n))
     args = (y, h, b, seg_indptr, seg_slots, ranks, scales) + (() if apart else (t,)) + (n, r, g, s)
     args += (*y.stride(), *h.stride(), *b.stride())
-    meta = dict(BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_G=SEGMENT_BLOCK)
+    meta = dict(BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_G=SEGMENT_BLOCK)
     meta |= dict(num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     if apart:
         _expand_rows_kernel[grid](*args, **meta)

@@ -30,7 +30,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 # Every layout through each path, with tiny tiles: a K step of 16, K split over several programs, 16
 # columns per expand program; row tiles of 64 from 4 rows per segment on.
 TILES = Tiling(min_programs=64, per_row=0.0, long_segment=4, block_k=16, max_block_n=16)
-ROWS = Tiling(min_programs=64, per_row=1e9, block_k=16, max_block_n=32)
+ROWS = Tiling(min_programs=1, per_row=1e9, block_k=16, max_block_n=32)  # no K split: the default has it
 TILINGS = pytest.mark.parametrize("tiling", [Tiling(), TILES, ROWS], ids=["default", "tiles", "rows"])
 
 
@@ -38,22 +38,31 @@ class Case:
     """A step's rows x [T, K] and output y [T, N], a stack of S adapters (A [S, R, K], B [S, N, R]) whose
     columns past each slot's rank hold `pad` (zero as the loader leaves them, or NaN to catch stray reads)."""
 
-    def __init__(self, layout: str, k: int, n: int, dtype: torch.dtype, pad: float = 0.0, seed: int = 0):
+    def __init__(
+        self,
+        layout: str,
+        k: int,
+        n: int,
+        dtype: torch.dtype,
+        pad: float = 0.0,
+        seed: int = 0,
+        ranks: tuple[int, ...] = RANKS,
+    ):
         lengths, slots = LAYOUTS[layout]
         gen = torch.Generator().manual_seed(seed)
-        t, s, r = sum(lengths) + PADDING_ROWS.get(layout, 0), len(RANKS), max(RANKS)
+        t, s, r = sum(lengths) + PADDING_ROWS.get(layout, 0), len(ranks), max(ranks)
         self.x = torch.randn(t, k, generator=gen).to(DEVICE, dtype)
         self.y = torch.randn(t, n, generator=gen).to(DEVICE, dtype)
         a = torch.randn(s, r, k, generator=gen) / k**0.5
         b = torch.randn(s, n, r, generator=gen) / r**0.5
-        for slot, rank in enumerate(RANKS):
+        for slot, rank in enumerate(ranks):
             a[slot, rank:] = pad
             b[slot, :, rank:] = pad
         self.a, self.b = a.to(DEVICE, dtype), b.to(DEVICE, dtype)
         bounds = torch.tensor([0, *lengths]).cumsum(0)
         self.seg_indptr = bounds.to(DEVICE, torch.int32)
         self.seg_slots = torch.tensor(slots, dtype=torch.int32, device=DEVICE)
-        self.ranks = torch.tensor(RANKS, dtype=torch.int32, device=DEVICE)
+        self.ranks = torch.tensor(ranks, dtype=torch.int32, device=DEVICE)
         self.scales = torch.tensor([0.5, 2.0, 1.25], device=DEVICE)
         slot_of_row = torch.full((t,), -1)
         for g, slot in enumerate(slots):
@@ -101,6 +110,20 @@ def test_expand_matches_its_reference_in_place(layout: str, dtype: torch.dtype, 
     assert_close(case.y, expected, dtype)  # y itself, updated in place
     assert torch.equal(bits(case.y[case.bare_rows]), bits(before[case.bare_rows]))  # never written
     assert not torch.equal(case.y[~case.bare_rows], before[~case.bare_rows])
+
+
+@pytest.mark.parametrize("layout", ["decode", "mixed"])
+@pytest.mark.parametrize("tiling", [TILES, ROWS], ids=["tiles", "rows"])
+def test_a_fused_stack_wider_than_a_power_of_two(layout: str, tiling: Tiling) -> None:
+    # A fused q/k/v projection stacks three shards' A along R: R = 48 (tiles of 64), ranks up to all of it.
+    case = Case(layout, k=40, n=36, dtype=torch.float16, ranks=(9, 48, 30), seed=11)
+    h = lora_shrink(case.x, case.a, *case.tables(), tiling=tiling)
+    assert h.shape == (case.x.shape[0], 48)
+    assert_close(h, case.h(), torch.float16)
+    expected = case.y.clone()
+    lora_expand_ref(expected, h, case.b, *case.tables(), case.scales)
+    lora_expand(case.y, h, case.b, *case.tables(), case.scales, tiling=tiling)
+    assert_close(case.y, expected, torch.float16)
 
 
 @pytest.mark.parametrize("layout", ["decode", "mixed"])
