@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import math
 import os
 import sys
 import time
@@ -99,13 +100,14 @@ LORA_RANKS = (8, 16, 12, 8, 16, 10, 8, 16)  # 8 adapters, padded to R = 16
 # sequence per adapter, rows / 8 rows each).
 LORA_CASES = ((1, "decode"), (16, "decode"), (256, "decode"), (256, "prefill"), (2048, "prefill"))
 LORA_CPU_CASES = ((1, "decode"), (16, "decode"), (64, "prefill"))
+# Both paths (per_row 0: row tiles; inf: a program per row) on every case, whatever the default picks.
 LORA_SWEEP = [
-    LoraTiling(block_k=bk, max_block_n=bn, num_warps=w)
-    for bk, bn, w in itertools.product((32, 64, 128), (64, 128), (2, 4))
+    LoraTiling(per_row=p, block_k=bk, num_warps=w)
+    for p, bk, w in itertools.product((0.0, math.inf), (32, 64, 128), (2, 4, 8))
 ]
 LORA_SWEEP_CASES = (("gpt2-xl", 1600, 4800, 1, "decode"), ("gpt2-xl", 6400, 1600, 1, "decode"))
 LORA_SWEEP_CASES += (("gpt2-xl", 1600, 4800, 256, "decode"), ("gpt2-xl", 1600, 4800, 2048, "prefill"))
-LORA_FIELDS = ("block_k", "max_block_n", "num_warps")
+LORA_FIELDS = ("block_k", "num_warps")
 
 
 def median_us(fn: Callable[[], Any]) -> float:
@@ -507,10 +509,13 @@ def lora_sweep_rows() -> list[dict[str, Any]]:
     for model, k, n, m, layout in LORA_SWEEP_CASES:
         case = LoraCase(k, n, m, layout)
         name = f"lora {model} K={k} N={n} T={m} {layout}"
+        segments = case.seg_slots.shape[0]
         for tiling in LORA_SWEEP:
             us = graph_us(functools.partial(case.lora, tiling)) / len(case.weights)
-            label = " ".join(f"{f}={getattr(tiling, f)}" for f in LORA_FIELDS)
+            path = "rows" if tiling.rows_apart(m, segments) else "tiles"
+            label = " ".join([f"path={path}"] + [f"{f}={getattr(tiling, f)}" for f in LORA_FIELDS])
             is_default = all(getattr(tiling, f) == getattr(LORA_TILING, f) for f in LORA_FIELDS)
+            is_default &= path == ("rows" if LORA_TILING.rows_apart(m, segments) else "tiles")
             rows.append({"case": name, "tiling": label + (" *" if is_default else ""), "us": us})
     return rows
 
