@@ -5,7 +5,7 @@ segment layout). Each is one launch over every segment, its slot, rank and scale
 one of two shapes chosen from the tensor shapes alone:
 - per row (BGMV, decode steps: about one row per segment): one program per row (and K slice or column
   tile) finds its segment with one load of the bounds and multiplies by its own adapter with FMAs;
-- row tiles (SGMV, prefill chunks: long segments): one program per tile of 16 or 64 rows walks the
+- row tiles (SGMV, prefill chunks: long segments): one program per tile of 16 to 64 rows walks the
   segments that overlap it, one tl.dot per segment.
 Rows without an adapter are skipped, A and B are never read past a slot's own rank (mixed ranks share one
 padded stack), and accumulation is in fp32; expand rewrites only the rows an adapter updates. The grid
