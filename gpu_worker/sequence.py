@@ -29,6 +29,21 @@ class TokenLogprob:
     top: list[tuple[int, str, float]]  # (token_id, token, logprob), best first
 
 
+@dataclass(frozen=True)
+class LoRARequest:
+    """The LoRA adapter a request runs with: a globally unique name ("<tenant id>/<adapter>" from the web
+    tier), the directory of its PEFT files, and the sha256 of its weights file, checked before use."""
+
+    name: str
+    path: str
+    sha256: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Return what caches are keyed by: a re-upload under the same name never meets stale weights."""
+        return (self.name, self.sha256)
+
+
 @dataclass
 class RequestMetrics:
     arrival_time: float
@@ -67,6 +82,7 @@ class Sequence:
     # distributions q [num_drafts, V] (None: one-hot on the draft, as for n-gram proposals).
     num_drafts: int = 0
     draft_probs: torch.Tensor | None = None
+    lora_slot: int = -1  # the adapter slot it holds (pinned) while running; -1: none, or not running
     # Outputs not yet handed to the caller (deltas).
     pending_token_ids: list[int] = field(default_factory=list)
     pending_text: str = ""
@@ -122,7 +138,9 @@ class Request:
     # Root of the prefix-cache hash chain (block_manager.isolation_root): requests share cached KV blocks
     # only when their roots are equal (same tenant and cache_salt by default).
     cache_root: bytes = b""
+    adapter: LoRARequest | None = None
     error: str | None = None  # why the engine failed this request, when it did
+    error_code: str | None = None  # what kind of failure: "engine_error", "adapter_error"
 
     @property
     def num_prompt_tokens(self) -> int:
