@@ -10,6 +10,7 @@ from enum import Enum
 import torch
 
 from gpu_worker.config import SamplingParams
+from gpu_worker.lora.request import LoRARequest
 
 
 class SequenceStatus(Enum):
@@ -27,21 +28,6 @@ class TokenLogprob:
     bytes: list[int]
     logprob: float
     top: list[tuple[int, str, float]]  # (token_id, token, logprob), best first
-
-
-@dataclass(frozen=True)
-class LoRARequest:
-    """The LoRA adapter a request runs with: a globally unique name ("<tenant id>/<adapter>" from the web
-    tier), the directory of its PEFT files, and the sha256 of its weights file, checked before use."""
-
-    name: str
-    path: str
-    sha256: str
-
-    @property
-    def key(self) -> tuple[str, str]:
-        """Return what caches are keyed by: a re-upload under the same name never meets stale weights."""
-        return (self.name, self.sha256)
 
 
 @dataclass

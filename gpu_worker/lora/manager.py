@@ -19,8 +19,8 @@ import torch
 from gpu_worker.errors import InvalidAdapterError
 from gpu_worker.lora.format import Adapter, adapter_targets, read_adapter
 from gpu_worker.lora.layer import LoRALinear, enable_lora
+from gpu_worker.lora.request import LoRARequest
 from gpu_worker.models.base import CausalLM
-from gpu_worker.sequence import LoRARequest
 
 log = logging.getLogger("ruvon.lora")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gpu_worker.errors import InvalidRequestError
-from gpu_worker.sequence import LoRARequest
+from gpu_worker.lora.request import LoRARequest
 from gpu_worker.serving.protocol import (
     Event,
     ParsedJob,
