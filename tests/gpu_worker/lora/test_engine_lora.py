@@ -284,7 +284,9 @@ def test_it_refuses_bad_start_up_adapters(
         engine_for(tiny_gpt2, loras=(f"a={tmp_path}",), merge_lora=True)
 
 
-def test_the_command_line_sets_the_lora_options() -> None:
+def test_the_command_line_sets_the_lora_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RUVON_ENABLE_LORA", "RUVON_MAX_LORAS", "RUVON_MAX_LORA_RANK"):
+        monkeypatch.delenv(name, raising=False)
     parser = argparse.ArgumentParser()
     add_engine_arguments(parser)
     args = parser.parse_args(
@@ -306,3 +308,11 @@ def test_the_command_line_sets_the_lora_options() -> None:
         16,
         (),
     )
+    # A deployment sets the same names as the web tier's settings.
+    monkeypatch.setenv("RUVON_ENABLE_LORA", "1")
+    monkeypatch.setenv("RUVON_MAX_LORAS", "6")
+    monkeypatch.setenv("RUVON_MAX_LORA_RANK", "64")
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    from_env = engine_config(vars(parser.parse_args([])))
+    assert (from_env.enable_lora, from_env.max_loras, from_env.max_lora_rank) == (True, 6, 64)
