@@ -192,6 +192,11 @@ RUVON_PREFIX_CACHE_SCOPE = os.environ.get("RUVON_PREFIX_CACHE_SCOPE", "tenant")
 # Tokens per sequence per decode launch (gpu_worker EngineConfig.decode_steps): >1 trades smooth streaming
 # for throughput.
 RUVON_DECODE_STEPS = env_int("RUVON_DECODE_STEPS") or 1
+# LoRA adapters in the embedded engine (gpu_worker EngineConfig.enable_lora, max_loras, max_lora_rank): device
+# slots for that many adapters at once, of rank up to the maximum; uploads of a higher rank are refused.
+RUVON_ENABLE_LORA = env_bool("RUVON_ENABLE_LORA", True)
+RUVON_MAX_LORAS = env_int("RUVON_MAX_LORAS") or 4
+RUVON_MAX_LORA_RANK = env_int("RUVON_MAX_LORA_RANK") or 16
 # max_tokens of a request that sends none: small enough that the embedded default (SmolLM2 on a laptop CPU,
 # ~30 tokens/s) answers in seconds.
 RUVON_DEFAULT_MAX_TOKENS = env_int("RUVON_DEFAULT_MAX_TOKENS") or 256
