@@ -150,6 +150,7 @@ class LLMEngine:
             launch_steps=config.decode_steps if self.chain_decodes else 0,
             # Verification graphs for k drafts + 1 rows, captured now rather than in the first request.
             verify_rows=config.num_speculative_tokens + 1 if config.speculative != "none" else 0,
+            eos_ids=eos_ids,
         )
         self.proposer: Proposer | None = self._make_proposer(num_blocks)
         self.spec_table = load_batch_table(config.speculative_batch_table)

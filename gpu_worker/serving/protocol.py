@@ -22,8 +22,15 @@ Event = dict[str, Any]
 TERMINAL_TYPES = frozenset({"done", "error"})
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 _TUPLE_FIELDS = {"stop", "stop_token_ids"}
-_INT_FIELDS = {"n", "max_tokens", "top_k", "seed", "logprobs", "prompt_logprobs"}
-_FLOAT_FIELDS = {"temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty"}
+_INT_FIELDS = {"n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs"}
+_FLOAT_FIELDS = {
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+}
 _NULLABLE_FIELDS = {"max_tokens", "seed", "logprobs", "prompt_logprobs"}  # None means something here
 
 
