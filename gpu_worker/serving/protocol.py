@@ -81,6 +81,7 @@ def make_job(
     weight: float = 1.0,
     adapter: str | None = None,
     cache_salt: str | None = None,
+    user: str | None = None,
     submitted_at: float | None = None,
     token_budget: int | None = None,
     reserved_tokens: int = 0,
@@ -91,7 +92,8 @@ def make_job(
 
     token_budget: the most tokens the job can use (prompt + n x max completion), what admission counts;
     reserved_tokens: what the API key's token bucket was charged for it; max_queue_s / timeout_s: how long
-    it may wait for a worker, and live in all, counted from submitted_at (None: no bound)."""
+    it may wait for a worker, and live in all, counted from submitted_at (None: no bound); user: the client's
+    `user` field, which the worker only copies into the usage record."""
     if isinstance(params, SamplingParams):
         params = sampling_params_to_dict(params)
     return {
@@ -104,6 +106,7 @@ def make_job(
         "weight": weight,
         "adapter": adapter,
         "cache_salt": cache_salt,
+        "user": user,
         "submitted_at": time.time() if submitted_at is None else submitted_at,
         "token_budget": len(prompt_token_ids) if token_budget is None else token_budget,
         "reserved_tokens": reserved_tokens,
@@ -357,5 +360,6 @@ def usage_event(
         "first_token_at": first_token_at,
         "finished_at": finished_at,
         "adapter": raw.get("adapter"),
+        "user": raw.get("user") if isinstance(raw.get("user"), str) else None,
         "timings": dict(timings or {}),
     }
