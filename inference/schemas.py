@@ -297,3 +297,34 @@ class ErrorDetail(Schema):
 
 class ErrorResponse(Schema):
     error: ErrorDetail
+
+
+# --------------------------------------------------------------------------------------- operations
+
+
+class HealthReport(Schema):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(
+        ..., description='Each check ("model:<name>", "database", "redis"): "ok" or why not.'
+    )
+    reason: str | None = Field(None, description="What failed, when something did.")
+
+
+class EngineVersions(Schema):
+    ruvon: str
+    torch: str
+    cuda: str | None = None
+    device: str
+    model: str | None = None
+    label: str | None = None
+
+
+class VersionReport(Schema):
+    version: str = Field(..., description="Ruvon's version.")
+    commit: str | None = Field(
+        None, description="The git commit (RUVON_COMMIT, else the checkout's), if known."
+    )
+    torch: str | None = Field(None, description="torch as installed beside the web tier.")
+    engine: EngineVersions | None = Field(
+        None, description="The engine's (embedded, or the newest worker's)."
+    )

@@ -26,6 +26,7 @@ from gpu_worker.serving.protocol import (
     usage_event,
 )
 from gpu_worker.serving.transport import Delivery, Finished, WorkerTransport
+from gpu_worker.versions import engine_versions
 
 if TYPE_CHECKING:
     from gpu_worker.engine.llm_engine import LLMEngine
@@ -77,6 +78,7 @@ class Worker:
         self._stop = threading.Event()
         self._last_heartbeat = 0.0
         self._takes_adapter = "adapter" in inspect.signature(engine.add_request).parameters
+        self.versions = engine_versions(engine.device)
 
     # ------------------------------------------------------------------------------------ the loop
 
@@ -404,6 +406,8 @@ class Worker:
             "label": self.engine.label,
             "max_model_len": self.engine.max_model_len,
             "active": len(self._active),
+            "draining": self._stop.is_set(),  # taking no more jobs: /health does not count it
+            "versions": self.versions,
             "stats": self.engine.stats(),
             "time": time.time(),
         }
