@@ -43,6 +43,8 @@ class InputBatch:
         history = RowHistory([], [], [])
         penalty = any(s.params.presence_penalty or s.params.frequency_penalty for s in seqs)
         repetition = any(s.params.repetition_penalty != 1.0 for s in seqs)
+        if not (penalty or repetition or any(s.params.min_tokens for s in seqs)):
+            return history  # the common case: a large batch pays no per-row loop
         row = 0
         for seq, r in zip(seqs, counts, strict=True):
             params = seq.params

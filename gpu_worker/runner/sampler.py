@@ -152,13 +152,15 @@ def apply_penalties_and_bias(logits: torch.Tensor, t: SamplingMetadata) -> torch
 
 
 def token_counts(logits: torch.Tensor, ids_per_row: list[list[int]]) -> torch.Tensor:
-    """Return [R, V] counts of each token in each row's ids, built with one copy and one scatter."""
-    rows = [row for row, ids in enumerate(ids_per_row) for _ in ids]
+    """Return [R, V] counts of each token in each row's ids, with one host-to-device copy and one scatter."""
     counts = torch.zeros_like(logits)
-    if rows:
-        index = torch.tensor([rows, [t for ids in ids_per_row for t in ids]], device=logits.device)  # [2, N]
-        ones = torch.ones(len(rows), dtype=logits.dtype, device=logits.device)
-        counts.index_put_((index[0], index[1]), ones, accumulate=True)
+    lengths = [len(ids) for ids in ids_per_row]
+    if not any(lengths):
+        return counts
+    flat = torch.cat([torch.tensor(ids, dtype=torch.int64) for ids in ids_per_row])  # [N], on the host
+    rows = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))  # [N]
+    index = (rows * logits.shape[1] + flat).to(logits.device)  # [N] positions in counts.view(-1)
+    counts.view(-1).index_add_(0, index, torch.ones(len(flat), dtype=logits.dtype, device=logits.device))
     return counts
 
 
