@@ -137,6 +137,20 @@ def test_a_list_of_token_id_prompts_is_a_batch_too(sdk: openai.OpenAI) -> None:
     assert batch.choices[1].text == alone.choices[0].text
 
 
+def test_a_client_leaving_a_batched_stream_cancels_every_prompt(
+    sdk: openai.OpenAI, tiny_server: LiveServer
+) -> None:
+    raw = sdk.completions.with_raw_response.create(
+        model="tiny", prompt=PROMPTS, max_tokens=120, stream=True, extra_body={"ignore_eos": True}
+    )
+    stream = raw.parse()
+    next(iter(stream))
+    stream.close()  # drop the connection after the first chunk
+    rows = [tiny_server.usage_of(f"{raw.headers['x-request-id']}-{i}") for i in range(len(PROMPTS))]
+    assert [r["status"] for r in rows] == ["cancelled"] * len(PROMPTS)
+    assert all(r["completion_tokens"] < 120 for r in rows)
+
+
 # -------------------------------------------------------------------------------------------- scoring
 
 
