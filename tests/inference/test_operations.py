@@ -17,7 +17,7 @@ from django.test import Client, override_settings
 
 import inference.transport as transport
 from gpu_worker.versions import ruvon_version
-from tests.inference.test_warm_start import slow_load  # noqa: F401 (a fixture)
+from tests.inference.test_warm_start import _wait, slow_load  # noqa: F401 (slow_load: a fixture)
 
 if TYPE_CHECKING:
     from tests.conftest import ApiClient
@@ -29,13 +29,6 @@ DEAD_REDIS = "redis://127.0.0.1:1/0"  # nothing listens on port 1
 def _health() -> tuple[int, dict[str, Any]]:
     response = Client().get("/health")  # no API key: load balancers and orchestrators call it
     return response.status_code, response.json()
-
-
-def _wait(condition: Any, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 @pytest.mark.django_db(transaction=True)
