@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from gpu_worker.errors import InvalidRequestError
 
 MAX_TOP_LOGPROBS = 20
+# The engine's own bound on stop strings per request, whatever the web tier's RUVON_MAX_STOP_SEQUENCES allows:
+# every generated token is checked against each of them.
+MAX_STOP_SEQUENCES = 256
+MAX_STOP_TOKEN_IDS = 256
 
 
 @dataclass(frozen=True)
@@ -87,21 +92,30 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling settings, in OpenAI's vocabulary (plus top_k and min_p)."""
+    """Per-request sampling settings, in OpenAI's vocabulary (plus vLLM's top_k, min_p, min_tokens,
+    repetition_penalty, stop_token_ids, include_stop_str_in_output and skip_special_tokens)."""
 
     n: int = 1
-    max_tokens: int | None = 16  # None: up to the context length
+    max_tokens: int | None = 16  # None: up to the context length; 0: the prompt only (scoring, with logprobs)
+    min_tokens: int = 0  # EOS, stop_token_ids and stop strings cannot end a choice before this many tokens
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: disabled
     min_p: float = 0.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # vLLM's and HF's rule: the logit of a token seen in the prompt or the output so far is divided by it when
+    # positive and multiplied by it when negative; 1.0: off.
+    repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = (
+        False  # the matched stop string (or stop token's text) stays in the text
+    )
+    skip_special_tokens: bool = True  # False: special tokens' text (e.g. "<|im_end|>") is part of the output
     logprobs: int | None = None  # top-n logprobs of each generated token (0: chosen token only)
     prompt_logprobs: int | None = None  # likewise for the prompt tokens
     speculative: bool = True  # False: this request never gets drafts, whatever the engine's setting
@@ -113,7 +127,17 @@ class SamplingParams:
         """Raise InvalidRequestError naming the first bad field."""
         checks: list[tuple[bool, str, str]] = [
             (self.n >= 1, "n", "n must be at least 1"),
-            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "max_tokens must be at least 1"),
+            (
+                self.max_tokens is None or self.max_tokens >= 0,
+                "max_tokens",
+                "max_tokens must not be negative",
+            ),
+            (self.min_tokens >= 0, "min_tokens", "min_tokens must not be negative"),
+            (
+                self.max_tokens is None or self.min_tokens <= self.max_tokens,
+                "min_tokens",
+                "min_tokens must not be more than max_tokens",
+            ),
             (self.temperature >= 0.0, "temperature", "temperature must be non-negative"),
             (0.0 < self.top_p <= 1.0, "top_p", "top_p must be in (0, 1]"),
             (self.top_k >= -1, "top_k", "top_k must be -1, 0 (disabled) or positive"),
@@ -123,6 +147,11 @@ class SamplingParams:
                 -2.0 <= self.frequency_penalty <= 2.0,
                 "frequency_penalty",
                 "frequency_penalty must be in [-2, 2]",
+            ),
+            (
+                0.0 < self.repetition_penalty < math.inf,
+                "repetition_penalty",
+                "repetition_penalty must be a positive number (1: off)",
             ),
             (
                 all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()),
@@ -140,7 +169,20 @@ class SamplingParams:
                 f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}",
             ),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty"),
-            (len(self.stop) <= 4, "stop", "at most 4 stop sequences"),
+            (
+                len(self.stop) <= MAX_STOP_SEQUENCES,
+                "stop",
+                f"at most {MAX_STOP_SEQUENCES} stop sequences",
+            ),
+            (
+                len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+                "stop_token_ids",
+                f"at most {MAX_STOP_TOKEN_IDS} stop token ids",
+            ),
+            *(
+                (isinstance(getattr(self, name), bool), name, f"{name} must be true or false")
+                for name in ("include_stop_str_in_output", "skip_special_tokens")
+            ),
             (isinstance(self.speculative, bool), "speculative", "speculative must be true or false"),
         ]
         for ok, param, message in checks:
@@ -158,12 +200,22 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"logit_bias keys must be token ids in [0, {vocab_size})", param="logit_bias"
             )
+        if any(not 0 <= t < vocab_size for t in self.stop_token_ids):
+            raise InvalidRequestError(
+                f"stop_token_ids must be token ids in [0, {vocab_size})", param="stop_token_ids"
+            )
 
     @property
     def device_only(self) -> bool:
         """Whether the next token depends on nothing the host has to supply (no penalties over earlier output,
-        no logprobs to read back), so decode steps can be chained on the device."""
-        return self.logprobs is None and not self.presence_penalty and not self.frequency_penalty
+        no logprobs to read back), so decode steps can be chained on the device. min_tokens is the scheduler's
+        to judge: it depends on how far the sequence has come."""
+        return self.logprobs is None and not self.penalised
+
+    @property
+    def penalised(self) -> bool:
+        """Whether the logits depend on the tokens seen so far (presence, frequency or repetition penalty)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:

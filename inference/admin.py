@@ -31,6 +31,7 @@ class UsageRecordAdmin(ReadOnlyAdmin):
         "request_id",
         "tenant",
         "api_key",
+        "user",
         "model",
         "status",
         "finish_reason",
@@ -45,7 +46,7 @@ class UsageRecordAdmin(ReadOnlyAdmin):
     ]
     list_filter = ["status", "model", "tenant", "adapter"]
     change_list_template = "admin/inference/usagerecord/change_list.html"  # adds a "Cost report" button
-    search_fields = ["request_id", "api_key__prefix"]
+    search_fields = ["request_id", "api_key__prefix", "user"]
     date_hierarchy = "submitted_at"
     list_select_related = ["tenant", "api_key"]
 

@@ -93,16 +93,18 @@ async def _run(
     key = request.auth  # type: ignore[attr-defined]
     await check_budget(key.tenant)
     tokens = services.token_budget(prepared, served.max_model_len)
-    request.response_headers = await admit(key, tokens)  # type: ignore[attr-defined]
+    request.response_headers = await admit(key, tokens) | services.response_headers(prepared)  # type: ignore[attr-defined]
     reserved = reserved_tokens(key, tokens)
-    job = services.build_job(request.request_id, served, prepared, key, reserved)  # type: ignore[attr-defined]
+    jobs = services.build_jobs(request.request_id, served, prepared, key, reserved)  # type: ignore[attr-defined]
     # The wait for the engine can last minutes: give back this request's database connection first, or
     # a few hundred concurrent requests exhaust PostgreSQL's connections (ASGI uses a thread per request).
     await sync_to_async(close_old_connections)()
     try:
-        return await services.execute(client, job, prepared, stream)
-    except CapacityError:
-        await release(key, tokens)  # the queue refused it: it never ran, so it costs the key nothing
+        return await services.execute(client, jobs, prepared, stream)
+    except CapacityError as exc:
+        # The queue refused it (a batch: its prompts from one on): what never ran costs the key nothing.
+        settled = exc.settled_tokens if isinstance(exc, services.BatchRefused) else 0
+        await release(key, tokens - settled)
         raise
 
 

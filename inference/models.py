@@ -35,6 +35,12 @@ class UsageRecord(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     recorded_at = models.DateTimeField(auto_now_add=True)
     adapter = models.CharField(max_length=200, blank=True, default="", help_text="LoRA adapter; empty: none.")
+    user = models.CharField(
+        max_length=256,
+        blank=True,
+        default="",
+        help_text="The request's `user` field (the client's end user).",
+    )
     # Timings as the worker measured them (gpu_worker/serving/worker.py), null when the request never got that far.
     queue_s = models.FloatField(null=True, blank=True, help_text="Submitted to first scheduled.")
     ttft_s = models.FloatField(null=True, blank=True, help_text="Submitted to first token.")

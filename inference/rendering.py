@@ -3,9 +3,10 @@ streamed chunks, usage objects and both logprobs shapes (legacy completions and 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -314,3 +315,105 @@ class ChatRenderer(_BaseRenderer):
             "logprob": _finite(logprob),
             "bytes": list(self.tokenizer.token_bytes(token_id)),
         }
+
+
+# ------------------------------------------------------------------------------------- prompt batches
+
+
+class PromptBatch:
+    """Renders the results of one request's jobs, one job per prompt (a batched /v1/completions), each with
+    its own renderer: choices numbered as OpenAI numbers them (prompt i's choice j is index i * n + j), usage
+    and Ruvon's extension summed over the prompts. A single prompt renders exactly as its renderer does."""
+
+    def __init__(self, renderers: Sequence[Renderer], n: int) -> None:
+        self.renderers = list(renderers)
+        self.n = n
+
+    def response(self, results: list[Collected]) -> dict[str, Any]:
+        parts = [r.response(result) for r, result in zip(self.renderers, results, strict=True)]
+        if len(parts) == 1:
+            return parts[0]
+        choices = [self._renumbered(choice, i) for i, part in enumerate(parts) for choice in part["choices"]]
+        return parts[0] | {"choices": choices, **_summed(parts)}
+
+    async def chunks(self, streams: list[AsyncIterator[Event]]) -> AsyncIterator[dict[str, Any]]:
+        if len(streams) == 1:
+            async for chunk in self.renderers[0].chunks(streams[0]):
+                yield chunk
+            return
+        usage: list[dict[str, Any]] = []
+        chunks = [r.chunks(events) for r, events in zip(self.renderers, streams, strict=True)]
+        async for i, chunk in interleave(chunks):
+            if not chunk["choices"]:  # a prompt's usage chunk: the batch sends one, summed, at the end
+                usage.append(chunk)
+                continue
+            chunk["choices"] = [self._renumbered(choice, i) for choice in chunk["choices"]]
+            yield chunk
+        if usage:
+            yield usage[0] | _summed(usage)
+
+    def _renumbered(self, choice: dict[str, Any], prompt: int) -> dict[str, Any]:
+        return choice | {"index": prompt * self.n + choice["index"]}
+
+
+def _summed(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return the usage and `ruvon` fields of several prompts' responses (or usage chunks) as one request's:
+    tokens, cost and billing summed, device time summed; the first token is the earliest, the end the latest;
+    speeds are a sequence's and have no value for a batch."""
+    usages = [part["usage"] for part in parts]
+    usage = {
+        name: sum(u[name] for u in usages) for name in ("prompt_tokens", "completion_tokens", "total_tokens")
+    }
+    cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages)
+    extensions = [part["ruvon"] for part in parts]
+    timings = [e["timings"] for e in extensions]
+    merged_timings = {
+        "queued_s": _pick(min, [t["queued_s"] for t in timings]),
+        "ttft_s": _pick(min, [t["ttft_s"] for t in timings]),
+        "e2e_s": _pick(max, [t["e2e_s"] for t in timings]),
+        "tpot_s": None,
+        "tokens_per_s": None,
+        "device_s": sum(t["device_s"] or 0.0 for t in timings),
+    }
+    ruvon = {
+        "timings": merged_timings,
+        "cost_usd": sum(e["cost_usd"] for e in extensions),
+        "billed_usd": sum(e["billed_usd"] for e in extensions),
+    }
+    return {"usage": usage | {"prompt_tokens_details": {"cached_tokens": cached}}, "ruvon": ruvon}
+
+
+def _pick(choose: Any, values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return choose(known) if known else None
+
+
+async def interleave(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
+    """Yield (stream index, item) from several async iterators as items arrive. The first error of any
+    stream is raised; leaving early (or an error) cancels the readers of the others."""
+    queue: asyncio.Queue[tuple[int, Any, BaseException | None, bool]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[Any]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item, None, False))
+        except Exception as exc:
+            await queue.put((i, None, exc, True))
+            return
+        await queue.put((i, None, None, True))
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            i, item, error, ended = await queue.get()
+            if error is not None:
+                raise error
+            if ended:
+                running -= 1
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from ninja import Field, Schema
-from pydantic import ConfigDict, StrictBool, StrictInt, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationInfo, field_validator
 
 from gpu_worker.config import MAX_TOP_LOGPROBS
 
@@ -19,8 +19,14 @@ class StreamOptions(Schema):
     include_usage: StrictBool | None = False
 
 
-class SamplingFields(Schema):
-    """Fields shared by completions and chat completions; top_k, min_p and ignore_eos are Ruvon extensions."""
+class SamplingFields(BaseModel):
+    """Fields shared by completions and chat completions. Beyond OpenAI's: vLLM's top_k, min_p, min_tokens,
+    repetition_penalty, stop_token_ids, ignore_eos, include_stop_str_in_output, skip_special_tokens and
+    cache_salt, and Ruvon's speculative (the openai SDK sends them with extra_body). Any other field is kept
+    here (extra="allow") for services.check_fields to refuse, or to name in X-Ruvon-Ignored-Fields: a plain
+    pydantic model, as ninja's Schema reads a body through a getter that drops the extra fields."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str
     n: int | None = Field(1, ge=1, le=128)
@@ -33,21 +39,35 @@ class SamplingFields(Schema):
     logit_bias: dict[str, float] | None = None
     # Strict: 1.5 or "7" is a 400, not silently truncated. Any int64 is taken (services.engine_seed).
     seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**63)
-    stop: Stop = None
+    stop: Stop = Field(None, description="A string or a list of up to RUVON_MAX_STOP_SEQUENCES (16).")
+    stop_token_ids: list[StrictInt] | None = Field(None, description="Token ids that end a choice, like EOS.")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = False
+    min_tokens: StrictInt | None = Field(
+        None, description="EOS, stop_token_ids and stop strings cannot end a choice before this many tokens."
+    )
+    repetition_penalty: float | None = Field(
+        None, description="> 0; 1: off. Seen tokens' logits are divided by it if positive, else multiplied."
+    )
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = Field(None, description="Default true: special tokens have no text.")
     # Ruvon extension (the openai SDK sends it with extra_body): false turns speculative decoding off for
     # this request.
     speculative: bool | None = None
-    user: str | None = None
+    user: str | None = Field(None, max_length=256, description="Recorded on the request's usage record.")
     # vLLM's field: requests share cached prompt prefixes only with the same tenant *and* the same salt.
     cache_salt: str | None = Field(None, min_length=1, max_length=256)
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        ...,
+        description="A string or token ids; a list of strings or of token-id lists is a batch of prompts.",
+    )
+    max_tokens: int | None = Field(
+        16, description="0 with echo: score the prompt (its logprobs), generate nothing."
+    )
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool | None = False
     best_of: int | None = None
@@ -205,6 +225,7 @@ class UsageRow(Schema):
     request_id: str
     model: str
     api_key: str | None = Field(None, description="Prefix of the API key used.")
+    user: str = Field("", description="The request's `user` field; empty when it sent none.")
     status: str
     finish_reason: str
     prompt_tokens: int
@@ -237,6 +258,7 @@ class UsageFilters(Schema):
     end: datetime | None = Field(None, description="Submitted before (ISO 8601; UTC unless it says).")
     model: str | None = None
     api_key: str | None = Field(None, description="Prefix of one of your API keys.")
+    user: str | None = Field(None, description="Only requests that sent this `user`.")
     status: Literal["completed", "cancelled", "failed", "rejected"] | None = None
     limit: int = Field(100, ge=1, le=1000)
     offset: int = Field(0, ge=0, le=1_000_000_000)  # databases refuse offsets past 64 bits
@@ -275,3 +297,34 @@ class ErrorDetail(Schema):
 
 class ErrorResponse(Schema):
     error: ErrorDetail
+
+
+# --------------------------------------------------------------------------------------- operations
+
+
+class HealthReport(Schema):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(
+        ..., description='Each check ("model:<name>", "database", "redis"): "ok" or why not.'
+    )
+    reason: str | None = Field(None, description="What failed, when something did.")
+
+
+class EngineVersions(Schema):
+    ruvon: str
+    torch: str
+    cuda: str | None = None
+    device: str
+    model: str | None = None
+    label: str | None = None
+
+
+class VersionReport(Schema):
+    version: str = Field(..., description="Ruvon's version.")
+    commit: str | None = Field(
+        None, description="The git commit (RUVON_COMMIT, else the checkout's), if known."
+    )
+    torch: str | None = Field(None, description="torch as installed beside the web tier.")
+    engine: EngineVersions | None = Field(
+        None, description="The engine's (embedded, or the newest worker's)."
+    )

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
 from django.http import StreamingHttpResponse
 
 from accounts.models import ApiKey
-from gpu_worker.config import SamplingParams, check_context
+from gpu_worker.config import MAX_STOP_SEQUENCES, SamplingParams, check_context
 from gpu_worker.errors import CapacityError, InvalidRequestError
 from gpu_worker.serving.protocol import Event, Job, make_job
 from gpu_worker.tokenization.tokenizer import Tokenizer
-from inference.errors import ModelNotFound, from_error_event
-from inference.rendering import ChatRenderer, CompletionRenderer, Renderer, collect
+from inference.errors import ApiError, ModelNotFound, from_error_event
+from inference.rendering import ChatRenderer, CompletionRenderer, PromptBatch, collect
 from inference.runs import JobRun
 from inference.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, TokenizeRequest
 from inference.serving import ServedModel
@@ -25,6 +25,30 @@ from inference.transport import JobClient
 
 MODEL_CREATED = 1_735_689_600  # 2025-01-01: /v1/models wants a creation time; the served model has none
 INT64 = 2**63
+MAX_PROMPTS = 256  # prompts in one batched /v1/completions request (each is a job of its own)
+
+# Request fields of OpenAI's chat API that change nothing a client can see here: accepted, and named in the
+# X-Ruvon-Ignored-Fields response header rather than silently dropped.
+IGNORED_CHAT_FIELDS = frozenset(
+    {
+        "metadata",
+        "store",
+        "service_tier",
+        "parallel_tool_calls",
+        "prompt_cache_key",
+        "prompt_cache_options",
+        "prompt_cache_retention",
+        "safety_identifier",
+        "prediction",
+        "reasoning_effort",
+        "verbosity",
+        "moderation",
+        "modalities",
+    }
+)
+# OpenAI's fields whose effect Ruvon cannot give: a 400 that names them.
+UNSUPPORTED_FIELDS = frozenset({"audio", "functions", "function_call", "tool_choice", "web_search_options"})
+IGNORED_FIELDS_HEADER = "X-Ruvon-Ignored-Fields"
 
 
 def check_model(requested: str | None, served: ServedModel) -> None:
@@ -36,15 +60,18 @@ def check_model(requested: str | None, served: ServedModel) -> None:
 # ------------------------------------------------------------------------------------------ prompts
 
 
-def completion_prompt(body: CompletionRequest, tokenizer: Tokenizer) -> tuple[list[int], str | None]:
-    """Return the prompt's token ids, and its text when the client sent text."""
+def completion_prompts(body: CompletionRequest, tokenizer: Tokenizer) -> list[tuple[list[int], str | None]]:
+    """Return each prompt's token ids, and its text when the client sent text. A string or a list of token
+    ids is one prompt; a list of strings or of token-id lists is a batch, one set of choices per prompt."""
     prompt: Any = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-        if len(prompt) != 1:
-            raise InvalidRequestError(
-                "send one prompt per request (batched prompts are not supported)", "prompt"
-            )
-        prompt = prompt[0]
+    batched = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], str | list)
+    prompts = prompt if batched else [prompt]
+    if len(prompts) > MAX_PROMPTS:
+        raise InvalidRequestError(f"send at most {MAX_PROMPTS} prompts in one request", param="prompt")
+    return [_completion_prompt(p, tokenizer) for p in prompts]
+
+
+def _completion_prompt(prompt: str | list[int], tokenizer: Tokenizer) -> tuple[list[int], str | None]:
     if isinstance(prompt, str):
         ids, text = tokenizer.encode(prompt), prompt
     else:
@@ -100,15 +127,11 @@ def sampling_params(
     """Return the SamplingParams a request asks for; InvalidRequestError names the first bad field."""
     check_stream_options(body)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > 4:
-        raise InvalidRequestError("stop may hold at most 4 sequences", param="stop")
+    # The engine's own bound (MAX_STOP_SEQUENCES) leaves room for the chat format's stop strings.
+    limit = min(settings.RUVON_MAX_STOP_SEQUENCES, MAX_STOP_SEQUENCES - len(extra_stop))
+    if len(stop) > limit:
+        raise InvalidRequestError(f"stop may hold at most {limit} sequences", param="stop")
     stop += [s for s in extra_stop if s not in stop]
-    if len(stop) > 4:
-        raise InvalidRequestError(
-            f"this model's chat format already stops at {len(extra_stop)} sequences; send at most "
-            f"{4 - len(extra_stop)} of your own",
-            param="stop",
-        )
     values: dict[str, Any] = {
         "n": body.n,
         "temperature": body.temperature,
@@ -119,12 +142,17 @@ def sampling_params(
         "frequency_penalty": body.frequency_penalty,
         "ignore_eos": body.ignore_eos,
         "speculative": body.speculative,
+        "min_tokens": body.min_tokens,
+        "repetition_penalty": body.repetition_penalty,
+        "include_stop_str_in_output": body.include_stop_str_in_output,
+        "skip_special_tokens": body.skip_special_tokens,
     }
     params = SamplingParams(
         **{name: value for name, value in values.items() if value is not None},
         max_tokens=max_tokens,
         seed=engine_seed(body.seed),
         stop=tuple(stop),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
         logit_bias=logit_bias(body.logit_bias, vocab_size),
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
@@ -155,48 +183,73 @@ def logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, float
     return bias
 
 
+def check_fields(body: SamplingFields, ignorable: frozenset[str] = frozenset()) -> list[str]:
+    """Return the fields of the request Ruvon accepts without acting on them (of `ignorable`), or raise
+    InvalidRequestError naming the first field it does not know or cannot honour (as OpenAI does)."""
+    extra = sorted(body.model_extra or {})
+    for name in extra:
+        if name in UNSUPPORTED_FIELDS:
+            raise InvalidRequestError(f"{name} is not supported", param=name)
+        if name not in ignorable:
+            raise InvalidRequestError(f"Unrecognized request argument supplied: {name}", param=name)
+    return extra
+
+
 # ---------------------------------------------------------------------------------------- preparing
 
 
 @dataclass
 class Prepared:
-    """A validated request, ready to submit: the prompt, the sampling params and how to render the result."""
+    """A validated request, ready to submit: one job per prompt (a batched /v1/completions has several, each
+    with its own params: an unset max_tokens defaults to what its prompt leaves of the context), how to render
+    their results, and the request's fields that Ruvon ignored."""
 
-    prompt_ids: list[int]
-    params: SamplingParams
-    renderer: Renderer
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    renderer: PromptBatch
     cache_salt: str | None = None  # joins the tenant in the prefix-cache isolation key
+    user: str | None = None  # recorded on the usage records
+    ignored_fields: list[str] = field(default_factory=list)
 
 
 def prepare_completion(body: CompletionRequest, served: ServedModel, request_id: str) -> Prepared:
     """Return the job parts of a /v1/completions request, or raise an error for the client."""
     check_model(body.model, served)
+    ignored = check_fields(body)
     if body.suffix:
         raise InvalidRequestError("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise InvalidRequestError("best_of is not supported (it must equal n)", param="best_of")
+    if body.max_tokens == 0 and not body.echo:
+        raise InvalidRequestError("max_tokens 0 scores the prompt: it needs echo true", param="max_tokens")
     tokenizer = served.tokenizer
-    prompt_ids, prompt_text = completion_prompt(body, tokenizer)
-    check_prompt_context(prompt_ids, body.max_tokens, served.max_model_len)
-    params = sampling_params(
-        body,
-        vocab_size=tokenizer.vocab_size,
-        max_tokens=with_default_max_tokens(body.max_tokens, len(prompt_ids), served.max_model_len),
-        logprobs=body.logprobs,
-        prompt_logprobs=body.logprobs if body.echo else None,
-    )
-    echo_text = None
-    if body.echo:
-        echo_text = prompt_text if prompt_text is not None else tokenizer.decode(prompt_ids)
-    renderer = CompletionRenderer(
-        request_id, served, params.n, _include_usage(body), echo_text, body.logprobs
-    )
-    return Prepared(prompt_ids, params, renderer, body.cache_salt)
+    prompts = completion_prompts(body, tokenizer)
+    params, renderers = [], []
+    for prompt_ids, prompt_text in prompts:
+        check_prompt_context(prompt_ids, body.max_tokens, served.max_model_len)
+        one = sampling_params(
+            body,
+            vocab_size=tokenizer.vocab_size,
+            max_tokens=with_default_max_tokens(body.max_tokens, len(prompt_ids), served.max_model_len),
+            logprobs=body.logprobs,
+            prompt_logprobs=body.logprobs if body.echo else None,
+        )
+        echo_text = None
+        if body.echo:
+            echo_text = prompt_text if prompt_text is not None else tokenizer.decode(prompt_ids)
+        params.append(one)
+        renderers.append(
+            CompletionRenderer(request_id, served, one.n, _include_usage(body), echo_text, body.logprobs)
+        )
+    renderer = PromptBatch(renderers, params[0].n)
+    ids = [prompt_ids for prompt_ids, _ in prompts]
+    return Prepared(ids, params, renderer, body.cache_salt, body.user, ignored)
 
 
 def prepare_chat(body: ChatCompletionRequest, served: ServedModel, request_id: str) -> Prepared:
     """Return the job parts of a /v1/chat/completions request, or raise an error for the client."""
     check_model(body.model, served)
+    ignored = check_fields(body, IGNORED_CHAT_FIELDS)
     if body.tools:
         raise InvalidRequestError("tools are not supported", param="tools")
     if body.response_format is not None and body.response_format.type != "text":
@@ -206,6 +259,8 @@ def prepare_chat(body: ChatCompletionRequest, served: ServedModel, request_id: s
     tokenizer = served.tokenizer
     prompt_ids = chat_prompt_ids(body.messages, tokenizer)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if max_tokens is not None and max_tokens < 1:
+        raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
     check_prompt_context(prompt_ids, max_tokens, served.max_model_len, prompt_param="messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(
@@ -216,7 +271,14 @@ def prepare_chat(body: ChatCompletionRequest, served: ServedModel, request_id: s
         extra_stop=tokenizer.chat_stop_strings,
     )
     renderer = ChatRenderer(request_id, served, params.n, _include_usage(body), logprobs is not None)
-    return Prepared(prompt_ids, params, renderer, body.cache_salt)
+    return Prepared(
+        [prompt_ids], [params], PromptBatch([renderer], params.n), body.cache_salt, body.user, ignored
+    )
+
+
+def response_headers(prepared: Prepared) -> dict[str, str]:
+    """Return the headers a response carries for what the request asked: the fields Ruvon ignored."""
+    return {IGNORED_FIELDS_HEADER: ", ".join(prepared.ignored_fields)} if prepared.ignored_fields else {}
 
 
 def with_default_max_tokens(max_tokens: int | None, prompt_len: int, max_model_len: int | None) -> int | None:
@@ -241,33 +303,46 @@ def _include_usage(body: SamplingFields) -> bool:
 
 
 def token_budget(prepared: Prepared, max_model_len: int | None) -> int:
-    """Return the most tokens a request can use: its prompt plus n completions of max_tokens (of the rest of
+    """Return the most tokens a request can use: each prompt plus n completions of max_tokens (of the rest of
     the context when max_tokens is unset). Admission and the per-key token limit count this."""
-    prompt = len(prepared.prompt_ids)
-    completion = prepared.params.max_tokens
+    parts = zip(prepared.prompts, prepared.params, strict=True)
+    return sum(_budget(ids, params, max_model_len) for ids, params in parts)
+
+
+def _budget(prompt_ids: list[int], params: SamplingParams, max_model_len: int | None) -> int:
+    completion = params.max_tokens
     if completion is None:
-        completion = max(0, max_model_len - prompt) if max_model_len else 0
-    return prompt + prepared.params.n * completion
+        completion = max(0, max_model_len - len(prompt_ids)) if max_model_len else 0
+    return len(prompt_ids) + params.n * completion
 
 
-def build_job(
+def build_jobs(
     request_id: str, served: ServedModel, prepared: Prepared, api_key: ApiKey, reserved_tokens: int = 0
-) -> Job:
-    """Return the wire-format job for a prepared request, tagged with the caller's tenant and key, and
-    bounded by the queue-time and request timeouts of the settings."""
-    return make_job(
-        request_id,
-        served.name,
-        prepared.prompt_ids,
-        prepared.params,
-        tenant_id=str(api_key.tenant_id),
-        api_key_id=str(api_key.pk),
-        cache_salt=prepared.cache_salt,
-        token_budget=token_budget(prepared, served.max_model_len),
-        reserved_tokens=reserved_tokens,
-        max_queue_s=settings.RUVON_MAX_QUEUE_TIME_S,
-        timeout_s=settings.RUVON_REQUEST_TIMEOUT_S,
-    )
+) -> list[Job]:
+    """Return the wire-format jobs of a prepared request, one per prompt (a batch's are `<request id>-<i>`),
+    tagged with the caller's tenant, key and `user`, and bounded by the queue-time and request timeouts of
+    the settings. reserved_tokens (what admission drew) is all of the budget or none (accounts.limits), so
+    each job carries its own budget or 0: its usage record settles that much."""
+    jobs = []
+    batched = len(prepared.prompts) > 1
+    for i, (prompt_ids, params) in enumerate(zip(prepared.prompts, prepared.params, strict=True)):
+        budget = _budget(prompt_ids, params, served.max_model_len)
+        job = make_job(
+            f"{request_id}-{i}" if batched else request_id,
+            served.name,
+            prompt_ids,
+            params,
+            tenant_id=str(api_key.tenant_id),
+            api_key_id=str(api_key.pk),
+            cache_salt=prepared.cache_salt,
+            user=prepared.user,
+            token_budget=budget,
+            reserved_tokens=budget if reserved_tokens else 0,
+            max_queue_s=settings.RUVON_MAX_QUEUE_TIME_S,
+            timeout_s=settings.RUVON_REQUEST_TIMEOUT_S,
+        )
+        jobs.append(job)
+    return jobs
 
 
 # ------------------------------------------------------------------------------------- models, tokens
@@ -298,35 +373,71 @@ def tokenize(body: TokenizeRequest, served: ServedModel) -> list[int]:
 # ------------------------------------------------------------------------------------------- running
 
 
+class BatchRefused(CapacityError):
+    """The queue refused a prompt of a batch after taking those before it: they are withdrawn, and their usage
+    records settle what admission drew for them (settled_tokens); the caller gives back the rest."""
+
+    def __init__(self, message: str, settled_tokens: int) -> None:
+        super().__init__(message)
+        self.settled_tokens = settled_tokens
+
+
 async def execute(
-    client: JobClient, job: Job, prepared: Prepared, stream: bool
+    client: JobClient, jobs: list[Job], prepared: Prepared, stream: bool
 ) -> dict[str, Any] | StreamingHttpResponse:
-    """Submit the job and return the whole response, or an SSE response once the worker has accepted it.
-    Whatever error the client is answered, the job is withdrawn and recorded unbilled (inference/runs.py)."""
-    run = JobRun(client, job)
-    try:
-        await client.submit(job)
-    except CapacityError:
-        raise  # refused before it was queued: nothing ran, nothing to record
-    except Exception as exc:  # Redis failed: the job may have been queued all the same
-        raise await run.fail(exc) from exc
-    events = run.events()
+    """Submit the jobs (one per prompt) and return the whole response, or an SSE response once the worker has
+    accepted every one. Whatever error the client is answered, every job is withdrawn and recorded unbilled
+    (inference/runs.py)."""
+    runs = [JobRun(client, job) for job in jobs]
+    await _submit(client, runs)
     try:
         if not stream:
-            return prepared.renderer.response(await collect(events, prepared.params.n, run.request_id))
-        # The first event tells a rejected job (a proper HTTP error) from an accepted one (status 200 and SSE).
-        first = await anext(events)
-        if first["type"] == "error":
-            raise from_error_event(first, run.request_id)
+            results = [
+                await collect(run.events(), params.n, run.request_id)
+                for run, params in zip(runs, prepared.params, strict=True)
+            ]
+            return prepared.renderer.response(results)
+        streams = []
+        for run in runs:
+            # The first event tells a rejected job (a proper HTTP error) from an accepted one (200 and SSE).
+            events = run.events()
+            first = await anext(events)
+            if first["type"] == "error":
+                raise from_error_event(first, run.request_id)
+            streams.append(_chain(first, events))
     except Exception as exc:
-        raise await run.fail(exc) from exc
+        raise await _fail(runs, exc) from exc
     except BaseException:  # the client went away (the view was cancelled)
-        await run.close()
+        await _close(runs)
         raise
     finally:
         if not stream:
-            await run.close()
-    return sse_response(prepared.renderer.chunks(_chain(first, events)), run)
+            await _close(runs)
+    return sse_response(prepared.renderer.chunks(streams), runs)
+
+
+async def _submit(client: JobClient, runs: list[JobRun]) -> None:
+    for i, run in enumerate(runs):
+        try:
+            await client.submit(run.job)
+        except CapacityError as exc:
+            if i == 0:
+                raise  # refused before anything was queued: nothing ran, nothing to record
+            await _fail(runs[:i], exc)
+            raise BatchRefused(str(exc), sum(r.job["reserved_tokens"] for r in runs[:i])) from exc
+        except Exception as exc:  # Redis failed: the job may have been queued all the same
+            raise await _fail(runs[: i + 1], exc) from exc
+
+
+async def _fail(runs: list[JobRun], exc: Exception) -> ApiError:
+    """Fail every run for `exc` (each withdrawn and recorded unbilled); return the error the client gets."""
+    errors = [await run.fail(exc) for run in runs]
+    return errors[0]
+
+
+async def _close(runs: list[JobRun]) -> None:
+    for run in runs:
+        await run.close()
 
 
 async def _chain(first: Event, rest: AsyncIterator[Event]) -> AsyncIterator[Event]:
@@ -335,7 +446,7 @@ async def _chain(first: Event, rest: AsyncIterator[Event]) -> AsyncIterator[Even
         yield event
 
 
-def sse_response(chunks: AsyncIterator[dict[str, Any]], run: JobRun) -> StreamingHttpResponse:
+def sse_response(chunks: AsyncIterator[dict[str, Any]], runs: list[JobRun]) -> StreamingHttpResponse:
     """Return a text/event-stream response of `data: {chunk}` lines ending with `data: [DONE]`; an error
     after the status line is sent in-band first. Every exit ends the stream: the cleanup never raises."""
 
@@ -344,10 +455,10 @@ def sse_response(chunks: AsyncIterator[dict[str, Any]], run: JobRun) -> Streamin
             async for chunk in chunks:
                 yield _sse(chunk)
         except Exception as exc:  # the status line is gone: report the error in-band, as OpenAI does
-            yield _sse((await run.fail(exc)).body())
+            yield _sse((await _fail(runs, exc)).body())
         finally:
-            # A client that disconnects cancels this generator (CancelledError); the job must stop too.
-            await run.close()
+            # A client that disconnects cancels this generator (CancelledError); the jobs must stop too.
+            await _close(runs)
         yield "data: [DONE]\n\n"
 
     response = StreamingHttpResponse(body(), content_type="text/event-stream")

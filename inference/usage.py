@@ -148,6 +148,7 @@ def usage_fields(event: dict[str, Any]) -> dict[str, Any]:
     if fields["submitted_at"] is None:
         raise InvalidUsageEvent(f"usage event {request_id} has no timestamps")
     fields["adapter"] = str(event.get("adapter") or "")
+    fields["user"] = _user(event.get("user"))
     fields |= _timing_fields(event)
     fields |= price_fields(
         fields["model"],
@@ -178,6 +179,12 @@ def _timing_fields(event: dict[str, Any]) -> dict[str, float | None]:
         fields[field_name] = None if value is None else float(value)
     fields["device_seconds"] = fields["device_seconds"] or 0.0
     return fields
+
+
+def _user(value: Any) -> str:
+    if value is not None and not isinstance(value, str):
+        raise InvalidUsageEvent(f"usage event field user must be a string, got {value!r}")
+    return (value or "")[: UsageRecord._meta.get_field("user").max_length]
 
 
 def _tenant(tenant_id: Any) -> Tenant | None:
@@ -222,6 +229,8 @@ async def usage_report(tenant: Tenant, filters: UsageFilters) -> dict[str, Any]:
         records = records.filter(api_key__prefix=filters.api_key)
     if filters.status:
         records = records.filter(status=filters.status)
+    if filters.user is not None:
+        records = records.filter(user=filters.user)
     totals = await records.aaggregate(
         requests=Count("id"),
         prompt_tokens=Coalesce(Sum("prompt_tokens"), 0),
@@ -244,6 +253,7 @@ def _usage_row(record: UsageRecord) -> dict[str, Any]:
         "request_id": record.request_id,
         "model": record.model,
         "api_key": record.api_key.prefix if record.api_key else None,
+        "user": record.user,
         "status": record.status,
         "finish_reason": record.finish_reason,
         "prompt_tokens": record.prompt_tokens,

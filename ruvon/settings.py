@@ -200,6 +200,8 @@ RUVON_MAX_LORA_RANK = env_int("RUVON_MAX_LORA_RANK") or 16
 # max_tokens of a request that sends none: small enough that the embedded default (SmolLM2 on a laptop CPU,
 # ~30 tokens/s) answers in seconds.
 RUVON_DEFAULT_MAX_TOKENS = env_int("RUVON_DEFAULT_MAX_TOKENS") or 256
+# Stop strings one request may send (OpenAI allows 4; vLLM any number). The engine refuses more than 256.
+RUVON_MAX_STOP_SEQUENCES = env_int("RUVON_MAX_STOP_SEQUENCES") or 16
 # Build the job client (the embedded engine loads the model) when the server starts, not on the first request.
 RUVON_WARM_START = env_bool("RUVON_WARM_START", True)
 

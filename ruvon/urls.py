@@ -1,4 +1,5 @@
-"""Top-level URL map: the admin, the OpenAI-compatible API under /v1, the web pages, Prometheus metrics."""
+"""Top-level URL map: the admin, the OpenAI-compatible API under /v1, vLLM's operational endpoints at the
+root (/health, /version, /tokenize, /detokenize), the web pages, Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ from django.contrib import admin
 from django.urls import include, path
 
 from inference.api import api
+from inference.ops import ops
 
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("accounts/", include("accounts.urls")),
     path("v1/", api.urls),
+    path("", ops.urls),
     path("", include("inference.urls")),
     path("", include("django_prometheus.urls")),
 ]

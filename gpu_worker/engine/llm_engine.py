@@ -190,6 +190,7 @@ class LLMEngine:
             # Verification graphs for k drafts + 1 rows, captured now rather than in the first request.
             verify_rows=config.num_speculative_tokens + 1 if config.speculative != "none" else 0,
             lora=self.adapters is not None,
+            eos_ids=eos_ids,
         )
         self.proposer: Proposer | None = self._make_proposer(num_blocks)
         self.spec_table = load_batch_table(config.speculative_batch_table)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
 
+from gpu_worker.config import SamplingParams
 from gpu_worker.engine.outputs import CompletionOutput, RequestOutput
 from gpu_worker.runner.model_runner import StepResult
 from gpu_worker.sequence import Request, Sequence, SequenceStatus, TokenLogprob
@@ -20,9 +21,9 @@ Finish = Callable[[Sequence, str, str | int | None], None]
 class _SeqText:
     """Per-sequence detokeniser and stop-string matcher."""
 
-    def __init__(self, tokenizer: Tokenizer, stops: Seq[str]) -> None:
-        self.detok = IncrementalDetokenizer(tokenizer)
-        self.stops = StopStringMatcher(stops)
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
+        self.stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
 
 
 class OutputProcessor:
@@ -35,7 +36,7 @@ class OutputProcessor:
         self.texts: dict[int, _SeqText] = {}
 
     def add(self, seq: Sequence) -> None:
-        self.texts[seq.seq_id] = _SeqText(self.tokenizer, seq.params.stop)
+        self.texts[seq.seq_id] = _SeqText(self.tokenizer, seq.params)
 
     def append_tokens(
         self, seq: Sequence, tokens: Iterable[int], now: float, logprobs: Seq[Logprob | None] = ()
@@ -55,6 +56,9 @@ class OutputProcessor:
         Runs once per generated token, so it keeps to plain attribute work (a large batch spends most of its
         host time here)."""
         request = seq.request
+        if len(seq.token_ids) >= request.max_total_tokens:  # max_tokens 0: the prompt alone was asked for
+            self.finish(seq, "length", None)
+            return
         metrics = request.metrics
         if metrics.first_token_time is None:
             metrics.first_token_time = now or time.time()
@@ -65,14 +69,19 @@ class OutputProcessor:
             seq.pending_logprobs.append(self.token_logprob(token, *lp))
         text = self.texts[seq.seq_id]
         params = request.params
+        # The first min_tokens tokens cannot end the choice: no stop token (the sampler banned them) and no
+        # stop string in their text.
+        can_stop = seq.num_output_tokens > params.min_tokens
         reason: tuple[str, str | int | None] | None = None
-        if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
+        if can_stop and (token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos)):
             reason = ("stop", token)
         elif len(seq.token_ids) >= request.max_total_tokens:  # max_tokens or the context, whichever is first
             reason = ("length", None)
-        # A stop token's own text is not part of the output; other tokens go through the stop matcher.
-        piece = "" if reason is not None and reason[0] == "stop" else text.detok.push(token)
-        emitted, stopped = text.stops.feed(piece)
+        # A stop token's own text is part of the output only with include_stop_str_in_output; other tokens
+        # go through the stop matcher.
+        stop_token = reason is not None and reason[0] == "stop"
+        piece = "" if stop_token and not params.include_stop_str_in_output else text.detok.push(token)
+        emitted, stopped = text.stops.feed(piece, match=can_stop)
         if stopped:
             reason = ("stop", text.stops.matched)
         elif reason is not None:

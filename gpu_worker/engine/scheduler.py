@@ -289,10 +289,16 @@ class Scheduler:
     # ---- decode launches -----------------------------------------------------------------------
     def can_launch_decodes(self) -> bool:
         """Whether the next step may be a decode launch: all running sequences decode, none waits, and none
-        needs host-side sampling state (logprobs to read back, penalties over its output)."""
+        needs host-side sampling state (logprobs to read back, penalties over its output, stops still banned
+        by min_tokens)."""
         if self.num_waiting or not self.running:
             return False
-        return all(s.num_uncomputed_tokens == 1 and s.params.device_only for s in self.running)
+        return all(
+            s.num_uncomputed_tokens == 1
+            and s.params.device_only
+            and s.num_output_tokens >= s.params.min_tokens
+            for s in self.running
+        )
 
     def schedule_launch(self, steps: int, prev: DecodeLaunch | None) -> LaunchPlan | None:
         """Plan `steps` decode steps per running sequence after `prev` (if that is still in flight), allocating

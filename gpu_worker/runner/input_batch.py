@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import torch
 
-from gpu_worker.runner.sampler import SamplingMetadata, from_table, row_values
+from gpu_worker.runner.sampler import RowHistory, SamplingMetadata, from_table, row_values
 from gpu_worker.sequence import Sequence
 
-NUM_FIELDS = 7  # the entries of sampler.row_values()
+NUM_FIELDS = 8  # the entries of sampler.row_values()
 
 
 class InputBatch:
-    def __init__(self, vocab_size: int, device: torch.device, capacity: int = 64) -> None:
+    def __init__(
+        self, vocab_size: int, device: torch.device, capacity: int = 64, eos_ids: frozenset[int] = frozenset()
+    ) -> None:
         self.vocab_size = vocab_size
         self.device = device
+        self.eos_ids = eos_ids  # what min_tokens keeps a row from sampling, beside its stop_token_ids
         self.table = torch.zeros(NUM_FIELDS, capacity, dtype=torch.float32, device=device)
         self.slots: dict[int, int] = {}  # seq_id -> column of the table
         self.free = list(range(capacity - 1, -1, -1))
@@ -28,23 +31,35 @@ class InputBatch:
         columns = [self._slot(seq) for seq in seqs]
         self._flush()
         index = [c for c, r in zip(columns, counts, strict=True) for _ in range(r)]
-        table = self.table.index_select(1, torch.tensor(index, device=self.device))  # [7, R]
+        table = self.table.index_select(1, torch.tensor(index, device=self.device))  # [8, R]
         rows = [seq for seq, r in zip(seqs, counts, strict=True) for _ in range(r)]
         params = [s.params for s in rows]
-        any_penalty = any(p.presence_penalty or p.frequency_penalty for p in params)
-        # Row j of a sequence's r rows scores the position before its last r - 1 - j tokens (drafts being
-        # verified), so its penalties count only the output before that position.
-        output_ids = (
-            [
-                out[: len(out) - (r - 1 - j)]
-                for seq, r in zip(seqs, counts, strict=True)
-                for out in [seq.output_token_ids]
-                for j in range(r)
-            ]
-            if any_penalty
-            else []
-        )
-        return from_table(table, params, [s.generator for s in rows], output_ids, self.vocab_size)
+        history = self._history(seqs, counts)
+        return from_table(table, params, [s.generator for s in rows], history, self.vocab_size)
+
+    def _history(self, seqs: list[Sequence], counts: list[int]) -> RowHistory:
+        """Return what each row's logits depend on from the past. Row j of a sequence's r rows scores the
+        position before its last r - 1 - j tokens (drafts being verified), so it counts only what precedes."""
+        history = RowHistory([], [], [])
+        penalty = any(s.params.presence_penalty or s.params.frequency_penalty for s in seqs)
+        repetition = any(s.params.repetition_penalty != 1.0 for s in seqs)
+        if not (penalty or repetition or any(s.params.min_tokens for s in seqs)):
+            return history  # the common case: a large batch pays no per-row loop
+        row = 0
+        for seq, r in zip(seqs, counts, strict=True):
+            params = seq.params
+            for j in range(r):
+                ahead = r - 1 - j  # drafts after this row's position
+                if penalty:
+                    out = seq.output_token_ids
+                    history.output_ids.append(out[: len(out) - ahead])
+                if repetition:
+                    history.seen_ids.append(seq.token_ids[: seq.num_tokens - ahead])
+                if seq.num_output_tokens - ahead < params.min_tokens:
+                    stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+                    history.banned += [(row, token) for token in sorted(stops)]
+                row += 1
+        return history
 
     def release(self, seq: Sequence) -> None:
         """Free a finished sequence's column."""

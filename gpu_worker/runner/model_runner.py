@@ -120,12 +120,13 @@ class ModelRunner:
         launch_steps: int = 0,  # capture greedy launches of this many steps up front (0: none)
         verify_rows: int = 0,  # capture verification graphs of this many rows per sequence up front (0: none)
         lora: bool = False,  # the model serves LoRA adapters (its graphs read each row's slot)
+        eos_ids: frozenset[int] = frozenset(),  # the stops min_tokens bans beside a request's stop_token_ids
     ) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
         self.vocab_size = model.config.vocab_size
-        self.input_batch = InputBatch(self.vocab_size, device)
+        self.input_batch = InputBatch(self.vocab_size, device, eos_ids=eos_ids)
         self.kv_cache = allocate_kv_cache(model, num_blocks, block_size, dtype, device)
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda":

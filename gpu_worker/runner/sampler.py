@@ -1,6 +1,7 @@
 """Turns a batch of logits into next tokens, vectorised over rows that each carry their own params.
 
-Order: logit bias and penalties, then temperature, then top-k / top-p / min-p truncation, then a draw.
+Order: logit bias, the repetition penalty, presence/frequency penalties and min_tokens' ban on stopping, then
+temperature, then top-k / top-p / min-p truncation, then a draw.
 Logprobs are reported from the model's raw distribution (log_softmax of unmodified logits).
 The draw is an exponential race (argmax of p / E, E ~ Exp(1)), which lets each seeded row use its own
 generator so a seed gives the same text whatever else shares the batch.
@@ -29,13 +30,19 @@ class SamplingMetadata:
     min_p: torch.Tensor  # [R] float
     presence: torch.Tensor  # [R] float
     frequency: torch.Tensor  # [R] float
+    repetition: torch.Tensor  # [R] float, 1.0 when off
     generators: list[torch.Generator | None]  # [R] a seeded row's own generator
     all_greedy: bool
     any_truncation: bool
-    any_penalty: bool
-    # (row, token, bias) of every logit_bias entry, and each row's output so far when any_penalty.
+    any_penalty: bool  # some row has a presence or frequency penalty
+    any_repetition: bool  # some row has a repetition penalty
+    # (row, token, bias) of every logit_bias entry; each row's output so far when any_penalty; each row's
+    # prompt and output so far when any_repetition; (row, token) of every stop a row may not sample yet
+    # (EOS and stop_token_ids below min_tokens).
     bias: list[tuple[int, int, float]] = field(default_factory=list)
     output_ids: list[list[int]] = field(default_factory=list)
+    seen_ids: list[list[int]] = field(default_factory=list)
+    banned: list[tuple[int, int]] = field(default_factory=list)
     # The largest top_k of any row (the vocab size when some row has none): truncation looks no further.
     max_top_k: int = 0
 
@@ -47,12 +54,24 @@ class SamplingMetadata:
         device: torch.device,
         generators: list[torch.Generator | None] | None = None,
         output_ids: list[list[int]] | None = None,
+        seen_ids: list[list[int]] | None = None,
+        banned: list[tuple[int, int]] | None = None,
     ) -> SamplingMetadata:
         """Lay out per-row params as fresh tensors (tests and one-off use; the runner's InputBatch keeps them
         on the device between steps instead)."""
         columns = [row_values(p, vocab_size) for p in params]
         table = torch.tensor(columns, dtype=torch.float32, device=device).reshape(len(params), -1).t()
-        return from_table(table, params, generators or [None] * len(params), output_ids or [], vocab_size)
+        history = RowHistory(output_ids or [], seen_ids or [], banned or [])
+        return from_table(table, params, generators or [None] * len(params), history, vocab_size)
+
+
+@dataclass
+class RowHistory:
+    """What the host knows of each row's past that the step's logits depend on (empty lists when unused)."""
+
+    output_ids: list[list[int]]  # [R] the output before the row's position (presence/frequency penalties)
+    seen_ids: list[list[int]]  # [R] the prompt and that output (repetition penalty)
+    banned: list[tuple[int, int]]  # (row, token): stops the row may not sample yet (min_tokens)
 
 
 def row_values(p: SamplingParams, vocab_size: int) -> list[float]:
@@ -67,17 +86,19 @@ def row_values(p: SamplingParams, vocab_size: int) -> list[float]:
         p.min_p,
         p.presence_penalty,
         p.frequency_penalty,
+        p.repetition_penalty,
     ]
 
 
 def from_table(
-    table: torch.Tensor,  # [7, R] float32 rows of row_values(), on the device
+    table: torch.Tensor,  # [8, R] float32 rows of row_values(), on the device
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-    output_ids: list[list[int]],
+    history: RowHistory,
     vocab_size: int,
 ) -> SamplingMetadata:
     any_penalty = any(p.presence_penalty or p.frequency_penalty for p in params)
+    any_repetition = any(p.repetition_penalty != 1.0 for p in params)
     return SamplingMetadata(
         temperature=table[0],
         greedy=table[1] > 0,
@@ -86,35 +107,61 @@ def from_table(
         min_p=table[4],
         presence=table[5],
         frequency=table[6],
+        repetition=table[7],
         generators=generators,
         all_greedy=all(p.greedy for p in params),
         any_truncation=any(0 < p.top_k < vocab_size or p.top_p < 1 or p.min_p > 0 for p in params),
         any_penalty=any_penalty,
+        any_repetition=any_repetition,
         bias=[
             (i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items() if 0 <= t < vocab_size
         ],
-        output_ids=output_ids if any_penalty else [],
+        output_ids=history.output_ids if any_penalty else [],
+        seen_ids=history.seen_ids if any_repetition else [],
+        banned=[(row, token) for row, token in history.banned if 0 <= token < vocab_size],
         max_top_k=max((min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params), default=0),
     )
 
 
 def apply_penalties_and_bias(logits: torch.Tensor, t: SamplingMetadata) -> torch.Tensor:
-    """Return logits with logit_bias added and presence/frequency penalties (OpenAI's rule) subtracted."""
+    """Return logits [R, V] with logit_bias added, the repetition penalty applied (vLLM's and HF's rule: a
+    seen token's logit divided by the penalty when positive, multiplied when negative), presence/frequency
+    penalties (OpenAI's rule) subtracted, and the stops a row may not sample yet (min_tokens) at -inf."""
+    device = logits.device
     if t.bias:
         rows, cols, vals = zip(*t.bias, strict=True)
         logits = logits.index_put(
-            (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)),
-            torch.tensor(vals, dtype=logits.dtype, device=logits.device),
+            (torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
+            torch.tensor(vals, dtype=logits.dtype, device=device),
             accumulate=True,
         )
+    if t.any_repetition:
+        seen = token_counts(logits, t.seen_ids) > 0  # [R, V]
+        penalty = t.repetition[:, None]
+        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
     if t.any_penalty:
-        counts = torch.zeros_like(logits)
-        for i, out in enumerate(t.output_ids):
-            if out:
-                ids = torch.tensor(out, device=logits.device)
-                counts[i].index_add_(0, ids, torch.ones(len(out), device=logits.device))
+        counts = token_counts(logits, t.output_ids)  # [R, V]
         logits = logits - t.frequency[:, None] * counts - t.presence[:, None] * (counts > 0)
+    if t.banned:
+        rows, cols = zip(*t.banned, strict=True)
+        index = torch.tensor([rows, cols], device=device)  # [2, B], one host-to-device copy
+        logits = logits.index_put(
+            (index[0], index[1]), torch.tensor(float("-inf"), dtype=logits.dtype, device=device)
+        )
     return logits
+
+
+def token_counts(logits: torch.Tensor, ids_per_row: list[list[int]]) -> torch.Tensor:
+    """Return [R, V] counts of each token in each row's ids, with one host-to-device copy and one scatter."""
+    counts = torch.zeros_like(logits)
+    lengths = [len(ids) for ids in ids_per_row]
+    if not any(lengths):
+        return counts
+    flat = torch.cat([torch.tensor(ids, dtype=torch.int64) for ids in ids_per_row])  # [N], on the host
+    rows = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))  # [N]
+    index = (rows * logits.shape[1] + flat).to(logits.device)  # [N] positions in counts.view(-1)
+    counts.view(-1).index_add_(0, index, torch.ones(len(flat), dtype=logits.dtype, device=logits.device))
+    return counts
 
 
 def truncate(logits: torch.Tensor, t: SamplingMetadata) -> torch.Tensor:
@@ -148,7 +195,7 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch
 
 def needs_processing(params: list[SamplingParams]) -> bool:
     """Return whether any row needs more than an argmax of its raw logits."""
-    return any(not p.greedy or p.logit_bias or p.presence_penalty or p.frequency_penalty for p in params)
+    return any(not p.greedy or p.logit_bias or p.penalised or p.min_tokens for p in params)
 
 
 def sample(logits: torch.Tensor, t: SamplingMetadata | None) -> torch.Tensor:

@@ -23,8 +23,15 @@ Event = dict[str, Any]
 TERMINAL_TYPES = frozenset({"done", "error"})
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 _TUPLE_FIELDS = {"stop", "stop_token_ids"}
-_INT_FIELDS = {"n", "max_tokens", "top_k", "seed", "logprobs", "prompt_logprobs"}
-_FLOAT_FIELDS = {"temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty"}
+_INT_FIELDS = {"n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs"}
+_FLOAT_FIELDS = {
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+}
 _NULLABLE_FIELDS = {"max_tokens", "seed", "logprobs", "prompt_logprobs"}  # None means something here
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -76,6 +83,7 @@ def make_job(
     weight: float = 1.0,
     adapter: dict[str, str] | None = None,
     cache_salt: str | None = None,
+    user: str | None = None,
     submitted_at: float | None = None,
     token_budget: int | None = None,
     reserved_tokens: int = 0,
@@ -88,7 +96,8 @@ def make_job(
     reserved_tokens: what the API key's token bucket was charged for it; max_queue_s / timeout_s: how long
     it may wait for a worker, and live in all, counted from submitted_at (None: no bound); adapter: the
     LoRA adapter, {"name": "<tenant id>/<adapter>", "path": absolute directory, "sha256": of its weights
-    file} (adapter_ref builds it), or None."""
+    file} (adapter_ref builds it), or None;
+    user: the client's `user` field, which the worker only copies into the usage record."""
     if isinstance(params, SamplingParams):
         params = sampling_params_to_dict(params)
     return {
@@ -101,6 +110,7 @@ def make_job(
         "weight": weight,
         "adapter": adapter,
         "cache_salt": cache_salt,
+        "user": user,
         "submitted_at": time.time() if submitted_at is None else submitted_at,
         "token_budget": len(prompt_token_ids) if token_budget is None else token_budget,
         "reserved_tokens": reserved_tokens,
@@ -386,5 +396,6 @@ def usage_event(
         "first_token_at": first_token_at,
         "finished_at": finished_at,
         "adapter": adapter or adapter_name(raw.get("adapter")),
+        "user": raw.get("user") if isinstance(raw.get("user"), str) else None,
         "timings": dict(timings or {}),
     }

@@ -27,6 +27,7 @@ from gpu_worker.serving.protocol import (
     usage_event,
 )
 from gpu_worker.serving.transport import Delivery, Finished, WorkerTransport
+from gpu_worker.versions import engine_versions
 
 if TYPE_CHECKING:
     from gpu_worker.engine.llm_engine import LLMEngine
@@ -77,6 +78,7 @@ class Worker:
         self._finished: list[Finished] = []
         self._stop = threading.Event()
         self._last_heartbeat = 0.0
+        self.versions = engine_versions(engine.device)
 
     # ------------------------------------------------------------------------------------ the loop
 
@@ -434,6 +436,8 @@ class Worker:
             "lora": self.engine.lora_info(),
             "loras": sorted(self.engine.named_loras),
             "active": len(self._active),
+            "draining": self._stop.is_set(),  # taking no more jobs: /health does not count it
+            "versions": self.versions,
             "stats": self.engine.stats(),
             "time": time.time(),
         }

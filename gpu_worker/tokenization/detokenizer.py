@@ -76,7 +76,8 @@ class StopStringMatcher:
         m.feed("er: hi")      -> ("", True)          the stop string is complete; output ends at "Sure!"
 
     Had the second delta been "e it", feed() would have released "\\nUse it". When generation ends for
-    another reason (EOS, max_tokens), flush() releases whatever is still held back.
+    another reason (EOS, max_tokens), flush() releases whatever is still held back. With include_stop (vLLM's
+    include_stop_str_in_output) the output ends right after the stop string instead, which it then contains.
 
     Why searching only held + new text is enough: whatever was released was, when released, no prefix of any
     stop string reaching the end of the text, so no stop string can start inside released text. The text held
@@ -84,10 +85,11 @@ class StopStringMatcher:
     the stop strings, never to the length of the output so far.
     """
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], include_stop: bool = False) -> None:
         if any(not isinstance(stop, str) or not stop for stop in stops):
             raise InvalidRequestError("stop strings must be non-empty strings", param="stop")
         self.stops = tuple(stops)
+        self.include_stop = include_stop
         self.matched: str | None = None  # the stop string that ended the output, once one has
         self.held = ""  # text received but not yet released
 
@@ -95,18 +97,22 @@ class StopStringMatcher:
     def stopped(self) -> bool:
         return self.matched is not None
 
-    def feed(self, new_text: str) -> tuple[str, bool]:
-        """Return (text safe to emit now, whether a stop string has ended the output)."""
+    def feed(self, new_text: str, match: bool = True) -> tuple[str, bool]:
+        """Return (text safe to emit now, whether a stop string has ended the output). match=False releases
+        the text unsearched (the tokens before min_tokens cannot stop the output)."""
         if not self.stops:  # nothing to watch for: every token of every request without `stop` comes here
             return new_text, False
         if self.stopped:
             return "", True
         text = self.held + new_text
+        if not match:
+            self.held = ""
+            return text, False
         hit = find_stop(text, self.stops)
         if hit is not None:
             index, self.matched = hit
             self.held = ""
-            return text[:index], True
+            return text[: index + len(self.matched) if self.include_stop else index], True
         cut = len(text) - partial_stop_length(text, self.stops)
         self.held = text[cut:]
         return text[:cut], False

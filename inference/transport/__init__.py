@@ -19,8 +19,10 @@ if TYPE_CHECKING:
 __all__ = [
     "JobClient",
     "ModelLoading",
+    "current_job_client",
     "get_job_client",
     "get_tokenizer",
+    "is_warming",
     "ready_job_client",
     "reset_job_client",
     "warm_start",
@@ -53,6 +55,16 @@ def warm_start(banner: str) -> None:
             _warming.clear()
 
     threading.Thread(target=build, name="ruvon-warm-start", daemon=True).start()
+
+
+def current_job_client() -> JobClient | None:
+    """Return the process-wide JobClient if it has been built (None: not yet, or it is still loading)."""
+    return _client
+
+
+def is_warming() -> bool:
+    """Return whether warm_start() is building the job client (the embedded engine is loading) right now."""
+    return _warming.is_set()
 
 
 def ready_job_client() -> JobClient:

@@ -34,6 +34,23 @@ def test_it_serves_the_api_through_a_worker_process(redis_server: LiveServer) ->
     )
 
 
+def test_vllm_fields_batches_and_user_travel_through_the_worker(redis_server: LiveServer) -> None:
+    sdk = openai.OpenAI(base_url=redis_server.base_url, api_key=redis_server.key, max_retries=0)
+    model = sdk.models.list().data[0].id
+    eos = 50256  # random:tiny speaks GPT-2's vocabulary
+    raw = sdk.completions.with_raw_response.create(
+        model=model, prompt=["Over", "Redis"], max_tokens=8, temperature=0, logit_bias={str(eos): 100},
+        user="redis-user", extra_body={"min_tokens": 3},
+    )  # fmt: skip
+    batch = raw.parse()
+    # EOS is every step's argmax, so each choice ends right after min_tokens: the worker applied it.
+    assert [(c.index, c.finish_reason) for c in batch.choices] == [(0, "stop"), (1, "stop")]
+    assert batch.usage.completion_tokens == 2 * 4
+    request_id = raw.headers["x-request-id"]
+    rows = [redis_server.usage_of(f"{request_id}-{i}", timeout_s=20) for i in range(2)]
+    assert [(r["user"], r["completion_tokens"]) for r in rows] == [("redis-user", 4)] * 2
+
+
 def test_it_cancels_in_the_worker_when_the_client_goes_away(redis_server: LiveServer) -> None:
     sdk = openai.OpenAI(base_url=redis_server.base_url, api_key=redis_server.key, max_retries=0)
     model = sdk.models.list().data[0].id

@@ -41,14 +41,25 @@ def _error(response: Any, status: int, param: str | None) -> dict[str, Any]:
         ({"max_tokens": 0}, "max_tokens"),
         ({"logprobs": 21}, "logprobs"),
         ({"presence_penalty": 3}, "presence_penalty"),
-        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": [f"s{i}" for i in range(17)]}, "stop"),  # RUVON_MAX_STOP_SEQUENCES is 16
         ({"stop": [""]}, "stop"),
         ({"logit_bias": {"abc": 1}}, "logit_bias"),
         ({"logit_bias": {"99999999": 1}}, "logit_bias"),
         ({"logit_bias": {"5": 500}}, "logit_bias"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": [1, 2, 10**9]}, "prompt"),
-        ({"prompt": ["one", "two"]}, "prompt"),
+        ({"prompt": ["one", ""]}, "prompt"),
+        ({"prompt": ["one"] * 257}, "prompt"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 5}, "min_tokens"),  # more than max_tokens
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"stop_token_ids": [10**9]}, "stop_token_ids"),
+        ({"stop_token_ids": ["a"]}, "stop_token_ids.0"),
+        ({"skip_special_tokens": "maybe"}, "skip_special_tokens"),
+        ({"user": "u" * 257}, "user"),
+        ({"max_tokens": 0, "echo": False}, "max_tokens"),
+        ({"max_tokn": 5}, "max_tokn"),  # a typo is refused, never silently dropped
+        ({"metadata": {"a": "b"}}, "metadata"),  # OpenAI's completions API has no metadata either
         ({"suffix": "end"}, "suffix"),
         ({"seed": 2**64}, "seed"),
     ],
@@ -70,6 +81,10 @@ def test_it_rejects_bad_completion_fields(as_owner: ApiClient, changes: dict[str
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"max_completion_tokens": 500}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"guided_json": {"type": "object"}}, "guided_json"),  # a vLLM field Ruvon does not implement
     ],
 )
 def test_it_rejects_bad_chat_fields(as_owner: ApiClient, changes: dict[str, Any], param: str) -> None:
