@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from django.conf import settings
@@ -17,6 +17,7 @@ from gpu_worker.errors import CapacityError, InvalidRequestError
 from gpu_worker.serving.protocol import Event, Job, make_job
 from gpu_worker.tokenization.tokenizer import Tokenizer
 from inference.errors import ModelNotFound, from_error_event
+from inference.models import Adapter
 from inference.rendering import ChatRenderer, CompletionRenderer, Renderer, collect
 from inference.runs import JobRun
 from inference.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, TokenizeRequest
@@ -27,9 +28,10 @@ MODEL_CREATED = 1_735_689_600  # 2025-01-01: /v1/models wants a creation time; t
 INT64 = 2**63
 
 
-def check_model(requested: str | None, served: ServedModel) -> None:
-    """Raise ModelNotFound unless `requested` (when given) is the served model's name."""
-    if requested is not None and requested != served.name:
+def check_model(requested: str | None, served: ServedModel, adapter: Adapter | None = None) -> None:
+    """Raise ModelNotFound unless `requested` (when given) is the served model's name, or the model id of
+    `adapter` (resolved for the caller's tenant by inference.adapters.registry.resolve_adapter)."""
+    if requested is not None and requested not in (served.name, adapter.model_id if adapter else None):
         raise ModelNotFound(requested)
 
 
@@ -166,11 +168,15 @@ class Prepared:
     params: SamplingParams
     renderer: Renderer
     cache_salt: str | None = None  # joins the tenant in the prefix-cache isolation key
+    adapter: dict[str, str] | None = None  # the job's LoRA adapter field; None: the base model
 
 
-def prepare_completion(body: CompletionRequest, served: ServedModel, request_id: str) -> Prepared:
-    """Return the job parts of a /v1/completions request, or raise an error for the client."""
-    check_model(body.model, served)
+def prepare_completion(
+    body: CompletionRequest, served: ServedModel, request_id: str, adapter: Adapter | None = None
+) -> Prepared:
+    """Return the job parts of a /v1/completions request (on `adapter`, when it names one), or raise an
+    error for the client."""
+    check_model(body.model, served, adapter)
     if body.suffix:
         raise InvalidRequestError("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -189,14 +195,17 @@ def prepare_completion(body: CompletionRequest, served: ServedModel, request_id:
     if body.echo:
         echo_text = prompt_text if prompt_text is not None else tokenizer.decode(prompt_ids)
     renderer = CompletionRenderer(
-        request_id, served, params.n, _include_usage(body), echo_text, body.logprobs
+        request_id, shown_as(served, adapter), params.n, _include_usage(body), echo_text, body.logprobs
     )
-    return Prepared(prompt_ids, params, renderer, body.cache_salt)
+    return Prepared(prompt_ids, params, renderer, body.cache_salt, job_adapter(adapter))
 
 
-def prepare_chat(body: ChatCompletionRequest, served: ServedModel, request_id: str) -> Prepared:
-    """Return the job parts of a /v1/chat/completions request, or raise an error for the client."""
-    check_model(body.model, served)
+def prepare_chat(
+    body: ChatCompletionRequest, served: ServedModel, request_id: str, adapter: Adapter | None = None
+) -> Prepared:
+    """Return the job parts of a /v1/chat/completions request (on `adapter`, when it names one), or raise an
+    error for the client."""
+    check_model(body.model, served, adapter)
     if body.tools:
         raise InvalidRequestError("tools are not supported", param="tools")
     if body.response_format is not None and body.response_format.type != "text":
@@ -215,8 +224,20 @@ def prepare_chat(body: ChatCompletionRequest, served: ServedModel, request_id: s
         logprobs=logprobs,
         extra_stop=tokenizer.chat_stop_strings,
     )
-    renderer = ChatRenderer(request_id, served, params.n, _include_usage(body), logprobs is not None)
-    return Prepared(prompt_ids, params, renderer, body.cache_salt)
+    renderer = ChatRenderer(
+        request_id, shown_as(served, adapter), params.n, _include_usage(body), logprobs is not None
+    )
+    return Prepared(prompt_ids, params, renderer, body.cache_salt, job_adapter(adapter))
+
+
+def shown_as(served: ServedModel, adapter: Adapter | None) -> ServedModel:
+    """Return the served model as a response names it: "<base>:<adapter>" on an adapter, as it was asked."""
+    return served if adapter is None else replace(served, name=adapter.model_id)
+
+
+def job_adapter(adapter: Adapter | None) -> dict[str, str] | None:
+    """Return the job's adapter field for `adapter` (None: the base model)."""
+    return adapter.job_adapter() if adapter is not None else None
 
 
 def with_default_max_tokens(max_tokens: int | None, prompt_len: int, max_model_len: int | None) -> int | None:
@@ -263,6 +284,7 @@ def build_job(
         tenant_id=str(api_key.tenant_id),
         api_key_id=str(api_key.pk),
         cache_salt=prepared.cache_salt,
+        adapter=prepared.adapter,
         token_budget=token_budget(prepared, served.max_model_len),
         reserved_tokens=reserved_tokens,
         max_queue_s=settings.RUVON_MAX_QUEUE_TIME_S,
@@ -273,21 +295,31 @@ def build_job(
 # ------------------------------------------------------------------------------------- models, tokens
 
 
-def model_card(served: ServedModel) -> dict[str, Any]:
-    """Return the /v1/models entry of the served model."""
-    return {
+def model_card(served: ServedModel, adapter: Adapter | None = None) -> dict[str, Any]:
+    """Return the /v1/models entry of the served model, or of one of the caller's ready adapters on it."""
+    card = {
         "id": served.name,
         "object": "model",
         "created": MODEL_CREATED,
         "owned_by": "ruvon",
         "max_model_len": served.max_model_len,
         "label": served.label,
+        "parent": None,
+    }
+    if adapter is None:
+        return card
+    return card | {
+        "id": adapter.model_id,
+        "created": int(adapter.created_at.timestamp()),
+        "owned_by": adapter.tenant.slug,
+        "label": f"LoRA adapter {adapter.name} (rank {adapter.rank}) on {served.label}",
+        "parent": served.name,
     }
 
 
-def tokenize(body: TokenizeRequest, served: ServedModel) -> list[int]:
+def tokenize(body: TokenizeRequest, served: ServedModel, adapter: Adapter | None = None) -> list[int]:
     """Return the token ids of a prompt, or of messages rendered with the chat template."""
-    check_model(body.model, served)
+    check_model(body.model, served, adapter)
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("send exactly one of prompt and messages", param="prompt")
     if body.messages is not None:

@@ -14,7 +14,7 @@ from django.db.models.functions import Coalesce
 
 from accounts.limits import charge_tokens
 from accounts.models import ApiKey, Tenant
-from gpu_worker.serving.protocol import usage_event
+from gpu_worker.serving.protocol import adapter_name, usage_event
 from inference.billing import price_fields
 from inference.models import UsageRecord
 from inference.schemas import UsageFilters
@@ -147,7 +147,7 @@ def usage_fields(event: dict[str, Any]) -> dict[str, Any]:
     )
     if fields["submitted_at"] is None:
         raise InvalidUsageEvent(f"usage event {request_id} has no timestamps")
-    fields["adapter"] = str(event.get("adapter") or "")
+    fields["adapter"] = tenant_adapter_name(event)
     fields |= _timing_fields(event)
     fields |= price_fields(
         fields["model"],
@@ -158,6 +158,13 @@ def usage_fields(event: dict[str, Any]) -> dict[str, Any]:
         status,
     )
     return fields
+
+
+def tenant_adapter_name(event: dict[str, Any]) -> str:
+    """Return the adapter of a usage event as its tenant names it: the worker says "<tenant id>/<name>"
+    (unique across tenants), the tenant's bill and dashboards say "<name>"; "" for the base model."""
+    name = adapter_name(event.get("adapter")) or ""
+    return name.removeprefix(f"{event.get('tenant_id')}/")
 
 
 # The worker's timing names -> UsageRecord fields; device_s is 0 for a request that never ran.
@@ -218,6 +225,8 @@ async def usage_report(tenant: Tenant, filters: UsageFilters) -> dict[str, Any]:
         records = records.filter(submitted_at__lt=filters.end)
     if filters.model:
         records = records.filter(model=filters.model)
+    if filters.adapter is not None:
+        records = records.filter(adapter=filters.adapter)
     if filters.api_key:
         records = records.filter(api_key__prefix=filters.api_key)
     if filters.status:
@@ -243,6 +252,7 @@ def _usage_row(record: UsageRecord) -> dict[str, Any]:
     return {
         "request_id": record.request_id,
         "model": record.model,
+        "adapter": record.adapter or None,
         "api_key": record.api_key.prefix if record.api_key else None,
         "status": record.status,
         "finish_reason": record.finish_reason,

@@ -57,7 +57,15 @@ def waiting_tokens_key(model: str) -> str:
     return f"ruvon:waiting-tokens:{model}"
 
 
+def adapter_control_key(model: str) -> str:
+    """Return the Redis stream of adapter control messages (adapter_control_message) for the workers of one
+    model. Every worker reads all of it from the moment it starts (XREAD, no consumer group)."""
+    return f"ruvon:adapter-control:{model}"
+
+
 USAGE_STREAM = "ruvon:usage"
+ADAPTER_CONTROL_MAXLEN = 1000  # a worker that falls this far behind has restarted: it holds nothing stale
+ADAPTER_OPS = frozenset({"load", "unload"})
 
 
 # ---------------------------------------------------------------------------------------------- jobs
@@ -72,7 +80,7 @@ def make_job(
     tenant_id: str = "default",
     api_key_id: str | None = None,
     weight: float = 1.0,
-    adapter: str | None = None,
+    adapter: dict[str, str] | None = None,
     cache_salt: str | None = None,
     submitted_at: float | None = None,
     token_budget: int | None = None,
@@ -84,7 +92,8 @@ def make_job(
 
     token_budget: the most tokens the job can use (prompt + n x max completion), what admission counts;
     reserved_tokens: what the API key's token bucket was charged for it; max_queue_s / timeout_s: how long
-    it may wait for a worker, and live in all, counted from submitted_at (None: no bound)."""
+    it may wait for a worker, and live in all, counted from submitted_at (None: no bound); adapter: None
+    (the base model) or {"name", "path", "sha256"} of the LoRA adapter to apply (see adapter_name)."""
     if isinstance(params, SamplingParams):
         params = sampling_params_to_dict(params)
     return {
@@ -349,6 +358,27 @@ def usage_event(
         "started_at": started_at,
         "first_token_at": first_token_at,
         "finished_at": finished_at,
-        "adapter": raw.get("adapter"),
+        "adapter": adapter_name(raw.get("adapter")),
         "timings": dict(timings or {}),
     }
+
+
+# -------------------------------------------------------------------------------------------- adapters
+
+
+def adapter_name(adapter: Any) -> str | None:
+    """Return the name of a job's adapter field: {"name": "<tenant id>/<adapter>", "path", "sha256"}, chosen
+    by the web tier and unique across tenants; None for the base model (or a field without a name)."""
+    if isinstance(adapter, dict):
+        name = adapter.get("name")
+        return name if isinstance(name, str) and name else None
+    return adapter if isinstance(adapter, str) and adapter else None
+
+
+def adapter_control_message(op: str, adapter: dict[str, str]) -> dict[str, Any]:
+    """Return a control message for the workers: "load" (fetch and verify `adapter` = {"name", "path",
+    "sha256"} now, before a request needs it) or "unload" (drop every copy of `adapter["name"]`, or only the
+    one with `adapter["sha256"]` when given)."""
+    if op not in ADAPTER_OPS:
+        raise ValueError(f"unknown adapter control op {op!r}")
+    return {"op": op, "adapter": dict(adapter), "time": time.time()}
