@@ -16,6 +16,15 @@ class InvalidRequestError(RuvonError, ValueError):
         self.param = param
 
 
+class InvalidAdapterError(InvalidRequestError):
+    """A LoRA adapter cannot be served (unreadable, not a LoRA, wrong shapes for this model, rank too high,
+    changed on disk): fail the requests that name it, and only those, HTTP 400."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, param="model")
+        self.reason = reason
+
+
 class ModelLoadError(RuvonError):
     """A model could not be found, read or understood (missing path, truncated file, unknown architecture)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -18,6 +19,10 @@ class CausalLM(nn.Module, ABC):
 
     config: ModelConfig
     context: ForwardContext
+    # Where LoRA adapters land: PEFT target-module suffix -> (our projection under a decoder layer, the shard
+    # of it that suffix fills, or None for the whole projection). Layers sit in `layers_attr`, indexed 0..L-1.
+    LORA_TARGETS: ClassVar[dict[str, tuple[str, str | None]]]
+    layers_attr: ClassVar[str]
 
     @abstractmethod
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,15 @@ _HF_TO_OURS = {
 }
 
 
+# PEFT's names (HF's modules, suffix-matched) for our projections; "c_proj" alone names both c_projs.
+_LORA_TARGETS: dict[str, tuple[str, str | None]] = {
+    "c_attn": ("attn.qkv", None),
+    "attn.c_proj": ("attn.proj", None),
+    "c_fc": ("mlp.fc", None),
+    "mlp.c_proj": ("mlp.proj", None),
+}
+
+
 class GPT2Attention(nn.Module):
     def __init__(self, config: ModelConfig, context: ForwardContext) -> None:
         super().__init__()
@@ -71,6 +80,9 @@ class GPT2Block(nn.Module):
 
 class GPT2ForCausalLM(CausalLM):
     """GPT-2 over a flat batch of tokens from many sequences; attention metadata comes from self.context."""
+
+    LORA_TARGETS = _LORA_TARGETS
+    layers_attr = "h"
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -27,6 +27,17 @@ _FUSED = {
     "up_proj": "gate_up_proj",
 }
 
+# PEFT's names for our projections: the fused ones take each HF projection as a shard.
+_LORA_TARGETS: dict[str, tuple[str, str | None]] = {
+    "q_proj": ("self_attn.qkv_proj", "q_proj"),
+    "k_proj": ("self_attn.qkv_proj", "k_proj"),
+    "v_proj": ("self_attn.qkv_proj", "v_proj"),
+    "o_proj": ("self_attn.o_proj", None),
+    "gate_proj": ("mlp.gate_up_proj", "gate_proj"),
+    "up_proj": ("mlp.gate_up_proj", "up_proj"),
+    "down_proj": ("mlp.down_proj", None),
+}
+
 
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, context: ForwardContext) -> None:
@@ -86,6 +97,9 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaForCausalLM(CausalLM):
     """Llama over a flat batch of tokens from many sequences; attention metadata comes from self.context."""
+
+    LORA_TARGETS = _LORA_TARGETS
+    layers_attr = "layers"
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
