@@ -96,7 +96,16 @@ class UsageRollupAdmin(ReadOnlyAdmin):
 
 @admin.register(Adapter)
 class AdapterAdmin(admin.ModelAdmin):
-    list_display = ["name", "tenant", "base_model", "status", "rank", "size_bytes", "uploaded_by", "created_at"]
+    list_display = [
+        "name",
+        "tenant",
+        "base_model",
+        "status",
+        "rank",
+        "size_bytes",
+        "uploaded_by",
+        "created_at",
+    ]
     list_filter = ["status", "base_model", "tenant"]
     search_fields = ["name", "tenant__slug", "sha256"]
     list_select_related = ["tenant", "uploaded_by"]
@@ -135,7 +144,9 @@ class AdapterAdmin(admin.ModelAdmin):
         sent = sum(registry.load_on_workers(adapter) for adapter in queryset)
         skipped = len(queryset) - sent
         level = messages.SUCCESS if not skipped else messages.WARNING
-        self.message_user(request, f"Asked the workers to load {sent} adapter(s); {skipped} not ready.", level)
+        self.message_user(
+            request, f"Asked the workers to load {sent} adapter(s); {skipped} not ready.", level
+        )
 
     @admin.action(description="Unload selected adapters from the workers")
     def unload_from_workers(self, request: HttpRequest, queryset: QuerySet[Adapter]) -> None:

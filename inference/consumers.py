@@ -120,7 +120,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json({"type": "started", "request_id": job["request_id"]})
         self.stream_task = asyncio.create_task(self._stream(run, time.monotonic()))
 
-    def _build_job(self, content: dict[str, Any], served: ServedModel, adapter: Adapter | None) -> dict[str, Any]:
+    def _build_job(
+        self, content: dict[str, Any], served: ServedModel, adapter: Adapter | None
+    ) -> dict[str, Any]:
         messages = _check_messages(content.get("messages"))
         raw = content.get("params") or {}
         if not isinstance(raw, dict) or not set(raw) <= CHAT_PARAMS:

@@ -67,7 +67,9 @@ class AdapterTraffic(Collector):
 
     def __init__(self, top_n: Callable[[], int]) -> None:
         self.top_n = top_n
-        self._counts: dict[tuple[str, str], list[int]] = {}  # (model, adapter) -> [requests, prompt, completion]
+        self._counts: dict[
+            tuple[str, str], list[int]
+        ] = {}  # (model, adapter) -> [requests, prompt, completion]
         self._lock = threading.Lock()
 
     def observe(self, model: str, adapter: str | None, prompt_tokens: int, completion_tokens: int) -> None:
@@ -92,11 +94,13 @@ class AdapterTraffic(Collector):
 
     def collect(self) -> Iterable[Metric]:
         requests = CounterMetricFamily(
-            "ruvon:adapter_requests", "Requests answered, by LoRA adapter (top N, the rest as other).",
+            "ruvon:adapter_requests",
+            "Requests answered, by LoRA adapter (top N, the rest as other).",
             labels=["model_name", "adapter"],
         )
         tokens = CounterMetricFamily(
-            "ruvon:adapter_tokens", "Prompt and generated tokens, by LoRA adapter (top N, the rest as other).",
+            "ruvon:adapter_tokens",
+            "Prompt and generated tokens, by LoRA adapter (top N, the rest as other).",
             labels=["model_name", "adapter", "kind"],
         )
         for (model, adapter), (count, prompt, completion) in sorted(self.labelled().items()):

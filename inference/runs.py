@@ -54,7 +54,10 @@ class JobRun:
         usage = done.get("usage") or {}
         adapter = adapter_name(self.job.get("adapter"))
         adapter_traffic.observe(
-            str(self.job.get("model")), adapter, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+            str(self.job.get("model")),
+            adapter,
+            usage.get("prompt_tokens", 0),
+            usage.get("completion_tokens", 0),
         )
 
     async def cancel(self) -> None:

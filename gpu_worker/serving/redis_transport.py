@@ -101,7 +101,7 @@ class RedisWorkerTransport:
         self.ensure_group()
         # Control messages from now on: a worker that starts holds no adapter an older message could name.
         newest = self.r.xrevrange(adapter_control_key(model), count=1)
-        self._control_cursor = newest[0][0] if newest else "0-0"
+        self._control_cursor = str(newest[0][0]) if newest else "0-0"
 
     @classmethod
     def from_url(cls, url: str, model: str, **kwargs: Any) -> RedisWorkerTransport:

@@ -5,12 +5,11 @@ the tenant -> call the registry -> serialise. Another tenant's adapter is a 404,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from django.core.files import File as DjangoFile
-from django.core.files.uploadedfile import UploadedFile
 from django.http import HttpRequest
-from ninja import File, Form, Router
+from ninja import File, Form, Router, Status, UploadedFile
 
 from accounts.models import ApiKey
 from gpu_worker.errors import InvalidRequestError
@@ -26,17 +25,20 @@ router = Router(tags=["adapters"])
 ERRORS: dict[int, Any] = {code: ErrorResponse for code in (400, 401, 403, 404, 409, 413, 503)}
 
 
+Upload = Annotated[UploadedFile | None, File(None)]
+
+
 @router.post("", response={201: AdapterCard, **ERRORS})
 def upload_adapter(
     request: HttpRequest,
-    name: str = Form(..., description="Unique within your tenant: letters, digits, '-' and '_'."),
-    base_model: str = Form(..., description="The served model it was trained for."),
-    file: UploadedFile | None = File(None, description="A .zip of the PEFT adapter folder."),
-    config: UploadedFile | None = File(None, description="adapter_config.json (with weights, instead of file)."),
-    weights: UploadedFile | None = File(None, description="adapter_model.safetensors (or a weights-only .bin)."),
+    name: Annotated[str, Form(description="Unique within your tenant: letters, digits, '-' and '_'.")],
+    base_model: Annotated[str, Form(description="The served model it was trained for.")],
+    file: Upload = None,
+    config: Upload = None,
+    weights: Upload = None,
 ) -> Any:
-    """Upload a PEFT LoRA adapter, as a zip of its folder (`file`) or as its two files (`config` and
-    `weights`, multipart). It is validated next (status validating, then ready or failed with the reason);
+    """Upload a PEFT LoRA adapter (multipart): `file`, a .zip of its folder, or its two files, `config`
+    (adapter_config.json) and `weights` (adapter_model.safetensors, or a weights-only .bin). It is validated next (status validating, then ready or failed with the reason);
     once ready, requests use it with `"model": "<base_model>:<name>"`."""
     key: ApiKey = request.auth  # type: ignore[attr-defined]
     served = ready_job_client().model_info()["model"]
@@ -44,7 +46,7 @@ def upload_adapter(
     adapter = registry.create_adapter(key.tenant, key.created_by, name, base_model, archive, served)
     schedule_validation(adapter)  # without Redis it runs now, so the answer says ready or failed
     adapter.refresh_from_db()
-    return 201, adapter_card(adapter)
+    return Status(201, adapter_card(adapter))
 
 
 @router.get("", response={200: AdapterList, **ERRORS})
@@ -90,7 +92,9 @@ def _archive(
         registry.check_size(config, "config")
         registry.check_size(weights, "weights")
         return registry.zip_of_parts(config, weights)
-    raise InvalidRequestError("send either file (a .zip of the adapter folder) or both config and weights", "file")
+    raise InvalidRequestError(
+        "send either file (a .zip of the adapter folder) or both config and weights", "file"
+    )
 
 
 def adapter_card(adapter: Adapter) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from the archive ever reaches the filesystem. No Django here: the limits come in
 
 from __future__ import annotations
 
+import shutil
 import stat
 import zipfile
 import zlib
@@ -25,15 +26,23 @@ class UnsafeArchive(ValueError):
 
 def extract_adapter(archive: Path | IO[bytes], dest: Path, *, max_bytes: int, max_files: int) -> str:
     """Write the adapter_config.json and the weights (safetensors preferred) of the one PEFT folder in
-    `archive` into the new directory `dest`; return the weights file's name. Raise UnsafeArchive."""
+    `archive` into the new directory `dest`; return the weights file's name. Raise UnsafeArchive, with
+    `dest` removed."""
     try:
         with zipfile.ZipFile(archive) as zf:
             members = checked_members(zf, max_bytes=max_bytes, max_files=max_files)
             config, weights = adapter_files(members)
             dest.mkdir(parents=True)
-            budget = [max_bytes]
-            for member, name in ((config, ADAPTER_CONFIG), (weights, PurePosixPath(weights.filename).name)):
-                _copy_bounded(zf, member, dest / name, budget)
+            try:
+                budget = [max_bytes]
+                for member, name in (
+                    (config, ADAPTER_CONFIG),
+                    (weights, PurePosixPath(weights.filename).name),
+                ):
+                    _copy_bounded(zf, member, dest / name, budget)
+            except BaseException:
+                shutil.rmtree(dest, ignore_errors=True)  # a refused archive leaves nothing behind
+                raise
     except zipfile.BadZipFile as exc:
         raise UnsafeArchive(f"the upload is not a readable zip file ({exc})") from exc
     except (zlib.error, EOFError, NotImplementedError) as exc:

@@ -9,20 +9,23 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.core.files import File
 from django.core.files.uploadedfile import UploadedFile
 from django.db import IntegrityError, transaction
 
-from accounts.models import AnyUser, Tenant
+from accounts.models import Tenant
 from gpu_worker.errors import InvalidRequestError
 from gpu_worker.serving.protocol import adapter_control_message
 from inference.adapters.archive import ADAPTER_CONFIG, WEIGHTS_FILES
 from inference.errors import ApiError, ModelNotFound
 from inference.models import ADAPTER_NAME, Adapter
 from inference.transport import get_job_client, send_control
+
+if TYPE_CHECKING:
+    from accounts.models import AnyUser
 
 log = logging.getLogger("ruvon.adapters")
 
@@ -50,8 +53,11 @@ def create_adapter(
         )
     limit = settings.RUVON_MAX_ADAPTERS_PER_TENANT
     if Adapter.objects.for_tenant(tenant).count() >= limit:
-        raise ApiError(f"your tenant has {limit} adapters, the most allowed; delete one first", status=400,
-                       code="too_many_adapters")
+        raise ApiError(
+            f"your tenant has {limit} adapters, the most allowed; delete one first",
+            status=400,
+            code="too_many_adapters",
+        )
     if Adapter.objects.for_tenant(tenant).filter(name=name).exists():
         raise _taken(name)
     adapter = Adapter(tenant=tenant, name=name, base_model=base_model, uploaded_by=_member(user))
@@ -83,13 +89,13 @@ def check_size(upload: UploadedFile, param: str) -> None:
         )
 
 
-def zip_of_parts(config: UploadedFile, weights: UploadedFile) -> File:
+def zip_of_parts(config: File, weights: File) -> File:
     """Return a zip of an adapter sent as its two files, named as PEFT names them, so every upload is stored
     and validated the same way. The weights' file name says its format (.safetensors, or a .bin)."""
     member = WEIGHTS_BY_SUFFIX.get(PurePosixPath(weights.name or "").suffix.lower())
     if member is None:
         raise InvalidRequestError("weights must be a .safetensors file (or a weights-only .bin)", "weights")
-    out = tempfile.TemporaryFile()
+    out = tempfile.TemporaryFile()  # noqa: SIM115 (the returned File owns it)
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
         for upload, name in ((config, ADAPTER_CONFIG), (weights, member)):
             with zf.open(name, "w", force_zip64=True) as target:
@@ -117,7 +123,9 @@ def _member(user: AnyUser | None) -> Any:
 
 def adapter_of(tenant: Tenant, name: str) -> Adapter:
     """Return the tenant's adapter called `name`; another tenant's is not found, never forbidden."""
-    adapter = Adapter.objects.for_tenant(tenant).select_related("tenant", "uploaded_by").filter(name=name).first()
+    adapter = (
+        Adapter.objects.for_tenant(tenant).select_related("tenant", "uploaded_by").filter(name=name).first()
+    )
     if adapter is None:
         raise ApiError(f"No adapter named {name!r}.", status=404, code="adapter_not_found", param="name")
     return adapter

@@ -45,6 +45,14 @@ def validate(adapter_id: int) -> str:
     Adapter.objects.filter(pk=adapter.pk).update(status=Adapter.Status.VALIDATING)
     try:
         lora = lora_support(adapter.base_model)
+    except AdapterRefused as exc:
+        return fail(adapter, exc.reason)
+    return check_and_publish(adapter, lora)
+
+
+def check_and_publish(adapter: Adapter, lora: dict[str, Any]) -> str:
+    """Check a validating adapter against a worker's LoRA info; return the status it ends in."""
+    try:
         folder, info = stage_and_check(adapter, lora)
     except AdapterRefused as exc:
         return fail(adapter, exc.reason)
@@ -56,7 +64,9 @@ def lora_support(base_model: str) -> dict[str, Any]:
     `base_model`; raise AdapterRefused if none can take adapters, WorkerUnavailable if none has reported."""
     info = served_model_info()
     if info.get("model") != base_model:
-        raise AdapterRefused(f"the base model {base_model!r} is not served here (served: {info.get('model')!r})")
+        raise AdapterRefused(
+            f"the base model {base_model!r} is not served here (served: {info.get('model')!r})"
+        )
     if not info.get("workers"):
         raise WorkerUnavailable(f"no worker of {base_model!r} is running")
     lora = info.get("lora")

@@ -2,43 +2,111 @@
 
 import django.core.validators
 import django.db.models.deletion
-import inference.models
 from django.conf import settings
 from django.db import migrations, models
 
+import inference.models
+
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('accounts', '0002_tenant_monthly_budget'),
-        ('inference', '0003_usage_told_error'),
+        ("accounts", "0002_tenant_monthly_budget"),
+        ("inference", "0003_usage_told_error"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='Adapter',
+            name="Adapter",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(help_text='Unique within the tenant.', max_length=64, validators=[django.core.validators.RegexValidator('^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\\Z', "an adapter name is 1-64 letters, digits, '-' or '_', starting with a letter or digit")])),
-                ('base_model', models.CharField(help_text='The served model it applies to.', max_length=200)),
-                ('status', models.CharField(choices=[('uploaded', 'Uploaded'), ('validating', 'Validating'), ('ready', 'Ready'), ('failed', 'Failed')], default='uploaded', max_length=12)),
-                ('failure_reason', models.TextField(blank=True, default='')),
-                ('archive', models.FileField(help_text='The uploaded zip.', max_length=300, upload_to=inference.models.adapter_upload_to)),
-                ('path', models.CharField(blank=True, default='', help_text='The extracted folder workers read (when ready).', max_length=500)),
-                ('rank', models.PositiveIntegerField(blank=True, null=True)),
-                ('alpha', models.FloatField(blank=True, null=True)),
-                ('target_modules', models.JSONField(blank=True, default=list)),
-                ('size_bytes', models.PositiveBigIntegerField(default=0, help_text='Bytes of the weights file.')),
-                ('sha256', models.CharField(blank=True, default='', help_text='Of the weights file.', max_length=64)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('tenant', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='adapters', to='accounts.tenant')),
-                ('uploaded_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='adapters', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "name",
+                    models.CharField(
+                        help_text="Unique within the tenant.",
+                        max_length=64,
+                        validators=[
+                            django.core.validators.RegexValidator(
+                                "^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\\Z",
+                                "an adapter name is 1-64 letters, digits, '-' or '_', starting with a letter or digit",
+                            )
+                        ],
+                    ),
+                ),
+                ("base_model", models.CharField(help_text="The served model it applies to.", max_length=200)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("uploaded", "Uploaded"),
+                            ("validating", "Validating"),
+                            ("ready", "Ready"),
+                            ("failed", "Failed"),
+                        ],
+                        default="uploaded",
+                        max_length=12,
+                    ),
+                ),
+                ("failure_reason", models.TextField(blank=True, default="")),
+                (
+                    "archive",
+                    models.FileField(
+                        help_text="The uploaded zip.",
+                        max_length=300,
+                        upload_to=inference.models.adapter_upload_to,
+                    ),
+                ),
+                (
+                    "path",
+                    models.CharField(
+                        blank=True,
+                        default="",
+                        help_text="The extracted folder workers read (when ready).",
+                        max_length=500,
+                    ),
+                ),
+                ("rank", models.PositiveIntegerField(blank=True, null=True)),
+                ("alpha", models.FloatField(blank=True, null=True)),
+                ("target_modules", models.JSONField(blank=True, default=list)),
+                (
+                    "size_bytes",
+                    models.PositiveBigIntegerField(default=0, help_text="Bytes of the weights file."),
+                ),
+                (
+                    "sha256",
+                    models.CharField(blank=True, default="", help_text="Of the weights file.", max_length=64),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "tenant",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="adapters",
+                        to="accounts.tenant",
+                    ),
+                ),
+                (
+                    "uploaded_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="adapters",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['tenant', 'name'],
-                'constraints': [models.UniqueConstraint(fields=('tenant', 'name'), name='one_adapter_name_per_tenant')],
+                "ordering": ["tenant", "name"],
+                "constraints": [
+                    models.UniqueConstraint(fields=("tenant", "name"), name="one_adapter_name_per_tenant")
+                ],
             },
         ),
     ]
