@@ -44,7 +44,7 @@ def validate(adapter_id: int) -> str:
         return "gone"
     Adapter.objects.filter(pk=adapter.pk).update(status=Adapter.Status.VALIDATING)
     try:
-        lora = lora_support(adapter.base_model)
+        lora = lora_support(adapter.base_model, served_model_info())
     except AdapterRefused as exc:
         return fail(adapter, exc.reason)
     return check_and_publish(adapter, lora)
@@ -59,10 +59,10 @@ def check_and_publish(adapter: Adapter, lora: dict[str, Any]) -> str:
     return publish(adapter, folder, info)
 
 
-def lora_support(base_model: str) -> dict[str, Any]:
+def lora_support(base_model: str, info: dict[str, Any]) -> dict[str, Any]:
     """Return the LoRA info ({"max_rank", "max_loras", "num_layers", "targets"}) of a live worker serving
-    `base_model`; raise AdapterRefused if none can take adapters, WorkerUnavailable if none has reported."""
-    info = served_model_info()
+    `base_model`, from the served model's `info` (JobClient.model_info); raise AdapterRefused if none can
+    take adapters, WorkerUnavailable if none is running."""
     if info.get("model") != base_model:
         raise AdapterRefused(
             f"the base model {base_model!r} is not served here (served: {info.get('model')!r})"

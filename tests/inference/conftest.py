@@ -3,16 +3,22 @@ adapters made ready by the real validation against random:tiny's LoRA info."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import redis
 from django.core.files.base import ContentFile
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from accounts.models import Tenant
+from gpu_worker.serving.redis_transport import RedisWorkerTransport
 from inference.adapters import registry, validation
 from inference.models import Adapter
+from inference.transport import reset_job_client
+from tests.conftest import E2E_REDIS_URL
 from tests.inference.lora_files import adapter_zip, tiny_lora_info
 
 if TYPE_CHECKING:
@@ -44,11 +50,41 @@ def upload(
     return client.client.post("/v1/adapters", body, headers=client.headers)
 
 
-def ready_adapter(tenant: Tenant, user: Any = None, name: str = "pirate", **zip_args: Any) -> Adapter:
-    """Return an adapter of `tenant` validated (for real) against random:tiny's LoRA info."""
-    archive = ContentFile(adapter_zip(**zip_args), name="adapter.zip")
-    adapter = registry.create_adapter(tenant, user, name, "tiny", archive, "tiny")
+def validated(
+    tenant: Tenant, data: bytes, lora: dict[str, Any] | None = None, name: str = "pirate", user: Any = None
+) -> Adapter:
+    """Return an adapter of `tenant` uploaded as the zip `data`, after the real validation against `lora`
+    (a worker's LoRA info; default: random:tiny's)."""
+    adapter = registry.create_adapter(
+        tenant, user, name, "tiny", ContentFile(data, name="adapter.zip"), "tiny"
+    )
     Adapter.objects.filter(pk=adapter.pk).update(status=Adapter.Status.VALIDATING)
-    assert validation.check_and_publish(adapter, tiny_lora_info()) == Adapter.Status.READY
+    validation.check_and_publish(adapter, lora or tiny_lora_info())
     adapter.refresh_from_db()
     return adapter
+
+
+def ready_adapter(tenant: Tenant, user: Any = None, name: str = "pirate", **zip_args: Any) -> Adapter:
+    """Return an adapter of `tenant` validated (for real) against random:tiny's LoRA info."""
+    adapter = validated(tenant, adapter_zip(**zip_args), name=name, user=user)
+    assert adapter.status == Adapter.Status.READY, adapter.failure_reason
+    return adapter
+
+
+@pytest.fixture
+def redis_worker(settings: SettingsWrapper) -> Iterator[RedisWorkerTransport]:
+    """Make this process's web tier talk to workers over Redis (its own served name), and return the worker
+    side of that transport, which reads what the web tier sends (control messages)."""
+    connection = redis.Redis.from_url(E2E_REDIS_URL)
+    try:
+        connection.ping()
+    except redis.ConnectionError:
+        pytest.skip(f"no Redis at {E2E_REDIS_URL}")
+    name = f"tiny-control-{uuid.uuid4().hex[:8]}"
+    reset_job_client()
+    settings.REDIS_URL, settings.RUVON_MODEL_NAME = E2E_REDIS_URL, name
+    worker = RedisWorkerTransport.from_url(E2E_REDIS_URL, name)
+    yield worker
+    worker.close()
+    reset_job_client()
+    connection.delete(*connection.keys(f"ruvon:*{name}*") or ["ruvon:none"])
