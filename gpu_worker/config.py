@@ -73,6 +73,16 @@ class EngineConfig:
     num_speculative_tokens: int = 3
     speculative_max_batch: int = 32
     speculative_batch_table: str | None = None
+    # LoRA (gpu_worker/lora/): enable_lora wraps every adapter target in a LoRALinear with max_loras device
+    # slots of rank up to max_lora_rank, over an LRU of max_cpu_loras adapters in host memory. `loras` are
+    # "NAME=PATH" adapters read at start-up, served as "<served model>:NAME"; with merge_lora the one of
+    # them is folded into the weights instead (before quantisation).
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 32
+    loras: tuple[str, ...] = ()
+    merge_lora: bool = False
 
 
 @dataclass(frozen=True)

@@ -73,9 +73,34 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model: str | None = No
         default=None,
         help='JSON file {"<batch size>": k}: drafts per sequence by batch size (overrides the max batch)',
     )
+    lora = parser.add_argument_group("LoRA adapters")
+    lora.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="serve PEFT LoRA adapters, many per batch, loaded at run time",
+    )
+    lora.add_argument("--max-loras", type=int, default=4, help="adapters held on the device at once (slots)")
+    lora.add_argument("--max-lora-rank", type=int, default=16, help="the highest adapter rank served")
+    lora.add_argument(
+        "--max-cpu-loras", type=int, default=32, help="adapters kept in host memory behind the slots (LRU)"
+    )
+    lora.add_argument(
+        "--lora",
+        dest="loras",
+        action="append",
+        metavar="NAME=PATH",
+        help="a PEFT adapter directory read at start-up, served as model <served model>:NAME (repeatable)",
+    )
+    lora.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="fold the one --lora into the weights at load (before --quantization): no per-token cost",
+    )
 
 
 def engine_config(options: Mapping[str, Any]) -> EngineConfig:
     """Return the EngineConfig of parsed options (or settings) under EngineConfig's own names; None and
     unknown names are left to the defaults."""
-    return EngineConfig(**{k: v for k, v in options.items() if k in _FIELDS and v is not None})
+    # Repeated options arrive as lists; the frozen config keeps tuples.
+    values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    return EngineConfig(**{k: v for k, v in values.items() if k in _FIELDS and v is not None})

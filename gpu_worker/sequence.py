@@ -10,6 +10,7 @@ from enum import Enum
 import torch
 
 from gpu_worker.config import SamplingParams
+from gpu_worker.lora.request import LoRARequest
 
 
 class SequenceStatus(Enum):
@@ -67,6 +68,7 @@ class Sequence:
     # distributions q [num_drafts, V] (None: one-hot on the draft, as for n-gram proposals).
     num_drafts: int = 0
     draft_probs: torch.Tensor | None = None
+    lora_slot: int = -1  # the adapter slot it holds (pinned) while running; -1: none, or not running
     # Outputs not yet handed to the caller (deltas).
     pending_token_ids: list[int] = field(default_factory=list)
     pending_text: str = ""
@@ -122,7 +124,9 @@ class Request:
     # Root of the prefix-cache hash chain (block_manager.isolation_root): requests share cached KV blocks
     # only when their roots are equal (same tenant and cache_salt by default).
     cache_root: bytes = b""
+    adapter: LoRARequest | None = None
     error: str | None = None  # why the engine failed this request, when it did
+    error_code: str | None = None  # what kind of failure: "engine_error", "adapter_error"
 
     @property
     def num_prompt_tokens(self) -> int:

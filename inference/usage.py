@@ -14,7 +14,7 @@ from django.db.models.functions import Coalesce
 
 from accounts.limits import charge_tokens
 from accounts.models import ApiKey, Tenant
-from gpu_worker.serving.protocol import adapter_name, usage_event
+from gpu_worker.serving.protocol import usage_event
 from inference.billing import price_fields
 from inference.models import UsageRecord
 from inference.schemas import UsageFilters
@@ -163,7 +163,9 @@ def usage_fields(event: dict[str, Any]) -> dict[str, Any]:
 def tenant_adapter_name(event: dict[str, Any]) -> str:
     """Return the adapter of a usage event as its tenant names it: the worker says "<tenant id>/<name>"
     (unique across tenants), the tenant's bill and dashboards say "<name>"; "" for the base model."""
-    name = adapter_name(event.get("adapter")) or ""
+    name = event.get("adapter") or ""
+    if not isinstance(name, str):
+        raise InvalidUsageEvent(f"usage event field adapter must be a name, got {name!r}")
     return name.removeprefix(f"{event.get('tenant_id')}/")
 
 

@@ -14,6 +14,10 @@ to k tokens for each decoding sequence; they are appended as ordinary tokens, th
 all k + 1 of its rows, the rejection sampler (runner/rejection_sampler.py) keeps an exact prefix of them
 plus one token from the target, and the scheduler takes the rest back. Decode launches are for
 non-speculative batches only.
+
+LoRA (config.enable_lora): requests name an adapter (LoRARequest); the AdapterManager reads it on its own
+thread and puts it in a device slot when the scheduler admits the request; every step serves any mix of
+adapters and base rows. An adapter that cannot be read fails the requests that name it, and only those.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import re
 import time
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
@@ -34,11 +39,19 @@ from gpu_worker.engine.output_processor import OutputProcessor
 from gpu_worker.engine.outputs import CompletionOutput, FinalOutput, RequestOutput
 from gpu_worker.engine.scheduler import Scheduler
 from gpu_worker.engine.stats import StepObserver, StepStats
-from gpu_worker.errors import InvalidRequestError
+from gpu_worker.errors import InvalidAdapterError, InvalidRequestError, ModelLoadError
 from gpu_worker.loading.loader import LoadedModel, load_model
+from gpu_worker.lora.manager import AdapterManager
 from gpu_worker.runner.kv_cache import blocks_from_memory
 from gpu_worker.runner.model_runner import DecodeLaunch, Logprob, ModelRunner, StepResult
-from gpu_worker.sequence import Request, RequestMetrics, ScheduledBatch, Sequence, TokenLogprob
+from gpu_worker.sequence import (
+    LoRARequest,
+    Request,
+    RequestMetrics,
+    ScheduledBatch,
+    Sequence,
+    TokenLogprob,
+)
 from gpu_worker.spec.proposer import Proposer, drafts_for_batch, load_batch_table
 from gpu_worker.tokenization.tokenizer import load_tokenizer
 
@@ -46,6 +59,7 @@ __all__ = [
     "CompletionOutput",
     "FinalOutput",
     "LLMEngine",
+    "LoRARequest",
     "RequestMetrics",
     "RequestOutput",
     "TokenLogprob",
@@ -58,6 +72,20 @@ log = logging.getLogger("ruvon.engine")
 # Prefix-cache isolation (EngineConfig.prefix_cache_scope): "tenant" roots every hash chain in the tenant
 # (and the request's cache_salt), "global" shares cached prefixes across tenants (an explicit choice).
 CACHE_SCOPES = ("tenant", "global")
+_LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # of a start-up adapter: served as "<model>:NAME"
+
+
+def parse_lora_specs(specs: Seq[str]) -> dict[str, str]:
+    """Return {name: path} of "NAME=PATH" adapter specs (--lora); raise ValueError on a bad or repeated one."""
+    loras: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not _LORA_NAME.match(name) or not path:
+            raise ValueError(f"--lora takes NAME=PATH (NAME of letters, digits, . _ -), not {spec!r}")
+        if name in loras:
+            raise ValueError(f"--lora {name} is given twice")
+        loras[name] = path
+    return loras
 
 
 def resolve_device(name: str) -> torch.device:
@@ -106,12 +134,17 @@ class LLMEngine:
         self.telemetry = telemetry  # told about every step (StepStats); may be set later
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        lora_paths = parse_lora_specs(config.loras)
+        if config.merge_lora and len(lora_paths) != 1:
+            raise ValueError("--merge-lora takes exactly one --lora NAME=PATH")
+        merged = next(iter(lora_paths.items())) if config.merge_lora else None
         self.loaded = loaded or load_model(
             config.model,
             dtype=self.dtype,
             device=self.device,
             seed=config.seed,
             quantization=config.quantization,
+            merge_lora=merged,
         )
         self.model_config = self.loaded.config
         self.model_name = self.loaded.name
@@ -129,7 +162,13 @@ class LLMEngine:
             else blocks_from_memory(config, self.model_config, self.dtype, self.device)
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.block_manager)
+        # Before the runner: the LoRA layers are swapped in before CUDA graphs capture the model.
+        self.adapters = self._make_adapter_manager()
+        # Adapters served by name ("<model>:NAME"); None for the one merged into the weights.
+        self.named_loras: dict[str, LoRARequest | None] = {merged[0]: None} if merged else {}
+        if not config.merge_lora:
+            self.named_loras.update(self._load_named_loras(lora_paths))
+        self.scheduler = Scheduler(config, self.block_manager, self.adapters)
         self.outputs = OutputProcessor(self.tokenizer, eos_ids, self.scheduler.finish)
         self.decode_steps = config.decode_steps  # read at every launch; benchmarks vary it on one engine
         self.async_decode = (
@@ -148,6 +187,7 @@ class LLMEngine:
             if config.enforce_eager
             else min(config.cuda_graph_max_batch, config.max_num_seqs),
             launch_steps=config.decode_steps if self.chain_decodes else 0,
+            lora=self.adapters is not None,
         )
         self.proposer: Proposer | None = self._make_proposer(num_blocks)
         self.spec_table = load_batch_table(config.speculative_batch_table)
@@ -164,6 +204,31 @@ class LLMEngine:
         self._aborted: list[Request] = []  # aborted or failed since the last step, still owed a final output
         self._launch: DecodeLaunch | None = None  # decode launch queued on the device, not yet read back
         self._last_collect = 0.0  # perf_counter() when the last launch was read back
+
+    def _make_adapter_manager(self) -> AdapterManager | None:
+        config = self.config
+        if not config.enable_lora:
+            if config.loras and not config.merge_lora:
+                raise ValueError("--lora needs --enable-lora (or --merge-lora to fold it into the weights)")
+            return None
+        if config.max_loras < 1 or config.max_lora_rank < 1 or config.max_cpu_loras < 1:
+            raise ValueError("max_loras, max_lora_rank and max_cpu_loras must be at least 1")
+        return AdapterManager(self.loaded.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras)
+
+    def _load_named_loras(self, paths: dict[str, str]) -> dict[str, LoRARequest | None]:
+        """Read the start-up adapters into slots now: a bad one stops the start, with its reason."""
+        named: dict[str, LoRARequest | None] = {}
+        for name, path in paths.items():
+            assert self.adapters is not None  # _make_adapter_manager refuses --lora without LoRA on
+            try:
+                named[name] = self.adapters.load_now(name, path)
+            except InvalidAdapterError as exc:
+                raise ModelLoadError(f"--lora {name}={path}: {exc.reason}") from None
+        return named
+
+    def lora_info(self) -> dict[str, object] | None:
+        """Return what uploads are checked against (the worker's heartbeat "lora"); None when LoRA is off."""
+        return None if self.adapters is None else self.adapters.info()
 
     def _make_proposer(self, num_blocks: int) -> Proposer | None:
         kind = self.config.speculative
@@ -200,16 +265,26 @@ class LLMEngine:
         tenant: str = "default",
         weight: float = 1.0,
         cache_salt: str | None = None,
+        adapter: LoRARequest | None = None,
     ) -> None:
-        """Validate and queue a request; raise InvalidRequestError if it is bad or CapacityError if the queue
-        is full (nothing queued either way)."""
+        """Validate and queue a request (on the LoRA `adapter`, if given: its files are read meanwhile);
+        raise InvalidRequestError if it is bad or CapacityError if the queue is full (nothing queued either
+        way)."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        if adapter is not None and self.adapters is None:
+            raise InvalidRequestError(
+                f"adapter {adapter.name!r}: this engine serves no LoRA adapters (start it with --enable-lora)",
+                param="model",
+            )
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         max_total = self._check_request(ids, params, weight)
         self.scheduler.check_capacity(max_total * params.n)
         request = Request(request_id, ids, params, tenant=tenant, weight=weight, max_total_tokens=max_total)
-        request.cache_root = self._cache_root(tenant, cache_salt)
+        request.cache_root = self._cache_root(tenant, cache_salt, adapter)
+        request.adapter = adapter
+        if adapter is not None and self.adapters is not None:
+            self.adapters.prefetch(adapter)
         request.metrics.num_prompt_tokens = len(ids)
         for index in range(params.n):
             seq = Sequence(
@@ -220,9 +295,11 @@ class LLMEngine:
         self.requests[request_id] = request
         self.scheduler.add_request(request)
 
-    def _cache_root(self, tenant: str, cache_salt: str | None) -> bytes:
+    def _cache_root(self, tenant: str, cache_salt: str | None, adapter: LoRARequest | None) -> bytes:
         scope = tenant if self.config.prefix_cache_scope == "tenant" else ""
-        return isolation_root(f"scope={scope}", f"salt={cache_salt or ''}")
+        # An adapter changes every key and value after the first layer: its own (name, weights) root.
+        lora = "" if adapter is None else f"{adapter.name}\x00{adapter.sha256}"
+        return isolation_root(f"scope={scope}", f"salt={cache_salt or ''}", f"adapter={lora}")
 
     def _check_request(self, ids: list[int], params: SamplingParams, weight: float) -> int:
         """Return the request's token bound (prompt + completion) or raise InvalidRequestError."""
@@ -260,11 +337,22 @@ class LLMEngine:
             self.scheduler.abort_request(request)
             self._aborted.append(request)
 
-    def _fail_request(self, request: Request, error: str) -> None:
+    def _fail_request(self, request: Request, error: str, code: str = "engine_error") -> None:
         """End one request with an error (finish_reason "error"); the rest of the batch goes on."""
-        request.error = error
+        request.error, request.error_code = error, code
         self.scheduler.abort_request(request, reason="error")
         self._aborted.append(request)
+
+    def _fail_unloadable_adapters(self) -> None:
+        """Fail the requests whose adapter could not be read (they are all still waiting)."""
+        failures = self.adapters.take_failures() if self.adapters is not None else {}
+        if not failures:
+            return
+        for request in list(self.requests.values()):
+            adapter = request.adapter
+            if adapter is not None and adapter.key in failures and not request.is_finished:
+                message = f"LoRA adapter {adapter.name!r} cannot be used: {failures[adapter.key]}"
+                self._fail_request(request, message, code="adapter_error")
 
     def is_waiting(self, request_id: str) -> bool:
         """Return whether the request is queued and has not been scheduled yet."""
@@ -278,6 +366,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one step (scheduled, or a decode launch); return outputs of requests that progressed or ended."""
         touched: dict[str, Request] = {}
+        self._fail_unloadable_adapters()
         if self._launch is not None or self._can_launch():
             batch, step_seconds = self._launch_step(touched)
         else:
@@ -296,6 +385,8 @@ class LLMEngine:
         self._propose()
         batch = self.scheduler.schedule()
         if not batch:
+            if self.adapters is not None:
+                self.adapters.wait_for_reads(0.01)  # what waits may wait for an adapter being read
             return batch, None
         # The runner ends with a host sync, so on CUDA this wall time is the device's time for the step.
         started = time.perf_counter()
@@ -512,6 +603,7 @@ class LLMEngine:
             "spec_num_drafts": self.spec_num_drafts,
             "spec_num_draft_tokens": self.spec_num_draft_tokens,
             "spec_num_accepted_tokens": self.spec_num_accepted_tokens,
+            **(self.adapters.stats() if self.adapters is not None else {}),
         }
 
     def stream(self) -> Iterator[RequestOutput]:

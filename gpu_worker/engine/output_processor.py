@@ -146,4 +146,5 @@ class OutputProcessor:
             finished=finished,
             metrics=request.metrics,
             error=request.error,
+            error_code=request.error_code,
         )

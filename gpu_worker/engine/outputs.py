@@ -28,6 +28,7 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     error: str | None = None  # set when the engine failed this request (and only this one) mid-run
+    error_code: str | None = None  # with error: "engine_error", or "adapter_error" (its adapter cannot load)
 
 
 @dataclass

@@ -9,6 +9,10 @@ When every running sequence decodes and nothing waits, the scheduler plans decod
 (schedule_launch): several tokens per sequence computed on the device in one go, their KV slots allocated
 ahead (lookahead slots). Tokens a sequence does not keep are taken back with rollback().
 
+A request with a LoRA adapter is admitted only once its adapter can take a slot (AdapterManager.ready):
+until then it waits without holding up the requests behind it. A running sequence pins its adapter's
+slot, so at most max_loras distinct adapters run at once.
+
 Speculative decoding's drafts are ordinary tokens here: add_drafts() appends k of them to a caught-up
 sequence, so the next schedule() gives it k + 1 tokens; take_drafts() then takes back the rejected ones and
 hands over the accepted ones. Drafts are never committed to the prefix cache, never split across steps (a
@@ -26,6 +30,7 @@ from typing import TYPE_CHECKING
 from gpu_worker.config import EngineConfig
 from gpu_worker.engine.block_manager import BlockManager
 from gpu_worker.errors import CapacityError
+from gpu_worker.lora.manager import AdapterManager
 from gpu_worker.sequence import Request, ScheduledBatch, Sequence, SequenceStatus
 
 if TYPE_CHECKING:
@@ -45,9 +50,12 @@ class LaunchPlan:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+    def __init__(
+        self, config: EngineConfig, block_manager: BlockManager, adapters: AdapterManager | None = None
+    ) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.adapters = adapters  # None: LoRA is off
         self.waiting: dict[str, deque[Sequence]] = {}  # tenant -> its queue, in arrival order
         self.running: list[Sequence] = []  # oldest first
         self.held: dict[int, list[Sequence]] = {}  # first seq id -> siblings waiting for its prefill
@@ -92,6 +100,7 @@ class Scheduler:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         if seq in self.running:
             self.running.remove(seq)
+            self._release_adapter(seq)
         queue = self.waiting.get(seq.request.tenant)
         if queue and seq in queue:
             queue.remove(seq)
@@ -163,9 +172,10 @@ class Scheduler:
             if not self.block_manager.can_allocate(seq, n, prefix):
                 return  # head of the fair queue must wait for blocks; don't let others jump it
             tenant = seq.request.tenant
-            self.waiting[tenant].popleft()
+            self.waiting[tenant].remove(seq)
             cached = self.block_manager.allocate_prefix(seq, prefix)
             self.block_manager.allocate(seq, n)
+            self._acquire_adapter(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             metrics = seq.request.metrics
@@ -177,21 +187,37 @@ class Scheduler:
             budget -= n
 
     def _peek_fair(self) -> Sequence | None:
-        """Return the head of the waiting queue of the tenant with the least weighted service so far."""
+        """Return the first sequence that can run now (its adapter, if any, can take a slot) in the waiting
+        queue of the tenant with the least weighted service so far."""
         best: Sequence | None = None
         best_key: tuple[float, float] | None = None
         for tenant, queue in self.waiting.items():
-            if not queue:
+            seq = next((s for s in queue if self._adapter_ready(s)), None)
+            if seq is None:
                 continue
-            key = (self.service[tenant], queue[0].request.metrics.arrival_time)
+            key = (self.service[tenant], seq.request.metrics.arrival_time)
             if best_key is None or key < best_key:
-                best, best_key = queue[0], key
+                best, best_key = seq, key
         return best
+
+    def _adapter_ready(self, seq: Sequence) -> bool:
+        adapter = seq.request.adapter
+        return adapter is None or (self.adapters is not None and self.adapters.ready(adapter))
+
+    def _acquire_adapter(self, seq: Sequence) -> None:
+        if seq.request.adapter is not None and self.adapters is not None:
+            seq.lora_slot = self.adapters.acquire(seq.request.adapter)
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        if seq.lora_slot >= 0 and self.adapters is not None:
+            self.adapters.release(seq.lora_slot)
+        seq.lora_slot = -1
 
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks and queue it first in line to be recomputed."""
         self.drop_drafts(seq)
         self.running.remove(seq)
+        self._release_adapter(seq)
         self.block_manager.free_seq(seq)
         self.num_preemptions += 1
         self._enqueue(seq, front=True)

@@ -12,8 +12,19 @@ from kernels.backend import KernelBackend
 
 
 @dataclass
+class LoRAMetadata:
+    """Which adapter slot each segment of a step's rows uses (kernels/reference.py, "LoRA", has the layout).
+
+    The runner makes one segment per sequence, so seg_indptr is the step's query_start_loc."""
+
+    seg_indptr: torch.Tensor  # [G+1] int32 row bounds of the segments
+    seg_slots: torch.Tensor  # [G] int32 adapter slot of each segment; -1: the base model only
+
+
+@dataclass
 class AttentionMetadata:
-    """What every attention layer needs for one forward pass over a flat batch of T new tokens."""
+    """What every attention layer needs for one forward pass over a flat batch of T new tokens (and, when
+    LoRA adapters are served, what every LoRA projection needs)."""
 
     slot_mapping: torch.Tensor  # [T] int64 cache slot per new token
     query_start_loc: torch.Tensor  # [B+1] int32 cumulative query lengths
@@ -21,6 +32,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     max_query_len: int
     max_context_len: int
+    lora: LoRAMetadata | None = None  # None: no row of this step uses an adapter
 
 
 class ForwardContext:

@@ -10,6 +10,8 @@ from gpu_worker.errors import ModelLoadError
 from gpu_worker.layers.base import CheckpointTensor, Layer, QuantizedTensor, copy_checked
 from gpu_worker.layers.context import ForwardContext
 
+WHOLE = ""  # the one shard of a projection that is not merged: its checkpoint names are "weight", "bias"
+
 
 def shard_row_ranges(shards: dict[str, int]) -> dict[str, tuple[int, int]]:
     """Return each shard's [start, end) rows when shards of the given row counts are stacked in order."""
@@ -37,10 +39,16 @@ class Linear(Layer):
         self.in_features, self.out_features, self.gelu = in_features, out_features, gelu
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.shard_rows = {WHOLE: (0, out_features)}  # MergedLinear: one entry per checkpoint projection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [T, in] -> [T, out]
-        return self.context.backend.linear(x, self.weight, self.bias, self.gelu)
+        return self.project(x, self.gelu)
+
+    def project(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
+        """Return x W^T + b, then tanh-GELU when `gelu`: forward, with the activation left to the caller
+        when it adds to the projection first (LoRALinear)."""
+        return self.context.backend.linear(x, self.weight, self.bias, gelu)
 
     def extra_repr(self) -> str:
         return (

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from gpu_worker.config import ModelConfig
-from gpu_worker.errors import ModelLoadError
+from gpu_worker.errors import InvalidAdapterError, ModelLoadError
 from gpu_worker.loading.assets import smollm2_gguf_path
 from gpu_worker.loading.checkpoints import Checkpoint
 from gpu_worker.loading.checkpoints.gguf_file import (
@@ -28,6 +28,8 @@ from gpu_worker.loading.checkpoints.gguf_file import (
 )
 from gpu_worker.loading.checkpoints.hf_dir import read_hf_config, read_hf_tensors
 from gpu_worker.loading.checkpoints.hub import GPT2_HUB_NAMES, is_hub_name, pull, resolve_cached_snapshot
+from gpu_worker.lora.format import adapter_targets, read_adapter
+from gpu_worker.lora.merge import merge_adapter
 from gpu_worker.models import CausalLM, build_model
 from gpu_worker.quant import QuantScheme, load_quantized_from, parse_scheme, quantize
 from kernels.backend import backend_for
@@ -150,10 +152,15 @@ def load_model(
     device: str | torch.device = "cpu",
     seed: int = 0,
     quantization: str = "none",
+    merge_lora: tuple[str, str] | None = None,
 ) -> LoadedModel:
     """Load what `spec` names: an HF directory or cache name, a .gguf file, `smollm2`, or `random:<shape>`;
-    with its projections quantised by `quantization` (gpu_worker.quant.SCHEMES) unless "none"."""
+    with the LoRA adapter `merge_lora` (name, directory) folded into its weights, and then its projections
+    quantised by `quantization` (gpu_worker.quant.SCHEMES) unless "none"."""
     scheme = parse_scheme(quantization)  # a bad name fails here, before anything is read
+    if merge_lora is not None:
+        full = load_model(spec, dtype=dtype, device=device, seed=seed)
+        return requantize(_merged(full, *merge_lora), quantization)
     source = resolve_spec(spec)
     if source.kind == "random":
         return _load_random(source.spec, dtype, device, seed, scheme)
@@ -161,6 +168,20 @@ def load_model(
     if source.kind == "gguf":
         return _load_gguf(source.path, source.name, dtype, device, scheme)
     return _load_hf_dir(source.path, source.name, dtype, device, scheme)
+
+
+def _merged(loaded: LoadedModel, name: str, path: str) -> LoadedModel:
+    """Return `loaded` with the adapter at `path` folded into its (full-precision) weights, labelled so."""
+    model = loaded.model
+    try:
+        # No rank bound: a merged adapter takes no slot.
+        adapter = read_adapter(path, adapter_targets(model), loaded.config.num_layers, max_rank=1 << 30)
+    except InvalidAdapterError as exc:
+        raise ModelLoadError(f"LoRA {name} ({path}): {exc.reason}") from None
+    merge_adapter(model, adapter)
+    rank, alpha = adapter.info.rank, adapter.info.alpha
+    label = f"{loaded.label.removesuffix(')')}, LoRA {name} merged: rank {rank}, alpha {alpha:g})"
+    return replace(loaded, label=label)
 
 
 def _load_hf_dir(

@@ -223,7 +223,7 @@ def _match_targets(target_modules: list[str] | str, targets: Mapping[str, Sequen
 def _read_weights_file(path: Path) -> tuple[Path, bytes]:
     for name in WEIGHT_FILES:
         file = path / name
-        if file.is_file():
+        if file.exists() and not file.is_dir():  # a file, or anything that reads like one (a pipe)
             try:
                 return file, file.read_bytes()
             except OSError as exc:

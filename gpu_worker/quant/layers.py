@@ -15,11 +15,9 @@ from torch import nn
 from gpu_worker.errors import ModelLoadError
 from gpu_worker.layers.base import CheckpointTensor, Layer, QuantizedTensor, copy_checked
 from gpu_worker.layers.context import ForwardContext
-from gpu_worker.layers.linear import Linear, MergedLinear, shard_row_ranges
+from gpu_worker.layers.linear import WHOLE, Linear, shard_row_ranges
 from gpu_worker.quant.quantizers import quantize_int4, quantize_int8
 from gpu_worker.quant.schemes import QuantScheme
-
-WHOLE = ""  # the one shard of a layer that is not merged: its checkpoint names are "weight", "bias"
 
 
 class QuantLinear(Layer, ABC):
@@ -50,10 +48,7 @@ class QuantLinear(Layer, ABC):
     @classmethod
     def from_linear(cls, linear: Linear, scheme: QuantScheme) -> QuantLinear:
         """Return an empty quantised layer of `linear`'s shape (and shards), on its device."""
-        if isinstance(linear, MergedLinear):
-            shards = {name: end - start for name, (start, end) in linear.shard_rows.items()}
-        else:
-            shards = {WHOLE: linear.out_features}
+        shards = {name: end - start for name, (start, end) in linear.shard_rows.items()}
         return cls(
             linear.context,
             linear.in_features,
@@ -94,6 +89,14 @@ class QuantLinear(Layer, ABC):
         if self.bias is not None and linear.bias is not None:
             self.load_weight("bias", linear.bias.detach())
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [T, in] -> [T, out]
+        return self.project(x, self.gelu)
+
+    @abstractmethod
+    def project(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
+        """Return x W^T + b, then tanh-GELU when `gelu` (as Linear.project)."""
+
     @abstractmethod
     def _load_shard(self, shard: str, start: int, end: int, tensor: CheckpointTensor) -> None:
         """Store one shard's rows [start, end), quantising a full-precision tensor on the way."""
@@ -128,9 +131,9 @@ class Int8Linear(QuantLinear):
         # A parameter (never trained), so the loader's NaN check sees a projection the checkpoint left out.
         self.scales = nn.Parameter(torch.empty(n, k // self.group_size, device=device), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
         # [T, in] -> [T, out]
-        return self.context.backend.int8_linear(x, self.qweight, self.scales, self.bias, self.gelu)
+        return self.context.backend.int8_linear(x, self.qweight, self.scales, self.bias, gelu)
 
     def _load_shard(self, shard: str, start: int, end: int, tensor: CheckpointTensor) -> None:
         if isinstance(tensor, QuantizedTensor):
@@ -170,14 +173,14 @@ class Int4Linear(QuantLinear):
         self._staged: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._packed_by = context.backend.int4_pack
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
         # [T, in] -> [T, out]
         backend = self.context.backend
         if backend.int4_pack is not self._packed_by:
             raise RuntimeError(
                 "Int4Linear was packed for another kernel backend; quantise under the one it runs"
             )
-        return backend.int4_linear(x, self.qweight, self.qscales, self.bias, self.gelu)
+        return backend.int4_linear(x, self.qweight, self.qscales, self.bias, gelu)
 
     def _load_shard(self, shard: str, start: int, end: int, tensor: CheckpointTensor) -> None:
         if isinstance(tensor, QuantizedTensor):

@@ -8,6 +8,9 @@ Greedy decode launches (model_runner.chained_decode_steps) are captured whole as
 steps, metadata, argmax and feedback included, so a launch costs the host a few copies and one replay.
 Those graphs are captured, in a memory pool of their own, at start-up for the configured step count and on
 first use for any other.
+
+With LoRA on, every graph reads each row's adapter slot from a static buffer too (-1: none), so one graph
+serves any mix of adapters and base rows.
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ from contextlib import contextmanager
 
 import torch
 
-from gpu_worker.layers.context import AttentionMetadata
+from gpu_worker.layers.context import AttentionMetadata, LoRAMetadata
 from gpu_worker.models.base import CausalLM
 
-# (ids, first, last, block_tables, steps) -> tokens [steps, B]: a greedy launch's body, see model_runner.
-LaunchBody = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# (ids, first, last, block_tables, steps, lora slots or None) -> tokens [steps, B]: a greedy launch's body,
+# see model_runner.
+LaunchBody = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor | None], torch.Tensor
+]
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 
@@ -42,7 +48,9 @@ def _no_garbage_collection() -> Iterator[None]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: CausalLM, max_batch: int, max_blocks: int, device: torch.device) -> None:
+    def __init__(
+        self, model: CausalLM, max_batch: int, max_blocks: int, device: torch.device, lora: bool = False
+    ) -> None:
         self.model = model
         self.sizes = [b for b in DEFAULT_BATCH_SIZES if b <= max_batch]
         self.max_blocks = max_blocks
@@ -53,6 +61,8 @@ class DecodeGraphs:
         self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        # Each row's adapter slot (one row per sequence: the segments are the rows), when LoRA is on.
+        self.lora_slots = torch.full((n,), -1, dtype=torch.int32, device=device) if lora else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         # Greedy launches: the rows' first and last positions (a padded row has last = -1: it stores nothing).
@@ -71,7 +81,25 @@ class DecodeGraphs:
             block_tables=self.block_tables[:bs],
             max_query_len=1,
             max_context_len=self.max_blocks,  # unused by the decode kernel; shapes fix its splits
+            lora=self._lora(bs),
         )
+
+    def _lora(self, bs: int) -> LoRAMetadata | None:
+        if self.lora_slots is None:
+            return None
+        return LoRAMetadata(self.query_start_loc[: bs + 1], self.lora_slots[:bs])
+
+    def _copy_lora_slots(self, slots: torch.Tensor | None, num: int, bs: int) -> None:
+        """Put the rows' adapter slots (None: no adapter in the batch) in the static buffer, -1 past them."""
+        if self.lora_slots is None:
+            if slots is not None:
+                raise RuntimeError("a batch with LoRA adapters on graphs captured without: engine bug")
+            return
+        if slots is None:
+            self.lora_slots[:bs].fill_(-1)
+        else:
+            self.lora_slots[:num].copy_(slots, non_blocking=True)
+            self.lora_slots[num:bs].fill_(-1)
 
     def _forward(self, bs: int) -> torch.Tensor:
         with self.model.context.use(self._metadata(bs)):
@@ -113,6 +141,7 @@ class DecodeGraphs:
         self.context_lens[num:bs].fill_(1)
         width = metadata.block_tables.shape[1]
         self.block_tables[:num, :width].copy_(metadata.block_tables, non_blocking=True)
+        self._copy_lora_slots(None if metadata.lora is None else metadata.lora.seg_slots, num, bs)
         self.graphs[bs].replay()
         return self.logits[bs][:num]
 
@@ -124,7 +153,15 @@ class DecodeGraphs:
         self.last.fill_(-1)  # warm-up runs store nothing
         with _no_garbage_collection():
             for bs in reversed(self.sizes):
-                args = (self.input_ids[:bs], self.first[:bs], self.last[:bs], self.block_tables[:bs], steps)
+                lora = None if self.lora_slots is None else self.lora_slots[:bs]
+                args = (
+                    self.input_ids[:bs],
+                    self.first[:bs],
+                    self.last[:bs],
+                    self.block_tables[:bs],
+                    steps,
+                    lora,
+                )
                 body(*args)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
@@ -140,6 +177,7 @@ class DecodeGraphs:
         first: torch.Tensor,  # [B] int64
         last: torch.Tensor,  # [B] int64
         block_tables: torch.Tensor,  # [B, W] int32
+        lora_slots: torch.Tensor | None = None,  # [B] int32 adapter slot per row; None: no adapters
     ) -> torch.Tensor:  # [steps, B]
         """Replay the greedy launch graph that holds the batch; return its tokens (a view of a static buffer
         that the next launch replay overwrites: read it, or copy it, before queuing that)."""
@@ -153,5 +191,6 @@ class DecodeGraphs:
         self.last[num:bs].fill_(-1)
         width = block_tables.shape[1]
         self.block_tables[:num, :width].copy_(block_tables, non_blocking=True)
+        self._copy_lora_slots(lora_slots, num, bs)
         self.launch_graphs[steps, bs].replay()
         return self.launch_tokens[steps, bs][:, :num]

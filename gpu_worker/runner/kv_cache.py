@@ -8,7 +8,7 @@ import torch
 
 from gpu_worker.config import EngineConfig, ModelConfig
 from gpu_worker.layers.attention import attention_layers
-from gpu_worker.layers.context import AttentionMetadata
+from gpu_worker.layers.context import AttentionMetadata, LoRAMetadata
 from gpu_worker.models.base import CausalLM
 
 log = logging.getLogger("ruvon.engine")
@@ -56,8 +56,11 @@ def allocate_kv_cache(
 
 
 @torch.inference_mode()
-def forward_dense(model: CausalLM, token_ids: list[int], block_size: int = 16) -> torch.Tensor:
-    """Run one sequence through the model with a private cache; return logits [len, vocab].
+def forward_dense(
+    model: CausalLM, token_ids: list[int], block_size: int = 16, lora_slot: int | None = None
+) -> torch.Tensor:
+    """Run one sequence through the model with a private cache (and the adapter in `lora_slot` of a model
+    that serves LoRA); return logits [len, vocab].
 
     A test and debugging helper: the engine never calls it.
     """
@@ -74,6 +77,10 @@ def forward_dense(model: CausalLM, token_ids: list[int], block_size: int = 16) -
         max_query_len=n,
         max_context_len=n,
     )
+    if lora_slot is not None:
+        meta.lora = LoRAMetadata(
+            meta.query_start_loc, torch.tensor([lora_slot], dtype=torch.int32, device=device)
+        )
     ids = torch.tensor(token_ids, device=device)
     positions = torch.arange(n, device=device)
     with model.context.use(meta):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gpu_worker.layers.context import AttentionMetadata
+from gpu_worker.layers.context import AttentionMetadata, LoRAMetadata
 from gpu_worker.models.base import CausalLM
 from gpu_worker.runner.cuda_graphs import DecodeGraphs
 from gpu_worker.runner.input_batch import InputBatch
@@ -73,6 +73,7 @@ def chained_decode_steps(
     block_size: int,
     forward: Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor],
     pick: Callable[[torch.Tensor], torch.Tensor],
+    lora_slots: torch.Tensor | None = None,  # [B] int32 each row's adapter slot (-1: none); None: no adapters
 ) -> torch.Tensor:  # [steps, B] int64
     """Run `steps` decode steps where each step's picked tokens are the next step's inputs, all on the device.
 
@@ -82,6 +83,7 @@ def chained_decode_steps(
     batch = ids.shape[0]
     tokens = torch.empty(steps, batch, dtype=torch.int64, device=ids.device)
     query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=ids.device)
+    lora = None if lora_slots is None else LoRAMetadata(query_start_loc, lora_slots)
     for j in range(steps):
         wanted = first + j
         positions = torch.minimum(wanted, last).clamp_(min=0)
@@ -94,6 +96,7 @@ def chained_decode_steps(
             block_tables=block_tables,
             max_query_len=1,
             max_context_len=block_tables.shape[1] * block_size,  # an upper bound; decode reads context_lens
+            lora=lora,
         )
         ids = pick(forward(ids, positions, metadata))
         tokens[j] = ids
@@ -115,6 +118,7 @@ class ModelRunner:
         max_model_len: int,
         cuda_graph_max_batch: int = 0,  # 0: run eagerly
         launch_steps: int = 0,  # capture greedy launches of this many steps up front (0: none)
+        lora: bool = False,  # the model serves LoRA adapters (its graphs read each row's slot)
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -129,7 +133,7 @@ class ModelRunner:
             model.context.backend = cuda_backend()
             if cuda_graph_max_batch > 0:
                 max_blocks = -(-max_model_len // block_size)
-                self.graphs = DecodeGraphs(model, cuda_graph_max_batch, max_blocks, device)
+                self.graphs = DecodeGraphs(model, cuda_graph_max_batch, max_blocks, device, lora=lora)
                 self.graphs.capture()
                 self.graphs.launch_body = self._greedy_launch_body
                 if launch_steps:
@@ -172,21 +176,26 @@ class ModelRunner:
                 prompt_rows.append((seq, flat_start, begin, last - begin))
         max_blocks = max(len(s.block_table) for s in batch.seqs)
         tables = [b for s in batch.seqs for b in s.block_table + [0] * (max_blocks - len(s.block_table))]
+        # One segment of rows per sequence, so the LoRA segments' bounds are the query bounds.
+        lora_slots = [s.lora_slot for s in batch.seqs]
         # One host-to-device copy for all integer inputs, then views into it.
-        parts = (ids, positions, slots, starts, context_lens, sample_rows, tables)
+        parts = (ids, positions, slots, starts, context_lens, sample_rows, tables, lora_slots)
         packed = torch.tensor([v for part in parts for v in part], dtype=torch.int64).to(self.device)
         views = list(packed.split([len(part) for part in parts]))
         q_lens = batch.num_tokens
+        query_start_loc = views[3].int()
+        lora = LoRAMetadata(query_start_loc, views[7].int()) if max(lora_slots) >= 0 else None
         return FlatBatch(
             input_ids=views[0],
             positions=views[1],
             metadata=AttentionMetadata(
                 slot_mapping=views[2],
-                query_start_loc=views[3].int(),
+                query_start_loc=query_start_loc,
                 context_lens=views[4].int(),
                 block_tables=views[6].view(len(batch.seqs), max_blocks).int(),
                 max_query_len=max(q_lens),
                 max_context_len=max(context_lens),
+                lora=lora,
             ),
             sample_rows=views[5],
             sample_seqs=sample_seqs,
@@ -214,18 +223,20 @@ class ModelRunner:
         width = max(len(s.block_table) for s in seqs)
         tables = [b for s in seqs for b in s.block_table + [0] * (width - len(s.block_table))]
         source = [prev.rows[s.seq_id] for s in seqs] if prev is not None else [s.token_ids[-1] for s in seqs]
-        host = torch.tensor(source + first + last + tables, dtype=torch.int64)
+        adapters = [s.lora_slot for s in seqs]
+        host = torch.tensor(source + first + last + tables + adapters, dtype=torch.int64)
         if self.device.type == "cuda":
             host = host.pin_memory()  # a pageable copy would wait for the work already queued
         packed = host.to(self.device, non_blocking=True)
-        src, first_t, last_t, tables_flat = packed.split([n, n, n, n * width])
+        src, first_t, last_t, tables_flat, adapters_t = packed.split([n, n, n, n * width, n])
         ids = prev.tokens[-1].index_select(0, src) if prev is not None else src
         block_tables = tables_flat.view(n, width).int()
+        lora_slots = adapters_t.int() if max(adapters) >= 0 else None
         greedy = not needs_processing([s.params for s in seqs])
         graphs = self.graphs if self.graphs is not None and self.graphs.fits(n) else None
         if greedy and graphs is not None:
             # The whole launch is one graph replay (DecodeGraphs.launch).
-            tokens = graphs.launch(steps, ids, first_t, last_t, block_tables)
+            tokens = graphs.launch(steps, ids, first_t, last_t, block_tables, lora_slots)
         else:
             metadata = None if greedy else self.input_batch.metadata(seqs)
 
@@ -234,7 +245,7 @@ class ModelRunner:
 
             forward = graphs.run if graphs is not None else self.forward_logits
             tokens = chained_decode_steps(
-                ids, first_t, last_t, block_tables, steps, self.block_size, forward, pick
+                ids, first_t, last_t, block_tables, steps, self.block_size, forward, pick, lora_slots
             )
         done = None
         if self.device.type == "cuda":
@@ -255,10 +266,11 @@ class ModelRunner:
         last: torch.Tensor,
         block_tables: torch.Tensor,
         steps: int,
+        lora_slots: torch.Tensor | None,
     ) -> torch.Tensor:
         """What a greedy launch graph captures: eager forwards and an argmax per step."""
         return chained_decode_steps(
-            ids, first, last, block_tables, steps, self.block_size, self.forward_logits, _argmax
+            ids, first, last, block_tables, steps, self.block_size, self.forward_logits, _argmax, lora_slots
         )
 
     def forward_logits(

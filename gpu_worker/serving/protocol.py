@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ _TUPLE_FIELDS = {"stop", "stop_token_ids"}
 _INT_FIELDS = {"n", "max_tokens", "top_k", "seed", "logprobs", "prompt_logprobs"}
 _FLOAT_FIELDS = {"temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty"}
 _NULLABLE_FIELDS = {"max_tokens", "seed", "logprobs", "prompt_logprobs"}  # None means something here
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def request_stream(model: str) -> str:
@@ -92,8 +94,9 @@ def make_job(
 
     token_budget: the most tokens the job can use (prompt + n x max completion), what admission counts;
     reserved_tokens: what the API key's token bucket was charged for it; max_queue_s / timeout_s: how long
-    it may wait for a worker, and live in all, counted from submitted_at (None: no bound); adapter: None
-    (the base model) or {"name", "path", "sha256"} of the LoRA adapter to apply (see adapter_name)."""
+    it may wait for a worker, and live in all, counted from submitted_at (None: no bound); adapter: the
+    LoRA adapter, {"name": "<tenant id>/<adapter>", "path": absolute directory, "sha256": of its weights
+    file} (adapter_ref builds it), or None."""
     if isinstance(params, SamplingParams):
         params = sampling_params_to_dict(params)
     return {
@@ -112,6 +115,34 @@ def make_job(
         "max_queue_s": max_queue_s,
         "timeout_s": timeout_s,
     }
+
+
+def adapter_ref(name: str, path: str, sha256: str) -> dict[str, str]:
+    """Return a job's "adapter" value: a globally unique name, the adapter directory on a filesystem the
+    worker shares, and the hex sha256 of its weights file (the worker checks it before use)."""
+    return {"name": name, "path": path, "sha256": sha256}
+
+
+def parse_adapter(value: Any) -> dict[str, str] | None:
+    """Return a job's validated "adapter" (None: the base model); raise InvalidRequestError if malformed."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"name", "path", "sha256"}:
+        raise InvalidRequestError("adapter must be null or {name, path, sha256}", param="adapter")
+    name, path, sha256 = value["name"], value["path"], value["sha256"]
+    if not isinstance(name, str) or not name:
+        raise InvalidRequestError("adapter.name must be a non-empty string", param="adapter")
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise InvalidRequestError("adapter.path must be an absolute directory", param="adapter")
+    if not isinstance(sha256, str) or not _SHA256.match(sha256):
+        raise InvalidRequestError("adapter.sha256 must be 64 lowercase hex digits", param="adapter")
+    return {"name": name, "path": path, "sha256": sha256}
+
+
+def adapter_name(value: Any) -> str | None:
+    """Return the adapter name a job's raw "adapter" value carries (None: none, or unreadable)."""
+    name = value.get("name") if isinstance(value, dict) else None
+    return name if isinstance(name, str) and name else None
 
 
 def job_token_budget(job: Job) -> int:
@@ -195,7 +226,7 @@ class ParsedJob:
     tenant_id: str
     api_key_id: str | None
     weight: float
-    adapter: str | None
+    adapter: dict[str, str] | None  # {"name", "path", "sha256"}, validated (parse_adapter)
     submitted_at: float
     raw: Job = field(repr=False)
     cache_salt: str | None = None  # joins the tenant in the prefix-cache isolation key
@@ -234,7 +265,7 @@ def parse_job(job: Any) -> ParsedJob:
         tenant_id=str(job.get("tenant_id") or "default"),
         api_key_id=job.get("api_key_id"),
         weight=float(weight),
-        adapter=job.get("adapter"),
+        adapter=parse_adapter(job.get("adapter")),
         submitted_at=float(submitted_at),
         raw=job,
         cache_salt=cache_salt,
@@ -269,8 +300,10 @@ def started_event(prompt_token_ids: list[int], queued_s: float, worker: str = ""
     }
 
 
-def done_event(usage: dict[str, int], timings: dict[str, float | None], status: str) -> Event:
-    return {"type": "done", "usage": usage, "timings": timings, "status": status}
+def done_event(
+    usage: dict[str, int], timings: dict[str, float | None], status: str, adapter: str | None = None
+) -> Event:
+    return {"type": "done", "usage": usage, "timings": timings, "status": status, "adapter": adapter}
 
 
 def error_event(status: str, code: str, message: str, param: str | None, http_status: int) -> Event:
@@ -339,9 +372,11 @@ def usage_event(
     first_token_at: float | None,
     finished_at: float,
     timings: dict[str, Any] | None = None,
+    adapter: str | None = None,
 ) -> Event:
     """Return the durable usage record for a request that reached the worker; `timings` are the done
-    event's (queued_s, ttft_s, e2e_s, tpot_s, tokens_per_s, device_s), empty when it never ran."""
+    event's (queued_s, ttft_s, e2e_s, tpot_s, tokens_per_s, device_s), empty when it never ran; `adapter`
+    the name of the adapter it ran with (default: the one its job names)."""
     raw = job.raw if isinstance(job, ParsedJob) else job
     return {
         "request_id": str(raw.get("request_id", "")),
@@ -358,21 +393,12 @@ def usage_event(
         "started_at": started_at,
         "first_token_at": first_token_at,
         "finished_at": finished_at,
-        "adapter": adapter_name(raw.get("adapter")),
+        "adapter": adapter or adapter_name(raw.get("adapter")),
         "timings": dict(timings or {}),
     }
 
 
 # -------------------------------------------------------------------------------------------- adapters
-
-
-def adapter_name(adapter: Any) -> str | None:
-    """Return the name of a job's adapter field: {"name": "<tenant id>/<adapter>", "path", "sha256"}, chosen
-    by the web tier and unique across tenants; None for the base model (or a field without a name)."""
-    if isinstance(adapter, dict):
-        name = adapter.get("name")
-        return name if isinstance(name, str) and name else None
-    return adapter if isinstance(adapter, str) and adapter else None
 
 
 def adapter_control_message(op: str, adapter: dict[str, str]) -> dict[str, Any]:

@@ -3,7 +3,6 @@ One loop drives both the embedded in-process mode and the Redis mode through the
 
 from __future__ import annotations
 
-import inspect
 import logging
 import signal
 import threading
@@ -12,9 +11,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gpu_worker.errors import InvalidRequestError
+from gpu_worker.lora.request import LoRARequest
 from gpu_worker.serving.protocol import (
     Event,
     ParsedJob,
+    adapter_name,
     delta_events,
     done_event,
     error_event,
@@ -76,7 +77,6 @@ class Worker:
         self._finished: list[Finished] = []
         self._stop = threading.Event()
         self._last_heartbeat = 0.0
-        self._takes_adapter = "adapter" in inspect.signature(engine.add_request).parameters
 
     # ------------------------------------------------------------------------------------ the loop
 
@@ -179,11 +179,31 @@ class Worker:
         kwargs: dict[str, Any] = {"tenant": job.tenant_id, "weight": job.weight}
         if job.cache_salt is not None:
             kwargs["cache_salt"] = job.cache_salt
-        if job.adapter is not None:
-            if not self._takes_adapter:
-                raise InvalidRequestError(f"adapter {job.adapter!r} is not served by this worker", "model")
-            kwargs["adapter"] = job.adapter
+        adapter = self._lora_request(job)
+        if adapter is not None:
+            kwargs["adapter"] = adapter
         self.engine.add_request(job.request_id, job.prompt_token_ids, job.params, **kwargs)
+
+    def _lora_request(self, job: ParsedJob) -> LoRARequest | None:
+        """Return the adapter a job runs with: the one its "adapter" names (the web tier's registry), else
+        the start-up adapter NAME of model "<served>:NAME" (None for one merged into the weights)."""
+        if job.adapter is not None:
+            return LoRARequest(job.adapter["name"], job.adapter["path"], job.adapter["sha256"])
+        name = self._named_adapter(job.model)
+        if name is None:
+            return None
+        if name not in self.engine.named_loras:
+            raise InvalidRequestError(f"the model {job.model!r} does not exist on this worker", "model")
+        return self.engine.named_loras[name]
+
+    def _named_adapter(self, model: str) -> str | None:
+        """Return NAME of a model "<served>:NAME", else None."""
+        prefix = f"{self.served_name}:"
+        return model[len(prefix) :] or None if model.startswith(prefix) else None
+
+    def _adapter_label(self, raw: dict[str, Any]) -> str | None:
+        """Return the name of the adapter a job asks for, as usage records carry it."""
+        return adapter_name(raw.get("adapter")) or self._named_adapter(str(raw.get("model", "")))
 
     def _reject_unparsed(self, delivery: Delivery, exc: InvalidRequestError) -> None:
         if delivery.request_id is None:
@@ -264,7 +284,10 @@ class Worker:
             if event["finish_reason"] is not None:
                 st.finish_reasons[event["index"]] = event["finish_reason"]
         if output.finished and output.error is not None:  # the engine failed this request alone
-            event = error_event("failed", "engine_error", output.error, None, 500)
+            if output.error_code == "adapter_error":  # its adapter cannot be read: it never ran
+                event = error_event("rejected", "adapter_error", output.error, "model", 400)
+            else:
+                event = error_event("failed", "engine_error", output.error, None, 500)
             self._finish_error(st.delivery, st.job.raw, event, st.started_at, st.completion_tokens)
             self._active.pop(rid, None)
         elif output.finished:
@@ -312,7 +335,8 @@ class Worker:
             "cached_tokens": cached,
         }
         timings = self._timings(st, metrics, finished_at)
-        terminal = done_event(usage, timings, status)
+        adapter = self._adapter_label(job.raw)
+        terminal = done_event(usage, timings, status, adapter)
         finish_reason = "abort" if st.cancel_requested else st.finish_reasons.get(0)
         record = usage_event(
             job,
@@ -323,6 +347,7 @@ class Worker:
             first_token_at=st.first_token_at,
             finished_at=finished_at,
             timings=timings,
+            adapter=adapter,
         )
         self._finished.append(Finished(st.delivery, job.request_id, terminal, record))
         self._active.pop(job.request_id, None)
@@ -373,6 +398,7 @@ class Worker:
             first_token_at=None,
             finished_at=time.time(),
             timings=timings,
+            adapter=self._adapter_label(raw),
         )
         self._finished.append(Finished(delivery, record["request_id"], event, record))
 
@@ -403,6 +429,10 @@ class Worker:
             "engine_model": self.engine.model_name,
             "label": self.engine.label,
             "max_model_len": self.engine.max_model_len,
+            # What adapter uploads are checked against (None: this worker serves no adapters), and the
+            # adapters it serves by name as "<model>:NAME".
+            "lora": self.engine.lora_info(),
+            "loras": sorted(self.engine.named_loras),
             "active": len(self._active),
             "stats": self.engine.stats(),
             "time": time.time(),

@@ -1,0 +1,132 @@
+"""LoRALinear(base): any projection (full precision, merged, quantised) plus the low-rank updates of up to
+`max_loras` adapters held in stacked device slots; enable_lora(model, ...) swaps it in, as quantize() does."""
+
+from __future__ import annotations
+
+import torch
+
+from gpu_worker.errors import ModelLoadError
+from gpu_worker.layers.base import CheckpointTensor, Layer
+from gpu_worker.layers.linear import WHOLE, Linear
+from gpu_worker.models.base import CausalLM
+from gpu_worker.quant.layers import QuantLinear
+from kernels.reference import add_bias_gelu
+
+Projection = Linear | QuantLinear
+# (layer index, PEFT target suffix) -> the LoRALinear it lands in and the shard of it that it fills.
+Places = dict[tuple[int, str], tuple["LoRALinear", str]]
+
+
+class LoRALinear(Layer):
+    """base(x) + scales[s] * (x A[s]^T) B[s]^T on the rows whose segment uses slot s; slot -1 rows get base(x).
+
+    a [max_loras, R, in], b [max_loras, out, R], ranks [max_loras] int32, scales [max_loras] float32, with
+    R = (shards) x max_rank. A fused projection stacks its shards' A along R and puts each shard's B in its
+    own rows and its own R columns, zero elsewhere: one shrink and one expand serve every shard.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    ranks: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(self, base: Projection, max_loras: int, max_rank: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        if isinstance(base, LoRALinear):
+            raise ModelLoadError("this projection serves LoRA adapters already")
+        self.base = base
+        self.context = base.context
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.shard_rows = dict(base.shard_rows)
+        self.max_rank = max_rank  # of one shard
+        width = len(self.shard_rows) * max_rank
+        device = _device_of(base)
+        self.register_buffer("a", torch.zeros(max_loras, width, self.in_features, dtype=dtype, device=device))
+        self.register_buffer(
+            "b", torch.zeros(max_loras, self.out_features, width, dtype=dtype, device=device)
+        )
+        self.register_buffer("ranks", torch.zeros(max_loras, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(max_loras, dtype=torch.float32, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [T, in] -> [T, out]
+        metadata = self.context.metadata
+        lora = metadata.lora if metadata is not None else None
+        if lora is None:  # no row of this step uses an adapter
+            return self.base(x)
+        # The update joins the projection before its activation (PEFT adds it to the Linear's output).
+        y = self.base.project(x, gelu=False)
+        backend = self.context.backend
+        h = backend.lora_shrink(x, self.a, lora.seg_indptr, lora.seg_slots, self.ranks)  # [T, R] float32
+        backend.lora_expand(y, h, self.b, lora.seg_indptr, lora.seg_slots, self.ranks, self.scales)
+        return add_bias_gelu(y, None, self.base.gelu)
+
+    def load_weight(self, name: str, tensor: CheckpointTensor) -> None:
+        self.base.load_weight(name, tensor)
+
+    def pack(
+        self, pieces: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Return one adapter's (a [R, in], b [out, R], rank used) in this layer's slot layout from its
+        (A [r, in], B [rows, r]) per shard; columns past the rank used stay zero."""
+        width = self.a.shape[1]
+        a = torch.zeros(width, self.in_features, dtype=dtype)
+        b = torch.zeros(self.out_features, width, dtype=dtype)
+        used = 0
+        for shard, (start, end) in self.shard_rows.items():
+            if shard not in pieces:
+                continue
+            lora_a, lora_b = pieces[shard]
+            r = lora_a.shape[0]
+            a[used : used + r] = lora_a
+            b[start:end, used : used + r] = lora_b
+            used += r
+        return a, b, used
+
+    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, rank: int, scale: float) -> None:
+        """Copy one packed adapter into `slot` (the hot swap; from pinned memory it does not wait)."""
+        self.a[slot].copy_(a, non_blocking=True)
+        self.b[slot].copy_(b, non_blocking=True)
+        self.ranks[slot] = rank
+        self.scales[slot] = scale
+
+    def clear_slot(self, slot: int) -> None:
+        """Give `slot` no update here (for an adapter that does not target this projection)."""
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        self.ranks[slot] = 0
+        self.scales[slot] = 0.0
+
+    def extra_repr(self) -> str:
+        return (
+            f"slots={self.a.shape[0]}, max_rank={self.max_rank}, shards={list(self.shard_rows) or ['whole']}"
+        )
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    # A quantised projection may hold its weight as a buffer (Int8Linear.qweight).
+    return next(iter([*module.parameters(), *module.buffers()])).device
+
+
+def enable_lora(model: CausalLM, max_loras: int, max_rank: int) -> Places:
+    """Swap every adapter target of every decoder layer (model.LORA_TARGETS) for a LoRALinear with
+    `max_loras` empty slots of rank up to `max_rank`; return where each (layer, target) landed."""
+    if max_loras < 1 or max_rank < 1:
+        raise ModelLoadError("max_loras and max_lora_rank must be at least 1")
+    dtype = next(model.parameters()).dtype  # the embedding's: the model's activations
+    shards_of: dict[str, int] = {}
+    for module, _ in model.LORA_TARGETS.values():
+        shards_of[module] = shards_of.get(module, 0) + 1
+    places: Places = {}
+    for index, layer in enumerate(getattr(model, model.layers_attr)):
+        wrapped: dict[str, LoRALinear] = {}
+        for module, shards in shards_of.items():
+            base = layer.get_submodule(module)
+            if not isinstance(base, Linear | QuantLinear) or len(base.shard_rows) != shards:
+                raise ModelLoadError(f"layer {index} {module} is not a projection LoRA can wrap")
+            wrapped[module] = LoRALinear(base, max_loras, max_rank, dtype)
+            parent, _, leaf = module.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, leaf, wrapped[module])
+        for target, (module, shard) in model.LORA_TARGETS.items():
+            places[(index, target)] = (wrapped[module], shard or WHOLE)
+    return places

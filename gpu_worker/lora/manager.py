@@ -1,0 +1,230 @@
+"""AdapterManager: which adapters sit in the model's device slots, an LRU of packed adapters in host memory
+behind them, and the reads from disk (checked and hashed) on a thread of their own, so the engine loop
+never waits for a file. Slots change only between steps, when the scheduler admits a sequence; a slot is
+pinned while a running sequence uses it, so a running request's adapter never moves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpu_worker.errors import InvalidAdapterError
+from gpu_worker.lora.format import Adapter, adapter_targets, read_adapter
+from gpu_worker.lora.layer import LoRALinear, enable_lora
+from gpu_worker.lora.request import LoRARequest
+from gpu_worker.models.base import CausalLM
+
+log = logging.getLogger("ruvon.lora")
+
+AdapterKey = tuple[str, str]  # (name, sha256): LoRARequest.key
+Packed = tuple[torch.Tensor, torch.Tensor, int]  # one LoRALinear's (a [R, in], b [out, R], rank used)
+
+
+@dataclass
+class PackedAdapter:
+    """An adapter in the slots' layout, in host memory (pinned on CUDA), ready to copy into any slot."""
+
+    key: AdapterKey
+    scaling: float
+    layers: list[Packed | None]  # per manager.modules entry; None where the adapter leaves it alone
+    read_seconds: float  # read, check, hash and pack, on the reader thread
+
+
+class AdapterManager:
+    """Device slots (max_loras) with LRU over a host cache (max_cpu_loras) over the files."""
+
+    def __init__(self, model: CausalLM, max_loras: int, max_rank: int, max_cpu_loras: int) -> None:
+        self.targets = adapter_targets(model)
+        self.num_layers = model.config.num_layers
+        self.max_loras, self.max_rank, self.max_cpu_loras = max_loras, max_rank, max(1, max_cpu_loras)
+        places = enable_lora(model, max_loras, max_rank)
+        self.modules: list[LoRALinear] = list(dict.fromkeys(module for module, _ in places.values()))
+        index = {id(module): i for i, module in enumerate(self.modules)}
+        self.places = {place: (index[id(module)], shard) for place, (module, shard) in places.items()}
+        self.dtype = self.modules[0].a.dtype
+        self.pin_memory = self.modules[0].a.device.type == "cuda"
+        self.slots: list[AdapterKey | None] = [None] * max_loras
+        self.slot_of: dict[AdapterKey, int] = {}
+        self.pins = [0] * max_loras
+        self.idle: OrderedDict[int, None] = OrderedDict.fromkeys(range(max_loras))  # unpinned, LRU first
+        self.host: OrderedDict[AdapterKey, PackedAdapter] = OrderedDict()  # LRU first
+        self.loading: dict[AdapterKey, Future[PackedAdapter]] = {}
+        self.failures: dict[AdapterKey, str] = {}  # not yet taken by the engine
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ruvon-lora-reader")
+        self.num_reads = self.num_slot_loads = self.num_slot_evictions = 0
+        self.last_read_seconds = self.last_slot_seconds = 0.0
+
+    def info(self) -> dict[str, Any]:
+        """Return what the web tier checks uploads against (the heartbeat's "lora")."""
+        targets = {name: list(shape) for name, shape in self.targets.items()}
+        return {
+            "max_rank": self.max_rank,
+            "max_loras": self.max_loras,
+            "num_layers": self.num_layers,
+            "targets": targets,
+        }
+
+    def stats(self) -> dict[str, float]:
+        """Return the slot and cache counters (engine.stats())."""
+        return {
+            "lora_slots_used": sum(key is not None for key in self.slots),
+            "lora_slots_pinned": sum(pins > 0 for pins in self.pins),
+            "lora_host_adapters": len(self.host),
+            "lora_reads": self.num_reads,
+            "lora_slot_loads": self.num_slot_loads,
+            "lora_slot_evictions": self.num_slot_evictions,
+            "lora_last_read_seconds": self.last_read_seconds,
+            "lora_last_slot_seconds": self.last_slot_seconds,
+        }
+
+    # ---- queries -------------------------------------------------------------------------------
+    def ready(self, lora: LoRARequest) -> bool:
+        """Return whether acquire(lora) can run now; if the adapter is nowhere yet, start reading it."""
+        key = lora.key
+        if key in self.slot_of:
+            return True
+        future = self.loading.get(key)
+        if future is not None and not future.done():
+            return False
+        self._collect()
+        if key in self.host:
+            return bool(self.idle)
+        self.prefetch(lora)
+        return False
+
+    def prefetch(self, lora: LoRARequest) -> None:
+        """Start reading the adapter on the reader thread unless it is in a slot, in host memory, on its way,
+        or failed (until that failure is taken)."""
+        key = lora.key
+        if key in self.slot_of or key in self.host or key in self.loading or key in self.failures:
+            return
+        self.loading[key] = self._reader.submit(self._read, lora)
+
+    def wait_for_reads(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for a read in progress to end (an idle engine loop would only spin)."""
+        if self.loading:
+            wait(list(self.loading.values()), timeout=timeout, return_when=FIRST_COMPLETED)
+
+    def take_failures(self) -> dict[AdapterKey, str]:
+        """Return the adapters whose read failed since the last call, with the reason; each is forgotten, so
+        a later request tries the files again."""
+        self._collect()
+        failures, self.failures = self.failures, {}
+        return failures
+
+    # ---- slots ---------------------------------------------------------------------------------
+    def acquire(self, lora: LoRARequest) -> int:
+        """Return the adapter's slot, pinned once more; copy it into a slot first (a free one, else the
+        least recently used unpinned one) if it is only in host memory. Call only after ready()."""
+        slot = self.slot_of.get(lora.key)
+        if slot is None:
+            if lora.key not in self.host or not self.idle:
+                raise RuntimeError("acquire() without ready(): scheduler bug")
+            slot = self._place(self.host[lora.key])
+        if self.pins[slot] == 0:
+            del self.idle[slot]
+        self.pins[slot] += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Unpin a slot once for a sequence that stopped running; an unpinned slot may be reused."""
+        if self.pins[slot] <= 0:
+            raise RuntimeError(f"release() of unpinned LoRA slot {slot}: scheduler bug")
+        self.pins[slot] -= 1
+        if self.pins[slot] == 0:
+            self.idle[slot] = None  # most recently used
+
+    def load_now(self, name: str, path: str | Path) -> LoRARequest:
+        """Read an adapter (no sha256 to check against: its own is taken) and put it in a slot now; for the
+        adapters named at start-up. Raise InvalidAdapterError if it is unusable or every slot is pinned."""
+        adapter = read_adapter(path, self.targets, self.num_layers, self.max_rank)
+        lora = LoRARequest(name, str(path), adapter.info.sha256)
+        if lora.key not in self.slot_of:
+            if not self.idle:
+                raise InvalidAdapterError(f"no free LoRA slot for {name!r} (all {self.max_loras} in use)")
+            self._remember(self._pack(lora.key, adapter, 0.0))
+            self.idle.move_to_end(self._place(self.host[lora.key]))
+        return lora
+
+    def close(self) -> None:
+        """Stop the reader thread (reads in progress finish; their results are dropped)."""
+        self._reader.shutdown(wait=False, cancel_futures=True)
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _place(self, packed: PackedAdapter) -> int:
+        """Copy a packed adapter into a free slot, else into the least recently used unpinned one."""
+        started = time.perf_counter()
+        slot = next((s for s in self.idle if self.slots[s] is None), next(iter(self.idle)))
+        old = self.slots[slot]
+        if old is not None:
+            del self.slot_of[old]
+            self.num_slot_evictions += 1
+        for module, entry in zip(self.modules, packed.layers, strict=True):
+            if entry is None:
+                module.clear_slot(slot)
+            else:
+                module.set_slot(slot, *entry, packed.scaling)
+        self.slots[slot] = packed.key
+        self.slot_of[packed.key] = slot
+        self.host.move_to_end(packed.key)
+        self.num_slot_loads += 1
+        self.last_slot_seconds = time.perf_counter() - started
+        return slot
+
+    def _collect(self) -> None:
+        """Move finished reads into the host cache, or their errors into failures."""
+        for key, future in list(self.loading.items()):
+            if not future.done():
+                continue
+            del self.loading[key]
+            error = future.exception()
+            if error is None:
+                packed = future.result()
+                self.last_read_seconds = packed.read_seconds
+                self._remember(packed)
+            else:
+                reason = (
+                    error.reason
+                    if isinstance(error, InvalidAdapterError)
+                    else f"{type(error).__name__}: {error}"
+                )
+                log.warning("LoRA adapter %s cannot be loaded: %s", key[0], reason)
+                self.failures[key] = reason
+
+    def _remember(self, packed: PackedAdapter) -> None:
+        self.host[packed.key] = packed
+        self.host.move_to_end(packed.key)
+        self.num_reads += 1
+        while len(self.host) > self.max_cpu_loras:
+            self.host.popitem(last=False)  # one in a slot stays there; it is read again once evicted
+
+    def _read(self, lora: LoRARequest) -> PackedAdapter:
+        """Read, check and pack an adapter (on the reader thread: no slot or engine state is touched)."""
+        started = time.perf_counter()
+        adapter = read_adapter(lora.path, self.targets, self.num_layers, self.max_rank, lora.sha256)
+        return self._pack(lora.key, adapter, started)
+
+    def _pack(self, key: AdapterKey, adapter: Adapter, started: float) -> PackedAdapter:
+        pieces: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in self.modules]
+        for place, pair in adapter.weights.items():
+            index, shard = self.places[place]
+            pieces[index][shard] = pair
+        layers: list[Packed | None] = []
+        for layer, parts in zip(self.modules, pieces, strict=True):
+            if not parts:
+                layers.append(None)
+                continue
+            a, b, rank = layer.pack(parts, self.dtype)
+            if self.pin_memory:
+                a, b = a.pin_memory(), b.pin_memory()
+            layers.append((a, b, rank))
+        seconds = time.perf_counter() - started if started else 0.0
+        return PackedAdapter(key, adapter.config.scaling, layers, seconds)
