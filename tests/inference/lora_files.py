@@ -59,7 +59,11 @@ def peft_config(
 
 
 def peft_tensors(
-    rank: int = 4, targets: Iterable[str] = ("c_attn",), layers: int = TINY_LAYERS, seed: int = 0
+    rank: int = 4,
+    targets: Iterable[str] = ("c_attn",),
+    layers: int = TINY_LAYERS,
+    seed: int = 0,
+    std: float = 0.1,
 ) -> dict[str, torch.Tensor]:
     """Return random lora_A [rank, in] and lora_B [out, rank] under PEFT's key names, for each layer."""
     generator = torch.Generator().manual_seed(seed)
@@ -69,8 +73,8 @@ def peft_tensors(
         for target in targets:
             in_features, out_features = shapes[target]
             key = f"base_model.model.transformer.h.{layer}.{GPT2_MODULES[target]}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * 0.1
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.1
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * std
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * std
     return tensors
 
 
