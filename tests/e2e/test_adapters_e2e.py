@@ -84,3 +84,15 @@ def test_it_ends_a_stream_cleanly_when_its_adapter_is_deleted(
     assert refused.value.code == "model_not_found"
     assert tiny_server.usage_of(request_id)["status"] in {"completed", "failed"}
     assert adapter not in [model.id for model in sdk.models.list()]
+
+
+@pytest.mark.parametrize("body", [b"--b--\r\n", b"--b\r\nno headers\r\n--b--\r\n", b"garbage"])
+def test_it_answers_a_malformed_multipart_upload_with_an_error_object(
+    tiny_server: LiveServer, body: bytes
+) -> None:
+    # Twisted, under daphne, would answer these itself with a bare 400; Django parses them instead.
+    headers = tiny_server.headers | {"Content-Type": "multipart/form-data; boundary=b"}
+    response = httpx.post(f"{tiny_server.base_url}/adapters", content=body, headers=headers, timeout=60)
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert response.headers["x-request-id"].startswith("req_")
