@@ -44,4 +44,12 @@ def schedule_validation(adapter: Adapter) -> None:
     before this returns, without Redis). A ready adapter validated again serves no request meanwhile."""
     Adapter.objects.filter(pk=adapter.pk).update(status=Adapter.Status.VALIDATING)
     adapter.status = Adapter.Status.VALIDATING
-    transaction.on_commit(lambda: validate_adapter.delay(adapter.pk))
+    transaction.on_commit(lambda: _queue(adapter.pk))
+
+
+def _queue(adapter_id: int) -> None:
+    try:
+        validate_adapter.delay(adapter_id)
+    except Exception as exc:  # the broker (Redis) is down: say so, rather than validating for ever
+        log.warning("could not queue the validation of adapter %s: %s", adapter_id, exc)
+        _give_up(adapter_id, "the validation queue was unavailable; validate it again (or upload it again)")
