@@ -144,9 +144,8 @@ class AdapterAdmin(admin.ModelAdmin):
         sent = sum(registry.load_on_workers(adapter) for adapter in queryset)
         skipped = len(queryset) - sent
         level = messages.SUCCESS if not skipped else messages.WARNING
-        self.message_user(
-            request, f"Asked the workers to load {sent} adapter(s); {skipped} not ready.", level
-        )
+        note = f"; {skipped} not sent (not ready, or the queue is down)" if skipped else ""
+        self.message_user(request, f"Asked the workers to load {sent} adapter(s){note}.", level)
 
     @admin.action(description="Unload selected adapters from the workers")
     def unload_from_workers(self, request: HttpRequest, queryset: QuerySet[Adapter]) -> None:

@@ -38,8 +38,9 @@ def upload_adapter(
     weights: Upload = None,
 ) -> Any:
     """Upload a PEFT LoRA adapter (multipart): `file`, a .zip of its folder, or its two files, `config`
-    (adapter_config.json) and `weights` (adapter_model.safetensors, or a weights-only .bin). It is validated next (status validating, then ready or failed with the reason);
-    once ready, requests use it with `"model": "<base_model>:<name>"`."""
+    (adapter_config.json) and `weights` (adapter_model.safetensors, or a weights-only .bin). It is validated
+    next (status validating, then ready or failed with the reason); once ready, requests use it with
+    `"model": "<base_model>:<name>"`."""
     key: ApiKey = request.auth  # type: ignore[attr-defined]
     served = ready_job_client().model_info()["model"]
     archive = _archive(file, config, weights)

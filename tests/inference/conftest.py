@@ -1,5 +1,6 @@
-"""Fixtures for the adapter registry's tests: a media root of the test's own, uploads through the API, and
-adapters made ready by the real validation against random:tiny's LoRA info."""
+"""Fixtures of the inference tests: a staff client for the admin; for the adapter registry, a media root of
+the test's own, uploads through the API, adapters made ready by the real validation against random:tiny's
+LoRA info, and a web tier talking to workers over Redis."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
+from django.contrib.auth import get_user_model
 from django.core.files.base import ContentFile
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
 
 from accounts.models import Tenant
 from gpu_worker.serving.redis_transport import RedisWorkerTransport
@@ -25,6 +28,15 @@ if TYPE_CHECKING:
     from pytest_django.fixtures import SettingsWrapper
 
     from tests.conftest import ApiClient
+
+
+@pytest.fixture
+def staff(db: None) -> Client:
+    """A test client signed in as a superuser."""
+    admin = get_user_model().objects.create_superuser("root", "root@example.com", "pw")
+    client = Client()
+    client.force_login(admin)
+    return client
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from inference.models import UsageRecord, UsageRollup
 from inference.rollups import start_of_hour
 from inference.tasks import rollup_usage
 from inference.usage import record_usage
-from tests.conftest import Person
+from tests.conftest import ApiClient, Person
 
 
 def _event(person: Person, request_id: str, adapter: str | None) -> dict[str, object]:
@@ -101,7 +101,7 @@ def test_it_labels_the_top_adapters_and_sums_the_rest() -> None:
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("tiny_served")
-def test_it_counts_requests_by_adapter_on_metrics(as_owner: object) -> None:
+def test_it_counts_requests_by_adapter_on_metrics(as_owner: ApiClient) -> None:
     def base_requests() -> float:
         return (
             REGISTRY.get_sample_value(
@@ -111,7 +111,7 @@ def test_it_counts_requests_by_adapter_on_metrics(as_owner: object) -> None:
         )
 
     before = base_requests()
-    response = as_owner.post("/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 2})  # type: ignore[attr-defined]
+    response = as_owner.post("/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 2})
     assert response.status_code == 200
     assert base_requests() == before + 1
     assert b'ruvon:adapter_requests_total{adapter="none",model_name="tiny"}' in generate_latest(REGISTRY)
