@@ -77,10 +77,21 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model: str | None = No
     lora.add_argument(
         "--enable-lora",
         action="store_true",
+        default=env("RUVON_ENABLE_LORA", "").lower() in ("1", "true", "yes", "on"),
         help="serve PEFT LoRA adapters, many per batch, loaded at run time",
     )
-    lora.add_argument("--max-loras", type=int, default=4, help="adapters held on the device at once (slots)")
-    lora.add_argument("--max-lora-rank", type=int, default=16, help="the highest adapter rank served")
+    lora.add_argument(
+        "--max-loras",
+        type=int,
+        default=int(env("RUVON_MAX_LORAS", "4")),
+        help="adapters held on the device at once (slots)",
+    )
+    lora.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=int(env("RUVON_MAX_LORA_RANK", "16")),
+        help="the highest adapter rank served",
+    )
     lora.add_argument(
         "--max-cpu-loras", type=int, default=32, help="adapters kept in host memory behind the slots (LRU)"
     )

@@ -198,15 +198,16 @@ RUVON_PREFIX_CACHE_SCOPE = os.environ.get("RUVON_PREFIX_CACHE_SCOPE", "tenant")
 # Tokens per sequence per decode launch (gpu_worker EngineConfig.decode_steps): >1 trades smooth streaming
 # for throughput.
 RUVON_DECODE_STEPS = env_int("RUVON_DECODE_STEPS") or 1
+# LoRA adapters in the embedded engine (gpu_worker EngineConfig.enable_lora, max_loras, max_lora_rank): device
+# slots for that many adapters at once, of rank up to the maximum; uploads of a higher rank are refused.
+RUVON_ENABLE_LORA = env_bool("RUVON_ENABLE_LORA", True)
+RUVON_MAX_LORAS = env_int("RUVON_MAX_LORAS") or 4
+RUVON_MAX_LORA_RANK = env_int("RUVON_MAX_LORA_RANK") or 16
 # max_tokens of a request that sends none: small enough that the embedded default (SmolLM2 on a laptop CPU,
 # ~30 tokens/s) answers in seconds.
 RUVON_DEFAULT_MAX_TOKENS = env_int("RUVON_DEFAULT_MAX_TOKENS") or 256
-# LoRA (docs/parts/18-lora.md): the embedded engine serves adapters when on; GPU workers take --enable-lora.
-# The web tier validates uploads against what a live worker reports (its max rank, layers and target shapes).
-RUVON_ENABLE_LORA = env_bool("RUVON_ENABLE_LORA", True)
-RUVON_MAX_LORAS = env_int("RUVON_MAX_LORAS") or 4  # adapters resident on the device at once
-RUVON_MAX_LORA_RANK = env_int("RUVON_MAX_LORA_RANK") or 16
-# An upload's limits: its uncompressed bytes, files in its zip, and adapters per tenant.
+# The LoRA adapter registry (docs/parts/18-lora.md) validates uploads against what a live worker reports (its
+# max rank, layers and target shapes). An upload's limits: its uncompressed bytes, files in its zip, and adapters per tenant.
 RUVON_MAX_ADAPTER_BYTES = env_int("RUVON_MAX_ADAPTER_BYTES") or 256 * 2**20
 RUVON_MAX_ADAPTER_FILES = env_int("RUVON_MAX_ADAPTER_FILES") or 32
 RUVON_MAX_ADAPTERS_PER_TENANT = env_int("RUVON_MAX_ADAPTERS_PER_TENANT") or 100

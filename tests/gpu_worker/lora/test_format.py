@@ -64,6 +64,9 @@ def test_it_checks_a_peft_adapter(gpt2_adapter: Path, gpt2_targets: dict[str, tu
     assert info.target_modules == ["attn.c_proj", "c_attn", "c_fc", "mlp.c_proj"]
     assert info.size_bytes == len(data)
     assert info.sha256 == hashlib.sha256(data).hexdigest()
+    # The web tier checks against the heartbeat's JSON copy of the targets: lists, not tuples.
+    heartbeat = json.loads(json.dumps(gpt2_targets))
+    assert check_adapter(gpt2_adapter, heartbeat, 2, 16) == info
 
 
 def test_it_reads_weights_as_peft_stores_them(
