@@ -1,6 +1,6 @@
 """Read-only admin for usage records and hourly roll-ups (they are written by ingestion and the roll-up task),
 and the adapter registry: uploads validated on save, actions validate again / load on workers / unload from
-workers, and deletion that takes the files and the workers' copies with the row."""
+workers; deleting a row takes its files and the workers' copies with it (registry.adapter_deleted)."""
 
 from __future__ import annotations
 
@@ -125,13 +125,6 @@ class AdapterAdmin(admin.ModelAdmin):
         super().save_model(request, obj, form, change)
         if not change:
             schedule_validation(obj)
-
-    def delete_model(self, request: HttpRequest, obj: Adapter) -> None:
-        registry.delete_adapter(obj)
-
-    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Adapter]) -> None:
-        for adapter in queryset:
-            registry.delete_adapter(adapter)
 
     @admin.action(description="Validate selected adapters again")
     def validate_again(self, request: HttpRequest, queryset: QuerySet[Adapter]) -> None:

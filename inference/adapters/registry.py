@@ -150,11 +150,21 @@ async def resolve_adapter(tenant: Tenant, model: str | None, served_name: str) -
 
 
 def delete_adapter(adapter: Adapter) -> None:
-    """Delete the adapter: the row first (a request arriving after this gets 404), then its files, then
-    the workers' copies. Requests already running on it keep the copy their worker loaded."""
+    """Delete the adapter: the row first (a request arriving after this gets 404); its files and the
+    workers' copies follow once that commits (adapter_deleted). Requests already running on it keep the copy
+    their worker loaded."""
     adapter.delete()
-    remove_files(adapter)
-    unload_from_workers(adapter)
+
+
+def adapter_deleted(sender: type[Adapter], instance: Adapter, **kwargs: Any) -> None:
+    """After an adapter's row is deleted, however (the API, the admin, its tenant's deletion), and once that
+    commits: remove its files and tell the workers to drop it (connected in inference/apps.py)."""
+
+    def forget() -> None:
+        remove_files(instance)
+        unload_from_workers(instance)
+
+    transaction.on_commit(forget)
 
 
 def remove_files(adapter: Adapter) -> None:

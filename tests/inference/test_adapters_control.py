@@ -67,3 +67,14 @@ def test_it_deletes_the_files_and_tells_the_workers(
     (message,) = redis_worker.read_control()
     assert (message["op"], message["adapter"]) == ("unload", {"name": f"{owner.key.tenant_id}/pirate"})
     assert as_owner.get("/v1/adapters/pirate").status_code == 404
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("media")
+def test_it_takes_the_files_with_a_deleted_tenant(
+    redis_worker: RedisWorkerTransport, outsider: Person, media: Path
+) -> None:
+    adapter = ready_adapter(outsider.key.tenant, outsider.user, "rival")
+    outsider.key.tenant.delete()  # a tenant without usage records can be deleted; its adapters go with it
+    assert not Adapter.objects.exists() and files_under(media.parent) == []
+    assert [m["adapter"]["name"] for m in redis_worker.read_control()] == [adapter.engine_name]
