@@ -5,6 +5,7 @@ streams (that request finishes or fails cleanly; the next one is a 404)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -23,8 +24,9 @@ def sdk(tiny_server: LiveServer) -> openai.OpenAI:
 
 
 @pytest.fixture
-def adapter(tiny_server: LiveServer) -> str:
-    """Upload a strong random adapter under a fresh name; return the model id requests use for it."""
+def adapter(tiny_server: LiveServer) -> Iterator[str]:
+    """Upload a strong random adapter under a fresh name; return the model id requests use for it. Deleted
+    afterwards if the test did not: the server is shared, and other tests list its models."""
     name = f"e2e-{uuid.uuid4().hex[:8]}"
     response = httpx.post(
         f"{tiny_server.base_url}/adapters",
@@ -35,7 +37,8 @@ def adapter(tiny_server: LiveServer) -> str:
     )
     assert response.status_code == 201, response.text
     assert response.json()["status"] == "ready", response.json()
-    return f"tiny:{name}"
+    yield f"tiny:{name}"
+    _delete(tiny_server, f"tiny:{name}")
 
 
 def _delete(server: LiveServer, model: str) -> httpx.Response:
