@@ -132,10 +132,7 @@ async def list_models(request: HttpRequest) -> Any:
 async def retrieve_model(request: HttpRequest, model: str) -> Any:
     """Describe one model: the served one, or one of your ready adapters on it; 404 for anything else."""
     _, served = await served_model()
-    adapter = await _adapter(request, model, served)
-    if adapter is not None:
-        adapter.tenant = request.auth.tenant  # type: ignore[attr-defined]
-    return services.model_card(served, adapter)
+    return services.model_card(served, await _adapter(request, model, served))
 
 
 @api.get("/usage", response={200: UsageList, **ERRORS}, tags=["usage"])

@@ -139,7 +139,7 @@ async def resolve_adapter(tenant: Tenant, model: str | None, served_name: str) -
     prefix = served_name + ":"
     if not model.startswith(prefix):
         raise ModelNotFound(model)
-    ready = Adapter.objects.for_tenant(tenant).ready().filter(base_model=served_name)
+    ready = Adapter.objects.for_tenant(tenant).ready().filter(base_model=served_name).select_related("tenant")
     adapter = await ready.filter(name=model.removeprefix(prefix)).afirst()
     if adapter is None:
         raise ModelNotFound(model)
