@@ -67,9 +67,8 @@ class AdapterTraffic(Collector):
 
     def __init__(self, top_n: Callable[[], int]) -> None:
         self.top_n = top_n
-        self._counts: dict[
-            tuple[str, str], list[int]
-        ] = {}  # (model, adapter) -> [requests, prompt, completion]
+        # (model, adapter) -> [requests, prompt tokens, completion tokens]
+        self._counts: dict[tuple[str, str], list[int]] = {}
         self._lock = threading.Lock()
 
     def observe(self, model: str, adapter: str | None, prompt_tokens: int, completion_tokens: int) -> None:
