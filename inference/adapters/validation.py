@@ -83,7 +83,13 @@ def stage_and_check(adapter: Adapter, lora: dict[str, Any]) -> tuple[Path, Adapt
     AdapterRefused (with the staging folder removed) if the archive is unsafe or the adapter does not fit."""
     staging = Path(settings.RUVON_ADAPTER_DIR) / STAGING / uuid.uuid4().hex
     try:
-        with adapter.archive.open("rb") as archive:
+        upload = adapter.archive.open("rb")
+    except (OSError, ValueError) as exc:  # gone from storage (or never saved)
+        raise AdapterRefused(
+            "the uploaded archive is no longer in storage; upload the adapter again"
+        ) from exc
+    try:
+        with upload as archive:
             extract_adapter(
                 archive,
                 staging,

@@ -215,3 +215,12 @@ def test_it_fails_an_upload_when_the_embedded_engine_cannot_check_it(acme: Tenan
     adapter.refresh_from_db()
     _failed(adapter, media, "'gpt2' is not served here")
     assert validate_adapter.delay(adapter.pk + 1000).get() == "gone"
+
+
+def test_it_fails_an_adapter_whose_archive_left_storage(acme: Tenant, media: Path) -> None:
+    adapter = ready_adapter(acme)
+    Path(adapter.archive.path).unlink()
+    Adapter.objects.filter(pk=adapter.pk).update(status=Adapter.Status.VALIDATING)
+    assert validation.check_and_publish(adapter, tiny_lora_info()) == Adapter.Status.FAILED
+    adapter.refresh_from_db()
+    _failed(adapter, media, "no longer in storage")
