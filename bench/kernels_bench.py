@@ -1,8 +1,11 @@
 """Paged attention on a GPU: the Triton kernels vs the torch reference vs torch SDPA on dense gathered K/V;
 the small-M linear kernel vs cuBLAS (F.linear) on GPT-2's decode GEMMs; and the weight-only int8 / int4 GEMVs
-(kernels/quant_linear.py) on the same shapes vs cuBLAS fp16.
+(kernels/quant_linear.py) on the same shapes vs cuBLAS fp16; with --lora, only the multi-LoRA shrink + expand
+(kernels/lora.py) on GPT-2's c_attn and mlp.c_proj vs the base fp16 linear of the same shape.
 
-Run on a GPU: python bench/kernels_bench.py [--quick] [--linear-only] [--quant-only] [--shape gpt2 --shape gpt2-xl] [--out results.json]
+Run on a GPU: python bench/kernels_bench.py [--quick] [--linear-only] [--quant-only] [--lora] [--shape gpt2 --shape gpt2-xl] [--out results.json]
+Without a GPU only --lora runs: one tiny shape through Triton's CPU interpreter, a check that the section
+works end to end (its times mean nothing).
 Times are medians of triton.testing.do_bench (CUDA events, L2 flushed before every call). `graph` times
 replay the call captured in a CUDA graph, as the engine's decode does: device time without Python's
 launch cost. `eager` times include it; `host` is the Python-side cost of one call. Bandwidth is the K/V
@@ -18,6 +21,8 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -28,16 +33,25 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if (
+    not torch.cuda.is_available()
+):  # before the kernels are decorated: --lora's CPU check runs them interpreted
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench.common import print_table, run_info, write_json  # noqa: E402
 from kernels.linear import DEFAULT_TILING as LINEAR_TILING  # noqa: E402
 from kernels.linear import Tiling as LinearTiling  # noqa: E402
 from kernels.linear import small_m_linear  # noqa: E402
+from kernels.lora import DEFAULT_TILING as LORA_TILING  # noqa: E402
+from kernels.lora import Tiling as LoraTiling  # noqa: E402
+from kernels.lora import lora_expand, lora_shrink  # noqa: E402
 from kernels.paged_attention import DEFAULT_TILING, Tiling, paged_attention  # noqa: E402
 from kernels.quant_linear import int4_gemv, int8_gemv  # noqa: E402
 from kernels.reference import (  # noqa: E402
     int4_linear_ref,
     int8_linear_ref,
+    lora_expand_ref,
+    lora_shrink_ref,
     pack_int4_ref,
     paged_attention_ref,
 )
@@ -75,6 +89,25 @@ LINEAR_FIELDS = ("min_programs", "tile", "num_warps")
 QUANT_SCHEMES = ("int8", "int4-g128", "int4-g64", "int4-g32")
 QUANT_ROWS = (1, 4, 16)
 LINEAR_CHAIN_BYTES = 256 * 2**20  # weight copies per timed graph: several times the H200's 60 MB L2
+# (K, N) of the LoRA'd projections: attention c_attn (q, k, v fused) and mlp.c_proj; one tiny shape on CPU.
+LORA_SHAPES = {
+    "gpt2": (("c_attn", 768, 2304), ("mlp.c_proj", 3072, 768)),
+    "gpt2-xl": (("c_attn", 1600, 4800), ("mlp.c_proj", 6400, 1600)),
+}
+LORA_CPU_SHAPES = (("tiny", 72, 96),)
+LORA_RANKS = (8, 16, 12, 8, 16, 10, 8, 16)  # 8 adapters, padded to R = 16
+# (rows, layout): decode steps (one row per sequence, each on the next adapter) and prefill chunks (one
+# sequence per adapter, rows / 8 rows each).
+LORA_CASES = ((1, "decode"), (16, "decode"), (256, "decode"), (256, "prefill"), (2048, "prefill"))
+LORA_CPU_CASES = ((1, "decode"), (16, "decode"), (64, "prefill"))
+# Both paths (per_row 0: row tiles; inf: a program per row) on every case, whatever the default picks.
+LORA_SWEEP = [
+    LoraTiling(per_row=p, block_k=bk, num_warps=w)
+    for p, bk, w in itertools.product((0.0, math.inf), (32, 64, 128), (2, 4, 8))
+]
+LORA_SWEEP_CASES = (("gpt2-xl", 1600, 4800, 1, "decode"), ("gpt2-xl", 6400, 1600, 1, "decode"))
+LORA_SWEEP_CASES += (("gpt2-xl", 1600, 4800, 256, "decode"), ("gpt2-xl", 1600, 4800, 2048, "prefill"))
+LORA_FIELDS = ("block_k", "num_warps")
 
 
 def median_us(fn: Callable[[], Any]) -> float:
@@ -364,17 +397,166 @@ def linear_sweep_rows() -> list[dict[str, Any]]:
     return rows
 
 
+class LoraCase:
+    """A LoRA'd fp16 projection over `rows` rows: x [T, K], the base weight [N, K] + bias, and a stack of the 8
+    LORA_RANKS adapters (A [8, 16, K], B [8, N, 16], zero past each rank) over decode or prefill segments.
+
+    On a GPU it holds enough copies of weight and stack that a graph of one call per copy streams them from
+    HBM, as a step's chain of layers does; on CPU one copy.
+    """
+
+    def __init__(self, k: int, n: int, rows: int, layout: str, device: str = DEVICE) -> None:
+        self.x = torch.randn(rows, k, device=device, dtype=torch.float16)
+        self.y = torch.randn(rows, n, device=device, dtype=torch.float16)
+        copies = max(2, -(-LINEAR_CHAIN_BYTES // (n * k * 2))) if device == "cuda" else 1
+        self.weights = [self._weight(n, k, device) for _ in range(copies)]
+        self.stacks = [self._stack(n, k, device) for _ in range(copies)]
+        lengths = [1] * rows if layout == "decode" else [rows // len(LORA_RANKS)] * len(LORA_RANKS)
+        self.seg_indptr = torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
+        self.seg_slots = (torch.arange(len(lengths), device=device) % len(LORA_RANKS)).to(torch.int32)
+        self.ranks = torch.tensor(LORA_RANKS, dtype=torch.int32, device=device)
+        self.scales = torch.full((len(LORA_RANKS),), 2.0, device=device)
+        self.hs = [lora_shrink_ref(self.x, a, *self.tables()) for a, _ in self.stacks]
+
+    @staticmethod
+    def _weight(n: int, k: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = torch.randn(n, k, device=device, dtype=torch.float16) / k**0.5
+        return weight, torch.randn(n, device=device, dtype=torch.float16)
+
+    @staticmethod
+    def _stack(n: int, k: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        slots, width = len(LORA_RANKS), max(LORA_RANKS)
+        a = torch.randn(slots, width, k, device=device) / k**0.5
+        b = torch.randn(slots, n, width, device=device) / width**0.5
+        for slot, rank in enumerate(LORA_RANKS):
+            a[slot, rank:], b[slot, :, rank:] = 0, 0
+        return a.half(), b.half()
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.seg_indptr, self.seg_slots, self.ranks
+
+    def lora(self, tiling: LoraTiling = LORA_TILING) -> None:
+        for a, b in self.stacks:
+            h = lora_shrink(self.x, a, *self.tables(), tiling=tiling)
+            lora_expand(self.y, h, b, *self.tables(), self.scales, tiling=tiling)
+
+    def shrink(self) -> None:
+        for a, _ in self.stacks:
+            lora_shrink(self.x, a, *self.tables())
+
+    def expand(self) -> None:
+        for (_, b), h in zip(self.stacks, self.hs, strict=True):
+            lora_expand(self.y, h, b, *self.tables(), self.scales)
+
+    def reference(self) -> None:
+        a, b = self.stacks[0]
+        lora_expand_ref(self.y, lora_shrink_ref(self.x, a, *self.tables()), b, *self.tables(), self.scales)
+
+    def linear(self) -> None:
+        for weight, bias in self.weights:
+            F.linear(self.x, weight, bias)
+
+    def error(self) -> float:
+        """Return the relative L2 error of the kernels' update of y against the references'."""
+        (a, b), y = self.stacks[0], self.y.clone()
+        lora_expand(y, lora_shrink(self.x, a, *self.tables()), b, *self.tables(), self.scales)
+        ref = self.y.clone()
+        lora_expand_ref(ref, self.hs[0], b, *self.tables(), self.scales)
+        delta = ref.float() - self.y.float()
+        return ((y.float() - ref.float()).norm() / delta.norm()).item()
+
+
+def cpu_us(fn: Callable[[], Any], calls: int = 3) -> float:
+    """Return the median wall time of fn in microseconds (CPU: the interpreted kernels, the references)."""
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e6 * sorted(times)[len(times) // 2]
+
+
+def lora_row(model: str, layer: str, k: int, n: int, rows: int, layout: str) -> dict[str, Any]:
+    """Time shrink + expand, each alone, the references and the base linear on one case (per layer call)."""
+    cuda = torch.cuda.is_available()
+    case = LoraCase(k, n, rows, layout, DEVICE if cuda else "cpu")
+    error = case.error()  # relative to the size of the update itself
+    if not error < 5e-3:
+        print(f"MISMATCH lora {model} {layer} T={rows} {layout}: relative error {error:.2e}", flush=True)
+    copies = len(case.weights)
+    per_call = (lambda fn: graph_us(fn) / copies) if cuda else cpu_us
+    lora_us, linear_us = per_call(case.lora), per_call(case.linear)
+    path = "rows" if LORA_TILING.rows_apart(rows, case.seg_slots.shape[0]) else "tiles"
+    row = {"model": model, "layer": layer, "K": k, "N": n, "rows": rows, "layout": layout, "path": path}
+    row |= {"lora_us": lora_us, "shrink_us": per_call(case.shrink), "expand_us": per_call(case.expand)}
+    row |= {"linear_us": linear_us, "lora/linear": lora_us / linear_us}
+    row |= {"lora_eager_us": (median_us(case.lora) / copies) if cuda else lora_us}
+    row |= {"torch_ref_us": (median_us if cuda else cpu_us)(case.reference)}
+    return row | {"err_x1e4": error * 1e4}
+
+
+def lora_rows(models: list[str]) -> list[dict[str, Any]]:
+    """Return one row per (model, LoRA'd layer, rows, layout); the tiny CPU shape without a GPU."""
+    if not torch.cuda.is_available():
+        return [lora_row("cpu", *shape, *case) for shape in LORA_CPU_SHAPES for case in LORA_CPU_CASES]
+    shapes = [(model, *shape) for model in models for shape in LORA_SHAPES[model]]
+    return [lora_row(*shape, *case) for shape in shapes for case in LORA_CASES]
+
+
+def lora_sweep_rows() -> list[dict[str, Any]]:
+    """Graph-time each LoRA tiling variant (shrink + expand) on a few cases; one row per (case, variant)."""
+    rows = []
+    for model, k, n, m, layout in LORA_SWEEP_CASES:
+        case = LoraCase(k, n, m, layout)
+        name = f"lora {model} K={k} N={n} T={m} {layout}"
+        segments = case.seg_slots.shape[0]
+        for tiling in LORA_SWEEP:
+            us = graph_us(functools.partial(case.lora, tiling)) / len(case.weights)
+            path = "rows" if tiling.rows_apart(m, segments) else "tiles"
+            label = " ".join([f"path={path}"] + [f"{f}={getattr(tiling, f)}" for f in LORA_FIELDS])
+            is_default = all(getattr(tiling, f) == getattr(LORA_TILING, f) for f in LORA_FIELDS)
+            is_default &= path == ("rows" if LORA_TILING.rows_apart(m, segments) else "tiles")
+            rows.append({"case": name, "tiling": label + (" *" if is_default else ""), "us": us})
+    return rows
+
+
+def lora_main(args: argparse.Namespace, models: list[str]) -> None:
+    """Run the multi-LoRA section alone (on CPU: the tiny interpreted shape) and print its tables."""
+    cuda = torch.cuda.is_available()
+    torch.manual_seed(0)
+    payload: dict[str, Any] = {"device": torch.cuda.get_device_name() if cuda else "cpu (TRITON_INTERPRET=1)"}
+    payload["run"] = run_info(DEVICE if cuda else "cpu")
+    payload["lora"] = lora_rows(models)
+    if cuda and not args.quick:
+        payload["lora_sweep"] = lora_sweep_rows()
+    path = write_json("kernels_bench_lora", payload)
+    if args.out:
+        args.out.write_text(path.read_text())
+    if cuda:
+        print("\nLoRA tiling sweep (shrink + expand, graph time per call; * = default):")
+        print_table(payload.get("lora_sweep", []))
+    timing = "graph time per layer call" if cuda else "CPU interpreter: the times say nothing about speed"
+    print(f"\nMulti-LoRA shrink + expand (8 adapters, ranks 8-16) vs the base fp16 linear ({timing}):")
+    print_table(payload["lora"])
+    print(f"\nwrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="skip the tiling sweep")
     parser.add_argument("--linear-only", action="store_true", help="run only the small-M linear sections")
     parser.add_argument("--quant-only", action="store_true", help="run only the int8 / int4 GEMV section")
+    parser.add_argument(
+        "--lora", action="store_true", help="run only the multi-LoRA section (CPU: tiny shape)"
+    )
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--shape", action="append", choices=sorted(HEAD_CONFIGS), help="default: all")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("kernels_bench needs a CUDA GPU")
     models = args.shape or list(HEAD_CONFIGS)
+    if args.lora:
+        return lora_main(args, models)
+    if not torch.cuda.is_available():
+        sys.exit("kernels_bench needs a CUDA GPU (only --lora runs without one)")
     run = run_info(DEVICE)
     torch.manual_seed(0)
     payload: dict[str, Any] = {"device": torch.cuda.get_device_name(), "copy_TB_s": run["copy_gb_s"] / 1e3}

@@ -13,7 +13,8 @@ target every projection (c_attn, c_proj, c_fc) unless --targets says otherwise.
 
 Run on a GPU: python bench/lora.py --shape gpt2 --shape gpt2-xl
 A quick CPU smoke run: python bench/lora.py --shape tiny --device cpu --dtype float32 --requests 8 \
-    --adapters 4 --new-tokens 4 --prompt-len 8 --max-prompt 16 --hot-running 2 --skip-hf
+    --min-prompt 8 --max-prompt 16 --latency-tokens 16 \
+    --adapters 4 --new-tokens 4 --prompt-len 8 --hot-running 2 --skip-hf
 """
 
 from __future__ import annotations

@@ -7,8 +7,14 @@ knows the greedy continuation (from the baseline run) and proposes the right tok
 for controlled acceptance (what verification costs and saves, not a real proposer). Greedy decoding, so every
 speculative run must reproduce the baseline token for token (checked, reported as `identical`).
 
+With --hf-peer, the peer runs in the same process on the same weights: HF transformers' greedy generate()
+alone against its prompt-lookup decoding (`prompt_lookup_num_tokens=k`, the n-gram peer) for each workload
+at one stream (HF's assisted generation is batch-1 only), with the speedup of each printed beside Ruvon's
+n-gram speedup on the same prompt. For `random:<shape>` models both load one random initialisation
+(bench/peers.py; label the numbers synthetic), for smollm2 HF dequantises the shipped GGUF.
+
 Run: .venv/bin/python bench/speculative.py [--model smollm2] [--k 2 4] [--streams 1 4] [--oracle-alpha 0.6 0.9]
-     [--draft <smaller model of the same tokenizer>]
+     [--draft <smaller model of the same tokenizer>] [--hf-peer]
 """
 
 from __future__ import annotations
@@ -21,9 +27,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import exit_if_at_floor, print_table, write_json  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from bench.common import exit_if_at_floor, print_table, timed, write_json  # noqa: E402
+from bench.peers import same_weights  # noqa: E402
 from gpu_worker.config import EngineConfig, SamplingParams  # noqa: E402
 from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
+from gpu_worker.loading.assets import smollm2_gguf_path  # noqa: E402
 from gpu_worker.spec.draft_model import DraftModelProposer  # noqa: E402
 from gpu_worker.spec.ngram import NgramProposer  # noqa: E402
 from gpu_worker.spec.oracle import OracleProposer  # noqa: E402
@@ -50,6 +61,7 @@ def cheapest(items):
             best = item
     return best
 """
+SPEC_ENGINE: dict[str, Any] = {"speculative": "ngram", "speculative_max_batch": 1 << 20}
 WORKLOADS = {
     "chat": "What are three good habits for writing maintainable Python code? Answer briefly.",
     "summarise": f"Summarise this passage in two sentences, reusing its wording:\n\n{PASSAGE}",
@@ -90,6 +102,65 @@ def run(engine: LLMEngine, prompts: list[str], params: SamplingParams) -> dict[s
     }
 
 
+def hf_peer(
+    model: str, device: str, dtype: torch.dtype, num_blocks: int | None
+) -> tuple[Any, LLMEngine | None]:
+    """Return (HF model, the engine on its weights, or None when the engine loads the same weights itself)."""
+    if model.startswith("random:"):
+        return same_weights(
+            model.removeprefix("random:"), dtype, device, num_blocks=num_blocks, **SPEC_ENGINE
+        )
+    if model != "smollm2":
+        sys.exit("--hf-peer takes random:<shape> or smollm2")
+    path = smollm2_gguf_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return hf.to(device).eval(), None
+
+
+def hf_run(hf: Any, ids: list[int], new_tokens: int, lookup: int | None) -> dict[str, Any]:
+    """Greedy HF generate() of exactly `new_tokens` tokens, alone or with prompt-lookup decoding."""
+    device = next(hf.parameters()).device
+    prompt = torch.tensor([ids], device=device)
+    extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
+    kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **extra)
+    seconds, out = timed(lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs))
+    tokens = out[0, len(ids) :].tolist()
+    return {"seconds": seconds, "tokens": tokens, "ms_per_token": 1000 * seconds / max(1, len(tokens))}
+
+
+def hf_rows(hf: Any, engine: LLMEngine, args: argparse.Namespace, ours: list[dict[str, Any]]) -> list[dict]:
+    """HF alone vs HF prompt lookup, per workload and k, beside Ruvon's n-gram speedup on the same prompt."""
+    rows = []
+    for name in args.workloads:
+        ids = engine.tokenizer.encode(prompts_for(engine, [name], 1)[0])
+        hf_run(hf, ids, 4, None)  # warm-up
+        for k in args.k:
+            base, lookup = hf_run(hf, ids, args.new_tokens, None), hf_run(hf, ids, args.new_tokens, k)
+            mine = [
+                r
+                for r in ours
+                if (r["workload"], r["streams"], r["proposer"], r["k"]) == (name, 1, "ngram", k)
+            ]
+            speedup = base["seconds"] / lookup["seconds"]
+            rows.append(
+                {
+                    "workload": name,
+                    "k": k,
+                    "hf_ms_tok": base["ms_per_token"],
+                    "hf_lookup_ms_tok": lookup["ms_per_token"],
+                    "hf_lookup_speedup": speedup,
+                    "hf_identical": lookup["tokens"] == base["tokens"],
+                    "ruvon_ms_tok": mine[0]["base_ms_tok"] if mine else None,
+                    "ruvon_ngram_ms_tok": mine[0]["spec_ms_tok"] if mine else None,
+                    "ruvon_ngram_speedup": mine[0]["speedup"] if mine else None,
+                    # Speculative Ruvon against speculative HF, ms per token (higher: Ruvon faster).
+                    "ruvon_vs_hf": lookup["ms_per_token"] / mine[0]["spec_ms_tok"] if mine else None,
+                }
+            )
+            print_table(rows[-1:])
+    return rows
+
+
 def draft_proposer(engine: LLMEngine, spec: str) -> DraftModelProposer:
     """Return a draft-model proposer for `spec` sized like the engine's own KV cache."""
     return DraftModelProposer(
@@ -116,16 +187,17 @@ def main() -> None:
     parser.add_argument(
         "--num-blocks", type=int, default=None, help="KV blocks (set it with --draft on a GPU)"
     )
+    parser.add_argument("--hf-peer", action="store_true", help="HF generate() and prompt lookup, same run")
     args = parser.parse_args()
-    engine = LLMEngine(
-        EngineConfig(
-            model=args.model,
-            device=args.device,
-            num_blocks=args.num_blocks,
-            speculative="ngram",
-            speculative_max_batch=1 << 20,
+    hf, engine = None, None
+    if args.hf_peer:
+        dtype = torch.float32 if args.device == "cpu" else torch.float16
+        hf, engine = hf_peer(args.model, args.device, dtype, args.num_blocks)
+    if engine is None:
+        model = args.model
+        engine = LLMEngine(
+            EngineConfig(model=model, device=args.device, num_blocks=args.num_blocks, **SPEC_ENGINE)
         )
-    )
     exit_if_at_floor(engine, "speculative")
     drafts = {d: draft_proposer(engine, d) for d in args.draft}
     base_params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, speculative=False)
@@ -148,6 +220,8 @@ def main() -> None:
                 engine.proposer = proposer
                 for k in args.k:
                     engine.num_speculative_tokens = k
+                    # Warm-up at this k: verification graphs of k + 1 rows are captured on first use.
+                    run(engine, ids[:1], SamplingParams(temperature=0.0, max_tokens=2 * k + 2))
                     # Paired: a baseline run right before each speculative one, so drift on a shared
                     # machine hits both; the speedup is of the pair.
                     base = run(engine, prompts, base_params)
@@ -171,6 +245,9 @@ def main() -> None:
                     )
                     print_table(rows[-1:])
     print_table(rows)
+    peer = hf_rows(hf, engine, args, rows) if hf is not None else []
+    if peer:
+        print_table(peer)
     path = write_json(
         "speculative",
         {
@@ -179,6 +256,7 @@ def main() -> None:
             "device": args.device,
             "args": vars(args),
             "rows": rows,
+            "hf_peer": peer,
         },
     )
     print(f"wrote {path}")

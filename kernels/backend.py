@@ -49,6 +49,7 @@ def cuda_backend() -> KernelBackend:
     """Return the kernel backend built from the Triton kernels (imports Triton; for CUDA devices)."""
     # Imported here so that the CPU path (the references) never needs Triton.
     from kernels.linear import linear
+    from kernels.lora import lora_expand, lora_shrink
     from kernels.norm import add_layer_norm, add_rms_norm
     from kernels.paged_attention import paged_attention
     from kernels.quant_linear import int4_linear, int8_linear
@@ -62,6 +63,8 @@ def cuda_backend() -> KernelBackend:
         linear=linear,
         int8_linear=int8_linear,
         int4_linear=int4_linear,  # reads pack_int4_ref's layout
+        lora_shrink=lora_shrink,
+        lora_expand=lora_expand,
     )
 
 

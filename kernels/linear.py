@@ -145,10 +145,11 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"bias must be [N={weight.shape[0]}]; got {tuple(bias.shape)}")
 
 
-def _dot_dtype(dtype: torch.dtype) -> tuple[Any, str]:
-    """Return the dtype the tensor-core path runs tl.dot in and its fp32 precision mode.
+def dot_dtype(dtype: torch.dtype) -> tuple[Any, str]:
+    """Return the dtype tl.dot runs in for inputs of this dtype, and its fp32 precision mode.
 
-    fp32 runs in full IEEE precision (not tf32) to match F.linear; the CPU interpreter cannot do
+    fp16/bf16 feed the tensor cores directly (fp32 accumulation); fp32 runs in full IEEE precision (not
+    tf32) to match F.linear and the references; the CPU interpreter cannot do
     arithmetic on bf16 (numpy has no such type), so there bf16 is widened to fp32 first.
     """
     if dtype == torch.float32 or (dtype == torch.bfloat16 and _INTERPRETED):
@@ -174,7 +175,7 @@ def small_m_linear(
     use_dot = triton.next_power_of_2(m) >= tiling.dot_min_m
     m_pad = max(16, triton.next_power_of_2(m)) if use_dot else triton.next_power_of_2(m)
     block_n = tiling.block_n(n, use_dot)
-    dot_dtype, precision = _dot_dtype(x.dtype)
+    dot_type, precision = dot_dtype(x.dtype)
     _small_m_linear_kernel[(triton.cdiv(n, block_n),)](
         x,
         weight,
@@ -192,7 +193,7 @@ def small_m_linear(
         BLOCK_N=block_n,
         BLOCK_K=tiling.block_k(block_n, k, use_dot),
         USE_DOT=use_dot,
-        DOT_DTYPE=dot_dtype,
+        DOT_DTYPE=dot_type,
         PRECISION=precision,
         num_warps=tiling.num_warps,
         num_stages=tiling.num_stages,

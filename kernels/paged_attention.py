@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.linear import dot_dtype
+
 MAX_KV_SPLITS = 32  # cap on decode splits per sequence: the reduce kernel loads them all at once
 LOG2_E = 1.4426950408889634
 
@@ -299,22 +301,6 @@ def _prefill_kernel(
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-# True when TRITON_INTERPRET was set at import, so the kernels run in Triton's CPU interpreter.
-_INTERPRETED = not isinstance(_decode_kernel, triton.runtime.JITFunction)
-
-
-def _dot_dtype(dtype: torch.dtype) -> tuple[tl.dtype, str]:
-    """Return the dtype tl.dot runs in and its fp32 precision mode.
-
-    fp16/bf16 feed the tensor cores directly (fp32 accumulation); fp32 runs in full IEEE precision, not
-    tf32, so it matches the reference. The CPU interpreter cannot do arithmetic on bf16 (numpy has no
-    such type), so there bf16 is widened to fp32 first.
-    """
-    if dtype == torch.bfloat16 and _INTERPRETED:
-        return tl.float32, "ieee"
-    if dtype == torch.float32:
-        return tl.float32, "ieee"
-    return _TL_DTYPES[dtype], "tf32"
 
 
 @functools.cache
@@ -439,7 +425,7 @@ def _decode(
         part_lse = torch.empty(part_out.shape[:3], dtype=torch.float32, device=out.device)
     else:
         part_out = part_lse = out  # never touched: one split writes `out` directly
-    dot_dtype, precision = _dot_dtype(query.dtype)
+    dot_type, precision = dot_dtype(query.dtype)
     block_d = triton.next_power_of_2(head_dim)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query,
@@ -467,7 +453,7 @@ def _decode(
         BLOCK_G=max(16, triton.next_power_of_2(group)),  # tl.dot needs at least 16 rows
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        DOT_DTYPE=dot_dtype,
+        DOT_DTYPE=dot_type,
         PRECISION=precision,
         SINGLE_SPLIT=num_splits == 1,
         num_warps=tiling.decode_warps,
@@ -506,7 +492,7 @@ def _prefill(
     """Launch the flash-attention prefill kernel for every sequence with more than one new token."""
     num_seqs = block_tables.shape[0]
     num_heads, head_dim = query.shape[1], query.shape[2]
-    dot_dtype, precision = _dot_dtype(query.dtype)
+    dot_type, precision = dot_dtype(query.dtype)
     tiling = tiling.for_dtype(query.dtype)
     grid = (triton.cdiv(max_query_len, tiling.prefill_block_m), num_seqs, num_heads)
     _prefill_kernel[grid](
@@ -530,7 +516,7 @@ def _prefill(
         BLOCK_M=tiling.prefill_block_m,
         BLOCK_N=tiling.prefill_block_n,
         BLOCK_D=triton.next_power_of_2(head_dim),
-        DOT_DTYPE=dot_dtype,
+        DOT_DTYPE=dot_type,
         PRECISION=precision,
         num_warps=tiling.prefill_warps(head_dim),
         num_stages=tiling.prefill_stages,

@@ -187,6 +187,8 @@ class LLMEngine:
             if config.enforce_eager
             else min(config.cuda_graph_max_batch, config.max_num_seqs),
             launch_steps=config.decode_steps if self.chain_decodes else 0,
+            # Verification graphs for k drafts + 1 rows, captured now rather than in the first request.
+            verify_rows=config.num_speculative_tokens + 1 if config.speculative != "none" else 0,
             lora=self.adapters is not None,
         )
         self.proposer: Proposer | None = self._make_proposer(num_blocks)

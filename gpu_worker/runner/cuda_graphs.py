@@ -9,6 +9,12 @@ steps, metadata, argmax and feedback included, so a launch costs the host a few 
 Those graphs are captured, in a memory pool of their own, at start-up for the configured step count and on
 first use for any other.
 
+Verification steps of speculative decoding (each sequence scored at its k drafts + 1) have graphs keyed by
+(rows per sequence q, batch size), in a third pool, captured on first use of a q: every sequence gets q rows
+at most; one with fewer (a proposer found fewer drafts) ends its rows early, and the rows past the last
+sequence are padding that no attention kernel reads (a sequence of query length 0 is skipped) and whose
+outputs are dropped.
+
 With LoRA on, every graph reads each row's adapter slot from a static buffer too (-1: none), so one graph
 serves any mix of adapters and base rows.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
@@ -47,6 +54,18 @@ def _no_garbage_collection() -> Iterator[None]:
             gc.enable()
 
 
+@dataclass
+class _VerifyGraphs:
+    """Static inputs for verification graphs of q rows per sequence, and the graphs by batch size."""
+
+    input_ids: torch.Tensor  # [n * q]
+    positions: torch.Tensor  # [n * q]
+    slot_mapping: torch.Tensor  # [n * q]
+    query_start_loc: torch.Tensor  # [n + 1]
+    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)  # [bs * q, V] per batch size
+
+
 class DecodeGraphs:
     def __init__(
         self, model: CausalLM, max_batch: int, max_blocks: int, device: torch.device, lora: bool = False
@@ -72,6 +91,9 @@ class DecodeGraphs:
         self.launch_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (steps, batch size)
         self.launch_tokens: dict[tuple[int, int], torch.Tensor] = {}
         self.launch_pool = torch.cuda.graph_pool_handle()  # launch graphs' own memory pool
+        self.verify: dict[int, _VerifyGraphs] = {}  # by rows per sequence q
+        self.verify_pool = torch.cuda.graph_pool_handle()
+        self.device = device
 
     def _metadata(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -144,6 +166,77 @@ class DecodeGraphs:
         self._copy_lora_slots(None if metadata.lora is None else metadata.lora.seg_slots, num, bs)
         self.graphs[bs].replay()
         return self.logits[bs][:num]
+
+    def fits_verify(self, num_seqs: int, rows_per_seq: int) -> bool:
+        return bool(self.graphs) and num_seqs <= self.sizes[-1] and rows_per_seq > 1
+
+    def _verify_forward(self, v: _VerifyGraphs, q: int, bs: int) -> torch.Tensor:
+        meta = AttentionMetadata(
+            slot_mapping=v.slot_mapping[: bs * q],
+            query_start_loc=v.query_start_loc[: bs + 1],
+            context_lens=self.context_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            max_query_len=q,
+            max_context_len=self.max_blocks,  # unused: the kernels read context_lens; shapes fix the grid
+            # One adapter segment per sequence: its rows (query_start_loc), its slot.
+            lora=None
+            if self.lora_slots is None
+            else LoRAMetadata(v.query_start_loc[: bs + 1], self.lora_slots[:bs]),
+        )
+        with self.model.context.use(meta):
+            hidden = self.model(v.input_ids[: bs * q], v.positions[: bs * q])
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture_verify(self, q: int) -> None:
+        """Capture verification graphs of q rows per sequence for every batch size, largest first."""
+        n = self.sizes[-1]
+        v = _VerifyGraphs(
+            input_ids=torch.zeros(n * q, dtype=torch.int64, device=self.device),
+            positions=torch.zeros(n * q, dtype=torch.int64, device=self.device),
+            slot_mapping=torch.full((n * q,), -1, dtype=torch.int64, device=self.device),
+            query_start_loc=torch.arange(0, n * q + 1, q, dtype=torch.int32, device=self.device),
+        )
+        self.context_lens.fill_(q)
+        with _no_garbage_collection():
+            for bs in reversed(self.sizes):
+                for _ in range(2):  # warm-up: Triton compiles outside capture
+                    self._verify_forward(v, q, bs)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.verify_pool):
+                    v.logits[bs] = self._verify_forward(v, q, bs)
+                v.graphs[bs] = graph
+        torch.cuda.synchronize()
+        self.verify[q] = v
+
+    def run_verify(
+        self,
+        input_ids: torch.Tensor,  # [T], T <= B * q
+        positions: torch.Tensor,  # [T]
+        metadata: AttentionMetadata,  # B sequences of at most q rows each
+    ) -> torch.Tensor:  # [T, V]
+        """Replay the verification graph that holds the batch (captured on first use of this q); return the
+        logits of the real rows."""
+        q = metadata.max_query_len
+        if q not in self.verify:
+            self.capture_verify(q)
+        v = self.verify[q]
+        rows, num = input_ids.shape[0], metadata.block_tables.shape[0]
+        bs = next(b for b in self.sizes if b >= num)
+        v.input_ids[:rows].copy_(input_ids, non_blocking=True)
+        v.positions[:rows].copy_(positions, non_blocking=True)
+        v.slot_mapping[:rows].copy_(metadata.slot_mapping, non_blocking=True)
+        v.slot_mapping[rows : bs * q].fill_(-1)
+        v.query_start_loc[: num + 1].copy_(metadata.query_start_loc, non_blocking=True)
+        v.query_start_loc[num + 1 : bs + 1].fill_(rows)  # padded sequences: no rows
+        self.context_lens[:num].copy_(metadata.context_lens, non_blocking=True)
+        self.context_lens[num:bs].fill_(1)
+        width = metadata.block_tables.shape[1]
+        self.block_tables[:num, :width].copy_(metadata.block_tables, non_blocking=True)
+        self._copy_lora_slots(None if metadata.lora is None else metadata.lora.seg_slots, num, bs)
+        v.graphs[bs].replay()
+        return v.logits[bs][:rows]
 
     @torch.inference_mode()
     def capture_launches(self, steps: int) -> None:

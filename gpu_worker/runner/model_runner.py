@@ -118,6 +118,7 @@ class ModelRunner:
         max_model_len: int,
         cuda_graph_max_batch: int = 0,  # 0: run eagerly
         launch_steps: int = 0,  # capture greedy launches of this many steps up front (0: none)
+        verify_rows: int = 0,  # capture verification graphs of this many rows per sequence up front (0: none)
         lora: bool = False,  # the model serves LoRA adapters (its graphs read each row's slot)
     ) -> None:
         self.model = model
@@ -138,6 +139,8 @@ class ModelRunner:
                 self.graphs.launch_body = self._greedy_launch_body
                 if launch_steps:
                     self.graphs.capture_launches(launch_steps)
+                if verify_rows > 1:
+                    self.graphs.capture_verify(verify_rows)
 
     def prepare(self, batch: ScheduledBatch) -> FlatBatch:
         ids: list[int] = []
@@ -305,11 +308,16 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> StepResult:
         flat = self.prepare(batch)
         seqs = flat.sample_seqs
-        decode_only = flat.metadata.max_query_len == 1 and not flat.prompt_rows
-        if decode_only and self.graphs is not None and self.graphs.fits(len(seqs)):
-            # In a decode-only step every row is its sequence's last token, so rows = sample rows.
-            hidden: torch.Tensor | None = None
-            logits: torch.Tensor | None = self.graphs.run(flat.input_ids, flat.positions, flat.metadata)
+        q = flat.metadata.max_query_len
+        # Every row sampled and no prompt rows: a decode step (q = 1) or a verification of drafts (q > 1).
+        all_sampled = not flat.prompt_rows and len(flat.sample_rows) == flat.input_ids.shape[0]
+        graphs = self.graphs if all_sampled else None
+        hidden: torch.Tensor | None = None
+        logits: torch.Tensor | None
+        if graphs is not None and q == 1 and graphs.fits(len(seqs)):
+            logits = graphs.run(flat.input_ids, flat.positions, flat.metadata)
+        elif graphs is not None and graphs.fits_verify(len(seqs), q):
+            logits = graphs.run_verify(flat.input_ids, flat.positions, flat.metadata)
         else:
             with self.model.context.use(flat.metadata):
                 hidden = self.model(flat.input_ids, flat.positions)  # [T, hidden]

@@ -86,3 +86,37 @@ def test_it_matches_hf_in_fp16_on_the_gpt2_124m_shape(tmp_path_factory: pytest.T
 
 
 FP16_TIE = 0.02  # logits; fp16 keeps ~3 significant digits of values of magnitude ~3 here
+
+
+@pytest.mark.parametrize("speculative", ["ngram", "ngram-few-drafts"])
+def test_verification_through_cuda_graphs_gives_the_eager_tokens(tiny_gpt2: Peer, speculative: str) -> None:
+    """Drafts are verified by the (q rows, batch) graphs: same tokens as eager verification in fp32, greedy
+    and seeded sampling, with sequences of fewer drafts than k (their rows end early) in the same batch."""
+    rng = random.Random(7)
+    # Repeating prompts give n-gram matches of different lengths; the random ones few or none.
+    prompts = [[rng.randrange(50257) for _ in range(8)] * 3 for _ in range(5)] + batch(50257, 4)
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.9, seed=11, max_tokens=24, ignore_eos=True)
+    k = 4 if speculative == "ngram" else 2
+    results = []
+    for eager in (True, False):
+        engine = LLMEngine(
+            EngineConfig(
+                model=str(tiny_gpt2.path),
+                device="cuda",
+                dtype="float32",
+                num_blocks=256,
+                speculative="ngram",
+                num_speculative_tokens=k,
+                enforce_eager=eager,
+            )
+        )
+        before = engine.stats()["spec_num_drafts"]
+        outs = [[o.token_ids[0] for o in engine.generate(prompts, p)] for p in (greedy, seeded)]
+        assert engine.stats()["spec_num_drafts"] > before, "no drafts were verified"
+        if not eager:
+            assert engine.runner.graphs is not None and engine.runner.graphs.verify, (
+                "no verification graph ran"
+            )
+        results.append(outs)
+    assert results[0] == results[1]

@@ -17,7 +17,13 @@ from tests.gpu_worker.lora.conftest import SavedAdapter
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-CUDA_MODES = {"async": {}, "async-launches-of-4": {"decode_steps": 4}, "scheduled": {"async_decode": False}}
+CUDA_MODES = {
+    "async": {},
+    "async-launches-of-4": {"decode_steps": 4},
+    "scheduled": {"async_decode": False},
+    # n-gram drafts verified through the (rows, batch) verification graphs, adapters applied there too
+    "speculative": {"speculative": "ngram", "num_speculative_tokens": 3},
+}
 
 
 def tokens(
@@ -37,7 +43,8 @@ def test_a_mixed_adapter_batch_matches_the_cpu_reference_path(
     tiny_gpt2: Peer, gpt2_adapters: dict[int, SavedAdapter], mode: str
 ) -> None:
     rng = random.Random(7)
-    prompts = [[rng.randrange(50257) for _ in range(rng.randint(4, 60))] for _ in range(16)]
+    prompts = [[rng.randrange(50257) for _ in range(rng.randint(4, 60))] for _ in range(12)]
+    prompts += [[rng.randrange(50257) for _ in range(6)] * 4 for _ in range(4)]  # n-gram matches
     choices: list[LoRARequest | None] = [None, *(a.request for a in gpt2_adapters.values())]
     adapters = [choices[i % len(choices)] for i in range(len(prompts))]
     results = []
