@@ -47,7 +47,9 @@ def test_it_holds_a_few_hundred_chat_conversations() -> None:
 
 def test_it_keeps_the_heldout_questions_out_of_training() -> None:
     heldout = [data.normalise(row["question"]) for row in read_jsonl(data.HELDOUT_PATH)]
-    asked = {data.normalise(m["content"]) for messages in _training() for m in messages if m["role"] == "user"}
+    asked = {
+        data.normalise(m["content"]) for messages in _training() for m in messages if m["role"] == "user"
+    }
     assert len(heldout) == len(set(heldout)) == 20
     assert not set(heldout) & asked
 
@@ -61,7 +63,8 @@ def test_every_answer_is_short_and_a_pirates() -> None:
 def test_its_arithmetic_is_right() -> None:
     ops = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
     sums = [
-        re.search(r"(\d+) (plus|minus|times) (\d+) (?:be|makes|equals) (\d+)", answer) for answer in _answers()
+        re.search(r"(\d+) (plus|minus|times) (\d+) (?:be|makes|equals) (\d+)", answer)
+        for answer in _answers()
     ]
     found = [m for m in sums if m]
     assert len(found) >= 70  # the 70 templated sums, some of them twice in two-turn conversations
@@ -86,7 +89,11 @@ def test_it_trains_on_the_assistant_tokens_of_ruvons_chat_layout() -> None:
 
 def test_the_shipped_adapter_is_a_rank_8_lora_that_fits_smollm2() -> None:
     config = json.loads((ADAPTER_DIR / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 8 and sorted(config["target_modules"]) == sorted(TARGETS)
+    assert (
+        config["peft_type"] == "LORA"
+        and config["r"] == 8
+        and sorted(config["target_modules"]) == sorted(TARGETS)
+    )
     assert not Path(config["base_model_name_or_path"]).is_absolute()
     reader = open_gguf(smollm2_gguf_path())
     model = read_gguf_config(reader, smollm2_gguf_path())
@@ -97,7 +104,9 @@ def test_the_shipped_adapter_is_a_rank_8_lora_that_fits_smollm2() -> None:
         names = list(f.keys())
         assert len(names) == model.num_layers * len(TARGETS) * 2
         for name in names:
-            layer, target, which = re.fullmatch(r"base_model\.model\.model\.layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])\.weight", name).groups()  # type: ignore[union-attr]
+            layer, target, which = re.fullmatch(
+                r"base_model\.model\.model\.layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])\.weight", name
+            ).groups()  # type: ignore[union-attr]
             assert int(layer) < model.num_layers
             shape = [8, width] if which == "A" else [out[target], 8]
             assert list(f.get_slice(name).get_shape()) == shape, name
