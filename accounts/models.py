@@ -86,6 +86,17 @@ class Membership(models.Model):
         return f"{self.user} in {self.tenant} ({self.role})"
 
 
+def home_tenant(user: AnyUser) -> Tenant | None:
+    """Return the tenant a signed-in user's web chat is billed to: their first active one, or None."""
+    membership = (
+        Membership.objects.select_related("tenant")
+        .filter(user_id=user.pk, tenant__is_active=True)
+        .order_by("created_at")
+        .first()
+    )
+    return membership.tenant if membership else None
+
+
 class ApiKeyQuerySet(TenantScopedQuerySet):
     def active(self) -> ApiKeyQuerySet:
         """Return the keys that are neither revoked nor of an inactive tenant."""

@@ -16,8 +16,11 @@ from accounts.auth import api_key_auth
 from accounts.limits import admit, release, reserved_tokens
 from gpu_worker.errors import CapacityError
 from inference import services
+from inference.adapters.api import router as adapters_router
+from inference.adapters.registry import resolve_adapter
 from inference.billing import check_budget
-from inference.errors import ModelNotFound, install_error_handlers
+from inference.errors import install_error_handlers
+from inference.models import Adapter
 from inference.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -48,6 +51,7 @@ api = NinjaAPI(
     urls_namespace="v1",
 )
 install_error_handlers(api)
+api.add_router("/adapters", adapters_router)
 
 ERRORS: dict[int, Any] = {code: ErrorResponse for code in (400, 401, 404, 413, 415, 429, 500, 503, 504)}
 
@@ -70,7 +74,8 @@ def streamed(description: str) -> dict[str, Any]:
 async def create_completion(request: HttpRequest, body: CompletionRequest) -> Any:
     """Complete a prompt (text or token ids). With `stream: true` the answer is server-sent events."""
     client, served = await served_model()
-    prepared = services.prepare_completion(body, served, request.request_id)  # type: ignore[attr-defined]
+    adapter = await _adapter(request, body.model, served)
+    prepared = services.prepare_completion(body, served, request.request_id, adapter)  # type: ignore[attr-defined]
     return await _run(request, client, served, prepared, bool(body.stream))
 
 
@@ -83,8 +88,15 @@ async def create_completion(request: HttpRequest, body: CompletionRequest) -> An
 async def create_chat_completion(request: HttpRequest, body: ChatCompletionRequest) -> Any:
     """Answer a conversation, rendered with the model's chat template. `stream: true` gives SSE chunks."""
     client, served = await served_model()
-    prepared = services.prepare_chat(body, served, request.request_id)  # type: ignore[attr-defined]
+    adapter = await _adapter(request, body.model, served)
+    prepared = services.prepare_chat(body, served, request.request_id, adapter)  # type: ignore[attr-defined]
     return await _run(request, client, served, prepared, bool(body.stream))
+
+
+async def _adapter(request: HttpRequest, model: str | None, served: ServedModel) -> Adapter | None:
+    """Return the caller's ready adapter that `model` names ("<base>:<adapter>"), None for the base model;
+    404 model_not_found for anything else."""
+    return await resolve_adapter(request.auth.tenant, model, served.name)  # type: ignore[attr-defined]
 
 
 async def _run(
@@ -110,18 +122,19 @@ async def _run(
 
 @api.get("/models", response={200: ModelList, **ERRORS}, tags=["models"])
 async def list_models(request: HttpRequest) -> Any:
-    """List the served model."""
+    """List the served model, then your tenant's ready LoRA adapters on it (as "<base>:<adapter>")."""
     _, served = await served_model()
-    return {"object": "list", "data": [services.model_card(served)]}
+    tenant = request.auth.tenant  # type: ignore[attr-defined]
+    ready = Adapter.objects.for_tenant(tenant).ready().filter(base_model=served.name).select_related("tenant")
+    adapters = [services.model_card(served, adapter) async for adapter in ready.order_by("name")]
+    return {"object": "list", "data": [services.model_card(served), *adapters]}
 
 
 @api.get("/models/{model}", response={200: ModelCard, **ERRORS}, tags=["models"])
 async def retrieve_model(request: HttpRequest, model: str) -> Any:
-    """Describe one model; 404 unless it is the served one."""
+    """Describe one model: the served one, or one of your ready adapters on it; 404 for anything else."""
     _, served = await served_model()
-    if model != served.name:
-        raise ModelNotFound(model)
-    return services.model_card(served)
+    return services.model_card(served, await _adapter(request, model, served))
 
 
 @api.get("/usage", response={200: UsageList, **ERRORS}, tags=["usage"])
@@ -134,7 +147,7 @@ async def list_usage(request: HttpRequest, filters: Query[UsageFilters]) -> Any:
 async def tokenize(request: HttpRequest, body: TokenizeRequest) -> Any:
     """Token ids of a prompt, or of a conversation rendered with the chat template."""
     _, served = await served_model()
-    ids = services.tokenize(body, served)
+    ids = services.tokenize(body, served, await _adapter(request, body.model, served))
     return {"tokens": ids, "count": len(ids), "max_model_len": served.max_model_len}
 
 
@@ -142,5 +155,5 @@ async def tokenize(request: HttpRequest, body: TokenizeRequest) -> Any:
 async def detokenize(request: HttpRequest, body: DetokenizeRequest) -> Any:
     """The text of a list of token ids."""
     _, served = await served_model()
-    services.check_model(body.model, served)
+    services.check_model(body.model, served, await _adapter(request, body.model, served))
     return {"prompt": served.tokenizer.decode(body.tokens)}

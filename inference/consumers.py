@@ -15,10 +15,12 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from accounts.limits import QuotaExceeded
 from gpu_worker.errors import CapacityError, InvalidRequestError
 from gpu_worker.serving.protocol import make_job, sampling_params_from_dict, sampling_params_to_dict
+from inference.adapters.registry import resolve_adapter
 from inference.billing import check_budget
 from inference.errors import ApiError, from_error_event
+from inference.models import Adapter
 from inference.runs import JobRun
-from inference.services import engine_seed, with_default_max_tokens
+from inference.services import engine_seed, job_adapter, with_default_max_tokens
 from inference.serving import ServedModel, served_model
 from inference.transport import ModelLoading
 
@@ -84,14 +86,20 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         try:
             # The same tenant budget the API enforces; chat traffic is billed like API traffic.
-            await check_budget(await _tenant(self.tenant_id))
+            tenant = await _tenant(self.tenant_id)
+            await check_budget(tenant)
             client, served = await served_model()
-            job = self._build_job(content, served)
+            # A LoRA adapter as the API takes one: "<base>:<adapter>", the tenant's and ready, or not found.
+            adapter = await resolve_adapter(tenant, _requested_model(content), served.name)
+            job = self._build_job(content, served, adapter)
         except InvalidRequestError as exc:
             await self._send_error("invalid_request_error", exc.message, exc.param)
             return
         except QuotaExceeded as exc:
             await self._send_error("insufficient_quota", str(exc), None)
+            return
+        except ApiError as exc:  # model_not_found
+            await self._send_api_error(exc)
             return
         except Exception:  # the transport is down (Redis went away): tell the page, keep the socket
             logger.exception("chat submission failed")
@@ -112,16 +120,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json({"type": "started", "request_id": job["request_id"]})
         self.stream_task = asyncio.create_task(self._stream(run, time.monotonic()))
 
-    def _build_job(self, content: Any, served: ServedModel) -> dict[str, Any]:
-        if not isinstance(content, dict):
-            raise InvalidRequestError("send a JSON object with messages", param=None)
+    def _build_job(
+        self, content: dict[str, Any], served: ServedModel, adapter: Adapter | None
+    ) -> dict[str, Any]:
         messages = _check_messages(content.get("messages"))
         raw = content.get("params") or {}
         if not isinstance(raw, dict) or not set(raw) <= CHAT_PARAMS:
             raise InvalidRequestError(f"params may only set {sorted(CHAT_PARAMS)}", param="params")
-        model = content.get("model") or served.name
-        if model != served.name:
-            raise InvalidRequestError(f"model {model!r} is not served here", param="model")
         tokenizer = served.tokenizer
         prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
         if served.max_model_len is not None and len(prompt_ids) >= served.max_model_len:
@@ -136,7 +141,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             raw["max_tokens"] = with_default_max_tokens(max_tokens, len(prompt_ids), served.max_model_len)
         params = sampling_params_from_dict({**raw, "stop": list(tokenizer.chat_stop_strings)})
         job_id = f"chat-{uuid.uuid4().hex}"
-        return make_job(job_id, model, prompt_ids, sampling_params_to_dict(params), tenant_id=self.tenant_id)
+        return make_job(
+            job_id,
+            served.name,
+            prompt_ids,
+            sampling_params_to_dict(params),
+            tenant_id=self.tenant_id,
+            adapter=job_adapter(adapter),
+        )
 
     async def _stream(self, run: JobRun, sent_at: float) -> None:
         first_token_at: float | None = None
@@ -179,6 +191,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json({"type": "error", "code": code, "message": message, "param": param})
 
 
+def _requested_model(content: Any) -> str | None:
+    """Return the model a chat message asks for (None: the served one); refuse anything but an object."""
+    if not isinstance(content, dict):
+        raise InvalidRequestError("send a JSON object with messages", param=None)
+    model = content.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequestError("model must be a string", param="model")
+    return model or None
+
+
 def _check_messages(messages: Any) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages or len(messages) > MAX_MESSAGES:
         raise InvalidRequestError(
@@ -219,9 +241,7 @@ def _tenant(tenant_id: str) -> Any:
 @database_sync_to_async
 def _tenant_id_of(user: Any) -> str | None:
     """Return the id (as jobs carry it) of the user's first active tenant, or None if they have none."""
-    from accounts.models import Membership
+    from accounts.models import home_tenant
 
-    membership = (
-        Membership.objects.filter(user_id=user.pk, tenant__is_active=True).order_by("created_at").first()
-    )
-    return str(membership.tenant_id) if membership else None
+    tenant = home_tenant(user)
+    return str(tenant.pk) if tenant else None

@@ -1,14 +1,20 @@
 """Engine metrics on the web tier's /metrics: in the embedded default the engine runs inside the web process,
-so its registry (gpu_worker/serving/telemetry.py) joins django-prometheus' exposition and one scrape sees both."""
+so its registry (gpu_worker/serving/telemetry.py) joins django-prometheus' exposition and one scrape sees both.
+Also the web tier's own per-adapter traffic, with a bounded number of adapter labels."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+from django.conf import settings
 from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+BASE_MODEL = "none"  # the adapter label of requests on the base model
+OTHER = "other"  # ... of the adapters outside the top N (adapter names carry a "/", so neither can clash)
 
 
 class EngineRegistries(Collector):
@@ -51,3 +57,61 @@ def expose_engine_metrics(registry: CollectorRegistry) -> None:
 def hide_engine_metrics(registry: CollectorRegistry) -> None:
     """Stop serving an engine's metrics (its client closed)."""
     engine_registries.detach(registry)
+
+
+class AdapterTraffic(Collector):
+    """Requests and tokens the web tier saw answered, by model and adapter. An adapter label per adapter
+    would grow without bound (every tenant's uploads), so a scrape names the `top_n()` busiest adapters by
+    requests and sums the rest under adapter="other". An adapter that enters or leaves the top N moves its
+    counts between series, which rate() reads as a counter reset: watch totals over "other" too."""
+
+    def __init__(self, top_n: Callable[[], int]) -> None:
+        self.top_n = top_n
+        # (model, adapter) -> [requests, prompt tokens, completion tokens]
+        self._counts: dict[tuple[str, str], list[int]] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, model: str, adapter: str | None, prompt_tokens: int, completion_tokens: int) -> None:
+        """Count one answered request on `adapter` (its worker name; None: the base model)."""
+        with self._lock:
+            counts = self._counts.setdefault((model, adapter or BASE_MODEL), [0, 0, 0])
+            counts[0] += 1
+            counts[1] += prompt_tokens
+            counts[2] += completion_tokens
+
+    def labelled(self) -> dict[tuple[str, str], list[int]]:
+        """Return the counts under their exposed labels: the base model, the top N adapters, "other"."""
+        with self._lock:
+            counts = {key: list(value) for key, value in self._counts.items()}
+        adapters = sorted((key for key in counts if key[1] != BASE_MODEL), key=lambda k: (-counts[k][0], k))
+        shown: dict[tuple[str, str], list[int]] = {k: v for k, v in counts.items() if k[1] == BASE_MODEL}
+        for rank, key in enumerate(adapters):
+            label = key if rank < self.top_n() else (key[0], OTHER)
+            totals = shown.setdefault(label, [0, 0, 0])
+            shown[label] = [a + b for a, b in zip(totals, counts[key], strict=True)]
+        return shown
+
+    def collect(self) -> Iterable[Metric]:
+        requests = CounterMetricFamily(
+            "ruvon:adapter_requests",
+            "Requests answered, by LoRA adapter (top N, the rest as other).",
+            labels=["model_name", "adapter"],
+        )
+        tokens = CounterMetricFamily(
+            "ruvon:adapter_tokens",
+            "Prompt and generated tokens, by LoRA adapter (top N, the rest as other).",
+            labels=["model_name", "adapter", "kind"],
+        )
+        for (model, adapter), (count, prompt, completion) in sorted(self.labelled().items()):
+            requests.add_metric([model, adapter], count)
+            tokens.add_metric([model, adapter, "prompt"], prompt)
+            tokens.add_metric([model, adapter, "generation"], completion)
+        yield requests
+        yield tokens
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+adapter_traffic = AdapterTraffic(lambda: settings.RUVON_METRICS_TOP_ADAPTERS)
+REGISTRY.register(adapter_traffic)

@@ -47,6 +47,7 @@ def _tag(request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
 
 API_PREFIX = "/v1/"
 JSON_TYPES = ("application/json", "")  # an empty Content-Type: the API reads the body as JSON anyway
+UPLOAD_PATHS = frozenset({"/v1/adapters"})  # the one endpoint whose body is multipart: files
 _REFUSALS = {
     404: ("invalid_request_error", "not_found", "Unknown endpoint {method} {path}."),
     405: ("invalid_request_error", "method_not_allowed", "Method {method} is not allowed on {path}."),
@@ -56,8 +57,8 @@ _REFUSALS = {
 
 @sync_and_async_middleware
 def api_error_body_middleware(get_response: Callable) -> Callable:
-    """Under /v1/: refuse a body that is not JSON (multipart, form, text) with 415, and turn the non-JSON
-    error pages Django and ninja answer themselves (404, 405) into OpenAI error objects."""
+    """Under /v1/: refuse a body that is not JSON (form, text, multipart but for uploads) with 415, and turn
+    the non-JSON error pages Django and ninja answer themselves (404, 405) into OpenAI error objects."""
     if iscoroutinefunction(get_response):
 
         async def async_middleware(request: HttpRequest) -> HttpResponseBase:
@@ -76,6 +77,8 @@ def _refuse_media_type(request: HttpRequest) -> HttpResponseBase | None:
     if not request.path.startswith(API_PREFIX) or request.method not in ("POST", "PUT", "PATCH"):
         return None
     media_type = request.content_type or ""
+    if media_type == "multipart/form-data" and request.path in UPLOAD_PATHS:
+        return None
     return None if media_type in JSON_TYPES else _error(request, 415)
 
 

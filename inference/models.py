@@ -1,11 +1,19 @@
-"""UsageRecord (one row per request that reached a worker, with its timings, device seconds, cost and price)
-and UsageRollup (hourly totals per tenant, model and adapter)."""
+"""UsageRecord (one row per request that reached a worker, with its timings, device seconds, cost and price),
+UsageRollup (hourly totals per tenant, model and adapter) and Adapter (a tenant's LoRA adapter)."""
 
 from __future__ import annotations
 
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+from django.core.validators import RegexValidator
 from django.db import models
 
-from accounts.models import ApiKey, Tenant, TenantScopedQuerySet
+from accounts.models import ApiKey, Membership, Tenant, TenantScopedQuerySet
+
+if TYPE_CHECKING:
+    from accounts.models import AnyUser
 
 
 class UsageRecord(models.Model):
@@ -103,3 +111,84 @@ class UsageRollup(models.Model):
 
     def __str__(self) -> str:
         return f"{self.tenant} {self.model} {self.hour:%Y-%m-%d %H:00}"
+
+
+# An adapter's name goes into "<base>:<name>" and into a directory name: letters, digits, "-" and "_" only.
+ADAPTER_NAME = RegexValidator(
+    r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z",
+    "an adapter name is 1-64 letters, digits, '-' or '_', starting with a letter or digit",
+)
+
+
+def adapter_upload_to(adapter: Adapter, filename: str) -> str:
+    """Return where an upload is stored: under its tenant, with a random part (a name may be reused)."""
+    return f"adapter-uploads/{adapter.tenant_id}/{adapter.name}-{uuid.uuid4().hex[:12]}.zip"
+
+
+class AdapterQuerySet(TenantScopedQuerySet):
+    def ready(self) -> AdapterQuerySet:
+        """Return the adapters that passed validation (the only ones a request can use)."""
+        return self.filter(status=Adapter.Status.READY)
+
+
+class Adapter(models.Model):
+    """A tenant's LoRA adapter: its uploaded PEFT folder (a zip in Django's storage), what validation found
+    in it, and where the workers read the extracted folder. Life cycle: uploaded -> validating -> ready or
+    failed (with the reason); inference/adapters/validation.py moves it along."""
+
+    class Status(models.TextChoices):
+        UPLOADED = "uploaded"
+        VALIDATING = "validating"
+        READY = "ready"
+        FAILED = "failed"
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="adapters")
+    name = models.CharField(max_length=64, validators=[ADAPTER_NAME], help_text="Unique within the tenant.")
+    base_model = models.CharField(max_length=200, help_text="The served model it applies to.")
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.UPLOADED)
+    failure_reason = models.TextField(blank=True, default="")
+    archive = models.FileField(upload_to=adapter_upload_to, max_length=300, help_text="The uploaded zip.")
+    path = models.CharField(
+        max_length=500, blank=True, default="", help_text="The extracted folder workers read (when ready)."
+    )
+    rank = models.PositiveIntegerField(null=True, blank=True)
+    alpha = models.FloatField(null=True, blank=True)
+    target_modules = models.JSONField(default=list, blank=True)
+    size_bytes = models.PositiveBigIntegerField(default=0, help_text="Bytes of the weights file.")
+    sha256 = models.CharField(max_length=64, blank=True, default="", help_text="Of the weights file.")
+    uploaded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="adapters"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = AdapterQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["tenant", "name"]
+        constraints = [models.UniqueConstraint(fields=["tenant", "name"], name="one_adapter_name_per_tenant")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id}/{self.name} ({self.status})"
+
+    @property
+    def model_id(self) -> str:
+        """Return what a request sends as `model` to use this adapter."""
+        return f"{self.base_model}:{self.name}"
+
+    @property
+    def engine_name(self) -> str:
+        """Return the adapter's name on the workers: unique across tenants, as the wire format wants."""
+        return f"{self.tenant_id}/{self.name}"
+
+    def job_adapter(self) -> dict[str, Any]:
+        """Return the job's `adapter` field (gpu_worker/serving/protocol.py) for a request on this adapter."""
+        return {"name": self.engine_name, "path": self.path, "sha256": self.sha256}
+
+    def can_be_deleted_by(self, user: AnyUser | None) -> bool:
+        """Return whether the user may delete this adapter: any owner of its tenant, or the member who
+        uploaded it."""
+        if user is None:  # a key made without a user (by staff) acts for nobody
+            return False
+        role = self.tenant.role_of(user)
+        return role == Membership.Role.OWNER or (role is not None and self.uploaded_by_id == user.pk)

@@ -12,8 +12,9 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 
-from gpu_worker.serving.protocol import Event, Job, is_terminal
+from gpu_worker.serving.protocol import Event, Job, adapter_name, is_terminal
 from inference.errors import ApiError, to_api_error
+from inference.metrics import adapter_traffic
 from inference.transport import JobClient
 from inference.usage import record_told_error
 
@@ -42,10 +43,22 @@ class JobRun:
             terminal = is_terminal(event)
             if terminal and not event.get("local"):  # "local": the reader's own ending, not the worker's
                 self.worker_ending = event
+            if event.get("type") == "done":
+                self._count(event)
             yield event
             if terminal:
                 return
         raise ApiError("the worker's event stream ended early", status=500, code="internal_error")
+
+    def _count(self, done: Event) -> None:
+        usage = done.get("usage") or {}
+        adapter = adapter_name(self.job.get("adapter"))
+        adapter_traffic.observe(
+            str(self.job.get("model")),
+            adapter,
+            usage.get("prompt_tokens", 0),
+            usage.get("completion_tokens", 0),
+        )
 
     async def cancel(self) -> None:
         """Ask the worker to stop the job; it still ends with its terminal event (status cancelled, the tokens

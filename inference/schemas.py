@@ -214,6 +214,7 @@ class ModelCard(Schema):
     owned_by: str
     max_model_len: int | None = Field(..., description="Null while no worker has reported (Redis mode).")
     label: str = Field(..., description="What the model is; says RANDOM for random weights.")
+    parent: str | None = Field(None, description="For a LoRA adapter: the base model it applies to.")
 
 
 class ModelList(Schema):
@@ -224,6 +225,7 @@ class ModelList(Schema):
 class UsageRow(Schema):
     request_id: str
     model: str
+    adapter: str | None = Field(None, description="The LoRA adapter it ran on; null: the base model.")
     api_key: str | None = Field(None, description="Prefix of the API key used.")
     user: str = Field("", description="The request's `user` field; empty when it sent none.")
     status: str
@@ -257,6 +259,7 @@ class UsageFilters(Schema):
     start: datetime | None = Field(None, description="Submitted at or after (ISO 8601; UTC unless it says).")
     end: datetime | None = Field(None, description="Submitted before (ISO 8601; UTC unless it says).")
     model: str | None = None
+    adapter: str | None = Field(None, description='One of your adapters\' names; "" for the base model.')
     api_key: str | None = Field(None, description="Prefix of one of your API keys.")
     user: str | None = Field(None, description="Only requests that sent this `user`.")
     status: Literal["completed", "cancelled", "failed", "rejected"] | None = None
@@ -286,6 +289,36 @@ class TokenizeResponse(Schema):
 
 class DetokenizeResponse(Schema):
     prompt: str
+
+
+class AdapterCard(Schema):
+    """A tenant's LoRA adapter, as /v1/adapters shows it; requests use it with `model` = its `model`."""
+
+    id: str = Field(..., description="The adapter's name, unique within your tenant.")
+    object: Literal["adapter"] = "adapter"
+    model: str = Field(..., description='What a request sends as "model" to use it: "<base>:<name>".')
+    base_model: str
+    status: Literal["uploaded", "validating", "ready", "failed"]
+    failure_reason: str | None = Field(None, description="Why validation failed (status failed).")
+    rank: int | None = None
+    alpha: float | None = None
+    target_modules: list[str]
+    size_bytes: int = Field(..., description="Bytes of the weights file (0 until validated).")
+    sha256: str | None = Field(None, description="Of the weights file, once validated.")
+    uploaded_by: str | None = None
+    created_at: int
+    updated_at: int
+
+
+class AdapterList(Schema):
+    object: Literal["list"] = "list"
+    data: list[AdapterCard]
+
+
+class AdapterDeleted(Schema):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    deleted: bool
 
 
 class ErrorDetail(Schema):

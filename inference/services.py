@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from django.conf import settings
@@ -17,6 +17,7 @@ from gpu_worker.errors import CapacityError, InvalidRequestError
 from gpu_worker.serving.protocol import Event, Job, make_job
 from gpu_worker.tokenization.tokenizer import Tokenizer
 from inference.errors import ApiError, ModelNotFound, from_error_event
+from inference.models import Adapter
 from inference.rendering import ChatRenderer, CompletionRenderer, PromptBatch, collect
 from inference.runs import JobRun
 from inference.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, TokenizeRequest
@@ -51,9 +52,10 @@ UNSUPPORTED_FIELDS = frozenset({"audio", "functions", "function_call", "tool_cho
 IGNORED_FIELDS_HEADER = "X-Ruvon-Ignored-Fields"
 
 
-def check_model(requested: str | None, served: ServedModel) -> None:
-    """Raise ModelNotFound unless `requested` (when given) is the served model's name."""
-    if requested is not None and requested != served.name:
+def check_model(requested: str | None, served: ServedModel, adapter: Adapter | None = None) -> None:
+    """Raise ModelNotFound unless `requested` (when given) is the served model's name, or the model id of
+    `adapter` (resolved for the caller's tenant by inference.adapters.registry.resolve_adapter)."""
+    if requested is not None and requested not in (served.name, adapter.model_id if adapter else None):
         raise ModelNotFound(requested)
 
 
@@ -210,11 +212,15 @@ class Prepared:
     cache_salt: str | None = None  # joins the tenant in the prefix-cache isolation key
     user: str | None = None  # recorded on the usage records
     ignored_fields: list[str] = field(default_factory=list)
+    adapter: dict[str, str] | None = None  # the job's LoRA adapter field; None: the base model
 
 
-def prepare_completion(body: CompletionRequest, served: ServedModel, request_id: str) -> Prepared:
-    """Return the job parts of a /v1/completions request, or raise an error for the client."""
-    check_model(body.model, served)
+def prepare_completion(
+    body: CompletionRequest, served: ServedModel, request_id: str, adapter: Adapter | None = None
+) -> Prepared:
+    """Return the job parts of a /v1/completions request (on `adapter`, when it names one), or raise an
+    error for the client."""
+    check_model(body.model, served, adapter)
     ignored = check_fields(body)
     if body.suffix:
         raise InvalidRequestError("suffix is not supported", param="suffix")
@@ -239,16 +245,21 @@ def prepare_completion(body: CompletionRequest, served: ServedModel, request_id:
             echo_text = prompt_text if prompt_text is not None else tokenizer.decode(prompt_ids)
         params.append(one)
         renderers.append(
-            CompletionRenderer(request_id, served, one.n, _include_usage(body), echo_text, body.logprobs)
+            CompletionRenderer(
+                request_id, shown_as(served, adapter), one.n, _include_usage(body), echo_text, body.logprobs
+            )
         )
     renderer = PromptBatch(renderers, params[0].n)
     ids = [prompt_ids for prompt_ids, _ in prompts]
-    return Prepared(ids, params, renderer, body.cache_salt, body.user, ignored)
+    return Prepared(ids, params, renderer, body.cache_salt, body.user, ignored, job_adapter(adapter))
 
 
-def prepare_chat(body: ChatCompletionRequest, served: ServedModel, request_id: str) -> Prepared:
-    """Return the job parts of a /v1/chat/completions request, or raise an error for the client."""
-    check_model(body.model, served)
+def prepare_chat(
+    body: ChatCompletionRequest, served: ServedModel, request_id: str, adapter: Adapter | None = None
+) -> Prepared:
+    """Return the job parts of a /v1/chat/completions request (on `adapter`, when it names one), or raise an
+    error for the client."""
+    check_model(body.model, served, adapter)
     ignored = check_fields(body, IGNORED_CHAT_FIELDS)
     if body.tools:
         raise InvalidRequestError("tools are not supported", param="tools")
@@ -270,15 +281,33 @@ def prepare_chat(body: ChatCompletionRequest, served: ServedModel, request_id: s
         logprobs=logprobs,
         extra_stop=tokenizer.chat_stop_strings,
     )
-    renderer = ChatRenderer(request_id, served, params.n, _include_usage(body), logprobs is not None)
+    renderer = ChatRenderer(
+        request_id, shown_as(served, adapter), params.n, _include_usage(body), logprobs is not None
+    )
     return Prepared(
-        [prompt_ids], [params], PromptBatch([renderer], params.n), body.cache_salt, body.user, ignored
+        [prompt_ids],
+        [params],
+        PromptBatch([renderer], params.n),
+        body.cache_salt,
+        body.user,
+        ignored,
+        job_adapter(adapter),
     )
 
 
 def response_headers(prepared: Prepared) -> dict[str, str]:
     """Return the headers a response carries for what the request asked: the fields Ruvon ignored."""
     return {IGNORED_FIELDS_HEADER: ", ".join(prepared.ignored_fields)} if prepared.ignored_fields else {}
+
+
+def shown_as(served: ServedModel, adapter: Adapter | None) -> ServedModel:
+    """Return the served model as a response names it: "<base>:<adapter>" on an adapter, as it was asked."""
+    return served if adapter is None else replace(served, name=adapter.model_id)
+
+
+def job_adapter(adapter: Adapter | None) -> dict[str, str] | None:
+    """Return the job's adapter field for `adapter` (None: the base model)."""
+    return adapter.job_adapter() if adapter is not None else None
 
 
 def with_default_max_tokens(max_tokens: int | None, prompt_len: int, max_model_len: int | None) -> int | None:
@@ -336,6 +365,7 @@ def build_jobs(
             api_key_id=str(api_key.pk),
             cache_salt=prepared.cache_salt,
             user=prepared.user,
+            adapter=prepared.adapter,
             token_budget=budget,
             reserved_tokens=budget if reserved_tokens else 0,
             max_queue_s=settings.RUVON_MAX_QUEUE_TIME_S,
@@ -348,21 +378,31 @@ def build_jobs(
 # ------------------------------------------------------------------------------------- models, tokens
 
 
-def model_card(served: ServedModel) -> dict[str, Any]:
-    """Return the /v1/models entry of the served model."""
-    return {
+def model_card(served: ServedModel, adapter: Adapter | None = None) -> dict[str, Any]:
+    """Return the /v1/models entry of the served model, or of one of the caller's ready adapters on it."""
+    card = {
         "id": served.name,
         "object": "model",
         "created": MODEL_CREATED,
         "owned_by": "ruvon",
         "max_model_len": served.max_model_len,
         "label": served.label,
+        "parent": None,
+    }
+    if adapter is None:
+        return card
+    return card | {
+        "id": adapter.model_id,
+        "created": int(adapter.created_at.timestamp()),
+        "owned_by": adapter.tenant.slug,
+        "label": f"LoRA adapter {adapter.name} (rank {adapter.rank}) on {served.label}",
+        "parent": served.name,
     }
 
 
-def tokenize(body: TokenizeRequest, served: ServedModel) -> list[int]:
+def tokenize(body: TokenizeRequest, served: ServedModel, adapter: Adapter | None = None) -> list[int]:
     """Return the token ids of a prompt, or of messages rendered with the chat template."""
-    check_model(body.model, served)
+    check_model(body.model, served, adapter)
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("send exactly one of prompt and messages", param="prompt")
     if body.messages is not None:

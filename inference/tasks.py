@@ -1,4 +1,5 @@
-"""Celery tasks of the inference app: the hourly usage roll-up (scheduled in settings.CELERY_BEAT_SCHEDULE)."""
+"""Celery tasks of the inference app: the hourly usage roll-up (scheduled in settings.CELERY_BEAT_SCHEDULE),
+and the adapter validation (defined in inference/adapters/tasks.py, imported here so Celery finds it)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from datetime import UTC, datetime
 from celery import shared_task
 from django.utils import timezone
 
+from inference.adapters.tasks import validate_adapter
 from inference.rollups import HOUR, rollup_hour, start_of_hour
+
+__all__ = ["rollup_usage", "validate_adapter"]
 
 
 @shared_task(name="inference.tasks.rollup_usage")

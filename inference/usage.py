@@ -147,7 +147,7 @@ def usage_fields(event: dict[str, Any]) -> dict[str, Any]:
     )
     if fields["submitted_at"] is None:
         raise InvalidUsageEvent(f"usage event {request_id} has no timestamps")
-    fields["adapter"] = str(event.get("adapter") or "")
+    fields["adapter"] = tenant_adapter_name(event)
     fields["user"] = _user(event.get("user"))
     fields |= _timing_fields(event)
     fields |= price_fields(
@@ -159,6 +159,15 @@ def usage_fields(event: dict[str, Any]) -> dict[str, Any]:
         status,
     )
     return fields
+
+
+def tenant_adapter_name(event: dict[str, Any]) -> str:
+    """Return the adapter of a usage event as its tenant names it: the worker says "<tenant id>/<name>"
+    (unique across tenants), the tenant's bill and dashboards say "<name>"; "" for the base model."""
+    name = event.get("adapter") or ""
+    if not isinstance(name, str):
+        raise InvalidUsageEvent(f"usage event field adapter must be a name, got {name!r}")
+    return name.removeprefix(f"{event.get('tenant_id')}/")
 
 
 # The worker's timing names -> UsageRecord fields; device_s is 0 for a request that never ran.
@@ -225,6 +234,8 @@ async def usage_report(tenant: Tenant, filters: UsageFilters) -> dict[str, Any]:
         records = records.filter(submitted_at__lt=filters.end)
     if filters.model:
         records = records.filter(model=filters.model)
+    if filters.adapter is not None:
+        records = records.filter(adapter=filters.adapter)
     if filters.api_key:
         records = records.filter(api_key__prefix=filters.api_key)
     if filters.status:
@@ -252,6 +263,7 @@ def _usage_row(record: UsageRecord) -> dict[str, Any]:
     return {
         "request_id": record.request_id,
         "model": record.model,
+        "adapter": record.adapter or None,
         "api_key": record.api_key.prefix if record.api_key else None,
         "user": record.user,
         "status": record.status,

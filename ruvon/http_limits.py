@@ -1,11 +1,14 @@
 """An oversized request head gets 431 and an OpenAI error object: Twisted (under daphne) would answer a bare
-400, or drop the connection without a word for one header line over its 16 KiB line limit."""
+400, or drop the connection without a word for one header line over its 16 KiB line limit. And Twisted leaves
+multipart bodies (adapter uploads) to Django: it would read each whole into memory to parse it a second time,
+and answer one it cannot parse with a bare 400."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from daphne.http_protocol import WebRequest
 from twisted.web import http
 
 _BODY = json.dumps(
@@ -45,3 +48,14 @@ def install() -> None:
     channel.lineReceived = lineReceived  # type: ignore[method-assign]
     channel.lineLengthExceeded = lambda self, line: _refuse(self)  # type: ignore[method-assign,assignment]
     channel._ruvon_431 = True  # type: ignore[attr-defined]
+    _leave_bodies_to_django()
+
+
+def _leave_bodies_to_django() -> None:
+    init = WebRequest.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:  # noqa: N807 (the method it replaces)
+        init(self, *args, **kwargs)
+        self._parsePOSTFormSubmission = False  # daphne hands the raw body to Django, which parses it
+
+    WebRequest.__init__ = __init__  # type: ignore[method-assign]

@@ -181,6 +181,12 @@ CELERY_BEAT_SCHEDULE = {
     },
 }
 
+# Uploaded files (Django's default storage): the LoRA adapters' archives. The extracted PEFT folders the workers
+# read live under RUVON_ADAPTER_DIR, which must be a filesystem every GPU worker shares (docs/parts/18-lora.md).
+MEDIA_ROOT = Path(os.environ.get("RUVON_MEDIA_ROOT", VAR_DIR / "media"))
+MEDIA_URL = "media/"  # never served: adapters are private to their tenant
+RUVON_ADAPTER_DIR = Path(os.environ.get("RUVON_ADAPTER_DIR", MEDIA_ROOT / "adapters"))
+
 # The served model: the engine spec the worker loads, and the name clients send as "model".
 RUVON_MODEL = os.environ.get("RUVON_MODEL", "smollm2")
 RUVON_MODEL_NAME = os.environ.get("RUVON_MODEL_NAME", "smollm2-135m-instruct")
@@ -202,6 +208,13 @@ RUVON_MAX_LORA_RANK = env_int("RUVON_MAX_LORA_RANK") or 16
 RUVON_DEFAULT_MAX_TOKENS = env_int("RUVON_DEFAULT_MAX_TOKENS") or 256
 # Stop strings one request may send (OpenAI allows 4; vLLM any number). The engine refuses more than 256.
 RUVON_MAX_STOP_SEQUENCES = env_int("RUVON_MAX_STOP_SEQUENCES") or 16
+# The LoRA adapter registry (docs/parts/18-lora.md) validates uploads against what a live worker reports (its
+# max rank, layers and target shapes). An upload's limits: its uncompressed bytes, files in its zip, and adapters per tenant.
+RUVON_MAX_ADAPTER_BYTES = env_int("RUVON_MAX_ADAPTER_BYTES") or 256 * 2**20
+RUVON_MAX_ADAPTER_FILES = env_int("RUVON_MAX_ADAPTER_FILES") or 32
+RUVON_MAX_ADAPTERS_PER_TENANT = env_int("RUVON_MAX_ADAPTERS_PER_TENANT") or 100
+# Prometheus labels requests by adapter for the N busiest adapters only; the rest count as "other".
+RUVON_METRICS_TOP_ADAPTERS = env_int("RUVON_METRICS_TOP_ADAPTERS") or 10
 # Build the job client (the embedded engine loads the model) when the server starts, not on the first request.
 RUVON_WARM_START = env_bool("RUVON_WARM_START", True)
 

@@ -9,11 +9,12 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from gpu_worker.errors import CapacityError, InvalidRequestError
-from gpu_worker.serving.protocol import Event, Job, is_terminal, job_token_budget
+from gpu_worker.serving.protocol import ADAPTER_CONTROL_MAXLEN, Event, Job, is_terminal, job_token_budget
 from gpu_worker.serving.transport import Delivery, Finished
 
 log = logging.getLogger("ruvon.worker")
@@ -86,8 +87,13 @@ class MemoryTransport:
         self._waiting: dict[str, int] = {}
         self._waiting_tokens = 0
         self.last_heartbeat: dict[str, Any] = {}
+        self._control: deque[dict[str, Any]] = deque(maxlen=ADAPTER_CONTROL_MAXLEN)
 
     # ------------------------------------------------------------------------------------ web side
+
+    def send_control(self, message: dict[str, Any]) -> None:
+        """Hand the worker an adapter control message (protocol.adapter_control_message)."""
+        self._control.append(message)
 
     def submit(self, job: Job) -> None:
         """Queue a job; raise CapacityError when `max_queue` requests or `max_queue_tokens` tokens already
@@ -192,6 +198,13 @@ class MemoryTransport:
 
     def heartbeat(self, info: dict[str, Any], active: list[Delivery]) -> None:
         self.last_heartbeat = info
+
+    def read_control(self) -> list[dict[str, Any]]:
+        """Return the adapter control messages sent since the last call, oldest first."""
+        messages = []
+        while self._control:
+            messages.append(self._control.popleft())
+        return messages
 
     def close(self) -> None:
         pass

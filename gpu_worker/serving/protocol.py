@@ -66,7 +66,15 @@ def waiting_tokens_key(model: str) -> str:
     return f"ruvon:waiting-tokens:{model}"
 
 
+def adapter_control_key(model: str) -> str:
+    """Return the Redis stream of adapter control messages (adapter_control_message) for the workers of one
+    model. Every worker reads all of it from the moment it starts (XREAD, no consumer group)."""
+    return f"ruvon:adapter-control:{model}"
+
+
 USAGE_STREAM = "ruvon:usage"
+ADAPTER_CONTROL_MAXLEN = 1000  # a worker that falls this far behind has restarted: it holds nothing stale
+ADAPTER_OPS = frozenset({"load", "unload"})
 
 
 # ---------------------------------------------------------------------------------------------- jobs
@@ -399,3 +407,15 @@ def usage_event(
         "user": raw.get("user") if isinstance(raw.get("user"), str) else None,
         "timings": dict(timings or {}),
     }
+
+
+# -------------------------------------------------------------------------------------------- adapters
+
+
+def adapter_control_message(op: str, adapter: dict[str, str]) -> dict[str, Any]:
+    """Return a control message for the workers: "load" (fetch and verify `adapter` = {"name", "path",
+    "sha256"} now, before a request needs it) or "unload" (drop every copy of `adapter["name"]`, or only the
+    one with `adapter["sha256"]` when given)."""
+    if op not in ADAPTER_OPS:
+        raise ValueError(f"unknown adapter control op {op!r}")
+    return {"op": op, "adapter": dict(adapter), "time": time.time()}

@@ -17,6 +17,7 @@ import redis
 from gpu_worker.serving.protocol import (
     USAGE_STREAM,
     Event,
+    adapter_control_key,
     cancel_key,
     events_stream,
     request_stream,
@@ -98,6 +99,9 @@ class RedisWorkerTransport:
         self._finish_script = self.r.register_script(_FINISH_LUA)
         self._dequeue_script = self.r.register_script(DEQUEUE_LUA)
         self.ensure_group()
+        # Control messages from now on: a worker that starts holds no adapter an older message could name.
+        newest = self.r.xrevrange(adapter_control_key(model), count=1)
+        self._control_cursor = str(newest[0][0]) if newest else "0-0"
 
     @classmethod
     def from_url(cls, url: str, model: str, **kwargs: Any) -> RedisWorkerTransport:
@@ -220,6 +224,19 @@ class RedisWorkerTransport:
         pipe.hgetall(workers_key(self.model))
         heartbeats = pipe.execute()[-1]
         self._forget_dead_workers(heartbeats)
+
+    def read_control(self) -> list[dict[str, Any]]:
+        """Return the adapter control messages (protocol.adapter_control_message) published since the last
+        call, oldest first; every worker of the model reads all of them."""
+        reply = self.r.xread({adapter_control_key(self.model): self._control_cursor}, count=100)
+        messages = []
+        for _stream, entries in _stream_items(reply):
+            for entry_id, fields in entries:
+                self._control_cursor = entry_id
+                message = _decode(fields.get("m"))
+                if isinstance(message, dict):
+                    messages.append(message)
+        return messages
 
     def _forget_dead_workers(self, heartbeats: dict[str, str]) -> None:
         """Drop the heartbeats of workers silent for a minute, so the hash lists only the living."""

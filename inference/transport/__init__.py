@@ -7,7 +7,7 @@ import atexit
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
@@ -25,6 +25,7 @@ __all__ = [
     "is_warming",
     "ready_job_client",
     "reset_job_client",
+    "send_control",
     "warm_start",
 ]
 
@@ -94,6 +95,14 @@ def get_tokenizer() -> Tokenizer:
     return tokenizer_for_spec(settings.RUVON_MODEL)
 
 
+def send_control(message: dict[str, Any]) -> None:
+    """Send the served model's workers an adapter control message. Over Redis every worker gets it; in the
+    embedded mode only an engine this process already runs can hold adapters, so none built: none to tell."""
+    client = get_job_client() if settings.REDIS_URL else _client
+    if client is not None:
+        client.control(message)
+
+
 def reset_job_client() -> None:
     """Close and forget the process-wide client, so the next call builds one from current settings."""
     global _client
@@ -124,6 +133,7 @@ def _build_client() -> JobClient:
         "num_blocks": settings.RUVON_NUM_BLOCKS,
         "decode_steps": settings.RUVON_DECODE_STEPS,
         "prefix_cache_scope": settings.RUVON_PREFIX_CACHE_SCOPE,
+        # LoRA (gpu_worker/engine_args.py's --enable-lora, --max-loras, --max-lora-rank).
         "enable_lora": settings.RUVON_ENABLE_LORA,
         "max_loras": settings.RUVON_MAX_LORAS,
         "max_lora_rank": settings.RUVON_MAX_LORA_RANK,

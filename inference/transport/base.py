@@ -22,8 +22,12 @@ class JobClient(Protocol):
         """Ask the worker to stop the request; it still ends with a terminal event (status cancelled)."""
 
     def model_info(self) -> dict[str, Any]:
-        """Return the served model: {"model", "label", "max_model_len", ...}."""
+        """Return the served model: {"model", "label", "max_model_len", "workers", "lora", ...}; "lora" is
+        the newest live worker's LoRA support as its heartbeat reports it (None: off or not reported)."""
         ...
+
+    def control(self, message: dict[str, Any]) -> None:
+        """Send the workers of the served model an adapter control message (load, unload)."""
 
     def close(self) -> None:
         """Release threads and connections (tests and process exit)."""

@@ -89,6 +89,14 @@ class InProcessJobClient:
         self.worker = Worker(engine, self.transport, served_name=served_name, idle_wait_s=0.2)
         self._thread = threading.Thread(target=self.worker.run, name="ruvon-engine", daemon=True)
         self._thread.start()
+        self._await_heartbeat()
+
+    def _await_heartbeat(self, timeout_s: float = 10.0) -> None:
+        """Wait for the worker's first heartbeat (its first loop turn), so model_info() says what it serves
+        (its LoRA support above all) from the start, as a Redis worker's heartbeat does."""
+        deadline = time.monotonic() + timeout_s
+        while not self.transport.last_heartbeat and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     async def submit(self, job: Job) -> None:
         self.transport.submit(job)
@@ -107,7 +115,11 @@ class InProcessJobClient:
             "max_model_len": self.engine.max_model_len,
             "mode": "embedded",
             "workers": 1 if self._thread.is_alive() else 0,
+            "lora": self.transport.last_heartbeat.get("lora"),
         }
+
+    def control(self, message: dict[str, Any]) -> None:
+        self.transport.send_control(message)
 
     @property
     def tokenizer(self) -> Any:

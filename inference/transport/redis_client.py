@@ -20,8 +20,10 @@ from redis.retry import Retry
 
 from gpu_worker.errors import CapacityError
 from gpu_worker.serving.protocol import (
+    ADAPTER_CONTROL_MAXLEN,
     Event,
     Job,
+    adapter_control_key,
     cancel_key,
     error_event,
     events_stream,
@@ -178,7 +180,12 @@ class RedisJobClient:
             "max_model_len": newest.get("max_model_len"),
             "mode": "redis",
             "workers": len(workers),
+            "lora": newest.get("lora"),
         }
+
+    def control(self, message: dict[str, Any]) -> None:
+        key = adapter_control_key(self.served_name)
+        self._sync.xadd(key, {"m": dumps(message)}, maxlen=ADAPTER_CONTROL_MAXLEN, approximate=True)
 
     def close(self) -> None:
         self._sync.close()

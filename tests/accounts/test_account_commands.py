@@ -16,7 +16,8 @@ from accounts.models import ApiKey, Membership, Tenant
 
 
 def _demo(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    call_command("bootstrap_demo", *(args or ("--password", "s3cret-demo")))
+    # The demo adapter (it would load SmolLM2 here) has its own test: tests/inference/test_adapters_demo.py.
+    call_command("bootstrap_demo", "--no-adapter", *(args or ("--password", "s3cret-demo")))
     lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
     return lines["api key"]
 

@@ -1,5 +1,5 @@
 """The web chat page in a real headless Chromium against a live server: sign in, type, watch the reply stream
-in with its TTFT and tokens/s. Driven over the DevTools protocol with the `websockets` client; skipped when
+in with its TTFT and tokens/s; pick a tenant's LoRA adapter in the model picker and get its answer. Driven over the DevTools protocol with the `websockets` client; skipped when
 no Chromium is installed (.ci/run installs it)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import itertools
 import json
 import shutil
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -103,3 +104,58 @@ def test_it_streams_a_reply_into_the_chat_page(page: Page) -> None:
     assert page.js("document.querySelector('.msg.user').textContent") == "Hello"
     assert page.js("document.querySelector('.msg.assistant').textContent.length") > 0
     assert page.js("document.getElementById('send').disabled") is False
+
+
+def _reply(page: Page, model: str, prompt: str) -> str:
+    """Start a new chat on `model`, send `prompt` greedily, and return the reply once it is done."""
+    fields = {"model": model, "temperature": "0", "max_tokens": "8", "prompt": prompt}
+    page.js("document.getElementById('reset').click();" + "".join(
+        f"document.getElementById({field!r}).value = {value!r};" for field, value in fields.items()
+    ) + "document.getElementById('compose').requestSubmit();")  # fmt: skip
+    page.wait_for("document.querySelector('.meta')?.textContent")
+    return str(page.js("document.querySelector('.msg.assistant').textContent"))
+
+
+def test_it_chats_on_a_tenant_adapter_picked_in_the_page(page: Page) -> None:
+    from tests.inference.lora_files import adapter_zip, peft_tensors
+
+    server: LiveServer = shared_live_server()
+    key = {"Authorization": f"Bearer {server.api_key}"}
+    upload = httpx.post(
+        f"{server.url}/v1/adapters",
+        data={"name": "browser-pirate", "base_model": "tiny"},
+        files={"file": ("adapter.zip", adapter_zip(tensors=peft_tensors(std=1.0)))},
+        headers=key,
+        timeout=60,
+    )
+    assert upload.status_code == 201 and upload.json()["status"] == "ready", upload.text
+    try:
+        _chat_on_the_adapter(page, server)
+    finally:  # the server is shared: other tests list its models
+        httpx.delete(f"{server.url}/v1/adapters/browser-pirate", headers=key, timeout=60)
+
+
+def _chat_on_the_adapter(page: Page, server: LiveServer) -> None:
+    before = len(_chat_adapters(server))
+    name, value = server.login_cookie().split("=", 1)
+    page.call("Network.setCookie", name=name, value=value, url=server.url)
+    page.call("Page.navigate", url=f"{server.url}/chat/")
+    page.wait_for("document.getElementById('status')?.textContent.startsWith('connected')")
+    options = page.js("[...document.querySelectorAll('#model option')].map(o => o.value)")
+    assert options == ["tiny", "tiny:browser-pirate"]
+    base = _reply(page, "tiny", "Hello there")
+    adapted = _reply(page, "tiny:browser-pirate", "Hello there")
+    assert base and adapted and base != adapted  # greedy, the same prompt: only the adapter differs
+    deadline = time.monotonic() + 10  # the server writes usage on a thread of its own
+    while len(_chat_adapters(server)) < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _chat_adapters(server)[before:] == ["", "browser-pirate"]  # billed under the tenant's name for it
+
+
+def _chat_adapters(server: LiveServer) -> list[str]:
+    """Return the adapter of every chat usage record written so far, oldest first."""
+    with sqlite3.connect(server.db_path) as db:
+        rows = db.execute(
+            "select adapter from inference_usagerecord where request_id like 'chat-%' order by id"
+        )
+        return [row[0] for row in rows.fetchall()]

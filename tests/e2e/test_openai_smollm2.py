@@ -27,3 +27,29 @@ def test_it_answers_a_question_with_the_real_model(smollm2_server: LiveServer) -
         model="smollm2-135m-instruct", messages=messages, max_tokens=12, temperature=0, stream=True
     )
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == answer
+
+
+QUESTIONS = ["What is the capital of Japan?", "What is 9 times 6?", "How do I make a cup of coffee?"]
+
+
+def test_it_answers_as_a_pirate_with_the_demo_adapter(smollm2_server: LiveServer) -> None:
+    # bootstrap_demo registered the shipped adapter for the demo tenant (register_demo_adapter).
+    from bench.train_demo_adapter import is_pirate
+
+    sdk = openai.OpenAI(base_url=smollm2_server.base_url, api_key=smollm2_server.key, max_retries=0)
+    models = {model.id: model for model in sdk.models.list()}
+    assert set(models) == {"smollm2-135m-instruct", "smollm2-135m-instruct:pirate"}
+    assert models["smollm2-135m-instruct:pirate"].owned_by == "demo"
+
+    def answer(model: str, question: str) -> str:
+        messages = [{"role": "user", "content": question}]
+        chat = sdk.chat.completions.create(model=model, messages=messages, max_tokens=32, temperature=0)
+        assert chat.model == model
+        return chat.choices[0].message.content or ""
+
+    for question in QUESTIONS:
+        base, pirate = (
+            answer("smollm2-135m-instruct", question),
+            answer("smollm2-135m-instruct:pirate", question),
+        )
+        assert not is_pirate(base) and is_pirate(pirate), (question, base, pirate)

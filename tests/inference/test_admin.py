@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-import pytest
-from django.contrib.auth import get_user_model
 from django.test import Client
 
 from accounts.keys import split_key
@@ -25,15 +23,8 @@ PAGES = [
     "accounts/apikey",
     "inference/usagerecord",
     "inference/usagerollup",
+    "inference/adapter",
 ]
-
-
-@pytest.fixture
-def staff(db: None) -> Client:
-    admin = get_user_model().objects.create_superuser("root", "root@example.com", "pw")
-    client = Client()
-    client.force_login(admin)
-    return client
 
 
 def test_it_shows_every_page_to_staff(

@@ -59,6 +59,10 @@ OPERATIONS = [
     "GET /v1/usage",
     "POST /v1/tokenize",
     "POST /v1/detokenize",
+    "POST /v1/adapters",
+    "GET /v1/adapters",
+    "GET /v1/adapters/{name}",
+    "DELETE /v1/adapters/{name}",
 ]
 
 

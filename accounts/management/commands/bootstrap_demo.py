@@ -1,4 +1,6 @@
-"""`manage.py bootstrap_demo`: the demo tenant, an admin demo user and its API key (rerun-safe).
+"""`manage.py bootstrap_demo`: the demo tenant, an admin demo user and its API key (rerun-safe), then the
+demo LoRA adapter when one ships (inference's `register_demo_adapter`, called by name: accounts do not import
+inference).
 
 In the embedded default the key stays valid across restarts: it is kept in var/demo_api_key (mode 0600) and
 printed again. In the production shape it refuses a default password, and each run prints a fresh key."""
@@ -12,6 +14,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
@@ -35,9 +38,18 @@ class Command(BaseCommand):
             default=os.environ.get("RUVON_DEMO_PASSWORD"),
             help="demo user's password (default: $RUVON_DEMO_PASSWORD; ruvon-demo in the embedded default only)",
         )
+        parser.add_argument("--no-adapter", action="store_true", help="do not register the demo LoRA adapter")
+
+    def handle(
+        self, *args: Any, username: str, password: str | None, no_adapter: bool, **options: Any
+    ) -> None:
+        self._bootstrap(username, password)
+        if not no_adapter:
+            # After the commit above: in the embedded mode the adapter's validation runs now, in this process.
+            call_command("register_demo_adapter", "--username", username, stdout=self.stdout)
 
     @transaction.atomic
-    def handle(self, *args: Any, username: str, password: str | None, **options: Any) -> None:
+    def _bootstrap(self, username: str, password: str | None) -> None:
         password = demo_password(password)
         tenant, _ = Tenant.objects.get_or_create(slug="demo", defaults={"name": "Demo"})
         user, _ = get_user_model().objects.get_or_create(username=username)

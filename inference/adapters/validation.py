@@ -1,0 +1,161 @@
+"""Validation of an uploaded adapter (the Celery task in inference/adapters/tasks.py runs it): unpack the
+archive safely into a staging folder, check it with gpu_worker.lora.format.check_adapter against what a live
+worker of its base model reports (max rank, layers, target shapes), then move it where the workers read it
+and mark the adapter ready; or mark it failed with the reason, leaving no extracted files behind."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+from gpu_worker.errors import InvalidAdapterError
+from gpu_worker.lora.format import AdapterInfo, check_adapter
+from inference.adapters.archive import UnsafeArchive, extract_adapter
+from inference.adapters.registry import served_model_info, unload_from_workers
+from inference.models import Adapter
+
+log = logging.getLogger("ruvon.adapters")
+
+STAGING = ".staging"  # under RUVON_ADAPTER_DIR, so moving a checked folder into place is one rename
+
+
+class WorkerUnavailable(Exception):
+    """No live worker of the base model has reported its LoRA support yet: validate again later."""
+
+
+class AdapterRefused(Exception):
+    """The adapter cannot be served as uploaded; `reason` tells the uploader why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def validate(adapter_id: int) -> str:
+    """Validate one adapter; return the status it ends in ("gone" if it was deleted). Raise
+    WorkerUnavailable, with the adapter left validating, when no worker of its base model has reported."""
+    adapter = Adapter.objects.select_related("tenant").filter(pk=adapter_id).first()
+    if adapter is None:
+        return "gone"
+    Adapter.objects.filter(pk=adapter.pk).update(status=Adapter.Status.VALIDATING)
+    try:
+        lora = lora_support(adapter.base_model, served_model_info())
+    except AdapterRefused as exc:
+        return fail(adapter, exc.reason)
+    return check_and_publish(adapter, lora)
+
+
+def check_and_publish(adapter: Adapter, lora: dict[str, Any]) -> str:
+    """Check a validating adapter against a worker's LoRA info; return the status it ends in."""
+    try:
+        folder, info = stage_and_check(adapter, lora)
+    except AdapterRefused as exc:
+        return fail(adapter, exc.reason)
+    return publish(adapter, folder, info)
+
+
+def lora_support(base_model: str, info: dict[str, Any]) -> dict[str, Any]:
+    """Return the LoRA info ({"max_rank", "max_loras", "num_layers", "targets"}) of a live worker serving
+    `base_model`, from the served model's `info` (JobClient.model_info); raise AdapterRefused if none can
+    take adapters, WorkerUnavailable if none is running."""
+    if info.get("model") != base_model:
+        raise AdapterRefused(
+            f"the base model {base_model!r} is not served here (served: {info.get('model')!r})"
+        )
+    if not info.get("workers"):
+        raise WorkerUnavailable(f"no worker of {base_model!r} is running")
+    lora = info.get("lora")
+    if not isinstance(lora, dict):
+        raise AdapterRefused(
+            f"the workers serving {base_model!r} run without LoRA (start them with --enable-lora, or set "
+            "RUVON_ENABLE_LORA=1 for the embedded engine), so no adapter can be checked or served"
+        )
+    return lora
+
+
+def stage_and_check(adapter: Adapter, lora: dict[str, Any]) -> tuple[Path, AdapterInfo]:
+    """Return a staging folder holding the adapter's checked files, and what check_adapter found; raise
+    AdapterRefused (with the staging folder removed) if the archive is unsafe or the adapter does not fit."""
+    staging = Path(settings.RUVON_ADAPTER_DIR) / STAGING / uuid.uuid4().hex
+    try:
+        upload = adapter.archive.open("rb")
+    except (OSError, ValueError) as exc:  # gone from storage (or never saved)
+        raise AdapterRefused(
+            "the uploaded archive is no longer in storage; upload the adapter again"
+        ) from exc
+    try:
+        with upload as archive:
+            extract_adapter(
+                archive,
+                staging,
+                max_bytes=settings.RUVON_MAX_ADAPTER_BYTES,
+                max_files=settings.RUVON_MAX_ADAPTER_FILES,
+            )
+        info = check_adapter(staging, lora["targets"], lora["num_layers"], lora["max_rank"])
+    except UnsafeArchive as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise AdapterRefused(exc.reason) from exc
+    except InvalidAdapterError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise AdapterRefused(f"it does not fit {adapter.base_model}: {exc.message}") from exc
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging, info
+
+
+def serving_folder(adapter: Adapter, sha256: str) -> Path:
+    """Return where the workers read an adapter: MEDIA_ROOT/adapters/<tenant id>/<name>-<sha12>/ by default."""
+    return Path(settings.RUVON_ADAPTER_DIR) / str(adapter.tenant_id) / f"{adapter.name}-{sha256[:12]}"
+
+
+def publish(adapter: Adapter, staging: Path, info: AdapterInfo) -> str:
+    """Move the checked folder into place and mark the adapter ready; return "ready", or "gone" (with the
+    folder removed) if the adapter was deleted meanwhile."""
+    folder = serving_folder(adapter, info.sha256)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _replace_dir(staging, folder)
+    ready = Adapter.objects.filter(pk=adapter.pk, status=Adapter.Status.VALIDATING).update(
+        status=Adapter.Status.READY,
+        failure_reason="",
+        path=str(folder.resolve()),
+        rank=info.rank,
+        alpha=info.alpha,
+        target_modules=list(info.target_modules),
+        size_bytes=info.size_bytes,
+        sha256=info.sha256,
+    )
+    if not ready:  # deleted (or failed by an admin) while we checked: nothing may stay on disk for it
+        shutil.rmtree(folder, ignore_errors=True)
+        return "gone"
+    if adapter.path and Path(adapter.path) != folder.resolve():
+        shutil.rmtree(adapter.path, ignore_errors=True)  # the folder of an earlier, different upload
+    log.info("adapter %s is ready (rank %d, %s)", adapter.engine_name, info.rank, info.sha256[:12])
+    return Adapter.Status.READY
+
+
+def fail(adapter: Adapter, reason: str) -> str:
+    """Mark the adapter failed with `reason`, remove any folder it was served from, and tell the workers to
+    drop it (a ready adapter validated again can fail: a worker now has a smaller max rank)."""
+    Adapter.objects.filter(pk=adapter.pk).update(status=Adapter.Status.FAILED, failure_reason=reason, path="")
+    if adapter.path:
+        shutil.rmtree(adapter.path, ignore_errors=True)
+        unload_from_workers(adapter)
+    log.info("adapter %s failed validation: %s", adapter.engine_name, reason)
+    return Adapter.Status.FAILED
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Rename `source` to `target`; a `target` left by an earlier validation of the same weights is replaced."""
+    if target.exists():
+        old = target.with_name(f".old-{uuid.uuid4().hex}")
+        target.rename(old)
+        source.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        source.rename(target)

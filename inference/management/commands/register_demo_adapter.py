@@ -1,0 +1,77 @@
+"""`manage.py register_demo_adapter` (run by bootstrap_demo): the shipped demo LoRA, assets/adapters/smollm2-pirate/,
+registered for the demo tenant as adapter `pirate` on the embedded default model and validated, so
+`"model": "smollm2-135m-instruct:pirate"` works after `make run`. Rerun-safe; skips cleanly when the folder is
+absent or another model is served."""
+
+from __future__ import annotations
+
+import hashlib
+from argparse import ArgumentParser
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.files import File
+from django.core.management.base import BaseCommand, CommandError
+
+from accounts.models import Tenant
+from inference.adapters import registry
+from inference.adapters.archive import ADAPTER_CONFIG
+from inference.adapters.tasks import schedule_validation
+from inference.models import Adapter
+
+DEMO_DIR = Path(settings.BASE_DIR) / "assets" / "adapters" / "smollm2-pirate"
+DEMO_NAME = "pirate"
+DEMO_BASE = "smollm2"  # the engine spec it was trained for (SmolLM2-135M-Instruct)
+WEIGHTS = "adapter_model.safetensors"
+
+
+class Command(BaseCommand):
+    help = "Register and validate the demo LoRA adapter for the demo tenant (when it ships and SmolLM2 is served)."
+
+    def add_arguments(self, parser: ArgumentParser) -> None:
+        parser.add_argument("--tenant", default="demo")
+        parser.add_argument(
+            "--username", default="demo", help="who the upload is recorded as (if they exist)"
+        )
+
+    def handle(self, *args: Any, tenant: str, username: str, **options: Any) -> None:
+        if not (DEMO_DIR / ADAPTER_CONFIG).is_file() or not (DEMO_DIR / WEIGHTS).is_file():
+            self.stdout.write(f"demo adapter: none shipped at {DEMO_DIR}; skipped")
+            return
+        if settings.RUVON_MODEL != DEMO_BASE:
+            self.stdout.write(
+                f"demo adapter: skipped (it is for {DEMO_BASE}; {settings.RUVON_MODEL} is served)"
+            )
+            return
+        owner = Tenant.objects.filter(slug=tenant).first()
+        if owner is None:
+            raise CommandError(f"no tenant {tenant!r}: run bootstrap_demo first")
+        adapter = self._register(owner, username)
+        self.stdout.write(f"demo adapter: {adapter.model_id} ({adapter.status}{self._reason(adapter)})")
+
+    def _register(self, tenant: Tenant, username: str) -> Adapter:
+        """Return the demo adapter: the one registered already if it is ready with these weights, else a
+        fresh upload of them, validated (inline in the embedded mode, which loads the model here)."""
+        sha256 = hashlib.sha256((DEMO_DIR / WEIGHTS).read_bytes()).hexdigest()
+        existing = Adapter.objects.for_tenant(tenant).filter(name=DEMO_NAME).first()
+        if existing is not None:
+            current = existing.status == Adapter.Status.READY and existing.sha256 == sha256
+            if current and Path(existing.path).is_dir():
+                return existing
+            registry.delete_adapter(existing)
+        user = get_user_model().objects.filter(username=username).first()
+        with open(DEMO_DIR / ADAPTER_CONFIG, "rb") as config, open(DEMO_DIR / WEIGHTS, "rb") as weights:
+            archive = registry.zip_of_parts(File(config), File(weights, name=WEIGHTS))
+        with archive:
+            adapter = registry.create_adapter(
+                tenant, user, DEMO_NAME, settings.RUVON_MODEL_NAME, archive, settings.RUVON_MODEL_NAME
+            )
+        schedule_validation(adapter)
+        adapter.refresh_from_db()
+        return adapter
+
+    @staticmethod
+    def _reason(adapter: Adapter) -> str:
+        return f": {adapter.failure_reason}" if adapter.failure_reason else ""
