@@ -181,13 +181,16 @@ def response_extension(model: str, usage: dict[str, int], timings: dict[str, Any
         float(timings.get("device_s") or 0.0),
     )
     return {
-        "timings": {name: timings.get(name) for name in RESPONSE_TIMINGS},
+        "timings": {name: timings.get(name) for name in RESPONSE_TIMINGS}
+        | {name: int(timings.get(name) or 0) for name in RESPONSE_COUNTS},
         "cost_usd": float(prices["cost_usd"]),
         "billed_usd": float(prices["revenue_usd"]),
     }
 
 
 RESPONSE_TIMINGS = ("queued_s", "ttft_s", "e2e_s", "tpot_s", "tokens_per_s", "device_s")
+# Speculative decoding, per request and over all its choices: drafts verified, drafts accepted.
+RESPONSE_COUNTS = ("draft_tokens", "accepted_draft_tokens")
 
 
 async def check_budget(tenant: Tenant) -> None:

@@ -148,6 +148,8 @@ class RuvonTimings(Schema):
     tpot_s: float | None = Field(None, description="Mean time per output token after the first.")
     tokens_per_s: float | None = Field(None, description="Decode speed after the first token.")
     device_s: float | None = Field(None, description="This request's share of the engine's step time.")
+    draft_tokens: int = Field(0, description="Speculative decoding: draft tokens verified, all choices.")
+    accepted_draft_tokens: int = Field(0, description="Of those, the drafts the target accepted.")
 
 
 class RuvonExtension(Schema):

@@ -200,3 +200,29 @@ def test_it_ends_requests_still_running_after_the_drain_timeout(engine: LLMEngin
     assert (last["type"], last["code"], last["http_status"]) == ("error", "worker_shutdown", 503)
     assert [u["status"] for u in usage] == ["failed"]
     assert not engine.has_unfinished_requests()
+
+
+def test_done_timings_and_the_api_extension_carry_each_requests_draft_counts() -> None:
+    """Speculative decoding's per-request counts reach the done event and the API's `ruvon.timings`, for
+    any n (summed over the choices); a request that turned speculation off has none."""
+    from inference.billing import response_extension
+
+    engine = LLMEngine(
+        EngineConfig(model="random:tiny", device="cpu", dtype="float32", num_blocks=64, speculative="ngram")
+    )
+    h = Harness(engine)
+    try:
+        prompt = [11, 12, 13, 14, 15, 16] * 4  # n-gram lookup finds matches in a repeating prompt
+        h.submit("spec", prompt, n=2, max_tokens=16, ignore_eos=True, temperature=0.0)
+        h.submit("plain", prompt, max_tokens=16, ignore_eos=True, temperature=0.0, speculative=False)
+        spec, plain = h.events("spec")[-1]["timings"], h.events("plain")[-1]["timings"]
+    finally:
+        h.stop()
+    assert spec["draft_tokens"] > 0 and 0 <= spec["accepted_draft_tokens"] <= spec["draft_tokens"]
+    assert (plain["draft_tokens"], plain["accepted_draft_tokens"]) == (0, 0)
+    usage = {"prompt_tokens": len(prompt), "completion_tokens": 32}
+    shown = response_extension("tiny", usage, spec)["timings"]
+    assert (shown["draft_tokens"], shown["accepted_draft_tokens"]) == (
+        spec["draft_tokens"],
+        spec["accepted_draft_tokens"],
+    )
