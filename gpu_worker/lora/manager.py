@@ -108,6 +108,27 @@ class AdapterManager:
             return
         self.loading[key] = self._reader.submit(self._read, lora)
 
+    def forget(self, name: str, sha256: str | None = None) -> int:
+        """Drop the copies of adapter `name` (only the one with `sha256` when given) from host memory and from
+        every slot no running sequence pins; return how many copies went. A pinned slot keeps its adapter
+        until its sequences end (they finish on the weights they started with), then leaves by LRU."""
+
+        def named(key: AdapterKey | None) -> bool:
+            return key is not None and key[0] == name and (sha256 is None or key[1] == sha256)
+
+        dropped = 0
+        for host_key in [k for k in self.host if named(k)]:
+            del self.host[host_key]
+            dropped += 1
+        for slot in [s for s in self.idle if named(self.slots[s])]:
+            slot_key = self.slots[slot]
+            assert slot_key is not None
+            del self.slot_of[slot_key]
+            self.slots[slot] = None
+            self.idle.move_to_end(slot, last=False)  # a free slot is taken first
+            dropped += 1
+        return dropped
+
     def wait_for_reads(self, timeout: float) -> None:
         """Wait up to `timeout` seconds for a read in progress to end (an idle engine loop would only spin)."""
         if self.loading:

@@ -418,7 +418,27 @@ class Worker:
         if now - self._last_heartbeat < self.heartbeat_s:
             return
         self._last_heartbeat = now
+        self._apply_adapter_control()
         self.transport.heartbeat(self.info(), [st.delivery for st in self._active.values()])
+
+    def _apply_adapter_control(self) -> None:
+        """Act on the registry's adapter messages (protocol.adapter_control_message), read at heartbeat pace:
+        "load" starts reading an adapter before a request needs it, "unload" drops this worker's copies."""
+        manager = getattr(self.engine, "adapters", None)
+        for message in self.transport.read_control():
+            adapter = message.get("adapter") if isinstance(message, dict) else None
+            if manager is None or not isinstance(adapter, dict) or not isinstance(adapter.get("name"), str):
+                continue
+            name, sha256 = adapter["name"], adapter.get("sha256")
+            if message.get("op") == "unload":
+                dropped = manager.forget(name, sha256 if isinstance(sha256, str) else None)
+                log.info("adapter %s unloaded (%d copies dropped)", name, dropped)
+            elif (
+                message.get("op") == "load"
+                and isinstance(adapter.get("path"), str)
+                and isinstance(sha256, str)
+            ):
+                manager.prefetch(LoRARequest(name, adapter["path"], sha256))
 
     def idle(self) -> bool:
         """Return whether the worker holds no job and has nothing left to publish."""

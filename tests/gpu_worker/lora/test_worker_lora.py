@@ -4,6 +4,7 @@ a bad adapter ends its own request with adapter_error."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -139,3 +140,37 @@ def test_sampling_params_do_not_change_with_an_adapter() -> None:
         "path": "/x",
         "sha256": "0" * 64,
     }
+
+
+def test_control_messages_load_an_adapter_ahead_and_unload_it(
+    tiny_gpt2: Peer, gpt2_adapters: dict[int, SavedAdapter]
+) -> None:
+    """The registry's "load" reads an adapter before any request names it; "unload" drops every copy (host
+    memory and slot), so the next request on it reads its files again; a request still gets its tokens."""
+    from gpu_worker.serving.protocol import adapter_control_message
+
+    engine = engine_for(tiny_gpt2, enable_lora=True, max_loras=2, max_lora_rank=8)
+    h = Harness(engine, served_name="tiny", heartbeat_s=0.05)
+    manager = engine.adapters
+    assert manager is not None
+    try:
+        ref = registry_ref(gpt2_adapters[2])
+        key = (ref["name"], ref["sha256"])
+        h.transport.send_control(adapter_control_message("load", ref))
+        for _ in range(100):  # the worker reads control messages at its heartbeat
+            if key in manager.loading or key in manager.host:
+                break
+            time.sleep(0.05)
+        assert key in manager.loading or key in manager.host, "load did not start reading the adapter"
+        assert tokens_of(submit(h, "after-load", "tiny:r2", ref)) == expected(gpt2_adapters[2], tiny_gpt2)
+        assert manager.num_reads == 1 and key in manager.slot_of  # the request used the copy read ahead
+        h.transport.send_control(adapter_control_message("unload", {"name": ref["name"]}))
+        for _ in range(100):
+            if key not in manager.slot_of and key not in manager.host:
+                break
+            time.sleep(0.05)
+        assert key not in manager.slot_of and key not in manager.host, "unload left a copy"
+        assert tokens_of(submit(h, "after-unload", "tiny:r2", ref)) == expected(gpt2_adapters[2], tiny_gpt2)
+        assert manager.num_reads == 2  # read again from its files
+    finally:
+        h.stop()
