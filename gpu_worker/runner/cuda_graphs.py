@@ -123,6 +123,15 @@ class DecodeGraphs:
             self.lora_slots[:num].copy_(slots, non_blocking=True)
             self.lora_slots[num:bs].fill_(-1)
 
+    def _copy_sequences(self, metadata: AttentionMetadata, num: int, bs: int) -> None:
+        """Put the step's per-sequence inputs (context lengths, block tables, adapter slots) of its `num`
+        sequences in the static buffers of a graph of batch size `bs`; padded sequences read one key."""
+        self.context_lens[:num].copy_(metadata.context_lens, non_blocking=True)
+        self.context_lens[num:bs].fill_(1)
+        width = metadata.block_tables.shape[1]
+        self.block_tables[:num, :width].copy_(metadata.block_tables, non_blocking=True)
+        self._copy_lora_slots(None if metadata.lora is None else metadata.lora.seg_slots, num, bs)
+
     def _forward(self, bs: int) -> torch.Tensor:
         with self.model.context.use(self._metadata(bs)):
             hidden = self.model(self.input_ids[:bs], self.positions[:bs])
@@ -159,11 +168,7 @@ class DecodeGraphs:
         self.positions[:num].copy_(positions, non_blocking=True)
         self.slot_mapping[:num].copy_(metadata.slot_mapping, non_blocking=True)
         self.slot_mapping[num:bs].fill_(-1)
-        self.context_lens[:num].copy_(metadata.context_lens, non_blocking=True)
-        self.context_lens[num:bs].fill_(1)
-        width = metadata.block_tables.shape[1]
-        self.block_tables[:num, :width].copy_(metadata.block_tables, non_blocking=True)
-        self._copy_lora_slots(None if metadata.lora is None else metadata.lora.seg_slots, num, bs)
+        self._copy_sequences(metadata, num, bs)
         self.graphs[bs].replay()
         return self.logits[bs][:num]
 
@@ -230,11 +235,7 @@ class DecodeGraphs:
         v.slot_mapping[rows : bs * q].fill_(-1)
         v.query_start_loc[: num + 1].copy_(metadata.query_start_loc, non_blocking=True)
         v.query_start_loc[num + 1 : bs + 1].fill_(rows)  # padded sequences: no rows
-        self.context_lens[:num].copy_(metadata.context_lens, non_blocking=True)
-        self.context_lens[num:bs].fill_(1)
-        width = metadata.block_tables.shape[1]
-        self.block_tables[:num, :width].copy_(metadata.block_tables, non_blocking=True)
-        self._copy_lora_slots(None if metadata.lora is None else metadata.lora.seg_slots, num, bs)
+        self._copy_sequences(metadata, num, bs)
         v.graphs[bs].replay()
         return v.logits[bs][:rows]
 
