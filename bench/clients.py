@@ -15,6 +15,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from bench.serving import SAME_ENGINE, ms, percentile  # noqa: E402
 from ruvon_cli.chat_client import ChatClient  # noqa: E402
 from tests.live_server import LiveServer, start_live_server  # noqa: E402
 
-MESSAGES = [{"role": "user", "content": "Tell me about the river and the stone."}]
+MESSAGES: list[Any] = [{"role": "user", "content": "Tell me about the river and the stone."}]
 
 
 async def sdk_ttfts(
@@ -42,7 +43,7 @@ async def sdk_ttfts(
             sent = time.perf_counter()
             first, worker = None, None
             stream = await sdk.chat.completions.create(
-                model=model, messages=MESSAGES, max_tokens=max_tokens, stream=True,  # type: ignore[arg-type]
+                model=model, messages=MESSAGES, max_tokens=max_tokens, stream=True,
                 stream_options={"include_usage": True}, temperature=0.0,
             )  # fmt: skip
             async for chunk in stream:
@@ -84,7 +85,7 @@ def websocket_ttft(ws: Any, max_tokens: int) -> tuple[float, float | None]:
             raise RuntimeError(event)
 
 
-def row(client: str, samples: list[tuple[float, float | None]]) -> dict[str, Any]:
+def row(client: str, samples: Sequence[tuple[float, float | None]]) -> dict[str, Any]:
     seen = [s for s, _ in samples]
     inner = [w for _, w in samples if w is not None]
     return {
