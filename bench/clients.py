@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--served-name", default="tiny")
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--name", default="clients", help="results file stem under bench/results/")
     args = parser.parse_args(argv)
     server = start_live_server(
         {"RUVON_MODEL": args.model, "RUVON_MODEL_NAME": args.served_name, **SAME_ENGINE}
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     print(f"{n} sequential chat requests each, {tokens} new tokens, {args.model}, commit {source_commit()}")
     print_table(rows)
-    print("wrote", write_json("clients", {"args": vars(args), "commit": source_commit(), "rows": rows}))
+    print("wrote", write_json(args.name, {"args": vars(args), "commit": source_commit(), "rows": rows}))
     return 0
 
 
