@@ -1,0 +1,371 @@
+"""What a user of the HTTP API gets against the engine alone: one workload, three ways, same model, same run.
+
+- offline: LLMEngine in this process, requests added at their arrival times, no HTTP;
+- embedded: daphne + the in-process engine (`make run`'s shape, started as tests/live_server.py starts it);
+- production: daphne + its own redis-server + `manage.py gpu_worker` + usage ingestion (bench/stack.py).
+
+The platforms are driven through the official openai SDK (AsyncOpenAI, streaming completions with
+include_usage); each request records its TTFT (send to first text chunk), inter-token gaps (between text
+chunks) and end-to-end time. Without --rate (or with --rate 0) every request arrives at once (a burst); each --rate R
+replays Poisson arrivals at R requests/s. The table gives tokens/s, the platform/offline ratio at the same load,
+TTFT / ITL p50 and p99; JSON goes to bench/results/serving.json, and with several rates a PNG of latency
+vs load beside it. Every served request must appear once with its usage record's completion tokens.
+
+    python -m bench.serving --model random:tiny --requests 48 --new-tokens 24 --rate 4 --rate 8 --rate 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import random
+import sqlite3
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import RESULTS, print_table, source_commit, workload, write_json  # noqa: E402
+from bench.stack import Stack, StackConfig  # noqa: E402
+from gpu_worker.config import SamplingParams  # noqa: E402
+from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
+from gpu_worker.engine_args import engine_config  # noqa: E402
+from tests.live_server import start_live_server  # noqa: E402
+
+SHAPES = ("offline", "embedded", "production")
+SAME_ENGINE = {"RUVON_ENABLE_LORA": "0", "RUVON_DECODE_STEPS": "1"}  # the offline engine's settings
+
+
+@dataclass
+class Timing:
+    """One request as its client saw it (seconds, from the request's own send)."""
+
+    index: int
+    request_id: str | None = None
+    ttft_s: float | None = None
+    gaps_s: list[float] = field(default_factory=list)
+    e2e_s: float | None = None
+    tokens: int = 0  # completion tokens the response's usage reported (offline: the tokens produced)
+    finished_at: float = 0.0  # perf_counter at the last byte
+    error: str | None = None
+
+
+def arrival_offsets(num: int, rate: float | None, seed: int = 0) -> list[float]:
+    """Return each request's send time from the start: all 0 (a burst) or Poisson arrivals at `rate`/s."""
+    if not rate:
+        return [0.0] * num
+    rng, now, out = random.Random(seed), 0.0, []
+    for _ in range(num):
+        out.append(now)
+        now += rng.expovariate(rate)
+    return out
+
+
+# ------------------------------------------------------------------------------------ offline engine
+
+
+def run_offline(
+    engine: LLMEngine, prompts: list[list[int]], new_tokens: int, offsets: list[float]
+) -> list[Timing]:
+    """Add each prompt when its arrival time has passed, step the engine, time every token as it comes."""
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    timings = [Timing(i, request_id=f"offline-{i}") for i in range(len(prompts))]
+    sent: dict[int, float] = {}
+    last: dict[int, float] = {}
+    start, pending = time.perf_counter(), 0
+    while pending < len(prompts) or engine.has_unfinished_requests():
+        now = time.perf_counter() - start
+        while pending < len(prompts) and offsets[pending] <= now:
+            engine.add_request(f"offline-{pending}", prompts[pending], params)
+            sent[pending] = start + offsets[pending]
+            pending += 1
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, offsets[pending] - now))
+            continue
+        for out in engine.step():
+            i, at = int(out.request_id.split("-")[1]), time.perf_counter()
+            produced = sum(len(c.token_ids) for c in out.outputs)
+            if produced:
+                t = timings[i]
+                if t.ttft_s is None:
+                    t.ttft_s = at - sent[i]
+                else:
+                    t.gaps_s.append(at - last[i])
+                last[i], t.tokens = at, t.tokens + produced
+            if out.finished:
+                timings[i].e2e_s, timings[i].finished_at = at - sent[i], at
+    return timings
+
+
+# -------------------------------------------------------------------------------- through the SDK
+
+
+async def one_request(
+    client: openai.AsyncOpenAI, model: str, t: Timing, prompt: list[int], new_tokens: int, send_at: float
+) -> None:
+    """Stream one completion at `send_at` (perf_counter) and fill `t` from its chunks."""
+    await asyncio.sleep(max(0.0, send_at - time.perf_counter()))
+    sent = time.perf_counter()
+    last = sent
+    try:
+        stream = await client.completions.create(
+            model=model, prompt=prompt, max_tokens=new_tokens, temperature=0.0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        async for chunk in stream:
+            now = time.perf_counter()
+            t.request_id = "req_" + chunk.id.removeprefix("cmpl-")
+            if chunk.choices and chunk.choices[0].text:
+                if t.ttft_s is None:
+                    t.ttft_s = now - sent
+                else:
+                    t.gaps_s.append(now - last)
+                last = now
+            if chunk.usage is not None:
+                t.tokens = chunk.usage.completion_tokens
+    except openai.OpenAIError as exc:
+        t.error = f"{type(exc).__name__}: {exc}"[:300]
+    t.finished_at = time.perf_counter()
+    t.e2e_s = t.finished_at - sent
+
+
+async def drive(
+    url: str, key: str, model: str, prompts: list[list[int]], new_tokens: int, offsets: list[float]
+) -> list[Timing]:
+    """Send every prompt at its offset through one AsyncOpenAI client; return the timings in order."""
+    timings = [Timing(i) for i in range(len(prompts))]
+    async with openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0, timeout=300) as client:
+        start = time.perf_counter()
+        await asyncio.gather(
+            *(
+                one_request(client, model, t, p, new_tokens, start + off)
+                for t, p, off in zip(timings, prompts, offsets, strict=True)
+            )
+        )
+    return timings
+
+
+# ------------------------------------------------------------------------------------------ summary
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Return the q-th percentile (0-100) of values, nearest rank; None when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered), max(1, math.ceil(q * len(ordered) / 100))) - 1]
+
+
+def ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1e3, 2)
+
+
+def summarise(shape: str, rate: float | None, timings: list[Timing], start: float) -> dict[str, Any]:
+    """Return one table row: tokens/s over the run's wall time, TTFT / ITL / end-to-end percentiles."""
+    done = [t for t in timings if t.error is None and t.e2e_s is not None]
+    tokens = sum(t.tokens for t in done)
+    wall = max((t.finished_at for t in done), default=start) - start
+    ttft = [t.ttft_s for t in done if t.ttft_s is not None]
+    gaps = [g for t in done for g in t.gaps_s]
+    e2e = [t.e2e_s for t in done if t.e2e_s is not None]
+    return {
+        "shape": shape,
+        "rate": rate or "burst",
+        "requests": len(timings),
+        "completed": len(done),
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tok_s": round(tokens / wall, 2) if wall > 0 else None,
+        "ttft_p50_ms": ms(percentile(ttft, 50)),
+        "ttft_p99_ms": ms(percentile(ttft, 99)),
+        "itl_p50_ms": ms(percentile(gaps, 50)),
+        "itl_p99_ms": ms(percentile(gaps, 99)),
+        "e2e_p50_ms": ms(percentile(e2e, 50)),
+        "e2e_p99_ms": ms(percentile(e2e, 99)),
+    }
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Set each platform row's `vs_offline`: its tok_s over the offline row's at the same rate."""
+    offline = {r["rate"]: r["tok_s"] for r in rows if r["shape"] == "offline"}
+    for r in rows:
+        base = offline.get(r["rate"])
+        r["vs_offline"] = round(r["tok_s"] / base, 3) if base and r["tok_s"] else None
+
+
+def p99_ttft_passes_1s(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Return, per shape, the lowest Poisson rate whose p99 TTFT is over 1 s (None: no measured rate)."""
+    out: dict[str, float | None] = {}
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        over = [r["rate"] for r in rows if r["shape"] == shape and r["rate"] != "burst"
+                and (r["ttft_p99_ms"] or 0) > 1000]  # fmt: skip
+        out[shape] = min(over) if over else None
+    return out
+
+
+def check_usage(timings: list[Timing], usage: dict[str, tuple[str, int]]) -> list[str]:
+    """Return what is wrong: a request that failed, was seen twice, or whose tokens differ from its record."""
+    problems = [f"request {t.index}: {t.error}" for t in timings if t.error]
+    ids = [t.request_id for t in timings if t.request_id]
+    if len(set(ids)) != len(ids):
+        problems.append("a request id was seen twice")
+    for t in timings:
+        record = usage.get(t.request_id or "")
+        if record is None:
+            problems.append(f"request {t.index} ({t.request_id}): no usage record")
+        elif record != ("completed", t.tokens):
+            problems.append(f"request {t.index}: told {t.tokens} tokens, usage record {record}")
+    return problems
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Draw TTFT and ITL (p50, p99) against the Poisson rate, one line per shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("ttft", "itl"), strict=True):
+        for shape in dict.fromkeys(r["shape"] for r in rows):
+            mine = sorted((r for r in rows if r["shape"] == shape and r["rate"] != "burst"),
+                          key=lambda r: r["rate"])  # fmt: skip
+            for q, style in (("p50", "-o"), ("p99", "--x")):
+                ax.plot([r["rate"] for r in mine], [r[f"{metric}_{q}_ms"] for r in mine], style,
+                        label=f"{shape} {q}")  # fmt: skip
+        ax.set(xlabel="request rate (Poisson, requests/s)", ylabel="ms", title=metric.upper())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------- the shapes
+
+
+def embedded_usage(db: Path) -> dict[str, tuple[str, int]]:
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("select request_id, status, completion_tokens from inference_usagerecord")
+        return {rid: (status, tokens) for rid, status, tokens in rows.fetchall()}
+
+
+def wait_for_usage(
+    read: Callable[[], dict[str, tuple[str, int]]], ids: list[str], timeout_s: float = 60
+) -> Any:
+    """Return the usage records once every id has one (ingestion is asynchronous), or what is there."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        usage = read()
+        if all(i in usage for i in ids) or time.monotonic() > deadline:
+            return usage
+        time.sleep(0.2)
+
+
+def measure_platform(
+    shape: str, url: str, key: str, read_usage: Callable[[], Any], args: argparse.Namespace,
+    prompts: list[list[int]], rates: list[float | None],
+) -> tuple[list[dict[str, Any]], list[str]]:  # fmt: skip
+    """Warm the platform up, then run the workload once per rate; return its rows and any problems."""
+    asyncio.run(drive(url, key, args.served_name, prompts[:4], 4, [0.0] * 4))  # warm-up
+    rows, problems = [], []
+    for rate in rates:
+        start = time.perf_counter()
+        timings = asyncio.run(
+            drive(url, key, args.served_name, prompts, args.new_tokens, arrival_offsets(len(prompts), rate))
+        )
+        row = summarise(shape, rate, timings, start)
+        usage = wait_for_usage(read_usage, [t.request_id for t in timings if t.request_id])
+        row["problems"] = check_usage(timings, usage)
+        row["usage"] = {t.request_id: usage.get(t.request_id) for t in timings if t.request_id}
+        problems += [f"{shape} rate {row['rate']}: {p}" for p in row["problems"]]
+        row["per_request"] = [asdict(t) for t in timings]
+        rows.append(row)
+    return rows, problems
+
+
+def run_shape(
+    shape: str, args: argparse.Namespace, prompts: list[list[int]], rates: list[float | None]
+) -> Any:
+    """Start one shape, run the workload at every rate, stop it; return (rows, problems)."""
+    if shape == "offline":
+        options = {"model": args.model, "num_blocks": args.num_blocks, "enable_lora": False}
+        engine = LLMEngine(engine_config(options))
+        run_offline(engine, prompts[:4], 4, [0.0] * 4)  # warm-up
+        rows = []
+        for rate in rates:
+            start = time.perf_counter()
+            timings = run_offline(engine, prompts, args.new_tokens, arrival_offsets(len(prompts), rate))
+            rows.append(
+                summarise(shape, rate, timings, start) | {"per_request": [asdict(t) for t in timings]}
+            )
+        return rows, []
+    env = {"RUVON_MODEL": args.model, "RUVON_MODEL_NAME": args.served_name,
+           "RUVON_NUM_BLOCKS": str(args.num_blocks), **SAME_ENGINE}  # fmt: skip
+    if shape == "embedded":
+        server = start_live_server(env)
+        try:
+            return measure_platform(shape, server.url + "/v1", server.api_key,
+                                    lambda: embedded_usage(server.db_path), args, prompts, rates)  # fmt: skip
+        finally:
+            server.stop()
+    config = StackConfig(model=args.model, served_name=args.served_name, num_blocks=args.num_blocks,
+                         settings=SAME_ENGINE)  # fmt: skip
+    with Stack(config) as stack:
+
+        def usage() -> dict[str, tuple[str, int]]:
+            return {rid: (s, c) for rid, (s, _, c) in stack.usage_records().items()}
+
+        return measure_platform(shape, stack.urls[0], stack.keys["stress"], usage, args, prompts, rates)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="random:tiny")
+    parser.add_argument("--served-name", default="tiny")
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--min-prompt", type=int, default=8)
+    parser.add_argument("--max-prompt", type=int, default=48)
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--num-blocks", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=50257, help="prompt token ids are drawn below this")
+    parser.add_argument(
+        "--rate", type=float, action="append", help="Poisson requests/s (repeatable; 0: a burst)"
+    )
+    parser.add_argument("--shape", action="append", choices=SHAPES, help="default: all three")
+    parser.add_argument("--name", default="serving", help="results file stem under bench/results/")
+    args = parser.parse_args(argv)
+    prompts = workload(args.requests, args.min_prompt, args.max_prompt, vocab=args.vocab)
+    rates: list[float | None] = list(args.rate) if args.rate else [None]
+    rows, problems = [], []
+    for shape in args.shape or SHAPES:
+        print(f"--- {shape}", flush=True)
+        shape_rows, shape_problems = run_shape(shape, args, prompts, rates)
+        rows += shape_rows
+        problems += shape_problems
+    add_ratios(rows)
+    print(f"{args.requests} requests, prompts {args.min_prompt}-{args.max_prompt} tokens, "
+          f"{args.new_tokens} new tokens, {args.model}, commit {source_commit()}")  # fmt: skip
+    print_table([{k: v for k, v in r.items() if k not in ("per_request", "problems", "usage")} for r in rows])
+    passes = p99_ttft_passes_1s(rows)
+    if len(rates) > 1:
+        print("lowest rate with p99 TTFT > 1 s:", passes)
+        plot(rows, RESULTS / f"{args.name}.png")
+        print("wrote", RESULTS / f"{args.name}.png")
+    payload = {"args": vars(args), "commit": source_commit(), "rows": rows, "p99_ttft_over_1s_at": passes,
+               "problems": problems}  # fmt: skip
+    print("wrote", write_json(args.name, payload))
+    for problem in problems:
+        print("PROBLEM", problem)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
