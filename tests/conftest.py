@@ -16,6 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
+
+# Before anything imports Triton (some test modules pull it in through transformers or peft at collection):
+# Triton reads TRITON_INTERPRET when it decorates a kernel, and kernels decorated without it cannot run in
+# the CPU interpreter that tests/kernels uses when there is no GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from django.contrib.auth import get_user_model
 from django.test import Client, override_settings
 

@@ -112,7 +112,11 @@ def test_it_answers_with_timings_cost_and_price_the_usage_record_agrees_with(ser
     body = response.json()
     ruvon, usage = body["ruvon"], body["usage"]
     timings = ruvon["timings"]
-    assert set(timings) == {"queued_s", "ttft_s", "e2e_s", "tpot_s", "tokens_per_s", "device_s"}
+    assert set(timings) == {
+        *("queued_s", "ttft_s", "e2e_s", "tpot_s", "tokens_per_s", "device_s"),
+        *("draft_tokens", "accepted_draft_tokens"),  # speculative decoding's counts (0: not speculating)
+    }
+    assert (timings["draft_tokens"], timings["accepted_draft_tokens"]) == (0, 0)
     assert 0 <= timings["queued_s"] <= timings["ttft_s"] <= timings["e2e_s"]
     assert timings["tokens_per_s"] == pytest.approx(1 / timings["tpot_s"])
     assert ruvon["cost_usd"] == pytest.approx(timings["device_s"] * 3.0 / 3600, rel=1e-6)
