@@ -189,6 +189,8 @@ class LLMEngine:
             launch_steps=config.decode_steps if self.chain_decodes else 0,
             # Verification graphs for k drafts + 1 rows, captured now rather than in the first request.
             verify_rows=config.num_speculative_tokens + 1 if config.speculative != "none" else 0,
+            # Speculation stops above speculative_max_batch unless a batch-size table says otherwise.
+            verify_max_batch=None if config.speculative_batch_table else config.speculative_max_batch,
             lora=self.adapters is not None,
             eos_ids=eos_ids,
         )

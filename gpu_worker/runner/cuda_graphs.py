@@ -10,7 +10,8 @@ Those graphs are captured, in a memory pool of their own, at start-up for the co
 first use for any other.
 
 Verification steps of speculative decoding (each sequence scored at its k drafts + 1) have graphs keyed by
-(rows per sequence q, batch size), in a third pool, captured on first use of a q: every sequence gets q rows
+(rows per sequence q, batch size), in a third pool: the engine captures those of its k + 1 at start-up for the
+batch sizes speculation runs at, any other on first use. Every sequence gets q rows
 at most; one with fewer (a proposer found fewer drafts) ends its rows early, and the rows past the last
 sequence are padding that no attention kernel reads (a sequence of query length 0 is skipped) and whose
 outputs are dropped.
@@ -193,18 +194,26 @@ class DecodeGraphs:
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
-    def capture_verify(self, q: int) -> None:
-        """Capture verification graphs of q rows per sequence for every batch size, largest first."""
-        n = self.sizes[-1]
-        v = _VerifyGraphs(
-            input_ids=torch.zeros(n * q, dtype=torch.int64, device=self.device),
-            positions=torch.zeros(n * q, dtype=torch.int64, device=self.device),
-            slot_mapping=torch.full((n * q,), -1, dtype=torch.int64, device=self.device),
-            query_start_loc=torch.arange(0, n * q + 1, q, dtype=torch.int32, device=self.device),
-        )
+    def capture_verify(self, q: int, max_batch: int | None = None) -> None:
+        """Capture the verification graphs of q rows per sequence not yet captured, for the batch sizes up to
+        `max_batch` (None: all), largest first; run_verify calls it for a size it meets uncaptured."""
+        v = self.verify.get(q)
+        if v is None:
+            n = self.sizes[-1]
+            v = self.verify[q] = _VerifyGraphs(
+                input_ids=torch.zeros(n * q, dtype=torch.int64, device=self.device),
+                positions=torch.zeros(n * q, dtype=torch.int64, device=self.device),
+                slot_mapping=torch.full((n * q,), -1, dtype=torch.int64, device=self.device),
+                query_start_loc=torch.arange(0, n * q + 1, q, dtype=torch.int32, device=self.device),
+            )
+        # Warm-ups and captures store nothing: a slot left from an earlier replay would write into a live
+        # sequence's cache.
+        v.slot_mapping.fill_(-1)
         self.context_lens.fill_(q)
         with _no_garbage_collection():
             for bs in reversed(self.sizes):
+                if bs in v.graphs or (max_batch is not None and bs > max_batch):
+                    continue
                 for _ in range(2):  # warm-up: Triton compiles outside capture
                     self._verify_forward(v, q, bs)
                 torch.cuda.synchronize()
@@ -213,7 +222,6 @@ class DecodeGraphs:
                     v.logits[bs] = self._verify_forward(v, q, bs)
                 v.graphs[bs] = graph
         torch.cuda.synchronize()
-        self.verify[q] = v
 
     def run_verify(
         self,
@@ -221,14 +229,14 @@ class DecodeGraphs:
         positions: torch.Tensor,  # [T]
         metadata: AttentionMetadata,  # B sequences of at most q rows each
     ) -> torch.Tensor:  # [T, V]
-        """Replay the verification graph that holds the batch (captured on first use of this q); return the
-        logits of the real rows."""
+        """Replay the verification graph that holds the batch (captured on first use of this q and batch
+        size); return the logits of the real rows."""
         q = metadata.max_query_len
-        if q not in self.verify:
-            self.capture_verify(q)
-        v = self.verify[q]
         rows, num = input_ids.shape[0], metadata.block_tables.shape[0]
         bs = next(b for b in self.sizes if b >= num)
+        if q not in self.verify or bs not in self.verify[q].graphs:
+            self.capture_verify(q, max_batch=bs)
+        v = self.verify[q]
         v.input_ids[:rows].copy_(input_ids, non_blocking=True)
         v.positions[:rows].copy_(positions, non_blocking=True)
         v.slot_mapping[:rows].copy_(metadata.slot_mapping, non_blocking=True)

@@ -119,6 +119,7 @@ class ModelRunner:
         cuda_graph_max_batch: int = 0,  # 0: run eagerly
         launch_steps: int = 0,  # capture greedy launches of this many steps up front (0: none)
         verify_rows: int = 0,  # capture verification graphs of this many rows per sequence up front (0: none)
+        verify_max_batch: int | None = None,  # ... for the batch sizes up to this (None: all)
         lora: bool = False,  # the model serves LoRA adapters (its graphs read each row's slot)
         eos_ids: frozenset[int] = frozenset(),  # the stops min_tokens bans beside a request's stop_token_ids
     ) -> None:
@@ -141,7 +142,7 @@ class ModelRunner:
                 if launch_steps:
                     self.graphs.capture_launches(launch_steps)
                 if verify_rows > 1:
-                    self.graphs.capture_verify(verify_rows)
+                    self.graphs.capture_verify(verify_rows, verify_max_batch)
 
     def prepare(self, batch: ScheduledBatch) -> FlatBatch:
         ids: list[int] = []
