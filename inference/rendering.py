@@ -374,8 +374,8 @@ def _summed(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "tpot_s": None,
         "tokens_per_s": None,
         "device_s": sum(t["device_s"] or 0.0 for t in timings),
-        "draft_tokens": sum(t.get("draft_tokens", 0) for t in timings),
-        "accepted_draft_tokens": sum(t.get("accepted_draft_tokens", 0) for t in timings),
+        "draft_tokens": sum(t["draft_tokens"] for t in timings),
+        "accepted_draft_tokens": sum(t["accepted_draft_tokens"] for t in timings),
     }
     ruvon = {
         "timings": merged_timings,
