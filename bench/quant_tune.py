@@ -34,6 +34,7 @@ from kernels.quant_linear import (  # noqa: E402
     INT8,
     TUNED_PATH,
     GemmConfig,
+    gpu_arch,
     tuned_key,
     weight_mm,
 )
@@ -41,10 +42,16 @@ from kernels.reference import int4_linear_ref, int8_linear_ref, pack_int4_ref  #
 
 FORMATS = {"fp16": (FP, 0), "int8": (INT8, 0), "int4-g32": (INT4, 32), "int4-g64": (INT4, 64)}
 FORMATS["int4-g128"] = (INT4, 128)
-GRID = [
-    GemmConfig(block_n=n, block_k=k, num_stages=s, split_k=split)
-    for n, k, s, split in itertools.product((16, 32, 64), (128, 256), (2, 4), (1, 2, 4, 8))
-]
+# K steps: fp and int8 any; int4 None = one group a step on the raw values, else groups dequantised in registers.
+BLOCK_K = {FP: (128, 256), INT8: (128, 256), INT4: (None, 256, 512)}
+
+
+def grid(code: int) -> list[GemmConfig]:
+    """Return the launch shapes tried for one weight format."""
+    return [
+        GemmConfig(block_n=n, block_k=k, num_stages=s, split_k=split)
+        for n, k, s, split in itertools.product((16, 32, 64), BLOCK_K[code], (2, 4), (1, 2, 4, 8))
+    ]
 
 
 def graph_us(fn: Any, replays: int = 10, repeats: int = 5) -> float:
@@ -102,7 +109,7 @@ def check(
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def tune_case(model: str, n: int, k: int, m: int, fmt: str, configs: list[GemmConfig]) -> dict[str, Any]:
+def tune_case(model: str, n: int, k: int, m: int, fmt: str) -> dict[str, Any]:
     """Return the best config of the grid on one case, with the fp16 baselines beside it."""
     code, group = FORMATS[fmt]
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
@@ -112,9 +119,7 @@ def tune_case(model: str, n: int, k: int, m: int, fmt: str, configs: list[GemmCo
     weights = [first] + [make_weight(fmt, n, k) for _ in range(max(1, -(-LINEAR_CHAIN_BYTES // nbytes) - 1))]
     error = check(fmt, x, first, bias)
     results = []
-    for config in configs:
-        if code == INT4 and config.block_k != 128:
-            continue  # int4 steps one group at a time: block_k is not a parameter
+    for config in grid(code):
         try:
             us = graph_us(lambda c=config: [weight_mm(x, w, s, code, bias, False, c) for w, s in weights])
         except Exception as exc:  # a config the compiler refuses (shared memory) is skipped, and said so
@@ -160,7 +165,7 @@ def main() -> None:
         for (n, k), fmt, m in itertools.product(
             LINEAR_SHAPES[model], args.format or list(FORMATS), args.rows or [1, 4, 16]
         ):
-            row = tune_case(model, n, k, m, fmt, GRID)
+            row = tune_case(model, n, k, m, fmt)
             rows.append(row)
             print(
                 f"{model} {fmt:9} {n}x{k} M={m:2}: {row['best_us']:7.2f} us {row['GB_s']:7.0f} GB/s "
@@ -172,11 +177,12 @@ def main() -> None:
     payload = {"run": info, "rows": rows, "seconds": time.time() - started}
     print("wrote", write_json(args.name, payload))
     if args.write:
-        write_table(rows, torch.cuda.get_device_name())
+        write_table(rows, gpu_arch())
 
 
 def write_table(rows: list[dict[str, Any]], gpu: str) -> None:
-    """Merge the winners into kernels/tuned_configs.json under this GPU's name; fp16 only where it wins."""
+    """Merge the winners into kernels/tuned_configs.json under this GPU's architecture; fp16 only where it
+    beats both fp16 baselines."""
     table = json.loads(TUNED_PATH.read_text()) if TUNED_PATH.exists() else {}
     entries = table.setdefault(gpu, {})
     for row in rows:
@@ -184,7 +190,7 @@ def write_table(rows: list[dict[str, Any]], gpu: str) -> None:
         baseline = min(row["cublas_fp16_us"], row["small_m_fp16_us"])
         if code == FP and not row["best_us"] < baseline:
             continue
-        entries[tuned_key(code, row["M"], row["N"], row["K"])] = row["config"] | {
+        entries[tuned_key(code, row["M"], row["N"], row["K"], row["group"])] = row["config"] | {
             "us": round(row["best_us"], 3)
         }
     TUNED_PATH.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")

@@ -60,27 +60,35 @@ DEFAULT_CONFIG = GemmConfig()
 TUNED_PATH = Path(__file__).with_name("tuned_configs.json")
 
 
-def tuned_key(weight_format: int, m: int, n: int, k: int) -> str:
-    """Return the table key of a problem: rows are bucketed to the next power of two."""
-    return f"{weight_format}:{triton.next_power_of_2(m) if triton is not None else m}:{n}:{k}"
+def tuned_key(weight_format: int, m: int, n: int, k: int, group: int = 0) -> str:
+    """Return the table key of a problem: one row, or a few (2-16, tuned at 8); int4 adds its group."""
+    return f"{weight_format}:{1 if m == 1 else 8}:{n}:{k}" + (f":g{group}" if weight_format == INT4 else "")
+
+
+def gpu_arch(device: torch.device | int = 0) -> str:
+    """Return the table's name for a GPU architecture ("sm90": H100 and H200 share their tuned shapes)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
 
 
 @functools.cache
-def _tuned_table(gpu: str) -> dict[str, dict[str, Any]]:
+def _tuned_table(arch: str) -> dict[str, dict[str, Any]]:
     table = json.loads(TUNED_PATH.read_text()) if TUNED_PATH.exists() else {}
-    return table.get(gpu, {})
+    return table.get(arch, {})
 
 
 @functools.cache
-def _gpu_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
+def _arch(index: int) -> str:
+    return gpu_arch(index)
 
 
-def tuned_config(device: torch.device, weight_format: int, m: int, n: int, k: int) -> GemmConfig | None:
+def tuned_config(
+    device: torch.device, weight_format: int, m: int, n: int, k: int, group: int = 0
+) -> GemmConfig | None:
     """Return the measured launch shape for this problem on this GPU, if bench/quant_tune.py recorded one."""
     if device.type != "cuda" or m > 16:
         return None
-    entry = _tuned_table(_gpu_name(device.index or 0)).get(tuned_key(weight_format, m, n, k))
+    entry = _tuned_table(_arch(device.index or 0)).get(tuned_key(weight_format, m, n, k, group))
     if entry is None:
         return None
     fields = ("block_n", "block_k", "split_k", "num_stages", "num_warps")
@@ -104,6 +112,7 @@ def _weight_mm_kernel(
     stride_os,
     K_SPLIT,
     WEIGHT: tl.constexpr,
+    GROUP: tl.constexpr,  # int4's group along K (BLOCK_K is a whole number of groups)
     EPILOGUE: tl.constexpr,  # one K slice: add the bias, apply GELU and store in out's dtype
     HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr,
@@ -125,8 +134,8 @@ def _weight_mm_kernel(
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm  # [BLOCK_M, 1]
     w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wn  # [BLOCK_N, 1]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if WEIGHT == 3:  # int4: BLOCK_K is the group; byte j holds k = 2j (low nibble) and 2j + 1 (high)
-        half = tl.arange(0, BLOCK_K // 2)
+    if WEIGHT == 3 and BLOCK_K == GROUP:  # int4, one group a step: the dot runs on the raw values 0..15
+        half = tl.arange(0, BLOCK_K // 2)  # byte j holds k = 2j (low nibble) and 2j + 1 (high)
         s_ptrs = s_ptr + cols.to(tl.int64) * stride_sn + (k_begin // BLOCK_K) * 2  # -> (scale, min)
         for k0 in range(k_begin, k_end, BLOCK_K):
             even = row_mask[:, None] & (2 * half < K - k0)[None, :]
@@ -143,6 +152,28 @@ def _weight_mm_kernel(
             minimum = tl.load(s_ptrs + 1, mask=col_mask, other=0.0).to(tl.float32)
             acc += dots * scale[None, :] + x_sum[:, None] * minimum[None, :]
             s_ptrs += 2
+    elif WEIGHT == 3:  # int4, several groups a step: dequantised in registers, then one dot per nibble half
+        half = tl.arange(0, BLOCK_K // 2)
+        groups = tl.arange(0, BLOCK_K // GROUP)
+        n_groups = tl.cdiv(K, GROUP)
+        s_rows = s_ptr + cols[:, None].to(tl.int64) * stride_sn  # [BLOCK_N, 1]
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            even = row_mask[:, None] & (2 * half < K - k0)[None, :]
+            odd = row_mask[:, None] & (2 * half + 1 < K - k0)[None, :]
+            x_even = tl.load(x_rows + k0 + 2 * half[None, :], mask=even, other=0.0)  # [BLOCK_M, BLOCK_K/2]
+            x_odd = tl.load(x_rows + k0 + 1 + 2 * half[None, :], mask=odd, other=0.0)
+            g_mask = col_mask[:, None] & (k0 // GROUP + groups < n_groups)[None, :]  # [BLOCK_N, BLOCK_K/G]
+            g_ptrs = s_rows + (k0 // GROUP + groups[None, :]) * 2
+            scale = _per_byte(tl.load(g_ptrs, mask=g_mask, other=0.0).to(tl.float32), GROUP, BLOCK_N, BLOCK_K)
+            minimum = _per_byte(
+                tl.load(g_ptrs + 1, mask=g_mask, other=0.0).to(tl.float32), GROUP, BLOCK_N, BLOCK_K
+            )
+            b_mask = col_mask[:, None] & (2 * half < n_groups * GROUP - k0)[None, :]
+            packed = tl.load(w_rows + k0 // 2 + half[None, :], mask=b_mask, other=0)  # [BLOCK_N, BLOCK_K/2]
+            low = tl.trans(((packed & 0xF).to(tl.float32) * scale + minimum).to(DOT_DTYPE))
+            high = tl.trans(((packed >> 4).to(tl.float32) * scale + minimum).to(DOT_DTYPE))
+            acc = tl.dot(x_even.to(DOT_DTYPE), low, acc, input_precision=PRECISION)
+            acc = tl.dot(x_odd.to(DOT_DTYPE), high, acc, input_precision=PRECISION)
     else:
         ks = tl.arange(0, BLOCK_K)
         for k0 in range(k_begin, k_end, BLOCK_K):
@@ -167,6 +198,13 @@ def _weight_mm_kernel(
             acc = acc / (1.0 + tl.exp(-2.0 * u))
     out_ptrs = out_ptr + tl.program_id(1) * stride_os + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@_jit
+def _per_byte(per_group, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # [BLOCK_N, BLOCK_K / GROUP] -> [BLOCK_N, BLOCK_K / 2]: each group's value repeated over its GROUP / 2 bytes
+    spread = tl.broadcast_to(per_group[:, :, None], (BLOCK_N, BLOCK_K // GROUP, GROUP // 2))
+    return tl.reshape(spread, (BLOCK_N, BLOCK_K // 2))
 
 
 @_jit
@@ -213,7 +251,11 @@ def plan(m: int, n: int, k: int, weight: int, group: int, config: GemmConfig) ->
     """Return config with every None field chosen: BLOCK_N from the rows, BLOCK_K from the format, and
     enough K slices that a decode-sized grid fills the GPU (each slice keeps at least four K steps)."""
     block_n = config.block_n or (32 if m <= 16 else 64)
-    block_k = group if weight in (INT8_GROUPED, INT4) else (config.block_k or (256 if m <= 16 else 64))
+    block_k = config.block_k or (256 if m <= 16 else 64)
+    if weight == INT8_GROUPED or (weight == INT4 and config.block_k is None):
+        block_k = group  # int4 by default steps one group at a time, on the raw values
+    elif weight == INT4:
+        block_k = max(group, block_k)  # a whole number of groups, dequantised in registers
     block_k = min(block_k, max(16, triton.next_power_of_2(k))) if weight in (FP, INT8) else block_k
     split = config.split_k
     if split is None:
@@ -241,7 +283,7 @@ def weight_mm(
     if m == 0 or n == 0:
         return torch.empty((m, n), dtype=x.dtype, device=x.device)
     if config is DEFAULT_CONFIG:
-        config = tuned_config(x.device, weight_format, m, n, k) or config
+        config = tuned_config(x.device, weight_format, m, n, k, group) or config
     cfg = plan(m, n, k, weight_format, group, config)
     assert cfg.block_n is not None and cfg.block_k is not None and cfg.split_k is not None
     k_split = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k) * cfg.block_k  # whole K steps a slice
@@ -255,7 +297,7 @@ def weight_mm(
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, block_m))
     _weight_mm_kernel[grid](
         x, weight, s, bias if bias is not None else s, part, m, n, k, x.stride(0), weight.stride(0),
-        s.stride(0), part.stride(1), part.stride(0), k_split, WEIGHT=weight_format, EPILOGUE=fuse,
+        s.stride(0), part.stride(1), part.stride(0), k_split, WEIGHT=weight_format, GROUP=group or cfg.block_k, EPILOGUE=fuse,
         HAS_BIAS=bias is not None and fuse, GELU=gelu and fuse, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, DOT_DTYPE=dtype, PRECISION=precision, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,

@@ -73,7 +73,9 @@ def test_int4_gemv_matches_its_reference(m: int, n: int, k: int, group: int, wit
     qweight, qscales = pack_int4_ref(q, scales, mins)
     args = [t.to(DEVICE) for t in (x, qweight, qscales)]
     b = bias.to(DEVICE) if with_bias else None
-    _close(int4_gemv(*args, b, with_bias), int4_linear_ref(*args, b, with_bias))
+    ref = int4_linear_ref(*args, b, with_bias)
+    _close(int4_gemv(*args, b, with_bias), ref)
+    _close(int4_gemv(*args, b, with_bias, config=GemmConfig(block_k=2 * group, split_k=1)), ref)
 
 
 def test_int4_gemv_in_fp16() -> None:
@@ -106,7 +108,10 @@ def test_the_gemvs_refuse_what_they_cannot_read() -> None:
 
 
 @pytest.mark.parametrize(("m", "k", "group"), [(1, 80, 32), (3, 200, 64), (PREFILL_M, 576, 128)])
-def test_int4_reads_a_weight_padded_to_whole_groups(m: int, k: int, group: int) -> None:
+@pytest.mark.parametrize(
+    "block_k", [None, 256]
+)  # one group a step on raw values; or dequantised in registers
+def test_int4_reads_a_weight_padded_to_whole_groups(m: int, k: int, group: int, block_k: int | None) -> None:
     # SmolLM2's K = 576 is 4.5 groups of 128: the packed weight carries K rounded up to whole groups and the
     # kernel reads x's true K; the padded columns' weights never meet an x value.
     k_pad = -(-k // group) * group
@@ -114,7 +119,8 @@ def test_int4_reads_a_weight_padded_to_whole_groups(m: int, k: int, group: int) 
     qweight, qscales = (t.to(DEVICE) for t in pack_int4_ref(q, scales, mins))
     x_true = x[:, :k].contiguous().to(DEVICE)
     ref = int4_linear_ref(torch.nn.functional.pad(x_true, (0, k_pad - k)), qweight, qscales, bias.to(DEVICE))
-    _close(int4_gemv(x_true, qweight, qscales, bias.to(DEVICE)), ref)
+    config = GemmConfig(block_k=block_k)
+    _close(int4_gemv(x_true, qweight, qscales, bias.to(DEVICE), config=config), ref)
 
 
 @pytest.mark.parametrize("m", [1, 5, PREFILL_M])
