@@ -25,12 +25,12 @@
 # and every shape starts on an empty GPU); a process that would start with under 45 s left is recorded as not
 # run. The whole script keeps to BUDGET_S (default 500), each process to PER_PROCESS_S (default 200). At the end
 # the rows of each model are merged into one table (ratios against the offline rows at the same load), with
-# the latency-vs-load PNG. Writes under $OUT (default var/serving-out): log.txt, serving-<model>.json/.png,
-# one JSON per shape (serving-<model>-<shape>.json), and each platform's logs when a shape fails.
+# the latency-vs-load PNG. Writes under $OUT (default var/serving-out): log.txt (with the platforms' log tails
+# when a shape fails) and serving-<model>.json/.png: five files, as the device returns at most eight.
 #
 # Knobs (environment): MODELS (default "gpt2-xl gpt2"), REQUESTS (256), NEW_TOKENS (128), MIN_PROMPT (16),
 # MAX_PROMPT (128), NUM_BLOCKS (4096 blocks of 16 tokens), RATES_<model> (Poisson requests/s, e.g.
-# RATES_gpt2_xl="4 8 16"), DEVICE (cuda: stop unless torch sees a GPU; cpu: hide any GPU, for the local proof).
+# RATES_gpt2_xl="8 24 48"), DEVICE (cuda: stop unless torch sees a GPU; cpu: hide any GPU, for the local proof).
 # The local proof, on CPU with the tiny shape, from a virtualenv holding only the GPU image's packages:
 #   OUT=/tmp/devout DEVICE=cpu MODELS=tiny REQUESTS=8 NEW_TOKENS=8 MAX_PROMPT=16 NUM_BLOCKS=256 \
 #     RATES_tiny="2 4" PYTHON=/tmp/gpusim/bin/python bash bench/serving_device.sh
@@ -48,7 +48,7 @@ NEW_TOKENS=${NEW_TOKENS:-128}
 MIN_PROMPT=${MIN_PROMPT:-16}
 MAX_PROMPT=${MAX_PROMPT:-128}
 NUM_BLOCKS=${NUM_BLOCKS:-4096}
-: "${RATES_gpt2_xl:=4 8 16}" "${RATES_gpt2:=8 16 32}" "${RATES_tiny:=2 4}"
+: "${RATES_gpt2_xl:=8 24 48}" "${RATES_gpt2:=16 48 96}" "${RATES_tiny:=2 4}"
 SITE=/tmp/ruvon-serving-site
 
 py_tag() { "$PY" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")'; }
@@ -179,7 +179,6 @@ run_shape() {
         --requests "$REQUESTS" --new-tokens "$NEW_TOKENS" --min-prompt "$MIN_PROMPT" --max-prompt "$MAX_PROMPT" \
         --num-blocks "$NUM_BLOCKS" --database sqlite --shape "$shape" --name "$name-$shape" "${rate_args[@]}"
     local rc=$?
-    [ -f "bench/results/$name-$shape.json" ] && cp "bench/results/$name-$shape.json" "$OUT/"
     if [ "$rc" -ne 0 ]; then
         echo "FAILED: $model $shape exit $rc (124: out of time)"
         tail -n 30 "$TMPDIR"/ruvon-*/*.log 2>/dev/null | tail -n 150
@@ -192,10 +191,10 @@ merge() {
     "$PY" - "$OUT" "$1" <<'EOF'
 import json, sys
 from pathlib import Path
-from bench.common import print_table
+from bench.common import RESULTS, print_table
 from bench.serving import SHAPES, add_ratios, p99_ttft_passes_1s, plot
 out, name = Path(sys.argv[1]), sys.argv[2]
-parts = [json.loads(p.read_text()) for s in SHAPES if (p := out / f"{name}-{s}.json").exists()]
+parts = [json.loads(p.read_text()) for s in SHAPES if (p := RESULTS / f"{name}-{s}.json").exists()]
 if not parts:
     sys.exit(f"{name}: no shape finished")
 rows = [r for part in parts for r in part["rows"]]
@@ -212,14 +211,17 @@ for p in problems:
     print("PROBLEM", p)
 if any(r["rate"] != "burst" for r in rows):
     plot(rows, out / f"{name}.png")
-merged = {"weights": "RANDOM", "shapes": [p["args"]["shape"] for p in parts], "parts": parts, "rows": rows,
-          "p99_ttft_over_1s_at": passes, "problems": problems}
-(out / f"{name}.json").write_text(json.dumps(merged, indent=1, default=str))
+# One file per model (the device returns at most 8): each part's header, then every row with its requests.
+headers = [{k: v for k, v in part.items() if k not in ("rows", "problems")} for part in parts]
+merged = {"weights": "RANDOM", "parts": headers, "rows": rows, "p99_ttft_over_1s_at": passes,
+          "problems": problems}
+(out / f"{name}.json").write_text(json.dumps(merged, separators=(",", ":"), default=str))
 EOF
 }
 
 for model in $MODELS; do
     name=serving-$model
+    rm -f bench/results/"$name"-*  # an earlier call's files stay on a warm machine: never merge them
     for shape in offline embedded production; do
         run_shape "$model" "$shape" "$name"
     done
