@@ -4,22 +4,25 @@
 # weights) and GPT-2 124M (RANDOM weights), a burst of 256 concurrent streams and three Poisson rates each.
 #
 #   bash bench/serving_device.sh            # the run (needs the carried folders below)
-#   bash bench/serving_device.sh prepare    # on the developer machine: build them (PyPI and apt needed)
+#   PYTHON=.venv/bin/python bash bench/serving_device.sh prepare   # here first: builds them (PyPI, apt; 30 s)
 #
-# The GPU image has torch, triton, transformers, safetensors, tokenizers, tiktoken and numpy, and none of the web
-# tier (it has matplotlib), no redis-server, no PostgreSQL and no internet. So three ignored folders travel with the tree:
-#   .whl-serving/   cp312 manylinux wheels of the web tier and the bench (Django's catalogues other than en
-#                   dropped for size), plus assets/whisper/assets/gpt2.tiktoken (the GPT-2 BPE ranks the
+# The GPU image (python3 3.12) has torch, triton, transformers, safetensors, tokenizers, tiktoken, numpy and
+# matplotlib, and none of the web tier, no redis-server, no PostgreSQL and no internet. So two ignored folders
+# travel with the tree (about 43 MiB with it, of the 64 MiB a call may carry):
+#   .whl-serving/   27 MiB: cp312 manylinux wheels of the web tier and the bench (Django's catalogues other than
+#                   en dropped for size), plus assets/whisper/assets/gpt2.tiktoken (the GPT-2 BPE ranks the
 #                   tokenizer finds as the openai-whisper package's file; whisper itself is not needed);
-#   .redis-bin/     Debian 12's redis-server 7.0 with the libraries an Ubuntu image may lack, behind a wrapper
-#                   that sets LD_LIBRARY_PATH for redis-server alone;
-#   the production shape runs on SQLite (--database sqlite); the usage ingester writes it like the others.
-# PYTHON_TAG=311 bash bench/serving_device.sh prepare builds .whl-serving-311/ for a local CPU proof on
-# Python 3.11 (the run picks .whl-serving-<tag> by the interpreter unless it is 3.12).
+#   .redis-bin/     8.4 MiB: Debian 12's redis-server 7.0 (glibc 2.34 suffices) with the libraries an Ubuntu
+#                   image may lack, behind a wrapper that sets LD_LIBRARY_PATH for redis-server alone.
+# The production shape keeps its data in SQLite there (--database sqlite); the usage ingester writes it.
+# PYTHON_TAG=311 ... prepare builds .whl-serving-311/ for the local CPU proof on Python 3.11 (the run picks
+# .whl-serving-<tag> by the interpreter unless it is 3.12).
 #
-# The lead's call (device tool), about 8 minutes on an H200:
+# The lead's call (device tool; kind nvidia-h200 or left out), at most about 9 minutes (BUDGET_S, install):
 #   carry: [".whl-serving", ".redis-bin"]    timeout_s: 600
 #   command: RUVON_COMMIT=<git rev-parse HEAD, pasted> bash bench/serving_device.sh
+# If log.txt says NOT RUN for gpt2's shapes (GPT-2 XL took the budget), a second call with the same carry:
+#   command: RUVON_COMMIT=<same> MODELS=gpt2 bash bench/serving_device.sh
 #
 # Each model gets its own bench/serving.py process per shape (so one that runs out of time costs only its rows,
 # and every shape starts on an empty GPU); a process that would start with under 45 s left is recorded as not
@@ -31,7 +34,9 @@
 # Knobs (environment): MODELS (default "gpt2-xl gpt2"), REQUESTS (256), NEW_TOKENS (128), MIN_PROMPT (16),
 # MAX_PROMPT (128), NUM_BLOCKS (4096 blocks of 16 tokens), RATES_<model> (Poisson requests/s, e.g.
 # RATES_gpt2_xl="8 24 48"), DEVICE (cuda: stop unless torch sees a GPU; cpu: hide any GPU, for the local proof).
-# The local proof, on CPU with the tiny shape, from a virtualenv holding only the GPU image's packages:
+# The local proof, on CPU with the tiny shape, from a virtualenv holding only the GPU image's packages (a bare
+# venv whose site-packages link torch, numpy, transformers, safetensors, tokenizers, tiktoken, triton, matplotlib
+# and their dependencies from .venv, nothing of the web tier):
 #   OUT=/tmp/devout DEVICE=cpu MODELS=tiny REQUESTS=8 NEW_TOKENS=8 MAX_PROMPT=16 NUM_BLOCKS=256 \
 #     RATES_tiny="2 4" PYTHON=/tmp/gpusim/bin/python bash bench/serving_device.sh
 set -uo pipefail
