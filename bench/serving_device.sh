@@ -8,11 +8,11 @@
 #
 # The GPU image (python3 3.12) has torch, triton, transformers, safetensors, tokenizers, tiktoken, numpy and
 # matplotlib, and none of the web tier, no redis-server, no PostgreSQL and no internet. So two ignored folders
-# travel with the tree (about 43 MiB with it, of the 64 MiB a call may carry):
+# travel with the tree (about 44 MiB with it, of the 64 MiB a call may carry):
 #   .whl-serving/   27 MiB: cp312 manylinux wheels of the web tier and the bench (Django's catalogues other than
 #                   en dropped for size), plus assets/whisper/assets/gpt2.tiktoken (the GPT-2 BPE ranks the
 #                   tokenizer finds as the openai-whisper package's file; whisper itself is not needed);
-#   .redis-bin/     8.4 MiB: Debian 12's redis-server 7.0 (glibc 2.34 suffices) with the libraries an Ubuntu
+#   .redis-bin/     9.2 MiB: Debian 12's redis-server 7.0 (glibc 2.34 suffices) with the libraries an Ubuntu
 #                   image may lack, behind a wrapper that sets LD_LIBRARY_PATH for redis-server alone.
 # The production shape keeps its data in SQLite there (--database sqlite); the usage ingester writes it.
 # PYTHON_TAG=311 ... prepare builds .whl-serving-311/ for the local CPU proof on Python 3.11 (the run picks
@@ -99,11 +99,14 @@ EOF
 prepare_redis() {
     local tmp
     tmp=$(mktemp -d)
-    (cd "$tmp" && apt-get download redis-server redis-tools libjemalloc2 liblzf1 libatomic1 libssl3) || return 1
+    (cd "$tmp" && apt-get download redis-server redis-tools libjemalloc2 liblzf1 libatomic1 libssl3 libsystemd0) || return 1
     for deb in "$tmp"/*.deb; do dpkg -x "$deb" "$tmp/x"; done
     rm -rf .redis-bin && mkdir -p .redis-bin/bin .redis-bin/lib || return 1
     cp "$tmp/x/usr/bin/redis-check-rdb" .redis-bin/lib/redis-server  # Debian's redis-server is this binary
-    cp -P "$tmp"/x/usr/lib/x86_64-linux-gnu/lib{jemalloc,lzf,atomic,ssl,crypto}.so* .redis-bin/lib/
+    local lib  # each soname as a plain file: links in a carried folder are best avoided
+    for lib in libjemalloc.so.2 liblzf.so.1 libatomic.so.1 libssl.so.3 libcrypto.so.3 libsystemd.so.0; do
+        cp -L "$(find "$tmp/x" -name "$lib" | head -n 1)" .redis-bin/lib/ || return 1
+    done
     cat >.redis-bin/bin/redis-server <<'EOF'
 #!/bin/sh
 # Debian's redis-server with the libraries carried beside it (for this process only).
