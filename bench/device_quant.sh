@@ -20,6 +20,13 @@ if [[ $MODE == tune || $MODE == all ]]; then
   grep -v "^  skip" "$OUT/tune.txt" | grep -E "GB/s|copy|wrote|Error|error" | tail -90
   cp kernels/tuned_configs.json bench/results/quant_tune.json "$OUT/" 2>/dev/null
 fi
+if [[ $MODE == int4 ]]; then
+  el "int4 tune (quick grid)"
+  timeout ${TUNE_S:-90} python3 bench/quant_tune.py --quick --shape gpt2-xl --rows 1 --format int4-g64 \
+    --format int4-g128 --write --name quant_tune_int4 > "$OUT/tune_int4.txt" 2>&1
+  grep -E "GB/s|wrote|Error" "$OUT/tune_int4.txt" | tail -12
+  cp kernels/tuned_configs.json "$OUT/" 2>/dev/null
+fi
 if [[ $MODE == latency || $MODE == all ]]; then
   for shape in ${SHAPES:-gpt2 gpt2-xl}; do
     for q in ${SCHEMES:-none int8 int4-g64}; do

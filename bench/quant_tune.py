@@ -46,11 +46,15 @@ FORMATS["int4-g128"] = (INT4, 128)
 BLOCK_K = {FP: (128, 256), INT8: (128, 256), INT4: (None, 256, 512)}
 
 
+QUICK = False  # --quick: a smaller grid (BLOCK_N 32/64, two stages, split 1/4/8)
+
+
 def grid(code: int) -> list[GemmConfig]:
     """Return the launch shapes tried for one weight format."""
+    block_n, stages, splits = ((32, 64), (2,), (1, 4, 8)) if QUICK else ((16, 32, 64), (2, 4), (1, 2, 4, 8))
     return [
         GemmConfig(block_n=n, block_k=k, num_stages=s, split_k=split)
-        for n, k, s, split in itertools.product((16, 32, 64), BLOCK_K[code], (2, 4), (1, 2, 4, 8))
+        for n, k, s, split in itertools.product(block_n, BLOCK_K[code], stages, splits)
     ]
 
 
@@ -155,7 +159,10 @@ def main() -> None:
     parser.add_argument("--format", action="append", choices=sorted(FORMATS))
     parser.add_argument("--name", default="quant_tune", help="results go to bench/results/NAME.json")
     parser.add_argument("--write", action="store_true", help=f"write the winners to {TUNED_PATH}")
+    parser.add_argument("--quick", action="store_true", help="a smaller grid of launch shapes")
     args = parser.parse_args()
+    global QUICK
+    QUICK = args.quick
     started = time.time()
     info = run_info("cuda")
     copy = info.get("copy_GB_s") or info.get("copy_gb_s")
