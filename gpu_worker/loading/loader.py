@@ -116,7 +116,8 @@ class ModelSource:
         if self.kind == "random":
             return _random_shape(_parse_random_spec(self.spec, 0)[0]).arch
         if self.kind == "gguf":
-            return "llama"  # the only GGUF architecture the loader reads
+            # Unread (mapping a GGUF takes seconds): a GGUF's tokenizer comes from the file, whatever its arch.
+            return "llama"
         assert self.path is not None
         return read_hf_config(self.path).arch
 
@@ -203,7 +204,7 @@ def _load_gguf(
     model, params = _empty_model(config, dtype, device, scheme)
     _fill(model, read_gguf_tensors(reader, config, keep), desc=name)
     how = f"from {'/'.join(sorted(keep))} GGUF {path.name}" if keep else f"at load from GGUF {path.name}"
-    label = f"{name} (llama, {params}, " + (
+    label = f"{name} ({config.arch}, {params}, " + (
         f"{scheme.describe()} {how})" if scheme else f"dequantised from {path.name})"
     )
     return LoadedModel(model, config, name, label, False, "gguf", path)
