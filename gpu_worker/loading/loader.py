@@ -87,6 +87,8 @@ RANDOM_SHAPES: dict[str, ModelConfig] = {
         eos_token_ids=(2,),
     ),
 }
+# Qwen2's composition (q/k/v biases, a larger rope theta) on the same shape and vocabulary.
+RANDOM_SHAPES["tiny-qwen2"] = replace(RANDOM_SHAPES["tiny-llama"], arch="qwen2", qkv_bias=True, rope_theta=1e6)
 
 
 @dataclass
@@ -305,7 +307,7 @@ def _random_shape(shape: str) -> ModelConfig:
 
 def random_hf_config(shape: str) -> PretrainedConfig:
     """Return a transformers config of the same shape as random:<shape>, to build an HF peer model."""
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     c = _random_shape(shape)
     tokens: dict[str, Any] = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_ids[0]}
@@ -321,7 +323,8 @@ def random_hf_config(shape: str) -> PretrainedConfig:
             activation_function="gelu_new",
             **tokens,
         )
-    return LlamaConfig(
+    config_class = Qwen2Config if c.arch == "qwen2" else LlamaConfig
+    return config_class(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
         intermediate_size=c.intermediate_size,
