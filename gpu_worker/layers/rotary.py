@@ -21,10 +21,15 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tenso
     original / low_freq_factor divided by `factor`, below original / high_freq_factor kept, a smooth blend
     of the two in between."""
     original = scaling.original_max_position_embeddings
-    low_freq_wavelen, high_freq_wavelen = original / scaling.low_freq_factor, original / scaling.high_freq_factor
+    low_freq_wavelen, high_freq_wavelen = (
+        original / scaling.low_freq_factor,
+        original / scaling.high_freq_factor,
+    )
     wavelen = 2 * math.pi / inv_freq
     stretched = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
-    smooth = (original / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smooth = (original / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
     blended = (1 - smooth) * stretched / scaling.factor + smooth * stretched
     medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return torch.where(medium, blended, stretched)

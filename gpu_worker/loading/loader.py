@@ -88,7 +88,9 @@ RANDOM_SHAPES: dict[str, ModelConfig] = {
     ),
 }
 # Qwen2's composition (q/k/v biases, a larger rope theta) on the same shape and vocabulary.
-RANDOM_SHAPES["tiny-qwen2"] = replace(RANDOM_SHAPES["tiny-llama"], arch="qwen2", qkv_bias=True, rope_theta=1e6)
+RANDOM_SHAPES["tiny-qwen2"] = replace(
+    RANDOM_SHAPES["tiny-llama"], arch="qwen2", qkv_bias=True, rope_theta=1e6
+)
 
 
 @dataclass

@@ -64,7 +64,9 @@ def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
             f"{', '.join(map(repr, GGUF_ARCHES))} GGUFs"
         )
     meta = {
-        key.removeprefix(f"{arch}."): _field(reader, key) for key in reader.fields if key.startswith(f"{arch}.")
+        key.removeprefix(f"{arch}."): _field(reader, key)
+        for key in reader.fields
+        if key.startswith(f"{arch}.")
     }
     shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
     try:

@@ -68,7 +68,9 @@ def _tiny(shape: str, **changes: object) -> transformers.PretrainedConfig:
     return config
 
 
-def _tiny_family(cls: type[transformers.PretrainedConfig], **changes: object) -> transformers.PretrainedConfig:
+def _tiny_family(
+    cls: type[transformers.PretrainedConfig], **changes: object
+) -> transformers.PretrainedConfig:
     """Return tiny-llama's shape as another Llama-family config class (Qwen2Config, MistralConfig, ...)."""
     shape = random_hf_config("tiny-llama").to_dict()
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -123,7 +125,9 @@ def test_it_matches_hf_logits_over_paged_decode_steps(name: str, tmp_path: Path)
 
 
 @torch.inference_mode()
-def _prefill_then_decode(model: torch.nn.Module, prompt: list[int], steps: int) -> tuple[torch.Tensor, list[int]]:
+def _prefill_then_decode(
+    model: torch.nn.Module, prompt: list[int], steps: int
+) -> tuple[torch.Tensor, list[int]]:
     """Prefill `prompt` in one step, then decode `steps` greedy tokens one step each over the paged cache;
     return the logits of every position [len(prompt) + steps, V] and the steps + 1 tokens chosen."""
     block_size = 16
@@ -192,7 +196,9 @@ def _write_gguf(hf: transformers.PreTrainedModel, path: Path) -> Path:
     ],
     ids=["mistral-window", "qwen2-window", "llama-yarn"],
 )
-def test_it_refuses_attention_it_does_not_implement(config: transformers.PretrainedConfig, tmp_path: Path) -> None:
+def test_it_refuses_attention_it_does_not_implement(
+    config: transformers.PretrainedConfig, tmp_path: Path
+) -> None:
     config.save_pretrained(tmp_path)
     expected = "yarn" if config.model_type == "llama" else "sliding-window attention"
     with pytest.raises(ModelLoadError, match=expected):

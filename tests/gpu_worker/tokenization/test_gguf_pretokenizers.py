@@ -89,7 +89,9 @@ def qwen2(tmp_path_factory: pytest.TempPathFactory) -> tuple[RuvonTokenizer, Any
 @pytest.fixture(scope="module")
 def llama3(tmp_path_factory: pytest.TempPathFactory) -> tuple[RuvonTokenizer, Any]:
     tokens, merges = _vocab_and_merges(_train(LLAMA3_SPLIT_PATTERN))
-    path = _write_gguf(tmp_path_factory.mktemp("llama3") / "llama3.gguf", "llama", "llama-bpe", tokens, merges)
+    path = _write_gguf(
+        tmp_path_factory.mktemp("llama3") / "llama3.gguf", "llama", "llama-bpe", tokens, merges
+    )
     reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return RuvonTokenizer.from_gguf(path), reference
 
@@ -103,7 +105,9 @@ def test_it_encodes_like_transformers(family: str, request: pytest.FixtureReques
         assert ours.decode(ids) == reference.decode(ids)
 
 
-def test_it_splits_digits_by_family(qwen2: tuple[RuvonTokenizer, Any], llama3: tuple[RuvonTokenizer, Any]) -> None:
+def test_it_splits_digits_by_family(
+    qwen2: tuple[RuvonTokenizer, Any], llama3: tuple[RuvonTokenizer, Any]
+) -> None:
     # Qwen2 gives every digit its own piece; Llama 3 groups up to three (so 7 digits are 3 pieces).
     assert len(qwen2[0].encode("1234567")) == 7
     assert [llama3[0].token_bytes(i) for i in llama3[0].encode("1234567")][-1] == b"7"
