@@ -45,7 +45,7 @@ def make_peer(shape: str, root: Path, seed: int = 0) -> Peer:
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     path = root / shape
     model.save_pretrained(path)
-    if config.model_type == "llama":
+    if config.model_type in ("llama", "qwen2"):
         # Llama-shaped random weights speak SmolLM2's vocabulary; give the directory that tokenizer.
         Tokenizer.from_gguf(smollm2_gguf_path())._backend.tokenizer.save(str(path / "tokenizer.json"))  # type: ignore[attr-defined]
     return Peer(path, model)

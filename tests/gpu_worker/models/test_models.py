@@ -15,7 +15,7 @@ from gpu_worker.errors import ModelLoadError
 from gpu_worker.layers.context import AttentionMetadata
 from gpu_worker.layers.linear import MergedLinear
 from gpu_worker.loading.assets import smollm2_gguf_path
-from gpu_worker.loading.loader import LoadedModel, load_model, random_hf_config
+from gpu_worker.loading.loader import LoadedModel, load_model, random_hf_config, requantize
 from gpu_worker.models import GPT2ForCausalLM, LlamaForCausalLM, build_model
 from gpu_worker.runner.kv_cache import allocate_kv_cache, forward_dense
 
@@ -163,6 +163,16 @@ def test_it_loads_a_qwen2_gguf_like_hf(tmp_path: Path) -> None:
     loaded = load_model(str(path))
     assert loaded.config.arch == "qwen2" and loaded.config.qkv_bias
     torch.testing.assert_close(forward_dense(loaded.model, PROMPT), _hf_logits(hf, PROMPT), atol=1e-4, rtol=0)
+
+
+def test_it_quantises_qwen2_with_its_biases_per_shard(tmp_path: Path) -> None:
+    # Quantised at load, q/k/v biases arrive one shard at a time; quantised from the loaded model, whole.
+    _hf_peer(FAMILY_CONFIGS["tiny-qwen2-untied"](), tmp_path)
+    at_load = load_model(str(tmp_path), quantization="int8").model
+    from_full = requantize(load_model(str(tmp_path)), "int8").model
+    torch.testing.assert_close(
+        forward_dense(at_load, PROMPT), forward_dense(from_full, PROMPT), atol=1e-5, rtol=0
+    )
 
 
 def _write_gguf(hf: transformers.PreTrainedModel, path: Path) -> Path:
