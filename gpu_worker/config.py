@@ -43,6 +43,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None  # None: plain RoPE
     qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2), the output projection never does
+    sliding_window: int | None = None  # Mistral: each token attends to the last this many (itself included)
     tie_word_embeddings: bool = True
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()

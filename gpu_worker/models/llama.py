@@ -52,7 +52,9 @@ class LlamaAttention(nn.Module):
         shards = {"q_proj": self.q_size, "k_proj": self.kv_size, "v_proj": self.kv_size}
         self.qkv_proj = MergedLinear(context, config.hidden_size, shards, bias=config.qkv_bias)
         self.o_proj = Linear(context, self.q_size, config.hidden_size)
-        self.attn = PagedAttention(context, self.num_heads, self.num_kv_heads, self.head_dim)
+        self.attn = PagedAttention(
+            context, self.num_heads, self.num_kv_heads, self.head_dim, config.sliding_window
+        )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]

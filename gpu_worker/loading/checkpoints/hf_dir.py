@@ -89,18 +89,26 @@ def _rope(raw: dict[str, Any]) -> tuple[str, float, RopeScaling | None]:
     return rope_type, theta, scaling
 
 
-def _sliding_window(raw: dict[str, Any], model_type: str) -> bool:
-    """Return whether any layer's attention slides within the context the model can take (Ruvon's paged
-    attention attends over the whole context, so a window at least that long never slides)."""
+def _sliding_window(raw: dict[str, Any], model_type: str) -> int | None:
+    """Return Mistral's window, or None where it never slides (at least as long as the model's context)."""
     window = raw.get("sliding_window")
-    if model_type == "qwen2":  # Qwen2 carries a window but applies it only with use_sliding_window
-        layer_types = raw.get("layer_types") or []
-        return bool(raw.get("use_sliding_window")) or "sliding_attention" in layer_types
-    return window is not None and int(window) < int(raw.get("max_position_embeddings", 2048))
+    if (
+        model_type != "mistral"
+        or window is None
+        or int(window) >= int(raw.get("max_position_embeddings", 2048))
+    ):
+        return None
+    return int(window)
+
+
+def _windows_some_layers(raw: dict[str, Any]) -> bool:
+    """Return whether a Qwen2-style config slides on some layers only (use_sliding_window, layer_types)."""
+    return bool(raw.get("use_sliding_window")) or "sliding_attention" in (raw.get("layer_types") or [])
 
 
 def _llama_family_config(raw: dict[str, Any], config_path: Path) -> ModelConfig:
-    """Llama, Qwen2 and Mistral configs: one composition; Qwen2 always has q/k/v biases, the others none."""
+    """Llama, Qwen2 and Mistral configs: one composition; Qwen2 always has q/k/v biases, the others none;
+    Mistral's window applies to every layer."""
     model_type = raw["model_type"]
     hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
     rope_type, theta, scaling = _rope(raw)
@@ -113,8 +121,9 @@ def _llama_family_config(raw: dict[str, Any], config_path: Path) -> ModelConfig:
             f"rope_type={rope_type}": rope_type not in ("default", "llama3"),
             "head_dim != hidden_size / num_attention_heads": (raw.get("head_dim") or hidden // heads) * heads
             != hidden,
-            f"sliding-window attention (sliding_window={raw.get('sliding_window')}; Ruvon's paged attention "
-            "sees the whole context)": _sliding_window(raw, model_type),
+            "sliding-window attention on some layers only (use_sliding_window, layer_types)": (
+                _windows_some_layers(raw)
+            ),
         },
     )
     return ModelConfig(
@@ -130,6 +139,7 @@ def _llama_family_config(raw: dict[str, Any], config_path: Path) -> ModelConfig:
         rope_theta=theta,
         rope_scaling=scaling,
         qkv_bias=model_type == "qwen2",
+        sliding_window=_sliding_window(raw, model_type),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_eos_ids(raw),
