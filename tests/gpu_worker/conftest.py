@@ -46,9 +46,13 @@ def make_peer(shape: str, root: Path, seed: int = 0) -> Peer:
     path = root / shape
     model.save_pretrained(path)
     if config.model_type in ("llama", "qwen2"):
-        # Llama-shaped random weights speak SmolLM2's vocabulary; give the directory that tokenizer.
-        Tokenizer.from_gguf(smollm2_gguf_path())._backend.tokenizer.save(str(path / "tokenizer.json"))  # type: ignore[attr-defined]
+        save_smollm2_tokenizer(path)
     return Peer(path, model)
+
+
+def save_smollm2_tokenizer(path: Path) -> None:
+    """Give a model directory SmolLM2's tokenizer.json: the Llama-family random shapes speak its vocabulary."""
+    Tokenizer.from_gguf(smollm2_gguf_path())._backend.tokenizer.save(str(path / "tokenizer.json"))  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")

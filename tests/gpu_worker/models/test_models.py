@@ -11,6 +11,8 @@ import pytest
 import torch
 import transformers
 
+from gpu_worker.config import EngineConfig, SamplingParams
+from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.errors import ModelLoadError
 from gpu_worker.layers.context import AttentionMetadata
 from gpu_worker.layers.linear import MergedLinear
@@ -18,6 +20,7 @@ from gpu_worker.loading.assets import smollm2_gguf_path
 from gpu_worker.loading.loader import LoadedModel, load_model, random_hf_config, requantize
 from gpu_worker.models import GPT2ForCausalLM, LlamaForCausalLM, build_model
 from gpu_worker.runner.kv_cache import allocate_kv_cache, forward_dense
+from tests.gpu_worker.conftest import save_smollm2_tokenizer
 
 PROMPT = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 198, 40, 1101, 1807, 257, 11, 290, 345]
 
@@ -156,6 +159,19 @@ def _prefill_then_decode(
         rows.append(step(tokens[-1:], len(prompt) + i))
         tokens.append(int(rows[-1][-1].argmax()))
     return torch.cat(rows), tokens
+
+
+def test_it_generates_like_hf_with_a_window_over_chunked_prefill(tmp_path: Path) -> None:
+    # Prefill in chunks of 7 tokens: each chunk's rows see a window that starts in the chunk before.
+    hf = _hf_peer(FAMILY_CONFIGS["tiny-mistral-window-5"](), tmp_path)
+    save_smollm2_tokenizer(tmp_path)
+    config = EngineConfig(
+        model=str(tmp_path), device="cpu", dtype="float32", num_blocks=16, max_num_batched_tokens=7
+    )
+    [out] = LLMEngine(config).generate(
+        [PROMPT], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    )
+    assert out.token_ids[0] == _hf_greedy(hf, PROMPT, 6)
 
 
 def test_it_loads_a_qwen2_gguf_like_hf(tmp_path: Path) -> None:
