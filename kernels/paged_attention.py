@@ -98,12 +98,11 @@ def _attend_tile(
         scores = tl.where((keys[None, :] <= positions[:, None]) & key_mask[None, :], scores, float("-inf"))
     elif MASK_KEYS:
         scores = tl.where(key_mask[None, :], scores, float("-inf"))
+    if WINDOWED:
+        scores = tl.where(keys[None, :] >= window_lo[:, None], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     m_safe = m_new  # without a window the first tile holds a visible key for every row: m_new is finite
-    if WINDOWED:
-        # A row may see no key of a tile below its window: keep its max finite so exp2 gives 0, not NaN.
-        scores = tl.where(keys[None, :] >= window_lo[:, None], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
+    if WINDOWED:  # a row may see no key yet: keep its max finite so exp2 gives 0, not NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(scores - m_safe[:, None])
@@ -309,7 +308,7 @@ def _prefill_kernel(
         )  # fmt: skip
     # The diagonal: the tile's last row sees keys up to its own position, so stop there.
     kv_end = tl.minimum(context_len, prefix_len + (tile + 1) * BLOCK_M)
-    for tile_start in range(full_end, kv_end, BLOCK_N):  # first <= full_end: the window starts before
+    for tile_start in range(full_end, kv_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_head_ptr, v_head_ptr, table_row, tile_start, kv_end, positions, window_lo, dims,
             dim_mask, scale_log2, stride_cache_block, stride_cache_slot, PAGE_SIZE, BLOCK_N, DOT_DTYPE, PRECISION,
