@@ -28,7 +28,16 @@ class FamilySupport:
 
 def _quantizable(arch: str) -> bool:
     """Return whether quantize() finds projections to swap in a small model of `arch` (on the meta device)."""
-    config = ModelConfig(arch, 256, 128, 1, 4, 4, 256, 64)  # type: ignore[arg-type]
+    config = ModelConfig(
+        arch=arch,  # type: ignore[arg-type]
+        vocab_size=256,
+        hidden_size=128,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=64,
+    )
     with torch.device("meta"):
         return bool(quantize(build_model(config), QuantScheme(8, None)))
 
