@@ -82,6 +82,9 @@ class StackConfig:
     # Redis with an append-only file fsynced on every write, as production runs it: a restart keeps the
     # jobs and events in flight (restart_redis). Off: a restart loses them.
     redis_aof: bool = False
+    start_timeout_s: float = (
+        120  # for a worker's first heartbeat, and then for the web tier to list the model
+    )
     label: str = "stress"  # names the database and the work folder (ruvon_<label>_<random>)
 
 
@@ -172,10 +175,11 @@ class Stack:
         before = set(self.heartbeats())
         proc = self._spawn("worker", "manage.py", "gpu_worker", *self.config.worker_args, *extra)
         self.workers.append(proc)
-        self._wait(lambda: set(self.heartbeats()) - before, 120, f"worker {proc.pid} did not announce itself")
+        announced = lambda: set(self.heartbeats()) - before  # noqa: E731
+        self._wait(announced, self.config.start_timeout_s, f"worker {proc.pid} did not announce itself")
         return proc
 
-    def wait_ready(self, timeout_s: float = 120) -> None:
+    def wait_ready(self, timeout_s: float | None = None) -> None:
         """Wait until every web process lists the model with a context length (a worker reported)."""
         key = next(iter(self.keys.values()))
 
@@ -191,7 +195,7 @@ class Stack:
                     return False
             return True
 
-        self._wait(ready, timeout_s, "the web processes did not come up")
+        self._wait(ready, timeout_s or self.config.start_timeout_s, "the web processes did not come up")
 
     def _wait(self, condition: Any, timeout_s: float, message: str) -> Any:
         deadline = time.monotonic() + timeout_s

@@ -31,10 +31,12 @@ class Features:
     quantization: str
     speculative: str
     lora: bool
+    max_num_seqs: int = 64  # 1: one request at a time (the "plain" row of part 20's feature table)
 
     def worker_args(self, metrics_port: int) -> list[str]:
         args = ["--heartbeat-s", "1", "--metrics-port", str(metrics_port)]
         args += ["--quantization", self.quantization, "--speculative", self.speculative]
+        args += ["--max-num-seqs", str(self.max_num_seqs)]
         return args + (["--enable-lora"] if self.lora else [])
 
 
@@ -52,6 +54,7 @@ def features_for(args: argparse.Namespace, cuda: bool) -> Features:
         quantization=quantization,
         speculative=args.speculative,
         lora=model == "smollm2" and shipped and not args.no_lora,
+        max_num_seqs=args.max_num_seqs,
     )
 
 
@@ -68,6 +71,7 @@ def add_showcase_parser(sub: Any) -> None:
     )
     p.add_argument("--speculative", default="ngram", help="none, ngram or draft:<model> (default ngram)")
     p.add_argument("--no-lora", action="store_true", help="no demo adapter, no users on it")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step (1: no batching)")
     p.add_argument("--num-blocks", type=int, help="KV-cache blocks (default: 256 on CPU, sized on a GPU)")
     p.add_argument("--users", type=int, help="simulated users (default 64 on a GPU, 8 on CPU; --short 3)")
     p.add_argument("--requests-per-user", type=int, help="requests each user sends in turn (default 4)")
@@ -97,7 +101,7 @@ def run_showcase(args: argparse.Namespace) -> int:
     config = StackConfig(
         model=features.model, served_name=features.served_name, num_blocks=features.num_blocks,
         keys={TENANT: {}}, settings={"RUVON_ENABLE_LORA": "1" if features.lora else "0"},
-        worker_args=features.worker_args(metrics_port), label="showcase",
+        worker_args=features.worker_args(metrics_port), label="showcase", start_timeout_s=600,
     )  # fmt: skip
     out = args.out or Path("var") / "showcase" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     print(f"starting the production shape: {features}", flush=True)
