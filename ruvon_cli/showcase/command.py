@@ -33,11 +33,14 @@ class Features:
     speculative: str
     lora: bool
     max_num_seqs: int = 64  # 1: one request at a time (the "plain" row of part 20's feature table)
+    enforce_eager: bool = False  # no CUDA graphs (GPU only)
 
     def worker_args(self, metrics_port: int) -> list[str]:
         args = ["--heartbeat-s", "1", "--metrics-port", str(metrics_port)]
         args += ["--quantization", self.quantization, "--speculative", self.speculative]
-        args += ["--max-num-seqs", str(self.max_num_seqs)]
+        args += ["--max-num-seqs", str(self.max_num_seqs)] + (
+            ["--enforce-eager"] if self.enforce_eager else []
+        )
         return args + (["--enable-lora"] if self.lora else [])
 
 
@@ -56,6 +59,7 @@ def features_for(args: argparse.Namespace, cuda: bool) -> Features:
         speculative=args.speculative,
         lora=model == "smollm2" and shipped and not args.no_lora,
         max_num_seqs=args.max_num_seqs,
+        enforce_eager=args.enforce_eager,
     )
 
 
@@ -73,6 +77,7 @@ def add_showcase_parser(sub: Any) -> None:
     p.add_argument("--speculative", default="ngram", help="none, ngram or draft:<model> (default ngram)")
     p.add_argument("--no-lora", action="store_true", help="no demo adapter, no users on it")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step (1: no batching)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--num-blocks", type=int, help="KV-cache blocks (default: 256 on CPU, sized on a GPU)")
     p.add_argument("--users", type=int, help="simulated users (default 64 on a GPU, 8 on CPU; --short 3)")
     p.add_argument("--requests-per-user", type=int, help="requests each user sends in turn (default 4)")

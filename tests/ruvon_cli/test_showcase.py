@@ -79,9 +79,15 @@ def test_it_reports_every_difference_between_the_users_and_the_usage_records() -
 def test_it_runs_the_short_showcase_and_its_report_equals_the_usage_records(tmp_path: Path) -> None:
     out = tmp_path / "report"
     argv = ["showcase", "--short", "--model", "random:tiny", "--no-live", "--out", str(out)]
-    done = subprocess.run([sys.executable, "-m", "ruvon_cli", *argv], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "ruvon_cli", *argv], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:  # SIGTERM: the showcase stops its redis-server, workers and database
+            proc.terminate()
+            proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-5000:]
     report = json.loads((out / "report.json").read_text())
     assert all((out / name).stat().st_size > 0 for name in ("timeline.png", "latency.png"))
     requests, usage, summary = report["requests"], report["usage_records"], report["summary"]
@@ -104,4 +110,4 @@ def test_it_runs_the_short_showcase_and_its_report_equals_the_usage_records(tmp_
         assert summary[mine] == pytest.approx(sum(u[theirs] for u in usage.values()), abs=1e-9), mine
         assert summary[mine] == pytest.approx(sum(r[mine] for r in requests), abs=1e-9), mine
     assert 0 < summary["completion_tokens"] <= 6 * 12 and summary["cost_usd"] > 0
-    assert report["timeline"] and "/costs/" in done.stdout
+    assert report["timeline"] and "/costs/" in output
