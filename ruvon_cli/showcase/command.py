@@ -152,6 +152,10 @@ def serve_users(
     users, per_user, max_tokens = plan_sizes(args, cuda)
     base = features.served_name
     plan = UserPlan(users, per_user, max_tokens, (base, base, adapter) if adapter else (base,))
+    # One short request per model first, outside the measurement: the first steps of a fresh worker (and an
+    # adapter's first load into its slot) would otherwise land in the first users' TTFT.
+    warm_plan = UserPlan(len(set(plan.models)), 1, 4, tuple(dict.fromkeys(plan.models)))
+    warm = asyncio.run(Load(warm_plan).run(stack.urls[0], stack.keys[TENANT]))
     load = Load(plan)
     live = not args.no_live and sys.stdout.isatty()
     monitor = Monitor(f"http://127.0.0.1:{metrics_port}/metrics", load, users * per_user, live)
@@ -168,7 +172,9 @@ def serve_users(
         "plan": asdict(plan),
         "summary": rep.summary(records, wall),
         "engine_finished_requests": finished,
-        "problems": rep.check(records, usage, finished),
+        "problems": [f"warm-up: {r.error}" for r in warm if r.error]
+        + rep.check(records, usage, finished, warmup={r.request_id or "" for r in warm}),
+        "warmup_request_ids": [r.request_id for r in warm],
         "requests": [asdict(r) for r in records],
         "timeline": rep.timeline_rows(monitor.timeline),
         "usage_records": usage,

@@ -42,10 +42,14 @@ def summary(records: list[RequestRecord], wall_s: float) -> dict[str, Any]:
 
 
 def check(
-    records: list[RequestRecord], usage: dict[str, dict[str, Any]], engine_finished: float | None
+    records: list[RequestRecord],
+    usage: dict[str, dict[str, Any]],
+    engine_finished: float | None,
+    warmup: set[str] | frozenset[str] = frozenset(),
 ) -> list[str]:
     """Return what is wrong: a request that failed or did not end exactly once, and any difference between
-    what a user was told (tokens, cost, price) and its usage record; no record may be left over."""
+    what a user was told (tokens, cost, price) and its usage record; no record but the warm-up's may be
+    left over."""
     problems = [f"user {r.user} request {r.index}: {r.error}" for r in records if r.error]
     problems += [
         f"{r.request_id}: ended {len(r.finish_reasons)} times" for r in records if len(r.finish_reasons) != 1
@@ -55,7 +59,8 @@ def check(
         problems.append(f"{len(records)} requests but {len(set(ids))} distinct request ids")
     for r in records:
         problems += _against_record(r, usage.get(r.request_id or ""))
-    problems += [f"{rid}: a usage record no request of the run made" for rid in sorted(set(usage) - set(ids))]
+    extra = sorted(set(usage) - set(ids) - warmup)
+    problems += [f"{rid}: a usage record no request of the run made" for rid in extra]
     if engine_finished is not None and engine_finished != len(records):
         problems.append(f"the engine finished {engine_finished:g} requests, the users sent {len(records)}")
     return problems

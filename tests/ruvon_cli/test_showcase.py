@@ -71,6 +71,8 @@ def test_it_reports_every_difference_between_the_users_and_the_usage_records() -
     for records, usage, expected in cases:
         assert expected in " ".join(check(records, usage, engine_finished=len(records))), expected
     assert "the engine finished 2" in " ".join(check([good], {"req_a": _usage()}, engine_finished=2))
+    warm = {"req_a": _usage(), "req_w": _usage()}
+    assert check([good], warm, engine_finished=1, warmup={"req_w"}) == []  # the warm-up's own record
 
 
 @pytest.mark.slow
@@ -90,7 +92,9 @@ def test_it_runs_the_short_showcase_and_its_report_equals_the_usage_records(tmp_
     assert proc.returncode == 0, output[-5000:]
     report = json.loads((out / "report.json").read_text())
     assert all((out / name).stat().st_size > 0 for name in ("timeline.png", "latency.png"))
-    requests, usage, summary = report["requests"], report["usage_records"], report["summary"]
+    requests, summary, warm = report["requests"], report["summary"], report["warmup_request_ids"]
+    usage = {rid: u for rid, u in report["usage_records"].items() if rid not in warm}
+    assert len(warm) == 1 and not set(warm) & {r["request_id"] for r in requests}
     assert report["problems"] == [] and report["random_weights"] is True
     # Every request ended exactly once: one finish reason each, one engine ending each, one record each.
     assert (
