@@ -108,7 +108,7 @@ def run_showcase(args: argparse.Namespace) -> int:
     metrics_port = free_port()
     config = StackConfig(
         model=features.model, served_name=features.served_name, num_blocks=features.num_blocks,
-        keys={TENANT: {}}, settings={"RUVON_ENABLE_LORA": "1" if features.lora else "0"},
+        keys={TENANT: {}}, settings=stack_settings(features, cuda),
         worker_args=features.worker_args(metrics_port), label="showcase", start_timeout_s=600,
     )  # fmt: skip
     out = args.out or Path("var") / "showcase" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -126,6 +126,15 @@ def run_showcase(args: argparse.Namespace) -> int:
         if args.hold:
             _hold()
     return 1 if report["problems"] else 0
+
+
+def stack_settings(features: Features, cuda: bool) -> dict[str, str]:
+    """Return the web tier's settings for the run. On CPU the deadlines are relaxed: on a small shared box a
+    starved worker can miss heartbeats for seconds, and the demo should measure that, not fail over."""
+    settings = {"RUVON_ENABLE_LORA": "1" if features.lora else "0"}
+    if not cuda:
+        settings |= {"RUVON_WORKER_TIMEOUT_S": "60", "RUVON_MAX_QUEUE_TIME_S": "600"}
+    return settings
 
 
 def register_adapter(stack: Any) -> str | None:
