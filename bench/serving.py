@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     passes = p99_ttft_passes_1s(rows)
     if len(rates) > 1:
         print("lowest rate with p99 TTFT > 1 s:", passes)
+        RESULTS.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no results folder yet
         plot(rows, RESULTS / f"{args.name}.png")
         print("wrote", RESULTS / f"{args.name}.png")
     payload = {"args": vars(args), "commit": source_commit(), "rows": rows, "p99_ttft_over_1s_at": passes,
