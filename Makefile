@@ -5,7 +5,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast lint bench-cpu generate stress clean
+.PHONY: install run test test-fast lint bench-cpu generate stress showcase clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -48,6 +48,11 @@ bench-cpu: install
 # gpu_worker, ingest_usage; random:tiny on CPU); prints the report, exits non-zero if an invariant fails.
 stress: install
 	$(PY) -m bench.stress --requests 10000
+
+# The production shape under simulated users, live (gpt2-xl on a GPU, SmolLM2 on CPU; needs redis-server and
+# PostgreSQL at 127.0.0.1:5432); writes a checked report under var/showcase/ and serves the dashboards until Ctrl-C.
+showcase: install
+	$(PY) -m ruvon_cli showcase --hold $(SHOWCASE_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -2,7 +2,7 @@
 
 - offline: LLMEngine in this process, requests added at their arrival times, no HTTP;
 - embedded: daphne + the in-process engine (`make run`'s shape, started as tests/live_server.py starts it);
-- production: daphne + its own redis-server + `manage.py gpu_worker` + usage ingestion (bench/stack.py).
+- production: daphne + its own redis-server + `manage.py gpu_worker` + usage ingestion (ruvon_cli/stack.py).
 
 The platforms are driven through the official openai SDK (AsyncOpenAI, streaming completions with
 include_usage); each request records its TTFT (send to first text chunk), inter-token gaps (between text
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import random
 import sqlite3
 import sys
@@ -33,10 +32,11 @@ import openai
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS, print_table, source_commit, workload, write_json  # noqa: E402
-from bench.stack import Stack, StackConfig  # noqa: E402
 from gpu_worker.config import SamplingParams  # noqa: E402
 from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
 from gpu_worker.engine_args import engine_config  # noqa: E402
+from ruvon_cli.showcase.stats import ms, percentile, wait_for_usage  # noqa: E402
+from ruvon_cli.stack import Stack, StackConfig  # noqa: E402
 from tests.live_server import start_live_server  # noqa: E402
 
 SHAPES = ("offline", "embedded", "production")
@@ -155,18 +155,6 @@ async def drive(
 # ------------------------------------------------------------------------------------------ summary
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """Return the q-th percentile (0-100) of values, nearest rank; None when there are none."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered), max(1, math.ceil(q * len(ordered) / 100))) - 1]
-
-
-def ms(value: float | None) -> float | None:
-    return None if value is None else round(value * 1e3, 2)
-
-
 def summarise(shape: str, rate: float | None, timings: list[Timing], start: float) -> dict[str, Any]:
     """Return one table row: tokens/s over the run's wall time, TTFT / ITL / end-to-end percentiles."""
     done = [t for t in timings if t.error is None and t.e2e_s is not None]
@@ -256,18 +244,6 @@ def embedded_usage(db: Path) -> dict[str, tuple[str, int]]:
     with sqlite3.connect(db) as conn:
         rows = conn.execute("select request_id, status, completion_tokens from inference_usagerecord")
         return {rid: (status, tokens) for rid, status, tokens in rows.fetchall()}
-
-
-def wait_for_usage(
-    read: Callable[[], dict[str, tuple[str, int]]], ids: list[str], timeout_s: float = 60
-) -> Any:
-    """Return the usage records once every id has one (ingestion is asynchronous), or what is there."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        usage = read()
-        if all(i in usage for i in ids) or time.monotonic() > deadline:
-            return usage
-        time.sleep(0.2)
 
 
 def measure_platform(
@@ -360,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     passes = p99_ttft_passes_1s(rows)
     if len(rates) > 1:
         print("lowest rate with p99 TTFT > 1 s:", passes)
+        RESULTS.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no results folder yet
         plot(rows, RESULTS / f"{args.name}.png")
         print("wrote", RESULTS / f"{args.name}.png")
     payload = {"args": vars(args), "commit": source_commit(), "rows": rows, "p99_ttft_over_1s_at": passes,

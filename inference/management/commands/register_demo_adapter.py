@@ -1,7 +1,8 @@
 """`manage.py register_demo_adapter` (run by bootstrap_demo): the shipped demo LoRA, assets/adapters/smollm2-pirate/,
 registered for the demo tenant as adapter `pirate` on the embedded default model and validated, so
 `"model": "smollm2-135m-instruct:pirate"` works after `make run`. Rerun-safe; skips cleanly when the folder is
-absent or another model is served."""
+absent or another model is served. `--inline` validates in this process against the live workers, without
+Celery (`ruvon showcase` runs it so)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from django.core.files import File
 from django.core.management.base import BaseCommand, CommandError
 
 from accounts.models import Tenant
-from inference.adapters import registry
+from inference.adapters import registry, validation
 from inference.adapters.archive import ADAPTER_CONFIG
 from inference.adapters.tasks import schedule_validation
 from inference.models import Adapter
@@ -35,8 +36,11 @@ class Command(BaseCommand):
         parser.add_argument(
             "--username", default="demo", help="who the upload is recorded as (if they exist)"
         )
+        parser.add_argument(
+            "--inline", action="store_true", help="validate now, here, against a live worker (no Celery)"
+        )
 
-    def handle(self, *args: Any, tenant: str, username: str, **options: Any) -> None:
+    def handle(self, *args: Any, tenant: str, username: str, inline: bool = False, **options: Any) -> None:
         if not (DEMO_DIR / ADAPTER_CONFIG).is_file() or not (DEMO_DIR / WEIGHTS).is_file():
             self.stdout.write(f"demo adapter: none shipped at {DEMO_DIR}; skipped")
             return
@@ -48,10 +52,10 @@ class Command(BaseCommand):
         owner = Tenant.objects.filter(slug=tenant).first()
         if owner is None:
             raise CommandError(f"no tenant {tenant!r}: run bootstrap_demo first")
-        adapter = self._register(owner, username)
+        adapter = self._register(owner, username, inline)
         self.stdout.write(f"demo adapter: {adapter.model_id} ({adapter.status}{self._reason(adapter)})")
 
-    def _register(self, tenant: Tenant, username: str) -> Adapter:
+    def _register(self, tenant: Tenant, username: str, inline: bool) -> Adapter:
         """Return the demo adapter: the one registered already if it is ready with these weights, else a
         fresh upload of them, validated (inline in the embedded mode, which loads the model here)."""
         sha256 = hashlib.sha256((DEMO_DIR / WEIGHTS).read_bytes()).hexdigest()
@@ -68,7 +72,10 @@ class Command(BaseCommand):
             adapter = registry.create_adapter(
                 tenant, user, DEMO_NAME, settings.RUVON_MODEL_NAME, archive, settings.RUVON_MODEL_NAME
             )
-        schedule_validation(adapter)
+        if inline:
+            validation.validate(adapter.pk)
+        else:
+            schedule_validation(adapter)
         adapter.refresh_from_db()
         return adapter
 
