@@ -42,7 +42,7 @@ def main() -> None:
     try:
         for question in QUESTIONS:  # some usage for the cost page
             body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": question}],
-                    "max_tokens": 32, "temperature": 0}  # fmt: skip
+                    "max_tokens": 16, "temperature": 0}  # fmt: skip
             headers = {"Authorization": f"Bearer {server.api_key}"}
             httpx.post(
                 f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=300
@@ -65,10 +65,10 @@ def take(page: Page, server: LiveServer, folder: Path) -> None:
         page, server.url + "/chat/", "document.getElementById('status').textContent.startsWith('connected')"
     )
     page.js("document.getElementById('reset').click(); document.getElementById('temperature').value = '0';"
-            "document.getElementById('max_tokens').value = '120';"
+            "document.getElementById('max_tokens').value = '80';"
             f"document.getElementById('prompt').value = {CHAT_PROMPT!r};"
             "document.getElementById('compose').requestSubmit();")  # fmt: skip
-    page.wait_for("!!document.querySelector('.meta')", timeout_s=300)
+    page.wait_for("!!document.querySelector('.meta')", timeout_s=900)
     save(page, folder / "front-chat.png")
     visit(page, server.url + "/keys/", "!!document.getElementById('create-key')")
     page.js("document.getElementById('id_name').value = 'notebook';"

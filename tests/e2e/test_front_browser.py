@@ -1,14 +1,11 @@
 """The web front in a real headless Chromium against the live server: the landing page and its sign-in and
 sign-out, the chat page (model label, conversation kept across a reload, no empty bubble after an error,
 model text rendered as Markdown and never as HTML), the keys page (a key shown once, working, revoked) and
-the tenant and cost pages. With RUVON_SCREENSHOTS=DIR set, each test also saves its page as a PNG there."""
+the tenant and cost pages."""
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,26 +16,17 @@ from tests.live_server import DEMO_PASSWORD, DEMO_USER, LiveServer, shared_live_
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed")]
 
 
-def open_page(page: Page, server: LiveServer, path: str, ready: str, signed_in: bool = True) -> None:
+def open_page(tab: Page, server: LiveServer, path: str, ready: str, signed_in: bool = True) -> None:
     """Navigate to `path` (with the demo user's session cookie unless signed_in is False) and wait for `ready`."""
-    page.call("Network.enable")
-    page.call("Network.clearBrowserCookies")
+    tab.call("Network.enable")
+    tab.call("Network.clearBrowserCookies")
     if signed_in:
         name, value = server.login_cookie().split("=", 1)
-        page.call("Network.setCookie", name=name, value=value, url=server.url)
-    page.call("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1, mobile=False)
-    page.call("Page.navigate", url=server.url + path)
-    page.wait_for(
+        tab.call("Network.setCookie", name=name, value=value, url=server.url)
+    tab.call("Page.navigate", url=server.url + path)
+    tab.wait_for(
         f"document.readyState === 'complete' && location.pathname === {path.split('?')[0]!r} && !!({ready})"
     )
-
-
-def screenshot(page: Page, name: str) -> None:
-    """Save the page as DIR/name.png when RUVON_SCREENSHOTS=DIR is set (the README's screens)."""
-    folder = os.environ.get("RUVON_SCREENSHOTS")
-    if folder:
-        shot = page.call("Page.captureScreenshot", format="png", captureBeyondViewport=False)
-        (Path(folder) / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
 
 
 def test_it_lands_signs_in_and_signs_out(page: Page) -> None:  # noqa: F811
@@ -47,7 +35,6 @@ def test_it_lands_signs_in_and_signs_out(page: Page) -> None:  # noqa: F811
     assert "ruvon-demo" in page.js("document.getElementById('demo-hint').innerText")
     links = page.js("[...document.querySelectorAll('nav[aria-label=main] a')].map(a => a.textContent)")
     assert links[:5] == ["Chat", "API keys", "Tenant", "Costs", "API docs"]
-    screenshot(page, "landing")
     page.js("document.getElementById('sign-in').click()")
     page.wait_for("location.pathname === '/accounts/login/' && document.readyState === 'complete'")
     page.js(f"document.getElementById('id_username').value = {DEMO_USER!r};"
@@ -84,7 +71,6 @@ def test_it_keeps_the_chat_safe_and_across_reloads(page: Page) -> None:  # noqa:
     assert page.js(f"{last}.querySelector('strong').textContent") == "this"
     assert page.js(f"{last}.querySelector('p code').textContent") == "a<b"
     assert '<img src=x onerror="window.pwned=1">' in page.js(f"{last}.textContent")
-    screenshot(page, "chat")
     # A refused request: an error line, and no empty reply bubble left behind.
     page.js("document.getElementById('temperature').value = '-1';"
             "document.getElementById('prompt').value = 'Hi';"
@@ -108,7 +94,6 @@ def test_it_creates_shows_once_and_revokes_a_key_in_the_keys_page(page: Page) ->
         httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {plaintext}"}).status_code
         == 200
     )
-    screenshot(page, "keys")
     prefix = plaintext.split("_")[1]
     page.call("Page.navigate", url=f"{server.url}/keys/")
     row = f"document.querySelector('tr[data-key=\"{prefix}\"]')"
@@ -129,11 +114,9 @@ def test_it_shows_the_tenant_and_its_costs_on_a_cpu(page: Page) -> None:  # noqa
     assert page.js("document.getElementById('role').textContent") == "owner"
     assert "demo" in page.js("document.getElementById('members').innerText")
     assert page.js("document.getElementById('spend').textContent").startswith("$")
-    screenshot(page, "tenant")
     httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 4},
                headers={"Authorization": f"Bearer {server.api_key}"}, timeout=60)  # fmt: skip
     open_page(page, server, "/costs/?period=1h", "document.querySelectorAll('svg.chart').length === 5")
     tile = page.js("document.querySelector('.summary .utilisation').innerText")
     assert tile.upper().startswith("CPU UTILISATION") and "busiest minute" in tile
     assert "Device-seconds" in page.js("document.querySelector('table.costs thead').innerText")
-    screenshot(page, "costs")
