@@ -36,6 +36,7 @@ from inference.schemas import (
     UsageFilters,
     UsageList,
 )
+from inference.selfservice import keys_router, tenant_router
 from inference.serving import ServedModel, served_model
 from inference.transport import JobClient
 from inference.usage import usage_report
@@ -52,6 +53,8 @@ api = NinjaAPI(
 )
 install_error_handlers(api)
 api.add_router("/adapters", adapters_router)
+api.add_router("/keys", keys_router)
+api.add_router("/tenant", tenant_router)
 
 ERRORS: dict[int, Any] = {code: ErrorResponse for code in (400, 401, 404, 413, 415, 429, 500, 503, 504)}
 

@@ -1,5 +1,5 @@
 """The cost report behind the dashboards and the admin report: cost, revenue and margin, $/request,
-$/million tokens, decode speed and GPU utilisation, over time and by model, tenant and adapter.
+$/million tokens, decode speed and device utilisation, over time and by model, tenant and adapter.
 
 Closed hours come from the hourly roll-ups (inference/tasks.py); hours the roll-up may not have reached yet
 (the previous and the current hour, or everything after the newest roll-up) are aggregated live from the
@@ -100,6 +100,22 @@ class CostReport:
     def bucket_seconds(self, start: datetime) -> float:
         """Return the wall seconds of the bucket starting at `start` that lie inside the report."""
         return (min(start + self.bucket, self.end) - max(start, self.start)).total_seconds()
+
+    def utilisation_series(self) -> dict[datetime, float | None]:
+        """Return each bucket's busy device seconds ÷ its wall seconds: what the utilisation chart draws."""
+        return {
+            start: totals.utilisation(self.bucket_seconds(start)) for start, totals in self.series.items()
+        }
+
+    @property
+    def mean_utilisation(self) -> float | None:
+        """Return busy device seconds ÷ wall seconds over the whole period (the chart's time-weighted mean)."""
+        return self.total.utilisation(self.wall_seconds)
+
+    @property
+    def peak_utilisation(self) -> float | None:
+        """Return the busiest bucket's utilisation: the chart's highest point."""
+        return max((u for u in self.utilisation_series().values() if u is not None), default=None)
 
     def breakdowns(self) -> list[tuple[str, dict[str, Totals]]]:
         """Return (dimension, totals by value) for the dimensions worth showing, largest cost first."""

@@ -21,6 +21,7 @@ from inference.billing import price_sheet
 from inference.charts import line_chart
 from inference.cost_report import CostReport, cost_report
 from inference.models import UsageRecord
+from inference.transport import current_job_client
 
 # The periods a dashboard can show (?period=), and the default.
 PERIODS = {"1h": timedelta(hours=1), "24h": timedelta(days=1), "7d": timedelta(days=7), "30d": timedelta(days=30),
@@ -109,22 +110,31 @@ def _report(request: HttpRequest, tenant: Tenant | None) -> CostReport:
 
 
 def _context(request: HttpRequest, report: CostReport, tenants: list[Tenant] | None = None) -> dict[str, Any]:
-    staff_view = report.tenant is None
+    staff_view, device = report.tenant is None, device_kind()
     return {
         "report": report,
         "staff_view": staff_view,
         "tenants": tenants or [],
         "period": _period(request),
         "periods": PERIODS,
-        "charts": charts(report, staff_view),
+        "charts": charts(report, staff_view, device),
         "breakdowns": [(name, _rows(report, values)) for name, values in report.breakdowns()],
         "total": _row(report, "all", report.total),
         "gpu_hour_usd": price_sheet().gpu_hour_usd,
+        "device": device,
+        "per_bucket": _bucket_name(report.bucket),
     }
 
 
-def charts(report: CostReport, staff_view: bool) -> list[str]:
-    """Return the report's charts as SVG: spend, unit prices, decode speed and GPU utilisation over time."""
+def device_kind() -> str:
+    """Return "CPU" or "GPU" for what the served engine runs on; "device" before any engine has said."""
+    client = current_job_client()
+    device = str((client.model_info().get("device") if client is not None else None) or "")
+    return "CPU" if device.startswith("cpu") else "GPU" if device.startswith("cuda") else "device"
+
+
+def charts(report: CostReport, staff_view: bool, device: str = "device") -> list[str]:
+    """Return the report's charts as SVG: spend, unit prices, decode speed and utilisation over time."""
     times = list(report.series)
     buckets = list(report.series.values())
 
@@ -146,14 +156,20 @@ def charts(report: CostReport, staff_view: bool) -> list[str]:
         "billed $/M tokens": line([t.per_million_tokens(t.revenue_usd) for t in buckets]),
     }
     speed = {"tokens/s": line([t.tokens_per_s for t in buckets])}
-    busy = {"GPU": line([t.utilisation(report.bucket_seconds(h)) for h, t in report.series.items()])}
     step = report.bucket
+    # The same two numbers as the utilisation tile: each bucket's busy fraction, and the period's mean.
+    busy = {
+        f"busy per {_bucket_name(step)}": line(list(report.utilisation_series().values())),
+        "mean over the period": line([report.mean_utilisation] * len(times)),
+    }
     return [
         line_chart(f"Spend per {_bucket_name(step)}", times, money, "$", step),
         line_chart("Dollars per request", times, unit, "$", step),
         line_chart("Dollars per million tokens", times, per_million, "$", step),
         line_chart("Decode speed (mean per request)", times, speed, "tokens/s", step),
-        line_chart("GPU utilisation (busy step time / wall time)", times, busy, "busy", step, percent=True),
+        line_chart(
+            f"{device} utilisation (busy step time / wall time)", times, busy, "busy", step, percent=True
+        ),
     ]
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import redis
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.db import OperationalError
 from django.http import Http404, HttpRequest, JsonResponse
 from ninja import NinjaAPI
@@ -162,6 +162,8 @@ def to_api_error(exc: Exception, request_id: str | None = None) -> ApiError:
                 status=413,
                 code="request_too_large",
             )
+        case PermissionDenied():
+            return ApiError(str(exc) or "Permission denied.", status=403, code="permission_denied")
         case Http404():
             return ApiError(str(exc) or "Not found.", status=404, code="not_found")
         case HttpError():

@@ -323,6 +323,68 @@ class AdapterDeleted(Schema):
     deleted: bool
 
 
+# ------------------------------------------------------------------------------------ self-service
+
+
+class KeyCreateRequest(Schema):
+    """A new API key of your tenant: a name to recognise it by and optional per-key limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("", max_length=100)
+    max_requests_per_minute: StrictInt | None = Field(None, ge=1, le=1_000_000)
+    max_tokens_per_minute: StrictInt | None = Field(None, ge=1, le=1_000_000_000)
+
+
+class KeyCard(Schema):
+    """An API key as its manager sees it: never its secret."""
+
+    id: str = Field(..., description="The key's public prefix (the 12 hex characters after `rv_`).")
+    object: Literal["api_key"] = "api_key"
+    name: str
+    redacted: str = Field(..., description="The key with its secret left out, as `rv_<prefix>_…`.")
+    created_by: str | None = None
+    created_at: int
+    last_used_at: int | None = Field(None, description="Unix seconds, to the minute; null if never used.")
+    revoked_at: int | None = None
+    max_requests_per_minute: int | None = None
+    max_tokens_per_minute: int | None = None
+
+
+class NewKeyCard(KeyCard):
+    key: str = Field(..., description="The whole key: shown in this answer only, never again.")
+
+
+class KeyList(Schema):
+    object: Literal["list"] = "list"
+    data: list[KeyCard]
+
+
+class KeyRevoked(Schema):
+    id: str
+    object: Literal["api_key"] = "api_key"
+    revoked: bool
+
+
+class MemberCard(Schema):
+    username: str
+    role: Literal["owner", "member"]
+    joined_at: int
+
+
+class TenantCard(Schema):
+    """Your tenant: its members, this month's budget and what it has been billed so far."""
+
+    id: str = Field(..., description="The tenant's slug.")
+    object: Literal["tenant"] = "tenant"
+    name: str
+    role: Literal["owner", "member"] | None = Field(None, description="The role of the key's creator.")
+    monthly_budget_usd: str | None = Field(None, description="Dollars per UTC calendar month; null: none.")
+    month_spend_usd: str = Field(..., description="Billed since the start of this UTC month, in dollars.")
+    month_start: int
+    members: list[MemberCard]
+
+
 class ErrorDetail(Schema):
     message: str
     type: str

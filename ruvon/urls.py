@@ -1,5 +1,5 @@
 """Top-level URL map: the admin, the OpenAI-compatible API under /v1, vLLM's operational endpoints at the
-root (/health, /version, /tokenize, /detokenize), the web pages, Prometheus metrics."""
+root (/health, /version, /tokenize, /detokenize), the web pages (the landing page at /), Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("accounts/", include("accounts.urls")),
     path("v1/", api.urls),
+    path("", include("inference.urls")),  # first: its landing page is "/", which ninja's root would take
     path("", ops.urls),
-    path("", include("inference.urls")),
     path("", include("django_prometheus.urls")),
 ]

@@ -81,7 +81,7 @@ def _start() -> LiveServer:
     return start_live_server()
 
 
-def start_live_server(extra_env: dict[str, str] | None = None) -> LiveServer:
+def start_live_server(extra_env: dict[str, str] | None = None, ready_timeout_s: float = 120) -> LiveServer:
     """Start daphne on a fresh database (embedded random:tiny unless extra_env says otherwise)."""
     var = Path(tempfile.mkdtemp(prefix="ruvon-live-"))
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
@@ -103,7 +103,7 @@ def start_live_server(extra_env: dict[str, str] | None = None) -> LiveServer:
     cmd = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "ruvon.asgi:application"]
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     server = LiveServer(f"http://127.0.0.1:{port}", match.group(1), var, process, env)
-    _wait_ready(server, var / "daphne.log")
+    _wait_ready(server, var / "daphne.log", ready_timeout_s)
     return server
 
 

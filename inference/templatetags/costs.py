@@ -1,8 +1,10 @@
-"""Template filters of the cost pages: dollars with enough digits to read sub-cent amounts, percentages."""
+"""Template filters of the cost and tenant pages: dollars with enough digits to read sub-cent amounts,
+percentages, unix times."""
 
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -34,3 +36,9 @@ def percent(value: Any) -> str:
 def number(value: Any, digits: int = 1) -> str:
     """Return a number with thousands separators and `digits` decimals, or a dash for None."""
     return "–" if value is None else f"{float(value):,.{int(digits)}f}"
+
+
+@register.filter
+def unix_date(value: Any) -> str:
+    """Return unix seconds as "2026-12-07 01:05" (UTC), or a dash for None."""
+    return "–" if value is None else datetime.fromtimestamp(int(value), UTC).strftime("%Y-%m-%d %H:%M")

@@ -112,6 +112,7 @@ class InProcessJobClient:
             "model": self.served_name,
             "engine_model": self.engine.model_name,
             "label": self.engine.label,
+            "device": str(self.engine.device),
             "max_model_len": self.engine.max_model_len,
             "mode": "embedded",
             "workers": 1 if self._thread.is_alive() else 0,

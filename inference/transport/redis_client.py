@@ -177,6 +177,7 @@ class RedisJobClient:
             "model": self.served_name,
             "engine_model": newest.get("engine_model"),
             "label": newest.get("label", "no worker connected"),
+            "device": (newest.get("versions") or {}).get("device"),
             "max_model_len": newest.get("max_model_len"),
             "mode": "redis",
             "workers": len(workers),

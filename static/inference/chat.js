@@ -1,9 +1,11 @@
-// The chat page's client: keeps the conversation, sends it over /ws/chat/, renders tokens as they stream in,
-// and shows time to first token and decode speed for every reply.
+// The chat page's client: keeps the conversation (in localStorage too, so a reload keeps it), sends it over
+// /ws/chat/, renders the reply's Markdown safely as tokens stream in (markdown.js), and shows time to first
+// token and decode speed for every reply.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const history = []; // [{role, content}] of the whole conversation, sent with every turn
+const STORE = $("log").dataset.store; // one conversation per signed-in user of this browser
+const history = []; // [{role, content, meta?}] of the whole conversation; role and content go to the server
 let socket = null;
 let reply = null; // the reply being streamed: {node, text}
 let retryMs = 500;
@@ -15,7 +17,7 @@ function connect() {
   socket.onopen = () => { opened = true; retryMs = 500; };
   socket.onmessage = (msg) => handle(JSON.parse(msg.data));
   socket.onclose = () => {
-    endReply();
+    if (reply) failReply();
     // A refused handshake (signed out, or in no tenant) closes before it ever opened.
     const why = opened ? "disconnected" : "could not connect (signed in, and a member of a tenant?)";
     setStatus(`${why}; retrying in ${retryMs / 1000}s`);
@@ -27,17 +29,20 @@ function connect() {
 function handle(event) {
   if (event.type === "ready") {
     setStatus(`connected: ${event.model.model} (${event.model.label})`);
+    $("model").options[0].dataset.label = event.model.label;
+    showLabel();
   } else if (event.type === "delta" && reply) {
     reply.text += event.text;
-    reply.node.textContent = reply.text;
+    reply.node.innerHTML = renderMarkdown(reply.text);
   } else if (event.type === "done" && reply) {
-    history.push({ role: "assistant", content: reply.text });
-    addMeta(reply.node, metaLine(event));
+    const meta = metaLine(event);
+    history.push({ role: "assistant", content: reply.text, meta });
+    addMeta(reply.node, meta);
+    save();
     endReply();
   } else if (event.type === "error") {
+    if (reply) failReply();
     addMessage("error", `${event.code}: ${event.message}`);
-    if (reply && history.length && history[history.length - 1].role === "user") history.pop();
-    endReply();
   }
 }
 
@@ -56,18 +61,28 @@ function send(text) {
   if (!socket || socket.readyState !== WebSocket.OPEN || reply) return;
   history.push({ role: "user", content: text });
   addMessage("user", text);
+  save();
   reply = { node: addMessage("assistant", ""), text: "" };
   $("send").disabled = true;
   $("stop").disabled = false;
   socket.send(JSON.stringify({
     model: $("model").value,
-    messages: history,
+    messages: history.map(({ role, content }) => ({ role, content })),
     params: {
       temperature: Number($("temperature").value),
       top_p: Number($("top_p").value),
       max_tokens: parseInt($("max_tokens").value, 10),
     },
   }));
+}
+
+// The reply ended in an error or a lost connection: no empty bubble stays, and the unanswered question
+// leaves the history (it is still on screen), so the next turn does not send two user turns in a row.
+function failReply() {
+  if (!reply.text) reply.node.remove();
+  if (history.length && history[history.length - 1].role === "user") history.pop();
+  save();
+  endReply();
 }
 
 function endReply() {
@@ -79,7 +94,8 @@ function endReply() {
 function addMessage(role, text) {
   const node = document.createElement("div");
   node.className = `msg ${role}`;
-  node.textContent = text;
+  if (role === "assistant") node.innerHTML = renderMarkdown(text);
+  else node.textContent = text;
   $("log").appendChild(node);
   node.scrollIntoView({ block: "end" });
   return node;
@@ -90,6 +106,26 @@ function addMeta(node, text) {
   meta.className = "meta";
   meta.textContent = text;
   node.after(meta);
+}
+
+function save() {
+  try { localStorage.setItem(STORE, JSON.stringify(history)); } catch { /* private mode or full: keep going */ }
+}
+
+function restore() {
+  let saved = [];
+  try { saved = JSON.parse(localStorage.getItem(STORE) || "[]"); } catch { saved = []; }
+  for (const turn of Array.isArray(saved) ? saved : []) {
+    if (typeof turn.content !== "string" || !["user", "assistant"].includes(turn.role)) continue;
+    history.push(turn);
+    const node = addMessage(turn.role, turn.content);
+    if (turn.meta) addMeta(node, String(turn.meta));
+  }
+}
+
+function showLabel() {
+  const option = $("model").selectedOptions[0];
+  if (option) $("model-label").textContent = `${option.value} · ${option.dataset.label}`;
 }
 
 function setStatus(text) { $("status").textContent = text; }
@@ -103,6 +139,8 @@ $("prompt").addEventListener("keydown", (ev) => {
   if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("compose").requestSubmit(); }
 });
 $("stop").addEventListener("click", () => socket && socket.send(JSON.stringify({ type: "cancel" })));
-$("reset").addEventListener("click", () => { history.length = 0; $("log").replaceChildren(); });
+$("reset").addEventListener("click", () => { history.length = 0; $("log").replaceChildren(); save(); });
+$("model").addEventListener("change", showLabel);
 
+restore();
 connect();

@@ -207,3 +207,33 @@ def test_it_shows_sub_cent_amounts_with_three_significant_digits(amount: Any, sh
     from inference.templatetags.costs import usd
 
     assert usd(amount) == shown
+
+
+def test_it_shows_a_utilisation_tile_that_agrees_with_its_chart(
+    owner: Person, make_usage_event: Callable[..., dict[str, Any]]
+) -> None:
+    # 57 busy seconds in one minute of an otherwise idle hour: the chart peaks at 95 %, the hour's mean is
+    # 1.6 %. The tile once showed only the mean, under the one name "GPU utilisation", above that chart.
+    at = timezone.now().timestamp() - 600
+    event = make_usage_event(owner, request_id="busy", submitted_at=at, started_at=at, finished_at=at + 57)
+    record_usage(event | {"timings": {"device_s": 57.0}})
+    page = client_of(owner.user).get("/costs/?period=1h")
+    report = page.context["report"]
+    assert max(u for u in report.utilisation_series().values() if u is not None) == pytest.approx(57 / 60)
+    html = page.content.decode()
+    tile = html[html.index('class="utilisation"') :].split("</div>", 1)[0]
+    assert '<span id="utilisation-mean">1.6%</span> mean' in tile
+    assert '<span id="utilisation-peak">95.0%</span> busiest minute' in tile
+    chart = next(svg for svg in page.context["charts"] if "utilisation" in svg)
+    assert "busy per minute" in chart and "mean over the period" in chart
+
+
+def test_it_says_cpu_and_device_seconds_when_the_engine_runs_on_a_cpu(
+    usage: dict[str, list[str]], owner: Person, tiny_served: None
+) -> None:
+    from inference.transport import get_job_client
+
+    assert get_job_client().model_info()["device"] == "cpu"
+    html = client_of(owner.user).get("/costs/?period=24h").content.decode()
+    assert "CPU utilisation" in html and "Device-seconds" in html
+    assert "GPU" not in html.replace("RUVON_GPU_HOUR_USD", "")
