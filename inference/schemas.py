@@ -60,7 +60,7 @@ class SamplingFields(BaseModel):
     cache_salt: str | None = Field(None, min_length=1, max_length=256)
 
 
-class ResponseFormat(Schema):
+class ResponseFormat(BaseModel):  # not ninja's Schema: its own json_schema() would shadow the field
     type: str = Field(..., description="text, json_object or json_schema (inference/structured.py).")
     json_schema: dict[str, Any] | None = Field(
         None, description='With type json_schema: {"name": ..., "schema": {...}, "strict": true}.'

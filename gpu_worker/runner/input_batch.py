@@ -66,21 +66,20 @@ class InputBatch:
                     guided.append((row, seq.grammar))
                 row += 1
         if guided:
-            history.grammar = self._grammar_masks(guided)
+            history.grammar = self._grammar_masks(guided, row)
         return history
 
     def _grammar_masks(
-        self, guided: list[tuple[int, GrammarConstraint]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (rows [G], bitmask [G, W]) on the device: each grammar fills its row on the host, then one
-        copy each. A grammar that raises here fails the step, which the engine retries request by request."""
-        bitmask = allocate_bitmask(len(guided), self.vocab_size)
-        for g, (_, grammar) in enumerate(guided):
-            grammar.fill(bitmask, g)
-        rows = torch.tensor([row for row, _ in guided], dtype=torch.int64)
-        if self.device.type == "cuda":  # pinned: the copies do not wait for the forward already queued
-            rows, bitmask = rows.pin_memory(), bitmask.pin_memory()
-        return rows.to(self.device, non_blocking=True), bitmask.to(self.device, non_blocking=True)
+        self, guided: list[tuple[int, GrammarConstraint]], num_rows: int
+    ) -> tuple[list[int], torch.Tensor]:
+        """Return (rows with a grammar, bitmask [R, W] on the device): each grammar fills its row on the host,
+        then one copy. A grammar that raises here fails the step, which the engine retries request by request."""
+        bitmask = allocate_bitmask(num_rows, self.vocab_size)
+        if self.device.type == "cuda":  # pinned: the copy does not wait for the forward already queued
+            bitmask = bitmask.pin_memory()
+        for row, grammar in guided:
+            grammar.fill(bitmask, row)
+        return [row for row, _ in guided], bitmask.to(self.device, non_blocking=True)
 
     def release(self, seq: Sequence) -> None:
         """Free a finished sequence's column."""

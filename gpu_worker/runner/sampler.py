@@ -1,7 +1,8 @@
 """Turns a batch of logits into next tokens, vectorised over rows that each carry their own params.
 
 Order: logit bias, the repetition penalty, presence/frequency penalties, min_tokens' ban on stopping and the
-grammar's mask of a structured-output row (a host-built bitmask, one copy to the device), then temperature, then top-k / top-p / min-p truncation, then a draw.
+grammar's mask of a structured-output row (a host-built bitmask, one copy to the device), then temperature,
+then top-k / top-p / min-p truncation, then a draw.
 Logprobs are reported from the model's raw distribution (log_softmax of unmodified logits).
 The draw is an exponential race (argmax of p / E, E ~ Exp(1)), which lets each seeded row use its own
 generator so a seed gives the same text whatever else shares the batch.
@@ -46,9 +47,9 @@ class SamplingMetadata:
     banned: list[tuple[int, int]] = field(default_factory=list)
     # The largest top_k of any row (the vocab size when some row has none): truncation looks no further.
     max_top_k: int = 0
-    # Structured-output rows [G] and their grammars' masks of allowed tokens [G, ceil(V / 32)] int32, on the
-    # device; None when no row has a grammar.
-    grammar_rows: torch.Tensor | None = None
+    # The rows with a grammar (structured outputs) and every row's mask of allowed tokens [R, ceil(V / 32)]
+    # int32 on the device (only those rows' are read); None when no row has a grammar.
+    grammar_rows: list[int] = field(default_factory=list)
     bitmask: torch.Tensor | None = None
 
     @classmethod
@@ -77,7 +78,7 @@ class RowHistory:
     output_ids: list[list[int]]  # [R] the output before the row's position (presence/frequency penalties)
     seen_ids: list[list[int]]  # [R] the prompt and that output (repetition penalty)
     banned: list[tuple[int, int]]  # (row, token): stops the row may not sample yet (min_tokens)
-    grammar: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows [G], bitmask [G, W]) on the device
+    grammar: tuple[list[int], torch.Tensor] | None = None  # (rows with a grammar, bitmask [R, W] on the device)
 
 
 def row_values(p: SamplingParams, vocab_size: int) -> list[float]:
@@ -126,7 +127,7 @@ def from_table(
         seen_ids=history.seen_ids if any_repetition else [],
         banned=[(row, token) for row, token in history.banned if 0 <= token < vocab_size],
         max_top_k=max((min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params), default=0),
-        grammar_rows=history.grammar[0] if history.grammar else None,
+        grammar_rows=history.grammar[0] if history.grammar else [],
         bitmask=history.grammar[1] if history.grammar else None,
     )
 
@@ -157,7 +158,7 @@ def apply_penalties_and_bias(logits: torch.Tensor, t: SamplingMetadata) -> torch
         logits = logits.index_put(
             (index[0], index[1]), torch.tensor(float("-inf"), dtype=logits.dtype, device=device)
         )
-    if t.bitmask is not None and t.grammar_rows is not None:
+    if t.bitmask is not None:
         logits = apply_token_bitmask(logits, t.grammar_rows, t.bitmask)
     return logits
 

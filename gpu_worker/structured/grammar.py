@@ -96,11 +96,10 @@ def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
     return xgr.allocate_token_bitmask(rows, vocab_size)
 
 
-def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """Return logits [R, V] with the tokens each mask forbids at -inf: bitmask [G, ceil(V / 32)] int32 (bit j
-    of word w allows token 32 w + j) belongs to logits row rows[g]; other rows are left as they are. Plain
-    tensor ops, so it runs on whatever device the logits are on."""
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]  # [G, V]
-    masked = logits.index_select(0, rows).masked_fill(~allowed, float("-inf"))
-    return logits.index_copy(0, rows, masked)
+def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
+    """Return a copy of logits [R, V] with the tokens row r's mask forbids at -inf, for each r in rows: bitmask
+    [R, ceil(V / 32)] int32 on the logits' device, bit j of word w allowing token 32 w + j. xgrammar's own
+    kernel does it (Triton on CUDA, C++ on CPU); the copy keeps the raw logits for logprobs."""
+    masked = logits.clone()
+    xgr.apply_token_bitmask_inplace(masked, bitmask, indices=rows)
+    return masked
