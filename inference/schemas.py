@@ -198,10 +198,22 @@ class ChatLogprobs(Schema):
     refusal: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(Schema):
+    name: str
+    arguments: str = Field(..., description="The arguments as JSON text, valid against the tool's parameters.")
+
+
+class ToolCall(Schema):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(Schema):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="With a forced tool_choice: the call made.")
 
 
 class ChatChoice(Schema):
