@@ -190,3 +190,20 @@ def test_it_serves_langchain_structured_output_and_invoke(tiny_server: LiveServe
     assert isinstance(tool_weather, Weather)
     reply = llm.invoke("Hello")
     assert isinstance(reply.content, str) and reply.response_metadata["finish_reason"] == "length"
+
+
+def test_it_serves_litellm_structured_output(tiny_server: LiveServer) -> None:
+    import litellm
+
+    response = litellm.completion(
+        model="openai/tiny",
+        api_base=tiny_server.base_url,
+        api_key=tiny_server.key,
+        messages=ASK,
+        max_tokens=40,
+        seed=5,
+        response_format=_weather_format(),
+    )
+    choice = response.choices[0]  # type: ignore[union-attr]
+    assert choice.finish_reason == "stop"
+    jsonschema.validate(json.loads(choice.message.content), WEATHER)
