@@ -200,7 +200,7 @@ class ChatLogprobs(Schema):
 
 class FunctionCall(Schema):
     name: str
-    arguments: str = Field(..., description="The arguments as JSON text, valid against the tool's parameters.")
+    arguments: str = Field(..., description="JSON text, valid against the tool's parameters.")
 
 
 class ToolCall(Schema):

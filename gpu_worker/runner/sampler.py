@@ -78,7 +78,7 @@ class RowHistory:
     output_ids: list[list[int]]  # [R] the output before the row's position (presence/frequency penalties)
     seen_ids: list[list[int]]  # [R] the prompt and that output (repetition penalty)
     banned: list[tuple[int, int]]  # (row, token): stops the row may not sample yet (min_tokens)
-    grammar: tuple[list[int], torch.Tensor] | None = None  # (rows with a grammar, bitmask [R, W] on the device)
+    grammar: tuple[list[int], torch.Tensor] | None = None  # (rows with a grammar, device bitmask [R, W])
 
 
 def row_values(p: SamplingParams, vocab_size: int) -> list[float]:
