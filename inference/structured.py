@@ -109,7 +109,8 @@ def _chosen(tool_choice: Any, functions: dict[str, dict[str, Any]]) -> list[str]
     if tool_choice == "required":
         return list(functions)
     if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name")
+        function = tool_choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
         if tool_choice.get("type") != "function" or name not in functions:
             raise InvalidRequestError(
                 'tool_choice must name one of the tools: {"type": "function", "function": {"name": ...}}',

@@ -101,6 +101,10 @@ def test_it_rejects_bad_completion_fields(as_owner: ApiClient, changes: dict[str
             "tools",
         ),
         ({"tools": [{"type": "custom", "custom": {"name": "f"}}], "tool_choice": "required"}, "tools"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"function": "f"}},
+            "tool_choice",
+        ),
         ({"response_format": {"type": "xml"}}, "response_format"),
         ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format"),
         (
