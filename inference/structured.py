@@ -194,7 +194,7 @@ class ToolCallRenderer(ChatRenderer):
                     yield self._chunk(index, {"role": "assistant", "content": None})
             elif kind == "delta":
                 index = event["index"]
-                for delta in self._tool_deltas(index, ids[index], texts[index], event):
+                for delta in self._tool_deltas(ids[index], texts[index], event):
                     yield self._chunk(index, delta)
                 texts[index] += event["text"]
                 if event["finish_reason"]:
@@ -206,7 +206,7 @@ class ToolCallRenderer(ChatRenderer):
             elif kind == "done" and self.include_usage:
                 yield self.usage_chunk(event)
 
-    def _tool_deltas(self, index: int, call_id: str, before: str, event: Event) -> list[dict[str, Any]]:
+    def _tool_deltas(self, call_id: str, before: str, event: Event) -> list[dict[str, Any]]:
         """Return the deltas one event of a choice sends: argument text for a named function (its header
         first), the whole call for a choice of several once it ends."""
         text, named = event["text"], self.plan.named
