@@ -134,6 +134,9 @@ class SamplingParams:
     logprobs: int | None = None  # top-n logprobs of each generated token (0: chosen token only)
     prompt_logprobs: int | None = None  # likewise for the prompt tokens
     speculative: bool = True  # False: this request never gets drafts, whatever the engine's setting
+    # Structured output: a JSON schema (as JSON text) the output must match, enforced token by token by a
+    # grammar (gpu_worker/structured/). Such a request takes no drafts.
+    json_schema: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -199,6 +202,17 @@ class SamplingParams:
                 for name in ("include_stop_str_in_output", "skip_special_tokens")
             ),
             (isinstance(self.speculative, bool), "speculative", "speculative must be true or false"),
+            (
+                self.json_schema is None or isinstance(self.json_schema, str),
+                "json_schema",
+                "json_schema must be a JSON schema as text",
+            ),
+            # A complete output may only be followed by EOS: min_tokens or ignore_eos could leave no token.
+            (
+                self.json_schema is None or not (self.min_tokens or self.ignore_eos),
+                "json_schema",
+                "a JSON schema cannot be combined with min_tokens or ignore_eos",
+            ),
         ]
         for ok, param, message in checks:
             if not ok:
@@ -224,8 +238,13 @@ class SamplingParams:
     def device_only(self) -> bool:
         """Whether the next token depends on nothing the host has to supply (no penalties over earlier output,
         no logprobs to read back), so decode steps can be chained on the device. min_tokens is the scheduler's
-        to judge: it depends on how far the sequence has come."""
-        return self.logprobs is None and not self.penalised
+        to judge: it depends on how far the sequence has come. A grammar's mask is built on the host each step."""
+        return self.logprobs is None and not self.penalised and self.json_schema is None
+
+    @property
+    def takes_drafts(self) -> bool:
+        """Whether speculative decoding may draft for this request (a grammar's requests never do)."""
+        return self.speculative and self.json_schema is None
 
     @property
     def penalised(self) -> bool:

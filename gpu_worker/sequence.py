@@ -11,6 +11,7 @@ import torch
 
 from gpu_worker.config import SamplingParams
 from gpu_worker.lora.request import LoRARequest
+from gpu_worker.structured.grammar import GrammarConstraint
 
 
 class SequenceStatus(Enum):
@@ -69,6 +70,7 @@ class Sequence:
     num_drafts: int = 0
     draft_probs: torch.Tensor | None = None
     lora_slot: int = -1  # the adapter slot it holds (pinned) while running; -1: none, or not running
+    grammar: GrammarConstraint | None = None  # its structured-output matcher (params.json_schema)
     # Outputs not yet handed to the caller (deltas).
     pending_token_ids: list[int] = field(default_factory=list)
     pending_text: str = ""

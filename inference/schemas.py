@@ -60,6 +60,13 @@ class SamplingFields(BaseModel):
     cache_salt: str | None = Field(None, min_length=1, max_length=256)
 
 
+class ResponseFormat(BaseModel):  # not ninja's Schema: its own json_schema() would shadow the field
+    type: str = Field(..., description="text, json_object or json_schema (inference/structured.py).")
+    json_schema: dict[str, Any] | None = Field(
+        None, description='With type json_schema: {"name": ..., "schema": {...}, "strict": true}.'
+    )
+
+
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
         ...,
@@ -72,6 +79,7 @@ class CompletionRequest(SamplingFields):
     echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
+    response_format: ResponseFormat | None = None
 
 
 class TextPart(Schema):
@@ -87,10 +95,6 @@ class ChatMessage(Schema):
     name: str | None = None
 
 
-class ResponseFormat(Schema):
-    type: str
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = None
@@ -99,6 +103,9 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description='"none", "required" or {"type": "function", "function": {"name": ...}}; not "auto".'
+    )
 
 
 class TokenizeRequest(Schema):
@@ -191,10 +198,22 @@ class ChatLogprobs(Schema):
     refusal: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(Schema):
+    name: str
+    arguments: str = Field(..., description="JSON text, valid against the tool's parameters.")
+
+
+class ToolCall(Schema):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(Schema):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="With a forced tool_choice: the call made.")
 
 
 class ChatChoice(Schema):

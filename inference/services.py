@@ -22,6 +22,7 @@ from inference.rendering import ChatRenderer, CompletionRenderer, PromptBatch, c
 from inference.runs import JobRun
 from inference.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, TokenizeRequest
 from inference.serving import ServedModel
+from inference.structured import ToolCallRenderer, chat_constraint, response_format_schema
 from inference.transport import JobClient
 
 MODEL_CREATED = 1_735_689_600  # 2025-01-01: /v1/models wants a creation time; the served model has none
@@ -48,7 +49,7 @@ IGNORED_CHAT_FIELDS = frozenset(
     }
 )
 # OpenAI's fields whose effect Ruvon cannot give: a 400 that names them.
-UNSUPPORTED_FIELDS = frozenset({"audio", "functions", "function_call", "tool_choice", "web_search_options"})
+UNSUPPORTED_FIELDS = frozenset({"audio", "functions", "function_call", "web_search_options"})
 IGNORED_FIELDS_HEADER = "X-Ruvon-Ignored-Fields"
 
 
@@ -125,6 +126,7 @@ def sampling_params(
     logprobs: int | None,
     prompt_logprobs: int | None = None,
     extra_stop: Sequence[str] = (),
+    json_schema: str | None = None,
 ) -> SamplingParams:
     """Return the SamplingParams a request asks for; InvalidRequestError names the first bad field."""
     check_stream_options(body)
@@ -158,6 +160,7 @@ def sampling_params(
         logit_bias=logit_bias(body.logit_bias, vocab_size),
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        json_schema=json_schema,
     )
     params.check_vocab(vocab_size)  # the same rules the engine applies when the job arrives
     return params
@@ -230,6 +233,7 @@ def prepare_completion(
         raise InvalidRequestError("max_tokens 0 scores the prompt: it needs echo true", param="max_tokens")
     tokenizer = served.tokenizer
     prompts = completion_prompts(body, tokenizer)
+    json_schema = response_format_schema(body.response_format)
     params, renderers = [], []
     for prompt_ids, prompt_text in prompts:
         check_prompt_context(prompt_ids, body.max_tokens, served.max_model_len)
@@ -239,6 +243,7 @@ def prepare_completion(
             max_tokens=with_default_max_tokens(body.max_tokens, len(prompt_ids), served.max_model_len),
             logprobs=body.logprobs,
             prompt_logprobs=body.logprobs if body.echo else None,
+            json_schema=json_schema,
         )
         echo_text = None
         if body.echo:
@@ -261,10 +266,7 @@ def prepare_chat(
     error for the client."""
     check_model(body.model, served, adapter)
     ignored = check_fields(body, IGNORED_CHAT_FIELDS)
-    if body.tools:
-        raise InvalidRequestError("tools are not supported", param="tools")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise InvalidRequestError("only response_format type 'text' is supported", param="response_format")
+    json_schema, tools = chat_constraint(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs to be true", param="top_logprobs")
     tokenizer = served.tokenizer
@@ -280,10 +282,10 @@ def prepare_chat(
         max_tokens=with_default_max_tokens(max_tokens, len(prompt_ids), served.max_model_len),
         logprobs=logprobs,
         extra_stop=tokenizer.chat_stop_strings,
+        json_schema=json_schema,
     )
-    renderer = ChatRenderer(
-        request_id, shown_as(served, adapter), params.n, _include_usage(body), logprobs is not None
-    )
+    shape = (request_id, shown_as(served, adapter), params.n, _include_usage(body), logprobs is not None)
+    renderer = ChatRenderer(*shape) if tools is None else ToolCallRenderer(tools, *shape)
     return Prepared(
         [prompt_ids],
         [params],

@@ -15,6 +15,10 @@ all k + 1 of its rows, the rejection sampler (runner/rejection_sampler.py) keeps
 plus one token from the target, and the scheduler takes the rest back. Decode launches are for
 non-speculative batches only.
 
+Structured outputs (SamplingParams.json_schema): each sequence of such a request carries a grammar matcher
+(gpu_worker/structured/), compiled once per schema; the runner masks its logits with the grammar's bitmask,
+and every token the sequence keeps advances its matcher. Such a request takes no drafts and no launches.
+
 LoRA (config.enable_lora): requests name an adapter (LoRARequest); the AdapterManager reads it on its own
 thread and puts it in a device slot when the scheduler admits the request; every step serves any mix of
 adapters and base rows. An adapter that cannot be read fails the requests that name it, and only those.
@@ -53,6 +57,7 @@ from gpu_worker.sequence import (
     TokenLogprob,
 )
 from gpu_worker.spec.proposer import Proposer, drafts_for_batch, load_batch_table
+from gpu_worker.structured.grammar import GrammarCompiler
 from gpu_worker.tokenization.tokenizer import load_tokenizer
 
 __all__ = [
@@ -209,6 +214,17 @@ class LLMEngine:
         self._aborted: list[Request] = []  # aborted or failed since the last step, still owed a final output
         self._launch: DecodeLaunch | None = None  # decode launch queued on the device, not yet read back
         self._last_collect = 0.0  # perf_counter() when the last launch was read back
+        self._grammars: GrammarCompiler | None = None  # built on the first structured-output request
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Return the JSON-schema compiler over this model's tokenizer (special tokens never inside JSON)."""
+        if self._grammars is None:
+            tok = self.tokenizer
+            table = [b"" if i in tok.special_token_ids else tok.token_bytes(i) for i in range(tok.vocab_size)]
+            stops = sorted(set(self.model_config.eos_token_ids) | set(tok.eos_token_ids))
+            self._grammars = GrammarCompiler(table, self.model_config.vocab_size, stops)
+        return self._grammars
 
     def _make_adapter_manager(self) -> AdapterManager | None:
         config = self.config
@@ -295,6 +311,8 @@ class LLMEngine:
             seq = Sequence(
                 next(self.seq_ids), request, index, list(ids), generator=self._generator(params, index)
             )
+            if params.json_schema is not None:
+                seq.grammar = self.grammars.constraint(params.json_schema)  # compiled by _check_request
             request.seqs.append(seq)
             self.outputs.add(seq)
         self.requests[request_id] = request
@@ -318,6 +336,8 @@ class LLMEngine:
         if weight <= 0:
             raise InvalidRequestError("weight must be positive", param="weight")
         check_context(len(ids), params.max_tokens, self.max_model_len)
+        if params.json_schema is not None:
+            self.grammars.compile(params.json_schema)  # a bad schema is refused before anything is queued
         room = self.max_model_len - len(ids)
         max_total = len(ids) + (params.max_tokens if params.max_tokens is not None else room)
         capacity = self.block_manager.num_blocks * self.block_manager.block_size
@@ -402,11 +422,13 @@ class LLMEngine:
         ready = self.scheduler.postprocess(batch)
         self.outputs.record_prompt_logprobs(result)
         for i, (seq, token, lp) in enumerate(zip(ready, result.token_ids, result.logprobs, strict=True)):
-            if seq.num_drafts:
+            touched[seq.request.request_id] = seq.request
+            if seq.grammar is not None and not seq.grammar.accept(token):  # the mask should make this never
+                self._fail_request(seq.request, f"token {token} is outside the request's grammar")
+            elif seq.num_drafts:
                 self._accept(seq, result.num_accepted[i], token, [*result.draft_logprobs[i], lp])
             else:
                 self.outputs.append_token(seq, token, lp)
-            touched[seq.request.request_id] = seq.request
         for seq in batch.seqs:
             if seq.request.prompt_logprobs and not seq.request.prompt_logprobs_sent:
                 touched[seq.request.request_id] = seq.request
@@ -457,7 +479,7 @@ class LLMEngine:
         return (
             self.proposer is not None
             and self._drafts_for(len(running)) > 0
-            and any(s.params.speculative for s in running)
+            and any(s.params.takes_drafts for s in running)
         )
 
     def _drafts_for(self, batch: int) -> int:
@@ -476,7 +498,7 @@ class LLMEngine:
         spare = bm.num_free_blocks - sum(bm.blocks_needed(s.num_tokens) - len(s.block_table) for s in running)
         seqs, wanted = [], []
         for seq in running:
-            if seq.num_drafts or seq.num_uncomputed_tokens != 1 or not seq.params.speculative:
+            if seq.num_drafts or seq.num_uncomputed_tokens != 1 or not seq.params.takes_drafts:
                 continue
             # Verification emits up to k + 1 tokens: the last must stay within max_tokens and the context.
             n = min(k, seq.request.max_total_tokens - seq.num_tokens - 1)

@@ -1,5 +1,7 @@
 """The persistent input batch: each live sequence's sampling parameters sit in one device table, written
-once when the sequence first runs and released when it finishes; a step only sends the row indices."""
+once when the sequence first runs and released when it finishes; a step only sends the row indices. What a
+row's logits depend on from the past (penalties over its output, min_tokens, its grammar's mask) is built on
+the host at each step, after the forward is queued, so on CUDA that work overlaps the device's."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import torch
 
 from gpu_worker.runner.sampler import RowHistory, SamplingMetadata, from_table, row_values
 from gpu_worker.sequence import Sequence
+from gpu_worker.structured.grammar import GrammarConstraint, allocate_bitmask
 
 NUM_FIELDS = 8  # the entries of sampler.row_values()
 
@@ -43,7 +46,8 @@ class InputBatch:
         history = RowHistory([], [], [])
         penalty = any(s.params.presence_penalty or s.params.frequency_penalty for s in seqs)
         repetition = any(s.params.repetition_penalty != 1.0 for s in seqs)
-        if not (penalty or repetition or any(s.params.min_tokens for s in seqs)):
+        guided: list[tuple[int, GrammarConstraint]] = []  # (row, its grammar): only a last row has one
+        if not (penalty or repetition or any(s.params.min_tokens or s.grammar for s in seqs)):
             return history  # the common case: a large batch pays no per-row loop
         row = 0
         for seq, r in zip(seqs, counts, strict=True):
@@ -58,8 +62,24 @@ class InputBatch:
                 if seq.num_output_tokens - ahead < params.min_tokens:
                     stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
                     history.banned += [(row, token) for token in sorted(stops)]
+                if seq.grammar is not None and ahead == 0:
+                    guided.append((row, seq.grammar))
                 row += 1
+        if guided:
+            history.grammar = self._grammar_masks(guided, row)
         return history
+
+    def _grammar_masks(
+        self, guided: list[tuple[int, GrammarConstraint]], num_rows: int
+    ) -> tuple[list[int], torch.Tensor]:
+        """Return (rows with a grammar, bitmask [R, W] on the device): each grammar fills its row on the host,
+        then one copy. A grammar that raises here fails the step, which the engine retries request by request."""
+        bitmask = allocate_bitmask(num_rows, self.vocab_size)
+        if self.device.type == "cuda":  # pinned: the copy does not wait for the forward already queued
+            bitmask = bitmask.pin_memory()
+        for row, grammar in guided:
+            grammar.fill(bitmask, row)
+        return [row for row, _ in guided], bitmask.to(self.device, non_blocking=True)
 
     def release(self, seq: Sequence) -> None:
         """Free a finished sequence's column."""

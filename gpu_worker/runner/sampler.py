@@ -1,7 +1,8 @@
 """Turns a batch of logits into next tokens, vectorised over rows that each carry their own params.
 
-Order: logit bias, the repetition penalty, presence/frequency penalties and min_tokens' ban on stopping, then
-temperature, then top-k / top-p / min-p truncation, then a draw.
+Order: logit bias, the repetition penalty, presence/frequency penalties, min_tokens' ban on stopping and the
+grammar's mask of a structured-output row (a host-built bitmask, one copy to the device), then temperature,
+then top-k / top-p / min-p truncation, then a draw.
 Logprobs are reported from the model's raw distribution (log_softmax of unmodified logits).
 The draw is an exponential race (argmax of p / E, E ~ Exp(1)), which lets each seeded row use its own
 generator so a seed gives the same text whatever else shares the batch.
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gpu_worker.config import SamplingParams
+from gpu_worker.structured.grammar import apply_token_bitmask
 
 
 @dataclass
@@ -45,6 +47,10 @@ class SamplingMetadata:
     banned: list[tuple[int, int]] = field(default_factory=list)
     # The largest top_k of any row (the vocab size when some row has none): truncation looks no further.
     max_top_k: int = 0
+    # The rows with a grammar (structured outputs) and every row's mask of allowed tokens [R, ceil(V / 32)]
+    # int32 on the device (only those rows' are read); None when no row has a grammar.
+    grammar_rows: list[int] = field(default_factory=list)
+    bitmask: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -72,6 +78,7 @@ class RowHistory:
     output_ids: list[list[int]]  # [R] the output before the row's position (presence/frequency penalties)
     seen_ids: list[list[int]]  # [R] the prompt and that output (repetition penalty)
     banned: list[tuple[int, int]]  # (row, token): stops the row may not sample yet (min_tokens)
+    grammar: tuple[list[int], torch.Tensor] | None = None  # (rows with a grammar, device bitmask [R, W])
 
 
 def row_values(p: SamplingParams, vocab_size: int) -> list[float]:
@@ -120,13 +127,16 @@ def from_table(
         seen_ids=history.seen_ids if any_repetition else [],
         banned=[(row, token) for row, token in history.banned if 0 <= token < vocab_size],
         max_top_k=max((min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params), default=0),
+        grammar_rows=history.grammar[0] if history.grammar else [],
+        bitmask=history.grammar[1] if history.grammar else None,
     )
 
 
 def apply_penalties_and_bias(logits: torch.Tensor, t: SamplingMetadata) -> torch.Tensor:
     """Return logits [R, V] with logit_bias added, the repetition penalty applied (vLLM's and HF's rule: a
     seen token's logit divided by the penalty when positive, multiplied when negative), presence/frequency
-    penalties (OpenAI's rule) subtracted, and the stops a row may not sample yet (min_tokens) at -inf."""
+    penalties (OpenAI's rule) subtracted, and the stops a row may not sample yet (min_tokens) and the tokens
+    a row's grammar forbids at -inf."""
     device = logits.device
     if t.bias:
         rows, cols, vals = zip(*t.bias, strict=True)
@@ -148,6 +158,8 @@ def apply_penalties_and_bias(logits: torch.Tensor, t: SamplingMetadata) -> torch
         logits = logits.index_put(
             (index[0], index[1]), torch.tensor(float("-inf"), dtype=logits.dtype, device=device)
         )
+    if t.bitmask is not None:
+        logits = apply_token_bitmask(logits, t.grammar_rows, t.bitmask)
     return logits
 
 
@@ -195,7 +207,10 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch
 
 def needs_processing(params: list[SamplingParams]) -> bool:
     """Return whether any row needs more than an argmax of its raw logits."""
-    return any(not p.greedy or p.logit_bias or p.penalised or p.min_tokens for p in params)
+    return any(
+        not p.greedy or p.logit_bias or p.penalised or p.min_tokens or p.json_schema is not None
+        for p in params
+    )
 
 
 def sample(logits: torch.Tensor, t: SamplingMetadata | None) -> torch.Tensor:

@@ -29,6 +29,10 @@ def _error(response: Any, status: int, param: str | None) -> dict[str, Any]:
     return error
 
 
+def _named(name: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name}}
+
+
 @pytest.mark.parametrize(
     "changes, param",
     [
@@ -62,6 +66,10 @@ def _error(response: Any, status: int, param: str | None) -> dict[str, Any]:
         ({"metadata": {"a": "b"}}, "metadata"),  # OpenAI's completions API has no metadata either
         ({"suffix": "end"}, "suffix"),
         ({"seed": 2**64}, "seed"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}}},
+            "response_format",
+        ),
     ],
 )
 def test_it_rejects_bad_completion_fields(as_owner: ApiClient, changes: dict[str, Any], param: str) -> None:
@@ -78,8 +86,44 @@ def test_it_rejects_bad_completion_fields(as_owner: ApiClient, changes: dict[str
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        # tools without tool_choice mean "auto": the model's chat template cannot show it tools
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}, "tool_choice"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": _named("g")},
+            "tool_choice",
+        ),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": []}}],
+                "tool_choice": "required",
+            },
+            "tools",
+        ),
+        ({"tools": [{"type": "custom", "custom": {"name": "f"}}], "tool_choice": "required"}, "tools"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"function": "f"}},
+            "tool_choice",
+        ),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "bogus"}},
+                }
+            },
+            "response_format",
+        ),
+        (
+            {
+                "response_format": {"type": "json_object"},
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": "required",
+            },
+            "response_format",
+        ),
         ({"max_completion_tokens": 500}, "max_tokens"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"functions": [{"name": "f"}]}, "functions"),
