@@ -33,6 +33,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--heartbeat-s", type=float, default=2.0)
     parser.add_argument(
+        "--stall-s",
+        type=float,
+        default=float(env("RUVON_WORKER_STALL_S", "300")),
+        help="stop heartbeats when the loop has not turned this long (a wedged engine step)",
+    )
+    parser.add_argument(
         "--drain-timeout-s", type=float, default=30.0, help="on SIGTERM, finish work this long"
     )
     parser.add_argument("--usage-stream", default=USAGE_STREAM, help="the stream usage records go to")
@@ -85,6 +91,7 @@ def run_worker_command(args: argparse.Namespace) -> int:
         served_name=name,
         max_inflight=args.max_inflight,
         heartbeat_s=args.heartbeat_s,
+        stall_s=args.stall_s,
         drain_timeout_s=args.drain_timeout_s,
         name=transport.consumer,
     )

@@ -26,6 +26,7 @@ from gpu_worker.serving.protocol import (
     started_event,
     usage_event,
 )
+from gpu_worker.serving.pulse import Pulse
 from gpu_worker.serving.transport import Delivery, Finished, WorkerTransport
 from gpu_worker.versions import engine_versions
 
@@ -64,6 +65,7 @@ class Worker:
         drain_timeout_s: float = 30.0,
         served_name: str | None = None,
         name: str = "embedded",
+        stall_s: float = 300.0,
     ) -> None:
         self.engine = engine
         self.served_name = served_name or engine.model_name
@@ -78,6 +80,9 @@ class Worker:
         self._finished: list[Finished] = []
         self._stop = threading.Event()
         self._last_heartbeat = 0.0
+        # Heartbeats come from a thread, so one engine step longer than the web tier's worker timeout is not
+        # a dead worker; only a loop stuck for stall_s goes silent (its requests then end worker_lost).
+        self.pulse = Pulse(transport, heartbeat_s, stall_s)
         self.versions = engine_versions(engine.device)
 
     # ------------------------------------------------------------------------------------ the loop
@@ -86,6 +91,7 @@ class Worker:
         """Serve until stop() is called, then finish in-flight requests (up to drain_timeout_s) and return."""
         log.info("worker serving %s (%s)", self.engine.model_name, self.engine.label)
         deadline: float | None = None
+        self.pulse.start()
         try:
             while True:
                 if self._stop.is_set():
@@ -96,6 +102,7 @@ class Worker:
             self._fail_all("worker_shutdown", "the worker shut down before the request finished", 503)
             self._flush()
         finally:
+            self.pulse.stop()
             self.transport.close()
         log.info("worker stopped")
 
@@ -117,12 +124,14 @@ class Worker:
 
     def run_once(self, admit: bool = True) -> None:
         """One turn: admit jobs (unless draining), apply cancellations, step the engine, publish, heartbeat."""
+        self.pulse.turned()
         if admit:
             self._admit_new_jobs()
         self._apply_cancellations()
         self._enforce_deadlines()
         if self._active or self.engine.has_unfinished_requests():
             self._step()
+            self.pulse.turned()
         self._reap_orphans()
         self._flush()
         self._maybe_heartbeat()
@@ -419,7 +428,7 @@ class Worker:
             return
         self._last_heartbeat = now
         self._apply_adapter_control()
-        self.transport.heartbeat(self.info(), [st.delivery for st in self._active.values()])
+        self.pulse.beat(self.info(), [st.delivery for st in self._active.values()])
 
     def _apply_adapter_control(self) -> None:
         """Act on the registry's adapter messages (protocol.adapter_control_message), read at heartbeat pace:

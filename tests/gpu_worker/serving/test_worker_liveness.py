@@ -1,0 +1,68 @@
+"""A worker whose engine steps take longer than the web tier's worker timeout stays alive: its heartbeat thread
+keeps beating, so the reader does not end the request worker_lost and no other worker reclaims its job."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from gpu_worker.config import EngineConfig
+from gpu_worker.engine.llm_engine import LLMEngine
+from gpu_worker.serving.worker import Worker
+from tests.gpu_worker.serving.test_transport_redis import Space, space  # noqa: F401 (the fixture)
+
+STEP_S = 1.5  # each engine step; the reader's worker timeout below is 1 s
+pytestmark = pytest.mark.slow
+
+
+class SlowEngine(LLMEngine):
+    """random:tiny whose every step with work sleeps first: an overloaded CPU's step, made on purpose."""
+
+    def step(self) -> Any:
+        if self.has_unfinished_requests():
+            time.sleep(STEP_S)
+        return super().step()
+
+
+def test_it_keeps_a_worker_alive_through_steps_longer_than_the_timeout(space: Space) -> None:  # noqa: F811
+    engine = SlowEngine(EngineConfig(model="random:tiny", device="cpu", dtype="float32", num_blocks=64))
+    worker = Worker(
+        engine, space.transport(claim_idle_s=1.0), idle_wait_s=0.05, heartbeat_s=0.2, served_name=space.model
+    )
+    worker._maybe_heartbeat()  # announce before the first job, as the process does on start
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    rival = space.transport(claim_idle_s=1.0, reclaim_every_s=0.0)  # would take over a silent worker's job
+    client = space.client(worker_timeout_s=1.0, block_ms=100)
+    reclaimed: list[Any] = []
+
+    async def scenario() -> list[dict[str, Any]]:
+        await client.submit(space.job("slow", [1, 2, 3], max_tokens=3, ignore_eos=True))
+        events = []
+        async for event in client.events(space.rid("slow")):
+            events.append(event)
+            if event["type"] == "started":  # the job is the worker's now; the rival may only reclaim it
+                poller = asyncio.create_task(poll(rival.fetch, reclaimed))
+        poller.cancel()
+        return events
+
+    try:
+        events = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    finally:
+        worker.stop()
+        thread.join(timeout=30)
+    assert events[-1]["type"] == "done" and events[-1]["status"] == "completed", events[-1]
+    assert sum(len(e["token_ids"]) for e in events if e["type"] == "delta") == 3
+    assert reclaimed == []
+    [usage] = space.usage()
+    assert usage["status"] == "completed"
+
+
+async def poll(fetch: Any, found: list[Any]) -> None:
+    while True:
+        found.extend(await asyncio.to_thread(fetch, 1, 0.0))
+        await asyncio.sleep(0.2)
