@@ -8,7 +8,9 @@ import logging
 import os
 from typing import Any
 
+from gpu_worker import tracing
 from gpu_worker.engine_args import add_engine_arguments, engine_config
+from gpu_worker.logs import configure as configure_logging
 from gpu_worker.serving.protocol import USAGE_STREAM
 
 log = logging.getLogger("ruvon.worker")
@@ -71,7 +73,8 @@ def run_worker_command(args: argparse.Namespace) -> int:
     from gpu_worker.serving.telemetry import serve as serve_metrics
     from gpu_worker.serving.worker import Worker
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
+    tracing.setup("ruvon-worker")
     engine = LLMEngine(engine_config(vars(args)))
     name = args.served_model_name or engine.model_name
     telemetry = Telemetry(name)

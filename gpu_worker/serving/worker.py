@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gpu_worker.errors import InvalidRequestError
+from gpu_worker.logs import job_fields
 from gpu_worker.lora.request import LoRARequest
 from gpu_worker.serving.protocol import (
     Event,
@@ -28,9 +29,12 @@ from gpu_worker.serving.protocol import (
 )
 from gpu_worker.serving.pulse import Pulse
 from gpu_worker.serving.transport import Delivery, Finished, WorkerTransport
+from gpu_worker.tracing import end_job_span, start_job_span
 from gpu_worker.versions import engine_versions
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
     from gpu_worker.engine.llm_engine import LLMEngine
     from gpu_worker.sequence import RequestMetrics
 
@@ -78,6 +82,7 @@ class Worker:
         self._active: dict[str, _Active] = {}
         self._outbox: list[tuple[str, Event]] = []
         self._finished: list[Finished] = []
+        self._spans: dict[str, Span] = {}  # request id -> its span, from admission to its ending
         self._stop = threading.Event()
         self._last_heartbeat = 0.0
         # Heartbeats come from a thread, so one engine step longer than the web tier's worker timeout is not
@@ -179,10 +184,12 @@ class Worker:
         try:
             self._add_to_engine(job)
         except Exception as exc:  # InvalidRequestError, CapacityError or a bug: this request fails alone
-            log.info("request %s not admitted: %s", job.request_id, exc)
+            log.info("request %s not admitted: %s", job.request_id, exc, extra=job_fields(job.raw))
             self._finish_error(delivery, job.raw, error_event_for(exc), started_at)
             return
         self._active[job.request_id] = _Active(delivery, job, started_at)
+        self._spans[job.request_id] = start_job_span(job.raw)
+        log.info("request %s started", job.request_id, extra=job_fields(job.raw, status="running"))
         queued_s = max(0.0, started_at - job.submitted_at)
         self._outbox.append((job.request_id, started_event(job.prompt_token_ids, queued_s, self.name)))
 
@@ -253,7 +260,7 @@ class Worker:
             event = deadline_event(st.job, now, waiting=self.engine.is_waiting(rid))
             if event is None:
                 continue
-            log.info("request %s: %s", rid, event["message"])
+            log.info("request %s: %s", rid, event["message"], extra=job_fields(st.job.raw))
             self.engine.abort_request(rid)  # its final output from the next step is ignored: no longer active
             del self._active[rid]
             self._finish_error(
@@ -420,7 +427,16 @@ class Worker:
             self._outbox = []
         if self._finished:
             self.transport.finish(self._finished)
+            for item in self._finished:
+                self._log_ending(item)
             self._finished = []
+
+    def _log_ending(self, item: Finished) -> None:
+        status = str(item.terminal.get("status"))
+        span = self._spans.pop(item.request_id, None) or start_job_span(item.delivery.job)
+        end_job_span(span, status)
+        fields = job_fields(item.delivery.job, status=status)
+        log.info("request %s ended %s", item.request_id, status, extra=fields)
 
     def _maybe_heartbeat(self) -> None:
         now = time.monotonic()
