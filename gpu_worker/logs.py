@@ -89,8 +89,9 @@ def make_formatter(kind: str = "json") -> logging.Formatter:
 
 
 def default_format(production: bool) -> str:
-    """Return RUVON_LOG_FORMAT, else json in the production shape and plain in the embedded default."""
-    return os.environ.get("RUVON_LOG_FORMAT") or ("json" if production else "plain")
+    """Return the log format when RUVON_LOG_FORMAT is unset: json in the production shape, plain in the
+    embedded default."""
+    return "json" if production else "plain"
 
 
 def logging_config(kind: str, level: str) -> dict[str, Any]:
@@ -112,5 +113,5 @@ def configure(kind: str | None = None, level: str | None = None) -> None:
     import logging.config
 
     production = bool(os.environ.get("REDIS_URL") or os.environ.get("DATABASE_URL"))
-    kind = kind or default_format(production)
+    kind = kind or os.environ.get("RUVON_LOG_FORMAT") or default_format(production)
     logging.config.dictConfig(logging_config(kind, level or os.environ.get("LOG_LEVEL", "INFO")))

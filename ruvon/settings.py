@@ -251,5 +251,5 @@ RUVON_PRICE_SHEET = os.environ.get("RUVON_PRICE_SHEET", "")
 
 # Logs (gpu_worker/logs.py): "json" (one object a line, with request_id, tenant, model, status) or "plain";
 # json by default in the production shape, plain in the embedded default.
-RUVON_LOG_FORMAT = default_format(PRODUCTION_SHAPE)
+RUVON_LOG_FORMAT = os.environ.get("RUVON_LOG_FORMAT") or default_format(PRODUCTION_SHAPE)
 LOGGING = logging_config(RUVON_LOG_FORMAT, os.environ.get("LOG_LEVEL", "INFO"))

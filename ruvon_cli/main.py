@@ -1,4 +1,5 @@
-"""The `ruvon` command line: generate (local engine), pull (download a model), worker, chat (HTTP client)."""
+"""The `ruvon` command line: generate (local engine), pull (download a model), worker, chat (HTTP client), stack
+(the production shape on one machine)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from gpu_worker.errors import RuvonError
 from gpu_worker.serving.launcher import add_launcher_parser
 from gpu_worker.serving.process import add_worker_parser
 from ruvon_cli.chat_client import add_chat_parser
+from ruvon_cli.stack import add_stack_parser
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_worker_parser(sub)
     add_launcher_parser(sub)
     add_chat_parser(sub)
+    add_stack_parser(sub)
     return parser
 
 
