@@ -28,7 +28,9 @@ def setup(service_name: str) -> bool:
     try:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     except ImportError:
-        log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but no OTLP exporter is installed; run: %s", OTLP_INSTALL_HINT)
+        log.warning(
+            "OTEL_EXPORTER_OTLP_ENDPOINT is set but no OTLP exporter is installed; run: %s", OTLP_INSTALL_HINT
+        )
         return False
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider

@@ -12,8 +12,8 @@ from django.conf import settings
 from django.http import StreamingHttpResponse
 
 from accounts.models import ApiKey
-from gpu_worker.config import MAX_STOP_SEQUENCES, SamplingParams, check_context
 from gpu_worker import tracing
+from gpu_worker.config import MAX_STOP_SEQUENCES, SamplingParams, check_context
 from gpu_worker.errors import CapacityError, InvalidRequestError
 from gpu_worker.serving.protocol import Event, Job, make_job
 from gpu_worker.tokenization.tokenizer import Tokenizer

@@ -29,7 +29,9 @@ class StaticFilesMiddleware(WhiteNoiseMiddleware):
         return super().__call__(request)
 
     async def _acall(self, request: HttpRequest) -> HttpResponseBase:
-        static_file = self.find_file(request.path_info) if self.autorefresh else self.files.get(request.path_info)
+        static_file = (
+            self.find_file(request.path_info) if self.autorefresh else self.files.get(request.path_info)
+        )
         if static_file is not None:
             return self.serve(static_file, request)
         return await self.get_response(request)

@@ -56,7 +56,9 @@ def start_redis_server(port: int, workdir: Path, *options: str) -> subprocess.Po
     log = open(workdir / "redis.log", "ab")  # noqa: SIM115 (the child holds it)
     proc = subprocess.Popen([*cmd, *options], stdout=log, stderr=log)
     url = f"redis://127.0.0.1:{port}/0"
-    wait_until(lambda: proc.poll() is None and redis_answers(url), 20, f"redis-server did not start on {port}")
+    wait_until(
+        lambda: proc.poll() is None and redis_answers(url), 20, f"redis-server did not start on {port}"
+    )
     return proc
 
 
@@ -70,7 +72,9 @@ def stop_processes(procs: list[subprocess.Popen[bytes]], timeout_s: float = 20.0
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            print(f"{' '.join(map(str, proc.args))} did not stop within {timeout_s:g}s: killed", file=sys.stderr)
+            print(
+                f"{' '.join(map(str, proc.args))} did not stop within {timeout_s:g}s: killed", file=sys.stderr
+            )
             proc.kill()
             proc.wait()
 
@@ -121,9 +125,13 @@ class TrialStack:
         self._spawn("worker", "-m", "django", "gpu_worker")
         self._spawn("ingest", "-m", "django", "ingest_usage")
         if not self.args.no_celery:
-            self._spawn("celery", "-m", "celery", "-A", "ruvon", "worker", "--concurrency", "1", "--loglevel", "INFO")
+            self._spawn(
+                "celery", "-m", "celery", "-A", "ruvon", "worker", "--concurrency", "1", "--loglevel", "INFO"
+            )
             schedule = str(self.var_dir / "celerybeat-schedule")
-            self._spawn("beat", "-m", "celery", "-A", "ruvon", "beat", "--schedule", schedule, "--loglevel", "INFO")
+            self._spawn(
+                "beat", "-m", "celery", "-A", "ruvon", "beat", "--schedule", schedule, "--loglevel", "INFO"
+            )
         bind = ["-b", self.args.host, "-p", str(self.args.port), "ruvon.asgi:application"]
         self._spawn("web", "-m", "daphne", *bind)
         key = self._django("bootstrap_demo", "--no-adapter").split("api key: ")[-1].split()[0]
@@ -141,7 +149,9 @@ class TrialStack:
         self.redis = start_redis_server(url.port or 6379, self.var_dir)
 
     def _django(self, *command: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "django", *command], env=self.env, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "django", *command], env=self.env, capture_output=True, text=True
+        )
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
         return done.stdout
@@ -194,7 +204,9 @@ def add_stack_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("stack", help="run the whole production shape on this machine (a trial)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--redis-url", default=env("REDIS_URL"), help="default: redis://127.0.0.1:REDIS_PORT/0")
+    parser.add_argument(
+        "--redis-url", default=env("REDIS_URL"), help="default: redis://127.0.0.1:REDIS_PORT/0"
+    )
     parser.add_argument("--redis-port", type=int, default=6379, help="started here when nothing answers")
     parser.add_argument("--model", default=env("RUVON_MODEL", "smollm2"))
     parser.add_argument("--served-model-name", default=env("RUVON_MODEL_NAME", "smollm2-135m-instruct"))

@@ -39,7 +39,9 @@ def test_it_starts_the_production_shape_serves_a_request_and_stops_cleanly(tmp_p
     cmd = [sys.executable, "-m", "ruvon_cli", "stack", "--port", str(port), "--redis-port", str(redis_port),
            "--model", "random:tiny", "--served-model-name", "tiny", "--num-blocks", "64",
            "--var-dir", str(tmp_path)]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         lines = read_until(proc, "Ruvon stack: ready", 240)
         key = next(line.split()[-1] for line in lines if line.startswith("api key: "))
