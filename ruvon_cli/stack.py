@@ -72,11 +72,14 @@ def stop_processes(procs: list[subprocess.Popen[bytes]], timeout_s: float = 20.0
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            print(
-                f"{' '.join(map(str, proc.args))} did not stop within {timeout_s:g}s: killed", file=sys.stderr
-            )
+            print(f"{_command(proc)} did not stop within {timeout_s:g}s: killed", file=sys.stderr)
             proc.kill()
             proc.wait()
+
+
+def _command(proc: subprocess.Popen[bytes]) -> str:
+    args = proc.args
+    return " ".join(map(str, args)) if isinstance(args, list | tuple) else str(args)
 
 
 class TrialStack:
@@ -161,7 +164,7 @@ class TrialStack:
         self.procs.append(subprocess.Popen([sys.executable, *args], env=self.env, stdout=log, stderr=log))
 
     def _alive(self) -> bool:
-        dead = [proc.args for proc in [*self.procs, *filter(None, [self.redis])] if proc.poll() is not None]
+        dead = [_command(proc) for proc in [*self.procs, *filter(None, [self.redis])] if proc.poll() is not None]
         if dead:
             raise RuntimeError(f"a process of the stack exited: {dead[0]}; logs in {self.logs}")
         return True
