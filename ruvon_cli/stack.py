@@ -164,7 +164,9 @@ class TrialStack:
         self.procs.append(subprocess.Popen([sys.executable, *args], env=self.env, stdout=log, stderr=log))
 
     def _alive(self) -> bool:
-        dead = [_command(proc) for proc in [*self.procs, *filter(None, [self.redis])] if proc.poll() is not None]
+        dead = [
+            _command(proc) for proc in [*self.procs, *filter(None, [self.redis])] if proc.poll() is not None
+        ]
         if dead:
             raise RuntimeError(f"a process of the stack exited: {dead[0]}; logs in {self.logs}")
         return True

@@ -12,22 +12,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 from gpu_worker.logs import ContextFilter, make_formatter
 from gpu_worker.tracing import JOB_SPAN
 from tests.conftest import ApiClient, Person
+from tests.tracing import EXPORTER, spans_named
 
 pytestmark = pytest.mark.usefixtures("tiny_served")
-
-EXPORTER = InMemorySpanExporter()
-_provider = TracerProvider()
-_provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
-trace.set_tracer_provider(_provider)  # once per process; no other test installs one
 
 BODY = {"model": "tiny", "prompt": "Hello", "max_tokens": 2}
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -95,10 +87,6 @@ def test_it_replaces_an_unsafe_inbound_request_id_with_a_fresh_one(as_owner: Api
     assert response.status_code == 200
     assert response["x-request-id"] == response["x-ruvon-request-id"]
     assert response["x-request-id"].startswith("req_")
-
-
-def spans_named(name: str) -> list[ReadableSpan]:
-    return [span for span in EXPORTER.get_finished_spans() if span.name == name]
 
 
 def test_it_makes_the_workers_span_a_child_of_the_web_requests_span(as_owner: ApiClient) -> None:
