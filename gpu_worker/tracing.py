@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import nullcontext
 from typing import Any
 
 from opentelemetry import trace
@@ -41,6 +43,19 @@ def setup(service_name: str) -> bool:
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # reads the OTEL_EXPORTER_* variables
     trace.set_tracer_provider(provider)
     return True
+
+
+def active() -> bool:
+    """Return whether a TracerProvider is installed (else spans would be no-ops: skip their cost)."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
+def server_span(name: str, headers: Mapping[str, Any], attributes: dict[str, Any]) -> ContextManager[Span]:
+    """Return the context manager of an HTTP request's span (a child of the caller's `traceparent`), or one
+    that yields a non-recording span while tracing is off."""
+    if not active():
+        return nullcontext(trace.INVALID_SPAN)
+    return tracer().start_as_current_span(name, extract(headers), SpanKind.SERVER, attributes)
 
 
 def tracer() -> trace.Tracer:

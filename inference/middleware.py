@@ -15,7 +15,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, JsonResponse
 from django.http.response import HttpResponseBase
 from django.utils.decorators import sync_and_async_middleware
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import Span
 
 from gpu_worker import tracing
 from gpu_worker.logs import clean_client_request_id, log_context
@@ -57,10 +57,9 @@ def _request_scope(request: HttpRequest) -> Iterator[Span]:
     request.started_at = time.monotonic()  # type: ignore[attr-defined]
     name = f"{request.method} {request.path}"
     attributes = {"http.request.method": str(request.method), "url.path": request.path}
-    parent = tracing.extract(request.headers)  # a caller's own traceparent, if it sent one
     with (
         log_context(request_id=request.request_id, client_request_id=request.client_request_id),  # type: ignore[attr-defined]
-        tracing.tracer().start_as_current_span(name, parent, SpanKind.SERVER, attributes) as span,
+        tracing.server_span(name, request.headers, attributes) as span,
     ):
         yield span
 
