@@ -31,15 +31,20 @@ class Pulse:
         """The loop made progress (called at the start of each turn and after each engine step)."""
         self._turned_at = time.monotonic()
 
+    def track(self, active: list[Delivery]) -> None:
+        """Set the jobs the next heartbeat keeps claimed (every turn: an ended job must not be touched again)."""
+        with self._lock:
+            self._active = active
+
     def stalled_for(self) -> float:
         """Return how long the loop has gone without a turn."""
         return time.monotonic() - self._turned_at
 
-    def beat(self, info: dict[str, Any] | None = None, active: list[Delivery] | None = None) -> None:
-        """Send a heartbeat: `info` and `active` from the loop, else the last ones it gave, stamped now."""
+    def beat(self, info: dict[str, Any] | None = None) -> None:
+        """Send a heartbeat: `info` from the loop, else the last it gave, stamped now, with the tracked jobs."""
         with self._lock:
             if info is not None:
-                self._info, self._active = info, list(active or [])
+                self._info = info
             if self._info is None:
                 return
             self.transport.heartbeat(self._info | {"time": time.time()}, self._active)

@@ -139,6 +139,7 @@ class Worker:
             self.pulse.turned()
         self._reap_orphans()
         self._flush()
+        self.pulse.track([st.delivery for st in self._active.values()])
         self._maybe_heartbeat()
 
     # ----------------------------------------------------------------------------------- admission
@@ -444,7 +445,7 @@ class Worker:
             return
         self._last_heartbeat = now
         self._apply_adapter_control()
-        self.pulse.beat(self.info(), [st.delivery for st in self._active.values()])
+        self.pulse.beat(self.info())
 
     def _apply_adapter_control(self) -> None:
         """Act on the registry's adapter messages (protocol.adapter_control_message), read at heartbeat pace:
