@@ -244,6 +244,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no bench/results yet
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -317,7 +318,7 @@ def run_shape(
         finally:
             server.stop()
     config = StackConfig(model=args.model, served_name=args.served_name, num_blocks=args.num_blocks,
-                         settings=SAME_ENGINE)  # fmt: skip
+                         settings=SAME_ENGINE, database=args.database)  # fmt: skip
     with Stack(config) as stack:
 
         def usage() -> dict[str, tuple[str, int]]:
@@ -340,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         "--rate", type=float, action="append", help="Poisson requests/s (repeatable; 0: a burst)"
     )
     parser.add_argument("--shape", action="append", choices=SHAPES, help="default: all three")
+    parser.add_argument("--database", choices=("postgres", "sqlite"), default="postgres",
+                        help="the production shape's database (sqlite: a machine without PostgreSQL)")  # fmt: skip
     parser.add_argument("--name", default="serving", help="results file stem under bench/results/")
     args = parser.parse_args(argv)
     prompts = workload(args.requests, args.min_prompt, args.max_prompt, vocab=args.vocab)

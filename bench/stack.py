@@ -1,6 +1,7 @@
 """A private production-shape deployment for stress and fault tests: its own redis-server on a free port, its own
-PostgreSQL database, daphne, `manage.py gpu_worker` processes and the usage ingester, serving random:tiny on
-CPU. Nothing is shared with other runs (the machine's Redis on 6379 is never touched); stop() removes it all."""
+PostgreSQL database (or SQLite file, where no PostgreSQL runs), daphne, `manage.py gpu_worker` processes and the
+usage ingester, serving random:tiny on CPU. Nothing is shared with other runs (the machine's Redis on 6379 is
+never touched); stop() removes it all."""
 
 from __future__ import annotations
 
@@ -9,17 +10,18 @@ import os
 import secrets
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import redis
 
 from ruvon_cli.stack import free_port, start_redis_server, stop_processes
@@ -56,6 +58,10 @@ def rss_bytes(pid: int) -> int:
 
 def postgres_available(url: str = PG_ADMIN_URL) -> bool:
     try:
+        import psycopg  # here, not at the top: a SQLite stack (the GPU image) runs without it
+    except ImportError:
+        return False
+    try:
         psycopg.connect(url, connect_timeout=3).close()
         return True
     except psycopg.Error:
@@ -77,6 +83,8 @@ class StackConfig:
     # Redis with an append-only file fsynced on every write, as production runs it: a restart keeps the
     # jobs and events in flight (restart_redis). Off: a restart loses them.
     redis_aof: bool = False
+    # "sqlite": one database file in the workdir, for a machine without PostgreSQL (the GPU serving run).
+    database: str = "postgres"
 
 
 class Stack:
@@ -88,7 +96,12 @@ class Stack:
         self.database = f"ruvon_stress_{uuid.uuid4().hex[:10]}"
         self.redis_port = free_port()
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
-        self.database_url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + self.database
+        self.sqlite_path = self.workdir / "ruvon.sqlite3" if config.database == "sqlite" else None
+        self.database_url = (
+            f"sqlite:///{self.sqlite_path}"
+            if self.sqlite_path
+            else PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + self.database
+        )
         self.web_ports = [free_port() for _ in range(config.web_processes)]
         self.keys: dict[str, str] = {}
         self.secret_key = secrets.token_urlsafe(
@@ -128,13 +141,16 @@ class Stack:
     def start(self) -> Stack:
         try:
             self.start_redis()
-            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-                admin.execute(f'CREATE DATABASE "{self.database}"')
+            self._admin(f'CREATE DATABASE "{self.database}"')
             setup = subprocess.run(
                 [sys.executable, "-c", _SETUP, json.dumps(self.config.keys)],
                 cwd=ROOT, env=self.env, capture_output=True, text=True, check=True,
             )  # fmt: skip
             self.keys = json.loads(setup.stdout.strip().splitlines()[-1])
+            if self.sqlite_path:
+                # WAL lets the web process read while the ingester writes; the mode stays with the file.
+                with closing(sqlite3.connect(self.sqlite_path)) as db:
+                    db.execute("PRAGMA journal_mode=WAL")
             self.others.append(self._spawn("ingest", "manage.py", "ingest_usage"))
             for _ in range(self.config.workers):
                 self.start_worker()
@@ -146,6 +162,19 @@ class Stack:
             self.stop()
             raise
         return self
+
+    def _admin(self, statement: str, may_fail: bool = False) -> None:
+        """Run one statement on PostgreSQL's admin database (nothing to do for a SQLite stack)."""
+        if self.sqlite_path:
+            return
+        import psycopg
+
+        try:
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+                admin.execute(statement)
+        except psycopg.Error:
+            if not may_fail:
+                raise
 
     def _spawn(self, role: str, *args: str) -> subprocess.Popen[bytes]:
         self._logs += 1
@@ -198,11 +227,7 @@ class Stack:
     def stop(self) -> None:
         stop_processes(self.others + self.workers)
         self.stop_redis()
-        try:
-            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-                admin.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
-        except psycopg.Error:
-            pass
+        self._admin(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)', may_fail=True)
         if not os.environ.get("RUVON_KEEP_STACK_LOGS"):
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -245,6 +270,12 @@ class Stack:
         return {name: json.loads(info) for name, info in raw.items()}
 
     def sql(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
+        """Run one query (%s placeholders) on this stack's database; return its rows."""
+        if self.sqlite_path:
+            with closing(sqlite3.connect(self.sqlite_path)) as lite:
+                return lite.execute(query.replace("%s", "?"), args).fetchall()
+        import psycopg
+
         with psycopg.connect(self.database_url) as db:
             return db.execute(query, args).fetchall()
 

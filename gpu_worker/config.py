@@ -16,10 +16,22 @@ MAX_STOP_TOKEN_IDS = 256
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """Architecture-neutral description of a decoder-only transformer."""
+class RopeScaling:
+    """Llama 3's frequency-dependent RoPE scaling (HF rope_type "llama3"): long wavelengths are stretched by
+    `factor`, short ones kept, the band between the two wavelength bounds interpolated."""
 
-    arch: Literal["gpt2", "llama"]
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture-neutral description of a decoder-only transformer; a family is its arch (which modules
+    compose it, gpu_worker/models) plus the fields below."""
+
+    arch: Literal["gpt2", "llama", "qwen2", "mistral"]
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -29,6 +41,9 @@ class ModelConfig:
     max_position_embeddings: int
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE
+    qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2), the output projection never does
+    sliding_window: int | None = None  # Mistral: each token attends to the last this many (itself included)
     tie_word_embeddings: bool = True
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kernels.quant_linear import FP, tuned_config, weight_mm
+
 try:
     import triton
     import triton.language as tl
@@ -204,9 +206,14 @@ def small_m_linear(
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False
 ) -> torch.Tensor:
-    """Return F.linear(x, weight, bias) (then tanh-GELU when gelu): the Triton kernel for a few rows on CUDA."""
-    small = x.dim() == 2 and 0 < x.shape[0] <= MAX_SMALL_M and x.stride(1) == 1
-    if x.is_cuda and small and triton is not None and weight.dtype == x.dtype and weight.is_contiguous():
-        return small_m_linear(x, weight, bias, gelu)
+    """Return F.linear(x, weight, bias) (then tanh-GELU when gelu): a Triton kernel for a few rows on CUDA,
+    kernels/quant_linear.py's where bench/quant_tune.py measured it fastest on this GPU and shape."""
+    rows = x.dim() == 2 and 0 < x.shape[0] <= MAX_KERNEL_M and x.stride(1) == 1
+    if x.is_cuda and rows and triton is not None and weight.dtype == x.dtype and weight.is_contiguous():
+        tuned = tuned_config(x.device, FP, x.shape[0], weight.shape[0], weight.shape[1])
+        if tuned is not None:
+            return weight_mm(x, weight, None, FP, bias, gelu, tuned)
+        if x.shape[0] <= MAX_SMALL_M:
+            return small_m_linear(x, weight, bias, gelu)
     out = F.linear(x, weight, bias)
     return F.gelu(out, approximate="tanh") if gelu else out

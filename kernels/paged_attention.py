@@ -70,6 +70,7 @@ def _attend_tile(
     tile_start,
     key_end,  # keys at or past this position are masked when MASK_KEYS
     positions,  # [M] each query row's position, used when CAUSAL
+    window_lo,  # [M] each row's first visible key, used when WINDOWED
     dims,
     dim_mask,
     scale_log2,
@@ -81,6 +82,7 @@ def _attend_tile(
     PRECISION: tl.constexpr,
     MASK_KEYS: tl.constexpr,
     CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
 ):
     """Fold BLOCK_N keys from tile_start into the online-softmax state; return (acc, m_i, l_i)."""
     keys = tile_start + tl.arange(0, BLOCK_N)
@@ -96,10 +98,14 @@ def _attend_tile(
         scores = tl.where((keys[None, :] <= positions[:, None]) & key_mask[None, :], scores, float("-inf"))
     elif MASK_KEYS:
         scores = tl.where(key_mask[None, :], scores, float("-inf"))
-    # The first tile always holds a visible key for every row, so m_new is finite from then on.
+    if WINDOWED:
+        scores = tl.where(keys[None, :] >= window_lo[:, None], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(scores - m_new[:, None])
+    m_safe = m_new  # without a window the first tile holds a visible key for every row: m_new is finite
+    if WINDOWED:  # a row may see no key yet: keep its max finite so exp2 gives 0, not NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(scores - m_safe[:, None])
     v = tl.load(v_head_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)  # [N, D]
     acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
     return acc, m_new, l_i * alpha + tl.sum(p, 1)
@@ -117,6 +123,7 @@ def _decode_kernel(
     part_out_ptr,  # [B, H, S, D] fp32, each split's normalised output
     part_lse_ptr,  # [B, H, S] fp32, each split's log2-sum-exp
     scale_log2,
+    window,  # keys a query sees, itself included; used when WINDOWED
     split_size,
     num_splits,
     num_heads,
@@ -137,6 +144,7 @@ def _decode_kernel(
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,  # one split: write the output directly, skip the reduce kernel
+    WINDOWED: tl.constexpr,
 ):
     # One program per (sequence, KV head, split): all GROUP query heads of the KV head share each K/V load.
     seq = tl.program_id(0)
@@ -166,12 +174,18 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    lo = tl.zeros([BLOCK_G], dtype=tl.int32)
+    if WINDOWED:
+        lo += context_len - window
+        start += tl.maximum(context_len - window - start, 0) // BLOCK_N * BLOCK_N  # skip tiles below it
     for tile_start in range(start, end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, k_head_ptr, v_head_ptr, table_row, tile_start, end, end, dims, dim_mask, scale_log2,
-            stride_cache_block, stride_cache_slot, PAGE_SIZE, BLOCK_N, DOT_DTYPE, PRECISION,
-            MASK_KEYS=True, CAUSAL=False,
+            q, acc, m_i, l_i, k_head_ptr, v_head_ptr, table_row, tile_start, end, end, lo, dims, dim_mask,
+            scale_log2, stride_cache_block, stride_cache_slot, PAGE_SIZE, BLOCK_N, DOT_DTYPE, PRECISION,
+            MASK_KEYS=True, CAUSAL=False, WINDOWED=WINDOWED,
         )  # fmt: skip
+    if WINDOWED:
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a split wholly below the window: output 0, log-sum -inf
 
     out_mask = head_mask[:, None] & dim_mask[None, :]
     if SINGLE_SPLIT:
@@ -182,7 +196,7 @@ def _decode_kernel(
         part_row = (seq.to(tl.int64) * num_heads + heads) * num_splits + split  # [G]
         part_ptrs = part_out_ptr + part_row[:, None] * HEAD_DIM + dims[None, :]
         tl.store(part_ptrs, acc / l_i[:, None], mask=out_mask)
-        tl.store(part_lse_ptr + part_row, m_i + tl.log2(l_i), mask=head_mask)
+        tl.store(part_lse_ptr + part_row, m_i + tl.log2(l_i), mask=head_mask)  # m_i -inf: no key seen
 
 
 @triton.jit
@@ -235,6 +249,7 @@ def _prefill_kernel(
     query_start_loc_ptr,
     out_ptr,
     scale_log2,
+    window,  # keys a query sees, itself included; used when WINDOWED
     stride_qt,
     stride_qh,
     stride_cache_block,
@@ -251,6 +266,7 @@ def _prefill_kernel(
     BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    WINDOWED: tl.constexpr,
 ):
     # One program per (query tile, sequence, query head); the tile's new tokens sit at the end of the context.
     tile = tl.program_id(0)
@@ -278,23 +294,29 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # Keys up to the tile's first position are visible to every row: those tiles need no mask.
+    # Keys up to the tile's first position are visible to every row (within its window): no causal mask.
     full_end = (prefix_len + tile * BLOCK_M + 1) // BLOCK_N * BLOCK_N
-    for tile_start in range(0, full_end, BLOCK_N):
+    window_lo = positions - window + 1  # [M]
+    first = 0
+    if WINDOWED:  # start at the tile holding the first row's first visible key
+        first = tl.maximum(prefix_len + tile * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+    for tile_start in range(first, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, k_head_ptr, v_head_ptr, table_row, tile_start, full_end, positions, dims, dim_mask,
-            scale_log2, stride_cache_block, stride_cache_slot, PAGE_SIZE, BLOCK_N, DOT_DTYPE, PRECISION,
-            MASK_KEYS=False, CAUSAL=False,
+            q, acc, m_i, l_i, k_head_ptr, v_head_ptr, table_row, tile_start, full_end, positions, window_lo, dims,
+            dim_mask, scale_log2, stride_cache_block, stride_cache_slot, PAGE_SIZE, BLOCK_N, DOT_DTYPE, PRECISION,
+            MASK_KEYS=False, CAUSAL=False, WINDOWED=WINDOWED,
         )  # fmt: skip
     # The diagonal: the tile's last row sees keys up to its own position, so stop there.
     kv_end = tl.minimum(context_len, prefix_len + (tile + 1) * BLOCK_M)
     for tile_start in range(full_end, kv_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, k_head_ptr, v_head_ptr, table_row, tile_start, kv_end, positions, dims, dim_mask,
-            scale_log2, stride_cache_block, stride_cache_slot, PAGE_SIZE, BLOCK_N, DOT_DTYPE, PRECISION,
-            MASK_KEYS=True, CAUSAL=True,
+            q, acc, m_i, l_i, k_head_ptr, v_head_ptr, table_row, tile_start, kv_end, positions, window_lo, dims,
+            dim_mask, scale_log2, stride_cache_block, stride_cache_slot, PAGE_SIZE, BLOCK_N, DOT_DTYPE, PRECISION,
+            MASK_KEYS=True, CAUSAL=True, WINDOWED=WINDOWED,
         )  # fmt: skip
 
+    if WINDOWED:
+        l_i = tl.where(row_mask, l_i, 1.0)  # rows past the chunk may see no key; they are not stored
     out = acc / l_i[:, None]
     out_ptrs = out_ptr + (q_start + rows).to(tl.int64)[:, None] * stride_ot + head * stride_oh + dims[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
@@ -370,11 +392,13 @@ def paged_attention(
     query_start_loc: torch.Tensor,  # [B+1] int32: cumulative query lengths
     max_query_len: int,
     scale: float,
+    sliding_window: int = 0,
     *,
     kv_split_size: int | None = None,
     tiling: Tiling = DEFAULT_TILING,
 ) -> torch.Tensor:  # [T, H, D]
-    """Causal attention of each sequence's new tokens over its whole paged context.
+    """Causal attention of each sequence's new tokens over its paged context (the last `sliding_window`
+    keys of each query's position, itself included, when that is not 0).
 
     kv_split_size overrides the decode kernel's keys per split (tests use it to force the split path);
     tiling overrides tile sizes (the benchmark sweeps them).
@@ -386,9 +410,11 @@ def paged_attention(
     if query.shape[0] == 0:
         return out
     tables = (block_tables, context_lens, query_start_loc)
-    _decode(query, k_cache, v_cache, *tables, out, max_query_len, scale, kv_split_size, tiling)
+    _decode(
+        query, k_cache, v_cache, *tables, out, max_query_len, scale, sliding_window, kv_split_size, tiling
+    )
     if max_query_len > 1:
-        _prefill(query, k_cache, v_cache, *tables, out, max_query_len, scale, tiling)
+        _prefill(query, k_cache, v_cache, *tables, out, max_query_len, scale, sliding_window, tiling)
     return out
 
 
@@ -402,6 +428,7 @@ def _decode(
     out: torch.Tensor,
     max_query_len: int,
     scale: float,
+    sliding_window: int,
     kv_split_size: int | None,
     tiling: Tiling,
 ) -> None:
@@ -438,6 +465,7 @@ def _decode(
         part_out,
         part_lse,
         scale * LOG2_E,
+        sliding_window,
         kv_split_size,
         num_splits,
         num_heads,
@@ -456,6 +484,7 @@ def _decode(
         DOT_DTYPE=dot_type,
         PRECISION=precision,
         SINGLE_SPLIT=num_splits == 1,
+        WINDOWED=sliding_window > 0,
         num_warps=tiling.decode_warps,
         num_stages=tiling.decode_stages,
     )
@@ -487,6 +516,7 @@ def _prefill(
     out: torch.Tensor,
     max_query_len: int,
     scale: float,
+    sliding_window: int,
     tiling: Tiling,
 ) -> None:
     """Launch the flash-attention prefill kernel for every sequence with more than one new token."""
@@ -504,6 +534,7 @@ def _prefill(
         query_start_loc,
         out,
         scale * LOG2_E,
+        sliding_window,
         query.stride(0),
         query.stride(1),
         *k_cache.stride()[:3],
@@ -518,6 +549,7 @@ def _prefill(
         BLOCK_D=triton.next_power_of_2(head_dim),
         DOT_DTYPE=dot_type,
         PRECISION=precision,
+        WINDOWED=sliding_window > 0,
         num_warps=tiling.prefill_warps(head_dim),
         num_stages=tiling.prefill_stages,
     )

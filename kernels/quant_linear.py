@@ -1,22 +1,30 @@
-"""Weight-only quantised linears for decode rows: Triton GEMVs that dequantise in registers (W8A16, W4A16).
+"""Weight-only quantised linears (W8A16, W4A16) and the same kernel for plain fp16/bf16 weights.
 
-Layouts are kernels/reference.py's (int8_linear_ref, int4_linear_ref). A decode step with a few rows is bound
-by reading the weight, so each program streams BLOCK_N weight rows once, in their packed form, and applies
-the scales in fp32 as it goes: for a group g of G weights in a row, w . x = scale * (q . x) + min * sum(x),
-one multiply-add per weight and two per group. Where N is small and K large, split-K slices K over more
-programs and sums their fp32 partials (then bias and GELU). Rows beyond MAX_QUANT_M (prefill chunks) take the reference:
-one block of dequantised rows at a time, then F.linear. Nothing here reads device tensors on the host, so
-both are safe inside CUDA graphs.
+One Triton kernel reads the weight in its stored form (fp, int8 per channel, int8 in groups of 32 as GGUF's
+Q8_0, or int4 packed two per byte with a (scale, min) per group) and multiplies on the tensor cores: rows
+are padded to a BLOCK_M tile of at least 16, which costs nothing at decode (the step is bound by reading the
+weight, not by arithmetic) and makes the same kernel the GEMM for prefill chunks. Values 0..15 and -127..127
+are exact in fp16, so a group's dot product runs on the raw integers and the scales apply in fp32 after it:
+for a group g, w . x = scale * (q . x) + min * sum(x). Loads of the next K steps are software-pipelined
+(num_stages). Where N is small and K large, split-K slices K over more programs and one small kernel sums
+their fp32 partials, then adds the bias and applies GELU. Nothing here reads device tensors on the host, so
+the kernels are safe inside CUDA graphs. The layouts are kernels/reference.py's (int8_linear_ref,
+int4_linear_ref); an int4 weight may be padded along K to whole groups (x then has the true K).
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from kernels.reference import add_bias_gelu, int4_linear_ref, int8_linear_ref
+from kernels.reference import int4_linear_ref, int8_linear_ref
 
 try:
     import triton
@@ -30,14 +38,65 @@ except ImportError:  # a CPU-only install has no Triton; the dispatchers never r
         return fn
 
 
-MAX_QUANT_M = 16  # most rows the GEMVs take
-MIN_PROGRAMS = 528  # four programs per SM of an H200 (132 SMs)
-MIN_SPLIT_STEPS = 8  # K-loop steps a split-K slice keeps at least
-INT8_BLOCK_K = 128  # K step of the per-channel int8 kernel (grouped scales step one group at a time)
+FP, INT8, INT8_GROUPED, INT4 = 0, 1, 2, 3  # the weight formats the kernel reads
+SMS = 132  # streaming multiprocessors of an H100 / H200
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """A launch shape; None fields are chosen from the problem (bench/quant_tune.py sweeps them)."""
+
+    block_n: int | None = None
+    block_k: int | None = None  # fp and per-channel int8 only: grouped formats step one group at a time
+    split_k: int | None = None
+    num_warps: int = 4
+    num_stages: int = 4
+    min_programs: int = 2 * SMS  # split K until the grid has this many programs
+
+
+DEFAULT_CONFIG = GemmConfig()
+# Launch shapes measured best per GPU, format and shape by bench/quant_tune.py --write.
+TUNED_PATH = Path(__file__).with_name("tuned_configs.json")
+
+
+def tuned_key(weight_format: int, m: int, n: int, k: int, group: int = 0) -> str:
+    """Return the table key of a problem: one row, or a few (2-16, tuned at 8); int4 adds its group."""
+    return f"{weight_format}:{1 if m == 1 else 8}:{n}:{k}" + (f":g{group}" if weight_format == INT4 else "")
+
+
+def gpu_arch(device: torch.device | int = 0) -> str:
+    """Return the table's name for a GPU architecture ("sm90": H100 and H200 share their tuned shapes)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+@functools.cache
+def _tuned_table(arch: str) -> dict[str, dict[str, Any]]:
+    table = json.loads(TUNED_PATH.read_text()) if TUNED_PATH.exists() else {}
+    return table.get(arch, {})
+
+
+@functools.cache
+def _arch(index: int) -> str:
+    return gpu_arch(index)
+
+
+def tuned_config(
+    device: torch.device, weight_format: int, m: int, n: int, k: int, group: int = 0
+) -> GemmConfig | None:
+    """Return the measured launch shape for this problem on this GPU, if bench/quant_tune.py recorded one."""
+    if device.type != "cuda" or m > 16:
+        return None
+    entry = _tuned_table(_arch(device.index or 0)).get(tuned_key(weight_format, m, n, k, group))
+    if entry is None:
+        return None
+    fields = ("block_n", "block_k", "split_k", "num_stages", "num_warps")
+    return GemmConfig(**{f: entry[f] for f in fields})
 
 
 @_jit
-def _int8_gemv_kernel(
+def _weight_mm_kernel(
     x_ptr,
     w_ptr,
     s_ptr,
@@ -52,237 +111,277 @@ def _int8_gemv_kernel(
     stride_om,
     stride_os,
     K_SPLIT,
-    GROUPED: tl.constexpr,  # scales per group of BLOCK_K along K; else one per output channel
+    WEIGHT: tl.constexpr,
+    GROUP: tl.constexpr,  # int4's group along K (BLOCK_K is a whole number of groups)
+    EPILOGUE: tl.constexpr,  # one K slice: add the bias, apply GELU and store in out's dtype
     HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr,
-    M_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    # One program owns BLOCK_N output columns for all M rows and streams their int8 weight rows once
-    # (split-K: the K_SPLIT columns of K from program_id(1) * K_SPLIT, into partial sums).
+    # Program (n, s, m) owns a [BLOCK_M, BLOCK_N] tile of the output for the K slice s and writes its fp32
+    # partial sums to out[s], or with EPILOGUE (one slice) the finished tile to out.
     pid_n = tl.program_id(0)
     k_begin = tl.program_id(1) * K_SPLIT
-    rows = tl.arange(0, M_PAD)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
+    row_mask = rows < M
     col_mask = cols < N
-    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + k_begin + ks[None, :]  # [BLOCK_N, BLOCK_K]
-    s_ptrs = s_ptr + cols.to(tl.int64) * stride_sn  # [BLOCK_N]
-    acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_begin, tl.minimum(K, k_begin + K_SPLIT), BLOCK_K):
-        k_mask = ks < K - k0
-        w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0).to(tl.float32)
-        if GROUPED:
-            scale = tl.load(s_ptrs + k0 // BLOCK_K, mask=col_mask, other=0.0).to(tl.float32)
-        for m in tl.static_range(M_PAD):
-            if m < M:
-                x_m = tl.load(x_ptr + m * stride_xm + k0 + ks, mask=k_mask, other=0.0).to(tl.float32)
-                dots = tl.sum(w * x_m[None, :], axis=1)  # [BLOCK_N]
-                if GROUPED:
-                    dots = dots * scale
-                acc = tl.where(rows[:, None] == m, acc + dots[None, :], acc)
-        w_ptrs += BLOCK_K
-    if not GROUPED:
-        acc = acc * tl.load(s_ptrs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    out_ptr += tl.program_id(1) * stride_os
-    _epilogue(acc, bias_ptr, out_ptr, rows, cols, M, N, stride_om, HAS_BIAS, GELU)
+    k_end = tl.minimum(K, k_begin + K_SPLIT)
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm  # [BLOCK_M, 1]
+    w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wn  # [BLOCK_N, 1]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if WEIGHT == 3 and BLOCK_K == GROUP:  # int4, one group a step: the dot runs on the raw values 0..15
+        half = tl.arange(0, BLOCK_K // 2)  # byte j holds k = 2j (low nibble) and 2j + 1 (high)
+        s_ptrs = s_ptr + cols.to(tl.int64) * stride_sn + (k_begin // BLOCK_K) * 2  # -> (scale, min)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            even = row_mask[:, None] & (2 * half < K - k0)[None, :]
+            odd = row_mask[:, None] & (2 * half + 1 < K - k0)[None, :]
+            x_even = tl.load(x_rows + k0 + 2 * half[None, :], mask=even, other=0.0)  # [BLOCK_M, BLOCK_K/2]
+            x_odd = tl.load(x_rows + k0 + 1 + 2 * half[None, :], mask=odd, other=0.0)
+            packed = tl.load(w_rows + k0 // 2 + half[None, :], mask=col_mask[:, None], other=0)
+            low = tl.trans((packed & 0xF).to(DOT_DTYPE))  # [BLOCK_K/2, BLOCK_N]
+            high = tl.trans((packed >> 4).to(DOT_DTYPE))
+            dots = tl.dot(x_even.to(DOT_DTYPE), low, input_precision=PRECISION)
+            dots = tl.dot(x_odd.to(DOT_DTYPE), high, dots, input_precision=PRECISION)
+            x_sum = tl.sum(x_even.to(tl.float32), axis=1) + tl.sum(x_odd.to(tl.float32), axis=1)
+            scale = tl.load(s_ptrs, mask=col_mask, other=0.0).to(tl.float32)
+            minimum = tl.load(s_ptrs + 1, mask=col_mask, other=0.0).to(tl.float32)
+            acc += dots * scale[None, :] + x_sum[:, None] * minimum[None, :]
+            s_ptrs += 2
+    elif WEIGHT == 3:  # int4, several groups a step: dequantised in registers, then one dot per nibble half
+        half = tl.arange(0, BLOCK_K // 2)
+        groups = tl.arange(0, BLOCK_K // GROUP)
+        n_groups = tl.cdiv(K, GROUP)
+        s_rows = s_ptr + cols[:, None].to(tl.int64) * stride_sn  # [BLOCK_N, 1]
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            even = row_mask[:, None] & (2 * half < K - k0)[None, :]
+            odd = row_mask[:, None] & (2 * half + 1 < K - k0)[None, :]
+            x_even = tl.load(x_rows + k0 + 2 * half[None, :], mask=even, other=0.0)  # [BLOCK_M, BLOCK_K/2]
+            x_odd = tl.load(x_rows + k0 + 1 + 2 * half[None, :], mask=odd, other=0.0)
+            g_mask = col_mask[:, None] & (k0 // GROUP + groups < n_groups)[None, :]  # [BLOCK_N, BLOCK_K/G]
+            g_ptrs = s_rows + (k0 // GROUP + groups[None, :]) * 2
+            scale = _per_byte(tl.load(g_ptrs, mask=g_mask, other=0.0).to(tl.float32), GROUP, BLOCK_N, BLOCK_K)
+            minimum = _per_byte(
+                tl.load(g_ptrs + 1, mask=g_mask, other=0.0).to(tl.float32), GROUP, BLOCK_N, BLOCK_K
+            )
+            b_mask = col_mask[:, None] & (2 * half < n_groups * GROUP - k0)[None, :]
+            packed = tl.load(w_rows + k0 // 2 + half[None, :], mask=b_mask, other=0)  # [BLOCK_N, BLOCK_K/2]
+            low = tl.trans(((packed & 0xF).to(tl.float32) * scale + minimum).to(DOT_DTYPE))
+            high = tl.trans(((packed >> 4).to(tl.float32) * scale + minimum).to(DOT_DTYPE))
+            acc = tl.dot(x_even.to(DOT_DTYPE), low, acc, input_precision=PRECISION)
+            acc = tl.dot(x_odd.to(DOT_DTYPE), high, acc, input_precision=PRECISION)
+    else:
+        ks = tl.arange(0, BLOCK_K)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            k_mask = (ks < K - k0)[None, :]
+            x = tl.load(x_rows + k0 + ks[None, :], mask=row_mask[:, None] & k_mask, other=0.0)
+            w = tl.load(w_rows + k0 + ks[None, :], mask=col_mask[:, None] & k_mask, other=0)
+            dots = tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=PRECISION)
+            if WEIGHT == 2:  # a scale per group of BLOCK_K
+                group = k0 // BLOCK_K
+                scale = tl.load(s_ptr + cols.to(tl.int64) * stride_sn + group, mask=col_mask, other=0.0)
+                acc += dots * scale.to(tl.float32)[None, :]
+            else:
+                acc += dots
+        if WEIGHT == 1:
+            scale = tl.load(s_ptr + cols.to(tl.int64) * stride_sn, mask=col_mask, other=0.0)
+            acc = acc * scale.to(tl.float32)[None, :]
+    if EPILOGUE:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if GELU:
+            u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)  # tanh-GELU as x * sigmoid(2u)
+            acc = acc / (1.0 + tl.exp(-2.0 * u))
+    out_ptrs = out_ptr + tl.program_id(1) * stride_os + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
 @_jit
-def _int4_gemv_kernel(
-    x_ptr,
-    w_ptr,
-    s_ptr,
+def _per_byte(per_group, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # [BLOCK_N, BLOCK_K / GROUP] -> [BLOCK_N, BLOCK_K / 2]: each group's value repeated over its GROUP / 2 bytes
+    spread = tl.broadcast_to(per_group[:, :, None], (BLOCK_N, BLOCK_K // GROUP, GROUP // 2))
+    return tl.reshape(spread, (BLOCK_N, BLOCK_K // 2))
+
+
+@_jit
+def _reduce_kernel(
+    part_ptr,
     bias_ptr,
     out_ptr,
-    M,
+    TOTAL,
     N,
-    K,
-    stride_xm,
-    stride_wn,
-    stride_sn,
-    stride_om,
-    stride_os,
-    K_SPLIT,
+    SPLIT,
+    stride_ps,
     HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr,
-    M_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    GROUP: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    # One program owns BLOCK_N output columns and streams their packed rows one group (GROUP / 2 bytes) a step
-    # (split-K: the K_SPLIT columns of K from program_id(1) * K_SPLIT, a multiple of GROUP).
-    pid_n = tl.program_id(0)
-    k_begin = tl.program_id(1) * K_SPLIT
-    rows = tl.arange(0, M_PAD)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    half = tl.arange(0, GROUP // 2)  # byte j holds k = 2j (low nibble) and 2j + 1 (high nibble)
-    col_mask = cols < N
-    w_ptrs = (
-        w_ptr + cols[:, None].to(tl.int64) * stride_wn + k_begin // 2 + half[None, :]
-    )  # [BLOCK_N, GROUP / 2]
-    s_ptrs = s_ptr + cols.to(tl.int64) * stride_sn + (k_begin // GROUP) * 2  # [BLOCK_N] -> (scale, min)
-    acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_begin, tl.minimum(K, k_begin + K_SPLIT), GROUP):
-        packed = tl.load(w_ptrs, mask=col_mask[:, None], other=0)
-        low = (packed & 0xF).to(tl.float32)
-        high = (packed >> 4).to(tl.float32)
-        scale = tl.load(s_ptrs, mask=col_mask, other=0.0).to(tl.float32)
-        minimum = tl.load(s_ptrs + 1, mask=col_mask, other=0.0).to(tl.float32)
-        for m in tl.static_range(M_PAD):
-            if m < M:
-                x_even = tl.load(x_ptr + m * stride_xm + k0 + 2 * half).to(tl.float32)
-                x_odd = tl.load(x_ptr + m * stride_xm + k0 + 2 * half + 1).to(tl.float32)
-                dots = tl.sum(low * x_even[None, :], axis=1) + tl.sum(high * x_odd[None, :], axis=1)
-                x_sum = tl.sum(x_even, axis=0) + tl.sum(x_odd, axis=0)
-                acc = tl.where(rows[:, None] == m, acc + (scale * dots + minimum * x_sum)[None, :], acc)
-        w_ptrs += GROUP // 2
-        s_ptrs += 2
-    out_ptr += tl.program_id(1) * stride_os
-    _epilogue(acc, bias_ptr, out_ptr, rows, cols, M, N, stride_om, HAS_BIAS, GELU)
-
-
-@_jit
-def _epilogue(
-    acc, bias_ptr, out_ptr, rows, cols, M, N, stride_om, HAS_BIAS: tl.constexpr, GELU: tl.constexpr
-):
-    col_mask = cols < N
+    # out = GELU?(sum of the SPLIT fp32 partials + bias), in out's dtype; partials are [SPLIT, M * N].
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < TOTAL
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLIT):
+        acc += tl.load(part_ptr + s * stride_ps + offs, mask=mask, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     if GELU:
         u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)  # tanh-GELU as x * sigmoid(2u)
         acc = acc / (1.0 + tl.exp(-2.0 * u))
-    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & col_mask[None, :])
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_n(n: int) -> int:
-    """Return output columns per program: the most that still leaves MIN_PROGRAMS programs (at least 4)."""
-    want = max(1, n // MIN_PROGRAMS)
-    return max(4, 1 << (want.bit_length() - 1))
+def dot_dtype(dtype: torch.dtype) -> tuple[Any, str]:
+    """Return the dtype tl.dot runs in for activations of this dtype, and its fp32 precision mode: fp16/bf16
+    feed the tensor cores; fp32 runs in IEEE precision to match the references (and bf16 too under the CPU
+    interpreter, which has no bf16 arithmetic)."""
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and _INTERPRETED):
+        return tl.float32, "ieee"
+    return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "tf32"
 
 
-def _split_k(n_programs: int, steps: int) -> int:
-    """Return how many K slices to run: enough programs to fill the GPU where N is small and K large, each
-    slice at least MIN_SPLIT_STEPS steps of the K loop."""
-    split = 1
-    while n_programs * split * 2 <= MIN_PROGRAMS and steps // (split * 2) >= MIN_SPLIT_STEPS:
-        split *= 2
-    return split
+def _block_m(m: int) -> int:
+    return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-def _launch(
-    kernel: Any,
-    x: torch.Tensor,
-    weights: tuple[torch.Tensor, torch.Tensor],
-    n: int,
-    k: int,
-    step: int,
-    bias: torch.Tensor | None,
-    gelu: bool,
-    split_k: int | None,
-    **meta: Any,
+def plan(m: int, n: int, k: int, weight: int, group: int, config: GemmConfig) -> GemmConfig:
+    """Return config with every None field chosen: BLOCK_N from the rows, BLOCK_K from the format, and
+    enough K slices that a decode-sized grid fills the GPU (each slice keeps at least four K steps)."""
+    block_n = config.block_n or (32 if m <= 16 else 64)
+    block_k = config.block_k or (256 if m <= 16 else 64)
+    if weight == INT8_GROUPED or (weight == INT4 and config.block_k is None):
+        block_k = group  # int4 by default steps one group at a time, on the raw values
+    elif weight == INT4:
+        block_k = max(group, block_k)  # a whole number of groups, dequantised in registers
+    block_k = min(block_k, max(16, triton.next_power_of_2(k))) if weight in (FP, INT8) else block_k
+    split = config.split_k
+    if split is None:
+        programs = triton.cdiv(n, block_n) * triton.cdiv(m, _block_m(m))
+        steps, split = triton.cdiv(k, block_k), 1
+        while programs * split < config.min_programs and steps // (split * 2) >= 4:
+            split *= 2
+    return replace(config, block_n=block_n, block_k=block_k, split_k=split)
+
+
+def weight_mm(
+    x: torch.Tensor,  # [M, K], last dim contiguous
+    weight: torch.Tensor,  # fp [N, K]; int8 [N, K]; int4 packed uint8 [N, K_pad // 2]
+    scales: torch.Tensor | None,  # None (fp); [N, 1] or [N, K // G] (int8); [N, K_pad // G, 2] (int4)
+    weight_format: int,
+    bias: torch.Tensor | None = None,
+    gelu: bool = False,
+    config: GemmConfig = DEFAULT_CONFIG,
 ) -> torch.Tensor:
-    """Run a GEMV kernel over a [N / BLOCK_N, split] grid; several K slices sum fp32 partials, then the
-    bias and GELU apply once (in the kernel itself when there is one slice)."""
-    m = x.shape[0]
-    block_n = _block_n(n)
-    n_programs = triton.cdiv(n, block_n)
-    steps = triton.cdiv(k, step)
-    split = split_k or _split_k(n_programs, steps)
-    k_split = triton.cdiv(steps, split) * step  # a whole number of steps (of groups) per slice
+    """Return x @ W.T + bias (then tanh-GELU when gelu) in x's dtype, W read in its stored format."""
+    if triton is None:
+        raise RuntimeError("the Triton linears need Triton")
+    (m, k), n = x.shape, weight.shape[0]
+    group = _group(k, weight, scales, weight_format)
+    if m == 0 or n == 0:
+        return torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if config is DEFAULT_CONFIG:
+        config = tuned_config(x.device, weight_format, m, n, k, group) or config
+    cfg = plan(m, n, k, weight_format, group, config)
+    assert cfg.block_n is not None and cfg.block_k is not None and cfg.split_k is not None
+    k_split = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k) * cfg.block_k  # whole K steps a slice
     split = triton.cdiv(k, k_split)
-    out = torch.empty((split, m, n), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
-    qweight, scales = weights
+    block_m = _block_m(m)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     fuse = split == 1
-    kernel[(n_programs, split)](
-        x, qweight, scales, bias if bias is not None and fuse else scales, out,
-        m, n, k, x.stride(0), qweight.stride(0), scales.stride(0), out.stride(1), out.stride(0), k_split,
-        HAS_BIAS=bias is not None and fuse, GELU=gelu and fuse,
-        M_PAD=triton.next_power_of_2(m), BLOCK_N=block_n, **meta,
+    part = out[None] if fuse else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    dtype, precision = dot_dtype(x.dtype)
+    s = scales if scales is not None else weight
+    grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, block_m))
+    _weight_mm_kernel[grid](
+        x, weight, s, bias if bias is not None else s, part, m, n, k, x.stride(0), weight.stride(0),
+        s.stride(0), part.stride(1), part.stride(0), k_split, WEIGHT=weight_format, GROUP=group or cfg.block_k, EPILOGUE=fuse,
+        HAS_BIAS=bias is not None and fuse, GELU=gelu and fuse, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, DOT_DTYPE=dtype, PRECISION=precision, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
-    if fuse:
-        return out[0]
-    bias32 = None if bias is None else bias.float()
-    return add_bias_gelu(out.sum(dim=0), bias32, gelu).to(x.dtype)
+    if not fuse:
+        total, block = m * n, 1024
+        _reduce_kernel[(triton.cdiv(total, block),)](
+            part, bias if bias is not None else part, out, total, n, split, part.stride(0),
+            HAS_BIAS=bias is not None, GELU=gelu, BLOCK=block,
+        )  # fmt: skip
+    return out
 
 
-def _check(x: torch.Tensor, n: int, k: int, bias: torch.Tensor | None) -> None:
-    if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
-        raise ValueError(f"x must be [M, K={k}] with a contiguous last dimension; got {tuple(x.shape)}")
-    if x.shape[0] > MAX_QUANT_M:
-        raise ValueError(f"the quantised GEMVs take at most {MAX_QUANT_M} rows; got {x.shape[0]}")
+def _group(k: int, weight: torch.Tensor, scales: torch.Tensor | None, weight_format: int) -> int:
+    """Return the group size along K (0 where there is none); raise ValueError for a layout the kernel
+    cannot read."""
+    if weight.dim() != 2 or not weight.is_contiguous():
+        raise ValueError(f"the weight must be a contiguous 2-d tensor; got {tuple(weight.shape)}")
+    n = weight.shape[0]
+    if weight_format == FP:
+        if weight.shape[1] != k:
+            raise ValueError(f"x is [M, {k}] but the weight is {tuple(weight.shape)}")
+        return 0
+    if scales is None or scales.shape[0] != n:
+        raise ValueError(f"scales must have N={n} rows")
+    if weight_format == INT4:
+        k_pad, groups = weight.shape[1] * 2, scales.shape[1]
+        group = k_pad // groups
+        if scales.shape != (n, groups, 2) or not scales.is_contiguous() or group * groups != k_pad:
+            raise ValueError(f"qscales must be contiguous [N, K // G, 2]; got {tuple(scales.shape)}")
+        if group % 32 or group & (group - 1) or not k <= k_pad < k + group:
+            raise ValueError(
+                f"int4 needs G a power of two >= 32 and K={k} padded to whole groups; got G={group}, "
+                f"{k_pad} packed columns"
+            )
+        return group
+    if weight.shape[1] != k or k % scales.shape[1]:
+        raise ValueError(f"int8 weight must be [N, K={k}] with scales [N, groups dividing K]")
+    group = k // scales.shape[1]
+    if scales.shape[1] > 1 and (group < 16 or group & (group - 1)):
+        raise ValueError(f"int8 groups must be a power of two >= 16 (GGUF Q8_0: 32); got {group}")
+    return group if scales.shape[1] > 1 else 0
+
+
+def _check(x: torch.Tensor, n: int, bias: torch.Tensor | None) -> None:
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"x must be [M, K] with a contiguous last dimension; got {tuple(x.shape)}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must be [N={n}]; got {tuple(bias.shape)}")
 
 
 def int8_gemv(
-    x: torch.Tensor,  # [M, K], M <= MAX_QUANT_M
+    x: torch.Tensor,  # [M, K]
     qweight: torch.Tensor,  # [N, K] int8, row-major contiguous
     scales: torch.Tensor,  # [N, K // G] (G = K: per channel)
     bias: torch.Tensor | None = None,
     gelu: bool = False,
     split_k: int | None = None,  # K slices; None: chosen from the shape
+    config: GemmConfig = DEFAULT_CONFIG,
 ) -> torch.Tensor:
     """Return int8_linear_ref(x, qweight, scales, bias, gelu) in x's dtype, from the Triton kernel."""
-    if triton is None:
-        raise RuntimeError("int8_gemv needs Triton")
-    (n, k), groups = qweight.shape, scales.shape[1]
-    _check(x, n, k, bias)
-    if not qweight.is_contiguous() or scales.shape[0] != n or k % groups:
-        raise ValueError(f"qweight must be contiguous [N, K] and scales [N, groups dividing K]; got {groups}")
-    if x.shape[0] == 0 or n == 0:
-        return torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    step = k // groups if groups > 1 else INT8_BLOCK_K
-    return _launch(
-        _int8_gemv_kernel,
-        x,
-        (qweight, scales),
-        n,
-        k,
-        step,
-        bias,
-        gelu,
-        split_k,
-        GROUPED=groups > 1,
-        BLOCK_K=step,
-    )
+    _check(x, qweight.shape[0], bias)
+    weight_format = INT8_GROUPED if scales.dim() == 2 and scales.shape[1] > 1 else INT8
+    cfg = config if split_k is None else replace(config, split_k=split_k)
+    return weight_mm(x, qweight, scales, weight_format, bias, gelu, cfg)
 
 
 def int4_gemv(
-    x: torch.Tensor,  # [M, K], M <= MAX_QUANT_M
-    qweight: torch.Tensor,  # [N, K // 2] uint8, pack_int4_ref's layout
-    qscales: torch.Tensor,  # [N, K // G, 2]: (scale, min)
+    x: torch.Tensor,  # [M, K]
+    qweight: torch.Tensor,  # [N, K_pad // 2] uint8, pack_int4_ref's layout (K_pad: K in whole groups)
+    qscales: torch.Tensor,  # [N, K_pad // G, 2]: (scale, min)
     bias: torch.Tensor | None = None,
     gelu: bool = False,
     split_k: int | None = None,  # K slices; None: chosen from the shape
+    config: GemmConfig = DEFAULT_CONFIG,
 ) -> torch.Tensor:
     """Return int4_linear_ref(x, qweight, qscales, bias, gelu) in x's dtype, from the Triton kernel."""
-    if triton is None:
-        raise RuntimeError("int4_gemv needs Triton")
-    n, k = qweight.shape[0], qweight.shape[1] * 2
-    _check(x, n, k, bias)
-    group = k // qscales.shape[1]
-    if qscales.shape != (n, k // group, 2) or k % group or group % 32 or group & (group - 1):
-        raise ValueError(
-            f"qscales must be [N, K // G, 2] with G a power of two >= 32; got {tuple(qscales.shape)}"
-        )
-    if not (qweight.is_contiguous() and qscales.is_contiguous()):
-        raise ValueError("qweight and qscales must be contiguous")
-    if x.shape[0] == 0 or n == 0:
-        return torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    return _launch(_int4_gemv_kernel, x, (qweight, qscales), n, k, group, bias, gelu, split_k, GROUP=group)
+    _check(x, qweight.shape[0], bias)
+    cfg = config if split_k is None else replace(config, split_k=split_k)
+    return weight_mm(x, qweight, qscales, INT4, bias, gelu, cfg)
 
 
-def _decode_rows(x: torch.Tensor) -> bool:
-    return (
-        x.is_cuda
-        and triton is not None
-        and x.dim() == 2
-        and 0 < x.shape[0] <= MAX_QUANT_M
-        and x.stride(1) == 1
-    )
+def _on_gpu(x: torch.Tensor) -> bool:
+    return x.is_cuda and triton is not None and x.dim() == 2 and x.shape[0] > 0 and x.stride(1) == 1
 
 
 def int8_linear(
@@ -292,8 +391,9 @@ def int8_linear(
     bias: torch.Tensor | None = None,
     gelu: bool = False,
 ) -> torch.Tensor:
-    """Return int8_linear_ref's result: the Triton GEMV for decode rows on CUDA, the reference elsewhere."""
-    if _decode_rows(x):
+    """Return int8_linear_ref's result: the Triton kernel on CUDA (decode rows and prefill chunks alike),
+    the reference elsewhere."""
+    if _on_gpu(x):
         return int8_gemv(x, qweight, scales, bias, gelu)
     return int8_linear_ref(x, qweight, scales, bias, gelu)
 
@@ -305,7 +405,8 @@ def int4_linear(
     bias: torch.Tensor | None = None,
     gelu: bool = False,
 ) -> torch.Tensor:
-    """Return int4_linear_ref's result: the Triton GEMV for decode rows on CUDA, the reference elsewhere."""
-    if _decode_rows(x):
+    """Return int4_linear_ref's result: the Triton kernel on CUDA (decode rows and prefill chunks alike),
+    the reference elsewhere."""
+    if _on_gpu(x):
         return int4_gemv(x, qweight, qscales, bias, gelu)
     return int4_linear_ref(x, qweight, qscales, bias, gelu)

@@ -37,12 +37,15 @@ def paged_attention_ref(
     query_start_loc: torch.Tensor,  # [B+1] int32: cumulative query lengths
     max_query_len: int,
     scale: float,
+    sliding_window: int = 0,
 ) -> torch.Tensor:  # [T, H, D]
-    """Causal attention of each sequence's new tokens over its whole paged context.
+    """Causal attention of each sequence's new tokens over its paged context (the last `sliding_window`
+    keys of each query's position, itself included, when that is not 0).
 
     Works for any mix of prefill chunks and single-token decodes: query token i of a sequence
     with q_len new tokens and context length L sits at position L - q_len + i and sees keys 0..that.
     """
+    window = sliding_window or 1 << 62
     num_seqs = block_tables.shape[0]
     block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     num_heads = query.shape[1]
@@ -62,7 +65,7 @@ def paged_attention_ref(
 
     if max_query_len == 1 and query.shape[0] == num_seqs:
         # Every sequence decodes one token at position ctx - 1: it sees keys 0..ctx-1.
-        mask = k_pos[None, :] < ctx[:, None]  # [B, L]
+        mask = (k_pos[None, :] < ctx[:, None]) & (k_pos[None, :] >= ctx[:, None] - window)  # [B, L]
         out = F.scaled_dot_product_attention(
             query[:, :, None, :],  # [B, H, 1, D]
             keys,  # [B, Hkv, L, D]
@@ -80,9 +83,10 @@ def paged_attention_ref(
     flat_index = (query_start_loc[:-1].long()[:, None] + q_idx[None, :]).clamp(max=query.shape[0] - 1)
     padded_q = query[flat_index]  # [B, Q, H, D]
 
-    # Key j is visible to query i when j <= its position and j < context length.
+    # Key j is visible to query i when j <= its position, j < context length and j is inside its window.
     q_pos = ctx[:, None] - q_lens[:, None] + q_idx[None, :]  # [B, Q]
     mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < ctx[:, None, None])
+    mask &= k_pos[None, None, :] > q_pos[:, :, None] - window
     mask = mask | ~valid_q[:, :, None]  # padding rows attend to everything: finite, then dropped
     out = F.scaled_dot_product_attention(
         padded_q.transpose(1, 2),  # [B, H, Q, D]

@@ -36,7 +36,7 @@ class WorkModel:
         """Return the work model of a decoder-only transformer of this shape."""
         hidden, kv_dim = config.hidden_size, config.num_kv_heads * config.head_dim
         attention = hidden * (hidden + 2 * kv_dim) + hidden * hidden  # Q, K, V and output projections
-        mlp_matrices = 3 if config.arch == "llama" else 2  # gate, up, down vs fc, proj
+        mlp_matrices = 2 if config.arch == "gpt2" else 3  # fc, proj vs gate, up, down
         mlp = mlp_matrices * hidden * config.intermediate_size
         return cls(
             flops_per_token=2.0 * config.num_layers * (attention + mlp),

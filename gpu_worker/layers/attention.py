@@ -11,10 +11,18 @@ from gpu_worker.layers.context import ForwardContext
 class PagedAttention(nn.Module):
     """Stores this step's keys/values in the paged cache, then attends over each sequence's context."""
 
-    def __init__(self, context: ForwardContext, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(
+        self,
+        context: ForwardContext,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        sliding_window: int | None = None,
+    ) -> None:
         super().__init__()
         self.context = context
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.sliding_window = sliding_window or 0  # 0: the whole context (the kernels' convention)
         self.scale = head_dim**-0.5
         # Views into the engine's one pre-allocated cache; set by the runner before the first step.
         self.k_cache = torch.empty(0)
@@ -40,6 +48,7 @@ class PagedAttention(nn.Module):
             meta.query_start_loc,
             meta.max_query_len,
             self.scale,
+            sliding_window=self.sliding_window,
         )
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 

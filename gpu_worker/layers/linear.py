@@ -57,22 +57,28 @@ class Linear(Layer):
 
 
 class MergedLinear(Linear):
-    """One projection holding several checkpoint projections as consecutive row blocks (no bias).
+    """One projection holding several checkpoint projections as consecutive row blocks (and their biases,
+    when `bias`).
 
     `shards` maps each checkpoint name to its row count, in order: {"q_proj": 576, "k_proj": 192, ...}; the
-    loader fills one with load_weight("q_proj.weight", tensor).
+    loader fills one with load_weight("q_proj.weight", tensor) (and "q_proj.bias").
     """
 
-    def __init__(self, context: ForwardContext, in_features: int, shards: dict[str, int]) -> None:
-        super().__init__(context, in_features, sum(shards.values()))
+    def __init__(
+        self, context: ForwardContext, in_features: int, shards: dict[str, int], *, bias: bool = False
+    ) -> None:
+        super().__init__(context, in_features, sum(shards.values()), bias=bias)
         self.shard_rows = shard_row_ranges(shards)
 
     def load_weight(self, name: str, tensor: CheckpointTensor) -> None:
         shard, _, leaf = name.partition(".")
-        if shard not in self.shard_rows or leaf != "weight":
-            raise ModelLoadError(f"is not one of {sorted(self.shard_rows)} (weights only)")
+        leaves = ("weight", "bias") if self.bias is not None else ("weight",)
+        if shard not in self.shard_rows or leaf not in leaves:
+            raise ModelLoadError(f"is not one of {sorted(self.shard_rows)} ({' or '.join(leaves)})")
         if isinstance(tensor, QuantizedTensor):
             super().load_weight(name, tensor)  # refuses it, naming the fix
             return
         start, end = self.shard_rows[shard]
-        copy_checked(self.weight.data[start:end], tensor)
+        target = self.weight if leaf == "weight" else self.bias
+        assert target is not None
+        copy_checked(target.data[start:end], tensor)

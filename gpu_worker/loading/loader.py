@@ -87,6 +87,10 @@ RANDOM_SHAPES: dict[str, ModelConfig] = {
         eos_token_ids=(2,),
     ),
 }
+# Qwen2's composition (q/k/v biases, a larger rope theta) on the same shape and vocabulary.
+RANDOM_SHAPES["tiny-qwen2"] = replace(
+    RANDOM_SHAPES["tiny-llama"], arch="qwen2", qkv_bias=True, rope_theta=1e6
+)
 
 
 @dataclass
@@ -116,7 +120,8 @@ class ModelSource:
         if self.kind == "random":
             return _random_shape(_parse_random_spec(self.spec, 0)[0]).arch
         if self.kind == "gguf":
-            return "llama"  # the only GGUF architecture the loader reads
+            # Unread (mapping a GGUF takes seconds): a GGUF's tokenizer comes from the file, whatever its arch.
+            return "llama"
         assert self.path is not None
         return read_hf_config(self.path).arch
 
@@ -203,7 +208,7 @@ def _load_gguf(
     model, params = _empty_model(config, dtype, device, scheme)
     _fill(model, read_gguf_tensors(reader, config, keep), desc=name)
     how = f"from {'/'.join(sorted(keep))} GGUF {path.name}" if keep else f"at load from GGUF {path.name}"
-    label = f"{name} (llama, {params}, " + (
+    label = f"{name} ({config.arch}, {params}, " + (
         f"{scheme.describe()} {how})" if scheme else f"dequantised from {path.name})"
     )
     return LoadedModel(model, config, name, label, False, "gguf", path)
@@ -304,7 +309,7 @@ def _random_shape(shape: str) -> ModelConfig:
 
 def random_hf_config(shape: str) -> PretrainedConfig:
     """Return a transformers config of the same shape as random:<shape>, to build an HF peer model."""
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     c = _random_shape(shape)
     tokens: dict[str, Any] = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_ids[0]}
@@ -320,7 +325,8 @@ def random_hf_config(shape: str) -> PretrainedConfig:
             activation_function="gelu_new",
             **tokens,
         )
-    return LlamaConfig(
+    config_class = Qwen2Config if c.arch == "qwen2" else LlamaConfig
+    return config_class(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
         intermediate_size=c.intermediate_size,

@@ -6,11 +6,21 @@ from gpu_worker.config import ModelConfig
 from gpu_worker.errors import ModelLoadError
 from gpu_worker.models.base import CausalLM
 from gpu_worker.models.gpt2 import GPT2ForCausalLM
-from gpu_worker.models.llama import LlamaForCausalLM
+from gpu_worker.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
-MODEL_CLASSES: dict[str, type[CausalLM]] = {"gpt2": GPT2ForCausalLM, "llama": LlamaForCausalLM}
+MODEL_CLASSES: dict[str, type[CausalLM]] = {
+    cls.ARCH: cls for cls in (GPT2ForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)
+}
 
-__all__ = ["MODEL_CLASSES", "CausalLM", "GPT2ForCausalLM", "LlamaForCausalLM", "build_model"]
+__all__ = [
+    "MODEL_CLASSES",
+    "CausalLM",
+    "GPT2ForCausalLM",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "build_model",
+]
 
 
 def build_model(config: ModelConfig) -> CausalLM:

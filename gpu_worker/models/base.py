@@ -23,6 +23,7 @@ class CausalLM(nn.Module, ABC):
     # of it that suffix fills, or None for the whole projection). Layers sit in `layers_attr`, indexed 0..L-1.
     LORA_TARGETS: ClassVar[dict[str, tuple[str, str | None]]]
     layers_attr: ClassVar[str]
+    ARCH: ClassVar[str]  # the ModelConfig.arch this class builds
 
     @abstractmethod
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

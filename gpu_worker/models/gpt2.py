@@ -83,6 +83,7 @@ class GPT2ForCausalLM(CausalLM):
 
     LORA_TARGETS = _LORA_TARGETS
     layers_attr = "h"
+    ARCH = "gpt2"
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -1,4 +1,5 @@
-"""Ruvon's Llama-family decoder: RoPE (HF rotate_half convention), RMSNorm, SwiGLU MLP, grouped-query attention."""
+"""Ruvon's Llama-family decoder: RoPE (HF rotate_half convention), RMSNorm, SwiGLU MLP, grouped-query attention;
+Qwen2 and Mistral are the same composition, differing only in their config (q/k/v bias, rope theta)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from gpu_worker.layers.base import CheckpointTensor, Embedding
 from gpu_worker.layers.context import ForwardContext
 from gpu_worker.layers.linear import Linear, MergedLinear
 from gpu_worker.layers.norm import RMSNorm
-from gpu_worker.layers.rotary import apply_rope, rope_cos_sin
+from gpu_worker.layers.rotary import Rotary, apply_rope
 from gpu_worker.models.base import CausalLM
 
 # HF's separate projections and the fused ones of ours that hold them (as row blocks).
@@ -49,9 +50,11 @@ class LlamaAttention(nn.Module):
         )
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         shards = {"q_proj": self.q_size, "k_proj": self.kv_size, "v_proj": self.kv_size}
-        self.qkv_proj = MergedLinear(context, config.hidden_size, shards)
+        self.qkv_proj = MergedLinear(context, config.hidden_size, shards, bias=config.qkv_bias)
         self.o_proj = Linear(context, self.q_size, config.hidden_size)
-        self.attn = PagedAttention(context, self.num_heads, self.num_kv_heads, self.head_dim)
+        self.attn = PagedAttention(
+            context, self.num_heads, self.num_kv_heads, self.head_dim, config.sliding_window
+        )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]
@@ -100,13 +103,17 @@ class LlamaForCausalLM(CausalLM):
 
     LORA_TARGETS = _LORA_TARGETS
     layers_attr = "layers"
+    ARCH = "llama"
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        if config.arch != "llama" or config.num_heads % config.num_kv_heads != 0:
-            raise ModelLoadError("LlamaForCausalLM needs arch llama and num_heads divisible by num_kv_heads")
+        if config.arch != self.ARCH or config.num_heads % config.num_kv_heads != 0:
+            raise ModelLoadError(
+                f"{type(self).__name__} needs arch {self.ARCH} and num_heads divisible by num_kv_heads"
+            )
         self.config = config
         self.context = ForwardContext()
+        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling)
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, self.context) for _ in range(config.num_layers))
         self.norm = RMSNorm(self.context, config.hidden_size, config.norm_eps)
@@ -117,7 +124,7 @@ class LlamaForCausalLM(CausalLM):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden [T, C]
         embeddings = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, embeddings.dtype)
+        cos, sin = self.rotary.cos_sin(positions, embeddings.dtype)
         # Each norm is fused with the residual add before it, so a layer ends with the next layer's
         # input_layernorm (the final norm after the last) and hands on (residual stream, normed activations).
         layers = cast(list[LlamaDecoderLayer], list(self.layers))
@@ -142,3 +149,15 @@ class LlamaForCausalLM(CausalLM):
         if proj in _FUSED:
             module, leaf = f"{parent}.{_FUSED[proj]}", f"{proj}.{leaf}"
         self.load_into(module, leaf, tensor)
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2 / Qwen2.5: Llama's composition; its config sets qkv_bias (q/k/v biases, none on o_proj)."""
+
+    ARCH = "qwen2"
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral without a sliding window (the HF reader refuses one that would slide): Llama's composition."""
+
+    ARCH = "mistral"

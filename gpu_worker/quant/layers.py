@@ -61,8 +61,12 @@ class QuantLinear(Layer, ABC):
 
     def load_weight(self, name: str, tensor: CheckpointTensor) -> None:
         shard, _, leaf = name.rpartition(".")
-        if (shard, leaf) == (WHOLE, "bias") and self.bias is not None:
-            super().load_weight(name, tensor)
+        if leaf == "bias" and self.bias is not None and (shard == WHOLE or shard in self.shard_rows):
+            # "bias" is the whole vector; "q_proj.bias" the rows of one shard of a merged projection.
+            start, end = (0, self.out_features) if shard == WHOLE else self.shard_rows[shard]
+            if isinstance(tensor, QuantizedTensor):
+                raise ModelLoadError(f"arrives quantised ({tensor.source}); a bias must be full precision")
+            copy_checked(self.bias.data[start:end], tensor)
             return
         if shard not in self.shard_rows or leaf != "weight":
             names = [f"{s}.weight" if s else "weight" for s in self.shard_rows]

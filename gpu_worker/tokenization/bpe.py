@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gguf
 import tiktoken
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from gpu_worker.errors import ModelLoadError
 from gpu_worker.loading.assets import GPT2_TIKTOKEN_SHA256
@@ -20,6 +21,14 @@ from gpu_worker.loading.assets import GPT2_TIKTOKEN_SHA256
 # space), then whitespace. BPE merges never cross the boundaries of these pieces.
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_EOS = "<|endoftext|>"
+# Llama 3's split (GGUF pre "llama-bpe"): contractions in any case, a letter run that may take one leading
+# non-letter, digit runs of up to three, punctuation runs that keep trailing newlines, then whitespace.
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Qwen2's (GGUF pre "qwen2"): the same, but every digit alone.
+QWEN2_SPLIT_PATTERN = LLAMA3_SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 
 # llama.cpp's token_type values (gguf.TokenType); CONTROL tokens are the special ones.
 TOKEN_TYPE_CONTROL = 3
@@ -129,22 +138,38 @@ def _byte_level(use_regex: bool) -> pre_tokenizers.ByteLevel:
     return pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=use_regex)
 
 
-def gguf_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
-    """Return the pre-tokenizer that llama.cpp applies for a `tokenizer.ggml.pre` value.
-
-    "smollm" isolates every digit before GPT-2's split, as SmolLM2's own tokenizer.json (Digits, then
-    ByteLevel) and llama.cpp both do. transformers' GGUF converter does not know "smollm" and uses GPT-2's
-    split alone, which differs only where whitespace runs meet digits ("x  1", "\\t\\t7").
-    """
-    if pre in ("default", "gpt2"):
-        return _byte_level(use_regex=True)
-    if pre == "smollm":
-        return pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), _byte_level(use_regex=True)]
-        )
-    raise ModelLoadError(
-        f"GGUF pre-tokenizer {pre!r} is not supported; supported: 'default', 'gpt2', 'smollm'"
+def _split_then_bytes(pattern: str) -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(pattern), behavior="isolated"), _byte_level(use_regex=False)]
     )
+
+
+# `tokenizer.ggml.pre` -> the pre-tokenizer llama.cpp applies for it. "smollm" isolates every digit before
+# GPT-2's split, as SmolLM2's own tokenizer.json (Digits, then ByteLevel) and llama.cpp both do;
+# transformers' GGUF converter uses GPT-2's split alone there, which differs only where whitespace runs meet
+# digits ("x  1", "\\t\\t7"). "llama-bpe" and "qwen2" split as Llama 3's and Qwen2's tokenizer.json do.
+GGUF_PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
+    "default": lambda: _byte_level(use_regex=True),
+    "gpt2": lambda: _byte_level(use_regex=True),
+    "smollm": lambda: pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), _byte_level(use_regex=True)]
+    ),
+    "llama-bpe": lambda: _split_then_bytes(LLAMA3_SPLIT_PATTERN),
+    "qwen2": lambda: _split_then_bytes(QWEN2_SPLIT_PATTERN),
+}
+# Llama 3 (in llama.cpp and its tokenizer.json) takes a piece that is itself in the vocabulary whole, merges
+# or not; Qwen2's tokenizer NFC-normalises text first.
+IGNORE_MERGES_PRES = frozenset({"llama-bpe"})
+NFC_PRES = frozenset({"qwen2"})
+
+
+def gguf_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+    """Return the pre-tokenizer that llama.cpp applies for a `tokenizer.ggml.pre` value."""
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise ModelLoadError(
+            f"GGUF pre-tokenizer {pre!r} is not supported; supported: {', '.join(map(repr, GGUF_PRE_TOKENIZERS))}"
+        )
+    return GGUF_PRE_TOKENIZERS[pre]()
 
 
 def _vocab_entries(tokens: list[str]) -> dict[str, int]:
@@ -181,8 +206,10 @@ def build_gguf_tokenizer(vocab: GGUFVocab) -> Tokenizer:
         )
     spelled = _vocab_entries(vocab.tokens)
     merges = [_merge_pair(m) for m in vocab.merges]
-    tok = Tokenizer(models.BPE(vocab=spelled, merges=merges))
+    tok = Tokenizer(models.BPE(vocab=spelled, merges=merges, ignore_merges=vocab.pre in IGNORE_MERGES_PRES))
     tok.pre_tokenizer = gguf_pre_tokenizer(vocab.pre)
+    if vocab.pre in NFC_PRES:
+        tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(_added_tokens(vocab, spelled, TOKEN_TYPE_CONTROL))
     tok.add_tokens(_added_tokens(vocab, spelled, TOKEN_TYPE_USER_DEFINED))

@@ -325,6 +325,6 @@ def load_tokenizer(source_kind: str, source_path: Path | None, arch: str) -> Tok
     if source_kind == "random":
         if arch == "gpt2":
             return Tokenizer.gpt2_fallback()
-        if arch == "llama":
+        if arch in ("llama", "qwen2"):  # the random Llama-family shapes speak SmolLM2's vocabulary
             return Tokenizer.from_gguf(smollm2_gguf_path())
     raise ModelLoadError(f"no tokenizer for source {source_kind!r} (path {source_path}, arch {arch!r})")

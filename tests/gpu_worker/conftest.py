@@ -45,10 +45,14 @@ def make_peer(shape: str, root: Path, seed: int = 0) -> Peer:
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     path = root / shape
     model.save_pretrained(path)
-    if config.model_type == "llama":
-        # Llama-shaped random weights speak SmolLM2's vocabulary; give the directory that tokenizer.
-        Tokenizer.from_gguf(smollm2_gguf_path())._backend.tokenizer.save(str(path / "tokenizer.json"))  # type: ignore[attr-defined]
+    if config.model_type in ("llama", "qwen2"):
+        save_smollm2_tokenizer(path)
     return Peer(path, model)
+
+
+def save_smollm2_tokenizer(path: Path) -> None:
+    """Give a model directory SmolLM2's tokenizer.json: the Llama-family random shapes speak its vocabulary."""
+    Tokenizer.from_gguf(smollm2_gguf_path())._backend.tokenizer.save(str(path / "tokenizer.json"))  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,7 @@ class Batch:
     query_start_loc: torch.Tensor  # [B+1] int32
     max_query_len: int
     scale: float
+    sliding_window: int = 0  # 0: the whole context
 
     def args(self) -> tuple:
         return (
@@ -44,13 +45,14 @@ class Batch:
             self.query_start_loc,
             self.max_query_len,
             self.scale,
+            self.sliding_window,
         )
 
     def reference(self) -> torch.Tensor:
         """Return paged_attention_ref in fp32 on upcast copies of the inputs."""
         tables = (self.block_tables, self.context_lens, self.query_start_loc)
         floats = (self.query.float(), self.k_cache.float(), self.v_cache.float())
-        return paged_attention_ref(*floats, *tables, self.max_query_len, self.scale)
+        return paged_attention_ref(*floats, *tables, self.max_query_len, self.scale, self.sliding_window)
 
 
 def make_batch(
@@ -167,6 +169,15 @@ def test_it_matches_reference_on_random_batches(seed: int) -> None:
     assert relative_error(batch, kv_split_size=rng.choice([None, 16, 48])) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("window", [1, 37])
+def test_it_matches_reference_with_a_sliding_window(window: int) -> None:
+    # Decodes whose window starts mid-tile or leaves whole splits (of 16 keys) empty, beside prefill chunks
+    # whose rows' windows start in different tiles, after a prefix and from scratch.
+    batch = make_batch([1, 13, 40, 1, 1], [90, 60, 40, 7, 33], 6, 2, 16, 16, torch.float32, seed=window)
+    batch.sliding_window = window
+    assert relative_error(batch, kv_split_size=16) < TOLERANCE[torch.float32]
+
+
 def test_it_rejects_heads_that_do_not_divide_into_kv_heads() -> None:
     batch = make_batch([1], [4], 3, 2, seed=1)
     with pytest.raises(ValueError, match="do not fit cache"):
@@ -209,6 +220,21 @@ def test_it_matches_reference_for_real_mixed_batches(dtype: torch.dtype, block_s
     contexts = list(range(100, 3300, 100)) + [2048, 512, 1800, 1000]
     batch = make_batch(q_lens, contexts, 25, 25, 64, block_size, dtype, seed=block_size, device="cuda")
     assert relative_error(batch) < TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("window", [256, 4096])
+def test_it_matches_reference_with_a_sliding_window_at_real_sizes(dtype: torch.dtype, window: int) -> None:
+    q_lens = [1] * 32 + [512, 512, 300, 1000]
+    contexts = list(range(100, 6500, 200)) + [2048, 512, 5000, 1000]
+    batch = make_batch(q_lens, contexts, 32, 8, 128, 16, dtype, seed=window, device="cuda")
+    batch.sliding_window = window
+    assert relative_error(batch) < TOLERANCE[dtype]
+    decodes = make_batch([1] * 64, list(range(100, 6500, 100)), 32, 8, 128, 16, dtype, seed=1, device="cuda")
+    decodes.sliding_window = window
+    assert relative_error(decodes) < TOLERANCE[dtype]
 
 
 @pytest.mark.gpu

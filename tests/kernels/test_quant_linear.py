@@ -11,7 +11,18 @@ from kernels.quant_cpu import int4_linear_cpu, int8_linear_cpu, pack_int4_cpu
 from kernels.reference import int4_linear_ref, int8_linear_ref, pack_int4_ref, unpack_int4_ref
 
 pytest.importorskip("triton")
-from kernels.quant_linear import MAX_QUANT_M, int4_gemv, int4_linear, int8_gemv, int8_linear  # noqa: E402
+from kernels.quant_linear import (  # noqa: E402
+    FP,
+    GemmConfig,
+    int4_gemv,
+    int4_linear,
+    int8_gemv,
+    int8_linear,
+    plan,
+    weight_mm,
+)
+
+PREFILL_M = 40  # more rows than one 16- or 32-row tile: the same kernel as a GEMM for prefill chunks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -40,7 +51,7 @@ def _close(out: torch.Tensor, ref: torch.Tensor, tolerance: float = 1e-5) -> Non
     assert error < tolerance, f"relative error {error:.2e}"
 
 
-@pytest.mark.parametrize("m", [1, 3, MAX_QUANT_M])
+@pytest.mark.parametrize("m", [1, 3, 16, PREFILL_M])
 @pytest.mark.parametrize(("n", "k"), [(37, 96), (4, 200)])  # N not a multiple of the tile; K not of 128
 @pytest.mark.parametrize("gelu", [False, True])
 def test_int8_gemv_matches_its_reference_per_channel(m: int, n: int, k: int, gelu: bool) -> None:
@@ -54,7 +65,7 @@ def test_int8_gemv_matches_its_reference_with_q8_0_groups(m: int, n: int, k: int
     _close(int8_gemv(x, q, scales, None), int8_linear_ref(x, q, scales, None))
 
 
-@pytest.mark.parametrize("m", [1, 4, MAX_QUANT_M])
+@pytest.mark.parametrize("m", [1, 4, 16, PREFILL_M])
 @pytest.mark.parametrize(("n", "k", "group"), [(37, 96, 32), (24, 128, 64), (5, 256, 128)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_int4_gemv_matches_its_reference(m: int, n: int, k: int, group: int, with_bias: bool) -> None:
@@ -62,7 +73,9 @@ def test_int4_gemv_matches_its_reference(m: int, n: int, k: int, group: int, wit
     qweight, qscales = pack_int4_ref(q, scales, mins)
     args = [t.to(DEVICE) for t in (x, qweight, qscales)]
     b = bias.to(DEVICE) if with_bias else None
-    _close(int4_gemv(*args, b, with_bias), int4_linear_ref(*args, b, with_bias))
+    ref = int4_linear_ref(*args, b, with_bias)
+    _close(int4_gemv(*args, b, with_bias), ref)
+    _close(int4_gemv(*args, b, with_bias, config=GemmConfig(block_k=2 * group, split_k=1)), ref)
 
 
 def test_int4_gemv_in_fp16() -> None:
@@ -86,14 +99,43 @@ def test_the_gemvs_refuse_what_they_cannot_read() -> None:
     qweight, qscales = pack_int4_ref(q, scales, mins)
     with pytest.raises(ValueError, match="G a power of two >= 32"):  # 3 groups of 32 read as groups of 48
         int4_gemv(x, qweight, qscales[:, :2].contiguous())
-    with pytest.raises(ValueError, match=f"at most {MAX_QUANT_M} rows"):
-        int4_gemv(torch.randn(MAX_QUANT_M + 1, 96), qweight, qscales)
+    with pytest.raises(ValueError, match="padded to whole groups"):  # x longer than the packed weight
+        int4_gemv(torch.randn(1, 128), qweight, qscales)
     with pytest.raises(ValueError, match="groups dividing K"):
         int8_gemv(x, torch.zeros(16, 96, dtype=torch.int8), torch.ones(16, 5))
+    with pytest.raises(ValueError, match="bias must be"):
+        int8_gemv(x, torch.zeros(16, 96, dtype=torch.int8), torch.ones(16, 1), torch.ones(3))
 
 
-def test_the_dispatchers_take_the_reference_off_cuda_and_for_prefill_rows() -> None:
-    x, q, scales, mins, bias = _int4_case(MAX_QUANT_M + 3, 16, 64, 32, seed=1)
+@pytest.mark.parametrize(("m", "k", "group"), [(1, 80, 32), (3, 200, 64), (PREFILL_M, 576, 128)])
+@pytest.mark.parametrize(
+    "block_k", [None, 256]
+)  # one group a step on raw values; or dequantised in registers
+def test_int4_reads_a_weight_padded_to_whole_groups(m: int, k: int, group: int, block_k: int | None) -> None:
+    # SmolLM2's K = 576 is 4.5 groups of 128: the packed weight carries K rounded up to whole groups and the
+    # kernel reads x's true K; the padded columns' weights never meet an x value.
+    k_pad = -(-k // group) * group
+    x, q, scales, mins, bias = _int4_case(m, 24, k_pad, group, seed=k)
+    qweight, qscales = (t.to(DEVICE) for t in pack_int4_ref(q, scales, mins))
+    x_true = x[:, :k].contiguous().to(DEVICE)
+    ref = int4_linear_ref(torch.nn.functional.pad(x_true, (0, k_pad - k)), qweight, qscales, bias.to(DEVICE))
+    config = GemmConfig(block_k=block_k)
+    _close(int4_gemv(x_true, qweight, qscales, bias.to(DEVICE), config=config), ref)
+
+
+@pytest.mark.parametrize("m", [1, 5, PREFILL_M])
+@pytest.mark.parametrize("split_k", [None, 1, 3])
+def test_the_same_kernel_reads_plain_fp_weights(m: int, split_k: int | None) -> None:
+    gen = torch.Generator().manual_seed(m)
+    x, w, bias = torch.randn(m, 300, generator=gen), torch.randn(37, 300, generator=gen), torch.randn(37)
+    config = GemmConfig(split_k=split_k, block_k=64)
+    out = weight_mm(x.to(DEVICE), w.to(DEVICE), None, FP, bias.to(DEVICE), True, config)
+    ref = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, bias), approximate="tanh")
+    _close(out.cpu(), ref)
+
+
+def test_the_dispatchers_take_the_reference_off_cuda() -> None:
+    x, q, scales, mins, bias = _int4_case(19, 16, 64, 32, seed=1)
     qweight, qscales = pack_int4_ref(q, scales, mins)
     assert torch.equal(int4_linear(x, qweight, qscales, bias), int4_linear_ref(x, qweight, qscales, bias))
     x8, q8, s8, b8 = (t.cpu() for t in _int8_case(2, 16, 64, 1, seed=2))
@@ -145,8 +187,8 @@ def test_split_k_sums_slices_then_applies_bias_and_gelu(split_k: int, gelu: bool
 
 
 def test_split_k_is_chosen_where_n_is_small_and_k_large() -> None:
-    from kernels.quant_linear import MIN_PROGRAMS, _split_k
-
-    assert _split_k(n_programs=MIN_PROGRAMS, steps=200) == 1  # enough programs already
-    assert _split_k(n_programs=MIN_PROGRAMS // 4, steps=200) == 4  # GPT-2 XL's down projection, say
-    assert _split_k(n_programs=1, steps=8) == 1  # too few steps to slice
+    wide = plan(1, 6400, 1600, FP, 0, GemmConfig())  # GPT-2 XL's MLP up projection: 200 tiles of 32
+    narrow = plan(1, 1600, 6400, FP, 0, GemmConfig())  # its down projection: 50 tiles, K = 25 steps of 256
+    assert wide.split_k == 1 and narrow.split_k == 4
+    assert plan(512, 1600, 6400, FP, 0, GemmConfig()).split_k == 2  # prefill rows bring their own tiles
+    assert plan(1, 64, 128, FP, 0, GemmConfig()).split_k == 1  # too few K steps to slice

@@ -1,4 +1,4 @@
-"""Reads a llama-architecture GGUF file: metadata to ModelConfig, tensors renamed to HF names, dequantised to
+"""Reads a llama- or qwen2-architecture GGUF file: metadata to ModelConfig, tensors renamed to HF names, dequantised to
 float32, or (projections of the types the loader asks to keep) decoded to QuantizedTensor without any float
 copy of the weight: Q8_0 as int8, Q4_0 and Q4_1 as 4-bit values, each with its block-32 scales."""
 
@@ -24,6 +24,9 @@ from gpu_worker.loading.checkpoints import Checkpoint, reject_unsupported
 # GGUF block types that load as they are: (bits, block size along K).
 GGUF_QUANT_LAYOUTS = {"Q8_0": (8, 32), "Q4_0": (4, 32), "Q4_1": (4, 32)}
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
+# general.architecture -> whether llama.cpp's converter interleaved the Q/K rows of each head (it does for
+# llama, whose llama.cpp RoPE is the interleaved "normal" kind; qwen2 uses NEOX RoPE, HF's order, as it is).
+GGUF_ARCHES = {"llama": True, "qwen2": False}
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -53,20 +56,23 @@ def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
 
 
 def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
-    """Return the ModelConfig in the GGUF's metadata; only the llama architecture is supported."""
+    """Return the ModelConfig in the GGUF's metadata; the architectures in GGUF_ARCHES are supported."""
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
+    if arch not in GGUF_ARCHES:
         raise ModelLoadError(
-            f"{path.name}: GGUF architecture {arch!r} is not supported; Ruvon reads 'llama' GGUFs"
+            f"{path.name}: GGUF architecture {arch!r} is not supported; Ruvon reads "
+            f"{', '.join(map(repr, GGUF_ARCHES))} GGUFs"
         )
     meta = {
-        key.removeprefix("llama."): _field(reader, key) for key in reader.fields if key.startswith("llama.")
+        key.removeprefix(f"{arch}."): _field(reader, key)
+        for key in reader.fields
+        if key.startswith(f"{arch}.")
     }
     shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
     try:
         hidden, heads = int(meta["embedding_length"]), int(meta["attention.head_count"])
         config = ModelConfig(
-            arch="llama",
+            arch=arch,
             vocab_size=shapes["token_embd.weight"][1],
             hidden_size=hidden,
             num_layers=int(meta["block_count"]),
@@ -76,15 +82,19 @@ def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
             max_position_embeddings=int(meta["context_length"]),
             norm_eps=float(meta.get("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(meta.get("rope.freq_base", 10000.0)),
+            qkv_bias=arch == "qwen2",
             tie_word_embeddings="output.weight" not in shapes,
             bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         )
     except KeyError as exc:
-        raise ModelLoadError(f"{path.name}: GGUF lacks llama metadata or tensor {exc}") from exc
+        raise ModelLoadError(f"{path.name}: GGUF lacks {arch} metadata or tensor {exc}") from exc
     reject_unsupported(
         path,
         {
             "rope scaling": meta.get("rope.scaling.type", "none") != "none",
+            # Llama 3's scaled frequencies arrive as this tensor of per-frequency divisors.
+            "rope_freqs (Llama 3 rope scaling)": "rope_freqs.weight" in shapes,
+            "sliding-window attention": meta.get("attention.sliding_window") is not None,
             "rope dimension != head_dim": int(meta.get("rope.dimension_count", config.head_dim))
             != config.head_dim,
         },
@@ -112,12 +122,12 @@ def projection_types(reader: gguf.GGUFReader) -> dict[str, str]:
 
 
 def _hf_name(name: str) -> str:
-    stem = name.removesuffix(".weight")
+    stem, _, leaf = name.rpartition(".")  # leaf: weight, or bias (qwen2's q/k/v)
     if stem in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[stem]}.weight"
+        return f"{_GLOBAL_NAMES[stem]}.{leaf}"
     match = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
     if match and match[2] in _LAYER_NAMES:
-        return f"layers.{match[1]}.{_LAYER_NAMES[match[2]]}.weight"
+        return f"layers.{match[1]}.{_LAYER_NAMES[match[2]]}.{leaf}"
     return name  # unknown: the model reports it (CausalLM.load_weight)
 
 
@@ -158,6 +168,8 @@ def _tensors(
     reader: gguf.GGUFReader, config: ModelConfig, keep_quantized: frozenset[str]
 ) -> Iterator[tuple[str, CheckpointTensor]]:
     rope_heads = {"q_proj.weight": config.num_heads, "k_proj.weight": config.num_kv_heads}
+    if not GGUF_ARCHES[config.arch]:
+        rope_heads = {}  # already in HF's row order
     for entry in reader.tensors:
         shape = tuple(reversed([int(n) for n in entry.shape]))  # GGUF lists dims innermost first
         name = _hf_name(entry.name)

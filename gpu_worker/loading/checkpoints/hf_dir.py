@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from gpu_worker.config import ModelConfig
+from gpu_worker.config import ModelConfig, RopeScaling
 from gpu_worker.errors import ModelLoadError
 from gpu_worker.loading.checkpoints import Checkpoint, reject_unsupported
 
@@ -28,14 +28,15 @@ def read_hf_config(path: Path) -> ModelConfig:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read {config_path}: {exc}") from exc
     model_type = raw.get("model_type")
+    reader = HF_CONFIG_READERS.get(model_type)
+    if reader is None:
+        raise ModelLoadError(
+            f"{config_path} has model_type {model_type!r}; Ruvon runs {', '.join(map(repr, HF_CONFIG_READERS))}"
+        )
     try:
-        if model_type == "gpt2":
-            return _gpt2_config(raw, config_path)
-        if model_type == "llama":
-            return _llama_config(raw, config_path)
+        return reader(raw, config_path)
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"{config_path} lacks or mistypes a required field: {exc}") from exc
-    raise ModelLoadError(f"{config_path} has model_type {model_type!r}; Ruvon runs 'gpt2' and 'llama' models")
 
 
 def _eos_ids(raw: dict[str, Any]) -> tuple[int, ...]:
@@ -71,24 +72,62 @@ def _gpt2_config(raw: dict[str, Any], config_path: Path) -> ModelConfig:
     )
 
 
-def _llama_config(raw: dict[str, Any], config_path: Path) -> ModelConfig:
-    hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+def _rope(raw: dict[str, Any]) -> tuple[str, float, RopeScaling | None]:
+    """Return (rope_type, theta, Llama 3 scaling or None) from either config generation."""
     # transformers 5 writes rope_parameters; older configs have rope_theta and rope_scaling at the top.
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
+    theta = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    if rope_type != "llama3":
+        return rope_type, theta, None
+    scaling = RopeScaling(
+        factor=float(rope["factor"]),
+        low_freq_factor=float(rope["low_freq_factor"]),
+        high_freq_factor=float(rope["high_freq_factor"]),
+        original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+    )
+    return rope_type, theta, scaling
+
+
+def _sliding_window(raw: dict[str, Any], model_type: str) -> int | None:
+    """Return Mistral's window, or None where it never slides (at least as long as the model's context)."""
+    window = raw.get("sliding_window")
+    if (
+        model_type != "mistral"
+        or window is None
+        or int(window) >= int(raw.get("max_position_embeddings", 2048))
+    ):
+        return None
+    return int(window)
+
+
+def _windows_some_layers(raw: dict[str, Any]) -> bool:
+    """Return whether a Qwen2-style config slides on some layers only (use_sliding_window, layer_types)."""
+    return bool(raw.get("use_sliding_window")) or "sliding_attention" in (raw.get("layer_types") or [])
+
+
+def _llama_family_config(raw: dict[str, Any], config_path: Path) -> ModelConfig:
+    """Llama, Qwen2 and Mistral configs: one composition; Qwen2 always has q/k/v biases, the others none;
+    Mistral's window applies to every layer."""
+    model_type = raw["model_type"]
+    hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+    rope_type, theta, scaling = _rope(raw)
     reject_unsupported(
         config_path,
         {
             f"hidden_act={raw.get('hidden_act')}": raw.get("hidden_act", "silu") != "silu",
             "attention_bias": bool(raw.get("attention_bias")),
             "mlp_bias": bool(raw.get("mlp_bias")),
-            f"rope_type={rope_type}": rope_type != "default",
+            f"rope_type={rope_type}": rope_type not in ("default", "llama3"),
             "head_dim != hidden_size / num_attention_heads": (raw.get("head_dim") or hidden // heads) * heads
             != hidden,
+            "sliding-window attention on some layers only (use_sliding_window, layer_types)": (
+                _windows_some_layers(raw)
+            ),
         },
     )
     return ModelConfig(
-        arch="llama",
+        arch=model_type,
         vocab_size=int(raw["vocab_size"]),
         hidden_size=hidden,
         num_layers=int(raw["num_hidden_layers"]),
@@ -97,11 +136,23 @@ def _llama_config(raw: dict[str, Any], config_path: Path) -> ModelConfig:
         intermediate_size=int(raw["intermediate_size"]),
         max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
         norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        qkv_bias=model_type == "qwen2",
+        sliding_window=_sliding_window(raw, model_type),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_eos_ids(raw),
     )
+
+
+# model_type in config.json -> its reader: the HF families Ruvon loads (docs/models.md lists them).
+HF_CONFIG_READERS: dict[str, Callable[[dict[str, Any], Path], ModelConfig]] = {
+    "gpt2": _gpt2_config,
+    "llama": _llama_family_config,
+    "qwen2": _llama_family_config,
+    "mistral": _llama_family_config,
+}
 
 
 def read_hf_tensors(path: Path) -> Checkpoint:

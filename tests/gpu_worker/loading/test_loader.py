@@ -111,15 +111,23 @@ def test_it_rejects_a_bad_random_spec(spec: str, message: str) -> None:
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"model_type": "bert", "hidden_size": 64}, "model_type 'bert'; Ruvon runs 'gpt2' and 'llama'"),
+        ({"model_type": "bert", "hidden_size": 64}, "model_type 'bert'; Ruvon runs 'gpt2', 'llama', 'qwen2'"),
         ({"model_type": "llama", "hidden_size": 64}, "lacks or mistypes a required field"),
         (
             {
                 "model_type": "llama", "vocab_size": 10, "hidden_size": 64, "num_hidden_layers": 1,
                 "num_attention_heads": 4, "intermediate_size": 128, "attention_bias": True,
+                "rope_scaling": {"rope_type": "yarn", "factor": 8.0},
+            },
+            "does not implement: attention_bias, rope_type=yarn",
+        ),
+        (
+            {
+                "model_type": "llama", "vocab_size": 10, "hidden_size": 64, "num_hidden_layers": 1,
+                "num_attention_heads": 4, "intermediate_size": 128,
                 "rope_scaling": {"rope_type": "llama3", "factor": 8.0},
             },
-            "does not implement: attention_bias, rope_type=llama3",
+            "lacks or mistypes a required field: 'low_freq_factor'",
         ),
     ],
 )  # fmt: skip

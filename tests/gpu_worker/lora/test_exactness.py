@@ -1,5 +1,5 @@
 """Ruvon with PEFT adapters against HF transformers + PEFT on the same weights: logits within 1e-4 (fp32),
-adapters in slots (unmerged) and folded into the weights (merged), for GPT-2 and Llama shapes."""
+adapters in slots (unmerged) and folded into the weights (merged), for GPT-2, Llama and Qwen2 shapes."""
 
 from __future__ import annotations
 
@@ -62,6 +62,8 @@ CASES = {
     # Some shards of the fused projections only: q and v of qkv, up of gate/up.
     "tiny-llama-q-v-up": ("tiny-llama", ["q_proj", "v_proj", "up_proj"], 4, 8.0, False, {}),
     "tiny-llama-untied-rslora": ("tiny-llama", None, 16, 32.0, True, {"tie_word_embeddings": False}),
+    # Qwen2 takes Llama's target names; its q/k/v biases stay outside the update.
+    "tiny-qwen2": ("tiny-qwen2", None, 8, 16.0, False, {}),
 }
 
 
