@@ -134,13 +134,17 @@ class Worker:
             self._admit_new_jobs()
         self._apply_cancellations()
         self._enforce_deadlines()
+        self._track()  # the jobs just admitted stay claimed through the step that follows, however long
         if self._active or self.engine.has_unfinished_requests():
             self._step()
             self.pulse.turned()
         self._reap_orphans()
         self._flush()
-        self.pulse.track([st.delivery for st in self._active.values()])
+        self._track()
         self._maybe_heartbeat()
+
+    def _track(self) -> None:
+        self.pulse.track([st.delivery for st in self._active.values()])
 
     # ----------------------------------------------------------------------------------- admission
 
