@@ -10,6 +10,7 @@ from ninja.security import HttpBearer
 
 from accounts.keys import MalformedKeyError, split_key
 from accounts.models import ApiKey
+from gpu_worker.logs import bind
 
 
 class ApiKeyRejected(Exception):
@@ -47,6 +48,7 @@ class ApiKeyAuth(HttpBearer):
         if not key.tenant.is_active:
             raise ApiKeyRejected("This API key's tenant is deactivated.")
         await key.atouch()
+        bind(tenant=str(key.tenant_id))  # every log line of this request names its tenant
         return key
 
 

@@ -15,6 +15,7 @@ from ninja import NinjaAPI, Query
 from accounts.auth import api_key_auth
 from accounts.limits import admit, release, reserved_tokens
 from gpu_worker.errors import CapacityError
+from gpu_worker.logs import bind
 from inference import services
 from inference.adapters.api import router as adapters_router
 from inference.adapters.registry import resolve_adapter
@@ -106,11 +107,13 @@ async def _run(
     request: HttpRequest, client: JobClient, served: ServedModel, prepared: services.Prepared, stream: bool
 ) -> dict[str, Any] | StreamingHttpResponse:
     key = request.auth  # type: ignore[attr-defined]
+    bind(model=served.name)
     await check_budget(key.tenant)
     tokens = services.token_budget(prepared, served.max_model_len)
     request.response_headers = await admit(key, tokens) | services.response_headers(prepared)  # type: ignore[attr-defined]
     reserved = reserved_tokens(key, tokens)
-    jobs = services.build_jobs(request.request_id, served, prepared, key, reserved)  # type: ignore[attr-defined]
+    client_id = request.client_request_id  # type: ignore[attr-defined]
+    jobs = services.build_jobs(request.request_id, served, prepared, key, reserved, client_id)  # type: ignore[attr-defined]
     # The wait for the engine can last minutes: give back this request's database connection first, or
     # a few hundred concurrent requests exhaust PostgreSQL's connections (ASGI uses a thread per request).
     await sync_to_async(close_old_connections)()

@@ -1,18 +1,30 @@
-"""Gives every request an id (`request.request_id`) and returns it in the `x-request-id` response header,
-with any headers a view left in `request.response_headers` (rate-limit state); under /v1/ every error body
-is an OpenAI error object, the refusals made outside the API's views (405, 404, 415) included."""
+"""Gives every request an id (`request.request_id`), a log context and a tracing span, and returns the id in the
+`x-request-id` response header (the caller's own X-Request-Id when it sent a tame one) with any headers a view
+left in `request.response_headers` (rate-limit state); under /v1/ every error body is an OpenAI error object,
+the refusals made outside the API's views (405, 404, 415) included."""
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, JsonResponse
 from django.http.response import HttpResponseBase
 from django.utils.decorators import sync_and_async_middleware
+from opentelemetry.trace import Span
+
+from gpu_worker import tracing
+from gpu_worker.logs import clean_client_request_id, log_context
 
 REQUEST_ID_HEADER = "x-request-id"
+# Ours, always: the id of the job and its usage record. A client's X-Request-Id cannot be that id: two requests
+# sending the same one would share an event stream and a usage record.
+RUVON_REQUEST_ID_HEADER = "x-ruvon-request-id"
+log = logging.getLogger("ruvon.http")
 
 
 def new_request_id() -> str:
@@ -22,26 +34,47 @@ def new_request_id() -> str:
 
 @sync_and_async_middleware
 def request_id_middleware(get_response: Callable) -> Callable:
-    """Tag the request with a new id and echo it on the response, in sync and async stacks alike."""
+    """Tag the request with a new id, a log context and a span, and echo the id, in sync and async stacks."""
     if iscoroutinefunction(get_response):
 
         async def async_middleware(request: HttpRequest) -> HttpResponseBase:
-            request.request_id = new_request_id()  # type: ignore[attr-defined]
-            return _tag(request, await get_response(request))
+            with _request_scope(request) as span:
+                return _tag(request, await get_response(request), span)
 
         return markcoroutinefunction(async_middleware)
 
     def middleware(request: HttpRequest) -> HttpResponseBase:
-        request.request_id = new_request_id()  # type: ignore[attr-defined]
-        return _tag(request, get_response(request))
+        with _request_scope(request) as span:
+            return _tag(request, get_response(request), span)
 
     return middleware
 
 
-def _tag(request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
-    response[REQUEST_ID_HEADER] = request.request_id  # type: ignore[attr-defined]
+@contextmanager
+def _request_scope(request: HttpRequest) -> Iterator[Span]:
+    request.request_id = new_request_id()  # type: ignore[attr-defined]
+    request.client_request_id = clean_client_request_id(request.headers.get(REQUEST_ID_HEADER))  # type: ignore[attr-defined]
+    request.started_at = time.monotonic()  # type: ignore[attr-defined]
+    name = f"{request.method} {request.path}"
+    attributes = {"http.request.method": str(request.method), "url.path": request.path}
+    with (
+        log_context(request_id=request.request_id, client_request_id=request.client_request_id),  # type: ignore[attr-defined]
+        tracing.server_span(name, request.headers, attributes) as span,
+    ):
+        yield span
+
+
+def _tag(request: HttpRequest, response: HttpResponseBase, span: Span) -> HttpResponseBase:
+    rid = request.request_id  # type: ignore[attr-defined]
+    response[REQUEST_ID_HEADER] = request.client_request_id or rid  # type: ignore[attr-defined]
+    response[RUVON_REQUEST_ID_HEADER] = rid
     for name, value in getattr(request, "response_headers", {}).items():
         response[name] = value
+    span.set_attribute("http.response.status_code", response.status_code)
+    took_ms = (time.monotonic() - request.started_at) * 1000  # type: ignore[attr-defined]
+    level = logging.WARNING if response.status_code >= 500 else logging.INFO
+    log.log(level, "%s %s %d %.0fms", request.method, request.path, response.status_code, took_ms,
+            extra={"status": response.status_code})  # fmt: skip
     return response
 
 

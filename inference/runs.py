@@ -12,6 +12,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 
+from gpu_worker.logs import job_fields
 from gpu_worker.serving.protocol import Event, Job, adapter_name, is_terminal
 from inference.errors import ApiError, to_api_error
 from inference.metrics import adapter_traffic
@@ -45,6 +46,9 @@ class JobRun:
                 self.worker_ending = event
             if event.get("type") == "done":
                 self._count(event)
+            if terminal:
+                logger.info("job %s ended %s", self.request_id, event.get("status"),
+                            extra=job_fields(self.job, status=event.get("status")))  # fmt: skip
             yield event
             if terminal:
                 return

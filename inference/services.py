@@ -12,6 +12,7 @@ from django.conf import settings
 from django.http import StreamingHttpResponse
 
 from accounts.models import ApiKey
+from gpu_worker import tracing
 from gpu_worker.config import MAX_STOP_SEQUENCES, SamplingParams, check_context
 from gpu_worker.errors import CapacityError, InvalidRequestError
 from gpu_worker.serving.protocol import Event, Job, make_job
@@ -348,12 +349,18 @@ def _budget(prompt_ids: list[int], params: SamplingParams, max_model_len: int | 
 
 
 def build_jobs(
-    request_id: str, served: ServedModel, prepared: Prepared, api_key: ApiKey, reserved_tokens: int = 0
+    request_id: str,
+    served: ServedModel,
+    prepared: Prepared,
+    api_key: ApiKey,
+    reserved_tokens: int = 0,
+    client_request_id: str | None = None,
 ) -> list[Job]:
     """Return the wire-format jobs of a prepared request, one per prompt (a batch's are `<request id>-<i>`),
     tagged with the caller's tenant, key and `user`, and bounded by the queue-time and request timeouts of
     the settings. reserved_tokens (what admission drew) is all of the budget or none (accounts.limits), so
-    each job carries its own budget or 0: its usage record settles that much."""
+    each job carries its own budget or 0: its usage record settles that much. Each job carries the caller's
+    X-Request-Id and the current span's context, for the worker's logs and span."""
     jobs = []
     batched = len(prepared.prompts) > 1
     for i, (prompt_ids, params) in enumerate(zip(prepared.prompts, prepared.params, strict=True)):
@@ -372,6 +379,8 @@ def build_jobs(
             reserved_tokens=budget if reserved_tokens else 0,
             max_queue_s=settings.RUVON_MAX_QUEUE_TIME_S,
             timeout_s=settings.RUVON_REQUEST_TIMEOUT_S,
+            client_request_id=client_request_id,
+            trace=tracing.carrier(),
         )
         jobs.append(job)
     return jobs

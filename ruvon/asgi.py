@@ -1,4 +1,4 @@
-"""The ASGI entry point: HTTP through Django (static files included), websockets through Channels routing."""
+"""The ASGI entry point: HTTP through Django (static files by WhiteNoise), websockets through Channels routing."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
-from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
+from gpu_worker import tracing  # noqa: E402
 from inference.routing import websocket_urlpatterns  # noqa: E402
 from ruvon import http_limits  # noqa: E402
 
 http_limits.install()  # daphne serves this application through Twisted's HTTP channel
+tracing.setup("ruvon-web")  # spans exported when OTEL_EXPORTER_OTLP_ENDPOINT is set
 
 if settings.RUVON_WARM_START:
     from inference.transport import warm_start
@@ -28,7 +29,7 @@ if settings.RUVON_WARM_START:
 
 application = ProtocolTypeRouter(
     {
-        "http": ASGIStaticFilesHandler(django_http) if settings.SERVE_STATIC else django_http,
+        "http": django_http,  # static files: ruvon.static.StaticFilesMiddleware
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -10,6 +10,8 @@ import dj_database_url
 from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 
+from gpu_worker.logs import default_format, logging_config
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("RUVON_VAR_DIR", BASE_DIR / "var"))
 VAR_DIR.mkdir(parents=True, exist_ok=True)
@@ -92,11 +94,14 @@ INSTALLED_APPS = [
     "inference",
 ]
 
+# WhiteNoise (ruvon/static.py) serves static files unless a front proxy does (SERVE_STATIC=0).
+SERVE_STATIC = env_bool("SERVE_STATIC", True)
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "inference.middleware.request_id_middleware",
     "inference.middleware.api_error_body_middleware",
     "django.middleware.security.SecurityMiddleware",
+    *(["ruvon.static.StaticFilesMiddleware"] if SERVE_STATIC else []),
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -144,10 +149,16 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", VAR_DIR / "static"))
 STATICFILES_DIRS = [BASE_DIR / "static"]
-# The ASGI app serves static files itself unless a front proxy does (SERVE_STATIC=0).
-SERVE_STATIC = env_bool("SERVE_STATIC", True)
+# WhiteNoise serves what `collectstatic` gathered in STATIC_ROOT (gzip copies, cache headers) once it has run,
+# else the source folders.
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+WHITENOISE_USE_FINDERS = not any(STATIC_ROOT.iterdir())
 
 LOGIN_URL = "/accounts/login/"  # tenant members sign in here; the admin login admits staff only
 LOGIN_REDIRECT_URL = "/chat/"
@@ -238,10 +249,7 @@ DEFAULT_EXCEPTION_REPORTER_FILTER = "accounts.reporting.SecretHidingFilter"
 RUVON_GPU_HOUR_USD = os.environ.get("RUVON_GPU_HOUR_USD", "")
 RUVON_PRICE_SHEET = os.environ.get("RUVON_PRICE_SHEET", "")
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
-}
+# Logs (gpu_worker/logs.py): "json" (one object a line, with request_id, tenant, model, status) or "plain";
+# json by default in the production shape, plain in the embedded default.
+RUVON_LOG_FORMAT = os.environ.get("RUVON_LOG_FORMAT") or default_format(PRODUCTION_SHAPE)
+LOGGING = logging_config(RUVON_LOG_FORMAT, os.environ.get("LOG_LEVEL", "INFO"))

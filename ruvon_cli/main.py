@@ -1,5 +1,5 @@
-"""The `ruvon` command line: generate (local engine), pull (download a model), worker, chat (HTTP client),
-showcase (the production shape under simulated users)."""
+"""The `ruvon` command line: generate (local engine), pull (download a model), worker, chat (HTTP client), stack
+(the production shape on one machine), showcase (the production shape under simulated users)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from gpu_worker.serving.launcher import add_launcher_parser
 from gpu_worker.serving.process import add_worker_parser
 from ruvon_cli.chat_client import add_chat_parser
 from ruvon_cli.showcase.command import add_showcase_parser
+from ruvon_cli.trial_stack import add_stack_parser
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_launcher_parser(sub)
     add_chat_parser(sub)
     add_showcase_parser(sub)
+    add_stack_parser(sub)
     return parser
 
 

@@ -9,7 +9,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from typing import Any
 
 import httpx
 import redis
+
+from ruvon_cli.trial_stack import free_port, start_redis_server
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get("RUVON_STRESS_PG", "postgres://postgres@127.0.0.1:5432/test")
@@ -41,12 +42,6 @@ for name, limits in json.loads(sys.argv[1]).items():
     keys[name] = ApiKey.objects.issue(tenant, name=name, **limits)[1]
 print(json.dumps(keys))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def rss_bytes(pid: int) -> int:
@@ -264,11 +259,7 @@ class Stack:
             if self.config.redis_aof
             else ["--appendonly", "no"]
         )
-        cmd = ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
-               *aof, "--dir", str(self.workdir)]  # fmt: skip
-        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 (the child holds it)
-        self.redis_proc = subprocess.Popen(cmd, stdout=log, stderr=log)
-        self._wait(lambda: self.redis().ping(), 20, "redis-server did not start")
+        self.redis_proc = start_redis_server(self.redis_port, self.workdir, *aof)
 
     def stop_redis(self) -> None:
         """Kill this stack's redis-server (its data goes with it unless redis_aof is on)."""

@@ -8,7 +8,9 @@ import logging
 import os
 from typing import Any
 
+from gpu_worker import tracing
 from gpu_worker.engine_args import add_engine_arguments, engine_config
+from gpu_worker.logs import configure as configure_logging
 from gpu_worker.serving.protocol import USAGE_STREAM
 
 log = logging.getLogger("ruvon.worker")
@@ -32,6 +34,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="reclaim another worker's job after this long without its heartbeat",
     )
     parser.add_argument("--heartbeat-s", type=float, default=2.0)
+    parser.add_argument(
+        "--stall-s",
+        type=float,
+        default=float(env("RUVON_WORKER_STALL_S", "300")),
+        help="stop heartbeats when the loop has not turned this long (a wedged engine step)",
+    )
     parser.add_argument(
         "--drain-timeout-s", type=float, default=30.0, help="on SIGTERM, finish work this long"
     )
@@ -65,7 +73,8 @@ def run_worker_command(args: argparse.Namespace) -> int:
     from gpu_worker.serving.telemetry import serve as serve_metrics
     from gpu_worker.serving.worker import Worker
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
+    tracing.setup("ruvon-worker")
     engine = LLMEngine(engine_config(vars(args)))
     name = args.served_model_name or engine.model_name
     telemetry = Telemetry(name)
@@ -85,6 +94,7 @@ def run_worker_command(args: argparse.Namespace) -> int:
         served_name=name,
         max_inflight=args.max_inflight,
         heartbeat_s=args.heartbeat_s,
+        stall_s=args.stall_s,
         drain_timeout_s=args.drain_timeout_s,
         name=transport.consumer,
     )

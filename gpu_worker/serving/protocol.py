@@ -97,6 +97,8 @@ def make_job(
     reserved_tokens: int = 0,
     max_queue_s: float | None = None,
     timeout_s: float | None = None,
+    client_request_id: str | None = None,
+    trace: dict[str, str] | None = None,
 ) -> Job:
     """Return a job dict in the wire format; SamplingParams are flattened to their fields.
 
@@ -105,7 +107,9 @@ def make_job(
     it may wait for a worker, and live in all, counted from submitted_at (None: no bound); adapter: the
     LoRA adapter, {"name": "<tenant id>/<adapter>", "path": absolute directory, "sha256": of its weights
     file} (adapter_ref builds it), or None;
-    user: the client's `user` field, which the worker only copies into the usage record."""
+    user: the client's `user` field, which the worker only copies into the usage record;
+    client_request_id: the caller's own X-Request-Id, for the worker's log lines; trace: the web request's span
+    context as W3C headers (gpu_worker.tracing.carrier), the parent of the worker's span."""
     if isinstance(params, SamplingParams):
         params = sampling_params_to_dict(params)
     return {
@@ -124,6 +128,8 @@ def make_job(
         "reserved_tokens": reserved_tokens,
         "max_queue_s": max_queue_s,
         "timeout_s": timeout_s,
+        "client_request_id": client_request_id,
+        "trace": trace,
     }
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gpu_worker.errors import InvalidRequestError
+from gpu_worker.logs import job_fields
 from gpu_worker.lora.request import LoRARequest
 from gpu_worker.serving.protocol import (
     Event,
@@ -26,10 +27,14 @@ from gpu_worker.serving.protocol import (
     started_event,
     usage_event,
 )
+from gpu_worker.serving.pulse import Pulse
 from gpu_worker.serving.transport import Delivery, Finished, WorkerTransport
+from gpu_worker.tracing import end_job_span, start_job_span
 from gpu_worker.versions import engine_versions
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
     from gpu_worker.engine.llm_engine import LLMEngine
     from gpu_worker.sequence import RequestMetrics
 
@@ -64,6 +69,7 @@ class Worker:
         drain_timeout_s: float = 30.0,
         served_name: str | None = None,
         name: str = "embedded",
+        stall_s: float = 300.0,
     ) -> None:
         self.engine = engine
         self.served_name = served_name or engine.model_name
@@ -76,8 +82,12 @@ class Worker:
         self._active: dict[str, _Active] = {}
         self._outbox: list[tuple[str, Event]] = []
         self._finished: list[Finished] = []
+        self._spans: dict[str, Span] = {}  # request id -> its span, from admission to its ending
         self._stop = threading.Event()
         self._last_heartbeat = 0.0
+        # Heartbeats come from a thread, so one engine step longer than the web tier's worker timeout is not
+        # a dead worker; only a loop stuck for stall_s goes silent (its requests then end worker_lost).
+        self.pulse = Pulse(transport, heartbeat_s, stall_s)
         self.versions = engine_versions(engine.device)
 
     # ------------------------------------------------------------------------------------ the loop
@@ -86,6 +96,7 @@ class Worker:
         """Serve until stop() is called, then finish in-flight requests (up to drain_timeout_s) and return."""
         log.info("worker serving %s (%s)", self.engine.model_name, self.engine.label)
         deadline: float | None = None
+        self.pulse.start()
         try:
             while True:
                 if self._stop.is_set():
@@ -96,6 +107,7 @@ class Worker:
             self._fail_all("worker_shutdown", "the worker shut down before the request finished", 503)
             self._flush()
         finally:
+            self.pulse.stop()
             self.transport.close()
         log.info("worker stopped")
 
@@ -117,15 +129,22 @@ class Worker:
 
     def run_once(self, admit: bool = True) -> None:
         """One turn: admit jobs (unless draining), apply cancellations, step the engine, publish, heartbeat."""
+        self.pulse.turned()
         if admit:
             self._admit_new_jobs()
         self._apply_cancellations()
         self._enforce_deadlines()
+        self._track()  # the jobs just admitted stay claimed through the step that follows, however long
         if self._active or self.engine.has_unfinished_requests():
             self._step()
+            self.pulse.turned()
         self._reap_orphans()
         self._flush()
+        self._track()
         self._maybe_heartbeat()
+
+    def _track(self) -> None:
+        self.pulse.track([st.delivery for st in self._active.values()])
 
     # ----------------------------------------------------------------------------------- admission
 
@@ -170,10 +189,12 @@ class Worker:
         try:
             self._add_to_engine(job)
         except Exception as exc:  # InvalidRequestError, CapacityError or a bug: this request fails alone
-            log.info("request %s not admitted: %s", job.request_id, exc)
+            log.info("request %s not admitted: %s", job.request_id, exc, extra=job_fields(job.raw))
             self._finish_error(delivery, job.raw, error_event_for(exc), started_at)
             return
         self._active[job.request_id] = _Active(delivery, job, started_at)
+        self._spans[job.request_id] = start_job_span(job.raw)
+        log.info("request %s started", job.request_id, extra=job_fields(job.raw, status="running"))
         queued_s = max(0.0, started_at - job.submitted_at)
         self._outbox.append((job.request_id, started_event(job.prompt_token_ids, queued_s, self.name)))
 
@@ -244,7 +265,7 @@ class Worker:
             event = deadline_event(st.job, now, waiting=self.engine.is_waiting(rid))
             if event is None:
                 continue
-            log.info("request %s: %s", rid, event["message"])
+            log.info("request %s: %s", rid, event["message"], extra=job_fields(st.job.raw))
             self.engine.abort_request(rid)  # its final output from the next step is ignored: no longer active
             del self._active[rid]
             self._finish_error(
@@ -411,7 +432,16 @@ class Worker:
             self._outbox = []
         if self._finished:
             self.transport.finish(self._finished)
+            for item in self._finished:
+                self._log_ending(item)
             self._finished = []
+
+    def _log_ending(self, item: Finished) -> None:
+        status = str(item.terminal.get("status"))
+        span = self._spans.pop(item.request_id, None) or start_job_span(item.delivery.job)
+        end_job_span(span, status)
+        fields = job_fields(item.delivery.job, status=status)
+        log.info("request %s ended %s", item.request_id, status, extra=fields)
 
     def _maybe_heartbeat(self) -> None:
         now = time.monotonic()
@@ -419,7 +449,7 @@ class Worker:
             return
         self._last_heartbeat = now
         self._apply_adapter_control()
-        self.transport.heartbeat(self.info(), [st.delivery for st in self._active.values()])
+        self.pulse.beat(self.info())
 
     def _apply_adapter_control(self) -> None:
         """Act on the registry's adapter messages (protocol.adapter_control_message), read at heartbeat pace:
