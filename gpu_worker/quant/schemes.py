@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 from gpu_worker.errors import ModelLoadError
@@ -46,8 +45,12 @@ def parse_scheme(name: str) -> QuantScheme | None:
     if name.startswith("int4-g"):
         return QuantScheme(4, _int4_group(name))
     if name in BNB_SCHEMES:
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ModelLoadError(f"quantization {name!r} needs bitsandbytes, which is not installed: {BNB_INSTALL}")
+        try:
+            import bitsandbytes  # noqa: F401  (optional; imported here so a missing one fails before loading)
+        except ImportError:
+            raise ModelLoadError(
+                f"quantization {name!r} needs bitsandbytes, which is not installed: {BNB_INSTALL}"
+            ) from None
         return QuantScheme(8, None, "bnb") if name == "bnb-int8" else QuantScheme(4, BNB_NF4_BLOCK, "bnb")
     raise ModelLoadError(f"unknown quantization {name!r}; choose one of {', '.join(SCHEMES)}")
 
