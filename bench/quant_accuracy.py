@@ -164,7 +164,9 @@ def main() -> None:
     if not args.skip_smollm2:
         rows, meta = smollm2_table(args.tokens, args.window, args.rows, args.device)
         where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-        print(f"\nSmolLM2-135M-Instruct perplexity, {where} ({torch.get_num_threads()} threads); {meta['text']}")
+        print(
+            f"\nSmolLM2-135M-Instruct perplexity, {where} ({torch.get_num_threads()} threads); {meta['text']}"
+        )
         print_table(rows)
         payload["smollm2"] = {**meta, "rows": rows}
     print("wrote", write_json("quant_accuracy", payload))

@@ -58,7 +58,9 @@ def _check(targets: list[tuple[str, Linear]], scheme: QuantScheme) -> None:
     if scheme.library != "ruvon":
         return  # bitsandbytes takes any shape
     group = scheme.group_size
-    narrow = [f"{name} (in_features {m.in_features})" for name, m in targets if group and m.in_features < group]
+    narrow = [
+        f"{name} (in_features {m.in_features})" for name, m in targets if group and m.in_features < group
+    ]
     if narrow:
         width = min(m.in_features for _, m in targets)
         fits = [f"int4-g{g}" for g in INT4_GROUPS if g <= width]

@@ -141,7 +141,9 @@ def test_it_gives_the_short_last_group_its_own_range() -> None:
     weight = torch.cat([torch.full((2, 32), 100.0), torch.linspace(-1, 1, 8).repeat(2, 1)], dim=1)
     q, scales, mins = quantize_int4(weight, 32)
     assert q.shape == (2, 40) and scales.shape == (2, 2)
-    assert torch.allclose(scales[:, 1], torch.full((2,), 2 / 15)) and torch.equal(mins[:, 1], torch.full((2,), -1.0))
+    assert torch.allclose(scales[:, 1], torch.full((2,), 2 / 15)) and torch.equal(
+        mins[:, 1], torch.full((2,), -1.0)
+    )
     assert (dequantize(q, scales, mins, 32) - weight).abs().max() <= 1 / 15 + 1e-6  # half a step
 
 

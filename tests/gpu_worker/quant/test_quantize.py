@@ -37,7 +37,10 @@ def test_it_parses_every_scheme_it_offers() -> None:
     ("name", "message"),
     [
         ("int3", "unknown quantization 'int3'; choose one of none, int8"),
-        ("int4-g48", r"'int4-g48': the int4 group size must be a power of two from 32 to 256.*use one of int4-g32"),
+        (
+            "int4-g48",
+            r"'int4-g48': the int4 group size must be a power of two from 32 to 256.*use one of int4-g32",
+        ),
         ("int4-g0", "group size must be a power of two"),
         ("int4-g33", "group size must be a power of two"),
         ("int4-g", "group size must be a power of two"),
@@ -55,7 +58,9 @@ def test_it_names_the_install_command_when_bitsandbytes_is_missing(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` sees when absent
-    with pytest.raises(ModelLoadError, match=rf"'{name}' needs bitsandbytes.*pip install bitsandbytes==0\.50\.2"):
+    with pytest.raises(
+        ModelLoadError, match=rf"'{name}' needs bitsandbytes.*pip install bitsandbytes==0\.50\.2"
+    ):
         load_model("/no/such/model", quantization=name)
 
 
