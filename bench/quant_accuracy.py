@@ -1,16 +1,19 @@
 """Accuracy of weight-only quantisation: SmolLM2-135M perplexity on real English text (fp32 from the
-dequantised Q4_1 GGUF vs int8, int4 g128, int4 g32), and int8 vs fp32 greedy agreement on random GPT-2 124M.
+dequantised Q4_1 GGUF vs int8, int4 g128/g64/g32, bitsandbytes), and int8 vs fp32 greedy agreement on
+random GPT-2 124M.
 
 The text is the Python Language Reference's topic pages that ship with CPython (pydoc_data/topics.py, the
 stdlib of the interpreter running this): English prose with code samples. Perplexity is over consecutive
 non-overlapping windows of --window tokens (each window predicts its tokens 1..W-1).
 
 Run: .venv/bin/python bench/quant_accuracy.py [--tokens 50000] [--window 1024] [--skip-random] [--rows ...]
+[--device cuda] (the bnb rows need bitsandbytes; without it they are left out, said so).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import pydoc_data.topics
 import sys
@@ -32,14 +35,16 @@ from gpu_worker.runner.kv_cache import forward_dense  # noqa: E402
 from gpu_worker.tokenization.tokenizer import Tokenizer  # noqa: E402
 
 # key -> (row name, scheme, how it is built): load_model's scheme straight from the GGUF, or requantize() of the
-# fp32 model. SmolLM2's width 576 is 4.5 x 128, so g128 cannot apply to its q/k/v/o/gate/up projections;
-# g64 is the largest power-of-two group that divides every layer.
+# fp32 model. SmolLM2's width 576 is 4.5 x 128: under g128 the last group of those rows has 64 weights.
 SMOLLM2_ROWS = {
     "fp32": ("fp32 (dequantised Q4_1)", "none", "direct"),
     "int8": ("int8 per-channel", "int8", "requantised"),
+    "int4-g128": ("int4 g128 (ragged last group)", "int4-g128", "requantised"),
     "int4-g64": ("int4 g64", "int4-g64", "requantised"),
     "int4-g32": ("int4 g32", "int4-g32", "requantised"),
     "q4_1": ("int4 g32 = Q4_1 as shipped", "int4-g32", "direct"),
+    "bnb-int8": ("bitsandbytes LLM.int8", "bnb-int8", "requantised"),
+    "bnb-nf4": ("bitsandbytes NF4 b64", "bnb-nf4", "requantised"),
 }
 
 
@@ -63,22 +68,26 @@ def perplexity(model: CausalLM, ids: list[int], window: int) -> tuple[float, int
             break
         with torch.no_grad():
             logits = forward_dense(model, chunk)  # [W, V]
-        targets = torch.tensor(chunk[1:])
+        targets = torch.tensor(chunk[1:], device=logits.device)
         nll += torch.nn.functional.cross_entropy(logits[:-1], targets, reduction="sum").item()
         count += len(chunk) - 1
     return math.exp(nll / count), count
 
 
-def smollm2_table(tokens: int, window: int, keys: list[str]) -> tuple[list[dict], dict]:
+def smollm2_table(tokens: int, window: int, keys: list[str], device: str) -> tuple[list[dict], dict]:
     text, source = english_text()
     tokenizer = Tokenizer.from_gguf(smollm2_gguf_path())
-    ids = tokenizer.encode(text)[:tokens]
-    print(f"text: {source}; {len(ids):,} tokens used of it, windows of {window}")
-    base = load_model("smollm2")
+    all_ids = tokenizer.encode(text)
+    ids = all_ids[:tokens]
+    print(f"text: {source}; {len(all_ids):,} tokens, {len(ids):,} used, windows of {window}")
+    base = load_model("smollm2", device=device)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        print("bitsandbytes is not installed: its rows are left out")
+        keys = [k for k in keys if not k.startswith("bnb-")]
     rows: list[dict] = []
     for name, scheme, how in [SMOLLM2_ROWS[key] for key in ["fp32", *(k for k in keys if k != "fp32")]]:
         loaded: LoadedModel = (
-            (base if scheme == "none" else load_model("smollm2", quantization=scheme))
+            (base if scheme == "none" else load_model("smollm2", quantization=scheme, device=device))
             if how == "direct"
             else requantize(base, scheme)
         )
@@ -96,7 +105,7 @@ def smollm2_table(tokens: int, window: int, keys: list[str]) -> tuple[list[dict]
             }
         )
         print_table(rows[-1:])
-    return rows, {"text": source, "tokens": len(ids), "window": window}
+    return rows, {"text": source, "text_tokens": len(all_ids), "tokens": len(ids), "window": window}
 
 
 def random_gpt2_agreement(prompts: int, new_tokens: int) -> dict:
@@ -142,6 +151,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-random", action="store_true")
     parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument("--device", default="cpu", help="where the SmolLM2 rows run (cpu, cuda)")
     parser.add_argument(
         "--rows", nargs="+", choices=list(SMOLLM2_ROWS), default=list(SMOLLM2_ROWS), help="fp32 always runs"
     )
@@ -152,8 +162,11 @@ def main() -> None:
         print_table([random_row])
         payload["random_gpt2"] = random_row
     if not args.skip_smollm2:
-        rows, meta = smollm2_table(args.tokens, args.window, args.rows)
-        print(f"\nSmolLM2-135M-Instruct perplexity, CPU ({torch.get_num_threads()} threads); {meta['text']}")
+        rows, meta = smollm2_table(args.tokens, args.window, args.rows, args.device)
+        where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+        print(
+            f"\nSmolLM2-135M-Instruct perplexity, {where} ({torch.get_num_threads()} threads); {meta['text']}"
+        )
         print_table(rows)
         payload["smollm2"] = {**meta, "rows": rows}
     print("wrote", write_json("quant_accuracy", payload))

@@ -33,7 +33,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model: str | None = No
         choices=SCHEMES,
         default=env("RUVON_QUANTIZATION", "none"),
         help="weight-only quantisation of the projections: int8 (W8A16 per channel), int4 (W4A16 group 128), "
-        "int4-g32/-g64/-g128; a GGUF's Q8_0 / Q4_0 / Q4_1 weights load as they are under int8 / int4-g32",
+        "int4-g32/-g64/-g128/-g256, bnb-int8 / bnb-nf4 (needs bitsandbytes); a GGUF's Q8_0 / Q4_0 / Q4_1 "
+        "weights load as they are under int8 / int4-g32",
     )
     group.add_argument(
         "--num-blocks",

@@ -222,9 +222,12 @@ def _gguf_plan(
     cannot map to `scheme` (requantising quantised weights would compound their error)."""
     if scheme is None:
         return frozenset(), None
-    if scheme.bits == 8 and "Q8_0" in types.values():
+    ours = scheme.library == "ruvon"  # bitsandbytes takes no GGUF layout as it is
+    if ours and scheme.bits == 8 and "Q8_0" in types.values():
         scheme = QuantScheme(8, 32)
-    direct = {t for t in types.values() if GGUF_QUANT_LAYOUTS.get(t) == (scheme.bits, scheme.group_size)}
+    direct = {
+        t for t in types.values() if ours and GGUF_QUANT_LAYOUTS.get(t) == (scheme.bits, scheme.group_size)
+    }
     stuck = sorted(set(types.values()) - direct - FLOAT_TYPES)
     if stuck:
         fits = {"Q8_0": "int8", "Q4_0": "int4-g32", "Q4_1": "int4-g32"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gpu_worker.errors import ModelLoadError
@@ -40,8 +41,6 @@ class QuantLinear(Layer, ABC):
         self.context = context
         self.in_features, self.out_features, self.gelu = in_features, sum(shards.values()), gelu
         self.group_size = group_size or in_features
-        if in_features % self.group_size:
-            raise ModelLoadError(f"group size {group_size} does not divide in_features {in_features}")
         self.shard_rows = shard_row_ranges(shards)
         self.bias = nn.Parameter(torch.zeros(self.out_features, device=device)) if bias else None
 
@@ -131,6 +130,8 @@ class Int8Linear(QuantLinear):
     ) -> None:
         super().__init__(context, in_features, shards, group_size, bias=bias, gelu=gelu, device=device)
         n, k = self.out_features, self.in_features
+        if k % self.group_size:  # int8 groups come only from GGUF Q8_0 blocks, which always divide K
+            raise ModelLoadError(f"int8 group size {group_size} does not divide in_features {k}")
         self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8, device=device))
         # A parameter (never trained), so the loader's NaN check sees a projection the checkpoint left out.
         self.scales = nn.Parameter(torch.empty(n, k // self.group_size, device=device), requires_grad=False)
@@ -152,7 +153,10 @@ class Int4Linear(QuantLinear):
     """Packed two per byte with (scale, min) per group of G along K: w = q * scale + min, q in 0..15.
 
     The layout is the backend's (KernelBackend.int4_pack), made once per layer when its last shard has
-    arrived; until then the shards wait as quantised values, never in full precision.
+    arrived; until then the shards wait as quantised values, never in full precision. Where G does not
+    divide K the last group of a row is shorter: the packed rows are padded with zero values to
+    padded_in = ceil(K / G) * G (so every kernel sees whole groups), and forward pads x with zero
+    columns to match, which makes the padding's weights irrelevant.
     """
 
     bits = 4
@@ -170,9 +174,9 @@ class Int4Linear(QuantLinear):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(context, in_features, shards, group_size, bias=bias, gelu=gelu, device=device)
-        n, k = self.out_features, self.in_features
-        self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8, device=device))
-        groups = k // self.group_size
+        n, groups = self.out_features, -(-self.in_features // self.group_size)
+        self.padded_in = groups * self.group_size
+        self.register_buffer("qweight", torch.empty(n, self.padded_in // 2, dtype=torch.uint8, device=device))
         self.qscales = nn.Parameter(torch.empty(n, groups, 2, device=device), requires_grad=False)
         self._staged: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._packed_by = context.backend.int4_pack
@@ -184,6 +188,8 @@ class Int4Linear(QuantLinear):
             raise RuntimeError(
                 "Int4Linear was packed for another kernel backend; quantise under the one it runs"
             )
+        if self.padded_in != self.in_features:
+            x = F.pad(x, (0, self.padded_in - self.in_features))
         return backend.int4_linear(x, self.qweight, self.qscales, self.bias, gelu)
 
     def _load_shard(self, shard: str, start: int, end: int, tensor: CheckpointTensor) -> None:
@@ -202,6 +208,7 @@ class Int4Linear(QuantLinear):
             torch.cat([self._staged[s][i] for s in self.shard_rows]).to(device) for i in range(3)
         )
         self._staged.clear()
+        q = F.pad(q, (0, self.padded_in - self.in_features))  # zero values in the short last group's tail
         self._packed_by = self.context.backend.int4_pack
         try:
             qweight, qscales = self._packed_by(q, scales.to(dtype), mins.to(dtype))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 _TINY = 1e-12  # floor of a scale, so an all-zero row or group quantises to zeros instead of NaN
 
@@ -25,21 +26,33 @@ def quantize_int8(
 def quantize_int4(
     weight: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (q uint8 [N, K] in 0..15, scales, mins [N, K // G]) with weight ~ q * scale + min per group:
-    the group's range [min, max] in 15 equal steps (min and max themselves exact up to rounding)."""
+    """Return (q uint8 [N, K] in 0..15, scales, mins [N, ceil(K / G)]) with weight ~ q * scale + min per
+    group: the group's range [min, max] in 15 equal steps (min and max themselves exact up to rounding).
+
+    When G does not divide K, each row's last group is shorter (K mod G weights), its range its own.
+    """
     n, k = weight.shape
-    w = weight.float().view(n, k // group_size, group_size)
+    groups = -(-k // group_size)
+    # Pad with each row's last weight: it lies in the last group, so that group's min and max stay its own.
+    padded = F.pad(weight.float()[None], (0, groups * group_size - k), mode="replicate")[0]
+    w = padded.view(n, groups, group_size)
     low, high = w.amin(dim=-1), w.amax(dim=-1)
     scales = ((high - low) / 15).clamp(min=_TINY).to(dtype).float()
     mins = low.to(dtype).float()
     q = torch.round((w - mins[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
-    return q.view(n, k), scales, mins
+    return q.view(n, -1)[:, :k], scales, mins
 
 
-def dequantize(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
-    """Return the float32 weight [N, K] of q [N, K] with [N, K // G] scales (and mins)."""
+def dequantize(
+    q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, group_size: int | None = None
+) -> torch.Tensor:
+    """Return the float32 weight [N, K] of q [N, K] with [N, ceil(K / G)] scales (and mins); G is K over
+    the number of groups unless given (it must be where the last group is shorter)."""
     n, k = q.shape
-    w = q.float().view(n, scales.shape[1], -1) * scales.float()[..., None]
+    groups = scales.shape[1]
+    group = group_size or k // groups
+    q = F.pad(q.float(), (0, groups * group - k))
+    w = q.view(n, groups, group) * scales.float()[..., None]
     if mins is not None:
         w = w + mins.float()[..., None]
-    return w.view(n, k)
+    return w.view(n, -1)[:, :k]

@@ -25,7 +25,7 @@ def quantize(model: nn.Module, scheme: QuantScheme, *, lm_head: bool = False) ->
         if isinstance(module, Linear) and (lm_head or name.rpartition(".")[2] != LM_HEAD)
     ]
     _check(targets, scheme)
-    cls: type[QuantLinear] = Int8Linear if scheme.bits == 8 else Int4Linear
+    cls = _layer_class(scheme)
     for name, linear in targets:
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, cls.from_linear(linear, scheme))
@@ -46,13 +46,26 @@ def load_quantized_from(model: nn.Module, full: nn.Module) -> None:
             module.load_linear(linear)
 
 
+def _layer_class(scheme: QuantScheme) -> type[QuantLinear]:
+    if scheme.library == "bnb":
+        from gpu_worker.quant.bnb import BnbInt8Linear, BnbNF4Linear  # bitsandbytes is optional
+
+        return BnbInt8Linear if scheme.bits == 8 else BnbNF4Linear
+    return Int8Linear if scheme.bits == 8 else Int4Linear
+
+
 def _check(targets: list[tuple[str, Linear]], scheme: QuantScheme) -> None:
+    if scheme.library != "ruvon":
+        return  # bitsandbytes takes any shape
     group = scheme.group_size
-    bad = [f"{name} (in_features {m.in_features})" for name, m in targets if group and m.in_features % group]
-    if bad:
-        fits = [f"int4-g{g}" for g in INT4_GROUPS if all(m.in_features % g == 0 for _, m in targets)]
+    narrow = [
+        f"{name} (in_features {m.in_features})" for name, m in targets if group and m.in_features < group
+    ]
+    if narrow:
+        width = min(m.in_features for _, m in targets)
+        fits = [f"int4-g{g}" for g in INT4_GROUPS if g <= width]
         raise ModelLoadError(
-            f"{scheme.describe()}: group size {group} does not divide the input width of {', '.join(bad[:3])}; "
+            f"{scheme.describe()}: group size {group} is wider than the input of {', '.join(narrow[:3])}; "
             f"use --quantization {' or '.join([*fits, 'int8'])}"
         )
     if scheme.bits == 4:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 import pytest
 
@@ -20,6 +21,7 @@ def _parse(argv: list[str]) -> EngineConfig:
 def test_it_takes_the_option_and_its_environment_default(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _parse([]).quantization == "none"
     assert _parse(["--quantization", "int4-g32"]).quantization == "int4-g32"
+    assert _parse(["--quantization", "bnb-nf4"]).quantization == "bnb-nf4"  # parsed; checked when loading
     monkeypatch.setenv("RUVON_QUANTIZATION", "int8")
     assert _parse([]).quantization == "int8"
     with pytest.raises(SystemExit):
@@ -29,5 +31,13 @@ def test_it_takes_the_option_and_its_environment_default(monkeypatch: pytest.Mon
 def test_an_engine_generates_with_a_quantised_model_and_labels_it() -> None:
     engine = LLMEngine(EngineConfig(model="random:tiny-llama", quantization="int4-g32", num_blocks=32))
     assert engine.label == "tiny-llama (RANDOM weights, seed 0, int4 g32 at load)"
+    out = engine.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    assert len(out[0].token_ids[0]) == 4
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_an_engine_generates_with_a_bitsandbytes_model_and_labels_it() -> None:
+    engine = LLMEngine(EngineConfig(model="random:tiny", quantization="bnb-int8", num_blocks=32))
+    assert engine.label == "tiny (RANDOM weights, seed 0, bnb int8 per-channel (LLM.int8) at load)"
     out = engine.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     assert len(out[0].token_ids[0]) == 4

@@ -27,7 +27,7 @@ def _expected(
         q, scales = quantize_int8(weight, None if layer.group_size == layer.in_features else layer.group_size)
         w = dequantize(q, scales, None)
     else:
-        w = dequantize(*quantize_int4(weight, layer.group_size))
+        w = dequantize(*quantize_int4(weight, layer.group_size), layer.group_size)
     out = F.linear(x, w, bias)
     return F.gelu(out, approximate="tanh") if layer.gelu else out
 
@@ -116,9 +116,55 @@ def test_it_names_a_bad_checkpoint_tensor(name: str, shape: tuple[int, ...], mes
         layer.load_weight(name, torch.zeros(shape))
 
 
-def test_it_refuses_a_group_that_does_not_divide_the_width() -> None:
-    with pytest.raises(ModelLoadError, match="group size 128 does not divide in_features 96"):
-        Int4Linear(ForwardContext(), 96, {"": 16}, 128)
+@pytest.mark.parametrize(("k", "group"), [(576, 128), (200, 64), (97, 32)])  # SmolLM2's width; odd K
+@pytest.mark.parametrize(("backend", "tolerance"), [(KernelBackend(), 1e-6), (cpu_backend(), 1e-2)])
+def test_it_takes_a_shorter_last_group_when_the_group_does_not_divide_k(
+    k: int, group: int, backend: KernelBackend, tolerance: float
+) -> None:
+    context = ForwardContext()
+    context.backend = backend
+    layer = Int4Linear(context, k, {"gate_proj": 32, "up_proj": 16}, group, bias=True)
+    weight, x = _weights(48, k), torch.randn(3, k)
+    with torch.no_grad():
+        layer.load_weight("up_proj.weight", weight[32:])
+        layer.load_weight("gate_proj.weight", weight[:32])
+        layer.load_weight("bias", torch.ones(48))
+        out = layer(x)
+    groups = -(-k // group)
+    assert layer.padded_in == groups * group and layer.qweight.shape == (48, groups * group // 2)
+    assert _relative_error(out, _expected(layer, weight, x, torch.ones(48))) < tolerance
+    assert _relative_error(out, F.linear(x, weight, torch.ones(48))) < 0.15
+
+
+def test_it_gives_the_short_last_group_its_own_range() -> None:
+    # A last group of 8 small weights after a group of huge ones: its scale comes from its own 8 weights.
+    weight = torch.cat([torch.full((2, 32), 100.0), torch.linspace(-1, 1, 8).repeat(2, 1)], dim=1)
+    q, scales, mins = quantize_int4(weight, 32)
+    assert q.shape == (2, 40) and scales.shape == (2, 2)
+    assert torch.allclose(scales[:, 1], torch.full((2,), 2 / 15)) and torch.equal(
+        mins[:, 1], torch.full((2,), -1.0)
+    )
+    assert (dequantize(q, scales, mins, 32) - weight).abs().max() <= 1 / 15 + 1e-6  # half a step
+
+
+def test_the_triton_gemv_reads_the_padded_layout_unchanged() -> None:
+    # The kernel's signature is whole groups: a ragged layer hands it its padded rows and x padded with zeros.
+    pytest.importorskip("triton")
+    from kernels.quant_linear import int4_gemv
+
+    layer = Int4Linear(ForwardContext(), 200, {"": 20}, 64, bias=True, gelu=True)  # reference layout
+    with torch.no_grad():
+        layer.load_weight("weight", _weights(20, 200))
+        layer.load_weight("bias", torch.randn(20))
+        x = torch.randn(3, 200)
+        ref = layer(x)
+        out = int4_gemv(F.pad(x, (0, layer.padded_in - 200)), layer.qweight, layer.qscales, layer.bias, True)
+    assert _relative_error(out, ref) < 1e-5
+
+
+def test_it_refuses_an_int8_group_that_does_not_divide_the_width() -> None:
+    with pytest.raises(ModelLoadError, match="int8 group size 32 does not divide in_features 100"):
+        Int8Linear(ForwardContext(), 100, {"": 16}, 32)
 
 
 def test_it_refuses_to_run_under_another_backend_than_it_was_packed_for() -> None:

@@ -3,6 +3,9 @@ random GPT-2 / tiny-llama weights (RANDOM weights: agreement and logit error say
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+
 import pytest
 import torch
 
@@ -11,19 +14,22 @@ from gpu_worker.layers.linear import Linear
 from gpu_worker.loading.loader import RANDOM_SHAPES, load_model
 from gpu_worker.models import build_model
 from gpu_worker.quant import SCHEMES, Int4Linear, Int8Linear, QuantScheme, parse_scheme, quantize
+from gpu_worker.quant.schemes import BNB_SCHEMES
 from gpu_worker.runner.kv_cache import forward_dense
 
+NEEDS_BNB = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
 PROMPT = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 198, 40]
 
 
 def test_it_parses_every_scheme_it_offers() -> None:
-    assert [parse_scheme(name) for name in SCHEMES] == [
+    assert [parse_scheme(name) for name in SCHEMES if name not in BNB_SCHEMES] == [
         None,
         QuantScheme(8, None),
         QuantScheme(4, 128),
         QuantScheme(4, 32),
         QuantScheme(4, 64),
         QuantScheme(4, 128),
+        QuantScheme(4, 256),
     ]
 
 
@@ -31,13 +37,30 @@ def test_it_parses_every_scheme_it_offers() -> None:
     ("name", "message"),
     [
         ("int3", "unknown quantization 'int3'; choose one of none, int8"),
-        ("int4-g48", "unknown"),
-        ("bnb-nf4", "not built yet"),
+        (
+            "int4-g48",
+            r"'int4-g48': the int4 group size must be a power of two from 32 to 256.*use one of int4-g32",
+        ),
+        ("int4-g0", "group size must be a power of two"),
+        ("int4-g33", "group size must be a power of two"),
+        ("int4-g", "group size must be a power of two"),
+        ("int4-g512", "group size must be a power of two"),
     ],
 )
 def test_it_refuses_a_bad_scheme_before_reading_anything(name: str, message: str) -> None:
     # The spec does not exist: the scheme is checked first, so its error is the one raised.
     with pytest.raises(ModelLoadError, match=message):
+        load_model("/no/such/model", quantization=name)
+
+
+@pytest.mark.parametrize("name", BNB_SCHEMES)
+def test_it_names_the_install_command_when_bitsandbytes_is_missing(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` sees when absent
+    with pytest.raises(
+        ModelLoadError, match=rf"'{name}' needs bitsandbytes.*pip install bitsandbytes==0\.50\.2"
+    ):
         load_model("/no/such/model", quantization=name)
 
 
@@ -52,16 +75,17 @@ def test_it_swaps_every_projection_but_the_lm_head() -> None:
     )
 
 
-def test_it_refuses_a_group_that_does_not_divide_a_layer_and_changes_nothing() -> None:
+def test_it_refuses_a_group_wider_than_a_layer_and_changes_nothing() -> None:
     with torch.device("meta"):
         model = build_model(RANDOM_SHAPES["tiny"])  # hidden 64
     with pytest.raises(
         ModelLoadError,
-        match=r"group size 128 does not divide .*h\.0\.attn\.qkv.*use --quantization int4-g32 or int4-g64 or int8$",
+        match=r"group size 128 is wider than the input of h\.0\.attn\.qkv \(in_features 64\).*"
+        r"use --quantization int4-g32 or int4-g64 or int8$",
     ):
         quantize(model, QuantScheme(4, 128))
     assert not any(isinstance(m, Int4Linear | Int8Linear) for m in model.modules())
-    with pytest.raises(ModelLoadError, match="does not divide"):
+    with pytest.raises(ModelLoadError, match="is wider than the input"):
         load_model("random:tiny", quantization="int4")
 
 
@@ -86,6 +110,8 @@ def _agreement(shape: str, quantization: str, steps: int) -> tuple[float, float]
         ("tiny-llama", "int8", 0.9, 0.02),
         ("tiny", "int4-g32", 0.6, 0.2),
         ("tiny-llama", "int4-g64", 0.6, 0.2),
+        pytest.param("tiny", "bnb-int8", 0.8, 0.05, marks=NEEDS_BNB),
+        pytest.param("tiny-llama", "bnb-nf4", 0.6, 0.3, marks=NEEDS_BNB),
     ],
 )
 def test_it_stays_close_to_fp32_on_random_weights(
