@@ -13,6 +13,7 @@ from django.core.exceptions import ImproperlyConfigured
 from gpu_worker.logs import default_format, logging_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent  # templates/ and static/ ship inside the package
 VAR_DIR = Path(os.environ.get("RUVON_VAR_DIR", BASE_DIR / "var"))
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 
@@ -117,7 +118,7 @@ ASGI_APPLICATION = "ruvon.asgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [BASE_DIR / "templates"],
+        "DIRS": [PACKAGE_DIR / "templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -150,7 +151,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", VAR_DIR / "static"))
-STATICFILES_DIRS = [BASE_DIR / "static"]
+STATICFILES_DIRS = [PACKAGE_DIR / "static"]
 # WhiteNoise serves what `collectstatic` gathered in STATIC_ROOT (gzip copies, cache headers) once it has run,
 # else the source folders.
 STORAGES = {

@@ -11,7 +11,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.test import AsyncClient, Client, override_settings
 
-CHAT_JS = Path(settings.BASE_DIR) / "static" / "inference" / "chat.js"
+CHAT_JS = Path(settings.BASE_DIR) / "ruvon" / "static" / "inference" / "chat.js"
 URL = "/static/inference/chat.js"
 
 
