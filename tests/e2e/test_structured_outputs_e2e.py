@@ -207,3 +207,22 @@ def test_it_serves_litellm_structured_output(tiny_server: LiveServer) -> None:
     choice = response.choices[0]  # type: ignore[union-attr]
     assert choice.finish_reason == "stop"
     jsonschema.validate(json.loads(choice.message.content), WEATHER)
+
+
+def test_it_serves_langchain_completions_in_a_batch(tiny_server: LiveServer) -> None:
+    # LangChain's OpenAI (the completions model) sends a batch as one /v1/completions call with a list of
+    # prompts; each prompt gets its own completion, in order.
+    from langchain_openai import OpenAI
+
+    llm = OpenAI(
+        model="tiny",
+        base_url=tiny_server.base_url,
+        api_key=tiny_server.key,
+        max_tokens=6,
+        seed=3,
+        max_retries=0,
+    )
+    prompts = ["The capital of France is", "Two plus two", "Hello"]
+    batched = llm.batch(prompts)
+    assert len(batched) == 3 and all(isinstance(text, str) and text for text in batched)
+    assert batched[2] == llm.invoke(prompts[2])  # seeded: a prompt answers the same alone as in the batch
