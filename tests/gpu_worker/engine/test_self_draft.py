@@ -87,10 +87,11 @@ def test_stop_strings_and_max_tokens_inside_an_accepted_run(tiny_llama: Peer) ->
         _assert_all_free(engine)
 
 
+@pytest.mark.slow
 def test_it_frees_every_block_after_many_rejections(tiny_llama: Peer) -> None:
     """Penalties push this random model off its repetitions, where the one-layer draft is mostly wrong."""
     params = SamplingParams(
-        temperature=0.0, max_tokens=30, ignore_eos=True, presence_penalty=2.0, frequency_penalty=2.0
+        temperature=0.0, max_tokens=20, ignore_eos=True, presence_penalty=2.0, frequency_penalty=2.0
     )
     want = engine_for(tiny_llama).generate(PROMPTS, params)
     engine = engine_for(tiny_llama, speculative="self:layers=1", num_speculative_tokens=4)
@@ -132,6 +133,13 @@ def test_it_refuses_a_bad_variant_clearly(tiny_llama: Peer, variant: str, messag
         self_draft(loaded, variant)
     with pytest.raises(ValueError, match="unquantised target"):
         self_draft(load_model(str(tiny_llama.path), quantization="int4-g32"), "int4")
+
+
+def test_it_defaults_to_the_int4_copy(tiny_llama: Peer) -> None:
+    loaded = load_model(str(tiny_llama.path))
+    draft = self_draft(loaded, "")
+    assert draft.name.endswith("(self-draft int4)") and draft.model is not loaded.model
+    assert draft.config == loaded.config
 
 
 @pytest.mark.slow
