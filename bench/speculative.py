@@ -2,7 +2,10 @@
 non-speculative Ruvon in the same run and engine (the baseline requests turn speculation off per request).
 
 Workloads: a chat question, summarising a given passage, editing given code (all through the model's chat
-template). Each speculative run is paired with a baseline run just before it. Proposers: n-gram prompt lookup for each k; with --oracle-alpha, a labelled ORACLE proposer that
+template); the passage is the history section of Python's own LICENSE.txt and the code is textwrap.indent's
+source, both read from the installed Python. Each speculative run is paired with a baseline run just before
+it. Proposers: n-gram prompt lookup for each k; with --self-draft, the target drafting for itself (int4 copy,
+first N layers: gpu_worker/spec/self_draft.py); with --oracle-alpha, a labelled ORACLE proposer that
 knows the greedy continuation (from the baseline run) and proposes the right token with probability alpha,
 for controlled acceptance (what verification costs and saves, not a real proposer). Greedy decoding, so every
 speculative run must reproduce the baseline token for token (checked, reported as `identical`).
@@ -10,17 +13,21 @@ speculative run must reproduce the baseline token for token (checked, reported a
 With --hf-peer, the peer runs in the same process on the same weights: HF transformers' greedy generate()
 alone against its prompt-lookup decoding (`prompt_lookup_num_tokens=k`, the n-gram peer) for each workload
 at one stream (HF's assisted generation is batch-1 only), with the speedup of each printed beside Ruvon's
-n-gram speedup on the same prompt. For `random:<shape>` models both load one random initialisation
+n-gram speedup on the same prompt, and for each --self-draft layers=N HF's early-exit self-speculation
+(`assistant_early_exit=N`, the same truncated model, drafting exactly k tokens) beside Ruvon's. For `random:<shape>` models both load one random initialisation
 (bench/peers.py; label the numbers synthetic), for smollm2 HF dequantises the shipped GGUF.
 
 Run: .venv/bin/python bench/speculative.py [--model smollm2] [--k 2 4] [--streams 1 4] [--oracle-alpha 0.6 0.9]
-     [--draft <smaller model of the same tokenizer>] [--hf-peer]
+     [--draft <smaller model of the same tokenizer>] [--self-draft int4 layers=N] [--hf-peer]
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
+import sysconfig
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -35,37 +42,28 @@ from bench.peers import same_weights  # noqa: E402
 from gpu_worker.config import EngineConfig, SamplingParams  # noqa: E402
 from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
 from gpu_worker.loading.assets import smollm2_gguf_path  # noqa: E402
+from gpu_worker.loading.loader import LoadedModel  # noqa: E402
 from gpu_worker.spec.draft_model import DraftModelProposer  # noqa: E402
 from gpu_worker.spec.ngram import NgramProposer  # noqa: E402
 from gpu_worker.spec.oracle import OracleProposer  # noqa: E402
 from gpu_worker.spec.proposer import Proposer  # noqa: E402
-
-PASSAGE = (
-    "The paged KV cache splits each sequence's keys and values into fixed-size blocks, so memory is "
-    "allocated on demand instead of reserved for the longest possible output. A block table maps each "
-    "sequence's logical blocks to physical ones, which lets sequences that share a prompt prefix share "
-    "its blocks. Continuous batching then adds and removes sequences from the running batch at every "
-    "step, so a finished request frees its blocks at once and a waiting one can start."
-)
-CODE = """def total_price(items):
-    total = 0
-    for item in items:
-        total = total + item["price"] * item["quantity"]
-    return total
+from gpu_worker.spec.self_draft import self_draft  # noqa: E402
 
 
-def cheapest(items):
-    best = None
-    for item in items:
-        if best is None or item["price"] < best["price"]:
-            best = item
-    return best
-"""
+def license_history() -> str:
+    """Return the first paragraphs of "A. HISTORY OF THE SOFTWARE" in the installed Python's LICENSE.txt."""
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text()
+    start = text.index("Python was created")
+    return text[start : text.index("All Python releases", start)].strip()
+
+
+PASSAGE = license_history()
+CODE = inspect.getsource(textwrap.indent)
 SPEC_ENGINE: dict[str, Any] = {"speculative": "ngram", "speculative_max_batch": 1 << 20}
 WORKLOADS = {
     "chat": "What are three good habits for writing maintainable Python code? Answer briefly.",
     "summarise": f"Summarise this passage in two sentences, reusing its wording:\n\n{PASSAGE}",
-    "edit_code": f"Rename the variable `total` to `subtotal` in this code and return the whole code:\n\n{CODE}",
+    "edit_code": f"Rename the parameter `prefix` to `margin` in this code and return the whole code:\n\n{CODE}",
 }
 
 
@@ -117,54 +115,68 @@ def hf_peer(
     return hf.to(device).eval(), None
 
 
-def hf_run(hf: Any, ids: list[int], new_tokens: int, lookup: int | None) -> dict[str, Any]:
-    """Greedy HF generate() of exactly `new_tokens` tokens, alone or with prompt-lookup decoding."""
+def hf_run(hf: Any, ids: list[int], new_tokens: int, **extra: Any) -> dict[str, Any]:
+    """Greedy HF generate() of exactly `new_tokens` tokens, alone or with the assisted decoding `extra` asks."""
     device = next(hf.parameters()).device
     prompt = torch.tensor([ids], device=device)
-    extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
     kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **extra)
     seconds, out = timed(lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs))
     tokens = out[0, len(ids) :].tolist()
     return {"seconds": seconds, "tokens": tokens, "ms_per_token": 1000 * seconds / max(1, len(tokens))}
 
 
+def hf_peers(hf: Any, k: int, self_drafts: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Return (Ruvon proposer label, HF generate() options) of each HF counterpart at k drafts."""
+    # HF's assistant drafts exactly k tokens per step only with a constant schedule and no confidence cut.
+    hf.generation_config.num_assistant_tokens = k
+    hf.generation_config.num_assistant_tokens_schedule = "constant"
+    hf.generation_config.assistant_confidence_threshold = 0.0
+    peers = [("ngram", {"prompt_lookup_num_tokens": k})]
+    for variant in self_drafts:
+        if variant.startswith("layers="):  # HF has no int4 CPU kernel here: self:int4 has no peer
+            peers.append((f"self:{variant}", {"assistant_early_exit": int(variant.removeprefix("layers="))}))
+    return peers
+
+
 def hf_rows(hf: Any, engine: LLMEngine, args: argparse.Namespace, ours: list[dict[str, Any]]) -> list[dict]:
-    """HF alone vs HF prompt lookup, per workload and k, beside Ruvon's n-gram speedup on the same prompt."""
+    """HF alone vs HF's assisted decoding (prompt lookup, early exit), per workload and k, beside Ruvon's
+    speedup with the same kind of proposer on the same prompt."""
     rows = []
     for name in args.workloads:
         ids = engine.tokenizer.encode(prompts_for(engine, [name], 1)[0])
-        hf_run(hf, ids, 4, None)  # warm-up
+        hf_run(hf, ids, 4)  # warm-up
         for k in args.k:
-            base, lookup = hf_run(hf, ids, args.new_tokens, None), hf_run(hf, ids, args.new_tokens, k)
-            mine = [
-                r
-                for r in ours
-                if (r["workload"], r["streams"], r["proposer"], r["k"]) == (name, 1, "ngram", k)
-            ]
-            speedup = base["seconds"] / lookup["seconds"]
-            rows.append(
-                {
-                    "workload": name,
-                    "k": k,
-                    "hf_ms_tok": base["ms_per_token"],
-                    "hf_lookup_ms_tok": lookup["ms_per_token"],
-                    "hf_lookup_speedup": speedup,
-                    "hf_identical": lookup["tokens"] == base["tokens"],
-                    "ruvon_ms_tok": mine[0]["base_ms_tok"] if mine else None,
-                    "ruvon_ngram_ms_tok": mine[0]["spec_ms_tok"] if mine else None,
-                    "ruvon_ngram_speedup": mine[0]["speedup"] if mine else None,
-                    # Speculative Ruvon against speculative HF, ms per token (higher: Ruvon faster).
-                    "ruvon_vs_hf": lookup["ms_per_token"] / mine[0]["spec_ms_tok"] if mine else None,
-                }
-            )
-            print_table(rows[-1:])
+            for label, extra in hf_peers(hf, k, args.self_draft):
+                base, assisted = hf_run(hf, ids, args.new_tokens), hf_run(hf, ids, args.new_tokens, **extra)
+                mine = [
+                    r
+                    for r in ours
+                    if (r["workload"], r["streams"], r["proposer"], r["k"]) == (name, 1, label, k)
+                ]
+                rows.append(
+                    {
+                        "workload": name,
+                        "proposer": label,
+                        "k": k,
+                        "hf_ms_tok": base["ms_per_token"],
+                        "hf_spec_ms_tok": assisted["ms_per_token"],
+                        "hf_speedup": base["seconds"] / assisted["seconds"],
+                        "hf_identical": assisted["tokens"] == base["tokens"],
+                        "ruvon_ms_tok": mine[0]["base_ms_tok"] if mine else None,
+                        "ruvon_spec_ms_tok": mine[0]["spec_ms_tok"] if mine else None,
+                        "ruvon_speedup": mine[0]["speedup"] if mine else None,
+                        # Speculative Ruvon against speculative HF, ms per token (higher: Ruvon faster).
+                        "ruvon_vs_hf": assisted["ms_per_token"] / mine[0]["spec_ms_tok"] if mine else None,
+                    }
+                )
+                print_table(rows[-1:])
     return rows
 
 
-def draft_proposer(engine: LLMEngine, spec: str) -> DraftModelProposer:
-    """Return a draft-model proposer for `spec` sized like the engine's own KV cache."""
+def draft_proposer(engine: LLMEngine, draft: str | LoadedModel) -> DraftModelProposer:
+    """Return a draft-model proposer for `draft` sized like the engine's own KV cache."""
     return DraftModelProposer(
-        spec,
+        draft,
         num_blocks=engine.block_manager.num_blocks,
         block_size=engine.config.block_size,
         dtype=engine.dtype,
@@ -185,9 +197,13 @@ def main() -> None:
     parser.add_argument("--oracle-alpha", type=float, nargs="*", default=[])
     parser.add_argument("--draft", nargs="*", default=[], help="draft models (same tokenizer) to try too")
     parser.add_argument(
+        "--self-draft", nargs="*", default=[], help="self-draft variants to try too: int4, layers=N"
+    )
+    parser.add_argument(
         "--num-blocks", type=int, default=None, help="KV blocks (set it with --draft on a GPU)"
     )
     parser.add_argument("--hf-peer", action="store_true", help="HF generate() and prompt lookup, same run")
+    parser.add_argument("--out", default="speculative", help="results file bench/results/<out>.json")
     args = parser.parse_args()
     hf, engine = None, None
     if args.hf_peer:
@@ -199,7 +215,8 @@ def main() -> None:
             EngineConfig(model=model, device=args.device, num_blocks=args.num_blocks, **SPEC_ENGINE)
         )
     exit_if_at_floor(engine, "speculative")
-    drafts = {d: draft_proposer(engine, d) for d in args.draft}
+    drafts = {f"draft:{d}": draft_proposer(engine, d) for d in args.draft}
+    drafts |= {f"self:{v}": draft_proposer(engine, self_draft(engine.loaded, v)) for v in args.self_draft}
     base_params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, speculative=False)
     spec_params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens)
     rows: list[dict[str, Any]] = []
@@ -211,7 +228,7 @@ def main() -> None:
             ids = [engine.tokenizer.encode(p) for p in prompts]
             continuations = {tuple(i): out for i, out in zip(ids, base["outputs"], strict=True)}
             proposers: list[tuple[str, Proposer]] = [("ngram", NgramProposer())]
-            proposers += [(f"draft:{d}", drafts[d]) for d in args.draft]
+            proposers += list(drafts.items())
             vocab = engine.model_config.vocab_size
             proposers += [
                 (f"ORACLE alpha={a:g}", OracleProposer(continuations, a, vocab)) for a in args.oracle_alpha
@@ -249,7 +266,7 @@ def main() -> None:
     if peer:
         print_table(peer)
     path = write_json(
-        "speculative",
+        args.out,
         {
             "model": engine.model_name,
             "label": engine.label,

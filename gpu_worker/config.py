@@ -84,8 +84,9 @@ class EngineConfig:
     # Queue the next decode launch before reading the last one back, so the host's bookkeeping overlaps the
     # device's work. None: on for CUDA, off on CPU (where it would only waste the lookahead's compute).
     async_decode: bool | None = None
-    # Speculative decoding (gpu_worker/spec/): "none", "ngram" (prompt lookup) or "draft:<model spec>" (a
-    # smaller model of the same tokenizer). Each decoding sequence gets up to num_speculative_tokens drafts,
+    # Speculative decoding (gpu_worker/spec/): "none", "ngram" (prompt lookup), "draft:<model spec>" (a
+    # smaller model of the same tokenizer) or "self[:int4|:layers=N]" (the target's int4 copy or its first N
+    # layers, spec/self_draft.py). Each decoding sequence gets up to num_speculative_tokens drafts,
     # verified in the next scheduled step. Above speculative_max_batch running sequences it is off (drafts
     # cost more than they save in a full batch); speculative_batch_table names a JSON file {"batch size": k}
     # that overrides both (k of the largest size not above the batch; 0 turns it off).

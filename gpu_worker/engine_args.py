@@ -61,7 +61,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model: str | None = No
     group.add_argument(
         "--speculative",
         default=env("RUVON_SPECULATIVE", "none"),
-        help="speculative decoding: none, ngram (prompt lookup) or draft:<model> (same tokenizer)",
+        help="speculative decoding: none, ngram (prompt lookup), draft:<model> (same tokenizer), or self "
+        "(self:int4, the target's int4 g32 copy; self:layers=N, its first N layers + final norm + LM head)",
     )
     group.add_argument(
         "--num-speculative-tokens", type=int, default=3, help="draft tokens per sequence per step"

@@ -261,20 +261,29 @@ class LLMEngine:
             from gpu_worker.spec.ngram import NgramProposer
 
             return NgramProposer()
+        draft: str | LoadedModel
         if kind.startswith("draft:") and len(kind) > len("draft:"):
-            from gpu_worker.spec.draft_model import DraftModelProposer
+            draft = kind.removeprefix("draft:")
+        elif kind == "self" or kind.startswith("self:"):
+            from gpu_worker.spec.self_draft import self_draft
 
-            return DraftModelProposer(
-                kind.removeprefix("draft:"),
-                num_blocks=num_blocks,
-                block_size=self.config.block_size,
-                dtype=self.dtype,
-                device=self.device,
-                target_vocab=self.model_config.vocab_size,
-                max_model_len=self.max_model_len,
-                seed=self.config.seed,
+            draft = self_draft(self.loaded, kind.removeprefix("self").removeprefix(":"))
+        else:
+            raise ValueError(
+                f"speculative must be none, ngram, draft:<model> or self[:int4|:layers=N], not {kind!r}"
             )
-        raise ValueError(f"speculative must be none, ngram or draft:<model>, not {kind!r}")
+        from gpu_worker.spec.draft_model import DraftModelProposer
+
+        return DraftModelProposer(
+            draft,
+            num_blocks=num_blocks,
+            block_size=self.config.block_size,
+            dtype=self.dtype,
+            device=self.device,
+            target_vocab=self.model_config.vocab_size,
+            max_model_len=self.max_model_len,
+            seed=self.config.seed,
+        )
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(

@@ -1,13 +1,14 @@
 """A draft model in the same engine: a smaller model of the target's tokenizer, with its own paged KV cache
 and runner. Each target sequence has a shadow sequence here; before proposing, the shadow takes the target's
 tokens (keeping the KV of the prefix they still share), then the draft model decodes k tokens for all shadows
-in k batched steps, drawing each from its distribution q under the request's own sampling params."""
+in k batched steps, drawing each from its distribution q under the request's own sampling params. The draft
+is a model spec to load, or a model already loaded (a self-draft, spec/self_draft.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from gpu_worker.loading.loader import load_model
+from gpu_worker.loading.loader import LoadedModel, load_model
 from gpu_worker.runner.model_runner import ModelRunner
 from gpu_worker.runner.rejection_sampler import target_probs
 from gpu_worker.runner.sampler import apply_penalties_and_bias, draw
@@ -18,7 +19,7 @@ from gpu_worker.spec.proposer import Proposal
 class DraftModelProposer:
     def __init__(
         self,
-        spec: str,
+        draft: str | LoadedModel,
         *,
         num_blocks: int,
         block_size: int,
@@ -28,7 +29,11 @@ class DraftModelProposer:
         max_model_len: int,
         seed: int = 0,
     ) -> None:
-        self.loaded = load_model(spec, dtype=dtype, device=device, seed=seed)
+        self.loaded = (
+            draft
+            if isinstance(draft, LoadedModel)
+            else load_model(draft, dtype=dtype, device=device, seed=seed)
+        )
         self.name = self.loaded.name
         self.block_size = block_size
         self.target_vocab = target_vocab
