@@ -40,7 +40,7 @@ def test_it_offers_the_tenants_ready_adapters_in_the_model_picker(
     assert _picker(outsider) == ["tiny"]
     client = Client()
     client.force_login(owner.user)
-    assert '<option value="tiny:pirate">' in client.get("/chat/").content.decode()
+    assert '<option value="tiny:pirate" ' in client.get("/chat/").content.decode()  # then its label
 
 
 def _chat(person: Person, model: str) -> list[dict[str, Any]]:
