@@ -107,9 +107,7 @@ def check(
     elif code == INT8:
         ref = int8_linear_ref(x.float(), weight[0], weight[1].float(), bias.float())
     else:
-        k_pad = weight[0].shape[1] * 2
-        x_pad = F.pad(x.float(), (0, k_pad - x.shape[1]))
-        ref = int4_linear_ref(x_pad, weight[0], weight[1].float(), bias.float())
+        ref = int4_linear_ref(x.float(), weight[0], weight[1].float(), bias.float())  # reads x's true K
     return ((out - ref).norm() / ref.norm()).item()
 
 

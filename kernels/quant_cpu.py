@@ -13,6 +13,7 @@ result comes back in x's dtype: the rounding of a bf16 model, which the perplexi
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kernels.reference import add_bias_gelu, int8_linear_ref
 
@@ -62,8 +63,10 @@ def int4_linear_cpu(
     bias: torch.Tensor | None = None,
     gelu: bool = False,
 ) -> torch.Tensor:
-    """Return x @ W.T + bias with W = (q - 8) * scale + zero per group, then tanh-GELU when gelu."""
-    group = qweight.shape[1] * 2 // qscales.shape[0]
-    x16 = x.to(CPU_MATMUL_DTYPE).contiguous()
+    """Return x @ W.T + bias with W = (q - 8) * scale + zero per group, then tanh-GELU when gelu; x is padded
+    with zero columns to a weight packed in whole groups (tinygemm reads whole groups only)."""
+    k_pad = qweight.shape[1] * 2
+    group = k_pad // qscales.shape[0]
+    x16 = F.pad(x.to(CPU_MATMUL_DTYPE), (0, k_pad - x.shape[-1])).contiguous()
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(x16, qweight, group, qscales)
     return add_bias_gelu(out.to(x.dtype), bias, gelu)

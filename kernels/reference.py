@@ -204,19 +204,20 @@ def int8_linear_ref(
 
 def int4_linear_ref(
     x: torch.Tensor,  # [T, K]
-    qweight: torch.Tensor,  # [N, K // 2] uint8, the layout above
-    qscales: torch.Tensor,  # [N, K // G, 2]: (scale, min)
+    qweight: torch.Tensor,  # [N, K' // 2] uint8, the layout above (K' >= K: K padded to whole groups)
+    qscales: torch.Tensor,  # [N, K' // G, 2]: (scale, min)
     bias: torch.Tensor | None = None,  # [N]
     gelu: bool = False,
 ) -> torch.Tensor:
-    """Return x @ W.T + bias ([T, N]) with W = q * scale + min per group, then tanh-GELU when gelu."""
-    n, k = qweight.shape[0], qweight.shape[1] * 2
-    group = k // qscales.shape[1]
+    """Return x @ W.T + bias ([T, N]) with W = q * scale + min per group, then tanh-GELU when gelu; a weight
+    padded along K to whole groups contributes only its first x.shape[1] columns."""
+    n, k_pad = qweight.shape[0], qweight.shape[1] * 2
+    group = k_pad // qscales.shape[1]
 
     def dequant(start: int, end: int) -> torch.Tensor:
         q = unpack_int4_ref(qweight[start:end]).float().view(end - start, -1, group)
         s = qscales[start:end].float()
-        return (q * s[:, :, 0:1] + s[:, :, 1:2]).view(end - start, k)
+        return (q * s[:, :, 0:1] + s[:, :, 1:2]).view(end - start, k_pad)[:, : x.shape[-1]]
 
     return _chunked_linear(x, n, dequant, bias, gelu)
 

@@ -155,8 +155,9 @@ class Int4Linear(QuantLinear):
     The layout is the backend's (KernelBackend.int4_pack), made once per layer when its last shard has
     arrived; until then the shards wait as quantised values, never in full precision. Where G does not
     divide K the last group of a row is shorter: the packed rows are padded with zero values to
-    padded_in = ceil(K / G) * G (so every kernel sees whole groups), and forward pads x with zero
-    columns to match, which makes the padding's weights irrelevant.
+    padded_in = ceil(K / G) * G (so every kernel sees whole groups), and each backend reads x's true K
+    against them (the Triton kernel masks the columns past it, the reference drops them, tinygemm gets x
+    padded with zeros), so the padding's weights never count.
     """
 
     bits = 4
@@ -188,8 +189,6 @@ class Int4Linear(QuantLinear):
             raise RuntimeError(
                 "Int4Linear was packed for another kernel backend; quantise under the one it runs"
             )
-        if self.padded_in != self.in_features:
-            x = F.pad(x, (0, self.padded_in - self.in_features))
         return backend.int4_linear(x, self.qweight, self.qscales, self.bias, gelu)
 
     def _load_shard(self, shard: str, start: int, end: int, tensor: CheckpointTensor) -> None:
