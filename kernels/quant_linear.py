@@ -5,7 +5,8 @@ Q8_0, or int4 packed two per byte with a (scale, min) per group) and multiplies 
 are padded to a BLOCK_M tile of at least 16, which costs nothing at decode (the step is bound by reading the
 weight, not by arithmetic) and makes the same kernel the GEMM for prefill chunks. Values 0..15 and -127..127
 are exact in fp16, so a group's dot product runs on the raw integers and the scales apply in fp32 after it:
-for a group g, w . x = scale * (q . x) + min * sum(x). Loads of the next K steps are software-pipelined
+for a group g, w . x = scale * (q . x) + min * sum(x); with several int4 groups a step, the tile is
+dequantised in registers instead and multiplied once. Loads of the next K steps are software-pipelined
 (num_stages). Where N is small and K large, split-K slices K over more programs and one small kernel sums
 their fp32 partials, then adds the bias and applies GELU. Nothing here reads device tensors on the host, so
 the kernels are safe inside CUDA graphs. The layouts are kernels/reference.py's (int8_linear_ref,
@@ -48,7 +49,7 @@ class GemmConfig:
     """A launch shape; None fields are chosen from the problem (bench/quant_tune.py sweeps them)."""
 
     block_n: int | None = None
-    block_k: int | None = None  # fp and per-channel int8 only: grouped formats step one group at a time
+    block_k: int | None = None  # fp / int8 per channel: the K step; int4: None = one group, else whole groups
     split_k: int | None = None
     num_warps: int = 4
     num_stages: int = 4
@@ -194,10 +195,15 @@ def _weight_mm_kernel(
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if GELU:
-            u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)  # tanh-GELU as x * sigmoid(2u)
-            acc = acc / (1.0 + tl.exp(-2.0 * u))
+            acc = _gelu(acc)
     out_ptrs = out_ptr + tl.program_id(1) * stride_os + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@_jit
+def _gelu(acc):
+    u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)  # tanh-GELU as x * sigmoid(2u)
+    return acc / (1.0 + tl.exp(-2.0 * u))
 
 
 @_jit
@@ -229,8 +235,7 @@ def _reduce_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     if GELU:
-        u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)  # tanh-GELU as x * sigmoid(2u)
-        acc = acc / (1.0 + tl.exp(-2.0 * u))
+        acc = _gelu(acc)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -297,10 +302,10 @@ def weight_mm(
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, block_m))
     _weight_mm_kernel[grid](
         x, weight, s, bias if bias is not None else s, part, m, n, k, x.stride(0), weight.stride(0),
-        s.stride(0), part.stride(1), part.stride(0), k_split, WEIGHT=weight_format, GROUP=group or cfg.block_k, EPILOGUE=fuse,
-        HAS_BIAS=bias is not None and fuse, GELU=gelu and fuse, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, DOT_DTYPE=dtype, PRECISION=precision, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        s.stride(0), part.stride(1), part.stride(0), k_split, WEIGHT=weight_format, GROUP=group or cfg.block_k,
+        EPILOGUE=fuse, HAS_BIAS=bias is not None and fuse, GELU=gelu and fuse, BLOCK_M=block_m,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_DTYPE=dtype, PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if not fuse:
         total, block = m * n, 1024
