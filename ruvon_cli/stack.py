@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import redis
 
-from ruvon_cli.trial_stack import free_port, start_redis_server
+from ruvon_cli.trial_stack import free_port, start_redis_server, stop_processes, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get("RUVON_STRESS_PG", "postgres://postgres@127.0.0.1:5432/test")
@@ -221,15 +221,11 @@ class Stack:
         self._wait(ready, timeout_s or self.config.start_timeout_s, "the web processes did not come up")
 
     def _wait(self, condition: Any, timeout_s: float, message: str) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if value := condition():
-                    return value
-            except (redis.RedisError, OSError):
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"{message}\n{self.logs_tail()}")
+        """Return wait_until(...)'s value; on time-out, the error carries the stack's log tails."""
+        try:
+            return wait_until(condition, timeout_s, message)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n{self.logs_tail()}") from None
 
     def logs_tail(self, chars: int = 1500) -> str:
         return "\n".join(
@@ -238,14 +234,7 @@ class Stack:
         )
 
     def stop(self) -> None:
-        for proc in self.others + self.workers:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.others + self.workers:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(self.others + self.workers)
         self.stop_redis()
         self._admin(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)', may_fail=True)
         if not os.environ.get("RUVON_KEEP_STACK_LOGS"):
