@@ -9,18 +9,15 @@ from __future__ import annotations
 import argparse
 import base64
 import shutil
-import socket
-import subprocess
 import sys
-import tempfile
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
-from websockets.sync.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.e2e.test_chat_page import Page, _page_websocket  # noqa: E402
+from tests.e2e.test_chat_page import Page, open_page  # noqa: E402
 from tests.live_server import LiveServer, start_live_server  # noqa: E402
 
 SMOLLM2 = {"RUVON_MODEL": "smollm2", "RUVON_MODEL_NAME": "smollm2-135m-instruct", "RUVON_NUM_BLOCKS": "256"}
@@ -97,28 +94,12 @@ def save(page: Page, path: Path) -> None:
     print(f"wrote {path}")
 
 
-class browser:
-    """A headless Chromium with one tab, as a context manager giving its Page."""
-
-    def __enter__(self) -> Page:
-        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-        if chromium is None:
-            raise SystemExit("no Chromium: apt-get install -y chromium")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.profile = tempfile.mkdtemp(prefix="ruvon-screens-")
-        cmd = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-               f"--remote-debugging-port={port}", f"--user-data-dir={self.profile}", "about:blank"]  # fmt: skip
-        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.ws = connect(_page_websocket(port), max_size=None, open_timeout=30)
-        return Page(self.ws)
-
-    def __exit__(self, *exc: object) -> None:
-        self.ws.close()
-        self.process.terminate()
-        self.process.wait(timeout=20)
-        shutil.rmtree(self.profile, ignore_errors=True)
+def browser() -> AbstractContextManager[Page]:
+    """Return a headless Chromium's one tab, as a context manager (the browser tests' own)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        raise SystemExit("no Chromium: apt-get install -y chromium")
+    return open_page(chromium)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -57,13 +58,14 @@ class Page:
         return value
 
 
-@pytest.fixture(scope="module")
-def page() -> Iterator[Page]:
+@contextmanager
+def open_page(chromium: str) -> Iterator[Page]:
+    """Yield the one tab of a fresh headless Chromium (its own profile, a free DevTools port); stop it after."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     profile = tempfile.mkdtemp(prefix="ruvon-chromium-")
-    cmd = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+    cmd = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
            f"--remote-debugging-port={port}", f"--user-data-dir={profile}", "about:blank"]  # fmt: skip
     browser = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -74,6 +76,13 @@ def page() -> Iterator[Page]:
         browser.terminate()
         browser.wait(timeout=20)
         shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def page() -> Iterator[Page]:
+    assert CHROMIUM is not None  # the module is skipped without one
+    with open_page(CHROMIUM) as tab:
+        yield tab
 
 
 def _page_websocket(port: int, timeout_s: float = 60) -> str:
