@@ -47,9 +47,9 @@ from bench.common import (  # noqa: E402
     write_json,
 )
 from bench.latency import hf_ms_per_token  # noqa: E402
+from bench.peers import random_checkpoint  # noqa: E402
 from gpu_worker.config import EngineConfig, SamplingParams  # noqa: E402
 from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
-from gpu_worker.loading.loader import random_hf_config  # noqa: E402
 from gpu_worker.lora.request import LoRARequest  # noqa: E402
 
 _ids = itertools.count()
@@ -209,12 +209,9 @@ def engine_for(path: Path, args: argparse.Namespace, **overrides: Any) -> LLMEng
 
 def measure(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     """Return one row: every engine of one shape, built one after another on the same weights."""
-    config = random_hf_config(shape)
-    torch.manual_seed(0)
-    dtype = getattr(torch, args.dtype)
-    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", torch_dtype=dtype)
+    base_path, hf = random_checkpoint(shape, getattr(torch, args.dtype), "sdpa", seed=0)
+    config = hf.config
     root = Path(tempfile.mkdtemp(prefix=f"ruvon-lora-{shape}-"))
-    hf.save_pretrained(root / "base")
     targets = args.targets.split(",")
     ranks = [8 + i % 9 for i in range(args.adapters)]  # 8..16
     adapters = [write_adapter(root / f"a{i}", config, r, targets, seed=i) for i, r in enumerate(ranks)]
@@ -228,7 +225,7 @@ def measure(shape: str, args: argparse.Namespace) -> dict[str, Any]:
         "targets": args.targets,
     }
 
-    base = engine_for(root / "base", args)
+    base = engine_for(base_path, args)
     refused = floor_refusal(base, f"lora {shape}")
     if refused:
         return {"shape": shape, "refused": refused}
@@ -239,7 +236,7 @@ def measure(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     del base
     release()
 
-    lora = engine_for(root / "base", args, enable_lora=True, max_loras=args.max_loras, max_lora_rank=16)
+    lora = engine_for(base_path, args, enable_lora=True, max_loras=args.max_loras, max_lora_rank=16)
     refused = floor_refusal(lora, f"lora {shape} with adapters")
     if refused:
         return {"shape": shape, "refused": refused}
@@ -252,7 +249,7 @@ def measure(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     del lora
     release()
 
-    merged = engine_for(root / "base", args, loras=(f"rank8={rank8.path}",), merge_lora=True)
+    merged = engine_for(base_path, args, loras=(f"rank8={rank8.path}",), merge_lora=True)
     ms_per_token(merged, prompt, 8, None)
     row["merged_ms_tok"] = ms_per_token(merged, prompt, args.latency_tokens, None)
     del merged

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -17,17 +18,34 @@ def same_weights(
     shape: str, dtype: torch.dtype, device: str, attn: str = "sdpa", seed: int = 0, **engine_overrides: object
 ) -> tuple[transformers.PreTrainedModel, LLMEngine]:
     """Return (HF model, Ruvon engine) sharing one random initialisation saved to a temp directory."""
-    config = random_hf_config(shape)
-    torch.manual_seed(seed)
-    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn, torch_dtype=dtype)
-    path = Path(tempfile.mkdtemp(prefix=f"ruvon-{shape}-"))
-    hf.save_pretrained(path)
+    path, hf = random_checkpoint(shape, dtype, attn, seed)
     hf = hf.to(device).eval()
     dtype_name = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
     settings: dict[str, object] = {"model": str(path), "device": device, "dtype": dtype_name}
     settings.update(engine_overrides)
     engine = LLMEngine(EngineConfig(**settings))  # type: ignore[arg-type]
     return hf, engine
+
+
+def random_checkpoint(
+    shape: str, dtype: torch.dtype, attn: str, seed: int
+) -> tuple[Path, transformers.PreTrainedModel]:
+    """Return (directory, HF model) of one random initialisation. With RUVON_BENCH_WEIGHTS set, the checkpoint
+    is kept there per (shape, dtype, seed) and later processes load it instead of initialising and saving GPT-2
+    XL's 3 GB again (a device run spends most of a process's start-up there)."""
+    kwargs = {"attn_implementation": attn, "torch_dtype": dtype}
+    cache = os.environ.get("RUVON_BENCH_WEIGHTS")
+    path = Path(cache) / f"{shape}-{str(dtype).removeprefix('torch.')}-seed{seed}" if cache else None
+    if path is not None and (path / "config.json").is_file():
+        return path, transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(random_hf_config(shape), **kwargs)
+    saved = Path(tempfile.mkdtemp(prefix=f"ruvon-{shape}-", dir=cache))
+    hf.save_pretrained(saved)
+    if path is None:
+        return saved, hf
+    saved.rename(path)  # whole or not at all: a process killed while saving leaves no half checkpoint here
+    return path, hf
 
 
 def weight_bytes(model: torch.nn.Module, buffers: bool = False) -> int:

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One device call for the engine-side GPU numbers of issues 13 (quantised XL batch-1), 14 (speculation on XL
+# with a draft's real cost, the batch-size table) and 15 (LoRA throughput, batch-1 and hot load on GPT-2 124M
+# and XL), all on RANDOM weights, each step in its own process, in priority order inside one time budget.
+#
+#   carry: [".whl"]  (gguf, openai-whisper, bitsandbytes wheels: see docs/parts/17's "GPU" section)
+#   command: RUVON_COMMIT=<git rev-parse HEAD> bash bench/device_round.sh      timeout_s: 600
+#
+# A step that would start with less than its minimum left is recorded as NOT RUN. Every step's output and
+# the JSON files it wrote go to one archive, $OUT/round.tgz (the device returns at most eight files), and the
+# log to $OUT/log.txt. Random GPT-2 checkpoints are initialised once and shared by the steps
+# (RUVON_BENCH_WEIGHTS, bench/peers.py). Knobs: BUDGET_S (default 560), STEPS (names, default all, in order).
+set -uo pipefail
+OUT=${OUT:-var/device-out}
+BUDGET_S=${BUDGET_S:-560}
+STAGE=/tmp/round-stage
+rm -rf "$STAGE" && mkdir -p "$OUT" "$STAGE"
+LOG="$OUT/log.txt"
+exec > >(tee -a "$LOG") 2>&1
+T0=$(date +%s)
+left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
+
+"${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 RUVON_BENCH_WEIGHTS=/tmp/ruvon-bench-weights
+mkdir -p "$RUVON_BENCH_WEIGHTS"
+echo "commit ${RUVON_COMMIT:-unknown}"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.total --format=csv
+
+# step NAME MIN_S MAX_S command...: run it with what is left (at most MAX_S), keep its output and JSON.
+step() {
+    local name=$1 min=$2 max=$3
+    shift 3
+    if [[ -n ${STEPS:-} && " $STEPS " != *" $name "* ]]; then return; fi
+    local budget
+    budget=$(left)
+    if ((budget < min)); then
+        echo "== $name: NOT RUN ($budget s left, needs $min)"
+        return
+    fi
+    ((budget > max)) && budget=$max
+    echo "== $name: start at $(($(date +%s) - T0)) s, limit $budget s"
+    rm -rf bench/results
+    timeout "$budget" "$@" >"$STAGE/$name.txt" 2>&1
+    echo "== $name: rc $? after $(($(date +%s) - T0)) s"
+    grep -vE "it/s\]|Loading weights|Writing model|deprecated" "$STAGE/$name.txt" | tail -n 14
+    for f in bench/results/*.json; do [[ -f $f ]] && cp "$f" "$STAGE/$name-$(basename "$f")"; done
+}
+
+PY=${PYTHON:-python3}
+XL=${XL_SHAPE:-gpt2-xl}      # the local proof: XL_SHAPE=tiny SMALL_SHAPE=tiny PYTHON=.venv/bin/python DEVICE=cpu
+SMALL=${SMALL_SHAPE:-gpt2}
+DEV=${DEVICE:-cuda}
+XL_LAT=("$PY" bench/latency.py --device "$DEV" --shape "$XL" --new-tokens "${LAT_TOKENS:-128}" --prompt-len "${LAT_PROMPT:-128}")
+read -ra LORA_EXTRA <<<"${LORA_ARGS:-}"  # the local proof shrinks the workload
+LORA=("$PY" bench/lora.py --device "$DEV" --requests 512 --adapters 64 --latency-tokens 128 "${LORA_EXTRA[@]}")
+if [[ -n ${SPEC_CMD:-} ]]; then
+    read -ra SPEC <<<"$SPEC_CMD"
+else
+    SPEC=("$PY" bench/speculative.py --device "$DEV" --model "random:$XL" --num-blocks 8192 --k 2 4
+        --streams 1 4 16 --oracle-alpha 0.8 --new-tokens 64 --workloads chat)
+fi
+
+step lora-gpt2-fused 60 120 env RUVON_LORA_FUSED=1 "${LORA[@]}" --shape "$SMALL"
+step lora-gpt2-twokernels 60 100 env RUVON_LORA_FUSED=0 "${LORA[@]}" --shape "$SMALL" --skip-hf
+step lat-xl-none 60 110 "${XL_LAT[@]}"
+step lat-xl-int8 45 80 "${XL_LAT[@]}" --skip-hf --quantization int8
+step lat-xl-int4-g128 45 80 "${XL_LAT[@]}" --skip-hf --quantization int4-g128
+step spec-xl "${SPEC_MIN_S:-90}" "${SPEC_MAX_S:-170}" "${SPEC[@]}"
+step lora-xl 90 170 "${LORA[@]}" --shape "$XL" --skip-hf --new-tokens 64
+step lat-xl-bnb-int8 45 70 "${XL_LAT[@]}" --skip-hf --quantization bnb-int8
+step lat-xl-bnb-nf4 45 70 "${XL_LAT[@]}" --skip-hf --quantization bnb-nf4
+
+tar -czf "$OUT/round.tgz" -C "$STAGE" .
+echo "== done at $(($(date +%s) - T0)) s"
