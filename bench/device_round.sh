@@ -9,7 +9,8 @@
 # A step that would start with less than its minimum left is recorded as NOT RUN. Every step's output and
 # the JSON files it wrote go to one archive, $OUT/round.tgz (the device returns at most eight files), and the
 # log to $OUT/log.txt. Random GPT-2 checkpoints are initialised once and shared by the steps
-# (RUVON_BENCH_WEIGHTS, bench/peers.py). Knobs: BUDGET_S (default 560), STEPS (names, default all, in order).
+# (RUVON_BENCH_WEIGHTS, bench/peers.py). Knobs: BUDGET_S (default 560), STEPS (names, default all, in order),
+# e.g. a second call: STEPS="profile-xl tput-gpt2 tput-xl lat-xl-bnb-int8 lat-xl-bnb-nf4" BUDGET_S=300.
 set -uo pipefail
 OUT=${OUT:-var/device-out}
 BUDGET_S=${BUDGET_S:-560}
@@ -68,6 +69,10 @@ step lat-xl-int8 45 80 "${XL_LAT[@]}" --skip-hf --quantization int8
 step lat-xl-int4-g128 45 80 "${XL_LAT[@]}" --skip-hf --quantization int4-g128
 step spec-xl "${SPEC_MIN_S:-90}" "${SPEC_MAX_S:-170}" "${SPEC[@]}"
 step lora-xl 90 170 "${LORA[@]}" --shape "$XL" --skip-hf --new-tokens 64
+step profile-xl 50 90 "$PY" bench/profile_step.py --shape "$XL" --batch 1 --steps 30 --prompt-len "${LAT_PROMPT:-128}"
+step tput-gpt2 60 120 "$PY" bench/throughput.py --device "$DEV" --shape "$SMALL" --decode-steps 1 --decode-steps 8
+step tput-xl 80 150 "$PY" bench/throughput.py --device "$DEV" --shape "$XL" --decode-steps 1 --decode-steps 8 \
+    --skip-hf
 step lat-xl-bnb-int8 45 70 "${XL_LAT[@]}" --skip-hf --quantization bnb-int8
 step lat-xl-bnb-nf4 45 70 "${XL_LAT[@]}" --skip-hf --quantization bnb-nf4
 
