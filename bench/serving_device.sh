@@ -67,6 +67,11 @@ wheel_dir() { local tag=${PYTHON_TAG:-$(py_tag)}; [ "$tag" = 312 ] && echo .whl-
 WEB_TIER=(django==5.2.19 django-ninja==1.7.1 channels==4.3.2 channels-redis==4.3.0 daphne==4.2.3 redis==8.1.0
     celery==5.7.0 prometheus_client==0.26.0 django-prometheus==2.5.0 django-health-check==4.8.0
     dj-database-url==3.1.2 "httpx>=0.27,<1" openai==3.57.0 matplotlib==3.11.2 gguf==0.19.0)
+# Imported by the web tier or the worker at start-up, taken without their dependencies (xgrammar's are torch,
+# transformers, triton, numpy and pydantic: the image's or the list above's).
+NO_DEPS=(xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2 python-json-logger==4.2.0 opentelemetry-api==1.45.2
+    opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2 whitenoise==6.12.0 rich==15.0.0
+    markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0)
 LEAVE_OUT=(numpy packaging matplotlib pillow fonttools kiwisolver contourpy cycler pyparsing pyyaml requests
     urllib3 charset_normalizer tqdm psycopg psycopg_binary pyopenssl service_identity)
 
@@ -77,6 +82,9 @@ prepare_wheels() {
     "$PY" -m pip download -q --only-binary=:all: --python-version "${tag:0:1}.${tag:1}" --implementation cp \
         --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
         --platform any -d "$dir" "${WEB_TIER[@]}" || return 1
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "${tag:0:1}.${tag:1}" --implementation cp \
+        --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform any -d "$dir" "${NO_DEPS[@]}" || return 1
     local name
     for name in "${LEAVE_OUT[@]}"; do find "$dir" -maxdepth 1 -iname "$name-[0-9]*.whl" -delete; done
     # Django's translations are 5 of its 7 MiB; the served API speaks English, and en's catalogue stays.
