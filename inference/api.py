@@ -18,10 +18,9 @@ from gpu_worker.errors import CapacityError
 from gpu_worker.logs import bind
 from inference import services
 from inference.adapters.api import router as adapters_router
-from inference.adapters.registry import resolve_adapter
+from inference.adapters.registry import AnyAdapter, resolve_adapter, usable_adapters
 from inference.billing import check_budget
 from inference.errors import install_error_handlers
-from inference.models import Adapter
 from inference.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -97,10 +96,10 @@ async def create_chat_completion(request: HttpRequest, body: ChatCompletionReque
     return await _run(request, client, served, prepared, bool(body.stream))
 
 
-async def _adapter(request: HttpRequest, model: str | None, served: ServedModel) -> Adapter | None:
-    """Return the caller's ready adapter that `model` names ("<base>:<adapter>"), None for the base model;
-    404 model_not_found for anything else."""
-    return await resolve_adapter(request.auth.tenant, model, served.name)  # type: ignore[attr-defined]
+async def _adapter(request: HttpRequest, model: str | None, served: ServedModel) -> AnyAdapter | None:
+    """Return the adapter `model` names ("<base>:<adapter>"): the caller's ready one, else a start-up one;
+    None for the base model; 404 model_not_found for anything else."""
+    return await resolve_adapter(request.auth.tenant, model, served)  # type: ignore[attr-defined]
 
 
 async def _run(
@@ -128,17 +127,18 @@ async def _run(
 
 @api.get("/models", response={200: ModelList, **ERRORS}, tags=["models"])
 async def list_models(request: HttpRequest) -> Any:
-    """List the served model, then your tenant's ready LoRA adapters on it (as "<base>:<adapter>")."""
+    """List the served model, then the LoRA adapters on it you can use (as "<base>:<adapter>"), by name: your
+    tenant's ready ones and the server's start-up ones (owned_by "system")."""
     _, served = await served_model()
     tenant = request.auth.tenant  # type: ignore[attr-defined]
-    ready = Adapter.objects.for_tenant(tenant).ready().filter(base_model=served.name).select_related("tenant")
-    adapters = [services.model_card(served, adapter) async for adapter in ready.order_by("name")]
-    return {"object": "list", "data": [services.model_card(served), *adapters]}
+    adapters = await sync_to_async(usable_adapters)(tenant, served.name, served.adapters)
+    cards = [services.model_card(served, adapter) for adapter in adapters]
+    return {"object": "list", "data": [services.model_card(served), *cards]}
 
 
 @api.get("/models/{model}", response={200: ModelCard, **ERRORS}, tags=["models"])
 async def retrieve_model(request: HttpRequest, model: str) -> Any:
-    """Describe one model: the served one, or one of your ready adapters on it; 404 for anything else."""
+    """Describe one model: the served one, or an adapter on it you can use; 404 for anything else."""
     _, served = await served_model()
     return services.model_card(served, await _adapter(request, model, served))
 

@@ -15,10 +15,9 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from accounts.limits import QuotaExceeded
 from gpu_worker.errors import CapacityError, InvalidRequestError
 from gpu_worker.serving.protocol import make_job, sampling_params_from_dict, sampling_params_to_dict
-from inference.adapters.registry import resolve_adapter
+from inference.adapters.registry import AnyAdapter, resolve_adapter
 from inference.billing import check_budget
 from inference.errors import ApiError, from_error_event
-from inference.models import Adapter
 from inference.runs import JobRun
 from inference.services import engine_seed, job_adapter, with_default_max_tokens
 from inference.serving import ServedModel, served_model
@@ -89,8 +88,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             tenant = await _tenant(self.tenant_id)
             await check_budget(tenant)
             client, served = await served_model()
-            # A LoRA adapter as the API takes one: "<base>:<adapter>", the tenant's and ready, or not found.
-            adapter = await resolve_adapter(tenant, _requested_model(content), served.name)
+            # A LoRA adapter as the API takes one: "<base>:<adapter>", the tenant's ready one or a start-up one.
+            adapter = await resolve_adapter(tenant, _requested_model(content), served)
             job = self._build_job(content, served, adapter)
         except InvalidRequestError as exc:
             await self._send_error("invalid_request_error", exc.message, exc.param)
@@ -121,7 +120,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.stream_task = asyncio.create_task(self._stream(run, time.monotonic()))
 
     def _build_job(
-        self, content: dict[str, Any], served: ServedModel, adapter: Adapter | None
+        self, content: dict[str, Any], served: ServedModel, adapter: AnyAdapter | None
     ) -> dict[str, Any]:
         messages = _check_messages(content.get("messages"))
         raw = content.get("params") or {}

@@ -177,6 +177,21 @@ class Adapter(models.Model):
         return f"{self.base_model}:{self.name}"
 
     @property
+    def owned_by(self) -> str:
+        """Return /v1/models' owner of it: its tenant's slug."""
+        return self.tenant.slug
+
+    @property
+    def created(self) -> int:
+        """Return its upload time in Unix seconds, as /v1/models says it."""
+        return int(self.created_at.timestamp())
+
+    @property
+    def summary(self) -> str:
+        """Return how /v1/models and the chat picker describe it."""
+        return f"LoRA adapter {self.name} (rank {self.rank})"
+
+    @property
     def engine_name(self) -> str:
         """Return the adapter's name on the workers: unique across tenants, as the wire format wants."""
         return f"{self.tenant_id}/{self.name}"

@@ -17,16 +17,15 @@ from gpu_worker.config import MAX_STOP_SEQUENCES, SamplingParams, check_context
 from gpu_worker.errors import CapacityError, InvalidRequestError
 from gpu_worker.serving.protocol import Event, Job, make_job
 from gpu_worker.tokenization.tokenizer import Tokenizer
+from inference.adapters.registry import AnyAdapter
 from inference.errors import ApiError, ModelNotFound, from_error_event
-from inference.models import Adapter
 from inference.rendering import ChatRenderer, CompletionRenderer, PromptBatch, collect
 from inference.runs import JobRun
 from inference.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, TokenizeRequest
-from inference.serving import ServedModel
+from inference.serving import MODEL_CREATED, ServedModel
 from inference.structured import ToolCallRenderer, chat_constraint, response_format_schema
 from inference.transport import JobClient
 
-MODEL_CREATED = 1_735_689_600  # 2025-01-01: /v1/models wants a creation time; the served model has none
 INT64 = 2**63
 MAX_PROMPTS = 256  # prompts in one batched /v1/completions request (each is a job of its own)
 
@@ -54,7 +53,7 @@ UNSUPPORTED_FIELDS = frozenset({"audio", "functions", "function_call", "web_sear
 IGNORED_FIELDS_HEADER = "X-Ruvon-Ignored-Fields"
 
 
-def check_model(requested: str | None, served: ServedModel, adapter: Adapter | None = None) -> None:
+def check_model(requested: str | None, served: ServedModel, adapter: AnyAdapter | None = None) -> None:
     """Raise ModelNotFound unless `requested` (when given) is the served model's name, or the model id of
     `adapter` (resolved for the caller's tenant by inference.adapters.registry.resolve_adapter)."""
     if requested is not None and requested not in (served.name, adapter.model_id if adapter else None):
@@ -220,7 +219,7 @@ class Prepared:
 
 
 def prepare_completion(
-    body: CompletionRequest, served: ServedModel, request_id: str, adapter: Adapter | None = None
+    body: CompletionRequest, served: ServedModel, request_id: str, adapter: AnyAdapter | None = None
 ) -> Prepared:
     """Return the job parts of a /v1/completions request (on `adapter`, when it names one), or raise an
     error for the client."""
@@ -261,7 +260,7 @@ def prepare_completion(
 
 
 def prepare_chat(
-    body: ChatCompletionRequest, served: ServedModel, request_id: str, adapter: Adapter | None = None
+    body: ChatCompletionRequest, served: ServedModel, request_id: str, adapter: AnyAdapter | None = None
 ) -> Prepared:
     """Return the job parts of a /v1/chat/completions request (on `adapter`, when it names one), or raise an
     error for the client."""
@@ -303,12 +302,12 @@ def response_headers(prepared: Prepared) -> dict[str, str]:
     return {IGNORED_FIELDS_HEADER: ", ".join(prepared.ignored_fields)} if prepared.ignored_fields else {}
 
 
-def shown_as(served: ServedModel, adapter: Adapter | None) -> ServedModel:
+def shown_as(served: ServedModel, adapter: AnyAdapter | None) -> ServedModel:
     """Return the served model as a response names it: "<base>:<adapter>" on an adapter, as it was asked."""
     return served if adapter is None else replace(served, name=adapter.model_id)
 
 
-def job_adapter(adapter: Adapter | None) -> dict[str, str] | None:
+def job_adapter(adapter: AnyAdapter | None) -> dict[str, str] | None:
     """Return the job's adapter field for `adapter` (None: the base model)."""
     return adapter.job_adapter() if adapter is not None else None
 
@@ -389,8 +388,9 @@ def build_jobs(
 # ------------------------------------------------------------------------------------- models, tokens
 
 
-def model_card(served: ServedModel, adapter: Adapter | None = None) -> dict[str, Any]:
-    """Return the /v1/models entry of the served model, or of one of the caller's ready adapters on it."""
+def model_card(served: ServedModel, adapter: AnyAdapter | None = None) -> dict[str, Any]:
+    """Return the /v1/models entry of the served model, or of an adapter on it the caller can use (its
+    tenant's, or a start-up one every tenant shares)."""
     card = {
         "id": served.name,
         "object": "model",
@@ -404,14 +404,14 @@ def model_card(served: ServedModel, adapter: Adapter | None = None) -> dict[str,
         return card
     return card | {
         "id": adapter.model_id,
-        "created": int(adapter.created_at.timestamp()),
-        "owned_by": adapter.tenant.slug,
-        "label": f"LoRA adapter {adapter.name} (rank {adapter.rank}) on {served.label}",
+        "created": adapter.created,
+        "owned_by": adapter.owned_by,
+        "label": f"{adapter.summary} on {served.label}",
         "parent": served.name,
     }
 
 
-def tokenize(body: TokenizeRequest, served: ServedModel, adapter: Adapter | None = None) -> list[int]:
+def tokenize(body: TokenizeRequest, served: ServedModel, adapter: AnyAdapter | None = None) -> list[int]:
     """Return the token ids of a prompt, or of messages rendered with the chat template."""
     check_model(body.model, served, adapter)
     if (body.prompt is None) == (body.messages is None):

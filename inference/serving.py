@@ -1,4 +1,5 @@
-"""What the web tier knows about the served model: its name, label, context length and tokenizer."""
+"""What the web tier knows about the served model: its name, label, context length, tokenizer and the
+workers' start-up adapters."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from django.conf import settings
 from gpu_worker.tokenization.tokenizer import Tokenizer
 from inference.transport import JobClient, get_tokenizer, ready_job_client
 
+MODEL_CREATED = 1_735_689_600  # 2025-01-01: /v1/models wants a creation time; the served model has none
+
 
 @dataclass(frozen=True)
 class ServedModel:
@@ -17,6 +20,8 @@ class ServedModel:
     label: str
     max_model_len: int | None  # None: no worker has reported it yet (Redis mode)
     tokenizer: Tokenizer
+    # The names of the workers' start-up adapters (`--lora NAME=PATH`, RUVON_LORAS), sorted: every tenant's.
+    adapters: tuple[str, ...] = ()
 
 
 async def served_model() -> tuple[JobClient, ServedModel]:
@@ -33,5 +38,6 @@ def _served_model() -> tuple[JobClient, ServedModel]:
         label=str(info.get("label") or ""),
         max_model_len=info.get("max_model_len"),
         tokenizer=get_tokenizer(),
+        adapters=tuple(info.get("loras") or ()),
     )
     return client, served

@@ -220,6 +220,9 @@ RUVON_DECODE_STEPS = env_int("RUVON_DECODE_STEPS") or 1
 RUVON_ENABLE_LORA = env_bool("RUVON_ENABLE_LORA", True)
 RUVON_MAX_LORAS = env_int("RUVON_MAX_LORAS") or 4
 RUVON_MAX_LORA_RANK = env_int("RUVON_MAX_LORA_RANK") or 16
+# Start-up adapters of the embedded engine ("NAME=PATH,NAME=PATH", the workers' --lora): read when it starts,
+# served to every tenant as "<RUVON_MODEL_NAME>:NAME".
+RUVON_LORAS = env_list("RUVON_LORAS", "")
 # max_tokens of a request that sends none: small enough that the embedded default (SmolLM2 on a laptop CPU,
 # ~30 tokens/s) answers in seconds.
 RUVON_DEFAULT_MAX_TOKENS = env_int("RUVON_DEFAULT_MAX_TOKENS") or 256

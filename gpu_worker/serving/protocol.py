@@ -105,8 +105,9 @@ def make_job(
     token_budget: the most tokens the job can use (prompt + n x max completion), what admission counts;
     reserved_tokens: what the API key's token bucket was charged for it; max_queue_s / timeout_s: how long
     it may wait for a worker, and live in all, counted from submitted_at (None: no bound); adapter: the
-    LoRA adapter, {"name": "<tenant id>/<adapter>", "path": absolute directory, "sha256": of its weights
-    file} (adapter_ref builds it), or None;
+    LoRA adapter, a registry one {"name": "<tenant id>/<adapter>", "path": absolute directory, "sha256": of
+    its weights file} (adapter_ref builds it), a worker's start-up one {"name": NAME} (served_adapter_ref),
+    or None;
     user: the client's `user` field, which the worker only copies into the usage record;
     client_request_id: the caller's own X-Request-Id, for the worker's log lines; trace: the web request's span
     context as W3C headers (gpu_worker.tracing.carrier), the parent of the worker's span."""
@@ -139,15 +140,25 @@ def adapter_ref(name: str, path: str, sha256: str) -> dict[str, str]:
     return {"name": name, "path": path, "sha256": sha256}
 
 
+def served_adapter_ref(name: str) -> dict[str, str]:
+    """Return a job's "adapter" value for the workers' start-up adapter NAME (`--lora NAME=PATH`): the name
+    alone, since every worker of the model read it when it started."""
+    return {"name": name}
+
+
 def parse_adapter(value: Any) -> dict[str, str] | None:
-    """Return a job's validated "adapter" (None: the base model); raise InvalidRequestError if malformed."""
+    """Return a job's validated "adapter" (None: the base model): {name, path, sha256} or a start-up
+    adapter's {name}; raise InvalidRequestError if malformed."""
     if value is None:
         return None
-    if not isinstance(value, dict) or set(value) != {"name", "path", "sha256"}:
-        raise InvalidRequestError("adapter must be null or {name, path, sha256}", param="adapter")
-    name, path, sha256 = value["name"], value["path"], value["sha256"]
+    if not isinstance(value, dict) or set(value) not in ({"name"}, {"name", "path", "sha256"}):
+        raise InvalidRequestError("adapter must be null, {name} or {name, path, sha256}", param="adapter")
+    name = value["name"]
     if not isinstance(name, str) or not name:
         raise InvalidRequestError("adapter.name must be a non-empty string", param="adapter")
+    if set(value) == {"name"}:
+        return {"name": name}
+    path, sha256 = value["path"], value["sha256"]
     if not isinstance(path, str) or not path.startswith("/"):
         raise InvalidRequestError("adapter.path must be an absolute directory", param="adapter")
     if not isinstance(sha256, str) or not _SHA256.match(sha256):
@@ -242,7 +253,7 @@ class ParsedJob:
     tenant_id: str
     api_key_id: str | None
     weight: float
-    adapter: dict[str, str] | None  # {"name", "path", "sha256"}, validated (parse_adapter)
+    adapter: dict[str, str] | None  # {"name", "path", "sha256"} or a start-up {"name"} (parse_adapter)
     submitted_at: float
     raw: Job = field(repr=False)
     cache_salt: str | None = None  # joins the tenant in the prefix-cache isolation key

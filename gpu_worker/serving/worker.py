@@ -208,25 +208,17 @@ class Worker:
         self.engine.add_request(job.request_id, job.prompt_token_ids, job.params, **kwargs)
 
     def _lora_request(self, job: ParsedJob) -> LoRARequest | None:
-        """Return the adapter a job runs with: the one its "adapter" names (the web tier's registry), else
-        the start-up adapter NAME of model "<served>:NAME" (None for one merged into the weights)."""
-        if job.adapter is not None:
-            return LoRARequest(job.adapter["name"], job.adapter["path"], job.adapter["sha256"])
-        name = self._named_adapter(job.model)
-        if name is None:
+        """Return the adapter a job runs with: a registry adapter by its path and sha256, a start-up one
+        (`--lora NAME=PATH`) by its name alone; None for the base model or an adapter merged into it."""
+        adapter = job.adapter
+        if adapter is None:
             return None
-        if name not in self.engine.named_loras:
-            raise InvalidRequestError(f"the model {job.model!r} does not exist on this worker", "model")
-        return self.engine.named_loras[name]
-
-    def _named_adapter(self, model: str) -> str | None:
-        """Return NAME of a model "<served>:NAME", else None."""
-        prefix = f"{self.served_name}:"
-        return model[len(prefix) :] or None if model.startswith(prefix) else None
-
-    def _adapter_label(self, raw: dict[str, Any]) -> str | None:
-        """Return the name of the adapter a job asks for, as usage records carry it."""
-        return adapter_name(raw.get("adapter")) or self._named_adapter(str(raw.get("model", "")))
+        if "path" in adapter:
+            return LoRARequest(adapter["name"], adapter["path"], adapter["sha256"])
+        if adapter["name"] not in self.engine.named_loras:
+            model = f"{job.model}:{adapter['name']}"
+            raise InvalidRequestError(f"the model {model!r} does not exist on this worker", "model")
+        return self.engine.named_loras[adapter["name"]]
 
     def _reject_unparsed(self, delivery: Delivery, exc: InvalidRequestError) -> None:
         if delivery.request_id is None:
@@ -358,7 +350,7 @@ class Worker:
             "cached_tokens": cached,
         }
         timings = self._timings(st, metrics, finished_at)
-        adapter = self._adapter_label(job.raw)
+        adapter = adapter_name(job.raw.get("adapter"))
         terminal = done_event(usage, timings, status, adapter)
         finish_reason = "abort" if st.cancel_requested else st.finish_reasons.get(0)
         record = usage_event(
@@ -421,7 +413,6 @@ class Worker:
             first_token_at=None,
             finished_at=time.time(),
             timings=timings,
-            adapter=self._adapter_label(raw),
         )
         self._finished.append(Finished(delivery, record["request_id"], event, record))
 
@@ -481,8 +472,8 @@ class Worker:
             "engine_model": self.engine.model_name,
             "label": self.engine.label,
             "max_model_len": self.engine.max_model_len,
-            # What adapter uploads are checked against (None: this worker serves no adapters), and the
-            # adapters it serves by name as "<model>:NAME".
+            # What adapter uploads are checked against (None: this worker serves no adapters), and its
+            # start-up adapters, which the web tier serves to every tenant as "<model>:NAME".
             "lora": self.engine.lora_info(),
             "loras": sorted(self.engine.named_loras),
             "active": len(self._active),

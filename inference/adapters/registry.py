@@ -1,6 +1,7 @@
 """The registry's rules: creating an upload, finding a tenant's adapter by name or by a request's
-`"<base>:<adapter>"` model, deleting one (files first out of reach, then off the workers), and the workers'
-load/unload control messages. Every lookup goes through Adapter.objects.for_tenant()."""
+`"<base>:<adapter>"` model (the tenant's own first, else a workers' start-up adapter every tenant shares),
+deleting one (files first out of reach, then off the workers), and the workers' load/unload control
+messages. Every lookup of a tenant's adapters goes through Adapter.objects.for_tenant()."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import logging
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -18,10 +21,11 @@ from django.db import IntegrityError, transaction
 
 from accounts.models import Tenant
 from gpu_worker.errors import InvalidRequestError
-from gpu_worker.serving.protocol import adapter_control_message
+from gpu_worker.serving.protocol import adapter_control_message, served_adapter_ref
 from inference.adapters.archive import ADAPTER_CONFIG, WEIGHTS_FILES
 from inference.errors import ApiError, ModelNotFound
-from inference.models import ADAPTER_NAME, Adapter
+from inference.models import ADAPTER_NAME, Adapter, AdapterQuerySet
+from inference.serving import MODEL_CREATED, ServedModel
 from inference.transport import get_job_client, send_control
 
 if TYPE_CHECKING:
@@ -131,19 +135,65 @@ def adapter_of(tenant: Tenant, name: str) -> Adapter:
     return adapter
 
 
-async def resolve_adapter(tenant: Tenant, model: str | None, served_name: str) -> Adapter | None:
-    """Return the tenant's ready adapter that `model` names as "<base>:<adapter>", None for the base model
-    itself (or no model); raise ModelNotFound for anything else, another tenant's adapter included."""
-    if model is None or model == served_name:
+@dataclass(frozen=True)
+class ServedAdapter:
+    """A start-up adapter of the served model's workers (`--lora NAME=PATH`, RUVON_LORAS in the embedded
+    server): the operator's, served to every tenant as "<base>:<name>", like the base model itself. It has
+    the surface of Adapter that requests, /v1/models and the chat picker use."""
+
+    name: str
+    base_model: str
+
+    owned_by = "system"
+    created = MODEL_CREATED
+
+    @property
+    def model_id(self) -> str:
+        """Return what a request sends as `model` to use this adapter."""
+        return f"{self.base_model}:{self.name}"
+
+    @property
+    def summary(self) -> str:
+        """Return how /v1/models and the chat picker describe it."""
+        return f"LoRA adapter {self.name} (start-up, for every tenant)"
+
+    def job_adapter(self) -> dict[str, str]:
+        """Return the job's `adapter` field: the name alone, which the workers look up in their own."""
+        return served_adapter_ref(self.name)
+
+
+AnyAdapter = Adapter | ServedAdapter
+
+
+async def resolve_adapter(tenant: Tenant, model: str | None, served: ServedModel) -> AnyAdapter | None:
+    """Return the adapter `model` names as "<base>:<name>": the tenant's own ready adapter of that name, else
+    the workers' start-up adapter of that name; None for the base model itself (or no model); raise
+    ModelNotFound for anything else, another tenant's adapter included."""
+    if model is None or model == served.name:
         return None
-    prefix = served_name + ":"
+    prefix = served.name + ":"
     if not model.startswith(prefix):
         raise ModelNotFound(model)
-    ready = Adapter.objects.for_tenant(tenant).ready().filter(base_model=served_name).select_related("tenant")
-    adapter = await ready.filter(name=model.removeprefix(prefix)).afirst()
+    name = model.removeprefix(prefix)
+    adapter: AnyAdapter | None = await _ready_on(tenant, served.name).filter(name=name).afirst()
+    if adapter is None and name in served.adapters:
+        adapter = ServedAdapter(name, served.name)
     if adapter is None:
         raise ModelNotFound(model)
     return adapter
+
+
+def _ready_on(tenant: Tenant, base_model: str) -> AdapterQuerySet:
+    return Adapter.objects.for_tenant(tenant).ready().filter(base_model=base_model).select_related("tenant")
+
+
+def usable_adapters(tenant: Tenant, base_model: str, start_up: Iterable[str]) -> list[AnyAdapter]:
+    """Return the adapters `tenant` can use on `base_model`, by name: its own ready ones and the workers'
+    start-up ones named `start_up`, but for those its own hide (as in resolve_adapter, its own win)."""
+    own: list[AnyAdapter] = list(_ready_on(tenant, base_model))
+    taken = {a.name for a in own}
+    shared = [ServedAdapter(name, base_model) for name in start_up if name not in taken]
+    return sorted([*own, *shared], key=lambda a: a.name)
 
 
 # ------------------------------------------------------------------------------------------ deletion

@@ -133,10 +133,11 @@ def _build_client() -> JobClient:
         "num_blocks": settings.RUVON_NUM_BLOCKS,
         "decode_steps": settings.RUVON_DECODE_STEPS,
         "prefix_cache_scope": settings.RUVON_PREFIX_CACHE_SCOPE,
-        # LoRA (gpu_worker/engine_args.py's --enable-lora, --max-loras, --max-lora-rank).
+        # LoRA (gpu_worker/engine_args.py's --enable-lora, --max-loras, --max-lora-rank, --lora).
         "enable_lora": settings.RUVON_ENABLE_LORA,
         "max_loras": settings.RUVON_MAX_LORAS,
         "max_lora_rank": settings.RUVON_MAX_LORA_RANK,
+        "loras": settings.RUVON_LORAS,
     }
     engine = LLMEngine(engine_config(options))
     return InProcessJobClient(engine, served_name, record_usage, **bounds)

@@ -22,9 +22,10 @@ class JobClient(Protocol):
         """Ask the worker to stop the request; it still ends with a terminal event (status cancelled)."""
 
     def model_info(self) -> dict[str, Any]:
-        """Return the served model: {"model", "label", "device", "max_model_len", "workers", "lora", ...}
-        ("device": torch's name of what the engine runs on, e.g. "cpu" or "cuda:0"; None: unknown); "lora" is
-        the newest live worker's LoRA support as its heartbeat reports it (None: off or not reported)."""
+        """Return the served model: {"model", "label", "device", "max_model_len", "workers", "lora", "loras",
+        ...} ("device": torch's name of what the engine runs on, e.g. "cpu" or "cuda:0"; None: unknown);
+        "lora" is the newest live worker's LoRA support as its heartbeat reports it (None: off or not
+        reported), "loras" the names of its start-up adapters (`--lora NAME=PATH`), sorted."""
         ...
 
     def control(self, message: dict[str, Any]) -> None:

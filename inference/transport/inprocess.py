@@ -117,6 +117,7 @@ class InProcessJobClient:
             "mode": "embedded",
             "workers": 1 if self._thread.is_alive() else 0,
             "lora": self.transport.last_heartbeat.get("lora"),
+            "loras": sorted(self.engine.named_loras),
         }
 
     def control(self, message: dict[str, Any]) -> None:

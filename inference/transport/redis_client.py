@@ -182,6 +182,7 @@ class RedisJobClient:
             "mode": "redis",
             "workers": len(workers),
             "lora": newest.get("lora"),
+            "loras": newest.get("loras") or [],
         }
 
     def control(self, message: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
-"""The worker with LoRA: a job's adapter dict (the web tier's registry) or model "<served>:NAME" (a start-up
-adapter) picks the adapter, events and usage records name it, the heartbeat says what uploads must fit, and
-a bad adapter ends its own request with adapter_error."""
+"""The worker with LoRA: a job's adapter dict picks the adapter (a registry one by path and sha256, a start-up
+`--lora NAME=PATH` one by {"name": NAME} alone), events and usage records name it, the heartbeat says what
+uploads must fit and which start-up adapters it serves, and a bad adapter ends its own request with
+adapter_error."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from gpu_worker.config import SamplingParams
 from gpu_worker.serving.memory_transport import MemoryTransport
-from gpu_worker.serving.protocol import adapter_ref, make_job
+from gpu_worker.serving.protocol import adapter_ref, make_job, served_adapter_ref
 from gpu_worker.serving.worker import Worker
 from tests.gpu_worker.conftest import Peer, engine_for
 from tests.gpu_worker.lora.conftest import SavedAdapter
@@ -61,20 +62,21 @@ def test_a_job_runs_with_the_adapter_its_dict_names(
     assert (usage["status"], usage["adapter"]) == ("completed", "acme/r2")
 
 
-def test_model_served_colon_name_runs_a_start_up_adapter(
+def test_a_job_naming_a_start_up_adapter_runs_it(
     harness: Harness, gpt2_adapters: dict[int, SavedAdapter], tiny_gpt2: Peer
 ) -> None:
-    events = submit(harness, "named", "tiny:pirate")
+    events = submit(harness, "named", "tiny", served_adapter_ref("pirate"))
     assert tokens_of(events) == expected(gpt2_adapters[4], tiny_gpt2)
     assert events[-1]["adapter"] == "pirate"
     base = submit(harness, "plain", "tiny")
     assert tokens_of(base) == expected(None, tiny_gpt2) and base[-1]["adapter"] is None
-    [usage] = [u for u in harness.usage if u["request_id"] == "plain"]
-    assert usage["adapter"] is None
+    usage = {u["request_id"]: u for u in harness.usage}
+    assert (usage["named"]["model"], usage["named"]["adapter"]) == ("tiny", "pirate")
+    assert usage["plain"]["adapter"] is None
 
 
-def test_an_unknown_named_adapter_is_rejected(harness: Harness) -> None:
-    events = submit(harness, "nope", "tiny:nope")
+def test_an_unknown_start_up_adapter_is_rejected(harness: Harness) -> None:
+    events = submit(harness, "nope", "tiny", served_adapter_ref("nope"))
     [error] = events  # it never started
     assert (error["type"], error["code"], error["http_status"], error["param"]) == (
         "error",
@@ -82,6 +84,22 @@ def test_an_unknown_named_adapter_is_rejected(harness: Harness) -> None:
         400,
         "model",
     )
+    assert "'tiny:nope' does not exist on this worker" in error["message"]
+    [usage] = [u for u in harness.usage if u["request_id"] == "nope"]
+    assert (usage["status"], usage["adapter"]) == ("rejected", "nope")
+
+
+def test_a_start_up_adapter_merged_into_the_weights_runs_as_they_are(
+    tiny_gpt2: Peer, gpt2_adapters: dict[int, SavedAdapter]
+) -> None:
+    engine = engine_for(tiny_gpt2, loras=(f"two={gpt2_adapters[2].path}",), merge_lora=True)
+    h = Harness(engine, served_name="tiny")
+    try:
+        events = submit(h, "merged", "tiny", served_adapter_ref("two"))
+        assert tokens_of(events) == expected(gpt2_adapters[2], tiny_gpt2)
+        assert events[-1]["adapter"] == "two" and h.worker.info()["loras"] == ["two"]
+    finally:
+        h.stop()
 
 
 @pytest.mark.parametrize(

@@ -11,11 +11,13 @@ import pytest
 from gpu_worker.config import SamplingParams
 from gpu_worker.errors import CapacityError, InvalidRequestError
 from gpu_worker.serving.protocol import (
+    adapter_ref,
     error_event_for,
     make_job,
     parse_job,
     sampling_params_from_dict,
     sampling_params_to_dict,
+    served_adapter_ref,
 )
 
 
@@ -56,6 +58,35 @@ def test_it_rejects_a_bad_job_naming_the_field(patch: dict, param: str) -> None:
     with pytest.raises(InvalidRequestError) as info:
         parse_job(job)
     assert info.value.param == param
+
+
+@pytest.mark.parametrize(
+    "adapter", [None, served_adapter_ref("pirate"), adapter_ref("7/pirate", "/srv/a/pirate", "ab" * 32)]
+)
+def test_it_round_trips_both_kinds_of_adapter(adapter: dict[str, str] | None) -> None:
+    job = json.loads(json.dumps(make_job("r1", "m", [1], {}, adapter=adapter)))
+    assert parse_job(job).adapter == adapter
+
+
+@pytest.mark.parametrize(
+    ("adapter", "words"),
+    [
+        ("pirate", "adapter must be null, {name} or {name, path, sha256}"),
+        ({"name": "pirate", "path": "/srv/a"}, "adapter must be null, {name} or {name, path, sha256}"),
+        ({"name": "pirate", "sha256": "ab" * 32}, "adapter must be null, {name} or {name, path, sha256}"),
+        ({"name": "pirate", "extra": 1}, "adapter must be null, {name} or {name, path, sha256}"),
+        ({}, "adapter must be null, {name} or {name, path, sha256}"),
+        ({"name": ""}, "adapter.name must be a non-empty string"),
+        ({"name": 7}, "adapter.name must be a non-empty string"),
+        ({"name": "7/p", "path": "rel/dir", "sha256": "ab" * 32}, "adapter.path must be an absolute"),
+        ({"name": "7/p", "path": "/srv/a", "sha256": "AB" * 32}, "adapter.sha256 must be 64 lowercase"),
+    ],
+)
+def test_it_refuses_a_malformed_adapter_saying_what_it_takes(adapter: object, words: str) -> None:
+    job = {**make_job("r1", "m", [1], {}), "adapter": adapter}
+    with pytest.raises(InvalidRequestError) as info:
+        parse_job(job)
+    assert (info.value.param, words in info.value.message) == ("adapter", True), info.value.message
 
 
 def test_it_maps_exceptions_to_terminal_error_events() -> None:
