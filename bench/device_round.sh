@@ -21,7 +21,7 @@ exec > >(tee -a "$LOG") 2>&1
 T0=$(date +%s)
 left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
 
-"${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+"${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${WHEELS:-.whl}"/*.whl \
     || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 RUVON_BENCH_WEIGHTS=/tmp/ruvon-bench-weights
 mkdir -p "$RUVON_BENCH_WEIGHTS"
