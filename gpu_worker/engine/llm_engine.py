@@ -283,6 +283,7 @@ class LLMEngine:
             target_vocab=self.model_config.vocab_size,
             max_model_len=self.max_model_len,
             seed=self.config.seed,
+            cuda_graph_max_batch=self.runner.graph_max_batch,
         )
 
     # ---- requests ------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 
 from gpu_worker.config import EngineConfig, SamplingParams
 from gpu_worker.engine.llm_engine import LLMEngine
+from gpu_worker.spec.draft_model import DraftModelProposer
 from tests.gpu_worker.conftest import Peer, make_peer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -119,4 +120,33 @@ def test_verification_through_cuda_graphs_gives_the_eager_tokens(tiny_gpt2: Peer
                 "no verification graph ran"
             )
         results.append(outs)
+    assert results[0] == results[1]
+
+
+def test_a_draft_model_drafts_through_its_own_graphs(tiny_gpt2: Peer) -> None:
+    """The draft model's steps replay its decode graphs, and its re-feeds after a verification its
+    verification graphs: same tokens as eager drafting in fp32, greedy and seeded."""
+    prompts = batch(50257, 6)
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.9, seed=5, max_tokens=24, ignore_eos=True)
+    results = []
+    for eager in (True, False):
+        engine = LLMEngine(
+            EngineConfig(
+                model=str(tiny_gpt2.path),
+                device="cuda",
+                dtype="float32",
+                num_blocks=256,
+                speculative=f"draft:{tiny_gpt2.path}",
+                num_speculative_tokens=3,
+                enforce_eager=eager,
+            )
+        )
+        results.append([[o.token_ids[0] for o in engine.generate(prompts, p)] for p in (greedy, seeded)])
+        assert engine.stats()["spec_num_accepted_tokens"] > 0
+        assert isinstance(engine.proposer, DraftModelProposer)
+        graphs = engine.proposer.runner.graphs
+        assert (graphs is None) == eager
+        # A fully accepted run re-feeds the last draft and the bonus token: two rows.
+        assert eager or (graphs is not None and graphs.verify), "no re-feed replayed a verification graph"
     assert results[0] == results[1]
