@@ -58,11 +58,10 @@ from gpu_worker.config import EngineConfig, SamplingParams  # noqa: E402
 from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
 from gpu_worker.loading.assets import smollm2_gguf_path  # noqa: E402
 from gpu_worker.loading.loader import LoadedModel  # noqa: E402
-from gpu_worker.runner.model_runner import ModelRunner  # noqa: E402
 from gpu_worker.spec.draft_model import DraftModelProposer  # noqa: E402
 from gpu_worker.spec.ngram import NgramProposer  # noqa: E402
 from gpu_worker.spec.oracle import OracleDraftProposer, OracleProposer  # noqa: E402
-from gpu_worker.spec.proposer import Proposer, load_batch_table  # noqa: E402
+from gpu_worker.spec.proposer import Proposer, load_batch_table, table_reach  # noqa: E402
 from gpu_worker.spec.self_draft import self_draft  # noqa: E402
 
 
@@ -235,18 +234,6 @@ class Proposers:
             ]
         return out
 
-    def runners(self, proposer: Proposer) -> list[ModelRunner]:
-        """Return the target's runner and the proposer's draft model's, if it has one."""
-        draft = proposer.draft if isinstance(proposer, OracleDraftProposer) else proposer
-        own = [draft.runner] if isinstance(draft, DraftModelProposer) else []
-        return [self.engine.runner, *own]
-
-    def capture(self, proposer: Proposer, k: int, max_batch: int) -> None:
-        """Capture every verification graph k drafts can use at up to max_batch sequences, in the target
-        and in the draft model, before anything is timed."""
-        for runner in self.runners(proposer):
-            runner.capture_verify(k + 1, max_batch)
-
 
 def continuations_of(ids: list[list[int]], run_: dict[str, Any]) -> dict[tuple[int, ...], list[int]]:
     """Return each prompt's greedy continuation from a baseline run."""
@@ -269,7 +256,7 @@ def sweep(engine: LLMEngine, proposers: Proposers, args: argparse.Namespace) -> 
                 for k in args.k:
                     engine.num_speculative_tokens = k
                     # Warm-up at this k: every verification graph it can use now, then one short run.
-                    proposers.capture(proposer, k, streams)
+                    engine.capture_verify_graphs(k, streams)
                     run(engine, ids, SamplingParams(temperature=0.0, max_tokens=2 * k + 2))
                     # Paired: a baseline run right before each speculative one, so drift on a shared
                     # machine hits both; the speedup is of the pair.
@@ -327,15 +314,6 @@ def write_batch_table(path: str, table: dict[int, int]) -> None:
     Path(path).write_text(json.dumps({str(size): k for size, k in sorted(table.items())}, indent=1) + "\n")
 
 
-def table_reach(table: list[tuple[int, int]], max_num_seqs: int) -> tuple[int, int]:
-    """Return (most drafts per sequence, largest batch that gets any) under a loaded batch-size table."""
-    reach = 0
-    for i, (_, k) in enumerate(table):
-        if k > 0:
-            reach = table[i + 1][0] - 1 if i + 1 < len(table) else max_num_seqs
-    return max(k for _, k in table), reach
-
-
 def under_load(
     engine: LLMEngine, proposers: Proposers, args: argparse.Namespace, table: list[tuple[int, int]]
 ) -> dict[str, Any]:
@@ -353,7 +331,7 @@ def under_load(
     proposer = by_label[args.table_proposer]
     engine.proposer, engine.spec_table = proposer, table
     try:
-        proposers.capture(proposer, k, reach)
+        engine.capture_verify_graphs(k, reach)
         run(engine, ids[: max(1, reach)], SamplingParams(temperature=0.0, max_tokens=2 * k + 2))
         base = run(engine, ids, base_params)
         spec = run(engine, ids, spec_params)

@@ -118,8 +118,6 @@ class ModelRunner:
         max_model_len: int,
         cuda_graph_max_batch: int = 0,  # 0: run eagerly
         launch_steps: int = 0,  # capture greedy launches of this many steps up front (0: none)
-        verify_rows: int = 0,  # capture verification graphs of this many rows per sequence up front (0: none)
-        verify_max_batch: int | None = None,  # ... for the batch sizes up to this (None: all)
         lora: bool = False,  # the model serves LoRA adapters (its graphs read each row's slot)
         eos_ids: frozenset[int] = frozenset(),  # the stops min_tokens bans beside a request's stop_token_ids
     ) -> None:
@@ -142,8 +140,6 @@ class ModelRunner:
                 self.graphs.launch_body = self._greedy_launch_body
                 if launch_steps:
                     self.graphs.capture_launches(launch_steps)
-                if verify_rows > 1:
-                    self.graphs.capture_verify(verify_rows, verify_max_batch)
 
     def prepare(self, batch: ScheduledBatch) -> FlatBatch:
         ids: list[int] = []
@@ -317,7 +313,7 @@ class ModelRunner:
     def capture_verify(self, max_rows: int, max_batch: int | None = None) -> None:
         """Capture now the verification graphs of 2..max_rows rows per sequence for the batch sizes up to
         max_batch (None: all), so that no later step captures one (nothing to do when running eagerly)."""
-        if self.graphs is None:
+        if self.graphs is None or max_batch == 0:
             return
         # A batch of max_batch sequences replays the smallest graph size that holds it.
         sizes = self.graphs.sizes

@@ -125,3 +125,6 @@ class DraftModelProposer:
                 self.free.extend(reversed(shadow.block_table))
                 shadow.block_table = []
                 self.runner.release([shadow])
+
+    def capture_graphs(self, max_rows: int, max_batch: int) -> None:
+        self.runner.capture_verify(max_rows, max_batch)

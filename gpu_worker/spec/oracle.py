@@ -39,6 +39,9 @@ class OracleProposer:
     def release(self, seqs: list[Sequence]) -> None:
         pass
 
+    def capture_graphs(self, max_rows: int, max_batch: int) -> None:
+        pass
+
 
 class OracleDraftProposer:
     """ORACLE+DRAFT: the draft model runs its k steps for every sequence (its KV, its graphs: the time a real
@@ -60,3 +63,6 @@ class OracleDraftProposer:
     def release(self, seqs: list[Sequence]) -> None:
         self.draft.release(seqs)
         self.oracle.release(seqs)
+
+    def capture_graphs(self, max_rows: int, max_batch: int) -> None:
+        self.draft.capture_graphs(max_rows, max_batch)

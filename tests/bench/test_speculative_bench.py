@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from bench.common import ROOT
-from bench.speculative import crossover, pick_batch_table, table_reach, write_batch_table
-from gpu_worker.spec.proposer import drafts_for_batch, load_batch_table
+from bench.speculative import crossover, pick_batch_table, write_batch_table
+from gpu_worker.spec.proposer import drafts_for_batch, load_batch_table, table_reach
 
 LABEL = "ORACLE+DRAFT alpha=0.8"
 
@@ -72,8 +72,8 @@ def test_the_written_table_is_what_the_worker_reads(tmp_path: Path) -> None:
     assert table == [(1, 4), (4, 2), (8, 2), (16, 0), (32, 0)]
     drafts = {batch: drafts_for_batch(3, 32, table, batch) for batch in (1, 3, 4, 12, 16, 64)}
     assert drafts == {1: 4, 3: 4, 4: 2, 12: 2, 16: 0, 64: 0}
-    assert table_reach(table, max_num_seqs=256) == (4, 15)
-    assert table_reach([(1, 2), (8, 3)], max_num_seqs=256) == (3, 256)
+    assert table_reach(table, max_batch=256) == (4, 15)
+    assert table_reach([(1, 2), (8, 3)], max_batch=256) == (3, 256)
 
 
 @pytest.mark.slow
