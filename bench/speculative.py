@@ -311,6 +311,7 @@ def crossover(table: dict[int, int]) -> int | None:
 
 def write_batch_table(path: str, table: dict[int, int]) -> None:
     """Write the table as the worker's --speculative-batch-table reads it ({"<batch size>": k})."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({str(size): k for size, k in sorted(table.items())}, indent=1) + "\n")
 
 

@@ -66,7 +66,7 @@ def test_it_refuses_a_proposer_with_no_rows() -> None:
 
 
 def test_the_written_table_is_what_the_worker_reads(tmp_path: Path) -> None:
-    path = tmp_path / "table.json"
+    path = tmp_path / "results" / "table.json"  # a folder that does not exist yet
     write_batch_table(str(path), pick_batch_table(_rows(), LABEL, min_gain=0.02))
     table = load_batch_table(str(path))
     assert table == [(1, 4), (4, 2), (8, 2), (16, 0), (32, 0)]
