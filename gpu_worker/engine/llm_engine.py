@@ -56,7 +56,7 @@ from gpu_worker.sequence import (
     Sequence,
     TokenLogprob,
 )
-from gpu_worker.spec.proposer import Proposer, drafts_for_batch, load_batch_table
+from gpu_worker.spec.proposer import Proposer, drafts_for_batch, load_batch_table, table_reach
 from gpu_worker.structured.grammar import GrammarCompiler
 from gpu_worker.tokenization.tokenizer import load_tokenizer
 
@@ -192,15 +192,19 @@ class LLMEngine:
             if config.enforce_eager
             else min(config.cuda_graph_max_batch, config.max_num_seqs),
             launch_steps=config.decode_steps if self.chain_decodes else 0,
-            # Verification graphs for k drafts + 1 rows, captured now rather than in the first request.
-            verify_rows=config.num_speculative_tokens + 1 if config.speculative != "none" else 0,
-            # Speculation stops above speculative_max_batch unless a batch-size table says otherwise.
-            verify_max_batch=None if config.speculative_batch_table else config.speculative_max_batch,
             lora=self.adapters is not None,
             eos_ids=eos_ids,
         )
         self.proposer: Proposer | None = self._make_proposer(num_blocks)
         self.spec_table = load_batch_table(config.speculative_batch_table)
+        if self.proposer is not None:
+            # Speculation stops above speculative_max_batch unless a batch-size table says otherwise.
+            k, reach = (
+                table_reach(self.spec_table, config.max_num_seqs)
+                if self.spec_table
+                else (config.num_speculative_tokens, config.speculative_max_batch)
+            )
+            self.capture_verify_graphs(k, reach)
         # Read at every step, like decode_steps: benchmarks vary them on one engine.
         self.num_speculative_tokens = config.num_speculative_tokens
         self.speculative_max_batch = config.speculative_max_batch
@@ -251,6 +255,14 @@ class LLMEngine:
         """Return what uploads are checked against (the worker's heartbeat "lora"); None when LoRA is off."""
         return None if self.adapters is None else self.adapters.info()
 
+    def capture_verify_graphs(self, k: int, max_batch: int) -> None:
+        """Capture now every verification graph that up to k drafts per sequence use at up to max_batch
+        sequences, the target's and the proposer's (a draft model's re-feeds), so that no step captures one
+        (at start-up for the configured k or the batch-size table's; benches before timing another k)."""
+        self.runner.capture_verify(k + 1, max_batch)
+        if self.proposer is not None:
+            self.proposer.capture_graphs(k + 1, max_batch)
+
     def _make_proposer(self, num_blocks: int) -> Proposer | None:
         kind = self.config.speculative
         if self.config.num_speculative_tokens < 0:
@@ -283,6 +295,7 @@ class LLMEngine:
             target_vocab=self.model_config.vocab_size,
             max_model_len=self.max_model_len,
             seed=self.config.seed,
+            cuda_graph_max_batch=self.runner.graph_max_batch,
         )
 
     # ---- requests ------------------------------------------------------------------------------

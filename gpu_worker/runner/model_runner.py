@@ -118,8 +118,6 @@ class ModelRunner:
         max_model_len: int,
         cuda_graph_max_batch: int = 0,  # 0: run eagerly
         launch_steps: int = 0,  # capture greedy launches of this many steps up front (0: none)
-        verify_rows: int = 0,  # capture verification graphs of this many rows per sequence up front (0: none)
-        verify_max_batch: int | None = None,  # ... for the batch sizes up to this (None: all)
         lora: bool = False,  # the model serves LoRA adapters (its graphs read each row's slot)
         eos_ids: frozenset[int] = frozenset(),  # the stops min_tokens bans beside a request's stop_token_ids
     ) -> None:
@@ -130,6 +128,7 @@ class ModelRunner:
         self.input_batch = InputBatch(self.vocab_size, device, eos_ids=eos_ids)
         self.kv_cache = allocate_kv_cache(model, num_blocks, block_size, dtype, device)
         self.graphs: DecodeGraphs | None = None
+        self.graph_max_batch = cuda_graph_max_batch  # what a draft model's runner beside this one takes
         if device.type == "cuda":
             from kernels.backend import cuda_backend
 
@@ -141,8 +140,6 @@ class ModelRunner:
                 self.graphs.launch_body = self._greedy_launch_body
                 if launch_steps:
                     self.graphs.capture_launches(launch_steps)
-                if verify_rows > 1:
-                    self.graphs.capture_verify(verify_rows, verify_max_batch)
 
     def prepare(self, batch: ScheduledBatch) -> FlatBatch:
         ids: list[int] = []
@@ -298,13 +295,31 @@ class ModelRunner:
         return [col[:v] for col, v in zip(columns, launch.valid, strict=True)]
 
     @torch.inference_mode()
-    def last_logits(self, batch: ScheduledBatch) -> torch.Tensor:
+    def last_logits(self, batch: ScheduledBatch, max_graph_rows: int = 1) -> torch.Tensor:
         """Run the batch (every sequence caught up by it) and return float32 logits at each one's last row
-        [S, V], without sampling: a draft model's proposer draws from them itself."""
+        [S, V], without sampling: a draft model's proposer draws from them itself. One token per sequence
+        replays a decode graph; up to `max_graph_rows` tokens (a draft re-feeding what the target accepted) a
+        verification graph, whose other rows' logits are dropped; more (a prompt) run eagerly."""
         flat = self.prepare(batch)
+        q, num, graphs = flat.metadata.max_query_len, len(flat.sample_seqs), self.graphs
+        if graphs is not None and q == 1 and graphs.fits(num):
+            return graphs.run(flat.input_ids, flat.positions, flat.metadata)
+        if graphs is not None and q <= max_graph_rows and graphs.fits_verify(num, q):
+            return graphs.run_verify(flat.input_ids, flat.positions, flat.metadata)[flat.sample_rows]
         with self.model.context.use(flat.metadata):
             hidden = self.model(flat.input_ids, flat.positions)
         return self.model.compute_logits(hidden[flat.sample_rows])
+
+    def capture_verify(self, max_rows: int, max_batch: int | None = None) -> None:
+        """Capture now the verification graphs of 2..max_rows rows per sequence for the batch sizes up to
+        max_batch (None: all), so that no later step captures one (nothing to do when running eagerly)."""
+        if self.graphs is None or max_batch == 0:
+            return
+        # A batch of max_batch sequences replays the smallest graph size that holds it.
+        sizes = self.graphs.sizes
+        bound = None if max_batch is None else next((b for b in sizes if b >= max_batch), sizes[-1])
+        for rows in range(2, max_rows + 1):
+            self.graphs.capture_verify(rows, bound)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:

@@ -1,8 +1,10 @@
 """A draft model in the same engine: a smaller model of the target's tokenizer, with its own paged KV cache
 and runner. Each target sequence has a shadow sequence here; before proposing, the shadow takes the target's
 tokens (keeping the KV of the prefix they still share), then the draft model decodes k tokens for all shadows
-in k batched steps, drawing each from its distribution q under the request's own sampling params. The draft
-is a model spec to load, or a model already loaded (a self-draft, spec/self_draft.py)."""
+in k batched steps, drawing each from its distribution q under the request's own sampling params. On CUDA
+the steps replay the draft's own graphs (decode graphs; verification graphs for the first step, which
+re-feeds what the target accepted). The draft is a model spec to load, or a model already loaded (a
+self-draft, spec/self_draft.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class DraftModelProposer:
         target_vocab: int,
         max_model_len: int,
         seed: int = 0,
+        cuda_graph_max_batch: int = 0,  # 0: eager
     ) -> None:
         self.loaded = (
             draft
@@ -39,7 +42,13 @@ class DraftModelProposer:
         self.target_vocab = target_vocab
         self.max_model_len = min(max_model_len, self.loaded.config.max_position_embeddings)
         self.runner = ModelRunner(
-            self.loaded.model, num_blocks, block_size, dtype, device, max_model_len=self.max_model_len
+            self.loaded.model,
+            num_blocks,
+            block_size,
+            dtype,
+            device,
+            max_model_len=self.max_model_len,
+            cuda_graph_max_batch=cuda_graph_max_batch,
         )
         self.num_blocks = num_blocks
         self.free = list(range(num_blocks - 1, -1, -1))
@@ -59,13 +68,15 @@ class DraftModelProposer:
                 live.append((i, shadow, k))
         tokens: list[list[int]] = [[] for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        # A first step re-feeds at most the last verification's k + 1 tokens: graphs up to that many rows.
+        refeed = max(num_tokens, default=0) + 1
         for step in range(max((k for _, _, k in live), default=0)):
             active = [(i, shadow) for i, shadow, k in live if k > step]
             batch = ScheduledBatch()
             for _, shadow in active:
                 batch.add(shadow, shadow.num_uncomputed_tokens)
             shadows = [shadow for _, shadow in active]
-            logits = self.runner.last_logits(batch)[:, : self.target_vocab]  # [S, V]
+            logits = self.runner.last_logits(batch, refeed)[:, : self.target_vocab]  # [S, V]
             meta = self.runner.input_batch.metadata(shadows)
             if meta.all_greedy:  # certain drafts: no distribution to keep
                 picked, q = apply_penalties_and_bias(logits, meta).argmax(dim=-1), None
@@ -114,3 +125,6 @@ class DraftModelProposer:
                 self.free.extend(reversed(shadow.block_table))
                 shadow.block_table = []
                 self.runner.release([shadow])
+
+    def capture_graphs(self, max_rows: int, max_batch: int) -> None:
+        self.runner.capture_verify(max_rows, max_batch)

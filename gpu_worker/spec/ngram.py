@@ -41,3 +41,6 @@ class NgramProposer:
 
     def release(self, seqs: list[Sequence]) -> None:
         pass
+
+    def capture_graphs(self, max_rows: int, max_batch: int) -> None:
+        pass

@@ -32,6 +32,11 @@ class Proposer(Protocol):
         """Forget finished sequences' state."""
         ...
 
+    def capture_graphs(self, max_rows: int, max_batch: int) -> None:
+        """Capture now the CUDA graphs drafting for up to max_batch sequences uses, after verifications of
+        up to max_rows rows (nothing to do for a proposer without a model)."""
+        ...
+
 
 def load_batch_table(path: str | None) -> list[tuple[int, int]] | None:
     """Return a batch-size table {"<batch size>": k} from a JSON file as sorted (size, k) pairs."""
@@ -44,6 +49,16 @@ def load_batch_table(path: str | None) -> list[tuple[int, int]] | None:
     if any(size < 1 or k < 0 for size, k in table):
         raise ValueError("speculative_batch_table needs batch sizes >= 1 and token counts >= 0")
     return table
+
+
+def table_reach(table: list[tuple[int, int]], max_batch: int) -> tuple[int, int]:
+    """Return (most drafts per sequence, largest batch that gets any) under a batch-size table, for batches
+    of at most max_batch sequences."""
+    reach = 0
+    for i, (_, k) in enumerate(table):
+        if k > 0:
+            reach = table[i + 1][0] - 1 if i + 1 < len(table) else max_batch
+    return max(k for _, k in table), min(reach, max_batch)
 
 
 def drafts_for_batch(k: int, max_batch: int, table: list[tuple[int, int]] | None, batch: int) -> int:

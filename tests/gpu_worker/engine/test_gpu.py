@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
 from gpu_worker.config import EngineConfig, SamplingParams
 from gpu_worker.engine.llm_engine import LLMEngine
+from gpu_worker.spec.draft_model import DraftModelProposer
 from tests.gpu_worker.conftest import Peer, make_peer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -120,3 +123,69 @@ def test_verification_through_cuda_graphs_gives_the_eager_tokens(tiny_gpt2: Peer
             )
         results.append(outs)
     assert results[0] == results[1]
+
+
+def test_a_draft_model_drafts_through_its_own_graphs(tiny_gpt2: Peer) -> None:
+    """The draft model's steps replay its decode graphs, and its re-feeds after a verification its
+    verification graphs: same tokens as eager drafting in fp32, greedy and seeded."""
+    prompts = batch(50257, 6)
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.9, seed=5, max_tokens=24, ignore_eos=True)
+    results = []
+    for eager in (True, False):
+        engine = LLMEngine(
+            EngineConfig(
+                model=str(tiny_gpt2.path),
+                device="cuda",
+                dtype="float32",
+                num_blocks=256,
+                speculative=f"draft:{tiny_gpt2.path}",
+                num_speculative_tokens=3,
+                enforce_eager=eager,
+            )
+        )
+        results.append([[o.token_ids[0] for o in engine.generate(prompts, p)] for p in (greedy, seeded)])
+        assert engine.stats()["spec_num_accepted_tokens"] > 0
+        assert isinstance(engine.proposer, DraftModelProposer)
+        graphs = engine.proposer.runner.graphs
+        assert (graphs is None) == eager
+        # A fully accepted run re-feeds the last draft and the bonus token: two rows.
+        assert eager or (graphs is not None and graphs.verify), "no re-feed replayed a verification graph"
+    assert results[0] == results[1]
+
+
+def test_a_batch_size_table_has_its_verification_graphs_at_start_up(tiny_gpt2: Peer, tmp_path: Path) -> None:
+    """Every verification graph the table's ks use, the target's and the draft model's, is captured when the
+    engine starts: a run at several batch sizes captures none."""
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps({"1": 4, "3": 2, "8": 0}))
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(tiny_gpt2.path),
+            device="cuda",
+            dtype="float32",
+            num_blocks=256,
+            speculative=f"draft:{tiny_gpt2.path}",
+            speculative_batch_table=str(table),
+        )
+    )
+    assert isinstance(engine.proposer, DraftModelProposer)
+    runners = [engine.runner, engine.proposer.runner]
+
+    def captured() -> set[tuple[int, int, int]]:
+        return {
+            (i, q, bs)
+            for i, r in enumerate(runners)
+            if r.graphs is not None
+            for q, v in r.graphs.verify.items()
+            for bs in v.graphs
+        }
+
+    before = captured()
+    # Up to 4 drafts (5 rows) for up to 7 sequences: graph sizes 1..8.
+    assert {(q, bs) for _, q, bs in before} == {(q, bs) for q in range(2, 6) for bs in (1, 2, 4, 8)}
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    for n in (1, 3, 5, 7):
+        engine.generate(batch(50257, n), params)
+    assert engine.stats()["spec_num_accepted_tokens"] > 0
+    assert captured() == before
