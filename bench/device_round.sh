@@ -55,19 +55,22 @@ DEV=${DEVICE:-cuda}
 XL_LAT=("$PY" bench/latency.py --device "$DEV" --shape "$XL" --new-tokens "${LAT_TOKENS:-128}" --prompt-len "${LAT_PROMPT:-128}")
 read -ra LORA_EXTRA <<<"${LORA_ARGS:-}"  # the local proof shrinks the workload
 LORA=("$PY" bench/lora.py --device "$DEV" --requests 512 --adapters 64 --latency-tokens 128 "${LORA_EXTRA[@]}")
-if [[ -n ${SPEC_CMD:-} ]]; then
-    read -ra SPEC <<<"$SPEC_CMD"
-else
-    SPEC=("$PY" bench/speculative.py --device "$DEV" --model "random:$XL" --num-blocks 8192 --k 2 4
-        --streams 1 4 16 --oracle-alpha 0.8 --new-tokens 64 --workloads chat)
-fi
+SPEC=("$PY" bench/speculative.py --device "$DEV" --model "random:$XL" --oracle-draft "random:$SMALL" --workloads chat
+    --no-ngram)
+read -ra SPEC_EXTRA <<<"${SPEC_ARGS:-}"  # the local proof shrinks these runs
 
-step lora-gpt2-fused 60 120 env RUVON_LORA_FUSED=1 "${LORA[@]}" --shape "$SMALL"
-step lora-gpt2-twokernels 60 100 env RUVON_LORA_FUSED=0 "${LORA[@]}" --shape "$SMALL" --skip-hf
+step spec-xl-batch1 60 150 "${SPEC[@]}" --num-blocks 4000 --streams 1 --k 2 4 6 --oracle-alpha 0.5 0.7 0.8 0.9 \
+    --new-tokens 128 --out speculative-xl-oracle-draft "${SPEC_EXTRA[@]}"
 step lat-xl-none 60 110 "${XL_LAT[@]}"
 step lat-xl-int8 45 80 "${XL_LAT[@]}" --skip-hf --quantization int8
 step lat-xl-int4-g128 45 80 "${XL_LAT[@]}" --skip-hf --quantization int4-g128
-step spec-xl "${SPEC_MIN_S:-90}" "${SPEC_MAX_S:-170}" "${SPEC[@]}"
+step lora-gpt2-fused 60 120 env RUVON_LORA_FUSED=1 "${LORA[@]}" --shape "$SMALL"
+step lora-gpt2-twokernels 60 100 env RUVON_LORA_FUSED=0 "${LORA[@]}" --shape "$SMALL" --skip-hf
+step gpu-tests 40 90 "$PY" -m pytest -q -p no:cacheprovider --confcutdir tests/gpu_worker tests/gpu_worker/engine/test_gpu.py \
+    -k "draft_model or verification or batch_table"
+step spec-xl-table 120 200 "${SPEC[@]}" --num-blocks 6000 --max-num-seqs 256 --streams 1 2 4 8 16 32 64 --k 2 4 6 \
+    --oracle-alpha 0.8 --new-tokens 64 --write-table bench/results/spec-table-xl.json \
+    --table-proposer "ORACLE+DRAFT alpha=0.8" --under-load 512 --out speculative-xl-table "${SPEC_EXTRA[@]}"
 step lora-xl 90 170 "${LORA[@]}" --shape "$XL" --skip-hf --new-tokens 64
 step profile-xl 50 90 "$PY" bench/profile_step.py --shape "$XL" --batch 1 --steps 30 --prompt-len "${LAT_PROMPT:-128}"
 step tput-gpt2 60 120 "$PY" bench/throughput.py --device "$DEV" --shape "$SMALL" --decode-steps 1 --decode-steps 8
