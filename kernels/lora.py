@@ -564,10 +564,17 @@ def lora_fused(
         y, x, a, b, seg_indptr, seg_slots, ranks, scales,
         n, k, r, g, s,
         *y.stride(), *x.stride(), *a.stride(), *b.stride(),
-        BLOCK_N=block_n, BLOCK_R=_block_r(r), BLOCK_K=tiling.block_k, BLOCK_G=SEGMENT_BLOCK, GELU=gelu,
+        BLOCK_N=block_n, BLOCK_R=_block_r(r), BLOCK_K=_fused_block_k(r, tiling), BLOCK_G=SEGMENT_BLOCK,
+        GELU=gelu,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )  # fmt: skip
     return y
+
+
+def _fused_block_k(r: int, tiling: Tiling) -> int:
+    """Return the fused kernel's K step: block_k, less for a wide stack so its [R, K] tile of A stays within
+    max_acc elements (R = 64 at a K step of 64 takes 246 registers on sm_90, at 32 118; ptxas, no GPU)."""
+    return max(16, min(tiling.block_k, tiling.max_acc // _block_r(r)))
 
 
 def _fused_block_n(t: int, n: int, r: int, tiling: Tiling) -> int:
@@ -608,6 +615,14 @@ def lora_apply(
     return F.gelu(y, approximate="tanh") if gelu else y
 
 
+def launch_plan(t: int, g: int, k: int, n: int, r: int, fused: bool, tiling: Tiling) -> tuple[object, ...]:
+    """Return the constexprs lora_apply launches its kernels with for T rows in G segments."""
+    if fused and _takes_fused(t, g, tiling):
+        return ("fused", _fused_block_n(t, n, r, tiling), _fused_block_k(r, tiling))
+    apart, block_m, _ = _shrink_plan(t, g, k, r, tiling)
+    return ("split", apart, block_m, _expand_plan(t, g, n, r, tiling))
+
+
 def lora_launch_plans(
     max_rows: int, max_segments: int, k: int, n: int, r: int, fused: bool, tiling: Tiling = DEFAULT_TILING
 ) -> dict[tuple[object, ...], tuple[int, int]]:
@@ -617,17 +632,26 @@ def lora_launch_plans(
 
     A plan depends on the layout only through rows_apart and block_m, which compare the rows with a
     multiple of the segments, so three segment counts per row count reach every plan: the most (ceil of
-    rows / per_row, rows apart), ceil of rows / long_segment (short-row tiles) and one (long tiles)."""
+    rows / per_row: rows apart), ceil of rows / long_segment (short-row tiles) and one (long tiles). Along
+    the rows, each of the three walks through its plans in order and never comes back to one (the path,
+    then block_m, only move one way, and block_n only grows with the rows), so bisection finds them all."""
     plans: dict[tuple[object, ...], tuple[int, int]] = {}
-    for t in range(1, max_rows + 1):
-        for wanted in (math.ceil(t / max(tiling.per_row, 1e-9)), math.ceil(t / tiling.long_segment), 1):
-            g = max(1, min(wanted, t, max_segments))
-            if fused and _takes_fused(t, g, tiling):
-                plan: tuple[object, ...] = ("fused", _fused_block_n(t, n, r, tiling))
-            else:
-                apart, block_m, _ = _shrink_plan(t, g, k, r, tiling)
-                plan = ("split", apart, block_m, _expand_plan(t, g, n, r, tiling))
-            plans.setdefault(plan, (t, g))
+
+    def visit(t: int, per_segment: float) -> tuple[object, ...]:
+        g = max(1, min(math.ceil(t / per_segment) if per_segment > 0 else t, t, max_segments))
+        plan = launch_plan(t, g, k, n, r, fused, tiling)
+        plans.setdefault(plan, (t, g))
+        return plan
+
+    def bisect(lo: int, at_lo: tuple[object, ...], hi: int, at_hi: tuple[object, ...], per: float) -> None:
+        if hi - lo > 1 and at_lo != at_hi:
+            mid = (lo + hi) // 2
+            at_mid = visit(mid, per)
+            bisect(lo, at_lo, mid, at_mid, per)
+            bisect(mid, at_mid, hi, at_hi, per)
+
+    for per_segment in (tiling.per_row, tiling.long_segment, math.inf):
+        bisect(1, visit(1, per_segment), max_rows, visit(max_rows, per_segment), per_segment)
     return plans
 
 

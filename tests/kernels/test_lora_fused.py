@@ -200,3 +200,20 @@ def test_after_warm_up_no_step_compiles_a_new_variant(fused: bool) -> None:
             t = sum(lengths)
             run_layer(layer, x[:t], lengths, slots)
     assert stepped and set(stepped) <= set(warmed)
+
+
+@pytest.mark.parametrize("tiling", [Tiling(), SMALL], ids=["default", "small"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "split"])
+def test_the_launch_plans_are_every_plan_of_every_layout(tiling: Tiling, fused: bool) -> None:
+    # Against every (rows, segments) pair, not the three segment counts per row count and the bisection.
+    max_rows, max_segments, k, n, r = 110, 24, 23, 21, 48
+    found = lora_kernels.lora_launch_plans(max_rows, max_segments, k, n, r, fused, tiling)
+    every = {
+        lora_kernels.launch_plan(t, g, k, n, r, fused, tiling)
+        for t in range(1, max_rows + 1)
+        for g in range(1, min(t, max_segments) + 1)
+    }
+    assert set(found) == every
+    assert all(
+        lora_kernels.launch_plan(*layout, k, n, r, fused, tiling) == plan for plan, layout in found.items()
+    )
