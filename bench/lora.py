@@ -300,7 +300,8 @@ def measure(shape: str, args: argparse.Namespace) -> dict[str, Any]:
         peer = peft.PeftModel.from_pretrained(hf, rank8.path).eval()
         hf_ms_per_token(peer, prompt, 8)
         row["hf_peft_ms_tok"] = hf_ms_per_token(peer, prompt, args.latency_tokens)[1]
-        row["peft_vs_ruvon_lora"] = row["hf_peft_ms_tok"] / row["lora_ms_tok"]
+        first = "" if args.lora_paths.split(",")[0] == "fused" else "unfused_"
+        row["peft_vs_ruvon_lora"] = row["hf_peft_ms_tok"] / row[f"{first}lora_ms_tok"]
     del hf
     release()
     return row
