@@ -111,6 +111,41 @@ def _segment_adapter(seg_slots_ptr, ranks_ptr, g, num_segments, num_slots, max_r
     return tl.where(valid, slot, 0), tl.minimum(tl.maximum(rank, 0), max_rank)
 
 
+@triton.jit
+def _row_shrink(
+    x_ptr, a_ptr, row, slot, rank, k_begin, k_end, stride_xt, stride_xk, stride_as, stride_ar, stride_ak,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Return x[row, k_begin:k_end] . A[slot, :rank, k_begin:k_end]^T [BLOCK_R] in fp32 (no steps at rank 0)."""
+    ranks = tl.arange(0, BLOCK_R)
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + row.to(tl.int64) * stride_xt + (k_begin + ks) * stride_xk  # [BLOCK_K]
+    a_ptrs = (
+        a_ptr
+        + slot.to(tl.int64) * stride_as
+        + ranks[:, None] * stride_ar
+        + (k_begin + ks)[None, :] * stride_ak
+    )  # [BLOCK_R, BLOCK_K]
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(k_begin, tl.where(rank > 0, k_end, k_begin), BLOCK_K):
+        k_mask = ks < k_end - k0
+        x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptrs, mask=(ranks < rank)[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(a * x[None, :], axis=1)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    return acc
+
+
+@triton.jit
+def _row_expand(b_ptr, slot, rank, cols, N, h, stride_bs, stride_bn, stride_br, BLOCK_R: tl.constexpr):
+    """Return B[slot, cols, :rank] . h[:rank] [BLOCK_N] in fp32."""
+    ranks = tl.arange(0, BLOCK_R)
+    b_ptrs = b_ptr + slot.to(tl.int64) * stride_bs + cols[:, None] * stride_bn + ranks[None, :] * stride_br
+    b = tl.load(b_ptrs, mask=(cols < N)[:, None] & (ranks < rank)[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
+    return tl.sum(b.to(tl.float32) * h[None, :], axis=1)
+
+
 @triton.jit(do_not_specialize=PER_STEP)
 def _shrink_rows_kernel(
     x_ptr,
@@ -140,24 +175,12 @@ def _shrink_rows_kernel(
     k_begin = tl.program_id(1) * K_SPLIT
     k_end = tl.minimum(K, k_begin + K_SPLIT)
     ranks = tl.arange(0, BLOCK_R)
-    ks = tl.arange(0, BLOCK_K)
     g = _segment_of(seg_indptr_ptr, G, row, BLOCK_G)
     slot, rank = _segment_adapter(seg_slots_ptr, ranks_ptr, g, G, S, R)
-    x_ptrs = x_ptr + row.to(tl.int64) * stride_xt + (k_begin + ks) * stride_xk  # [BLOCK_K]
-    a_ptrs = (
-        a_ptr
-        + slot.to(tl.int64) * stride_as
-        + ranks[:, None] * stride_ar
-        + (k_begin + ks)[None, :] * stride_ak
-    )  # [BLOCK_R, BLOCK_K]
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k0 in range(k_begin, tl.where(rank > 0, k_end, k_begin), BLOCK_K):  # no steps without an adapter
-        k_mask = ks < k_end - k0
-        x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-        a = tl.load(a_ptrs, mask=(ranks < rank)[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(a * x[None, :], axis=1)
-        x_ptrs += BLOCK_K * stride_xk
-        a_ptrs += BLOCK_K * stride_ak
+    acc = _row_shrink(
+        x_ptr, a_ptr, row, slot, rank, k_begin, k_end, stride_xt, stride_xk, stride_as, stride_ar, stride_ak,
+        BLOCK_R, BLOCK_K,
+    )  # fmt: skip
     out_ptrs = out_ptr + tl.program_id(1) * stride_osplit + row.to(tl.int64) * stride_ot + ranks
     tl.store(out_ptrs, acc, mask=ranks < R)
 
@@ -193,13 +216,9 @@ def _expand_rows_kernel(
     g = _segment_of(seg_indptr_ptr, G, row, BLOCK_G)
     slot, rank = _segment_adapter(seg_slots_ptr, ranks_ptr, g, G, S, R)
     if rank > 0:
-        col_mask, rank_mask = cols < N, ranks < rank
-        h = tl.load(h_ptr + row.to(tl.int64) * stride_ht + ranks * stride_hr, mask=rank_mask, other=0.0)
-        b_ptrs = (
-            b_ptr + slot.to(tl.int64) * stride_bs + cols[:, None] * stride_bn + ranks[None, :] * stride_br
-        )
-        b = tl.load(b_ptrs, mask=col_mask[:, None] & rank_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
-        delta = tl.sum(b.to(tl.float32) * h[None, :], axis=1)  # [BLOCK_N]
+        col_mask = cols < N
+        h = tl.load(h_ptr + row.to(tl.int64) * stride_ht + ranks * stride_hr, mask=ranks < rank, other=0.0)
+        delta = _row_expand(b_ptr, slot, rank, cols, N, h, stride_bs, stride_bn, stride_br, BLOCK_R)
         y_ptrs = y_ptr + row.to(tl.int64) * stride_yt + cols * stride_yn
         y = tl.load(y_ptrs, mask=col_mask, other=0.0).to(tl.float32)
         tl.store(y_ptrs, (y + tl.load(scales_ptr + slot) * delta).to(y_ptr.dtype.element_ty), mask=col_mask)
@@ -375,28 +394,16 @@ def _fused_rows_kernel(
     # then tanh-GELU of the row when GELU (rows without an adapter too: the projection's activation).
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ranks = tl.arange(0, BLOCK_R)
-    ks = tl.arange(0, BLOCK_K)
     g = _segment_of(seg_indptr_ptr, G, row, BLOCK_G)
     slot, rank = _segment_adapter(seg_slots_ptr, ranks_ptr, g, G, S, R)
-    col_mask, rank_mask = cols < N, ranks < rank
+    col_mask = cols < N
     y_ptrs = y_ptr + row.to(tl.int64) * stride_yt + cols * stride_yn  # [BLOCK_N]
     if rank > 0:
-        x_ptrs = x_ptr + row.to(tl.int64) * stride_xt + ks * stride_xk  # [BLOCK_K]
-        a_ptrs = a_ptr + slot.to(tl.int64) * stride_as + ranks[:, None] * stride_ar + ks[None, :] * stride_ak
-        h = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = ks < K - k0
-            x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-            a = tl.load(a_ptrs, mask=rank_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            h += tl.sum(a * x[None, :], axis=1)  # [BLOCK_R]
-            x_ptrs += BLOCK_K * stride_xk
-            a_ptrs += BLOCK_K * stride_ak
-        b_ptrs = (
-            b_ptr + slot.to(tl.int64) * stride_bs + cols[:, None] * stride_bn + ranks[None, :] * stride_br
-        )
-        b = tl.load(b_ptrs, mask=col_mask[:, None] & rank_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
-        delta = tl.sum(b.to(tl.float32) * h[None, :], axis=1)  # [BLOCK_N]
+        h = _row_shrink(
+            x_ptr, a_ptr, row, slot, rank, 0, K, stride_xt, stride_xk, stride_as, stride_ar, stride_ak,
+            BLOCK_R, BLOCK_K,
+        )  # fmt: skip
+        delta = _row_expand(b_ptr, slot, rank, cols, N, h, stride_bs, stride_bn, stride_br, BLOCK_R)
         y = tl.load(y_ptrs, mask=col_mask, other=0.0).to(tl.float32)
         out = (y + tl.load(scales_ptr + slot) * delta).to(y_ptr.dtype.element_ty)
         if GELU:  # on the sum as stored (the unfused path rounds it before its GELU too)
