@@ -1,7 +1,8 @@
 """Paged attention on a GPU: the Triton kernels vs the torch reference vs torch SDPA on dense gathered K/V;
 the small-M linear kernel vs cuBLAS (F.linear) on GPT-2's decode GEMMs; and the weight-only int8 / int4 GEMVs
 (kernels/quant_linear.py) on the same shapes vs cuBLAS fp16; with --lora, only the multi-LoRA shrink + expand
-(kernels/lora.py) on GPT-2's c_attn and mlp.c_proj vs the base fp16 linear of the same shape.
+and the one-launch fused kernel (kernels/lora.py) on GPT-2's c_attn and mlp.c_proj vs the base fp16 linear of
+the same shape, and a GELU projection's unfused (shrink + expand + GELU) against fused launch.
 
 Run on a GPU: python bench/kernels_bench.py [--quick] [--linear-only] [--quant-only] [--lora] [--shape gpt2 --shape gpt2-xl] [--out results.json]
 Without a GPU only --lora runs: one tiny shape through Triton's CPU interpreter, a check that the section
@@ -44,7 +45,7 @@ from kernels.linear import Tiling as LinearTiling  # noqa: E402
 from kernels.linear import small_m_linear  # noqa: E402
 from kernels.lora import DEFAULT_TILING as LORA_TILING  # noqa: E402
 from kernels.lora import Tiling as LoraTiling  # noqa: E402
-from kernels.lora import lora_expand, lora_shrink  # noqa: E402
+from kernels.lora import lora_apply, lora_expand, lora_fused, lora_shrink  # noqa: E402
 from kernels.paged_attention import DEFAULT_TILING, Tiling, paged_attention  # noqa: E402
 from kernels.quant_linear import int4_gemv, int8_gemv  # noqa: E402
 from kernels.reference import (  # noqa: E402
@@ -108,6 +109,12 @@ LORA_SWEEP = [
 LORA_SWEEP_CASES = (("gpt2-xl", 1600, 4800, 1, "decode"), ("gpt2-xl", 6400, 1600, 1, "decode"))
 LORA_SWEEP_CASES += (("gpt2-xl", 1600, 4800, 256, "decode"), ("gpt2-xl", 1600, 4800, 2048, "prefill"))
 LORA_FIELDS = ("block_k", "num_warps")
+# The fused kernel on the decode cases: how many programs to aim for (each recomputes its row's shrink).
+LORA_FUSED_SWEEP = [
+    LoraTiling(fused_min_programs=p, block_k=bk, num_warps=w)
+    for p, bk, w in itertools.product((33, 66, 132, 264, 528), (32, 64, 128), (2, 4))
+]
+LORA_FUSED_FIELDS = ("fused_min_programs", "block_k", "num_warps")
 
 
 def median_us(fn: Callable[[], Any]) -> float:
@@ -440,6 +447,16 @@ class LoraCase:
             h = lora_shrink(self.x, a, *self.tables(), tiling=tiling)
             lora_expand(self.y, h, b, *self.tables(), self.scales, tiling=tiling)
 
+    def fused(self, gelu: bool = False, tiling: LoraTiling = LORA_TILING) -> None:
+        """lora_fused on every layout (the engine takes it for decode rows only): one launch per call."""
+        for a, b in self.stacks:
+            lora_fused(self.y, self.x, a, b, *self.tables(), self.scales, gelu, tiling)
+
+    def split_gelu(self) -> None:
+        """The unfused path of a GELU projection (RUVON_LORA_FUSED=0): shrink, expand, then a GELU kernel."""
+        for a, b in self.stacks:
+            lora_apply(self.y, self.x, a, b, *self.tables(), self.scales, True, fused=False)
+
     def shrink(self) -> None:
         for a, _ in self.stacks:
             lora_shrink(self.x, a, *self.tables())
@@ -463,7 +480,8 @@ class LoraCase:
         ref = self.y.clone()
         lora_expand_ref(ref, self.hs[0], b, *self.tables(), self.scales)
         delta = ref.float() - self.y.float()
-        return ((y.float() - ref.float()).norm() / delta.norm()).item()
+        fused = lora_fused(self.y.clone(), self.x, a, b, *self.tables(), self.scales)
+        return max(((out.float() - ref.float()).norm() / delta.norm()).item() for out in (y, fused))
 
 
 def cpu_us(fn: Callable[[], Any], calls: int = 3) -> float:
@@ -487,9 +505,14 @@ def lora_row(model: str, layer: str, k: int, n: int, rows: int, layout: str) -> 
     per_call = (lambda fn: graph_us(fn) / copies) if cuda else cpu_us
     lora_us, linear_us = per_call(case.lora), per_call(case.linear)
     path = "rows" if LORA_TILING.rows_apart(rows, case.seg_slots.shape[0]) else "tiles"
+    fused_takes = path == "rows" and rows <= LORA_TILING.fused_max_rows  # lora_apply's own choice
     row = {"model": model, "layer": layer, "K": k, "N": n, "rows": rows, "layout": layout, "path": path}
     row |= {"lora_us": lora_us, "shrink_us": per_call(case.shrink), "expand_us": per_call(case.expand)}
-    row |= {"linear_us": linear_us, "lora/linear": lora_us / linear_us}
+    fused_us = per_call(case.fused)
+    row |= {"fused_us": fused_us, "linear_us": linear_us, "lora/linear": lora_us / linear_us}
+    row |= {"fused/linear": fused_us / linear_us, "engine_takes": "fused" if fused_takes else path}
+    # A GELU projection (mlp.c_fc): shrink + expand + GELU kernel against one fused launch.
+    row |= {"split_gelu_us": per_call(case.split_gelu), "fused_gelu_us": per_call(lambda: case.fused(True))}
     row |= {"lora_eager_us": (median_us(case.lora) / copies) if cuda else lora_us}
     row |= {"torch_ref_us": (median_us if cuda else cpu_us)(case.reference)}
     return row | {"err_x1e4": error * 1e4}
@@ -504,7 +527,8 @@ def lora_rows(models: list[str]) -> list[dict[str, Any]]:
 
 
 def lora_sweep_rows() -> list[dict[str, Any]]:
-    """Graph-time each LoRA tiling variant (shrink + expand) on a few cases; one row per (case, variant)."""
+    """Graph-time each LoRA tiling variant (shrink + expand; on decode cases the fused kernel too) on a few
+    cases; one row per (case, variant)."""
     rows = []
     for model, k, n, m, layout in LORA_SWEEP_CASES:
         case = LoraCase(k, n, m, layout)
@@ -516,6 +540,13 @@ def lora_sweep_rows() -> list[dict[str, Any]]:
             label = " ".join([f"path={path}"] + [f"{f}={getattr(tiling, f)}" for f in LORA_FIELDS])
             is_default = all(getattr(tiling, f) == getattr(LORA_TILING, f) for f in LORA_FIELDS)
             is_default &= path == ("rows" if LORA_TILING.rows_apart(m, segments) else "tiles")
+            rows.append({"case": name, "tiling": label + (" *" if is_default else ""), "us": us})
+        if layout != "decode":
+            continue
+        for tiling in LORA_FUSED_SWEEP:
+            us = graph_us(functools.partial(case.fused, False, tiling)) / len(case.weights)
+            label = " ".join(["path=fused"] + [f"{f}={getattr(tiling, f)}" for f in LORA_FUSED_FIELDS])
+            is_default = all(getattr(tiling, f) == getattr(LORA_TILING, f) for f in LORA_FUSED_FIELDS)
             rows.append({"case": name, "tiling": label + (" *" if is_default else ""), "us": us})
     return rows
 
@@ -533,10 +564,16 @@ def lora_main(args: argparse.Namespace, models: list[str]) -> None:
     if args.out:
         args.out.write_text(path.read_text())
     if cuda:
-        print("\nLoRA tiling sweep (shrink + expand, graph time per call; * = default):")
+        print(
+            "\nLoRA tiling sweep (shrink + expand, and fused on decode cases; graph time per call; * = default):"
+        )
         print_table(payload.get("lora_sweep", []))
     timing = "graph time per layer call" if cuda else "CPU interpreter: the times say nothing about speed"
-    print(f"\nMulti-LoRA shrink + expand (8 adapters, ranks 8-16) vs the base fp16 linear ({timing}):")
+    print(
+        f"\nMulti-LoRA shrink + expand, and the one-launch fused kernel (8 adapters, ranks 8-16), vs the base "
+        f"fp16 linear ({timing}); engine_takes is what lora_apply runs for the step (RUVON_LORA_FUSED=0: "
+        "rows/tiles):"
+    )
     print_table(payload["lora"])
     print(f"\nwrote {path}")
 

@@ -5,13 +5,19 @@ serving 64 unmerged adapters, one adapter merged, and HF transformers + PEFT as 
       8-16, against the same 512 requests on the base model (a separate engine without LoRA);
   (b) batch-1 decode ms/token: base, one unmerged rank-8 adapter, that adapter merged;
   (c) hot-loading a rank-8 adapter never seen before while 32 requests decode: time until it sits in a
-      slot, and the largest inter-token gap of the running requests meanwhile, in steps;
+      slot (split into the read, the steps waiting for it, the slot copy and the step that placed it), and
+      the largest inter-token gap of the running requests meanwhile, in their median steps and in ms;
   (d) HF transformers + PEFT batch-1 on the same weights and adapter.
+
+(a)-(c) run once per --lora-paths entry: fused (the default: decode rows take one kernel per projection)
+and unfused (shrink + expand + GELU, as RUVON_LORA_FUSED=0 selects), each on an engine of its own; the
+unfused numbers carry an unfused_ prefix. Each LoRA engine's start-up warm-up (every LoRA kernel variant
+compiled before the first step) is reported as lora_warm_up_launches / lora_warm_up_s.
 
 The adapters are written in PEFT's format (and loaded by PEFT for the peer) with random A and B; they
 target every projection (c_attn, c_proj, c_fc) unless --targets says otherwise.
 
-Run on a GPU: python bench/lora.py --shape gpt2 --shape gpt2-xl
+Run on a GPU: python bench/lora.py --shape gpt2 --shape gpt2-xl [--lora-paths fused,unfused]
 A quick CPU smoke run: python bench/lora.py --shape tiny --device cpu --dtype float32 --requests 8 \
     --min-prompt 8 --max-prompt 16 --latency-tokens 16 \
     --adapters 4 --new-tokens 4 --prompt-len 8 --hot-running 2 --skip-hf
@@ -23,6 +29,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -168,7 +175,9 @@ def hot_load(
     engine.add_request(
         "hot", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), adapter=fresh
     )
+    step_started = asked
     while fresh.key not in manager.slot_of:
+        step_started = time.perf_counter()
         step()
     placed = time.perf_counter()
     for _ in range(3):  # the steps right after the copy count too
@@ -184,9 +193,16 @@ def hot_load(
         pass
     return {
         "hot_load_ms": (placed - asked) * 1e3,
+        # Where it went: the steps before the read ended (the read itself on the reader thread), then the
+        # one step that copied the adapter into its slot and ran the hot request's prefill beside the
+        # running decodes (a Triton compile in a step would show here).
         "hot_read_ms": manager.last_read_seconds * 1e3,
+        "hot_waiting_ms": (step_started - asked) * 1e3,
         "hot_slot_copy_ms": manager.last_slot_seconds * 1e3,
+        "hot_step_ms": (placed - step_started) * 1e3,
+        "median_step_ms": median_step * 1e3,
         "max_gap_steps": max(gaps, default=0.0) / median_step,
+        "max_gap_ms": max(gaps, default=0.0) * 1e3,
     }
 
 
@@ -216,7 +232,11 @@ def measure(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     ranks = [8 + i % 9 for i in range(args.adapters)]  # 8..16
     adapters = [write_adapter(root / f"a{i}", config, r, targets, seed=i) for i, r in enumerate(ranks)]
     rank8 = write_adapter(root / "rank8", config, 8, targets, seed=1000)
-    fresh = write_adapter(root / "fresh", config, 8, targets, seed=1001)
+    # One never-read adapter per LoRA engine, for its hot load.
+    fresh = {
+        path: write_adapter(root / f"fresh-{path}", config, 8, targets, seed=1001 + i)
+        for i, path in enumerate(args.lora_paths.split(","))
+    }
     prompts = workload(args.requests, args.min_prompt, args.max_prompt, config.vocab_size)
     prompt = workload(1, args.prompt_len, args.prompt_len, config.vocab_size, seed=1)[0]
     row: dict[str, Any] = {
@@ -236,25 +256,36 @@ def measure(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     del base
     release()
 
-    lora = engine_for(base_path, args, enable_lora=True, max_loras=args.max_loras, max_lora_rank=16)
-    refused = floor_refusal(lora, f"lora {shape} with adapters")
-    if refused:
-        return {"shape": shape, "refused": refused}
-    throughput(lora, [prompt] * len(adapters), adapters, 2)  # warm-up: every adapter read, in a slot
-    row["lora_tok_s"] = throughput(lora, prompts, adapters, args.new_tokens)
-    row["lora_vs_base"] = row["lora_tok_s"] / row["base_tok_s"]
-    ms_per_token(lora, prompt, 8, rank8)
-    row["lora_ms_tok"] = ms_per_token(lora, prompt, args.latency_tokens, rank8)
-    row.update(hot_load(lora, fresh, adapters[: args.hot_running], prompt, args.latency_tokens))
-    del lora
-    release()
+    for path in args.lora_paths.split(","):
+        # RUVON_LORA_FUSED picks the kernels of the engine built next (kernels/backend.py).
+        os.environ["RUVON_LORA_FUSED"] = "1" if path == "fused" else "0"
+        prefix = "" if path == "fused" else f"{path}_"
+        started = time.perf_counter()
+        lora = engine_for(base_path, args, enable_lora=True, max_loras=args.max_loras, max_lora_rank=16)
+        refused = floor_refusal(lora, f"lora {shape} with adapters")
+        if refused:
+            return {"shape": shape, "refused": refused}
+        assert lora.adapters is not None
+        row[f"{prefix}lora_start_s"] = time.perf_counter() - started
+        row[f"{prefix}lora_warm_up_launches"] = lora.adapters.stats()["lora_warm_up_launches"]
+        row[f"{prefix}lora_warm_up_s"] = lora.adapters.stats()["lora_warm_up_seconds"]
+        throughput(lora, [prompt] * len(adapters), adapters, 2)  # warm-up: every adapter read, in a slot
+        row[f"{prefix}lora_tok_s"] = throughput(lora, prompts, adapters, args.new_tokens)
+        row[f"{prefix}lora_vs_base"] = row[f"{prefix}lora_tok_s"] / row["base_tok_s"]
+        ms_per_token(lora, prompt, 8, rank8)
+        row[f"{prefix}lora_ms_tok"] = ms_per_token(lora, prompt, args.latency_tokens, rank8)
+        row[f"{prefix}lora_overhead"] = row[f"{prefix}lora_ms_tok"] / row["base_ms_tok"] - 1.0
+        hot = hot_load(lora, fresh[path], adapters[: args.hot_running], prompt, args.latency_tokens)
+        row.update({f"{prefix}{key}": value for key, value in hot.items()})
+        del lora
+        release()
+    os.environ.pop("RUVON_LORA_FUSED", None)
 
     merged = engine_for(base_path, args, loras=(f"rank8={rank8.path}",), merge_lora=True)
     ms_per_token(merged, prompt, 8, None)
     row["merged_ms_tok"] = ms_per_token(merged, prompt, args.latency_tokens, None)
     del merged
     release()
-    row["lora_overhead"] = row["lora_ms_tok"] / row["base_ms_tok"] - 1.0
     row["merged_overhead"] = row["merged_ms_tok"] / row["base_ms_tok"] - 1.0
 
     if not args.skip_hf:
@@ -266,7 +297,8 @@ def measure(shape: str, args: argparse.Namespace) -> dict[str, Any]:
         peer = peft.PeftModel.from_pretrained(hf, rank8.path).eval()
         hf_ms_per_token(peer, prompt, 8)
         row["hf_peft_ms_tok"] = hf_ms_per_token(peer, prompt, args.latency_tokens)[1]
-        row["peft_vs_ruvon_lora"] = row["hf_peft_ms_tok"] / row["lora_ms_tok"]
+        first = "" if args.lora_paths.split(",")[0] == "fused" else "unfused_"
+        row["peft_vs_ruvon_lora"] = row["hf_peft_ms_tok"] / row[f"{first}lora_ms_tok"]
     del hf
     release()
     return row
@@ -300,9 +332,17 @@ def main() -> None:
         "--num-blocks", type=int, default=0, help="KV blocks per engine (0: from free memory)"
     )
     parser.add_argument("--skip-hf", action="store_true", help="leave out the HF transformers + PEFT peer")
+    parser.add_argument(
+        "--lora-paths",
+        default="fused",
+        help="LoRA engines to measure, comma-separated: fused (decode rows in one launch per projection) "
+        "and/or unfused (shrink + expand + GELU, RUVON_LORA_FUSED=0); unfused rows are prefixed unfused_",
+    )
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
     args.hot_running = min(args.hot_running, args.adapters)
+    if not set(args.lora_paths.split(",")) <= {"fused", "unfused"}:
+        parser.error("--lora-paths takes fused and/or unfused, comma-separated")
     args.latency_tokens = max(args.latency_tokens, 2)
     shapes = args.shape or ["gpt2"]
     rows = rows_from_children(__file__, "lora", shapes) if len(shapes) > 1 else one_shape(shapes[0], args)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,6 +15,7 @@ from kernels.reference import (
     int4_linear_ref,
     int8_linear_ref,
     linear_ref,
+    lora_apply_ref,
     lora_expand_ref,
     lora_shrink_ref,
     pack_int4_ref,
@@ -43,13 +46,22 @@ class KernelBackend:
     # Many LoRA adapters in one batch (kernels/reference.py explains the segment layout):
     lora_shrink: Callable[..., torch.Tensor] = lora_shrink_ref  # (x, a, seg_indptr, seg_slots, ranks) -> h
     lora_expand: Callable[..., None] = lora_expand_ref  # (y, h, b, seg_indptr, seg_slots, ranks, scales)
+    # A LoRA projection's whole update: (y, x, a, b, seg_indptr, seg_slots, ranks, scales, gelu) -> y or GELU(y)
+    lora_apply: Callable[..., torch.Tensor] = lora_apply_ref
+    # Compile every launch variant of lora_apply up front: (a, b, ranks, scales, max_rows, max_segments, gelu)
+    # -> variants run; the references have none.
+    lora_warm_up: Callable[..., int] = lambda *args, **kwargs: 0  # noqa: E731
 
 
 def cuda_backend() -> KernelBackend:
-    """Return the kernel backend built from the Triton kernels (imports Triton; for CUDA devices)."""
+    """Return the kernel backend built from the Triton kernels (imports Triton; for CUDA devices).
+
+    RUVON_LORA_FUSED=0 keeps decode-shaped LoRA steps on shrink + expand (+ GELU) instead of the one-launch
+    kernel: the two can be measured against each other in one process by building an engine under each."""
+    fused = os.environ.get("RUVON_LORA_FUSED", "1") != "0"
     # Imported here so that the CPU path (the references) never needs Triton.
     from kernels.linear import linear
-    from kernels.lora import lora_expand, lora_shrink
+    from kernels.lora import lora_apply, lora_expand, lora_shrink, lora_warm_up
     from kernels.norm import add_layer_norm, add_rms_norm
     from kernels.paged_attention import paged_attention
     from kernels.quant_linear import int4_linear, int8_linear
@@ -65,6 +77,8 @@ def cuda_backend() -> KernelBackend:
         int4_linear=int4_linear,  # reads pack_int4_ref's layout
         lora_shrink=lora_shrink,
         lora_expand=lora_expand,
+        lora_apply=functools.partial(lora_apply, fused=fused),
+        lora_warm_up=functools.partial(lora_warm_up, fused=fused),
     )
 
 

@@ -270,3 +270,22 @@ def lora_expand_ref(
         r = rank_of[slot]
         delta = h[start:end, :r] @ b[slot, :, :r].float().T
         y[start:end] = (y[start:end].float() + scale_of[slot] * delta).to(y.dtype)
+
+
+def lora_apply_ref(
+    y: torch.Tensor,  # [T, N], updated in place: the base projection's output (bias in, no activation yet)
+    x: torch.Tensor,  # [T, K] the projection's input
+    a: torch.Tensor,  # [S, R, K]
+    b: torch.Tensor,  # [S, N, R]
+    seg_indptr: torch.Tensor,  # [G + 1] int32
+    seg_slots: torch.Tensor,  # [G] int32
+    ranks: torch.Tensor,  # [S] int32
+    scales: torch.Tensor,  # [S] float32
+    gelu: bool = False,
+) -> torch.Tensor:  # [T, N]
+    """Return a LoRA projection's output: y (updated in place) plus each row's low-rank update (shrink, then
+    expand), then tanh-GELU of every row when gelu (PEFT adds the update before the activation)."""
+    lora_expand_ref(
+        y, lora_shrink_ref(x, a, seg_indptr, seg_slots, ranks), b, seg_indptr, seg_slots, ranks, scales
+    )
+    return add_bias_gelu(y, None, gelu)

@@ -195,6 +195,9 @@ class LLMEngine:
             lora=self.adapters is not None,
             eos_ids=eos_ids,
         )
+        if self.adapters is not None:
+            # After the runner set the kernel backend; a step never compiles a LoRA kernel variant later.
+            self.adapters.warm_up(config.max_num_batched_tokens, config.max_num_seqs)
         self.proposer: Proposer | None = self._make_proposer(num_blocks)
         self.spec_table = load_batch_table(config.speculative_batch_table)
         if self.proposer is not None:

@@ -10,7 +10,6 @@ from gpu_worker.layers.base import CheckpointTensor, Layer
 from gpu_worker.layers.linear import WHOLE, Linear
 from gpu_worker.models.base import CausalLM
 from gpu_worker.quant.layers import QuantLinear
-from kernels.reference import add_bias_gelu
 
 Projection = Linear | QuantLinear
 # (layer index, PEFT target suffix) -> the LoRALinear it lands in and the shard of it that it fills.
@@ -54,12 +53,21 @@ class LoRALinear(Layer):
         lora = metadata.lora if metadata is not None else None
         if lora is None:  # no row of this step uses an adapter
             return self.base(x)
-        # The update joins the projection before its activation (PEFT adds it to the Linear's output).
+        # The update joins the projection before its activation (PEFT adds it to the Linear's output), so
+        # the activation moves from the base's epilogue to the update's.
         y = self.base.project(x, gelu=False)
-        backend = self.context.backend
-        h = backend.lora_shrink(x, self.a, lora.seg_indptr, lora.seg_slots, self.ranks)  # [T, R] float32
-        backend.lora_expand(y, h, self.b, lora.seg_indptr, lora.seg_slots, self.ranks, self.scales)
-        return add_bias_gelu(y, None, self.base.gelu)
+        tables = (lora.seg_indptr, lora.seg_slots, self.ranks, self.scales)
+        return self.context.backend.lora_apply(y, x, self.a, self.b, *tables, self.base.gelu)
+
+    def warm_up(self, max_rows: int, max_segments: int) -> int:
+        """Run the backend's LoRA kernels once in every launch variant a step of up to `max_rows` rows in
+        `max_segments` segments can take, so none compiles mid-step; return how many ran."""
+        stacks = (self.a, self.b, self.ranks, self.scales)
+        return self.context.backend.lora_warm_up(*stacks, max_rows, max_segments, gelu=self.base.gelu)
+
+    def variant(self) -> tuple[object, ...]:
+        """Return what sets this layer's kernel variants: its shapes, dtype and activation."""
+        return (self.in_features, self.out_features, tuple(self.a.shape), self.a.dtype, self.base.gelu)
 
     def load_weight(self, name: str, tensor: CheckpointTensor) -> None:
         self.base.load_weight(name, tensor)

@@ -61,6 +61,7 @@ class AdapterManager:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ruvon-lora-reader")
         self.num_reads = self.num_slot_loads = self.num_slot_evictions = 0
         self.last_read_seconds = self.last_slot_seconds = 0.0
+        self.num_warm_up_launches, self.warm_up_seconds = 0, 0.0
 
     def info(self) -> dict[str, Any]:
         """Return what the web tier checks uploads against (the heartbeat's "lora")."""
@@ -71,6 +72,16 @@ class AdapterManager:
             "num_layers": self.num_layers,
             "targets": targets,
         }
+
+    def warm_up(self, max_rows: int, max_segments: int) -> int:
+        """Run the LoRA kernels in every launch variant a step of up to `max_rows` rows in `max_segments`
+        segments can take, once per distinct kind of layer, so that no step (an adapter's first prefill
+        beside running decodes, say) waits for Triton to compile; return how many launches ran."""
+        started = time.perf_counter()
+        layers = {module.variant(): module for module in self.modules}
+        self.num_warm_up_launches = sum(module.warm_up(max_rows, max_segments) for module in layers.values())
+        self.warm_up_seconds = time.perf_counter() - started
+        return self.num_warm_up_launches
 
     def stats(self) -> dict[str, float]:
         """Return the slot and cache counters (engine.stats())."""
@@ -83,6 +94,8 @@ class AdapterManager:
             "lora_slot_evictions": self.num_slot_evictions,
             "lora_last_read_seconds": self.last_read_seconds,
             "lora_last_slot_seconds": self.last_slot_seconds,
+            "lora_warm_up_launches": self.num_warm_up_launches,
+            "lora_warm_up_seconds": self.warm_up_seconds,
         }
 
     # ---- queries -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from kernels.reference import lora_expand_ref, lora_shrink_ref
 
 pytest.importorskip("triton")
 from kernels.backend import cuda_backend  # noqa: E402
-from kernels.lora import Tiling, lora_expand, lora_shrink  # noqa: E402
+from kernels.lora import Tiling, lora_apply, lora_expand, lora_shrink  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RANKS = (3, 8, 16)  # three slots, padded to R = 16
@@ -212,9 +212,12 @@ def test_the_reference_is_the_per_row_low_rank_update() -> None:
         assert_close(y[i], expected, torch.float32)
 
 
-def test_the_cuda_backend_runs_these_kernels() -> None:
+def test_the_cuda_backend_runs_these_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     backend = cuda_backend()
     assert backend.lora_shrink is lora_shrink and backend.lora_expand is lora_expand
+    assert backend.lora_apply.func is lora_apply and backend.lora_apply.keywords == {"fused": True}
+    monkeypatch.setenv("RUVON_LORA_FUSED", "0")  # the two-kernel path, for measuring one against the other
+    assert cuda_backend().lora_apply.keywords == {"fused": False}
 
 
 # Steps at real sizes: decode rows only (the per-row path), and decode rows beside a prefill chunk or

@@ -20,6 +20,7 @@ SECTIONS = {
         "gpu_worker/logs.py",
         "gpu_worker/tracing.py",
         "gpu_worker/loading/checkpoints/hub.py",
+        "kernels/backend.py",
     ],
     "Elsewhere": ["inference/health.py", "ruvon/asgi.py"],
 }

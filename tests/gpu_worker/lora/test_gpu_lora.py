@@ -61,3 +61,45 @@ def test_a_mixed_adapter_batch_matches_the_cpu_reference_path(
         )
         results.append(tokens(LLMEngine(config), prompts, adapters))
     assert results[0] == results[1]
+
+
+def compiled_lora_variants() -> int:
+    """Return how many variants of the LoRA kernels Triton has compiled in this process, on every device."""
+    import kernels.lora as lora_kernels
+
+    kernels = [getattr(lora_kernels, name) for name in dir(lora_kernels) if name.endswith("_kernel")]
+    return sum(len(caches[0]) for kernel in kernels for caches in kernel.device_caches.values())
+
+
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_a_hot_load_beside_running_requests_compiles_nothing(
+    tiny_gpt2: Peer, gpt2_adapters: dict[int, SavedAdapter], fused: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The start-up warm-up compiles every LoRA kernel variant; a new adapter's first prefill next to running
+    # decodes (a layout no earlier step had) must not compile one in the step.
+    monkeypatch.setenv("RUVON_LORA_FUSED", fused)
+    config = EngineConfig(
+        model=str(tiny_gpt2.path),
+        device="cuda",
+        dtype="float16",
+        num_blocks=256,
+        enable_lora=True,
+        max_loras=4,
+        max_lora_rank=8,
+        max_num_seqs=16,
+        max_num_batched_tokens=256,
+    )
+    engine = LLMEngine(config)
+    assert engine.adapters is not None and engine.adapters.num_warm_up_launches > 0
+    compiled = compiled_lora_variants()
+    rng = random.Random(3)
+    first, *rest = [a.request for a in gpt2_adapters.values()]
+    for i in range(7):
+        engine.add_request(f"run{i}", [rng.randrange(50257) for _ in range(5 + 9 * i)], GREEDY, adapter=first)
+    for _ in range(3):
+        engine.step()
+    for i, adapter in enumerate(rest):
+        engine.add_request(f"hot{i}", [rng.randrange(50257) for _ in range(37 + i)], GREEDY, adapter=adapter)
+    for _ in engine.stream():
+        pass
+    assert compiled_lora_variants() == compiled
