@@ -15,7 +15,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from gpu_worker.errors import ModelLoadError
 from gpu_worker.loading.assets import GPT2_TIKTOKEN_SHA256
-from gpu_worker.loading.checkpoints.gguf_reader import GGUFFile
+from gpu_worker.loading.gguf_reader import GGUFFile
 
 # GPT-2's pre-tokenizer: contractions, letter runs, digit runs, punctuation runs (each may take one leading
 # space), then whitespace. BPE merges never cross the boundaries of these pieces.

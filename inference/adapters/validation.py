@@ -9,15 +9,17 @@ import logging
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
 from gpu_worker.errors import InvalidAdapterError
-from gpu_worker.lora.format import AdapterInfo, check_adapter
 from inference.adapters.archive import UnsafeArchive, extract_adapter
 from inference.adapters.registry import served_model_info, unload_from_workers
 from inference.models import Adapter
+
+if TYPE_CHECKING:
+    from gpu_worker.lora.format import AdapterInfo
 
 log = logging.getLogger("ruvon.adapters")
 
@@ -81,6 +83,10 @@ def lora_support(base_model: str, info: dict[str, Any]) -> dict[str, Any]:
 def stage_and_check(adapter: Adapter, lora: dict[str, Any]) -> tuple[Path, AdapterInfo]:
     """Return a staging folder holding the adapter's checked files, and what check_adapter found; raise
     AdapterRefused (with the staging folder removed) if the archive is unsafe or the adapter does not fit."""
+    # Here, not at the top: it imports torch, which every Django process (the admin imports this module)
+    # would otherwise pay for at start-up.
+    from gpu_worker.lora.format import check_adapter
+
     staging = Path(settings.RUVON_ADAPTER_DIR) / STAGING / uuid.uuid4().hex
     try:
         upload = adapter.archive.open("rb")

@@ -19,7 +19,7 @@ from gpu_worker.config import ModelConfig
 from gpu_worker.errors import ModelLoadError
 from gpu_worker.layers.base import CheckpointTensor, QuantizedTensor
 from gpu_worker.loading.checkpoints import Checkpoint, reject_unsupported
-from gpu_worker.loading.checkpoints.gguf_reader import GGUFFile
+from gpu_worker.loading.gguf_reader import GGUFFile
 
 # GGUF block types that load as they are: (bits, block size along K).
 GGUF_QUANT_LAYOUTS = {"Q8_0": (8, 32), "Q4_0": (4, 32), "Q4_1": (4, 32)}

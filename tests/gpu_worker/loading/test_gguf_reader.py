@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from gguf.quants import quantize
 
-from gpu_worker.loading.checkpoints.gguf_reader import GGUFFile
+from gpu_worker.loading.gguf_reader import GGUFFile
 
 
 def _write(path: Path) -> Path:
