@@ -28,8 +28,8 @@ def _record(event: dict[str, Any]) -> bool:
 
 class Command(BaseCommand):
     help = "Ingest usage events from the ruvon:usage stream (idempotent; run one or more)."
-    # The checks of what it uses; the URL check would import every view, and with them torch (xgrammar),
-    # seconds of CPU at each start of a process that only moves rows.
+    # The checks of what it uses: the URL check imports every view and the API, about a second of CPU at
+    # each start of a process that only moves rows.
     requires_system_checks = [Tags.models, Tags.database]
 
     def add_arguments(self, parser: ArgumentParser) -> None:
