@@ -50,7 +50,9 @@ def test_it_reads_what_gguf_py_reads(tmp_path: Path) -> None:
     ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
     expected = {key: field.contents() for key, field in theirs.fields.items() if not key.startswith("GGUF.")}
     assert ours.fields == expected
-    assert ours.fields["t.words"] == ["a", "", "Ġthe", "<|im_end|>"] and ours.fields["t.text"] == "héllo ▁world"
+    assert (
+        ours.fields["t.words"] == ["a", "", "Ġthe", "<|im_end|>"] and ours.fields["t.text"] == "héllo ▁world"
+    )
     assert [t.name for t in ours.tensors] == ["a.weight", "b.weight", "c.weight", "d.weight"]
     for mine, reference in zip(ours.tensors, theirs.tensors, strict=True):
         assert mine.tensor_type == reference.tensor_type and mine.n_bytes == int(reference.n_bytes)
