@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,13 +81,17 @@ def lora_support(base_model: str, info: dict[str, Any]) -> dict[str, Any]:
     return lora
 
 
+def checker() -> Callable[..., AdapterInfo]:
+    """Return gpu_worker.lora.format.check_adapter, imported on first use: it imports torch, which every
+    Django process (the admin imports this module) would otherwise pay for at start-up."""
+    from gpu_worker.lora.format import check_adapter
+
+    return check_adapter
+
+
 def stage_and_check(adapter: Adapter, lora: dict[str, Any]) -> tuple[Path, AdapterInfo]:
     """Return a staging folder holding the adapter's checked files, and what check_adapter found; raise
     AdapterRefused (with the staging folder removed) if the archive is unsafe or the adapter does not fit."""
-    # Here, not at the top: it imports torch, which every Django process (the admin imports this module)
-    # would otherwise pay for at start-up.
-    from gpu_worker.lora.format import check_adapter
-
     staging = Path(settings.RUVON_ADAPTER_DIR) / STAGING / uuid.uuid4().hex
     try:
         upload = adapter.archive.open("rb")
@@ -102,7 +107,7 @@ def stage_and_check(adapter: Adapter, lora: dict[str, Any]) -> tuple[Path, Adapt
                 max_bytes=settings.RUVON_MAX_ADAPTER_BYTES,
                 max_files=settings.RUVON_MAX_ADAPTER_FILES,
             )
-        info = check_adapter(staging, lora["targets"], lora["num_layers"], lora["max_rank"])
+        info = checker()(staging, lora["targets"], lora["num_layers"], lora["max_rank"])
     except UnsafeArchive as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise AdapterRefused(exc.reason) from exc

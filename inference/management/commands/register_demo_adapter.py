@@ -106,4 +106,5 @@ def validate_when_a_worker_reports(adapter_id: int, wait_s: float) -> str:
         except validation.WorkerUnavailable as exc:
             if time.monotonic() >= deadline:
                 raise CommandError(f"{exc} (waited {wait_s:g} s); the adapter stays validating") from None
+            validation.checker()  # torch's import while the worker still loads, rather than after it
             time.sleep(0.2)
