@@ -70,3 +70,7 @@ class Layer(nn.Module):
 
 class Embedding(nn.Embedding, Layer):
     """A token or position table: `weight` [num_embeddings, dim]."""
+
+    def reset_parameters(self) -> None:
+        """Leave the table unset: models are built on the meta device and filled from a checkpoint (or seeded
+        random weights), and torch's normal_ on meta imports torch._dynamo, seconds of every worker's start."""

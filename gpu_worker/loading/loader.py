@@ -16,7 +16,6 @@ from tqdm import tqdm
 
 from gpu_worker.config import ModelConfig
 from gpu_worker.errors import InvalidAdapterError, ModelLoadError
-from gpu_worker.loading.assets import smollm2_gguf_path
 from gpu_worker.loading.checkpoints import Checkpoint
 from gpu_worker.loading.checkpoints.gguf_file import (
     FLOAT_TYPES,
@@ -27,7 +26,8 @@ from gpu_worker.loading.checkpoints.gguf_file import (
     read_gguf_tensors,
 )
 from gpu_worker.loading.checkpoints.hf_dir import read_hf_config, read_hf_tensors
-from gpu_worker.loading.checkpoints.hub import GPT2_HUB_NAMES, is_hub_name, pull, resolve_cached_snapshot
+from gpu_worker.loading.checkpoints.hub import pull
+from gpu_worker.loading.specs import RANDOM_SHAPES, ModelSource, parse_random_spec, random_shape, resolve_spec
 from gpu_worker.lora.format import adapter_targets, read_adapter
 from gpu_worker.lora.merge import merge_adapter
 from gpu_worker.models import CausalLM, build_model
@@ -51,48 +51,6 @@ __all__ = [
 PROGRESS_MIN_BYTES = 256 * 2**20  # below this a progress bar is noise
 
 
-def _gpt2_shape(hidden: int, layers: int, heads: int, positions: int = 1024) -> ModelConfig:
-    return ModelConfig(
-        arch="gpt2",
-        vocab_size=50257,
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=heads,
-        intermediate_size=4 * hidden,
-        max_position_embeddings=positions,
-        bos_token_id=50256,
-        eos_token_ids=(50256,),
-    )
-
-
-RANDOM_SHAPES: dict[str, ModelConfig] = {
-    "tiny": _gpt2_shape(64, 2, 4, positions=128),
-    "gpt2": _gpt2_shape(768, 12, 12),
-    "gpt2-medium": _gpt2_shape(1024, 24, 16),
-    "gpt2-large": _gpt2_shape(1280, 36, 20),
-    "gpt2-xl": _gpt2_shape(1600, 48, 25),
-    # SmolLM2's vocabulary, so its tokenizer and chat template work with random weights.
-    "tiny-llama": ModelConfig(
-        arch="llama",
-        vocab_size=49152,
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=512,
-        rope_theta=100000.0,
-        bos_token_id=1,
-        eos_token_ids=(2,),
-    ),
-}
-# Qwen2's composition (q/k/v biases, a larger rope theta) on the same shape and vocabulary.
-RANDOM_SHAPES["tiny-qwen2"] = replace(
-    RANDOM_SHAPES["tiny-llama"], arch="qwen2", qkv_bias=True, rope_theta=1e6
-)
-
-
 @dataclass
 class LoadedModel:
     """A model ready for the runner, plus where it came from and how to describe it to users."""
@@ -104,50 +62,6 @@ class LoadedModel:
     is_random: bool
     source_kind: Literal["hf_dir", "gguf", "random"]
     source_path: Path | None
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a spec's model lives, found without reading any weights."""
-
-    kind: Literal["hf_dir", "gguf", "random"]
-    name: str  # the served name
-    path: Path | None  # None for random weights
-    spec: str  # the spec, stripped
-
-    def arch(self) -> str:
-        """Return the architecture (reads at most config.json): what the tokenizer needs to know."""
-        if self.kind == "random":
-            return _random_shape(_parse_random_spec(self.spec, 0)[0]).arch
-        if self.kind == "gguf":
-            # Unread (mapping a GGUF takes seconds): a GGUF's tokenizer comes from the file, whatever its arch.
-            return "llama"
-        assert self.path is not None
-        return read_hf_config(self.path).arch
-
-
-def resolve_spec(spec: str) -> ModelSource:
-    """Return where `spec` points: an HF directory or cache name, a .gguf file, `smollm2`, or `random:<shape>`."""
-    spec = spec.strip()
-    if spec.startswith("random:"):
-        shape, _ = _parse_random_spec(spec, 0)
-        _random_shape(shape)  # unknown shapes fail here, before anything is loaded
-        return ModelSource("random", f"random:{shape}", None, spec)
-    if spec == "smollm2":
-        return ModelSource("gguf", "smollm2", smollm2_gguf_path(), spec)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return ModelSource("hf_dir", path.name, path, spec)
-    if path.is_file() and path.suffix == ".gguf":
-        return ModelSource("gguf", path.stem, path, spec)
-    if path.is_file():
-        raise ModelLoadError(f"{path} is a file but not a .gguf; pass a GGUF file or an HF model directory")
-    if is_hub_name(spec):
-        return ModelSource("hf_dir", spec, resolve_cached_snapshot(spec), spec)
-    raise ModelLoadError(
-        f"no model at {spec!r}: it is not an existing directory or .gguf file, an HF repo id (org/name), "
-        f"a GPT-2 name ({', '.join(GPT2_HUB_NAMES)}), 'smollm2' or random:<shape> ({', '.join(RANDOM_SHAPES)})"
-    )
 
 
 def load_model(
@@ -248,8 +162,8 @@ def _quantized(scheme: QuantScheme | None, how: str) -> str:
 def _load_random(
     spec: str, dtype: torch.dtype, device: str | torch.device, seed: int, scheme: QuantScheme | None
 ) -> LoadedModel:
-    shape, seed = _parse_random_spec(spec, seed)
-    config = _random_shape(shape)
+    shape, seed = parse_random_spec(spec, seed)
+    config = random_shape(shape)
     label = f"{shape} (RANDOM weights, seed {seed}{_quantized(scheme, 'at load')})"
     # Quantised: the same random weights as unquantised, drawn on the CPU, then quantised into the device's layers.
     model, _ = _empty_model(config, dtype, "cpu" if scheme else device, None)
@@ -294,27 +208,11 @@ def _fill_random(model: CausalLM, seed: int) -> None:
                 param.fill_(0.0 if name.endswith(".bias") else 1.0)  # biases 0, norm scales 1
 
 
-def _parse_random_spec(spec: str, seed: int) -> tuple[str, int]:
-    shape, _, query = spec.removeprefix("random:").partition("?")
-    for item in filter(None, query.split("&")):
-        key, _, value = item.partition("=")
-        if key != "seed" or not value.isdigit():
-            raise ModelLoadError(f"bad option {item!r} in {spec!r}; the only option is seed=<int>")
-        seed = int(value)
-    return shape, seed
-
-
-def _random_shape(shape: str) -> ModelConfig:
-    if shape not in RANDOM_SHAPES:
-        raise ModelLoadError(f"unknown random shape {shape!r}; choose one of {', '.join(RANDOM_SHAPES)}")
-    return RANDOM_SHAPES[shape]
-
-
 def random_hf_config(shape: str) -> PretrainedConfig:
     """Return a transformers config of the same shape as random:<shape>, to build an HF peer model."""
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
-    c = _random_shape(shape)
+    c = random_shape(shape)
     tokens: dict[str, Any] = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_ids[0]}
     if c.arch == "gpt2":
         return GPT2Config(

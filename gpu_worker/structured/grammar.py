@@ -3,7 +3,6 @@ sequence, and the torch rule that puts a row's forbidden tokens at -inf."""
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -11,24 +10,7 @@ import torch
 import xgrammar as xgr
 
 from gpu_worker.errors import InvalidRequestError
-
-# Compact JSON (", " and ": " separators, no free whitespace): a model cannot stall in a run of blanks.
-ANY_WHITESPACE = False
-# xgrammar's C++ errors start with "[time] file.cc:line: "; the client gets the reason only.
-_CPP_PREFIX = re.compile(r"^\s*\[[0-9:]+\]\s+\S+:\d+:\s*")
-
-
-def _reason(exc: Exception) -> str:
-    return _CPP_PREFIX.sub("", str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
-def check_json_schema(schema: str, param: str = "json_schema") -> None:
-    """Raise InvalidRequestError unless `schema` (JSON text) is a schema a grammar can be built from. Needs no
-    tokenizer, so the web tier checks a request with it before the request is queued."""
-    try:
-        xgr.Grammar.from_json_schema(schema, any_whitespace=ANY_WHITESPACE)
-    except Exception as exc:  # xgrammar raises RuntimeError or its own InvalidJSONError, with the reason
-        raise InvalidRequestError(f"invalid JSON schema: {_reason(exc)}", param=param) from None
+from gpu_worker.structured.schema import ANY_WHITESPACE, reason
 
 
 class GrammarConstraint:
@@ -79,7 +61,7 @@ class GrammarCompiler:
         try:
             compiled = self._compiler.compile_json_schema(schema, any_whitespace=ANY_WHITESPACE)
         except Exception as exc:
-            raise InvalidRequestError(f"invalid JSON schema: {_reason(exc)}", param="json_schema") from None
+            raise InvalidRequestError(f"invalid JSON schema: {reason(exc)}", param="json_schema") from None
         self.num_compiled += 1
         self._cache[schema] = compiled
         if len(self._cache) > self.cache_size:

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gguf
 import tiktoken
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from gpu_worker.errors import ModelLoadError
 from gpu_worker.loading.assets import GPT2_TIKTOKEN_SHA256
+from gpu_worker.loading.gguf_reader import GGUFFile
 
 # GPT-2's pre-tokenizer: contractions, letter runs, digit runs, punctuation runs (each may take one leading
 # space), then whitespace. BPE merges never cross the boundaries of these pieces.
@@ -110,11 +110,11 @@ class GGUFVocab:
 def read_gguf_vocab(path: Path) -> GGUFVocab:
     """Return the tokenizer metadata of a GGUF file; raise ModelLoadError if it is unreadable or incomplete."""
     try:
-        reader = gguf.GGUFReader(path)
-    except (OSError, ValueError, IndexError) as exc:
+        reader = GGUFFile(path)
+    except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read GGUF file {path}: {exc}") from exc
     meta: dict[str, Any] = {
-        key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")
+        key: value for key, value in reader.fields.items() if key.startswith("tokenizer.")
     }
     if "tokenizer.ggml.tokens" not in meta:
         raise ModelLoadError(f"{path} has no tokenizer (tokenizer.ggml.tokens is missing)")

@@ -8,16 +8,19 @@ from __future__ import annotations
 import logging
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
 from gpu_worker.errors import InvalidAdapterError
-from gpu_worker.lora.format import AdapterInfo, check_adapter
 from inference.adapters.archive import UnsafeArchive, extract_adapter
 from inference.adapters.registry import served_model_info, unload_from_workers
 from inference.models import Adapter
+
+if TYPE_CHECKING:
+    from gpu_worker.lora.format import AdapterInfo
 
 log = logging.getLogger("ruvon.adapters")
 
@@ -78,6 +81,14 @@ def lora_support(base_model: str, info: dict[str, Any]) -> dict[str, Any]:
     return lora
 
 
+def checker() -> Callable[..., AdapterInfo]:
+    """Return gpu_worker.lora.format.check_adapter, imported on first use: it imports torch, which every
+    Django process (the admin imports this module) would otherwise pay for at start-up."""
+    from gpu_worker.lora.format import check_adapter
+
+    return check_adapter
+
+
 def stage_and_check(adapter: Adapter, lora: dict[str, Any]) -> tuple[Path, AdapterInfo]:
     """Return a staging folder holding the adapter's checked files, and what check_adapter found; raise
     AdapterRefused (with the staging folder removed) if the archive is unsafe or the adapter does not fit."""
@@ -96,7 +107,7 @@ def stage_and_check(adapter: Adapter, lora: dict[str, Any]) -> tuple[Path, Adapt
                 max_bytes=settings.RUVON_MAX_ADAPTER_BYTES,
                 max_files=settings.RUVON_MAX_ADAPTER_FILES,
             )
-        info = check_adapter(staging, lora["targets"], lora["num_layers"], lora["max_rank"])
+        info = checker()(staging, lora["targets"], lora["num_layers"], lora["max_rank"])
     except UnsafeArchive as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise AdapterRefused(exc.reason) from exc

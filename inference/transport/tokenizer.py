@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from gpu_worker.loading.loader import resolve_spec
+from gpu_worker.loading.specs import resolve_spec
 from gpu_worker.tokenization.tokenizer import Tokenizer, load_tokenizer
 
 

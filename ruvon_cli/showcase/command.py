@@ -99,34 +99,48 @@ def plan_sizes(args: argparse.Namespace, cuda: bool) -> tuple[int, int, int]:
 def run_showcase(args: argparse.Namespace) -> int:
     import torch
 
+    from ruvon_cli.phases import Phases, process_age_s
     from ruvon_cli.stack import Stack, StackConfig, free_port
 
-    # A terminated showcase (a CI timeout, kill) still leaves through the `with` below, which stops its stack.
+    age = process_age_s()
+    phases = Phases(started_ago_s=age)
+    phases.add("command start: Python, the CLI's imports (torch)", age)
+
+    # A terminated showcase (a CI timeout, kill) still leaves through the `finally` below, which stops its stack.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cuda = torch.cuda.is_available()
     features = features_for(args, cuda)
     metrics_port = free_port()
+    password = secrets.token_urlsafe(12)
     config = StackConfig(
         model=features.model, served_name=features.served_name, num_blocks=features.num_blocks,
-        keys={TENANT: {}}, settings=stack_settings(features, cuda),
+        keys={TENANT: {}}, setup_commands=setup_commands(features, password), settings=stack_settings(features, cuda),
         worker_args=features.worker_args(metrics_port), label="showcase", start_timeout_s=600,
     )  # fmt: skip
     out = args.out or Path("var") / "showcase" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     print(f"starting the production shape: {features}", flush=True)
-    started = time.perf_counter()
-    with Stack(config) as stack:
-        password = secrets.token_urlsafe(12)
-        stack.manage("create_user", TENANT, f"--password={password}", "--tenant", TENANT, "--role", "owner")
-        adapter = register_adapter(stack) if features.lora else None
-        ready_s = round(time.perf_counter() - started, 1)
+    stack = Stack(config, phases).start()
+    try:
+        adapter = registered_adapter(stack) if features.lora else None
+        ready_s = round(time.perf_counter() - phases.started, 1)
         print(f"ready after {ready_s:.0f} s; adapter: {adapter or 'none'}", flush=True)
-        report = serve_users(args, cuda, features, stack, metrics_port, adapter) | {"startup_s": ready_s}
-        files = _write(report, out)
+        report = serve_users(args, cuda, features, stack, metrics_port, adapter, phases)
+        report |= {"startup_s": ready_s, "cpu_s": stack.cpu_seconds() | {"showcase command": _own_cpu_s()}}
+        with phases("report: JSON + charts"):
+            files = _write(report, out)
         _print_end(report, files, stack.web_ports[0], metrics_port, password)
         if report["problems"]:
             print(stack.logs_tail(), flush=True)  # the processes' last words, before stop() removes them
         if args.hold:
-            _hold()
+            with phases("held (--hold)"):
+                _hold()
+    finally:
+        stack.stop()
+    report["phases_s"] = phases.rounded()
+    _write_json(report, out)
+    print(f"phases (wall seconds):\n{phases.table()}", flush=True)
+    cpu = ", ".join(f"{name} {s:g}" for name, s in report["cpu_s"].items())
+    print(f"CPU seconds by process (before the shut-down): {cpu}", flush=True)
     return 1 if report["problems"] else 0
 
 
@@ -139,10 +153,28 @@ def stack_settings(features: Features, cuda: bool) -> dict[str, str]:
     return settings
 
 
-def register_adapter(stack: Any) -> str | None:
-    """Register and validate the demo adapter for the run's tenant; return its model id (None if refused)."""
-    said = stack.manage("register_demo_adapter", "--tenant", TENANT, "--username", TENANT, "--inline")
-    print(said.strip(), flush=True)
+def setup_commands(features: Features, password: str) -> list[list[str]]:
+    """Return the manage.py commands the stack's set-up process runs (Django is loaded there already): the
+    dashboard's user, and the demo adapter registered and validated against the worker as soon as it reports
+    (the set-up runs beside the worker's model load)."""
+    owner = ["create_user", TENANT, f"--password={password}", "--tenant", TENANT, "--role", "owner"]
+    adapter = [
+        "register_demo_adapter",
+        "--tenant",
+        TENANT,
+        "--username",
+        TENANT,
+        "--inline",
+        "--wait-s",
+        "600",
+    ]
+    return [owner, adapter] if features.lora else [owner]
+
+
+def registered_adapter(stack: Any) -> str | None:
+    """Return the demo adapter's model id as the set-up registered it (None if it was refused)."""
+    said = next((line for line in stack.setup_output if line.startswith("demo adapter:")), "")
+    print(said, flush=True)
     return f"{stack.config.served_name}:{ADAPTER}" if "(ready" in said else None
 
 
@@ -153,6 +185,7 @@ def serve_users(
     stack: Any,
     metrics_port: int,
     adapter: str | None,
+    phases: Any,
 ) -> dict[str, Any]:
     """Run the users with the view beside them; return the report, its checks done."""
     from ruvon_cli.showcase import report as rep
@@ -166,15 +199,18 @@ def serve_users(
     # One short request per model first, outside the measurement: the first steps of a fresh worker (and an
     # adapter's first load into its slot) would otherwise land in the first users' TTFT.
     warm_plan = UserPlan(len(set(plan.models)), 1, 4, tuple(dict.fromkeys(plan.models)))
-    warm = asyncio.run(Load(warm_plan).run(stack.urls[0], stack.keys[TENANT]))
+    with phases("warm-up requests"):
+        warm = asyncio.run(Load(warm_plan).run(stack.urls[0], stack.keys[TENANT]))
     load = Load(plan)
     live = not args.no_live and sys.stdout.isatty()
     monitor = Monitor(f"http://127.0.0.1:{metrics_port}/metrics", load, users * per_user, live)
-    records, before = asyncio.run(_drive(load, monitor, stack.urls[0], stack.keys[TENANT]))
+    with phases("users"):
+        records, before = asyncio.run(_drive(load, monitor, stack.urls[0], stack.keys[TENANT]))
     wall = max((r.sent_at + (r.e2e_s or 0.0) for r in records), default=0.0)
     ids = [r.request_id for r in records if r.request_id]
     # The ingester is one more process on the box; a loaded CPU can keep it behind for minutes.
-    usage = wait_for_usage(lambda: tenant_usage(stack), ids, timeout_s=60 if cuda else 300)
+    with phases("usage records ingested"):
+        usage = wait_for_usage(lambda: tenant_usage(stack), ids, timeout_s=60 if cuda else 300)
     after = monitor.timeline[-1].engine.finished_requests if monitor.timeline else None
     finished = None if after is None or before is None else after - before
     return {
@@ -243,6 +279,18 @@ def _write(report: dict[str, Any], out: Path) -> list[Path]:
     from ruvon_cli.showcase.report import write
 
     return write(report, out)
+
+
+def _own_cpu_s() -> float:
+    """Return the CPU seconds of this command and of the helpers it ran to the end (set-up, adapter)."""
+    t = os.times()
+    return round(t.user + t.system + t.children_user + t.children_system, 1)
+
+
+def _write_json(report: dict[str, Any], out: Path) -> None:
+    from ruvon_cli.showcase.report import write_json
+
+    write_json(report, out)
 
 
 def _print_end(report: dict[str, Any], files: list[Path], web_port: int, metrics_port: int, pw: str) -> None:

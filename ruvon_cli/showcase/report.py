@@ -89,9 +89,13 @@ def timeline_rows(timeline: list[Point]) -> list[dict[str, Any]]:
 
 def write(report: dict[str, Any], out: Path) -> list[Path]:
     """Write report.json and the charts into `out`; return the files written."""
+    return [write_json(report, out), *plot(report, out)]
+
+
+def write_json(report: dict[str, Any], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    return [out / "report.json", *plot(report, out)]
+    return out / "report.json"
 
 
 def plot(report: dict[str, Any], out: Path) -> list[Path]:

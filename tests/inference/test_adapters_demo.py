@@ -1,21 +1,28 @@
 """`bootstrap_demo` registers the shipped demo adapter for the demo tenant, validated, once (rerun-safe), and
-skips cleanly when it is absent or another model is served. The shipped folder is stood in for by a tiny
-adapter (the real one is for SmolLM2, whose load is the slow e2e tests' business)."""
+skips cleanly when it is absent or another model is served; `--inline --wait-s` validates against a worker
+that reports after it started. The shipped folder is stood in for by a tiny adapter (the real one is for
+SmolLM2, whose load is the slow e2e tests' business)."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from django.core.management import call_command
+from django.conf import settings
+from django.core.management import CommandError, call_command
 
+from accounts.models import Tenant
 from inference.management.commands import register_demo_adapter as command
 from inference.models import Adapter
-from tests.inference.lora_files import peft_tensors, write_adapter
+from tests.inference.lora_files import peft_tensors, tiny_lora_info, write_adapter
 
 if TYPE_CHECKING:
     from pytest_django.fixtures import SettingsWrapper
+
+    from gpu_worker.serving.redis_transport import RedisWorkerTransport
 
 pytestmark = [pytest.mark.usefixtures("tiny_served", "media"), pytest.mark.django_db(transaction=True)]
 
@@ -65,3 +72,24 @@ def test_it_skips_when_another_model_is_served(
     monkeypatch.setattr(command, "DEMO_BASE", "smollm2")
     assert _bootstrap(capsys) == "demo adapter: skipped (it is for smollm2; random:tiny is served)"
     assert not Adapter.objects.exists()
+
+
+def test_it_waits_for_a_worker_starting_beside_it(
+    shipped: Path, redis_worker: RedisWorkerTransport, capsys: pytest.CaptureFixture[str]
+) -> None:
+    Tenant.objects.create(name="demo", slug="demo")
+    served = settings.RUVON_MODEL_NAME
+    # The worker reports a second after the command starts, as one still loading its model would.
+    info = lambda: {"model": served, "lora": tiny_lora_info(), "time": time.time()}  # noqa: E731
+    threading.Timer(1.0, lambda: redis_worker.heartbeat(info(), [])).start()
+    call_command("register_demo_adapter", "--inline", "--wait-s", "60")
+    assert capsys.readouterr().out.strip() == f"demo adapter: {served}:pirate (ready)"
+
+
+def test_it_leaves_the_adapter_validating_when_no_worker_reports_in_time(
+    shipped: Path, redis_worker: RedisWorkerTransport
+) -> None:
+    Tenant.objects.create(name="demo", slug="demo")
+    with pytest.raises(CommandError, match=r"no worker .* is running \(waited 0.5 s\)"):
+        call_command("register_demo_adapter", "--inline", "--wait-s", "0.5")
+    assert Adapter.objects.get().status == Adapter.Status.VALIDATING

@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gpu_worker.errors import ModelLoadError
-from gpu_worker.layers.base import CheckpointTensor
+
+if TYPE_CHECKING:
+    from gpu_worker.layers.base import CheckpointTensor
 
 
 @dataclass

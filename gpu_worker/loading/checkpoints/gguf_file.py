@@ -11,7 +11,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 import torch
 from gguf.quants import dequantize
@@ -20,6 +19,7 @@ from gpu_worker.config import ModelConfig
 from gpu_worker.errors import ModelLoadError
 from gpu_worker.layers.base import CheckpointTensor, QuantizedTensor
 from gpu_worker.loading.checkpoints import Checkpoint, reject_unsupported
+from gpu_worker.loading.gguf_reader import GGUFFile
 
 # GGUF block types that load as they are: (bits, block size along K).
 GGUF_QUANT_LAYOUTS = {"Q8_0": (8, 32), "Q4_0": (4, 32), "Q4_1": (4, 32)}
@@ -42,20 +42,19 @@ _LAYER_NAMES = {
 _GLOBAL_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
 
 
-def open_gguf(path: Path) -> gguf.GGUFReader:
+def open_gguf(path: Path) -> GGUFFile:
     """Return a reader over `path` (memory-mapped; tensors are read when dequantised)."""
     try:
-        return gguf.GGUFReader(path)
-    except (ValueError, OSError, KeyError, IndexError) as exc:
+        return GGUFFile(path)
+    except (ValueError, OSError) as exc:
         raise ModelLoadError(f"{path} is not a readable GGUF file ({exc})") from exc
 
 
-def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-    field = reader.get_field(key)
-    return default if field is None else field.contents()
+def _field(reader: GGUFFile, key: str, default: Any = None) -> Any:
+    return reader.fields.get(key, default)
 
 
-def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
+def read_gguf_config(reader: GGUFFile, path: Path) -> ModelConfig:
     """Return the ModelConfig in the GGUF's metadata; the architectures in GGUF_ARCHES are supported."""
     arch = _field(reader, "general.architecture")
     if arch not in GGUF_ARCHES:
@@ -104,7 +103,7 @@ def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
 
 
 def read_gguf_tensors(
-    reader: gguf.GGUFReader, config: ModelConfig, keep_quantized: frozenset[str] = frozenset()
+    reader: GGUFFile, config: ModelConfig, keep_quantized: frozenset[str] = frozenset()
 ) -> Checkpoint:
     """Return the GGUF's tensors as a lazy stream under HF names: projections whose type is in
     `keep_quantized` (see GGUF_QUANT_LAYOUTS) as QuantizedTensor, everything else dequantised to float32."""
@@ -112,7 +111,7 @@ def read_gguf_tensors(
     return Checkpoint(_tensors(reader, config, keep_quantized), len(reader.tensors), nbytes)
 
 
-def projection_types(reader: gguf.GGUFReader) -> dict[str, str]:
+def projection_types(reader: GGUFFile) -> dict[str, str]:
     """Return {HF name: GGUF type name} of the transformer blocks' projections (what quantize() swaps)."""
     return {
         name: entry.tensor_type.name
@@ -165,7 +164,7 @@ def decode_quantized(data: np.ndarray, type_name: str, shape: tuple[int, int]) -
 
 
 def _tensors(
-    reader: gguf.GGUFReader, config: ModelConfig, keep_quantized: frozenset[str]
+    reader: GGUFFile, config: ModelConfig, keep_quantized: frozenset[str]
 ) -> Iterator[tuple[str, CheckpointTensor]]:
     rope_heads = {"q_proj.weight": config.num_heads, "k_proj.weight": config.num_kv_heads}
     if not GGUF_ARCHES[config.arch]:

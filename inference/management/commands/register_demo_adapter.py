@@ -2,11 +2,12 @@
 registered for the demo tenant as adapter `pirate` on the embedded default model and validated, so
 `"model": "smollm2-135m-instruct:pirate"` works after `make run`. Rerun-safe; skips cleanly when the folder is
 absent or another model is served. `--inline` validates in this process against the live workers, without
-Celery (`ruvon showcase` runs it so)."""
+Celery, and `--wait-s` waits for a worker starting beside it (`ruvon showcase` runs it so, in its set-up)."""
 
 from __future__ import annotations
 
 import hashlib
+import time
 from argparse import ArgumentParser
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,19 @@ class Command(BaseCommand):
         parser.add_argument(
             "--inline", action="store_true", help="validate now, here, against a live worker (no Celery)"
         )
+        parser.add_argument(
+            "--wait-s", type=float, default=0.0, help="with --inline: wait this long for a worker to report"
+        )
 
-    def handle(self, *args: Any, tenant: str, username: str, inline: bool = False, **options: Any) -> None:
+    def handle(
+        self,
+        *args: Any,
+        tenant: str,
+        username: str,
+        inline: bool = False,
+        wait_s: float = 0.0,
+        **options: Any,
+    ) -> None:
         if not (DEMO_DIR / ADAPTER_CONFIG).is_file() or not (DEMO_DIR / WEIGHTS).is_file():
             self.stdout.write(f"demo adapter: none shipped at {DEMO_DIR}; skipped")
             return
@@ -52,10 +64,10 @@ class Command(BaseCommand):
         owner = Tenant.objects.filter(slug=tenant).first()
         if owner is None:
             raise CommandError(f"no tenant {tenant!r}: run bootstrap_demo first")
-        adapter = self._register(owner, username, inline)
+        adapter = self._register(owner, username, inline, wait_s)
         self.stdout.write(f"demo adapter: {adapter.model_id} ({adapter.status}{self._reason(adapter)})")
 
-    def _register(self, tenant: Tenant, username: str, inline: bool) -> Adapter:
+    def _register(self, tenant: Tenant, username: str, inline: bool, wait_s: float) -> Adapter:
         """Return the demo adapter: the one registered already if it is ready with these weights, else a
         fresh upload of them, validated (inline in the embedded mode, which loads the model here)."""
         sha256 = hashlib.sha256((DEMO_DIR / WEIGHTS).read_bytes()).hexdigest()
@@ -73,7 +85,7 @@ class Command(BaseCommand):
                 tenant, user, DEMO_NAME, settings.RUVON_MODEL_NAME, archive, settings.RUVON_MODEL_NAME
             )
         if inline:
-            validation.validate(adapter.pk)
+            validate_when_a_worker_reports(adapter.pk, wait_s)
         else:
             schedule_validation(adapter)
         adapter.refresh_from_db()
@@ -82,3 +94,17 @@ class Command(BaseCommand):
     @staticmethod
     def _reason(adapter: Adapter) -> str:
         return f": {adapter.failure_reason}" if adapter.failure_reason else ""
+
+
+def validate_when_a_worker_reports(adapter_id: int, wait_s: float) -> str:
+    """Validate the adapter here (validation.validate), waiting up to `wait_s` for a worker of its base model
+    to report the LoRA support it is checked against; return the status it ends in."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return validation.validate(adapter_id)
+        except validation.WorkerUnavailable as exc:
+            if time.monotonic() >= deadline:
+                raise CommandError(f"{exc} (waited {wait_s:g} s); the adapter stays validating") from None
+            validation.checker()  # torch's import while the worker still loads, rather than after it
+            time.sleep(0.2)
