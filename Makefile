@@ -24,7 +24,7 @@ run: install
 	$(PY) manage.py bootstrap_demo
 	@echo "Ruvon: loading the model (requests get 503 + Retry-After until it prints ready)"
 	RUVON_READY_BANNER="Ruvon: ready. Web chat http://$(HOST):$(PORT)/chat/  API http://$(HOST):$(PORT)/v1  (key above)" \
-	$(PY) -m daphne -b $(HOST) -p $(PORT) ruvon.asgi:application
+	$(PY) -m daphne -e tcp:port=$(PORT):interface=$(HOST):backlog=2048 ruvon.asgi:application
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

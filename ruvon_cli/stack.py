@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import redis
 
+from ruvon.listen import daphne_args
 from ruvon_cli.phases import Phases, cpu_seconds
 from ruvon_cli.trial_stack import free_port, start_redis_server, stop_processes, wait_until
 
@@ -168,7 +169,7 @@ class Stack:
                 self.workers.append(self._spawn_worker())
             self.others.append(self._spawn("ingest", "manage.py", "ingest_usage"))
             for port in self.web_ports:
-                args = ["-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "ruvon.asgi:application"]
+                args = ["-m", "daphne", *daphne_args("127.0.0.1", port)]
                 self.others.append(self._spawn(f"daphne-{port}", *args))
             announced = lambda: len(self.heartbeats()) >= self.config.workers  # noqa: E731
             with self.phases("start-up: all processes at once (the longest of the [beside] rows)"):

@@ -20,6 +20,8 @@ from urllib.parse import urlparse
 import httpx
 import redis
 
+from ruvon.listen import daphne_args
+
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
@@ -135,8 +137,7 @@ class TrialStack:
             self._spawn(
                 "beat", "-m", "celery", "-A", "ruvon", "beat", "--schedule", schedule, "--loglevel", "INFO"
             )
-        bind = ["-b", self.args.host, "-p", str(self.args.port), "ruvon.asgi:application"]
-        self._spawn("web", "-m", "daphne", *bind)
+        self._spawn("web", "-m", "daphne", *daphne_args(self.args.host, self.args.port))
         key = self._django("bootstrap_demo", "--no-adapter").split("api key: ")[-1].split()[0]
         health = f"http://{self.args.host}:{self.args.port}/health"
         wait_until(lambda: self._alive() and httpx.get(health, timeout=5).status_code == 200,

@@ -27,6 +27,7 @@ from django.contrib.auth import get_user_model
 from django.test import Client, override_settings
 
 from accounts.models import ApiKey, Membership, Tenant
+from ruvon.listen import daphne_args
 
 TINY_MODEL_NAME = "tiny"
 # Processes these tests start with REDIS_URL or DATABASE_URL (the production shape) need a shared key.
@@ -231,7 +232,7 @@ def start_stack(
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    commands = {"daphne": ["-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "ruvon.asgi:application"]}
+    commands = {"daphne": ["-m", "daphne", *daphne_args("127.0.0.1", port)]}
     if redis_url:
         commands |= {"worker": ["manage.py", "gpu_worker"], "ingest": ["manage.py", "ingest_usage"]}
     processes = []

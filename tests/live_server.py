@@ -18,6 +18,8 @@ from pathlib import Path
 
 import httpx
 
+from ruvon.listen import daphne_args
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_USER, DEMO_PASSWORD = "demo", "live-demo-pw"  # not the default: REDIS_URL runs refuse it
 
@@ -100,7 +102,7 @@ def start_live_server(extra_env: dict[str, str] | None = None, ready_timeout_s: 
     assert match, "bootstrap_demo printed no key"
     port = _free_port()
     log = open(var / "daphne.log", "wb")  # noqa: SIM115 (held by the server process)
-    cmd = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "ruvon.asgi:application"]
+    cmd = [sys.executable, "-m", "daphne", *daphne_args("127.0.0.1", port)]
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     server = LiveServer(f"http://127.0.0.1:{port}", match.group(1), var, process, env)
     _wait_ready(server, var / "daphne.log", ready_timeout_s)
