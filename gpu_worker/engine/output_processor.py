@@ -155,13 +155,14 @@ class OutputProcessor:
             request.metrics.finished_time = time.time()
             for seq in request.seqs:
                 self.texts.pop(seq.seq_id, None)
+        # Positional: keywords would cost as much as building the object itself.
         return RequestOutput(
-            request_id=request.request_id,
-            outputs=outputs,
-            prompt_token_ids=request.prompt_token_ids,
-            prompt_logprobs=prompt_lp,
-            finished=finished,
-            metrics=request.metrics,
-            error=request.error,
-            error_code=request.error_code,
+            request.request_id,  # request_id
+            outputs,
+            request.prompt_token_ids,
+            prompt_lp,  # prompt_logprobs
+            finished,
+            request.metrics,
+            request.error,
+            request.error_code,
         )
