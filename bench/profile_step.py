@@ -3,7 +3,9 @@
 Run on a GPU: python bench/profile_step.py --shape gpt2 --batch 1 --batch 512
 
 Decode-only steps are chained launches on CUDA (async_decode): "launch_decode" is the host's time to queue one,
-"collect" its wait for the device plus the read-back; the step's wall time is what counts.
+"collect" its wait for the device plus the read-back; the step's wall time is what counts. On CPU steps are
+scheduled ones unless --async-decode asks for the launch path (its launch_decode then runs the model inline).
+"host" sums the phases that are the host's own work (all but run, launch_decode and collect).
 An engine whose KV cache fell to the floor (another still held memory) is refused: its batch is not profiled.
 """
 
@@ -28,14 +30,17 @@ from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
 
 PHASES = {
     "schedule": ("scheduler", "schedule"),
+    "schedule_launch": ("scheduler", "schedule_launch"),
     "prepare": ("runner", "prepare"),
     "run (model+sample+sync)": ("runner", "run"),
     "launch_decode (queue)": ("runner", "launch_decode"),
     "collect (wait + read)": ("runner", "collect"),
     "postprocess": ("scheduler", "postprocess"),
     "append_token": ("outputs", "append_token"),
+    "advance": ("scheduler", "advance"),
     "outputs": ("engine", "_output"),
 }
+DEVICE_PHASES = ("run (model+sample+sync)", "launch_decode (queue)", "collect (wait + read)")
 
 
 def instrument(engine: LLMEngine, totals: dict[str, float]) -> None:
@@ -67,6 +72,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=1)
+    parser.add_argument(
+        "--async-decode", action="store_true", help="chained launches on CPU too (CUDA's path)"
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results: dict[str, Any] = {"run": run_info(device)}
@@ -78,6 +86,7 @@ def main() -> None:
                 max_num_seqs=max(batch, 1),
                 max_num_batched_tokens=max(8192, args.prompt_len * 4),
                 decode_steps=args.decode_steps,
+                async_decode=True if args.async_decode else None,
             )
         )
         refused = floor_refusal(engine, f"profile {args.shape} batch {batch}")
@@ -118,6 +127,8 @@ def main() -> None:
                 engine.step()
         step_ms = (time.perf_counter() - start) * 1e3 / args.steps
         rows = [{"phase": k, "ms_per_step": v * 1e3 / args.steps} for k, v in totals.items()]
+        host = sum(v for k, v in totals.items() if k not in DEVICE_PHASES)
+        rows.append({"phase": "host", "ms_per_step": host * 1e3 / args.steps})
         rows.append({"phase": "whole step", "ms_per_step": step_ms})
         running = len(engine.scheduler.running)
         print(f"\n{engine.label}, batch {batch} ({running} running), {args.steps} decode steps (profiler on)")

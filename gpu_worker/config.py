@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 from gpu_worker.errors import InvalidRequestError
@@ -235,24 +236,25 @@ class SamplingParams:
                 f"stop_token_ids must be token ids in [0, {vocab_size})", param="stop_token_ids"
             )
 
-    @property
+    # Cached (the fields are frozen): each step asks these of every running request.
+    @cached_property
     def device_only(self) -> bool:
         """Whether the next token depends on nothing the host has to supply (no penalties over earlier output,
         no logprobs to read back), so decode steps can be chained on the device. min_tokens is the scheduler's
         to judge: it depends on how far the sequence has come. A grammar's mask is built on the host each step."""
         return self.logprobs is None and not self.penalised and self.json_schema is None
 
-    @property
+    @cached_property
     def takes_drafts(self) -> bool:
         """Whether speculative decoding may draft for this request (a grammar's requests never do)."""
         return self.speculative and self.json_schema is None
 
-    @property
+    @cached_property
     def penalised(self) -> bool:
         """Whether the logits depend on the tokens seen so far (presence, frequency or repetition penalty)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
-    @property
+    @cached_property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 

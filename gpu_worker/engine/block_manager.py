@@ -123,6 +123,8 @@ class BlockManager:
             return
         full = seq.num_computed_tokens // self.block_size
         start = seq.num_hashed_blocks
+        if full <= start:  # no block filled up since the last commit (most decode steps)
+            return
         hashes = self._hashes(seq, full)
         for i in range(start, full):
             block = seq.block_table[i]

@@ -58,10 +58,11 @@ class WorkModel:
 
 def step_shares(batch: ScheduledBatch, model: WorkModel) -> list[float]:
     """Return each scheduled sequence's share of the step (they sum to 1), before the step is postprocessed."""
+    work = model.work
     works = []
     for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
         end = seq.num_computed_tokens + n
-        works.append(model.work(n, end, sampled=seq.num_drafts + 1 if end == seq.num_tokens else 0))
+        works.append(work(n, end, seq.num_drafts + 1 if end == len(seq.token_ids) else 0))
     total = sum(works)
     if total <= 0:
         return [1.0 / len(works)] * len(works) if works else []

@@ -54,6 +54,7 @@ from gpu_worker.sequence import (
     RequestMetrics,
     ScheduledBatch,
     Sequence,
+    SequenceStatus,
     TokenLogprob,
 )
 from gpu_worker.spec.proposer import Proposer, drafts_for_batch, load_batch_table, table_reach
@@ -587,7 +588,9 @@ class LLMEngine:
         sampled = self.runner.collect(current)
         now = time.perf_counter()
         live = [
-            (seq, tokens) for seq, tokens in zip(current.seqs, sampled, strict=True) if not seq.is_finished
+            (seq, tokens)
+            for seq, tokens in zip(current.seqs, sampled, strict=True)
+            if seq.status is not SequenceStatus.FINISHED
         ]
         batch = ScheduledBatch([seq for seq, _ in live], [len(tokens) for _, tokens in live])
         if not batch:  # every sequence in it was aborted while it ran (the worker may have idled since)
@@ -598,9 +601,10 @@ class LLMEngine:
         self.busy_seconds += step_seconds
         attribute_step(batch, step_seconds, self.work_model)
         wall = time.time()
+        advance, append_tokens = self.scheduler.advance, self.outputs.append_tokens
         for seq, tokens in live:
             # Each token sampled in the launch was fed back, so its input is in the cache now.
-            self.scheduler.advance(seq, self.outputs.append_tokens(seq, tokens, wall))
+            advance(seq, append_tokens(seq, tokens, wall))
             touched[seq.request.request_id] = seq.request
         self.num_steps += 1
         return batch, step_seconds

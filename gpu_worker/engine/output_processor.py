@@ -46,7 +46,7 @@ class OutputProcessor:
         for token in tokens:
             self.append_token(seq, token, logprobs[taken] if logprobs else None, now)
             taken += 1
-            if seq.is_finished:
+            if seq.status is SequenceStatus.FINISHED:
                 break
         return taken
 
@@ -56,14 +56,16 @@ class OutputProcessor:
         Runs once per generated token, so it keeps to plain attribute work (a large batch spends most of its
         host time here)."""
         request = seq.request
-        if len(seq.token_ids) >= request.max_total_tokens:  # max_tokens 0: the prompt alone was asked for
+        token_ids = seq.token_ids
+        max_total = request.max_total_tokens
+        if len(token_ids) >= max_total:  # max_tokens 0: the prompt alone was asked for
             self.finish(seq, "length", None)
             return
         metrics = request.metrics
         if metrics.first_token_time is None:
             metrics.first_token_time = now or time.time()
         metrics.num_generation_tokens += 1
-        seq.token_ids.append(token)
+        token_ids.append(token)
         seq.pending_token_ids.append(token)
         if lp is not None:
             seq.pending_logprobs.append(self.token_logprob(token, *lp))
@@ -71,12 +73,15 @@ class OutputProcessor:
         params = request.params
         # The first min_tokens tokens cannot end the choice: no stop token (the sampler banned them) and no
         # stop string in their text.
-        can_stop = seq.num_output_tokens > params.min_tokens
+        can_stop = len(token_ids) - len(request.prompt_token_ids) > params.min_tokens
         reason: tuple[str, str | int | None] | None = None
         if can_stop and (token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos)):
             reason = ("stop", token)
-        elif len(seq.token_ids) >= request.max_total_tokens:  # max_tokens or the context, whichever is first
+        elif len(token_ids) >= max_total:  # max_tokens or the context, whichever is first
             reason = ("length", None)
+        if reason is None and not text.stops.stops:  # the common case: no stop, nothing to hold back
+            seq.pending_text += text.detok.push(token)
+            return
         # A stop token's own text is part of the output only with include_stop_str_in_output; other tokens
         # go through the stop matcher.
         stop_token = reason is not None and reason[0] == "stop"
@@ -119,6 +124,7 @@ class OutputProcessor:
         it stays lean: a 512-wide step builds 512 of these). A finished request's text state is dropped."""
         outputs = []
         params = request.params
+        wants_logprobs = params.logprobs is not None
         finished = True
         for seq in request.seqs:
             done = seq.status is SequenceStatus.FINISHED
@@ -130,12 +136,14 @@ class OutputProcessor:
                     seq.index,
                     seq.pending_text,
                     seq.pending_token_ids,
-                    seq.pending_logprobs if params.logprobs is not None else None,
+                    seq.pending_logprobs if wants_logprobs else None,
                     seq.finish_reason,
                     seq.stop_reason,
                 )
             )
-            seq.pending_text, seq.pending_token_ids, seq.pending_logprobs = "", [], []
+            seq.pending_text, seq.pending_token_ids = "", []
+            if wants_logprobs:  # otherwise nothing is ever added to the list: no new one needed
+                seq.pending_logprobs = []
             seq.finish_reported = done
         prompt_lp = None
         if params.prompt_logprobs is not None and not request.prompt_logprobs_sent:
@@ -147,13 +155,14 @@ class OutputProcessor:
             request.metrics.finished_time = time.time()
             for seq in request.seqs:
                 self.texts.pop(seq.seq_id, None)
+        # Positional: keywords would cost as much as building the object itself.
         return RequestOutput(
-            request_id=request.request_id,
-            outputs=outputs,
-            prompt_token_ids=request.prompt_token_ids,
-            prompt_logprobs=prompt_lp,
-            finished=finished,
-            metrics=request.metrics,
-            error=request.error,
-            error_code=request.error_code,
+            request.request_id,  # request_id
+            outputs,
+            request.prompt_token_ids,
+            prompt_lp,  # prompt_logprobs
+            finished,
+            request.metrics,
+            request.error,
+            request.error_code,
         )

@@ -134,27 +134,30 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         preempted = False
+        bm, size = self.block_manager, self.block_manager.block_size
         for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             if seq.num_drafts and (
-                seq.num_uncomputed_tokens > budget
-                or not self.block_manager.can_allocate(seq, seq.num_uncomputed_tokens)
+                seq.num_uncomputed_tokens > budget or not bm.can_allocate(seq, seq.num_uncomputed_tokens)
             ):
                 self.drop_drafts(seq)
-            n = min(seq.num_uncomputed_tokens, budget)
-            while not self.block_manager.can_allocate(seq, n):
-                preempted = True
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status is SequenceStatus.RUNNING:
-                self.block_manager.allocate(seq, n)
-                batch.add(seq, n)
-                budget -= n
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            # Most steps' decodes fit the blocks they hold: nothing to check or allocate for them.
+            if seq.num_computed_tokens + n > len(seq.block_table) * size:
+                while not bm.can_allocate(seq, n):
+                    preempted = True
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+                if seq.status is not SequenceStatus.RUNNING:
+                    continue
+                bm.allocate(seq, n)
+            batch.add(seq, n)
+            budget -= n
         if not preempted:
             self._admit(batch, budget)
         return batch
@@ -225,20 +228,21 @@ class Scheduler:
     def postprocess(self, batch: ScheduledBatch) -> list[Sequence]:
         """Advance computed counts and cache hashes; return the sequences that now need a new token."""
         ready: list[Sequence] = []
+        held = self.held
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             seq.num_computed_tokens += n
             if not seq.num_drafts:  # drafts are committed once accepted (take_drafts, then advance)
                 self.block_manager.commit(seq)
-            if seq.num_uncomputed_tokens == 0:
+            if seq.num_computed_tokens == len(seq.token_ids):
                 ready.append(seq)
-                if seq.seq_id in self.held and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                if held and seq.seq_id in held and seq.num_computed_tokens >= seq.num_prompt_tokens:
                     for sibling in self.held.pop(seq.seq_id):
                         self._enqueue(sibling, front=True)
         return ready
 
     def advance(self, seq: Sequence, num_tokens: int) -> None:
         """Count `num_tokens` more of a live sequence's tokens as computed and register its full blocks."""
-        if seq.is_finished:
+        if seq.status is SequenceStatus.FINISHED:
             return
         seq.num_computed_tokens += num_tokens
         self.block_manager.commit(seq)
@@ -293,12 +297,13 @@ class Scheduler:
         by min_tokens)."""
         if self.num_waiting or not self.running:
             return False
-        return all(
-            s.num_uncomputed_tokens == 1
-            and s.params.device_only
-            and s.num_output_tokens >= s.params.min_tokens
-            for s in self.running
-        )
+        for s in self.running:
+            params = s.request.params
+            if len(s.token_ids) - s.num_computed_tokens != 1 or not params.device_only:
+                return False
+            if params.min_tokens and s.num_output_tokens < params.min_tokens:
+                return False
+        return True
 
     def schedule_launch(self, steps: int, prev: DecodeLaunch | None) -> LaunchPlan | None:
         """Plan `steps` decode steps per running sequence after `prev` (if that is still in flight), allocating
@@ -316,10 +321,11 @@ class Scheduler:
             if start > end:
                 continue  # `prev` already samples its last token
             stop = min(start + steps - 1, end)
-            need = stop + 1 - seq.num_computed_tokens
-            if not self.block_manager.can_allocate(seq, need):
-                return None
-            self.block_manager.allocate(seq, need)
+            if stop + 1 > len(seq.block_table) * self.block_manager.block_size:
+                need = stop + 1 - seq.num_computed_tokens
+                if not self.block_manager.can_allocate(seq, need):
+                    return None
+                self.block_manager.allocate(seq, need)
             plan.seqs.append(seq)
             plan.first.append(start)
             plan.last.append(stop)

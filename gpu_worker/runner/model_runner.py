@@ -6,8 +6,11 @@ sampled tokens are the next step's inputs), queued without waiting, and read bac
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Iterable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +25,19 @@ from gpu_worker.runner.sampler import apply_penalties_and_bias, needs_processing
 from gpu_worker.sequence import ScheduledBatch, Sequence
 
 Logprob = tuple[float, list[tuple[int, float]]]  # (chosen logprob, [(token id, logprob), ...])
+# A step's rows before packing: ids, positions, slots, query starts, context lengths, sampled rows, sampled
+# sequences, rows per sampled sequence, prompt-logprob rows (see FlatBatch).
+_Rows = tuple[
+    list[int],
+    list[int],
+    list[int],
+    Seq[int],
+    list[int],
+    Seq[int],
+    list[Sequence],
+    list[int],
+    list[tuple[Sequence, int, int, int]],
+]
 
 
 @dataclass
@@ -103,6 +119,24 @@ def chained_decode_steps(
     return tokens
 
 
+def padded_tables(seqs: list[Sequence], width: int) -> list[int]:
+    """Return the sequences' block tables flattened, each padded with block 0 to `width` entries."""
+    flat: list[int] = []
+    padding = [0] * width
+    for seq in seqs:
+        table = seq.block_table
+        flat += table
+        flat += padding[: width - len(table)]
+    return flat
+
+
+def int64_tensor(values: Iterable[int]) -> torch.Tensor:
+    """Return a CPU int64 tensor of the values (through an array: several times faster than torch.tensor on a
+    list of Python ints, which a step's inputs are)."""
+    packed = array("q", values)
+    return torch.frombuffer(packed, dtype=torch.int64) if packed else torch.empty(0, dtype=torch.int64)
+
+
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
@@ -142,6 +176,70 @@ class ModelRunner:
                     self.graphs.capture_launches(launch_steps)
 
     def prepare(self, batch: ScheduledBatch) -> FlatBatch:
+        decode = self._decode_rows(batch)
+        rows = decode if decode is not None else self._rows(batch)
+        ids, positions, slots, starts, context_lens, sample_rows, sample_seqs, rows_per_seq, prompt_rows = (
+            rows
+        )
+        seqs = batch.seqs
+        max_blocks = max(len(s.block_table) for s in seqs)
+        # One segment of rows per sequence, so the LoRA segments' bounds are the query bounds.
+        lora_slots = [s.lora_slot for s in seqs]
+        # One host-to-device copy for all integer inputs, then views into it.
+        parts = (
+            ids,
+            positions,
+            slots,
+            starts,
+            context_lens,
+            sample_rows,
+            padded_tables(seqs, max_blocks),
+            lora_slots,
+        )
+        packed = int64_tensor(itertools.chain.from_iterable(parts)).to(self.device)
+        views = list(packed.split([len(part) for part in parts]))
+        query_start_loc = views[3].int()
+        lora = LoRAMetadata(query_start_loc, views[7].int()) if max(lora_slots) >= 0 else None
+        return FlatBatch(
+            input_ids=views[0],
+            positions=views[1],
+            metadata=AttentionMetadata(
+                slot_mapping=views[2],
+                query_start_loc=query_start_loc,
+                context_lens=views[4].int(),
+                block_tables=views[6].view(len(seqs), max_blocks).int(),
+                max_query_len=1 if decode is not None else max(batch.num_tokens),
+                max_context_len=max(context_lens),
+                lora=lora,
+            ),
+            sample_rows=views[5],
+            sample_seqs=sample_seqs,
+            rows_per_seq=rows_per_seq,
+            prompt_rows=prompt_rows,
+        )
+
+    def _decode_rows(self, batch: ScheduledBatch) -> _Rows | None:
+        """Return the rows of a step where every sequence decodes one token it has caught up to (one row and
+        one sample each, no drafts, no prompt rows); None for any other step."""
+        if batch.num_tokens.count(1) != len(batch.num_tokens):
+            return None
+        size = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for seq in batch.seqs:
+            p, tokens = seq.num_computed_tokens, seq.token_ids
+            if len(tokens) != p + 1:  # not caught up (a prefill chunk of one token): the general path
+                return None
+            ids.append(tokens[p])
+            positions.append(p)
+            slots.append(seq.block_table[p // size] * size + p % size)
+        n = len(ids)
+        context_lens = [p + 1 for p in positions]
+        return ids, positions, slots, range(n + 1), context_lens, range(n), list(batch.seqs), [1] * n, []
+
+    def _rows(self, batch: ScheduledBatch) -> _Rows:
+        """Return the rows of any step: prefill chunks, decodes and drafts under verification together."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -176,33 +274,16 @@ class ModelRunner:
                 # Row r predicts token r+1; prompt logprobs cover prompt tokens 1..P-1.
                 last = min(end, seq.num_prompt_tokens - 1)
                 prompt_rows.append((seq, flat_start, begin, last - begin))
-        max_blocks = max(len(s.block_table) for s in batch.seqs)
-        tables = [b for s in batch.seqs for b in s.block_table + [0] * (max_blocks - len(s.block_table))]
-        # One segment of rows per sequence, so the LoRA segments' bounds are the query bounds.
-        lora_slots = [s.lora_slot for s in batch.seqs]
-        # One host-to-device copy for all integer inputs, then views into it.
-        parts = (ids, positions, slots, starts, context_lens, sample_rows, tables, lora_slots)
-        packed = torch.tensor([v for part in parts for v in part], dtype=torch.int64).to(self.device)
-        views = list(packed.split([len(part) for part in parts]))
-        q_lens = batch.num_tokens
-        query_start_loc = views[3].int()
-        lora = LoRAMetadata(query_start_loc, views[7].int()) if max(lora_slots) >= 0 else None
-        return FlatBatch(
-            input_ids=views[0],
-            positions=views[1],
-            metadata=AttentionMetadata(
-                slot_mapping=views[2],
-                query_start_loc=query_start_loc,
-                context_lens=views[4].int(),
-                block_tables=views[6].view(len(batch.seqs), max_blocks).int(),
-                max_query_len=max(q_lens),
-                max_context_len=max(context_lens),
-                lora=lora,
-            ),
-            sample_rows=views[5],
-            sample_seqs=sample_seqs,
-            rows_per_seq=rows_per_seq,
-            prompt_rows=prompt_rows,
+        return (
+            ids,
+            positions,
+            slots,
+            starts,
+            context_lens,
+            sample_rows,
+            sample_seqs,
+            rows_per_seq,
+            prompt_rows,
         )
 
     @torch.inference_mode()
@@ -223,10 +304,9 @@ class ModelRunner:
         started = time.perf_counter()
         n = len(seqs)
         width = max(len(s.block_table) for s in seqs)
-        tables = [b for s in seqs for b in s.block_table + [0] * (width - len(s.block_table))]
         source = [prev.rows[s.seq_id] for s in seqs] if prev is not None else [s.token_ids[-1] for s in seqs]
         adapters = [s.lora_slot for s in seqs]
-        host = torch.tensor(source + first + last + tables + adapters, dtype=torch.int64)
+        host = int64_tensor(itertools.chain(source, first, last, padded_tables(seqs, width), adapters))
         if self.device.type == "cuda":
             host = host.pin_memory()  # a pageable copy would wait for the work already queued
         packed = host.to(self.device, non_blocking=True)

@@ -20,24 +20,36 @@ class IncrementalDetokenizer:
     never become a character (0xFF, a stray continuation byte) turn into U+FFFD as soon as that is certain,
     exactly where a one-shot decode of the whole output would put them. An unfinished character at the end
     is dropped.
+
+    Most tokens are whole characters on their own and most of the time the decoder holds nothing: such a
+    token's text is looked up in the tokenizer's table (Tokenizer.token_texts), with no decoder call.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_ids = tokenizer.special_token_ids if skip_special_tokens else frozenset()
+        self._texts = tokenizer.token_texts(skip_special_tokens)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._clean = True  # the decoder holds no bytes of an unfinished character
 
     def push(self, token_id: int) -> str:
         """Return the text that token_id completes ("" while a character is still unfinished)."""
-        if token_id in self.skip_ids or not 0 <= token_id < self.tokenizer.vocab_size:
-            # Skipped special tokens, and ids past the tokenizer (padding rows of an embedding), have no text.
+        if not 0 <= token_id < len(self._texts):
+            return ""  # ids past the tokenizer (padding rows of an embedding) have no text
+        text = self._texts[token_id]
+        if text is not None and self._clean:
+            return text
+        if token_id in self.skip_ids:  # skipped special tokens have no text
             return ""
-        return self._utf8.decode(self.tokenizer.token_bytes(token_id))
+        text = self._utf8.decode(self.tokenizer.token_bytes(token_id))
+        self._clean = not self._utf8.getstate()[0]
+        return text
 
     def flush(self) -> str:
         """Return what is left at the end: nothing. An unfinished character (max_tokens cut it) is dropped, as
         vLLM does, rather than shown as U+FFFD; the decoder only ever holds a valid prefix of a character."""
         self._utf8.reset()
+        self._clean = True
         return ""
 
 

@@ -71,6 +71,7 @@ class Tokenizer:
         self.eos_token_ids = eos_token_ids
         self.bos_token_id = bos_token_id
         self.chat_template = chat_template
+        self._texts: dict[bool, list[str | None]] = {}  # token_texts(), built on first use
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size})"
@@ -105,6 +106,23 @@ class Tokenizer:
         """Return the raw bytes token_id stands for (a special token: its text's UTF-8)."""
         self._check_id(token_id)
         return self._bytes[token_id]
+
+    def token_texts(self, skip_special_tokens: bool) -> list[str | None]:
+        """Return each token's text when it is whole UTF-8 on its own ("" for a skipped special token), else
+        None (its bytes start or end inside a character): the detokeniser's table for the common case."""
+        texts = self._texts.get(skip_special_tokens)
+        if texts is None:
+            texts = []
+            for token_id, raw in enumerate(self._bytes):
+                if skip_special_tokens and token_id in self.special_token_ids:
+                    texts.append("")
+                    continue
+                try:
+                    texts.append(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    texts.append(None)
+            self._texts[skip_special_tokens] = texts
+        return texts
 
     def id_to_token(self, token_id: int) -> str:
         """Return a token's text as OpenAI's logprobs show it; bytes that are not UTF-8 read "bytes:\\xe2\\x80"."""

@@ -352,3 +352,15 @@ def test_it_refuses_gguf_files_it_cannot_read(tmp_path: Path) -> None:
         Tokenizer.from_gguf(_write_toy_gguf(tmp_path / "spm.gguf", model="llama"))
     with pytest.raises(ModelLoadError, match="pre-tokenizer 'mystery'"):
         Tokenizer.from_gguf(_write_toy_gguf(tmp_path / "pre.gguf", pre="mystery"))
+
+
+def test_token_texts_hold_whole_characters_only(gpt2: Tokenizer) -> None:
+    eos = gpt2.eos_token_ids[0]
+    emoji_start = gpt2.encode("😀")[0]  # F0 9F 98: no character on its own
+    word = gpt2.encode(" hello")[0]
+    shown, skipped = gpt2.token_texts(skip_special_tokens=False), gpt2.token_texts(skip_special_tokens=True)
+    assert len(shown) == len(skipped) == gpt2.vocab_size
+    assert shown[word] == skipped[word] == " hello"
+    assert shown[emoji_start] is None and skipped[emoji_start] is None
+    assert shown[eos] == gpt2.decode([eos]) and skipped[eos] == ""
+    assert gpt2.token_texts(skip_special_tokens=True) is skipped  # built once
