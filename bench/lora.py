@@ -225,7 +225,7 @@ def engine_for(path: Path, args: argparse.Namespace, **overrides: Any) -> LLMEng
 
 def measure(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     """Return one row: every engine of one shape, built one after another on the same weights."""
-    base_path, hf = random_checkpoint(shape, getattr(torch, args.dtype), "sdpa", seed=0)
+    base_path, hf = random_checkpoint(shape, getattr(torch, args.dtype), "sdpa", 0, args.device)
     config = hf.config
     root = Path(tempfile.mkdtemp(prefix=f"ruvon-lora-{shape}-"))
     targets = args.targets.split(",")

@@ -18,7 +18,7 @@ def same_weights(
     shape: str, dtype: torch.dtype, device: str, attn: str = "sdpa", seed: int = 0, **engine_overrides: object
 ) -> tuple[transformers.PreTrainedModel, LLMEngine]:
     """Return (HF model, Ruvon engine) sharing one random initialisation saved to a temp directory."""
-    path, hf = random_checkpoint(shape, dtype, attn, seed)
+    path, hf = random_checkpoint(shape, dtype, attn, seed, device)
     hf = hf.to(device).eval()
     dtype_name = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
     settings: dict[str, object] = {"model": str(path), "device": device, "dtype": dtype_name}
@@ -28,18 +28,22 @@ def same_weights(
 
 
 def random_checkpoint(
-    shape: str, dtype: torch.dtype, attn: str, seed: int
+    shape: str, dtype: torch.dtype, attn: str, seed: int, device: str = "cpu"
 ) -> tuple[Path, transformers.PreTrainedModel]:
     """Return (directory, HF model) of one random initialisation. With RUVON_BENCH_WEIGHTS set, the checkpoint
     is kept there per (shape, dtype, seed) and later processes load it instead of initialising and saving GPT-2
-    XL's 3 GB again (a device run spends most of a process's start-up there)."""
+    XL's 3 GB again (a device run spends most of a process's start-up there). The initialisation runs on
+    `device`: GPT-2 XL's on the CPU took over 100 s on the GPU machine, where a process has 110 s."""
     kwargs = {"attn_implementation": attn, "torch_dtype": dtype}
     cache = os.environ.get("RUVON_BENCH_WEIGHTS")
     path = Path(cache) / f"{shape}-{str(dtype).removeprefix('torch.')}-seed{seed}" if cache else None
     if path is not None and (path / "config.json").is_file():
         return path, transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     torch.manual_seed(seed)
-    hf = transformers.AutoModelForCausalLM.from_config(random_hf_config(shape), **kwargs)
+    with torch.device(device):
+        hf = transformers.AutoModelForCausalLM.from_config(random_hf_config(shape), **kwargs)
+    if cache:
+        Path(cache).mkdir(parents=True, exist_ok=True)
     saved = Path(tempfile.mkdtemp(prefix=f"ruvon-{shape}-", dir=cache))
     hf.save_pretrained(saved)
     if path is None:
