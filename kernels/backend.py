@@ -56,9 +56,10 @@ class KernelBackend:
 def cuda_backend() -> KernelBackend:
     """Return the kernel backend built from the Triton kernels (imports Triton; for CUDA devices).
 
-    RUVON_LORA_FUSED=0 keeps decode-shaped LoRA steps on shrink + expand (+ GELU) instead of the one-launch
-    kernel: the two can be measured against each other in one process by building an engine under each."""
-    fused = os.environ.get("RUVON_LORA_FUSED", "1") != "0"
+    RUVON_LORA_FUSED=1 runs decode-shaped LoRA steps through the one-launch kernel instead of shrink + expand
+    (+ GELU). Off by default: measured slower on an H100 (GPT-2 124M, batch 1: 1.07 against 0.87 ms/token,
+    docs/parts/18-lora.md); the two can be measured against each other by building an engine under each."""
+    fused = os.environ.get("RUVON_LORA_FUSED", "0") == "1"
     # Imported here so that the CPU path (the references) never needs Triton.
     from kernels.linear import linear
     from kernels.lora import lora_apply, lora_expand, lora_shrink, lora_warm_up
