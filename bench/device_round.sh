@@ -3,7 +3,9 @@
 # with a draft's real cost, the batch-size table) and 15 (LoRA throughput, batch-1 and hot load on GPT-2 124M
 # and XL), all on RANDOM weights, each step in its own process, in priority order inside one time budget.
 #
-#   carry: [".whl"]  (gguf, openai-whisper, bitsandbytes wheels: see docs/parts/17's "GPU" section)
+#   carry: [".whl-serving", ".whl"]  (the engine imports xgrammar, JSON logs and OpenTelemetry: .whl-serving has
+#   them, from `bash bench/serving_device.sh prepare`; .whl holds gguf, openai-whisper and, when it fits in the
+#   64 MiB, bitsandbytes: see docs/parts/17's "GPU" section)
 #   command: RUVON_COMMIT=<git rev-parse HEAD> bash bench/device_round.sh      timeout_s: 600
 #
 # A step that would start with less than its minimum left is recorded as NOT RUN. Every step's output and
@@ -21,8 +23,10 @@ exec > >(tee -a "$LOG") 2>&1
 T0=$(date +%s)
 left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
 
-"${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${WHEELS:-.whl}"/*.whl \
-    || exit 1
+for dir in ${WHEELS:-.whl-serving .whl}; do  # one pip call per folder: a package in both is simply replaced
+    "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "$dir"/*.whl || exit 1
+done
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 RUVON_BENCH_WEIGHTS=/tmp/ruvon-bench-weights
 mkdir -p "$RUVON_BENCH_WEIGHTS"
 echo "commit ${RUVON_COMMIT:-unknown}"
