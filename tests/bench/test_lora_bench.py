@@ -29,6 +29,7 @@ def test_the_lora_bench_measures_every_part_on_tiny() -> None:
         max_num_batched_tokens=256,
         num_blocks=64,
         skip_hf=True,
+        lora_paths="fused,unfused",
     )
     row = lora.measure("tiny", args)
     assert row["shape"] == "tiny (RANDOM weights)"
@@ -36,3 +37,9 @@ def test_the_lora_bench_measures_every_part_on_tiny() -> None:
         assert row[key] > 0, key
     assert row["lora_vs_base"] == pytest.approx(row["lora_tok_s"] / row["base_tok_s"])
     assert row["hot_read_ms"] > 0 and row["max_gap_steps"] > 0
+    for key in (
+        "unfused_lora_tok_s",
+        "unfused_lora_ms_tok",
+        "unfused_hot_load_ms",
+    ):  # the second path's engine
+        assert row[key] > 0, key
