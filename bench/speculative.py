@@ -57,8 +57,6 @@ from bench.peers import same_weights  # noqa: E402
 from gpu_worker.config import EngineConfig, SamplingParams  # noqa: E402
 from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
 from gpu_worker.loading.assets import smollm2_gguf_path  # noqa: E402
-from gpu_worker.loading.loader import LoadedModel  # noqa: E402
-from gpu_worker.spec.draft_model import DraftModelProposer  # noqa: E402
 from gpu_worker.spec.ngram import NgramProposer  # noqa: E402
 from gpu_worker.spec.oracle import OracleDraftProposer, OracleProposer  # noqa: E402
 from gpu_worker.spec.proposer import Proposer, load_batch_table, table_reach  # noqa: E402
@@ -188,20 +186,6 @@ def hf_rows(hf: Any, engine: LLMEngine, args: argparse.Namespace, ours: list[dic
     return rows
 
 
-def draft_proposer(engine: LLMEngine, draft: str | LoadedModel) -> DraftModelProposer:
-    """Return a draft-model proposer for `draft` sized like the engine's own KV cache, on its graphs."""
-    return DraftModelProposer(
-        draft,
-        num_blocks=engine.block_manager.num_blocks,
-        block_size=engine.config.block_size,
-        dtype=engine.dtype,
-        device=engine.device,
-        target_vocab=engine.model_config.vocab_size,
-        max_model_len=engine.max_model_len,
-        cuda_graph_max_batch=engine.runner.graph_max_batch,
-    )
-
-
 class Proposers:
     """The proposers a run compares, by label; the oracles are rebuilt for each set of prompts (they know
     the greedy continuation of those prompts, from the paired baseline)."""
@@ -210,12 +194,13 @@ class Proposers:
         self.engine = engine
         self.alphas: list[float] = args.oracle_alpha
         self.ngram: bool = args.ngram
-        self.drafts = {f"draft:{d}": draft_proposer(engine, d) for d in args.draft}
+        pool = engine.block_manager.num_blocks  # each draft's KV pool: as many blocks as the target's
+        self.drafts = {f"draft:{d}": engine.draft_proposer(d, pool) for d in args.draft}
         self.drafts |= {
-            f"self:{v}": draft_proposer(engine, self_draft(engine.loaded, v)) for v in args.self_draft
+            f"self:{v}": engine.draft_proposer(self_draft(engine.loaded, v), pool) for v in args.self_draft
         }
         # One draft model behind every ORACLE+DRAFT alpha: its cost is what they share.
-        self.oracle_draft = draft_proposer(engine, args.oracle_draft) if args.oracle_draft else None
+        self.oracle_draft = engine.draft_proposer(args.oracle_draft, pool) if args.oracle_draft else None
 
     def for_prompts(self, continuations: dict[tuple[int, ...], list[int]]) -> list[tuple[str, Proposer]]:
         """Return (label, proposer) of every proposer, oracles knowing these greedy continuations."""

@@ -33,6 +33,7 @@ import re
 import time
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -60,6 +61,9 @@ from gpu_worker.sequence import (
 from gpu_worker.spec.proposer import Proposer, drafts_for_batch, load_batch_table, table_reach
 from gpu_worker.structured.grammar import GrammarCompiler
 from gpu_worker.tokenization.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from gpu_worker.spec.draft_model import DraftModelProposer
 
 __all__ = [
     "CompletionOutput",
@@ -288,6 +292,11 @@ class LLMEngine:
             raise ValueError(
                 f"speculative must be none, ngram, draft:<model> or self[:int4|:layers=N], not {kind!r}"
             )
+        return self.draft_proposer(draft, num_blocks)
+
+    def draft_proposer(self, draft: str | LoadedModel, num_blocks: int) -> DraftModelProposer:
+        """Return a draft-model proposer for `draft` (a model spec or a loaded model) with a KV pool of
+        num_blocks, sized, typed and graphed like this engine (benches build extra ones to compare)."""
         from gpu_worker.spec.draft_model import DraftModelProposer
 
         return DraftModelProposer(

@@ -12,7 +12,7 @@ import torch
 from gpu_worker.config import EngineConfig, SamplingParams
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.spec.draft_model import DraftModelProposer
-from tests.gpu_worker.conftest import Peer, make_peer
+from tests.gpu_worker.conftest import Peer, engine_for, make_peer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -103,16 +103,13 @@ def test_verification_through_cuda_graphs_gives_the_eager_tokens(tiny_gpt2: Peer
     k = 4 if speculative == "ngram" else 2
     results = []
     for eager in (True, False):
-        engine = LLMEngine(
-            EngineConfig(
-                model=str(tiny_gpt2.path),
-                device="cuda",
-                dtype="float32",
-                num_blocks=256,
-                speculative="ngram",
-                num_speculative_tokens=k,
-                enforce_eager=eager,
-            )
+        engine = engine_for(
+            tiny_gpt2,
+            device="cuda",
+            num_blocks=256,
+            speculative="ngram",
+            num_speculative_tokens=k,
+            enforce_eager=eager,
         )
         before = engine.stats()["spec_num_drafts"]
         outs = [[o.token_ids[0] for o in engine.generate(prompts, p)] for p in (greedy, seeded)]
@@ -133,16 +130,13 @@ def test_a_draft_model_drafts_through_its_own_graphs(tiny_gpt2: Peer) -> None:
     seeded = SamplingParams(temperature=0.9, seed=5, max_tokens=24, ignore_eos=True)
     results = []
     for eager in (True, False):
-        engine = LLMEngine(
-            EngineConfig(
-                model=str(tiny_gpt2.path),
-                device="cuda",
-                dtype="float32",
-                num_blocks=256,
-                speculative=f"draft:{tiny_gpt2.path}",
-                num_speculative_tokens=3,
-                enforce_eager=eager,
-            )
+        engine = engine_for(
+            tiny_gpt2,
+            device="cuda",
+            num_blocks=256,
+            speculative=f"draft:{tiny_gpt2.path}",
+            num_speculative_tokens=3,
+            enforce_eager=eager,
         )
         results.append([[o.token_ids[0] for o in engine.generate(prompts, p)] for p in (greedy, seeded)])
         assert engine.stats()["spec_num_accepted_tokens"] > 0
@@ -159,15 +153,12 @@ def test_a_batch_size_table_has_its_verification_graphs_at_start_up(tiny_gpt2: P
     engine starts: a run at several batch sizes captures none."""
     table = tmp_path / "table.json"
     table.write_text(json.dumps({"1": 4, "3": 2, "8": 0}))
-    engine = LLMEngine(
-        EngineConfig(
-            model=str(tiny_gpt2.path),
-            device="cuda",
-            dtype="float32",
-            num_blocks=256,
-            speculative=f"draft:{tiny_gpt2.path}",
-            speculative_batch_table=str(table),
-        )
+    engine = engine_for(
+        tiny_gpt2,
+        device="cuda",
+        num_blocks=256,
+        speculative=f"draft:{tiny_gpt2.path}",
+        speculative_batch_table=str(table),
     )
     assert isinstance(engine.proposer, DraftModelProposer)
     runners = [engine.runner, engine.proposer.runner]
