@@ -31,8 +31,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model: str | None = No
     group.add_argument(
         "--quantization",
         choices=SCHEMES,
-        default=env("RUVON_QUANTIZATION", "none"),
-        help="weight-only quantisation of the projections: int8 (W8A16 per channel), int4 (W4A16 group 128), "
+        default=env("RUVON_QUANTIZATION", "auto"),
+        help="weight-only quantisation of the projections: auto (a GGUF's Q8_0 / Q4_0 / Q4_1 weights as they "
+        "are stored, else none), int8 (W8A16 per channel), int4 (W4A16 group 128), "
         "int4-g32/-g64/-g128/-g256, bnb-int8 / bnb-nf4 (needs bitsandbytes); a GGUF's Q8_0 / Q4_0 / Q4_1 "
         "weights load as they are under int8 / int4-g32",
     )

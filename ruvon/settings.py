@@ -207,8 +207,8 @@ RUVON_ADAPTER_DIR = Path(os.environ.get("RUVON_ADAPTER_DIR", MEDIA_ROOT / "adapt
 # The served model: the engine spec the worker loads, and the name clients send as "model".
 RUVON_MODEL = os.environ.get("RUVON_MODEL", "smollm2")
 RUVON_MODEL_NAME = os.environ.get("RUVON_MODEL_NAME", "smollm2-135m-instruct")
-# none, int8, int4, int4-g32, ...; int4-g32 runs SmolLM2 from its Q4_1 weights as they are.
-RUVON_QUANTIZATION = os.environ.get("RUVON_QUANTIZATION", "none")
+# auto (a GGUF's quantised weights as they are stored: SmolLM2's Q4_1 runs as int4 g32), none, int8, int4, ...
+RUVON_QUANTIZATION = os.environ.get("RUVON_QUANTIZATION", "auto")
 RUVON_NUM_BLOCKS = env_int("RUVON_NUM_BLOCKS")
 # Cached prompt prefixes are shared within a tenant (and cache_salt) only; "global" shares across tenants.
 RUVON_PREFIX_CACHE_SCOPE = os.environ.get("RUVON_PREFIX_CACHE_SCOPE", "tenant")

@@ -6,6 +6,10 @@ layers take the tensors one by one (CausalLM.load_weight).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -31,7 +35,7 @@ from gpu_worker.loading.specs import RANDOM_SHAPES, ModelSource, parse_random_sp
 from gpu_worker.lora.format import adapter_targets, read_adapter
 from gpu_worker.lora.merge import merge_adapter
 from gpu_worker.models import CausalLM, build_model
-from gpu_worker.quant import QuantScheme, load_quantized_from, parse_scheme, quantize
+from gpu_worker.quant import AUTO, QuantScheme, load_quantized_from, parse_scheme, quantize
 from kernels.backend import backend_for
 
 if TYPE_CHECKING:
@@ -40,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RANDOM_SHAPES",
     "LoadedModel",
+    "auto_quantization",
     "ModelSource",
     "load_model",
     "pull",
@@ -75,18 +80,51 @@ def load_model(
 ) -> LoadedModel:
     """Load what `spec` names: an HF directory or cache name, a .gguf file, `smollm2`, or `random:<shape>`;
     with the LoRA adapter `merge_lora` (name, directory) folded into its weights, and then its projections
-    quantised by `quantization` (gpu_worker.quant.SCHEMES) unless "none"."""
+    quantised by `quantization` (gpu_worker.quant.SCHEMES) unless "none"; "auto" keeps a GGUF's quantised
+    projections as they are stored (auto_quantization)."""
+    if quantization == AUTO:
+        quantization = "none" if merge_lora is not None else auto_quantization(spec)
     scheme = parse_scheme(quantization)  # a bad name fails here, before anything is read
     if merge_lora is not None:
         full = load_model(spec, dtype=dtype, device=device, seed=seed)
         return requantize(_merged(full, *merge_lora), quantization)
     source = resolve_spec(spec)
     if source.kind == "random":
-        return _load_random(source.spec, dtype, device, seed, scheme)
+        loaded = _load_random(source.spec, dtype, device, seed, scheme)
+    elif source.kind == "gguf":
+        assert source.path is not None
+        loaded = _load_gguf(source.path, source.name, dtype, device, scheme)
+    else:
+        assert source.path is not None
+        loaded = _load_hf_dir(source.path, source.name, dtype, device, scheme)
+    return_freed_memory()
+    return loaded
+
+
+def return_freed_memory() -> None:
+    """Hand the heap pages that loading freed (file buffers, full-precision copies) back to the OS: glibc
+    keeps them otherwise, and the process's resident memory would count them for its whole life."""
+    gc.collect()
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, ...): nothing to trim
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def auto_quantization(spec: str) -> str:
+    """Return the scheme that runs `spec`'s weights as they are stored: int4-g32 for a GGUF whose
+    projections are all Q4_0 / Q4_1, int8 for all Q8_0, else "none" (float files, mixed types, HF
+    directories and random weights keep their dtype). Reads only the GGUF's header."""
+    source = resolve_spec(spec)
+    if source.kind != "gguf":
+        return "none"
     assert source.path is not None
-    if source.kind == "gguf":
-        return _load_gguf(source.path, source.name, dtype, device, scheme)
-    return _load_hf_dir(source.path, source.name, dtype, device, scheme)
+    return scheme_as_stored(projection_types(open_gguf(source.path)))
+
+
+def scheme_as_stored(types: dict[str, str]) -> str:
+    """Return the scheme that takes every projection of these GGUF types as it is, else "none"."""
+    layouts = {GGUF_QUANT_LAYOUTS.get(t) for t in types.values()}
+    return {(4, 32): "int4-g32", (8, 32): "int8"}.get(layouts.pop(), "none") if len(layouts) == 1 else "none"
 
 
 def _merged(loaded: LoadedModel, name: str, path: str) -> LoadedModel:

@@ -2,10 +2,11 @@
 (W8A16) or int4 (W4A16) layer of the same forward; the layers quantise each tensor as it loads."""
 
 from gpu_worker.quant.layers import Int4Linear, Int8Linear, QuantLinear
-from gpu_worker.quant.schemes import SCHEMES, QuantScheme, parse_scheme
+from gpu_worker.quant.schemes import AUTO, SCHEMES, QuantScheme, parse_scheme
 from gpu_worker.quant.swap import load_quantized_from, quantize
 
 __all__ = [
+    "AUTO",
     "SCHEMES",
     "Int4Linear",
     "Int8Linear",

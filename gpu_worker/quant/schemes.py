@@ -9,7 +9,10 @@ from gpu_worker.errors import ModelLoadError
 INT4_GROUPS = (32, 64, 128, 256)  # powers of two: what the Triton GEMV and torch's CPU int4 matmul take
 DEFAULT_INT4_GROUP = 128
 BNB_SCHEMES = ("bnb-int8", "bnb-nf4")
-SCHEMES = ("none", "int8", "int4", *(f"int4-g{g}" for g in INT4_GROUPS), *BNB_SCHEMES)
+# "auto": a file's weights as they are stored: a GGUF whose projections are all Q8_0, or all Q4_0/Q4_1, runs
+# them in Ruvon's int8 / int4 g32 layout (no dequantising, nothing rounded again); anything else runs unquantised.
+AUTO = "auto"
+SCHEMES = (AUTO, "none", "int8", "int4", *(f"int4-g{g}" for g in INT4_GROUPS), *BNB_SCHEMES)
 BNB_INSTALL = "pip install bitsandbytes==0.50.2"
 BNB_NF4_BLOCK = 64  # bitsandbytes' default NF4 block (one absmax per 64 weights of the flattened matrix)
 
@@ -36,7 +39,7 @@ class QuantScheme:
 
 def parse_scheme(name: str) -> QuantScheme | None:
     """Return the scheme called `name` (None for "none"); raise ModelLoadError naming the fix."""
-    if name == "none":
+    if name in ("none", AUTO):  # auto is resolved against the file by the loader (gpu_worker.loading.loader)
         return None
     if name == "int8":
         return QuantScheme(8, None)

@@ -19,7 +19,7 @@ def _parse(argv: list[str]) -> EngineConfig:
 
 
 def test_it_takes_the_option_and_its_environment_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert _parse([]).quantization == "none"
+    assert _parse([]).quantization == "auto"
     assert _parse(["--quantization", "int4-g32"]).quantization == "int4-g32"
     assert _parse(["--quantization", "bnb-nf4"]).quantization == "bnb-nf4"  # parsed; checked when loading
     monkeypatch.setenv("RUVON_QUANTIZATION", "int8")

@@ -14,7 +14,7 @@ from gguf.quants import quantize as gguf_quantize
 
 from gpu_worker.errors import ModelLoadError
 from gpu_worker.loading.checkpoints.gguf_file import decode_quantized, unpermute_rope_rows
-from gpu_worker.loading.loader import _gguf_plan, load_model
+from gpu_worker.loading.loader import _gguf_plan, auto_quantization, load_model, scheme_as_stored
 from gpu_worker.quant import QuantScheme
 from gpu_worker.quant.quantizers import dequantize as dequantize_q
 from gpu_worker.runner.kv_cache import forward_dense
@@ -84,3 +84,26 @@ def test_it_runs_smollm2_from_its_q4_1_weights_directly() -> None:
     assert ((ref - out).norm() / ref.norm()).item() < 0.02
     with pytest.raises(ModelLoadError, match="Q4_1.*use --quantization int4-g32"):
         load_model("smollm2", quantization="int8")
+
+
+@pytest.mark.parametrize(
+    ("types", "scheme"),
+    [
+        ({"a": "Q4_1", "b": "Q4_1"}, "int4-g32"),
+        ({"a": "Q4_0", "b": "Q4_1"}, "int4-g32"),  # one layout: both are int4 in blocks of 32
+        ({"a": "Q8_0"}, "int8"),
+        ({"a": "Q4_1", "b": "F16"}, "none"),  # mixed: the float ones would need quantising
+        ({"a": "Q4_1", "b": "Q8_0"}, "none"),
+        ({"a": "Q6_K"}, "none"),
+        ({"a": "F32"}, "none"),
+    ],
+)
+def test_auto_takes_a_gguf_as_it_is_stored(types: dict[str, str], scheme: str) -> None:
+    assert scheme_as_stored(types) == scheme
+
+
+def test_auto_runs_smollm2_from_its_q4_1_file_and_anything_else_unquantised() -> None:
+    assert auto_quantization("smollm2") == "int4-g32"  # reads the header only
+    assert auto_quantization("random:tiny") == "none"
+    loaded = load_model("random:tiny", quantization="auto")
+    assert "RANDOM" in loaded.label and "int" not in loaded.label

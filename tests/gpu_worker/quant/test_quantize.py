@@ -23,6 +23,7 @@ PROMPT = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 198, 40]
 
 def test_it_parses_every_scheme_it_offers() -> None:
     assert [parse_scheme(name) for name in SCHEMES if name not in BNB_SCHEMES] == [
+        None,  # auto: the loader resolves it against the file
         None,
         QuantScheme(8, None),
         QuantScheme(4, 128),
@@ -36,7 +37,7 @@ def test_it_parses_every_scheme_it_offers() -> None:
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("int3", "unknown quantization 'int3'; choose one of none, int8"),
+        ("int3", "unknown quantization 'int3'; choose one of auto, none, int8"),
         (
             "int4-g48",
             r"'int4-g48': the int4 group size must be a power of two from 32 to 256.*use one of int4-g32",
