@@ -68,6 +68,13 @@ class LoadedModel:
     source_kind: Literal["hf_dir", "gguf", "random"]
     source_path: Path | None
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the model's parameters and buffers as they sit on the device (a quantised layer's packed
+        weights, scales and mins; the embedding and LM head in the model dtype)."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
 
 def load_model(
     spec: str,

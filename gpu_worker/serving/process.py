@@ -77,7 +77,7 @@ def run_worker_command(args: argparse.Namespace) -> int:
     tracing.setup("ruvon-worker")
     engine = LLMEngine(engine_config(vars(args)))
     name = args.served_model_name or engine.model_name
-    telemetry = Telemetry(name)
+    telemetry = Telemetry(name, weight_bytes=engine.loaded.weight_bytes)
     engine.telemetry = telemetry
     if args.metrics_port:
         try:

@@ -59,7 +59,9 @@ class TokenRate:
 class Telemetry:
     """The engine's metrics for one served model; every metric carries the label model_name."""
 
-    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, model_name: str, registry: CollectorRegistry | None = None, *, weight_bytes: int = 0
+    ) -> None:
         self.model_name = model_name
         self.registry = registry or CollectorRegistry()
         self.tokens = TokenRate()
@@ -69,6 +71,7 @@ class Telemetry:
             ("preemptions", "prefix_queries", "prefix_hits", "drafts", "draft_tokens", "accepted"), 0
         )
         self._define_metrics()
+        self.weight_bytes.set(weight_bytes)
 
     # ---- definitions ---------------------------------------------------------------------------
     # Each helper registers a family labelled by model_name and returns this model's child: the hot path
@@ -121,6 +124,9 @@ class Telemetry:
         )
         self.spec_draft_tokens = c("spec_decode_num_draft_tokens", "Draft tokens proposed and verified.")
         self.spec_accepted = c("spec_decode_num_accepted_tokens", "Draft tokens the target accepted.")
+        self.weight_bytes = g(
+            "model_weight_bytes", "Bytes of the served model's weights on the device (quantised: as packed)."
+        )
         self.running = g("num_requests_running", "Sequences in the running batch.")
         self.waiting = g("num_requests_waiting", "Sequences waiting to be scheduled.")
         self.kv_usage = g("kv_cache_usage_perc", "Fraction of KV-cache blocks held by live sequences (0..1).")

@@ -94,7 +94,12 @@ class Worker:
 
     def run(self) -> None:
         """Serve until stop() is called, then finish in-flight requests (up to drain_timeout_s) and return."""
-        log.info("worker serving %s (%s)", self.engine.model_name, self.engine.label)
+        log.info(
+            "worker serving %s (%s), weights %.1f MB",
+            self.engine.model_name,
+            self.engine.label,
+            self.engine.loaded.weight_bytes / 1e6,
+        )
         deadline: float | None = None
         self.pulse.start()
         try:

@@ -79,7 +79,7 @@ class InProcessJobClient:
         self.engine = engine
         self.served_name = served_name
         # The engine runs in this process, so its metrics are served on the web tier's /metrics.
-        self.telemetry = Telemetry(served_name)
+        self.telemetry = Telemetry(served_name, weight_bytes=engine.loaded.weight_bytes)
         engine.telemetry = self.telemetry
         expose_engine_metrics(self.telemetry.registry)
         self.usage = UsageWriter(record_usage)

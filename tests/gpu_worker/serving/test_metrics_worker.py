@@ -12,6 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gpu_worker.loading.loader import load_model
 from inference.transport.redis_client import RedisJobClient
 from tests.gpu_worker.serving.test_worker_process import REDIS_URL, Cluster, run, serve_all
 
@@ -71,6 +72,10 @@ def test_it_serves_each_workers_metrics_on_its_own_port(cluster: Cluster) -> Non
     assert device == pytest.approx(total("ruvon:step_time_seconds_sum"), rel=1e-6)
     usage = {u["request_id"]: u for u in cluster.usage()}
     assert math.fsum(u["timings"]["device_s"] for u in usage.values()) == pytest.approx(device)
+    # Each worker exports the bytes of the weights it holds (both: random:tiny, unquantised).
+    weights = load_model("random:tiny").weight_bytes
+    key = ("ruvon:model_weight_bytes", (("model_name", cluster.model),))
+    assert [samples[key] for samples in scrapes] == [weights, weights]
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gpu_worker.config import EngineConfig, SamplingParams
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.stats import StepStats
+from gpu_worker.loading.loader import load_model
 from gpu_worker.serving.telemetry import Telemetry, TokenRate, serve
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -133,6 +134,13 @@ def test_it_counts_prefix_cache_hits_and_preemptions() -> None:
     assert value(samples, "ruvon:num_preemptions_total") == stats["num_preemptions"]
     assert value(samples, "ruvon:prefix_cache_hits_total") == stats["prefix_cache_hits"] >= 32
     assert value(samples, "ruvon:prefix_cache_queries_total") == stats["prefix_cache_queries"]
+
+
+def test_it_exports_the_bytes_of_the_weights_it_serves() -> None:
+    full, int4 = load_model("random:tiny"), load_model("random:tiny", quantization="int4-g32")
+    assert 0 < int4.weight_bytes < full.weight_bytes  # packed nibbles + scales; the tied embedding stays fp32
+    samples = parse(generate_latest(Telemetry("tiny", weight_bytes=int4.weight_bytes).registry).decode())
+    assert value(samples, "ruvon:model_weight_bytes") == int4.weight_bytes
 
 
 def test_it_keeps_engines_metrics_apart() -> None:
