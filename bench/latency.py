@@ -91,7 +91,8 @@ def measure(
     if not args.skip_hf:
         hf_ms_per_token(hf, prompt, 8)
         h_ttft, h_tpot, h_tokens = hf_ms_per_token(hf, prompt, args.new_tokens)
-    roofline = weight_bytes(engine.loaded.model, buffers=True) / args.bandwidth * 1e3  # Ruvon's bytes
+    nbytes = weight_bytes(engine.loaded.model, buffers=True)  # Ruvon's weights as stored (quantised: packed)
+    roofline = nbytes / args.bandwidth * 1e3
     rows: list[dict[str, object]] = []
     for steps in args.decode_steps or [engine.decode_steps]:
         engine.decode_steps = steps
@@ -110,6 +111,7 @@ def measure(
                 "hf_ms_tok": h_tpot,
                 "speedup": h_tpot / r_tpot if h_tpot else None,
                 "roofline_ms_tok": roofline,
+                "weight_GB": nbytes / 1e9,
                 "ruvon_ttft_ms": r_ttft,
                 "hf_ttft_ms": h_ttft,
                 "greedy_agree": same,
