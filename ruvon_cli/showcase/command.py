@@ -86,6 +86,13 @@ def add_showcase_parser(sub: Any) -> None:
     p.add_argument("--no-live", action="store_true", help="plain progress lines instead of the live view")
     p.add_argument("--hold", action="store_true", help="keep serving the dashboards until Ctrl-C")
     p.add_argument("--out", type=Path, help="report folder (default var/showcase/<UTC time>)")
+    p.add_argument(
+        "--database",
+        choices=("auto", "postgres", "sqlite"),
+        default="auto",
+        help="the stack's own database: a fresh PostgreSQL database (at RUVON_STRESS_PG), or a SQLite file in "
+        "its work folder; auto: PostgreSQL when it answers, else SQLite (a GPU host without PostgreSQL)",
+    )
     p.set_defaults(func=run_showcase)
 
 
@@ -96,11 +103,18 @@ def plan_sizes(args: argparse.Namespace, cuda: bool) -> tuple[int, int, int]:
     return tuple(a if a is not None else d for a, d in zip(asked, default, strict=True))  # type: ignore[return-value]
 
 
+def database_for(asked: str, postgres_answers: Any) -> str:
+    """Return the stack's database kind: the asked one, or for "auto" PostgreSQL when it answers, else SQLite."""
+    if asked != "auto":
+        return asked
+    return "postgres" if postgres_answers() else "sqlite"
+
+
 def run_showcase(args: argparse.Namespace) -> int:
     import torch
 
     from ruvon_cli.phases import Phases, process_age_s
-    from ruvon_cli.stack import Stack, StackConfig, free_port
+    from ruvon_cli.stack import Stack, StackConfig, free_port, postgres_available
 
     age = process_age_s()
     phases = Phases(started_ago_s=age)
@@ -116,6 +130,7 @@ def run_showcase(args: argparse.Namespace) -> int:
         model=features.model, served_name=features.served_name, num_blocks=features.num_blocks,
         keys={TENANT: {}}, setup_commands=setup_commands(features, password), settings=stack_settings(features, cuda),
         worker_args=features.worker_args(metrics_port), label="showcase", start_timeout_s=600,
+        database=database_for(args.database, postgres_available),
     )  # fmt: skip
     out = args.out or Path("var") / "showcase" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     print(f"starting the production shape: {features}", flush=True)

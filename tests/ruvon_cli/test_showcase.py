@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ruvon_cli.main import build_parser
-from ruvon_cli.showcase.command import features_for, plan_sizes
+from ruvon_cli.showcase.command import database_for, features_for, plan_sizes
 from ruvon_cli.showcase.report import check
 from ruvon_cli.showcase.users import RequestRecord
 from ruvon_cli.stack import ROOT, postgres_available
@@ -75,12 +75,33 @@ def test_it_reports_every_difference_between_the_users_and_the_usage_records() -
     assert check([good], warm, engine_finished=1, warmup={"req_w"}) == []  # the warm-up's own record
 
 
+def test_it_takes_postgresql_when_it_answers_else_sqlite() -> None:
+    assert _args().database == "auto"
+    assert database_for("auto", lambda: True) == "postgres"
+    assert database_for("auto", lambda: False) == "sqlite"  # a GPU host without PostgreSQL
+    assert database_for("sqlite", lambda: True) == "sqlite"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="the production shape needs redis-server")
-@pytest.mark.skipif(not postgres_available(), reason="the production shape needs PostgreSQL")
-def test_it_runs_the_short_showcase_and_its_report_equals_the_usage_records(tmp_path: Path) -> None:
+@pytest.mark.parametrize("database", ["postgres", "sqlite"])
+def test_it_runs_the_short_showcase_and_its_report_equals_the_usage_records(
+    tmp_path: Path, database: str
+) -> None:
+    if database == "postgres" and not postgres_available():
+        pytest.skip("needs PostgreSQL")
     out = tmp_path / "report"
-    argv = ["showcase", "--short", "--model", "random:tiny", "--no-live", "--out", str(out)]
+    argv = [
+        "showcase",
+        "--short",
+        "--model",
+        "random:tiny",
+        "--no-live",
+        "--out",
+        str(out),
+        "--database",
+        database,
+    ]
     proc = subprocess.Popen([sys.executable, "-m", "ruvon_cli", *argv], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
