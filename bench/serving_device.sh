@@ -47,7 +47,7 @@ PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-500}
 PER_PROCESS_S=${PER_PROCESS_S:-200}
 DEVICE=${DEVICE:-cuda}
-MODELS=${MODELS:-gpt2-xl gpt2}
+MODELS=${MODELS-gpt2-xl gpt2}  # empty: no serving table (the ladder alone)
 REQUESTS=${REQUESTS:-256}
 NEW_TOKENS=${NEW_TOKENS:-128}
 MIN_PROMPT=${MIN_PROMPT:-16}
@@ -243,6 +243,31 @@ for model in $MODELS; do
     done
     merge "$name" || echo "FAILED: merge of $name"
 done
+# The feature ladder through the whole stack (docs/parts/20, "What each feature adds"): one `ruvon showcase`
+# per row, each adding one option to the row before, GPT-2 XL shape (RANDOM weights), SQLite. LADDER names the
+# rows to run (default none), e.g. LADDER="plain batching graphs int8 spec"; LADDER_USERS (16),
+# LADDER_REQUESTS (2 per user), LADDER_TOKENS (64). The reports go into one archive, $OUT/ladder.tgz.
+declare -A RUNG=(
+    [plain]="--max-num-seqs 1 --enforce-eager --quantization none --speculative none"
+    [batching]="--enforce-eager --quantization none --speculative none"
+    [graphs]="--quantization none --speculative none"
+    [int8]="--quantization int8 --speculative none"
+    [spec]="--quantization int8 --speculative ngram"
+)
+for rung in ${LADDER:-}; do
+    left=$((BUDGET_S - SECONDS))
+    if [ "$left" -lt 60 ]; then echo "NOT RUN: ladder $rung (${left} s left)"; continue; fi
+    echo "== ladder $rung: ${RUNG[$rung]} (limit $left s)"
+    read -ra rung_args <<<"${RUNG[$rung]}"
+    timeout -k 15 "$left" "$PY" -m ruvon_cli showcase --model "random:${LADDER_MODEL:-gpt2-xl}" \
+        --served-name "${LADDER_MODEL:-gpt2-xl}" --no-live --no-lora --database sqlite --users "${LADDER_USERS:-16}" \
+        --requests-per-user "${LADDER_REQUESTS:-2}" --max-tokens "${LADDER_TOKENS:-64}" \
+        --out "$TMPDIR/ladder/$rung" "${rung_args[@]}" >"$TMPDIR/ladder-$rung.txt" 2>&1
+    echo "== ladder $rung: exit $? after ${SECONDS} s"
+    grep -vE "it/s\]|Loading weights" "$TMPDIR/ladder-$rung.txt" | tail -n 25
+    mkdir -p "$TMPDIR/ladder/$rung" && cp "$TMPDIR/ladder-$rung.txt" "$TMPDIR/ladder/$rung/output.txt"
+done
+[ -d "$TMPDIR/ladder" ] && tar -czf "$OUT/ladder.tgz" -C "$TMPDIR" ladder
 rm -rf "$TMPDIR"
 ls -la "$OUT"
 echo "serving_device.sh done after ${SECONDS} s"
