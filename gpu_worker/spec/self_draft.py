@@ -36,7 +36,8 @@ def int4_copy(loaded: LoadedModel) -> LoadedModel:
     """Return the target with its projections quantised to int4 g32 from its own weights (a new model)."""
     if any(isinstance(m, QuantLinear) for m in loaded.model.modules()):
         raise ValueError(
-            "speculative self:int4 needs an unquantised target (this one is the int4 copy already)"
+            "speculative self:int4 needs an unquantised target, and this one is quantised already (a GGUF's "
+            "Q4 weights run as int4 by default): add --quantization none, or use self:layers=N or ngram"
         )
     draft = requantize(loaded, INT4_SCHEME)
     return replace(draft, name=f"{loaded.name} (self-draft int4)")
