@@ -131,7 +131,8 @@ def auto_quantization(spec: str) -> str:
 def scheme_as_stored(types: dict[str, str]) -> str:
     """Return the scheme that takes every projection of these GGUF types as it is, else "none"."""
     layouts = {GGUF_QUANT_LAYOUTS.get(t) for t in types.values()}
-    return {(4, 32): "int4-g32", (8, 32): "int8"}.get(layouts.pop(), "none") if len(layouts) == 1 else "none"
+    layout = layouts.pop() if len(layouts) == 1 else None
+    return {(4, 32): "int4-g32", (8, 32): "int8"}.get(layout, "none") if layout is not None else "none"
 
 
 def _merged(loaded: LoadedModel, name: str, path: str) -> LoadedModel:
