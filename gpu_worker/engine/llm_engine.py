@@ -165,11 +165,15 @@ class LLMEngine:
         # Positions past the model's own table do not exist (GPT-2's are learned), so never go beyond it.
         self.max_model_len = min(config.max_model_len or 1 << 62, self.model_config.max_position_embeddings)
         eos_ids = frozenset(self.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
+        # A draft model's weights take their memory before the KV pools are sized, and its pool (as many
+        # blocks as the target's) is sized together with the target's.
+        self.draft = self._load_draft()
+        pools = [self.model_config] + ([self.draft.config] if self.draft else [])
         # A bench refuses to report a run whose KV cache fell to the floor (kv_cache.MIN_BLOCKS).
         num_blocks, self.kv_cache_at_floor = (
             (config.num_blocks, False)
             if config.num_blocks
-            else blocks_from_memory(config, self.model_config, self.dtype, self.device)
+            else blocks_from_memory(config, pools, self.dtype, self.device)
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         # Before the runner: the LoRA layers are swapped in before CUDA graphs capture the model.
@@ -271,28 +275,34 @@ class LLMEngine:
         if self.proposer is not None:
             self.proposer.capture_graphs(k + 1, max_batch)
 
-    def _make_proposer(self, num_blocks: int) -> Proposer | None:
+    def _load_draft(self) -> LoadedModel | None:
+        """Return the draft model `speculative` names (draft:<model>, self[:variant]), None for the others;
+        raise ValueError for a value that is none of them."""
         kind = self.config.speculative
         if self.config.num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be non-negative")
-        if kind == "none":
+        if kind in ("none", "ngram"):
             return None
-        if kind == "ngram":
+        if kind.startswith("draft:") and len(kind) > len("draft:"):
+            return load_model(
+                kind.removeprefix("draft:"), dtype=self.dtype, device=self.device, seed=self.config.seed
+            )
+        if kind == "self" or kind.startswith("self:"):
+            from gpu_worker.spec.self_draft import self_draft
+
+            return self_draft(self.loaded, kind.removeprefix("self").removeprefix(":"))
+        raise ValueError(
+            f"speculative must be none, ngram, draft:<model> or self[:int4|:layers=N], not {kind!r}"
+        )
+
+    def _make_proposer(self, num_blocks: int) -> Proposer | None:
+        if self.draft is not None:
+            return self.draft_proposer(self.draft, num_blocks)
+        if self.config.speculative == "ngram":
             from gpu_worker.spec.ngram import NgramProposer
 
             return NgramProposer()
-        draft: str | LoadedModel
-        if kind.startswith("draft:") and len(kind) > len("draft:"):
-            draft = kind.removeprefix("draft:")
-        elif kind == "self" or kind.startswith("self:"):
-            from gpu_worker.spec.self_draft import self_draft
-
-            draft = self_draft(self.loaded, kind.removeprefix("self").removeprefix(":"))
-        else:
-            raise ValueError(
-                f"speculative must be none, ngram, draft:<model> or self[:int4|:layers=N], not {kind!r}"
-            )
-        return self.draft_proposer(draft, num_blocks)
+        return None
 
     def draft_proposer(self, draft: str | LoadedModel, num_blocks: int) -> DraftModelProposer:
         """Return a draft-model proposer for `draft` (a model spec or a loaded model) with a KV pool of

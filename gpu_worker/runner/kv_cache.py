@@ -21,10 +21,13 @@ def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> 
 
 
 def blocks_from_memory(
-    config: EngineConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device
+    config: EngineConfig, models: list[ModelConfig], dtype: torch.dtype, device: torch.device
 ) -> tuple[int, bool]:
-    """Return (number of KV blocks that fit the memory budget, whether it fell to the MIN_BLOCKS floor)."""
-    per_block = bytes_per_block(model, config.block_size, dtype)
+    """Return (number of KV blocks that fit the memory budget, whether it fell to the MIN_BLOCKS floor).
+
+    Each of `models` (the target, and a draft model that keeps a pool of as many blocks) pays for its own
+    block out of the one budget, so their pools together fit it."""
+    per_block = sum(bytes_per_block(model, config.block_size, dtype) for model in models)
     if device.type != "cuda":
         return max(int(config.cpu_kv_cache_gib * 2**30 // per_block), 1), False
     free, total = torch.cuda.mem_get_info(device)

@@ -14,6 +14,7 @@ import torch
 from gpu_worker.config import SamplingParams
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.outputs import FinalOutput
+from gpu_worker.runner.kv_cache import bytes_per_block
 from gpu_worker.serving.protocol import sampling_params_from_dict, sampling_params_to_dict
 from gpu_worker.serving.telemetry import Telemetry
 from gpu_worker.spec.draft_model import DraftModelProposer
@@ -276,3 +277,18 @@ def test_sampled_output_keeps_the_target_distribution(tiny_gpt2: Peer, far_draft
     assert stats["spec_num_draft_tokens"] >= SAMPLES  # every request verified drafts
     assert chi_square_p_value(observed, expected) > P_VALUE_FLOOR
     _assert_all_free(engine)
+
+
+def test_a_draft_models_pool_is_sized_with_the_targets_from_one_budget(tiny_gpt2: Peer) -> None:
+    """Without num_blocks, the target's and the draft's pools (as many blocks each) share the memory budget:
+    each block costs the target's bytes plus the draft's."""
+    budget_gib = 1 / 64
+    alone = engine_for(tiny_gpt2, num_blocks=None, cpu_kv_cache_gib=budget_gib)
+    paired = engine_for(
+        tiny_gpt2, num_blocks=None, cpu_kv_cache_gib=budget_gib, speculative=f"draft:{tiny_gpt2.path}"
+    )
+    per_block = bytes_per_block(alone.model_config, alone.config.block_size, torch.float32)
+    assert alone.block_manager.num_blocks == int(budget_gib * 2**30 // per_block)
+    assert paired.block_manager.num_blocks == int(budget_gib * 2**30 // (2 * per_block))
+    assert isinstance(paired.proposer, DraftModelProposer)
+    assert paired.proposer.num_blocks == paired.block_manager.num_blocks
