@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 from pathlib import Path
@@ -185,6 +186,9 @@ def test_a_batch_size_table_has_its_verification_graphs_at_start_up(tiny_gpt2: P
 def test_a_draft_model_and_its_target_size_their_pools_from_free_memory_together(tiny_gpt2: Peer) -> None:
     """No num_blocks with a draft model: both pools come out of gpu_memory_utilization, so the engine starts
     (the draft's pool no longer allocates on top of a cache that took the whole budget) and a request runs."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
     engine = engine_for(
         tiny_gpt2,
         device="cuda",
@@ -194,7 +198,7 @@ def test_a_draft_model_and_its_target_size_their_pools_from_free_memory_together
     )
     assert isinstance(engine.proposer, DraftModelProposer)
     assert engine.proposer.num_blocks == engine.block_manager.num_blocks > 64
+    pools = engine.runner.kv_cache.nbytes + engine.proposer.runner.kv_cache.nbytes
+    assert pools <= free - (0.5 * total + 2 * 2**30)
     [out] = engine.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     assert len(out.token_ids[0]) == 8
-    total = torch.cuda.mem_get_info()[1]
-    assert torch.cuda.memory_reserved() <= 0.5 * total + 2 * 2**30
