@@ -96,10 +96,13 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
 
 
 def source_commit(root: Path = ROOT, use_env: bool = True) -> str:
-    """Return the commit of the source tree at root: git if root is a checkout, else $RUVON_COMMIT.
+    """Return the commit of the source tree at root: $RUVON_COMMIT when set (a copied tree's git, as on the
+    GPU machine, can name a stale commit), else git if root is a checkout, else "unknown".
 
     A checkout with uncommitted changes to tracked files reads "<sha>-dirty".
     """
+    if use_env and os.environ.get("RUVON_COMMIT"):
+        return os.environ["RUVON_COMMIT"]
     try:
         top = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"],
@@ -114,7 +117,7 @@ def source_commit(root: Path = ROOT, use_env: bool = True) -> str:
             return lines[1] + ("-dirty" if dirty.returncode else "")
     except (OSError, subprocess.TimeoutExpired):
         pass
-    return (os.environ.get("RUVON_COMMIT") if use_env else None) or "unknown"
+    return "unknown"
 
 
 def gpu_properties() -> dict[str, Any] | None:

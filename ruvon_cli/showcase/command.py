@@ -284,8 +284,11 @@ def torch_device_name(cuda: bool) -> str:
 
 
 def _commit() -> str | None:
+    """$RUVON_COMMIT when set (a copied tree's git can be stale), else the checkout's HEAD."""
     from ruvon_cli.stack import ROOT
 
+    if os.environ.get("RUVON_COMMIT"):
+        return os.environ["RUVON_COMMIT"]
     done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     return done.stdout.strip() or None
 

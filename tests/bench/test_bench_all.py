@@ -66,6 +66,14 @@ def test_exported_tree_does_not_take_the_enclosing_checkouts_commit(
     assert bench_all.tree_commit(tmp_path, "cfdb967") == "cfdb967"
 
 
+def test_ruvon_commit_wins_over_a_checkouts_git(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU machine's copy of the tree carries a git whose HEAD can be stale: the commit the caller names wins."""
+    monkeypatch.delenv("RUVON_COMMIT", raising=False)
+    assert source_commit() != "unknown"  # this checkout's HEAD
+    monkeypatch.setenv("RUVON_COMMIT", "abc123")
+    assert source_commit() == "abc123"
+
+
 def fake_tree(tmp_path: Path) -> Path:
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "latency.py").write_text(textwrap.dedent(FAKE_LATENCY))
