@@ -171,6 +171,10 @@ def summarise(shape: str, rate: float | None, timings: list[Timing], start: floa
         "tokens": tokens,
         "wall_s": round(wall, 3),
         "tok_s": round(tokens / wall, 2) if wall > 0 else None,
+        # Text chunks a client got per request: a reader that fell behind gets several tokens in one.
+        "chunks_per_req": round(sum(len(t.gaps_s) + 1 for t in done if t.ttft_s) / len(done), 1)
+        if done
+        else None,
         "ttft_p50_ms": ms(percentile(ttft, 50)),
         "ttft_p99_ms": ms(percentile(ttft, 99)),
         "itl_p50_ms": ms(percentile(gaps, 50)),

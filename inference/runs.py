@@ -13,7 +13,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 
 from gpu_worker.logs import job_fields
-from gpu_worker.serving.protocol import Event, Job, adapter_name, is_terminal
+from gpu_worker.serving.protocol import Event, Job, adapter_name, coalesce_deltas, is_terminal
 from inference.errors import ApiError, to_api_error
 from inference.metrics import adapter_traffic
 from inference.transport import JobClient
@@ -38,21 +38,26 @@ class JobRun:
         self.finished = False  # nothing is left to cancel or record
 
     async def events(self) -> AsyncIterator[Event]:
-        """Yield the job's events; raise ApiError if the stream ends without a terminal event."""
-        async for event in self.client.events(self.request_id):
-            self.started = self.started or event.get("type") == "started"
-            terminal = is_terminal(event)
-            if terminal and not event.get("local"):  # "local": the reader's own ending, not the worker's
-                self.worker_ending = event
-            if event.get("type") == "done":
-                self._count(event)
-            if terminal:
-                logger.info("job %s ended %s", self.request_id, event.get("status"),
-                            extra=job_fields(self.job, status=event.get("status")))  # fmt: skip
-            yield event
-            if terminal:
-                return
+        """Yield the job's events, the deltas that waited for a slow reader merged (one chunk each, not one
+        per token); raise ApiError if the stream ends without a terminal event."""
+        async for batch in self.client.event_batches(self.request_id):
+            for event in coalesce_deltas(batch):
+                self._saw(event)
+                yield event
+                if is_terminal(event):
+                    return
         raise ApiError("the worker's event stream ended early", status=500, code="internal_error")
+
+    def _saw(self, event: Event) -> None:
+        self.started = self.started or event.get("type") == "started"
+        if not is_terminal(event):
+            return
+        if not event.get("local"):  # "local": the reader's own ending, not the worker's
+            self.worker_ending = event
+        if event.get("type") == "done":
+            self._count(event)
+        logger.info("job %s ended %s", self.request_id, event.get("status"),
+                    extra=job_fields(self.job, status=event.get("status")))  # fmt: skip
 
     def _count(self, done: Event) -> None:
         usage = done.get("usage") or {}

@@ -42,13 +42,13 @@ class EventBuffer:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_wake, future)
 
-    async def get(self, index: int) -> Event:
-        """Return event number `index`, waiting for it if it has not been published yet."""
+    async def get_from(self, index: int) -> list[Event]:
+        """Return the events from number `index` on, waiting for that one if it has not been published yet."""
         loop = asyncio.get_running_loop()
         while True:
             with self._lock:
                 if index < len(self._events):
-                    return self._events[index]
+                    return self._events[index:]
                 future: asyncio.Future[None] = loop.create_future()
                 self._waiters.append((loop, future))
             await future
@@ -129,17 +129,26 @@ class MemoryTransport:
 
     async def events(self, request_id: str) -> AsyncIterator[Event]:
         """Yield the request's events from the first one, ending after the terminal event."""
+        async for batch in self.event_batches(request_id):
+            for event in batch:
+                yield event
+
+    async def event_batches(self, request_id: str) -> AsyncIterator[list[Event]]:
+        """Yield the request's events from the first one, all that were published when read at once, ending
+        with the list that holds the terminal event."""
         with self._lock:
             buffer = self._buffers.get(request_id)
         if buffer is None:
             raise KeyError(f"unknown request id {request_id!r}")
         index = 0
         while True:
-            event = await buffer.get(index)
-            index += 1
-            yield event
-            if is_terminal(event):
+            batch = await buffer.get_from(index)
+            index += len(batch)
+            ending = next((i for i, event in enumerate(batch) if is_terminal(event)), None)
+            if ending is not None:
+                yield batch[: ending + 1]
                 return
+            yield batch
 
     def cancel(self, request_id: str) -> None:
         with self._lock:

@@ -387,6 +387,31 @@ def delta_events(output: RequestOutput) -> list[Event]:
     ]
 
 
+def coalesce_deltas(events: list[Event]) -> list[Event]:
+    """Return the events with each run of consecutive deltas merged into one delta per choice (at the place
+    of its first): text and token ids concatenated, logprobs kept per token in order, the finish reason of
+    the last. A reader that fell behind thus sends one chunk per choice for what waited, not one per token;
+    every other event, and the order of events around a run, stays as it was."""
+    out: list[Event] = []
+    run: dict[int, Event] = {}  # choice index -> its merged delta, in the run of deltas at out's end
+    for event in events:
+        if event.get("type") != "delta":
+            out.append(event)
+            run = {}
+            continue
+        merged = run.get(event["index"])
+        if merged is None:
+            run[event["index"]] = merged = dict(event)  # a copy: other readers may hold the event
+            out.append(merged)
+            continue
+        merged["text"] += event["text"]
+        merged["token_ids"] = merged["token_ids"] + event["token_ids"]
+        if event["logprobs"] is not None:
+            merged["logprobs"] = (merged["logprobs"] or []) + event["logprobs"]
+        merged["finish_reason"] = event["finish_reason"] or merged["finish_reason"]
+    return out
+
+
 def usage_event(
     job: ParsedJob | Job,
     *,

@@ -18,6 +18,11 @@ class JobClient(Protocol):
         """Yield the request's events from the first, ending after its terminal event (done or error)."""
         ...
 
+    def event_batches(self, request_id: str) -> AsyncIterator[list[Event]]:
+        """Yield the same events as events(), in lists: each one all that had arrived when it was read, so a
+        reader that fell behind takes what waits at once (inference/runs.py merges its deltas)."""
+        ...
+
     async def cancel(self, request_id: str) -> None:
         """Ask the worker to stop the request; it still ends with a terminal event (status cancelled)."""
 

@@ -104,6 +104,9 @@ class InProcessJobClient:
     def events(self, request_id: str) -> AsyncIterator[Event]:
         return self.transport.events(request_id)
 
+    def event_batches(self, request_id: str) -> AsyncIterator[list[Event]]:
+        return self.transport.event_batches(request_id)
+
     async def cancel(self, request_id: str) -> None:
         self.transport.cancel(request_id)
 

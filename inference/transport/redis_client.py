@@ -1,15 +1,17 @@
 """The JobClient over Redis Streams: XADD jobs to `ruvon:requests:<model>` behind an atomic bound on the waiting
-jobs and their tokens, XREAD BLOCK the request's own event stream from its first entry (ending it with an
-error if its worker dies or its deadlines pass), cancel through a key the worker checks every step."""
+jobs and their tokens, read each request's own event stream from its first entry (one XREAD BLOCK per event
+loop over all of them; a request ends with an error if its worker dies or its deadlines pass), cancel
+through a key the worker checks every step."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import redis
@@ -42,6 +44,7 @@ REQUESTS_MAXLEN = (
     100_000  # acknowledged jobs are trimmed away; the admission bound keeps the backlog far below
 )
 CANCEL_TTL_S = 3600
+READ_COUNT = 256  # entries of one stream per XREAD
 DEADLINE_GRACE_S = 5.0  # the worker enforces the deadlines; the reader steps in only if no worker did
 # While Redis is down the API must answer 503 at once: one quick retry, then the error.
 FAIL_FAST: dict[str, Any] = {"socket_connect_timeout": 1.0}
@@ -92,14 +95,17 @@ class RedisJobClient:
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = (
             weakref.WeakKeyDictionary()
         )
+        self._readers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _StreamReader] = (
+            weakref.WeakKeyDictionary()
+        )
         self._deadlines: dict[str, tuple[float, float | None, float | None]] = {}  # id -> submitted, bounds
 
     def _redis(self) -> aioredis.Redis:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            # Every reader blocks in XREAD on a connection of its own: size the pool for the concurrent
-            # requests, and let a burst beyond it wait for a connection instead of failing.
+            # Short commands only (the event streams have a reader of their own): a burst beyond the pool
+            # waits for a connection instead of failing.
             pool = aioredis.BlockingConnectionPool.from_url(
                 self.url,
                 max_connections=self.max_connections,
@@ -110,6 +116,19 @@ class RedisJobClient:
             )
             client = self._clients[loop] = aioredis.Redis(connection_pool=pool)
         return client
+
+    def _reader(self) -> _StreamReader:
+        loop = asyncio.get_running_loop()
+        reader = self._readers.get(loop)
+        if reader is None:
+            reader = self._readers[loop] = _StreamReader(self._connect_reader, self._redis(), self.block_ms)
+        return reader
+
+    def _connect_reader(self) -> aioredis.Redis:
+        # No retry: the reader's CLIENT ID must name the connection its XREAD waits on.
+        return aioredis.Redis.from_url(
+            self.url, single_connection_client=True, decode_responses=True, retry=None, **FAIL_FAST
+        )
 
     async def submit(self, job: Job) -> None:
         r = self._redis()
@@ -132,29 +151,35 @@ class RedisJobClient:
         self._deadlines[rid] = (time.monotonic(), job.get("max_queue_s"), job.get("timeout_s"))
 
     async def events(self, request_id: str) -> AsyncIterator[Event]:
-        r = self._redis()
+        async for batch in self.event_batches(request_id):
+            for event in batch:
+                yield event
+
+    async def event_batches(self, request_id: str) -> AsyncIterator[list[Event]]:
+        r, reader = self._redis(), self._reader()
         watch = _Watch(self, request_id)
-        stream, last = events_stream(request_id), "0-0"
+        inbox = await reader.join(events_stream(request_id))
         try:
             while True:
-                reply: Any = await r.xread({stream: last}, count=256, block=self.block_ms)
-                if not reply:
+                try:
+                    async with asyncio.timeout(self.block_ms / 1000):
+                        batch = await inbox.take()
+                except TimeoutError:
                     ending = await watch.check(r)
                     if ending is not None:
                         await self._abandon(r, request_id)
-                        yield ending | {"local": True}  # the reader's ending: the worker may not know it
+                        yield [ending | {"local": True}]  # the reader's ending: the worker may not know it
                         return
                     continue
                 watch.heard()
-                for _name, entries in reply:
-                    for entry_id, fields in entries:
-                        last = entry_id
-                        event = json.loads(fields["e"])
-                        watch.saw(event)
-                        yield event
-                        if is_terminal(event):
-                            return
+                for i, event in enumerate(batch):
+                    watch.saw(event)
+                    if is_terminal(event):
+                        yield batch[: i + 1]
+                        return
+                yield batch
         finally:
+            reader.leave(inbox)
             self._deadlines.pop(request_id, None)
 
     async def _abandon(self, r: aioredis.Redis, request_id: str) -> None:
@@ -192,6 +217,128 @@ class RedisJobClient:
     def close(self) -> None:
         self._sync.close()
         self._clients.clear()
+        self._readers.clear()
+
+
+class _Inbox:
+    """One reading of a request's event stream: the events the reader has handed over and the request has not
+    taken yet, and the id of the last entry read."""
+
+    def __init__(self, stream: str) -> None:
+        self.stream = stream
+        self.last = "0-0"
+        self.events: list[Event] = []
+        self.error: Exception | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, entries: list[tuple[str, dict[str, str]]]) -> bool:
+        """Take the entries after the last one read; return whether the terminal event was among them."""
+        if entries and _position(entries[0][0]) <= _position(self.last):  # a reading from further back
+            entries = [entry for entry in entries if _position(entry[0]) > _position(self.last)]
+        if not entries:
+            return False
+        self.last = entries[-1][0]
+        events = [json.loads(fields["e"]) for _entry_id, fields in entries]
+        self.events += events
+        self._ready.set()
+        return any(is_terminal(event) for event in events)
+
+    def fail(self, error: Exception) -> None:
+        self.error = error
+        self._ready.set()
+
+    async def take(self) -> list[Event]:
+        """Return every event handed over so far, waiting for one; raise the reader's error after them."""
+        await self._ready.wait()
+        taken, self.events = self.events, []
+        if not taken and self.error is not None:
+            raise self.error
+        if self.error is None:
+            self._ready.clear()
+        return taken
+
+
+class _StreamReader:
+    """Reads the event streams of every request of one event loop: one XREAD BLOCK over all of them on a
+    connection of its own, each stream's entries handed to the inboxes reading it. A stream that joins
+    while the XREAD waits in Redis wakes it (CLIENT UNBLOCK), so its first event does not wait for the block
+    to end. A Redis error reaches every request being read, as its own XREAD would have raised it."""
+
+    def __init__(self, connect: Callable[[], aioredis.Redis], control: aioredis.Redis, block_ms: int) -> None:
+        self.connect = connect  # a connection for the XREADs alone, open while there are streams to read
+        self.control = control  # anything else: CLIENT UNBLOCK
+        self.block_ms = block_ms
+        self._active: set[_Inbox] = set()  # being read, their terminal event still to come
+        self._reading = False  # a reader task is in its loop (one that left it may still be closing)
+        self._tasks: set[asyncio.Task[None]] = set()  # strong references, or the loop may drop them
+        self._client_id: int | None = None
+        self._asked: dict[str, str] | None = None  # stream -> id, of the XREAD in flight
+
+    async def join(self, stream: str) -> _Inbox:
+        """Start reading `stream` from its first entry; return the inbox its events arrive in."""
+        inbox = _Inbox(stream)
+        self._active.add(inbox)
+        if not self._reading:
+            self._reading = True
+            task = asyncio.get_running_loop().create_task(self._run())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            await self._wake(stream)
+        return inbox
+
+    def leave(self, inbox: _Inbox) -> None:
+        self._active.discard(inbox)
+
+    async def _wake(self, stream: str) -> None:
+        # CLIENT UNBLOCK travels on another connection and may reach Redis before the XREAD it is meant for:
+        # try again until that XREAD is woken or returns (within block_ms) on its own. A Redis error here
+        # is the XREAD's to report.
+        with contextlib.suppress(redis.RedisError):
+            while self._asked is not None and self._asked.get(stream) != "0-0":
+                if self._client_id is not None and await self.control.client_unblock(self._client_id):
+                    return
+                await asyncio.sleep(0.001)
+
+    async def _run(self) -> None:
+        connection = self.connect()
+        try:
+            self._client_id = await connection.client_id()
+            while self._active:
+                asked: dict[Any, Any] = self._positions()
+                self._asked = asked
+                try:
+                    reply: Any = await connection.xread(asked, count=READ_COUNT, block=self.block_ms)
+                finally:
+                    self._asked = None
+                self._hand_over(dict(reply or []))
+        except Exception as exc:
+            for inbox in self._active:
+                inbox.fail(exc)
+            self._active.clear()
+        finally:
+            # Before the first await, so that a stream joining from now on starts a new reader.
+            self._reading, self._client_id = False, None
+            await connection.aclose()
+
+    def _positions(self) -> dict[str, str]:
+        """Return each stream to read and the id to read it after: its furthest-back reading's."""
+        asked: dict[str, str] = {}
+        for inbox in self._active:
+            known = asked.get(inbox.stream)
+            if known is None or _position(inbox.last) < _position(known):
+                asked[inbox.stream] = inbox.last
+        return asked
+
+    def _hand_over(self, entries: dict[str, list[tuple[str, dict[str, str]]]]) -> None:
+        for inbox in list(self._active):
+            if inbox.stream in entries and inbox.put(entries[inbox.stream]):
+                self._active.discard(inbox)  # nothing follows a terminal event
+
+
+def _position(entry_id: str) -> tuple[int, int]:
+    milliseconds, _, sequence = entry_id.partition("-")
+    return int(milliseconds), int(sequence)
 
 
 class _Watch:

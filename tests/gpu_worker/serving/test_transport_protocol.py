@@ -11,7 +11,9 @@ import pytest
 from gpu_worker.config import SamplingParams
 from gpu_worker.errors import CapacityError, InvalidRequestError
 from gpu_worker.serving.protocol import (
+    Event,
     adapter_ref,
+    coalesce_deltas,
     error_event_for,
     make_job,
     parse_job,
@@ -97,6 +99,47 @@ def test_it_maps_exceptions_to_terminal_error_events() -> None:
     assert (busy["status"], busy["http_status"]) == ("rejected", 503)
     assert (failed["status"], failed["http_status"]) == ("failed", 500)
     assert all(e["type"] == "error" for e in (rejected, busy, failed))
+
+
+def _delta(index: int, text: str, token: int, finish: str | None = None, logprob: bool = True) -> Event:
+    logprobs = [{"token": text, "logprob": -float(token), "bytes": [], "top": []}] if logprob else None
+    return {"type": "delta", "index": index, "text": text, "token_ids": [token], "logprobs": logprobs,
+            "finish_reason": finish}  # fmt: skip
+
+
+def test_it_merges_the_waiting_deltas_of_each_choice_into_one() -> None:
+    started, done = {"type": "started", "prompt_token_ids": [1]}, {"type": "done", "usage": {}}
+    events = [started, _delta(0, "a", 5), _delta(1, "x", 8), _delta(0, "b", 6), _delta(0, "c", 7, "length"),
+              _delta(1, "y", 9), done]  # fmt: skip
+    merged = coalesce_deltas(events)
+    assert [e["type"] for e in merged] == ["started", "delta", "delta", "done"]
+    first, second = merged[1], merged[2]
+    assert (first["index"], first["text"], first["token_ids"], first["finish_reason"]) == (
+        0,
+        "abc",
+        [5, 6, 7],
+        "length",
+    )
+    assert [lp["logprob"] for lp in first["logprobs"]] == [-5.0, -6.0, -7.0]  # one per token, in order
+    assert (second["index"], second["text"], second["token_ids"], second["finish_reason"]) == (
+        1,
+        "xy",
+        [8, 9],
+        None,
+    )
+    assert events[1] == _delta(
+        0, "a", 5
+    )  # the events themselves are left as they were (others may read them)
+
+
+def test_it_merges_only_deltas_that_follow_each_other() -> None:
+    events = [_delta(0, "a", 5, logprob=False), {"type": "prompt_logprobs", "logprobs": []},
+              _delta(0, "b", 6, logprob=False), _delta(0, "c", 7, logprob=False)]  # fmt: skip
+    merged = coalesce_deltas(events)
+    assert [(e["type"], e.get("text")) for e in merged] == [
+        ("delta", "a"), ("prompt_logprobs", None), ("delta", "bc")
+    ]  # fmt: skip
+    assert merged[2]["logprobs"] is None
 
 
 def test_it_keeps_the_worker_module_free_of_django_and_torch() -> None:

@@ -311,3 +311,57 @@ def test_it_survives_losing_redis_for_a_while(space: Space, engine: LLMEngine) -
         assert run(scenario())[-1]["status"] == "completed"
     finally:
         running.stop()
+
+
+def _blocked_xreads_of_this_process(r: redis.Redis) -> int:
+    """Return how many of this process's Redis connections wait in a blocking XREAD right now."""
+    import psutil
+
+    mine = {f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.Process().net_connections("tcp") if c.raddr}
+    clients = r.client_list()
+    return sum(1 for c in clients if c["addr"] in mine and c["cmd"] == "xread" and "b" in c["flags"])
+
+
+def test_it_reads_the_events_of_many_requests_on_one_connection(space: Space, engine: LLMEngine) -> None:
+    client, worker = space.client(), Worker(engine, space.transport(), served_name=space.model)
+    worker._maybe_heartbeat()
+    names = [f"many-{i}" for i in range(8)]
+
+    async def scenario() -> tuple[int, list[list[Event]]]:
+        for name in names:
+            await client.submit(space.job(name, [1, 2, 3], max_tokens=3, ignore_eos=True))
+        readers = [asyncio.create_task(collect(client, space.rid(name))) for name in names]
+        await asyncio.sleep(0.3)  # every reader waits: no worker has taken a job yet
+        blocked = _blocked_xreads_of_this_process(space.r)
+        while not all(reader.done() for reader in readers):
+            await asyncio.to_thread(worker.run_once)
+            await asyncio.sleep(0.01)
+        return blocked, [reader.result() for reader in readers]
+
+    blocked, streams = run(scenario())
+    assert blocked == 1
+    assert all([e["type"] for e in events][-1] == "done" for events in streams)
+    assert all(sum(len(e["token_ids"]) for e in events if e["type"] == "delta") == 3 for events in streams)
+
+
+def test_it_wakes_the_read_for_a_request_that_joins_while_it_blocks(space: Space, engine: LLMEngine) -> None:
+    # A block far longer than the wait allowed: the joining request's events must not wait for it to end.
+    client = space.client(block_ms=20_000, silence_timeout_s=60)
+    worker = Worker(engine, space.transport(), served_name=space.model)
+    worker._maybe_heartbeat()
+
+    async def scenario() -> float:
+        await client.submit(space.job("idle", [1, 2], max_tokens=2, ignore_eos=True))
+        idle = asyncio.create_task(collect(client, space.rid("idle")))  # blocks: no worker runs it yet
+        await asyncio.sleep(0.3)
+        # The started event of the joining request is in Redis before it joins.
+        space.r.xadd(events_stream(space.rid("late")), {"e": json.dumps(started_event([1], 0.0))})
+        began = time.monotonic()
+        first = await anext(client.events(space.rid("late")))
+        waited = time.monotonic() - began
+        assert first["type"] == "started"
+        while not idle.done():
+            await asyncio.to_thread(worker.run_once)
+        return waited
+
+    assert run(scenario()) < 2.0
