@@ -6,8 +6,12 @@ The text is the Python Language Reference's topic pages that ship with CPython (
 stdlib of the interpreter running this): English prose with code samples. Perplexity is over consecutive
 non-overlapping windows of --window tokens (each window predicts its tokens 1..W-1).
 
+The GPTQ rows calibrate on --calibration-windows windows of --calibration-window tokens of the same text from
+token CALIBRATION_START on (the evaluated tokens come before it).
+
 Run: .venv/bin/python bench/quant_accuracy.py [--tokens 50000] [--window 1024] [--skip-random] [--rows ...]
-[--device cuda] (the bnb rows need bitsandbytes; without it they are left out, said so).
+[--device cuda] [--calibration-windows 64] [--calibration-window 512] (the bnb rows need bitsandbytes;
+without it they are left out, said so).
 """
 
 from __future__ import annotations
@@ -31,21 +35,27 @@ from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
 from gpu_worker.loading.assets import smollm2_gguf_path  # noqa: E402
 from gpu_worker.loading.loader import LoadedModel, load_model, requantize  # noqa: E402
 from gpu_worker.models import CausalLM  # noqa: E402
-from gpu_worker.runner.kv_cache import forward_dense  # noqa: E402
+from gpu_worker.quant.gptq import Calibration  # noqa: E402
+from gpu_worker.runner.kv_cache import forward_dense, forward_hidden  # noqa: E402
 from gpu_worker.tokenization.tokenizer import Tokenizer  # noqa: E402
 
 # key -> (row name, scheme, how it is built): load_model's scheme straight from the GGUF, or requantize() of the
-# fp32 model. SmolLM2's width 576 is 4.5 x 128: under g128 the last group of those rows has 64 weights.
+# fp32 model, round-to-nearest or by GPTQ (each layer's H from the already-quantised layers before it, or
+# "gptq-fp32": all from the fp32 model) on calibration text disjoint from the evaluated tokens. SmolLM2's width 576 is 4.5 x 128: under g128 the last group of those rows has 64 weights.
 SMOLLM2_ROWS = {
     "fp32": ("fp32 (dequantised Q4_1)", "none", "direct"),
     "int8": ("int8 per-channel", "int8", "requantised"),
     "int4-g128": ("int4 g128 (ragged last group)", "int4-g128", "requantised"),
     "int4-g64": ("int4 g64", "int4-g64", "requantised"),
     "int4-g32": ("int4 g32", "int4-g32", "requantised"),
+    "int4-g128-gptq": ("int4 g128 GPTQ (ragged last group)", "int4-g128", "gptq"),
+    "int4-g128-gptq-fp32": ("int4 g128 GPTQ, H from the fp32 model", "int4-g128", "gptq-fp32"),
+    "int4-g64-gptq": ("int4 g64 GPTQ", "int4-g64", "gptq"),
     "q4_1": ("int4 g32 = Q4_1 as shipped", "int4-g32", "direct"),
     "bnb-int8": ("bitsandbytes LLM.int8", "bnb-int8", "requantised"),
     "bnb-nf4": ("bitsandbytes NF4 b64", "bnb-nf4", "requantised"),
 }
+CALIBRATION_START = 60_000  # GPTQ's text starts here, past the 50,000 evaluated tokens
 
 
 def english_text() -> tuple[str, str]:
@@ -74,10 +84,29 @@ def perplexity(model: CausalLM, ids: list[int], window: int) -> tuple[float, int
     return math.exp(nll / count), count
 
 
-def smollm2_table(tokens: int, window: int, keys: list[str], device: str) -> tuple[list[dict], dict]:
+def calibration(ids: list[int], windows: int, window: int, sequential: bool) -> Calibration:
+    """Return GPTQ's calibration: `windows` consecutive windows of `window` tokens of `ids`, from
+    CALIBRATION_START on, in one forward pass."""
+    chunks = [ids[start : start + window] for start in range(CALIBRATION_START, len(ids), window)]
+    chunks = [chunk for chunk in chunks if len(chunk) == window][:windows]
+    if len(chunks) < windows:
+        raise SystemExit(
+            f"the text has {len(chunks)} calibration windows of {window} after {CALIBRATION_START}"
+        )
+    label = f"tokens {CALIBRATION_START:,}+ of the text, {windows} x {window}"
+    return Calibration(lambda model: forward_hidden(model, chunks), sequential, label)
+
+
+def smollm2_table(
+    tokens: int, window: int, keys: list[str], device: str, calibration_shape: tuple[int, int]
+) -> tuple[list[dict], dict]:
     text, source = english_text()
     tokenizer = Tokenizer.from_gguf(smollm2_gguf_path())
     all_ids = tokenizer.encode(text)
+    if tokens > CALIBRATION_START:
+        raise SystemExit(
+            f"--tokens {tokens} would overlap the GPTQ calibration text (from {CALIBRATION_START})"
+        )
     ids = all_ids[:tokens]
     print(f"text: {source}; {len(all_ids):,} tokens, {len(ids):,} used, windows of {window}")
     base = load_model("smollm2", device=device)
@@ -86,11 +115,15 @@ def smollm2_table(tokens: int, window: int, keys: list[str], device: str) -> tup
         keys = [k for k in keys if not k.startswith("bnb-")]
     rows: list[dict] = []
     for name, scheme, how in [SMOLLM2_ROWS[key] for key in ["fp32", *(k for k in keys if k != "fp32")]]:
-        loaded: LoadedModel = (
-            (base if scheme == "none" else load_model("smollm2", quantization=scheme, device=device))
-            if how == "direct"
-            else requantize(base, scheme)
-        )
+        start = time.perf_counter()
+        if how == "direct":
+            loaded: LoadedModel = (
+                base if scheme == "none" else load_model("smollm2", quantization=scheme, device=device)
+            )
+        else:
+            gptq = calibration(all_ids, *calibration_shape, how == "gptq") if how.startswith("gptq") else None
+            loaded = requantize(base, scheme, gptq)
+        built_s = time.perf_counter() - start
         start = time.perf_counter()
         ppl, count = perplexity(loaded.model, ids, window)
         rows.append(
@@ -102,10 +135,14 @@ def smollm2_table(tokens: int, window: int, keys: list[str], device: str) -> tup
                 "vs_fp32_%": 0.0 if not rows else round(100 * (ppl / rows[0]["ppl"] - 1), 2),
                 "tokens": count,
                 "seconds": round(time.perf_counter() - start, 1),
+                "build_seconds": round(built_s, 1),
             }
         )
         print_table(rows[-1:])
-    return rows, {"text": source, "text_tokens": len(all_ids), "tokens": len(ids), "window": window}
+    windows, size = calibration_shape
+    gptq = {"start": CALIBRATION_START, "windows": windows, "window": size, "tokens": windows * size}
+    meta = {"text": source, "text_tokens": len(all_ids), "tokens": len(ids), "window": window}
+    return rows, {**meta, "gptq_calibration": gptq}
 
 
 def random_gpt2_agreement(prompts: int, new_tokens: int) -> dict:
@@ -152,6 +189,8 @@ def main() -> None:
     parser.add_argument("--skip-random", action="store_true")
     parser.add_argument("--skip-smollm2", action="store_true")
     parser.add_argument("--device", default="cpu", help="where the SmolLM2 rows run (cpu, cuda)")
+    parser.add_argument("--calibration-windows", type=int, default=64, help="GPTQ rows: how many windows")
+    parser.add_argument("--calibration-window", type=int, default=512, help="GPTQ rows: tokens per window")
     parser.add_argument(
         "--rows", nargs="+", choices=list(SMOLLM2_ROWS), default=list(SMOLLM2_ROWS), help="fp32 always runs"
     )
@@ -162,7 +201,8 @@ def main() -> None:
         print_table([random_row])
         payload["random_gpt2"] = random_row
     if not args.skip_smollm2:
-        rows, meta = smollm2_table(args.tokens, args.window, args.rows, args.device)
+        calibration_shape = (args.calibration_windows, args.calibration_window)
+        rows, meta = smollm2_table(args.tokens, args.window, args.rows, args.device, calibration_shape)
         where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
         print(
             f"\nSmolLM2-135M-Instruct perplexity, {where} ({torch.get_num_threads()} threads); {meta['text']}"

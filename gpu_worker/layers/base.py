@@ -33,6 +33,7 @@ class QuantizedTensor:
     scales: torch.Tensor  # [N, K // G] float32
     mins: torch.Tensor | None  # [N, K // G] float32, or None (symmetric)
     source: str  # what it was in the checkpoint, e.g. "Q4_1"
+    group: int | None = None  # G where it does not divide K (the last group shorter); None: K // groups
 
     @property
     def shape(self) -> torch.Size:
@@ -40,12 +41,13 @@ class QuantizedTensor:
 
     @property
     def group_size(self) -> int:
-        return self.q.shape[1] // self.scales.shape[1]
+        return self.group or self.q.shape[1] // self.scales.shape[1]
 
     def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedTensor:
-        """Return the tensor with `fn` (a row permutation of a [rows, cols] tensor) applied to q and its scales."""
+        """Return the tensor with `fn` (a row permutation or selection of a [rows, cols] tensor) applied to q
+        and its scales."""
         mins = None if self.mins is None else fn(self.mins)
-        return QuantizedTensor(self.bits, fn(self.q), fn(self.scales), mins, self.source)
+        return QuantizedTensor(self.bits, fn(self.q), fn(self.scales), mins, self.source, self.group)
 
 
 CheckpointTensor = torch.Tensor | QuantizedTensor

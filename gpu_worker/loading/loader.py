@@ -35,7 +35,8 @@ from gpu_worker.loading.specs import RANDOM_SHAPES, ModelSource, parse_random_sp
 from gpu_worker.lora.format import adapter_targets, read_adapter
 from gpu_worker.lora.merge import merge_adapter
 from gpu_worker.models import CausalLM, build_model
-from gpu_worker.quant import AUTO, QuantScheme, load_quantized_from, parse_scheme, quantize
+from gpu_worker.quant import AUTO, QuantLinear, QuantScheme, load_quantized_from, parse_scheme, quantize
+from gpu_worker.quant.gptq import Calibration, gptq_linears
 from kernels.backend import backend_for
 
 if TYPE_CHECKING:
@@ -219,8 +220,9 @@ def _load_random(
     return LoadedModel(model, config, f"random:{shape}", label, True, "random", None)
 
 
-def requantize(loaded: LoadedModel, quantization: str) -> LoadedModel:
-    """Return `loaded` with its projections quantised from its full-precision weights, labelled so.
+def requantize(loaded: LoadedModel, quantization: str, calibration: Calibration | None = None) -> LoadedModel:
+    """Return `loaded` with its projections quantised from its full-precision weights, labelled so; with
+    `calibration`, int4 projections by GPTQ from the inputs they see on its text, else round-to-nearest.
 
     For comparisons such as int8 / int4 g128 from a GGUF's dequantised Q4_1 weights, which load_model
     refuses (quantising quantised weights again compounds their error: bench/quant_accuracy.py measures it).
@@ -228,18 +230,31 @@ def requantize(loaded: LoadedModel, quantization: str) -> LoadedModel:
     scheme = parse_scheme(quantization)
     if scheme is None:
         return loaded
+    if calibration is not None and (scheme.library, scheme.bits) != ("ruvon", 4):
+        raise ModelLoadError(f"GPTQ builds Ruvon's int4 layers, not {scheme.describe()}: use int4-g<G>")
     param = next(loaded.model.parameters())
-    model = _quantized_copy(loaded.model, loaded.config, param.dtype, param.device, scheme)
-    label = f"{loaded.label.removesuffix(')')}, then {scheme.describe()} from those weights)"
+    model = _quantized_copy(loaded.model, loaded.config, param.dtype, param.device, scheme, calibration)
+    how = f" by GPTQ on {calibration.label}" if calibration else ""
+    label = f"{loaded.label.removesuffix(')')}, then {scheme.describe()}{how} from those weights)"
     return replace(loaded, model=model, label=label)
 
 
 def _quantized_copy(
-    full: CausalLM, config: ModelConfig, dtype: torch.dtype, device: str | torch.device, scheme: QuantScheme
+    full: CausalLM,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    scheme: QuantScheme,
+    calibration: Calibration | None = None,
 ) -> CausalLM:
     model, _ = _empty_model(config, dtype, device, scheme)
+    quantized = {}
+    if calibration is not None:
+        assert scheme.group_size is not None  # int4 is always grouped
+        names = [name for name, module in model.named_modules() if isinstance(module, QuantLinear)]
+        quantized = gptq_linears(full, names, scheme.group_size, calibration, dtype)
     with torch.no_grad():
-        load_quantized_from(model, full)
+        load_quantized_from(model, full, quantized)
     return model
 
 

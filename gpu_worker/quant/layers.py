@@ -8,6 +8,7 @@ MergedLinear, one layer may hold several checkpoint projections as consecutive r
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from operator import itemgetter
 
 import torch
 import torch.nn.functional as F
@@ -85,10 +86,15 @@ class QuantLinear(Layer, ABC):
             )
         self._load_shard(shard, start, end, tensor)
 
-    def load_linear(self, linear: Linear) -> None:
-        """Quantise a full-precision Linear of the same shape (e.g. random weights) into this layer."""
+    def load_linear(self, linear: Linear, weight: QuantizedTensor | None = None) -> None:
+        """Quantise a full-precision Linear of the same shape (e.g. random weights) into this layer, or take
+        `weight`, its weight quantised already (by GPTQ), and its bias."""
         for shard, (start, end) in self.shard_rows.items():
-            self.load_weight(f"{shard}.weight" if shard else "weight", linear.weight.detach()[start:end])
+            name = f"{shard}.weight" if shard else "weight"
+            if weight is None:
+                self.load_weight(name, linear.weight.detach()[start:end])
+            else:
+                self.load_weight(name, weight.map_rows(itemgetter(slice(start, end))))
         if self.bias is not None and linear.bias is not None:
             self.load_weight("bias", linear.bias.detach())
 

@@ -36,11 +36,22 @@ def quantize_int4(
     # Pad with each row's last weight: it lies in the last group, so that group's min and max stay its own.
     padded = F.pad(weight.float()[None], (0, groups * group_size - k), mode="replicate")[0]
     w = padded.view(n, groups, group_size)
-    low, high = w.amin(dim=-1), w.amax(dim=-1)
-    scales = ((high - low) / 15).clamp(min=_TINY).to(dtype).float()
-    mins = low.to(dtype).float()
-    q = torch.round((w - mins[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
+    scales, mins = int4_grid(w, dtype)
+    q = round_int4(w, scales, mins)
     return q.view(n, -1)[:, :k], scales, mins
+
+
+def int4_grid(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (scales, mins) of the groups along w's last dim: each group's [min, max] in 15 equal steps,
+    both rounded to `dtype` (what the layer stores)."""
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    return ((high - low) / 15).clamp(min=_TINY).to(dtype).float(), low.to(dtype).float()
+
+
+def round_int4(w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """Return q uint8 in 0..15, the nearest grid step of each weight (grid (scales, mins) per row of the
+    last dim but one)."""
+    return torch.round((w - mins[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
 
 
 def dequantize(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 
 from gpu_worker.errors import ModelLoadError
+from gpu_worker.layers.base import QuantizedTensor
 from gpu_worker.layers.linear import Linear
 from gpu_worker.quant.layers import Int4Linear, Int8Linear, QuantLinear
 from gpu_worker.quant.schemes import INT4_GROUPS, QuantScheme
@@ -32,9 +35,12 @@ def quantize(model: nn.Module, scheme: QuantScheme, *, lm_head: bool = False) ->
     return [name for name, _ in targets]
 
 
-def load_quantized_from(model: nn.Module, full: nn.Module) -> None:
+def load_quantized_from(
+    model: nn.Module, full: nn.Module, quantized: Mapping[str, QuantizedTensor] | None = None
+) -> None:
     """Fill a quantised `model` from `full`, the same model unquantised: its projections quantised layer by
-    layer, every other parameter copied."""
+    layer (or taken from `quantized`, by name, where it has them: GPTQ's), every other parameter copied."""
+    quantized = quantized or {}
     source = full.state_dict()
     for name, param in model.named_parameters():
         if name in source and source[name].shape == param.shape:
@@ -43,7 +49,7 @@ def load_quantized_from(model: nn.Module, full: nn.Module) -> None:
         if isinstance(module, QuantLinear):
             linear = full.get_submodule(name)
             assert isinstance(linear, Linear)
-            module.load_linear(linear)
+            module.load_linear(linear, quantized.get(name))
 
 
 def _layer_class(scheme: QuantScheme) -> type[QuantLinear]:

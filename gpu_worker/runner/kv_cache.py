@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from itertools import accumulate
 
 import torch
 
@@ -68,24 +69,53 @@ def forward_dense(
     A test and debugging helper: the engine never calls it.
     """
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    n = len(token_ids)
-    num_blocks = (n + block_size - 1) // block_size
-    allocate_kv_cache(model, num_blocks, block_size, dtype, device)
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(n, device=device),
-        query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
-        context_lens=torch.tensor([n], dtype=torch.int32, device=device),
-        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
-        max_query_len=n,
-        max_context_len=n,
-    )
+    meta, ids, positions = _prefill(model, [token_ids], block_size)
     if lora_slot is not None:
         meta.lora = LoRAMetadata(
             meta.query_start_loc, torch.tensor([lora_slot], dtype=torch.int32, device=device)
         )
-    ids = torch.tensor(token_ids, device=device)
-    positions = torch.arange(n, device=device)
     with model.context.use(meta):
         hidden = model(ids, positions)
         return model.compute_logits(hidden)
+
+
+@torch.inference_mode()
+def forward_hidden(model: CausalLM, sequences: list[list[int]], block_size: int = 16) -> torch.Tensor:
+    """Run whole sequences through the model as one flat batch with a private cache; return the final hidden
+    states [total tokens, hidden], no logits.
+
+    Calibration's pass (GPTQ sees each projection's inputs for all its text at once); the engine never
+    calls it.
+    """
+    meta, ids, positions = _prefill(model, sequences, block_size)
+    with model.context.use(meta):
+        return model(ids, positions)
+
+
+def _prefill(
+    model: CausalLM, sequences: list[list[int]], block_size: int
+) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
+    """Allocate a cache just big enough and return the metadata, token ids and positions of one step that
+    prefills every sequence whole."""
+    param = next(model.parameters())
+    device = param.device
+    lengths = [len(seq) for seq in sequences]
+    blocks = [-(-n // block_size) for n in lengths]
+    allocate_kv_cache(model, sum(blocks), block_size, param.dtype, device)
+    first = [0, *accumulate(blocks)][:-1]  # each sequence's blocks follow the one before's
+    width = max(blocks)
+    table = [
+        [b + j if j < count else 0 for j in range(width)] for b, count in zip(first, blocks, strict=True)
+    ]
+    slots = [b * block_size + p for b, n in zip(first, lengths, strict=True) for p in range(n)]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, device=device),
+        query_start_loc=torch.tensor([0, *accumulate(lengths)], dtype=torch.int32, device=device),
+        context_lens=torch.tensor(lengths, dtype=torch.int32, device=device),
+        block_tables=torch.tensor(table, dtype=torch.int32, device=device),
+        max_query_len=max(lengths),
+        max_context_len=max(lengths),
+    )
+    ids = torch.tensor([t for seq in sequences for t in seq], device=device)
+    positions = torch.tensor([p for n in lengths for p in range(n)], device=device)
+    return meta, ids, positions

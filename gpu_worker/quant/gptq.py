@@ -1,0 +1,167 @@
+"""GPTQ (Frantar et al., 2022) for the int4 group layout: a projection's columns are rounded one at a time, and
+each column's rounding error is pushed onto the columns not yet rounded through the inverse Hessian of the
+layer's calibration inputs (H = X^T X), so the layer's output on those inputs stays close, not its weights.
+
+The result is quantize_int4's (q, scales, mins), so the layers and kernels take it unchanged. Columns run in
+their own order (no act-order): a group's grid is set from the error-updated weights when its first column
+is reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from gpu_worker.layers.base import QuantizedTensor
+from gpu_worker.layers.linear import Linear
+from gpu_worker.quant.quantizers import dequantize, int4_grid, round_int4
+
+DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: keeps the Cholesky stable on few samples
+BLOCK = 128  # columns per block: within one, errors spread column by column; past it, once per block
+
+
+def gptq_int4(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    damp: float = DAMP,
+    block: int = BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (q uint8 [N, K] in 0..15, scales, mins [N, ceil(K / G)]) as quantize_int4 does (the last group
+    shorter where G does not divide K), chosen to keep X W^T close for the inputs X with X^T X = `hessian`
+    [K, K], not W itself. An input that is always zero (a zero on H's diagonal) gets weight zero.
+    """
+    n, k = weight.shape
+    w = weight.detach().float().clone()  # [N, K], updated in place as errors spread
+    h = hessian.double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(damp * h.diagonal().mean())
+    # Upper Cholesky factor of H^-1: row i holds how column i's error spreads to the columns after it.
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    groups = -(-k // group_size)
+    q = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    scales, mins = torch.empty(n, groups, device=w.device), torch.empty(n, groups, device=w.device)
+    step = max(block, group_size)  # both powers of two: no group straddles two blocks
+    for start in range(0, k, step):
+        end = min(start + step, k)
+        first_group = start // group_size
+        err = _quantize_block(
+            w[:, start:end],
+            hinv[start:end, start:end],
+            q[:, start:end],
+            scales[:, first_group:],
+            mins[:, first_group:],
+            group_size,
+            dtype,
+        )
+        w[:, end:] -= err @ hinv[start:end, end:]  # the block's errors reach the later columns at once
+    return q, scales, mins
+
+
+def _quantize_block(
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor,
+    group_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Round the block's columns w [N, B] one by one into q (grids into scales / mins from column 0), each
+    one's error spread over the block's later columns; return the errors [N, B] scaled by H^-1's diagonal."""
+    err = torch.empty_like(w)
+    for i in range(w.shape[1]):
+        if i % group_size == 0:
+            g = i // group_size
+            scales[:, g], mins[:, g] = int4_grid(w[:, i : i + group_size], dtype)
+        s, m = scales[:, g], mins[:, g]
+        q[:, i] = round_int4(w[:, i, None], s, m)[:, 0]
+        err[:, i] = (w[:, i] - (q[:, i].float() * s + m)) / hinv[i, i]
+        w[:, i:] -= err[:, i, None] * hinv[i, i:]
+    return err
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What GPTQ learns its inputs from: run(model) pushes calibration text through the model.
+
+    sequential: each projection is quantised when its inputs arrive and the rest of the pass runs through its
+    quantised weights, so a layer's H comes from what the quantised layers before it produce (GPTQ's order);
+    `run` must then push all its text in one forward pass. Otherwise every H comes from the full-precision
+    model, over any number of forwards, and the projections are quantised after them.
+    """
+
+    run: Callable[[nn.Module], object]
+    sequential: bool = True
+    label: str = "calibration text"  # what the text was, for the model's label
+
+
+def gptq_linears(
+    model: nn.Module,
+    names: list[str],
+    group_size: int,
+    calibration: Calibration,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, QuantizedTensor]:
+    """Return GPTQ int4 weights for the Linears `names` of `model`, from the inputs each one sees while
+    calibration.run(model) runs. `model` is as it was afterwards."""
+    sequential = calibration.sequential
+    linears = {name: model.get_submodule(name) for name in names}
+    hessians: dict[str, torch.Tensor] = {}
+    done: dict[str, QuantizedTensor] = {}
+    originals: dict[str, torch.Tensor] = {}
+    progress = tqdm(total=len(names), desc="GPTQ", leave=False)
+
+    def quantize(name: str) -> QuantizedTensor:
+        q, scales, mins = gptq_int4(linears[name].weight, hessians.pop(name), group_size, dtype)
+        progress.update()
+        return QuantizedTensor(4, q, scales, mins, "GPTQ", group_size)
+
+    def before(name: str, module: Linear, inputs: tuple[torch.Tensor, ...]) -> None:
+        if sequential and name in done:
+            raise RuntimeError(
+                f"sequential GPTQ needs the calibration text in one forward pass ({name} ran twice)"
+            )
+        x = inputs[0].reshape(-1, module.in_features).float()  # [T, K]
+        hessians[name] = hessians.get(name, 0) + (x.T @ x).double()
+        if sequential:
+            done[name] = quantize(name)
+            originals[name] = module.weight.data
+            new = done[name]
+            module.weight.data = dequantize(new.q, new.scales, new.mins, group_size).to(module.weight.dtype)
+
+    def after(name: str, module: Linear) -> None:
+        if name in originals:
+            module.weight.data = originals.pop(name)
+
+    hooks = [
+        handle
+        for name, module in linears.items()
+        for handle in (
+            module.register_forward_pre_hook(lambda m, args, n=name: before(n, m, args)),
+            module.register_forward_hook(lambda m, args, out, n=name: after(n, m)),
+        )
+    ]
+    try:
+        with torch.no_grad():
+            calibration.run(model)
+        for name in list(hessians):
+            done[name] = quantize(name)
+    finally:
+        for handle in hooks:
+            handle.remove()
+        for name, weight in originals.items():
+            linears[name].weight.data = weight
+        progress.close()
+    missing = [name for name in names if name not in done]
+    if missing:
+        raise RuntimeError(f"calibration never reached {missing[:3]}: GPTQ has no inputs for them")
+    return done
