@@ -38,32 +38,33 @@ def gptq_int4(
     [K, K], not W itself. An input that is always zero (a zero on H's diagonal) gets weight zero.
     """
     n, k = weight.shape
-    w = weight.detach().float().clone()  # [N, K], updated in place as errors spread
+    # Transposed, [K, N]: a column of W is a contiguous row here, as the column loop wants.
+    w = weight.detach().float().T.contiguous()  # updated in place as errors spread
     h = hessian.double().clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    w[dead] = 0.0
     h.diagonal().add_(damp * h.diagonal().mean())
     # Upper Cholesky factor of H^-1: row i holds how column i's error spreads to the columns after it.
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     groups = -(-k // group_size)
-    q = torch.empty(n, k, dtype=torch.uint8, device=w.device)
-    scales, mins = torch.empty(n, groups, device=w.device), torch.empty(n, groups, device=w.device)
+    q = torch.empty(k, n, dtype=torch.uint8, device=w.device)
+    scales, mins = torch.empty(groups, n, device=w.device), torch.empty(groups, n, device=w.device)
     step = max(block, group_size)  # both powers of two: no group straddles two blocks
     for start in range(0, k, step):
         end = min(start + step, k)
         first_group = start // group_size
         err = _quantize_block(
-            w[:, start:end],
+            w[start:end],
             hinv[start:end, start:end],
-            q[:, start:end],
-            scales[:, first_group:],
-            mins[:, first_group:],
+            q[start:end],
+            scales[first_group:],
+            mins[first_group:],
             group_size,
             dtype,
         )
-        w[:, end:] -= err @ hinv[start:end, end:]  # the block's errors reach the later columns at once
-    return q, scales, mins
+        w[end:] -= hinv[start:end, end:].T @ err  # the block's errors reach the later columns at once
+    return q.T.contiguous(), scales.T.contiguous(), mins.T.contiguous()
 
 
 def _quantize_block(
@@ -75,17 +76,17 @@ def _quantize_block(
     group_size: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Round the block's columns w [N, B] one by one into q (grids into scales / mins from column 0), each
-    one's error spread over the block's later columns; return the errors [N, B] scaled by H^-1's diagonal."""
+    """Round the block's columns w [B, N] (transposed) one by one into q [B, N] (their grids into scales /
+    mins [groups, N] from group 0), each one's error spread over the block's later columns; return the
+    errors [B, N], scaled by H^-1's diagonal."""
     err = torch.empty_like(w)
-    for i in range(w.shape[1]):
+    for i in range(w.shape[0]):
         if i % group_size == 0:
             g = i // group_size
-            scales[:, g], mins[:, g] = int4_grid(w[:, i : i + group_size], dtype)
-        s, m = scales[:, g], mins[:, g]
-        q[:, i] = round_int4(w[:, i, None], s, m)[:, 0]
-        err[:, i] = (w[:, i] - (q[:, i].float() * s + m)) / hinv[i, i]
-        w[:, i:] -= err[:, i, None] * hinv[i, i:]
+            scales[g], mins[g] = int4_grid(w[i : i + group_size].T, dtype)
+        q[i] = round_int4(w[i, :, None], scales[g], mins[g])[:, 0]
+        err[i] = (w[i] - (q[i].float() * scales[g] + mins[g])) / hinv[i, i]
+        w[i:].addr_(hinv[i, i:], err[i], alpha=-1)
     return err
 
 
@@ -114,7 +115,7 @@ def gptq_linears(
     """Return GPTQ int4 weights for the Linears `names` of `model`, from the inputs each one sees while
     calibration.run(model) runs. `model` is as it was afterwards."""
     sequential = calibration.sequential
-    linears = {name: model.get_submodule(name) for name in names}
+    linears = {name: _linear(model, name) for name in names}
     hessians: dict[str, torch.Tensor] = {}
     done: dict[str, QuantizedTensor] = {}
     originals: dict[str, torch.Tensor] = {}
@@ -165,3 +166,12 @@ def gptq_linears(
     if missing:
         raise RuntimeError(f"calibration never reached {missing[:3]}: GPTQ has no inputs for them")
     return done
+
+
+def _linear(model: nn.Module, name: str) -> Linear:
+    module = model.get_submodule(name)
+    if not isinstance(module, Linear):
+        raise TypeError(
+            f"GPTQ quantises Linear projections; {name or 'the model'} is a {type(module).__name__}"
+        )
+    return module
