@@ -114,58 +114,77 @@ def gptq_linears(
 ) -> dict[str, QuantizedTensor]:
     """Return GPTQ int4 weights for the Linears `names` of `model`, from the inputs each one sees while
     calibration.run(model) runs. `model` is as it was afterwards."""
-    sequential = calibration.sequential
-    linears = {name: _linear(model, name) for name in names}
-    hessians: dict[str, torch.Tensor] = {}
-    done: dict[str, QuantizedTensor] = {}
-    originals: dict[str, torch.Tensor] = {}
-    progress = tqdm(total=len(names), desc="GPTQ", leave=False)
-
-    def quantize(name: str) -> QuantizedTensor:
-        q, scales, mins = gptq_int4(linears[name].weight, hessians.pop(name), group_size, dtype)
-        progress.update()
-        return QuantizedTensor(4, q, scales, mins, "GPTQ", group_size)
-
-    def before(name: str, module: Linear, inputs: tuple[torch.Tensor, ...]) -> None:
-        if sequential and name in done:
-            raise RuntimeError(
-                f"sequential GPTQ needs the calibration text in one forward pass ({name} ran twice)"
-            )
-        x = inputs[0].reshape(-1, module.in_features).float()  # [T, K]
-        hessians[name] = hessians.get(name, 0) + (x.T @ x).double()
-        if sequential:
-            done[name] = quantize(name)
-            originals[name] = module.weight.data
-            new = done[name]
-            module.weight.data = dequantize(new.q, new.scales, new.mins, group_size).to(module.weight.dtype)
-
-    def after(name: str, module: Linear) -> None:
-        if name in originals:
-            module.weight.data = originals.pop(name)
-
-    hooks = [
+    gptq = _Hooks({name: _linear(model, name) for name in names}, group_size, dtype, calibration.sequential)
+    handles = [
         handle
-        for name, module in linears.items()
+        for name, module in gptq.linears.items()
         for handle in (
-            module.register_forward_pre_hook(lambda m, args, n=name: before(n, m, args)),
-            module.register_forward_hook(lambda m, args, out, n=name: after(n, m)),
+            module.register_forward_pre_hook(lambda m, args, n=name: gptq.before(n, args[0])),
+            module.register_forward_hook(lambda m, args, out, n=name: gptq.after(n)),
         )
     ]
     try:
         with torch.no_grad():
             calibration.run(model)
-        for name in list(hessians):
-            done[name] = quantize(name)
+        return gptq.finish()
     finally:
-        for handle in hooks:
+        for handle in handles:
             handle.remove()
-        for name, weight in originals.items():
-            linears[name].weight.data = weight
-        progress.close()
-    missing = [name for name in names if name not in done]
-    if missing:
-        raise RuntimeError(f"calibration never reached {missing[:3]}: GPTQ has no inputs for them")
-    return done
+        gptq.close()
+
+
+class _Hooks:
+    """What the projections' hooks gather (H per projection) and do (quantise; in sequential order, swap the
+    quantised weights in for the rest of the pass)."""
+
+    def __init__(
+        self, linears: dict[str, Linear], group_size: int, dtype: torch.dtype, sequential: bool
+    ) -> None:
+        self.linears, self.group_size, self.dtype, self.sequential = linears, group_size, dtype, sequential
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.done: dict[str, QuantizedTensor] = {}
+        self.originals: dict[str, torch.Tensor] = {}  # fp32 weights, while the quantised ones run
+        self.progress = tqdm(total=len(linears), desc="GPTQ", leave=False)
+
+    def before(self, name: str, x: torch.Tensor) -> None:
+        if self.sequential and name in self.done:
+            raise RuntimeError(
+                f"sequential GPTQ needs the calibration text in one forward pass ({name} ran twice)"
+            )
+        linear = self.linears[name]
+        x = x.reshape(-1, linear.in_features).float()  # [T, K]
+        self.hessians[name] = self.hessians.get(name, 0) + (x.T @ x).double()
+        if self.sequential:
+            new = self.done[name] = self._quantize(name)
+            self.originals[name] = linear.weight.data
+            linear.weight.data = dequantize(new.q, new.scales, new.mins, self.group_size).to(
+                linear.weight.dtype
+            )
+
+    def after(self, name: str) -> None:
+        if name in self.originals:
+            self.linears[name].weight.data = self.originals.pop(name)
+
+    def finish(self) -> dict[str, QuantizedTensor]:
+        """Quantise what has an H and no weights yet; return every projection's weights."""
+        for name in list(self.hessians):
+            self.done[name] = self._quantize(name)
+        missing = [name for name in self.linears if name not in self.done]
+        if missing:
+            raise RuntimeError(f"calibration never reached {missing[:3]}: GPTQ has no inputs for them")
+        return self.done
+
+    def close(self) -> None:
+        """Put back any fp32 weights a failed pass left swapped out."""
+        for name in list(self.originals):
+            self.after(name)
+        self.progress.close()
+
+    def _quantize(self, name: str) -> QuantizedTensor:
+        hessian = self.hessians.pop(name)
+        q, scales, mins = gptq_int4(self.linears[name].weight, hessian, self.group_size, self.dtype)
+        self.progress.update()
+        return QuantizedTensor(4, q, scales, mins, "GPTQ", self.group_size)
 
 
 def _linear(model: nn.Module, name: str) -> Linear:
