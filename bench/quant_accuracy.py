@@ -140,9 +140,9 @@ def smollm2_table(
         )
         print_table(rows[-1:])
     windows, size = calibration_shape
-    gptq = {"start": CALIBRATION_START, "windows": windows, "window": size, "tokens": windows * size}
+    used = {"start": CALIBRATION_START, "windows": windows, "window": size, "tokens": windows * size}
     meta = {"text": source, "text_tokens": len(all_ids), "tokens": len(ids), "window": window}
-    return rows, {**meta, "gptq_calibration": gptq}
+    return rows, {**meta, "gptq_calibration": used}
 
 
 def random_gpt2_agreement(prompts: int, new_tokens: int) -> dict:

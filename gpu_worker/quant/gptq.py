@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -100,7 +101,7 @@ class Calibration:
     model, over any number of forwards, and the projections are quantised after them.
     """
 
-    run: Callable[[nn.Module], object]
+    run: Callable[[Any], object]  # takes the model GPTQ calibrates (a CausalLM, which quant cannot import)
     sequential: bool = True
     label: str = "calibration text"  # what the text was, for the model's label
 

@@ -32,7 +32,9 @@ def _weights(n: int, k: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02
 
 
-def _output_error(x: torch.Tensor, w: torch.Tensor, q: tuple[torch.Tensor, ...], group: int) -> float:
+def _output_error(
+    x: torch.Tensor, w: torch.Tensor, q: tuple[torch.Tensor, torch.Tensor, torch.Tensor], group: int
+) -> float:
     return (x @ w.T - x @ dequantize(*q, group).T).norm().item()
 
 
