@@ -144,7 +144,7 @@ def database(
     from a pool of pool_min to pool_max (Django's psycopg pool): under ASGI each request's sync code runs on a
     thread of its own, and without the pool every thread opens a connection, so a burst of requests opens as
     many as it has requests. A request that waits pool_timeout_s for one fails with 503 and Retry-After."""
-    config: dict[str, Any] = dj_database_url.parse(url, conn_max_age=conn_max_age)
+    config: dict[str, Any] = dict(dj_database_url.parse(url, conn_max_age=conn_max_age))
     if config["ENGINE"] != "django.db.backends.postgresql" or pool_max <= 0:
         return config
     if conn_max_age:
