@@ -169,7 +169,7 @@ DATABASES = {
         conn_max_age=env_int("DATABASE_CONN_MAX_AGE") or 0,
         pool_max=10 if RUVON_DB_POOL_MAX is None else RUVON_DB_POOL_MAX,
         pool_min=env_int("RUVON_DB_POOL_MIN") or 1,
-        pool_timeout_s=float(os.environ.get("RUVON_DB_POOL_TIMEOUT_S") or 10),
+        pool_timeout_s=float(os.environ.get("RUVON_DB_POOL_TIMEOUT_S") or 5),
     )
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
