@@ -99,7 +99,7 @@ INSTALLED_APPS = [
 # WhiteNoise (ruvon/static.py) serves static files unless a front proxy does (SERVE_STATIC=0).
 SERVE_STATIC = env_bool("SERVE_STATIC", True)
 MIDDLEWARE = [
-    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "ruvon.middleware.PrometheusBeforeMiddleware",
     "inference.middleware.request_id_middleware",
     "inference.middleware.api_error_body_middleware",
     "django.middleware.security.SecurityMiddleware",
@@ -110,7 +110,7 @@ MIDDLEWARE = [
     "ruvon.middleware.AuthenticationMiddleware",
     "ruvon.middleware.MessageMiddleware",
     "ruvon.middleware.XFrameOptionsMiddleware",
-    "django_prometheus.middleware.PrometheusAfterMiddleware",
+    "ruvon.middleware.PrometheusAfterMiddleware",
 ]
 # Sessions, CSRF, login, messages and the framing header run for the pages and not for the API under /v1/
 # (ruvon/middleware.py: subclasses of Django's, so no thread hops per API request). The deploy checks look for
