@@ -96,8 +96,8 @@ async def burst(url: str, key: str, model: str, requests: int, new_tokens: int) 
         return Counter(await asyncio.gather(*(one(client, i) for i in range(requests))))
 
 
-def web_pids(stack: Stack) -> dict[str, int]:
-    """Return role -> pid of the stack's daphne processes and its usage ingester."""
+def database_clients(stack: Stack) -> dict[str, int]:
+    """Return role -> pid of the stack's processes that use the database: daphne and the usage ingester."""
     return {
         role.split("-", 1)[1]: pid
         for pid, role in stack.roles.items()
@@ -109,7 +109,7 @@ def run(requests: int, new_tokens: int, settings: dict[str, str]) -> dict[str, A
     """Start the production shape, send one burst while watching the connections; return the outcome."""
     config = StackConfig(settings=settings, label="dbburst")
     with Stack(config) as stack:
-        pids = web_pids(stack)
+        pids = database_clients(stack)
         with ConnectionWatch(stack.database, pids) as watch:
             started = time.perf_counter()
             outcome = asyncio.run(burst(stack.urls[0], stack.keys["stress"], "tiny", requests, new_tokens))
