@@ -8,8 +8,10 @@ The platforms are driven through the official openai SDK (AsyncOpenAI, streaming
 include_usage); each request records its TTFT (send to first text chunk), inter-token gaps (between text
 chunks) and end-to-end time. Without --rate (or with --rate 0) every request arrives at once (a burst); each --rate R
 replays Poisson arrivals at R requests/s. The table gives tokens/s, the platform/offline ratio at the same load,
-TTFT / ITL p50 and p99; JSON goes to bench/results/serving.json, and with several rates a PNG of latency
-vs load beside it. Every served request must appear once with its usage record's completion tokens.
+TTFT / ITL p50 and p99, and the CPU milliseconds per token of each process (offline: the engine's; embedded:
+daphne's, engine included; production: the web processes' and the workers' apart); JSON goes to
+bench/results/serving.json, and with several rates a PNG of latency vs load beside it. Every served request
+must appear once with its usage record's completion tokens.
 
     python -m bench.serving --model random:tiny --requests 48 --new-tokens 24 --rate 4 --rate 8 --rate 16
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import sqlite3
 import sys
@@ -35,6 +38,7 @@ from bench.common import RESULTS, print_table, source_commit, workload, write_js
 from gpu_worker.config import SamplingParams  # noqa: E402
 from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
 from gpu_worker.engine_args import engine_config  # noqa: E402
+from ruvon_cli.phases import cpu_seconds  # noqa: E402
 from ruvon_cli.showcase.stats import ms, percentile, wait_for_usage  # noqa: E402
 from ruvon_cli.stack import Stack, StackConfig  # noqa: E402
 from tests.live_server import start_live_server  # noqa: E402
@@ -66,6 +70,21 @@ def arrival_offsets(num: int, rate: float | None, seed: int = 0) -> list[float]:
         out.append(now)
         now += rng.expovariate(rate)
     return out
+
+
+def cpu_ms_per_token(
+    processes: dict[str, list[int]], before: dict[str, float], tokens: int
+) -> dict[str, float | None]:
+    """Return each role's CPU milliseconds per token since `before` (cpu_by_role's earlier reading)."""
+    after = cpu_by_role(processes)
+    return {
+        role: round(1000 * (after[role] - before[role]) / tokens, 3) if tokens else None for role in after
+    }
+
+
+def cpu_by_role(processes: dict[str, list[int]]) -> dict[str, float]:
+    """Return the CPU seconds used so far by each role's processes, added up (a gone process counts 0)."""
+    return {role: sum(cpu_seconds(pid) or 0.0 for pid in pids) for role, pids in processes.items()}
 
 
 # ------------------------------------------------------------------------------------ offline engine
@@ -184,6 +203,15 @@ def summarise(shape: str, rate: float | None, timings: list[Timing], start: floa
     }
 
 
+def table_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Return a row as the printed table shows it: no per-request lists, CPU per token as `role=ms` pairs."""
+    shown = {
+        k: v for k, v in row.items() if k not in ("per_request", "problems", "usage", "cpu_ms_per_token")
+    }
+    cpu = row.get("cpu_ms_per_token") or {}
+    return shown | {"cpu_ms/tok": " ".join(f"{role}={ms}" for role, ms in cpu.items())}
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Set each platform row's `vs_offline`: its tok_s over the offline row's at the same rate."""
     offline = {r["rate"]: r["tok_s"] for r in rows if r["shape"] == "offline"}
@@ -252,17 +280,19 @@ def embedded_usage(db: Path) -> dict[str, tuple[str, int]]:
 
 def measure_platform(
     shape: str, url: str, key: str, read_usage: Callable[[], Any], args: argparse.Namespace,
-    prompts: list[list[int]], rates: list[float | None],
+    prompts: list[list[int]], rates: list[float | None], processes: dict[str, list[int]],
 ) -> tuple[list[dict[str, Any]], list[str]]:  # fmt: skip
-    """Warm the platform up, then run the workload once per rate; return its rows and any problems."""
+    """Warm the platform up, then run the workload once per rate; return its rows and any problems.
+    `processes` names the platform's processes by role, whose CPU time per token each row reports."""
     asyncio.run(drive(url, key, args.served_name, prompts[:4], 4, [0.0] * 4))  # warm-up
     rows, problems = [], []
     for rate in rates:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_by_role(processes)
         timings = asyncio.run(
             drive(url, key, args.served_name, prompts, args.new_tokens, arrival_offsets(len(prompts), rate))
         )
         row = summarise(shape, rate, timings, start)
+        row["cpu_ms_per_token"] = cpu_ms_per_token(processes, cpu, row["tokens"])
         usage = wait_for_usage(read_usage, [t.request_id for t in timings if t.request_id])
         row["problems"] = check_usage(timings, usage)
         row["usage"] = {t.request_id: usage.get(t.request_id) for t in timings if t.request_id}
@@ -280,13 +310,13 @@ def run_shape(
         options = {"model": args.model, "num_blocks": args.num_blocks, "enable_lora": False}
         engine = LLMEngine(engine_config(options))
         run_offline(engine, prompts[:4], 4, [0.0] * 4)  # warm-up
-        rows = []
+        rows, me = [], {"engine": [os.getpid()]}
         for rate in rates:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), cpu_by_role(me)
             timings = run_offline(engine, prompts, args.new_tokens, arrival_offsets(len(prompts), rate))
-            rows.append(
-                summarise(shape, rate, timings, start) | {"per_request": [asdict(t) for t in timings]}
-            )
+            row = summarise(shape, rate, timings, start)
+            row["cpu_ms_per_token"] = cpu_ms_per_token(me, cpu, row["tokens"])
+            rows.append(row | {"per_request": [asdict(t) for t in timings]})
         return rows, []
     env = {"RUVON_MODEL": args.model, "RUVON_MODEL_NAME": args.served_name,
            "RUVON_NUM_BLOCKS": str(args.num_blocks), **SAME_ENGINE}  # fmt: skip
@@ -294,7 +324,8 @@ def run_shape(
         server = start_live_server(env)
         try:
             return measure_platform(shape, server.url + "/v1", server.api_key,
-                                    lambda: embedded_usage(server.db_path), args, prompts, rates)  # fmt: skip
+                                    lambda: embedded_usage(server.db_path), args, prompts, rates,
+                                    {"web": [server.process.pid]})  # fmt: skip
         finally:
             server.stop()
     config = StackConfig(model=args.model, served_name=args.served_name, num_blocks=args.num_blocks,
@@ -304,7 +335,11 @@ def run_shape(
         def usage() -> dict[str, tuple[str, int]]:
             return {rid: (s, c) for rid, (s, _, c) in stack.usage_records().items()}
 
-        return measure_platform(shape, stack.urls[0], stack.keys["stress"], usage, args, prompts, rates)
+        web = [pid for pid, role in stack.roles.items() if "-daphne-" in role]
+        processes = {"web": web, "worker": [p.pid for p in stack.workers]}
+        return measure_platform(
+            shape, stack.urls[0], stack.keys["stress"], usage, args, prompts, rates, processes
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     add_ratios(rows)
     print(f"{args.requests} requests, prompts {args.min_prompt}-{args.max_prompt} tokens, "
           f"{args.new_tokens} new tokens, {args.model}, commit {source_commit()}")  # fmt: skip
-    print_table([{k: v for k, v in r.items() if k not in ("per_request", "problems", "usage")} for r in rows])
+    print_table([table_row(r) for r in rows])
     passes = p99_ttft_passes_1s(rows)
     if len(rates) > 1:
         print("lowest rate with p99 TTFT > 1 s:", passes)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 
-from django.core.asgi import get_asgi_application
-
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ruvon.settings")
 # Django must be set up before anything imports models (the websocket consumers do).
-django_http = get_asgi_application()
+from ruvon.request_threads import asgi_application  # noqa: E402
+
+django_http = asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402

@@ -1,9 +1,12 @@
-"""Django's browser-facing middlewares (sessions, CSRF, login, messages, framing headers) for the pages only.
+"""Django's browser-facing middlewares (sessions, CSRF, login, messages, framing headers) for the pages only,
+and django-prometheus' middlewares on the event loop.
 
 They are sync middlewares: under ASGI each of their hooks runs through asgiref's one thread for sync code, two
 thread hops per middleware per request, and every concurrent request queues for that same thread. The
-OpenAI-compatible API under /v1/ authenticates with API keys and sets no cookies, so none of them has anything
-to do there: an API request passes straight to the next layer, a page request runs them as Django would.
+OpenAI-compatible API under /v1/ authenticates with API keys and sets no cookies, so none of the page
+middlewares has anything to do there: an API request passes straight to the next layer, a page request runs
+them as Django would. The Prometheus middlewares only count and time (in-memory metrics, no I/O), so their
+hooks run on the event loop itself, for every request.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from django.http.response import HttpResponseBase
 from django.middleware.clickjacking import XFrameOptionsMiddleware as _XFrameOptions
 from django.middleware.common import CommonMiddleware as _Common
 from django.middleware.csrf import CsrfViewMiddleware as _Csrf
+from django_prometheus.middleware import PrometheusAfterMiddleware as _PrometheusAfter
+from django_prometheus.middleware import PrometheusBeforeMiddleware as _PrometheusBefore
 
 API_PREFIX = "/v1/"
 _HOOKS = ("process_view", "process_exception", "process_template_response")
@@ -89,4 +94,46 @@ class MessageMiddleware(PagesOnly, _Messages):
 
 
 class XFrameOptionsMiddleware(PagesOnly, _XFrameOptions):
+    pass
+
+
+class OnTheLoop:
+    """Mixed in before a Django middleware class whose hooks do no I/O and never block: under ASGI they are
+    called on the event loop, not through asgiref's thread (a thread hop each, about 0.13 ms of CPU). Under
+    WSGI (the sync stack) the class runs as Django's."""
+
+    get_response: Any
+
+    def __init__(self, get_response: Any) -> None:
+        super().__init__(get_response)  # type: ignore[call-arg]
+        if iscoroutinefunction(self):  # MiddlewareMixin marks an instance that serves the async stack
+            # Not process_template_response: only pages return template responses, and Django names the
+            # middleware of that hook by its bound method's __self__.
+            for hook in ("process_view", "process_exception"):
+                if hasattr(self, hook):
+                    setattr(self, hook, _on_the_loop(getattr(self, hook)))
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        process_request = getattr(self, "process_request", None)
+        response = process_request(request) if process_request else None
+        response = response or await self.get_response(request)
+        process_response = getattr(self, "process_response", None)
+        return process_response(request, response) if process_response else response  # type: ignore[no-any-return]
+
+
+def _on_the_loop(hook: Any) -> Any:
+    """Return `hook` as a coroutine function that calls it directly: the handler awaits coroutine hooks as they
+    are and sends plain ones through a thread."""
+
+    async def run(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+        return hook(request, *args, **kwargs)
+
+    return run
+
+
+class PrometheusBeforeMiddleware(OnTheLoop, _PrometheusBefore):
+    pass
+
+
+class PrometheusAfterMiddleware(OnTheLoop, _PrometheusAfter):
     pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from celery.schedules import crontab
@@ -98,7 +99,7 @@ INSTALLED_APPS = [
 # WhiteNoise (ruvon/static.py) serves static files unless a front proxy does (SERVE_STATIC=0).
 SERVE_STATIC = env_bool("SERVE_STATIC", True)
 MIDDLEWARE = [
-    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "ruvon.middleware.PrometheusBeforeMiddleware",
     "inference.middleware.request_id_middleware",
     "inference.middleware.api_error_body_middleware",
     "django.middleware.security.SecurityMiddleware",
@@ -109,7 +110,7 @@ MIDDLEWARE = [
     "ruvon.middleware.AuthenticationMiddleware",
     "ruvon.middleware.MessageMiddleware",
     "ruvon.middleware.XFrameOptionsMiddleware",
-    "django_prometheus.middleware.PrometheusAfterMiddleware",
+    "ruvon.middleware.PrometheusAfterMiddleware",
 ]
 # Sessions, CSRF, login, messages and the framing header run for the pages and not for the API under /v1/
 # (ruvon/middleware.py: subclasses of Django's, so no thread hops per API request). The deploy checks look for
@@ -135,11 +136,40 @@ TEMPLATES = [
     },
 ]
 
+
+def database(
+    url: str, conn_max_age: int, pool_max: int, pool_min: int, pool_timeout_s: float
+) -> dict[str, Any]:
+    """Return the default database's settings. On PostgreSQL with pool_max > 0, a process's connections come
+    from a pool of pool_min to pool_max (Django's psycopg pool): under ASGI each request's sync code runs on a
+    thread of its own, and without the pool every thread opens a connection, so a burst of requests opens as
+    many as it has requests. A request that waits pool_timeout_s for one fails with 503 and Retry-After."""
+    config: dict[str, Any] = dict(dj_database_url.parse(url, conn_max_age=conn_max_age))
+    if config["ENGINE"] != "django.db.backends.postgresql" or pool_max <= 0:
+        return config
+    if conn_max_age:
+        raise ImproperlyConfigured(
+            "DATABASE_CONN_MAX_AGE keeps connections per thread, which the connection pool replaces: set "
+            "RUVON_DB_POOL_MAX=0 to use it, or leave DATABASE_CONN_MAX_AGE unset"
+        )
+    # A pooled connection that the database dropped (a restart) is found by one round trip when taken, and
+    # replaced, rather than failing the request that took it.
+    config["CONN_HEALTH_CHECKS"] = True
+    pool = {"min_size": min(pool_min, pool_max), "max_size": pool_max, "timeout": pool_timeout_s}
+    config.setdefault("OPTIONS", {})["pool"] = pool
+    return config
+
+
+# Persistent connections leak under ASGI (each request may run on another thread), so 0 by default; the pool
+# (docs/operations.md#database-connections) bounds a process's PostgreSQL connections instead.
+RUVON_DB_POOL_MAX = env_int("RUVON_DB_POOL_MAX")
 DATABASES = {
-    "default": dj_database_url.parse(
+    "default": database(
         os.environ.get("DATABASE_URL", f"sqlite:///{VAR_DIR / 'ruvon.sqlite3'}"),
-        # Persistent connections leak under ASGI (each request may run on another thread), so 0 by default.
         conn_max_age=env_int("DATABASE_CONN_MAX_AGE") or 0,
+        pool_max=10 if RUVON_DB_POOL_MAX is None else RUVON_DB_POOL_MAX,
+        pool_min=env_int("RUVON_DB_POOL_MIN") or 1,
+        pool_timeout_s=float(os.environ.get("RUVON_DB_POOL_TIMEOUT_S") or 5),
     )
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

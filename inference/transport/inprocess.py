@@ -50,6 +50,7 @@ class UsageWriter:
             try:
                 self._write(event, close_old_connections)
             finally:
+                close_old_connections()  # between events this thread holds no connection (nor a pool's slot)
                 self._queue.task_done()
         self._queue.task_done()
 

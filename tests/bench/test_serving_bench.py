@@ -83,3 +83,8 @@ def test_the_serving_bench_runs_every_shape_and_its_table_adds_up() -> None:
             assert all(
                 row["usage"][i] == ["completed", new_tokens] for i in ids
             )  # what the usage records say
+        # Each shape's processes by role, their CPU time over the row's run per token (10 ms clock ticks).
+        roles = {"offline": ["engine"], "embedded": ["web"], "production": ["web", "worker"]}[row["shape"]]
+        assert list(row["cpu_ms_per_token"]) == roles
+        assert all(ms >= 0 for ms in row["cpu_ms_per_token"].values())
+    assert sum(ms for r in rows for ms in r["cpu_ms_per_token"].values()) > 0

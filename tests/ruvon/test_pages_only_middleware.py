@@ -4,6 +4,7 @@ API under /v1/ (ruvon/middleware.py), on the ASGI stack daphne runs and on the s
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
@@ -60,3 +61,26 @@ def test_the_sync_stack_skips_them_for_the_api_too(session_hooks: list[str]) -> 
     assert Client().get("/v1/usage").status_code == 401
     assert Client().get("/accounts/login/")["X-Frame-Options"] == "DENY"
     assert session_hooks == ["/accounts/login/"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_prometheus_hooks_run_on_the_event_loop_on_the_asgi_stack(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from django_prometheus.middleware import PrometheusAfterMiddleware, PrometheusBeforeMiddleware
+
+    threads: dict[str, int] = {}
+    for cls in (PrometheusBeforeMiddleware, PrometheusAfterMiddleware):
+        for hook in ("process_request", "process_view", "process_response"):
+            if hook in vars(cls):
+                monkeypatch.setattr(cls, hook, _recording(threads, f"{cls.__name__}.{hook}", vars(cls)[hook]))
+    assert _get("/v1/usage").status_code == 401  # AsyncClient runs the ASGI handler in this thread's loop
+    assert len(threads) == 5 and set(threads.values()) == {threading.get_ident()}, threads
+
+
+def _recording(threads: dict[str, int], name: str, hook: Any) -> Any:
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        threads[name] = threading.get_ident()
+        return hook(self, *args, **kwargs)
+
+    return run
