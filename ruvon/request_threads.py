@@ -6,8 +6,8 @@ call and joins, from a second new thread, when the request ends. Under load thos
 sixth of daphne's event loop. Here each request leases an idle single-thread executor and gives it back
 when it ends (asgiref's ThreadSensitiveContext(executor=...)): the same guarantee, one thread per request at
 a time, without a thread start per request. As with a WSGI server's thread pool, Django's per-thread state
-outlives a request on its thread; the database connection does not (Ruvon runs with conn_max_age 0 and
-closes it at the end of every request). A task that a request leaves running may not make thread-sensitive
+outlives a request on its thread; the database connection does not (Ruvon runs with conn_max_age 0: it is
+closed at the end of every request, or on PostgreSQL handed back to the process's pool). A task that a request leaves running may not make thread-sensitive
 calls (sync_to_async's default) after the request ends: asgiref raises RuntimeError rather than run them on
 a thread that now serves another request.
 """

@@ -129,11 +129,14 @@ def auto_quantization(spec: str) -> str:
     return scheme_as_stored(projection_types(open_gguf(source.path)))
 
 
+# (bits, block) of a GGUF quantised type -> the scheme that runs it as stored; None: a type with no layout
+_AS_STORED: dict[tuple[int, int] | None, str] = {(4, 32): "int4-g32", (8, 32): "int8"}
+
+
 def scheme_as_stored(types: dict[str, str]) -> str:
     """Return the scheme that takes every projection of these GGUF types as it is, else "none"."""
     layouts = {GGUF_QUANT_LAYOUTS.get(t) for t in types.values()}
-    layout = layouts.pop() if len(layouts) == 1 else None
-    return {(4, 32): "int4-g32", (8, 32): "int8"}.get(layout, "none") if layout is not None else "none"
+    return _AS_STORED.get(layouts.pop(), "none") if len(layouts) == 1 else "none"
 
 
 def _merged(loaded: LoadedModel, name: str, path: str) -> LoadedModel:
