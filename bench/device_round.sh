@@ -65,6 +65,10 @@ read -ra SPEC_EXTRA <<<"${SPEC_ARGS:-}"  # the local proof shrinks these runs
 
 step spec-xl-batch1 60 150 "${SPEC[@]}" --num-blocks 4000 --streams 1 --k 2 4 6 --oracle-alpha 0.5 0.7 0.8 0.9 \
     --new-tokens 128 --out speculative-xl-oracle-draft "${SPEC_EXTRA[@]}"
+# Tune XL's one-row projections (int4 g128, int8, fp16: the table's tile shape against quant_gemv's register
+# tiles) and keep the table the later steps read; it comes back in the archive as tune-xl-tuned_configs.json.
+step tune-xl 60 200 bash -c "$PY bench/quant_tune.py --shape $XL --rows 1 --format int4-g128 --format int8 \
+    --format fp16 --quick --write --name quant-tune-xl; cp kernels/tuned_configs.json bench/results/"
 step lat-xl-none 60 110 "${XL_LAT[@]}"
 step lat-xl-int8 45 80 "${XL_LAT[@]}" --skip-hf --quantization int8
 step lat-xl-int4-g128 45 80 "${XL_LAT[@]}" --skip-hf --quantization int4-g128
@@ -81,6 +85,10 @@ step profile-xl 50 90 "$PY" bench/profile_step.py --shape "$XL" --batch 1 --step
 step tput-gpt2 60 120 "$PY" bench/throughput.py --device "$DEV" --shape "$SMALL" --decode-steps 1 --decode-steps 8
 step tput-xl 80 150 "$PY" bench/throughput.py --device "$DEV" --shape "$XL" --decode-steps 1 --decode-steps 8 \
     --skip-hf
+step tput-xl-int8 80 150 "$PY" bench/throughput.py --device "$DEV" --shape "$XL" --decode-steps 1 --decode-steps 8 \
+    --skip-hf --quantization int8
+step tput-xl-int4 80 150 "$PY" bench/throughput.py --device "$DEV" --shape "$XL" --decode-steps 1 --decode-steps 8 \
+    --skip-hf --quantization int4-g128
 step lat-xl-bnb-int8 45 70 "${XL_LAT[@]}" --skip-hf --quantization bnb-int8
 step lat-xl-bnb-nf4 45 70 "${XL_LAT[@]}" --skip-hf --quantization bnb-nf4
 

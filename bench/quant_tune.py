@@ -35,6 +35,7 @@ from kernels.quant_linear import (  # noqa: E402
     TUNED_PATH,
     GemmConfig,
     gpu_arch,
+    tuned_config,
     tuned_key,
     weight_mm,
 )
@@ -49,12 +50,26 @@ BLOCK_K = {FP: (128, 256), INT8: (128, 256), INT4: (None, 256, 512)}
 QUICK = False  # --quick: a smaller grid (BLOCK_N 32/64, two stages, split 1/4/8)
 
 
-def grid(code: int) -> list[GemmConfig]:
-    """Return the launch shapes tried for one weight format."""
+def grid(code: int, m: int, recorded: GemmConfig | None = None) -> list[GemmConfig]:
+    """Return the launch shapes tried for one weight format and row count: weight_mm's tiles, and for one row
+    kernels/quant_gemv.py's register tiles too (at most 16k weights a step, so they stay in registers).
+    `recorded` is the table's entry for the case, if any (the one tile shape --quick times at one row)."""
     block_n, stages, splits = ((32, 64), (2,), (1, 4, 8)) if QUICK else ((16, 32, 64), (2, 4), (1, 2, 4, 8))
-    return [
+    tiles = [
         GemmConfig(block_n=n, block_k=k, num_stages=s, split_k=split)
         for n, k, s, split in itertools.product(block_n, BLOCK_K[code], stages, splits)
+    ]
+    if m != 1:
+        return tiles
+    rows, steps, warps = (
+        ((4, 8, 16), (256, 512), (4,)) if QUICK else ((4, 8, 16, 32), (256, 512, 1024), (4, 8))
+    )
+    if QUICK:  # one row, quickly: the tile shape the table holds (or the default) against the register tiles
+        tiles = [recorded or GemmConfig()]
+    return tiles + [
+        GemmConfig(block_n=n, block_k=k, num_warps=w, split_k=1, gemv=True)
+        for n, k, w in itertools.product(rows, steps, warps)
+        if n * k <= 16384
     ]
 
 
@@ -97,11 +112,15 @@ def weight_bytes(weight: tuple[torch.Tensor, torch.Tensor | None]) -> int:
 
 
 def check(
-    fmt: str, x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor | None], bias: torch.Tensor
+    fmt: str,
+    x: torch.Tensor,
+    weight: tuple[torch.Tensor, torch.Tensor | None],
+    bias: torch.Tensor,
+    config: GemmConfig,
 ) -> float:
-    """Return the kernel's relative error against the fp32 reference of its format."""
+    """Return the kernel's relative error in one launch shape against the fp32 reference of its format."""
     code, _ = FORMATS[fmt]
-    out = weight_mm(x, weight[0], weight[1], code, bias).float()
+    out = weight_mm(x, weight[0], weight[1], code, bias, False, config).float()
     if code == FP:
         ref = F.linear(x.float(), weight[0].float(), bias.float())
     elif code == INT8:
@@ -119,9 +138,9 @@ def tune_case(model: str, n: int, k: int, m: int, fmt: str) -> dict[str, Any]:
     first = make_weight(fmt, n, k)
     nbytes = weight_bytes(first)
     weights = [first] + [make_weight(fmt, n, k) for _ in range(max(1, -(-LINEAR_CHAIN_BYTES // nbytes) - 1))]
-    error = check(fmt, x, first, bias)
     results = []
-    for config in grid(code):
+    recorded = tuned_config(x.device, code, m, n, k, group)
+    for config in grid(code, m, recorded):
         try:
             us = graph_us(lambda c=config: [weight_mm(x, w, s, code, bias, False, c) for w, s in weights])
         except Exception as exc:  # a config the compiler refuses (shared memory) is skipped, and said so
@@ -129,6 +148,7 @@ def tune_case(model: str, n: int, k: int, m: int, fmt: str) -> dict[str, Any]:
             continue
         results.append((us / len(weights), config))
     best_us, best = min(results, key=lambda r: r[0])
+    error = check(fmt, x, first, bias, best)
     default_us = graph_us(lambda: [weight_mm(x, w, s, code, bias) for w, s in weights]) / len(weights)
     chain = [
         torch.randn(n, k, device="cuda", dtype=torch.float16)
@@ -144,7 +164,7 @@ def tune_case(model: str, n: int, k: int, m: int, fmt: str) -> dict[str, Any]:
         "model": model, "N": n, "K": k, "M": m, "format": fmt, "group": group, "bytes": nbytes,
         "best_us": best_us, "GB_s": nbytes / best_us / 1e3, "default_us": default_us,
         "cublas_fp16_us": cublas_us, "small_m_fp16_us": small_us, "vs_cublas_fp16": cublas_us / best_us,
-        "err_x1e4": error * 1e4, "config": {f: getattr(best, f) for f in ("block_n", "block_k", "split_k", "num_stages", "num_warps")},
+        "err_x1e4": error * 1e4, "config": {f: getattr(best, f) for f in ("block_n", "block_k", "split_k", "num_stages", "num_warps", "gemv")},
     }  # fmt: skip
 
 
@@ -172,6 +192,8 @@ def main() -> None:
         ):
             row = tune_case(model, n, k, m, fmt)
             rows.append(row)
+            if args.write:  # each row as it comes: a run cut short by its time limit keeps what it measured
+                write_table([row], gpu_arch())
             print(
                 f"{model} {fmt:9} {n}x{k} M={m:2}: {row['best_us']:7.2f} us {row['GB_s']:7.0f} GB/s "
                 f"(default {row['default_us']:.2f}, cuBLAS fp16 {row['cublas_fp16_us']:.2f}, small_m "
@@ -181,8 +203,6 @@ def main() -> None:
     print_table([{k: v for k, v in r.items() if k != "config"} for r in rows])
     payload = {"run": info, "rows": rows, "seconds": time.time() - started}
     print("wrote", write_json(args.name, payload))
-    if args.write:
-        write_table(rows, gpu_arch())
 
 
 def write_table(rows: list[dict[str, Any]], gpu: str) -> None:

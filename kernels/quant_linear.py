@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from kernels.quant_gemv import weight_gemv
 from kernels.reference import int4_linear_ref, int8_linear_ref
 
 try:
@@ -54,6 +55,7 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 4
     min_programs: int = 2 * SMS  # split K until the grid has this many programs
+    gemv: bool = False  # one row: kernels/quant_gemv.py's register-tile kernel (block_n, block_k, num_warps)
 
 
 DEFAULT_CONFIG = GemmConfig()
@@ -93,7 +95,7 @@ def tuned_config(
     if entry is None:
         return None
     fields = ("block_n", "block_k", "split_k", "num_stages", "num_warps")
-    return GemmConfig(**{f: entry[f] for f in fields})
+    return GemmConfig(**{f: entry[f] for f in fields}, gemv=entry.get("gemv", False))
 
 
 @_jit
@@ -289,6 +291,11 @@ def weight_mm(
         return torch.empty((m, n), dtype=x.dtype, device=x.device)
     if config is DEFAULT_CONFIG:
         config = tuned_config(x.device, weight_format, m, n, k, group) or config
+    if config.gemv and m == 1:
+        block_n = config.block_n or 8
+        return weight_gemv(
+            x, weight, scales, weight_format, group, bias, gelu, block_n, config.block_k, config.num_warps
+        )
     cfg = plan(m, n, k, weight_format, group, config)
     assert cfg.block_n is not None and cfg.block_k is not None and cfg.split_k is not None
     k_split = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k) * cfg.block_k  # whole K steps a slice

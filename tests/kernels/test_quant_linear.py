@@ -192,3 +192,44 @@ def test_split_k_is_chosen_where_n_is_small_and_k_large() -> None:
     assert wide.split_k == 1 and narrow.split_k == 4
     assert plan(512, 1600, 6400, FP, 0, GemmConfig()).split_k == 2  # prefill rows bring their own tiles
     assert plan(1, 64, 128, FP, 0, GemmConfig()).split_k == 1  # too few K steps to slice
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "group", "block_k"), [(37, 96, 32, 64), (20, 200, 64, 128), (5, 576, 128, 256)]
+)
+@pytest.mark.parametrize("gelu", [False, True])
+def test_the_one_row_kernel_reads_int4_like_the_tiles(
+    n: int, k: int, group: int, block_k: int, gelu: bool
+) -> None:
+    # K 200 / g64 and 576 / g128 leave a ragged last group: the packed weight is padded, x has the true K.
+    k_pad = -(-k // group) * group
+    x, q, scales, mins, bias = _int4_case(1, n, k_pad, group, seed=n + k)
+    qweight, qscales = (t.to(DEVICE) for t in pack_int4_ref(q, scales, mins))
+    x_true = x[:, :k].contiguous().to(DEVICE)
+    ref = int4_linear_ref(
+        torch.nn.functional.pad(x_true, (0, k_pad - k)), qweight, qscales, bias.to(DEVICE), gelu
+    )
+    for block_n in (4, 16):
+        config = GemmConfig(block_n=block_n, block_k=block_k, gemv=True)
+        _close(int4_gemv(x_true, qweight, qscales, bias.to(DEVICE), gelu, config=config), ref)
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "groups", "block_k"), [(37, 96, 1, 64), (5, 200, 1, 128), (20, 256, 8, 64)]
+)
+def test_the_one_row_kernel_reads_int8_and_fp_weights(n: int, k: int, groups: int, block_k: int) -> None:
+    x, q, scales, bias = _int8_case(1, n, k, groups, seed=n * k)
+    config = GemmConfig(block_n=8, block_k=block_k, gemv=True)
+    _close(int8_gemv(x, q, scales, bias, True, config=config), int8_linear_ref(x, q, scales, bias, True))
+    w = q.float() * scales.repeat_interleave(k // groups, dim=1)
+    out = weight_mm(x, w, None, FP, bias, False, config)
+    _close(out, torch.nn.functional.linear(x, w, bias))
+
+
+def test_the_one_row_kernel_is_taken_only_for_one_row() -> None:
+    # A config that asks for it still runs the tiles for more rows (the same answer either way).
+    x, q, scales, mins, bias = _int4_case(3, 20, 128, 32, seed=5)
+    qweight, qscales = (t.to(DEVICE) for t in pack_int4_ref(q, scales, mins))
+    x = x.to(DEVICE)
+    out = int4_gemv(x, qweight, qscales, None, config=GemmConfig(block_n=16, gemv=True))
+    _close(out, int4_linear_ref(x, qweight, qscales))
