@@ -57,6 +57,7 @@ from bench.latency import hf_ms_per_token  # noqa: E402
 from bench.peers import random_checkpoint  # noqa: E402
 from gpu_worker.config import EngineConfig, SamplingParams  # noqa: E402
 from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
+from gpu_worker.loading.loader import random_hf_config  # noqa: E402
 from gpu_worker.lora.request import LoRARequest  # noqa: E402
 
 _ids = itertools.count()
@@ -339,7 +340,18 @@ def main() -> None:
         "and/or unfused (shrink + expand + GELU, RUVON_LORA_FUSED=0); unfused rows are prefixed unfused_",
     )
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument(
+        "--write-adapter",
+        type=Path,
+        help="only write one random rank-16 adapter of the (first) shape to this folder and stop (the showcase's "
+        "LoRA row on random weights: speed only)",
+    )
     args = parser.parse_args()
+    if args.write_adapter is not None:
+        config = random_hf_config((args.shape or ["gpt2"])[0])
+        named = write_adapter(args.write_adapter, config, 16, args.targets.split(","), seed=0)
+        print(f"wrote a random rank-16 adapter to {named.path} (sha256 {named.sha256[:12]})")
+        return
     args.hot_running = min(args.hot_running, args.adapters)
     if not set(args.lora_paths.split(",")) <= {"fused", "unfused"}:
         parser.error("--lora-paths takes fused and/or unfused, comma-separated")

@@ -245,7 +245,7 @@ for model in $MODELS; do
 done
 # The feature ladder through the whole stack (docs/parts/20, "What each feature adds"): one `ruvon showcase`
 # per row, each adding one option to the row before, GPT-2 XL shape (RANDOM weights), SQLite. LADDER names the
-# rows to run (default none), e.g. LADDER="plain batching graphs int8 spec"; LADDER_USERS (16),
+# rows to run (default none), e.g. LADDER="plain batching graphs int8 spec lora"; LADDER_USERS (16),
 # LADDER_REQUESTS (2 per user), LADDER_TOKENS (64). The reports go into one archive, $OUT/ladder.tgz.
 declare -A RUNG=(
     [plain]="--max-num-seqs 1 --enforce-eager --quantization none --speculative none"
@@ -253,7 +253,13 @@ declare -A RUNG=(
     [graphs]="--quantization none --speculative none"
     [int8]="--quantization int8 --speculative none"
     [spec]="--quantization int8 --speculative ngram"
+    [lora]="--quantization int8 --speculative ngram --adapter $TMPDIR/ladder-adapter"
 )
+# The lora row: a third of the requests on one random rank-16 adapter of the model's shape (speed only: random
+# weights and a random adapter), registered through the adapter registry like any tenant's upload.
+if [[ " ${LADDER:-} " == *" lora "* ]]; then
+    "$PY" bench/lora.py --shape "${LADDER_MODEL:-gpt2-xl}" --write-adapter "$TMPDIR/ladder-adapter" || echo "FAILED: adapter"
+fi
 for rung in ${LADDER:-}; do
     left=$((BUDGET_S - SECONDS))
     if [ "$left" -lt 60 ]; then echo "NOT RUN: ladder $rung (${left} s left)"; continue; fi

@@ -18,13 +18,14 @@ from typing import Any
 
 TENANT = "showcase"
 ADAPTER = "pirate"  # the demo adapter (assets/adapters/smollm2-pirate), trained for SmolLM2 only
+CUSTOM_ADAPTER = "custom"  # the name --adapter's folder is registered under
 SERVED_NAMES = {"smollm2": "smollm2-135m-instruct"}
 
 
 @dataclass(frozen=True)
 class Features:
     """What the worker runs: model, served name, KV blocks (0: sized from memory), quantisation, speculation,
-    and whether the demo LoRA adapter is registered for the run's tenant."""
+    and whether a LoRA adapter is registered for the run's tenant (the demo one, or `adapter_path`'s)."""
 
     model: str
     served_name: str
@@ -34,6 +35,7 @@ class Features:
     lora: bool
     max_num_seqs: int = 64  # 1: one request at a time (the "plain" row of part 20's feature table)
     enforce_eager: bool = False  # no CUDA graphs (GPU only)
+    adapter_path: str | None = None  # a PEFT folder for the served model instead of the demo adapter
 
     def worker_args(self, metrics_port: int) -> list[str]:
         args = ["--heartbeat-s", "1", "--metrics-port", str(metrics_port)]
@@ -57,9 +59,10 @@ def features_for(args: argparse.Namespace, cuda: bool) -> Features:
         num_blocks=args.num_blocks if args.num_blocks is not None else (0 if cuda else 256),
         quantization=quantization,
         speculative=args.speculative,
-        lora=model == "smollm2" and shipped and not args.no_lora,
+        lora=args.adapter is not None or (model == "smollm2" and shipped and not args.no_lora),
         max_num_seqs=args.max_num_seqs,
         enforce_eager=args.enforce_eager,
+        adapter_path=str(args.adapter.resolve()) if args.adapter is not None else None,
     )
 
 
@@ -76,6 +79,12 @@ def add_showcase_parser(sub: Any) -> None:
     )
     p.add_argument("--speculative", default="ngram", help="none, ngram or draft:<model> (default ngram)")
     p.add_argument("--no-lora", action="store_true", help="no demo adapter, no users on it")
+    p.add_argument(
+        "--adapter",
+        type=Path,
+        help="a PEFT LoRA folder for the served model: registered as adapter 'custom' and given a third of "
+        "the requests, as the demo adapter is on SmolLM2",
+    )
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step (1: no batching)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--num-blocks", type=int, help="KV-cache blocks (default: 256 on CPU, sized on a GPU)")
@@ -136,7 +145,7 @@ def run_showcase(args: argparse.Namespace) -> int:
     print(f"starting the production shape: {features}", flush=True)
     stack = Stack(config, phases).start()
     try:
-        adapter = registered_adapter(stack) if features.lora else None
+        adapter = registered_adapter(stack, features) if features.lora else None
         ready_s = round(time.perf_counter() - phases.started, 1)
         print(f"ready after {ready_s:.0f} s; adapter: {adapter or 'none'}", flush=True)
         report = serve_users(args, cuda, features, stack, metrics_port, adapter, phases)
@@ -183,14 +192,17 @@ def setup_commands(features: Features, password: str) -> list[list[str]]:
         "--wait-s",
         "600",
     ]
+    if features.adapter_path is not None:
+        adapter += ["--path", features.adapter_path, "--name", CUSTOM_ADAPTER]
     return [owner, adapter] if features.lora else [owner]
 
 
-def registered_adapter(stack: Any) -> str | None:
-    """Return the demo adapter's model id as the set-up registered it (None if it was refused)."""
+def registered_adapter(stack: Any, features: Features) -> str | None:
+    """Return the adapter's model id as the set-up registered it (None if it was refused)."""
     said = next((line for line in stack.setup_output if line.startswith("demo adapter:")), "")
     print(said, flush=True)
-    return f"{stack.config.served_name}:{ADAPTER}" if "(ready" in said else None
+    name = ADAPTER if features.adapter_path is None else CUSTOM_ADAPTER
+    return f"{stack.config.served_name}:{name}" if "(ready" in said else None
 
 
 def serve_users(

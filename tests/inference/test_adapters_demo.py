@@ -93,3 +93,18 @@ def test_it_leaves_the_adapter_validating_when_no_worker_reports_in_time(
     with pytest.raises(CommandError, match=r"no worker .* is running \(waited 0.5 s\)"):
         call_command("register_demo_adapter", "--inline", "--wait-s", "0.5")
     assert Adapter.objects.get().status == Adapter.Status.VALIDATING
+
+
+def test_a_given_folder_registers_under_its_name_for_the_served_model(
+    tmp_path: Path, redis_worker: RedisWorkerTransport, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # ruvon showcase --adapter: any PEFT folder, whatever the demo's base; the worker's validation decides.
+    Tenant.objects.create(name="demo", slug="demo")
+    folder = write_adapter(tmp_path / "mine")
+    served = settings.RUVON_MODEL_NAME
+    redis_worker.heartbeat({"model": served, "lora": tiny_lora_info(), "time": time.time()}, [])
+    call_command("register_demo_adapter", "--inline", "--path", str(folder), "--name", "mine")
+    assert capsys.readouterr().out.strip() == f"demo adapter: {served}:mine (ready)"
+    assert Adapter.objects.get().name == "mine"
+    with pytest.raises(CommandError, match="holds no adapter_config.json"):
+        call_command("register_demo_adapter", "--path", str(tmp_path / "empty"))

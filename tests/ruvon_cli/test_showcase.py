@@ -136,3 +136,14 @@ def test_it_runs_the_short_showcase_and_its_report_equals_the_usage_records(
         assert summary[mine] == pytest.approx(sum(r[mine] for r in requests), abs=1e-9), mine
     assert 0 < summary["completion_tokens"] <= 6 * 12 and summary["cost_usd"] > 0
     assert report["timeline"] and "/costs/" in output
+
+
+def test_a_given_adapter_folder_is_registered_for_any_model(tmp_path: Path) -> None:
+    from ruvon_cli.showcase.command import setup_commands
+
+    features = features_for(_args("--model", "random:gpt2-xl", "--adapter", str(tmp_path)), cuda=True)
+    assert features.lora and features.adapter_path == str(tmp_path.resolve())
+    register = setup_commands(features, "pw")[1]
+    assert register[0] == "register_demo_adapter"
+    assert register[register.index("--path") + 1] == str(tmp_path.resolve())
+    assert "--enable-lora" in features.worker_args(9100)

@@ -1,7 +1,8 @@
 """`manage.py register_demo_adapter` (run by bootstrap_demo): the shipped demo LoRA, assets/adapters/smollm2-pirate/,
 registered for the demo tenant as adapter `pirate` on the embedded default model and validated, so
 `"model": "smollm2-135m-instruct:pirate"` works after `make run`. Rerun-safe; skips cleanly when the folder is
-absent or another model is served. `--inline` validates in this process against the live workers, without
+absent or another model is served. `--path DIR --name NAME` registers another PEFT folder for the served model
+instead (ruvon showcase --adapter). `--inline` validates in this process against the live workers, without
 Celery, and `--wait-s` waits for a worker starting beside it (`ruvon showcase` runs it so, in its set-up)."""
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ class Command(BaseCommand):
         parser.add_argument(
             "--wait-s", type=float, default=0.0, help="with --inline: wait this long for a worker to report"
         )
+        parser.add_argument(
+            "--path",
+            type=Path,
+            help="register this PEFT folder instead, for whatever model is served (the worker's validation "
+            "decides whether it fits); ruvon showcase --adapter passes it",
+        )
+        parser.add_argument("--name", default=DEMO_NAME, help="the adapter's name (default pirate)")
 
     def handle(
         self,
@@ -51,12 +59,17 @@ class Command(BaseCommand):
         username: str,
         inline: bool = False,
         wait_s: float = 0.0,
+        path: Path | None = None,
+        name: str = DEMO_NAME,
         **options: Any,
     ) -> None:
-        if not (DEMO_DIR / ADAPTER_CONFIG).is_file() or not (DEMO_DIR / WEIGHTS).is_file():
+        folder = path or DEMO_DIR
+        if not (folder / ADAPTER_CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+            if path is not None:
+                raise CommandError(f"{path} holds no {ADAPTER_CONFIG} and {WEIGHTS}")
             self.stdout.write(f"demo adapter: none shipped at {DEMO_DIR}; skipped")
             return
-        if settings.RUVON_MODEL != DEMO_BASE:
+        if path is None and settings.RUVON_MODEL != DEMO_BASE:
             self.stdout.write(
                 f"demo adapter: skipped (it is for {DEMO_BASE}; {settings.RUVON_MODEL} is served)"
             )
@@ -64,25 +77,28 @@ class Command(BaseCommand):
         owner = Tenant.objects.filter(slug=tenant).first()
         if owner is None:
             raise CommandError(f"no tenant {tenant!r}: run bootstrap_demo first")
-        adapter = self._register(owner, username, inline, wait_s)
+        adapter = self._register(owner, username, folder, name, inline, wait_s)
         self.stdout.write(f"demo adapter: {adapter.model_id} ({adapter.status}{self._reason(adapter)})")
 
-    def _register(self, tenant: Tenant, username: str, inline: bool, wait_s: float) -> Adapter:
-        """Return the demo adapter: the one registered already if it is ready with these weights, else a
-        fresh upload of them, validated (inline in the embedded mode, which loads the model here)."""
-        sha256 = hashlib.sha256((DEMO_DIR / WEIGHTS).read_bytes()).hexdigest()
-        existing = Adapter.objects.for_tenant(tenant).filter(name=DEMO_NAME).first()
+    def _register(
+        self, tenant: Tenant, username: str, folder: Path, name: str, inline: bool, wait_s: float
+    ) -> Adapter:
+        """Return the adapter `name` from `folder`: the one registered already if it is ready with these
+        weights, else a fresh upload of them, validated (inline in the embedded mode, which loads the model
+        here)."""
+        sha256 = hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()
+        existing = Adapter.objects.for_tenant(tenant).filter(name=name).first()
         if existing is not None:
             current = existing.status == Adapter.Status.READY and existing.sha256 == sha256
             if current and Path(existing.path).is_dir():
                 return existing
             registry.delete_adapter(existing)
         user = get_user_model().objects.filter(username=username).first()
-        with open(DEMO_DIR / ADAPTER_CONFIG, "rb") as config, open(DEMO_DIR / WEIGHTS, "rb") as weights:
+        with open(folder / ADAPTER_CONFIG, "rb") as config, open(folder / WEIGHTS, "rb") as weights:
             archive = registry.zip_of_parts(File(config), File(weights, name=WEIGHTS))
         with archive:
             adapter = registry.create_adapter(
-                tenant, user, DEMO_NAME, settings.RUVON_MODEL_NAME, archive, settings.RUVON_MODEL_NAME
+                tenant, user, name, settings.RUVON_MODEL_NAME, archive, settings.RUVON_MODEL_NAME
             )
         if inline:
             validate_when_a_worker_reports(adapter.pk, wait_s)
