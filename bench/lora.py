@@ -9,15 +9,17 @@ serving 64 unmerged adapters, one adapter merged, and HF transformers + PEFT as 
       the largest inter-token gap of the running requests meanwhile, in their median steps and in ms;
   (d) HF transformers + PEFT batch-1 on the same weights and adapter.
 
-(a)-(c) run once per --lora-paths entry: fused (the default: decode rows take one kernel per projection)
-and unfused (shrink + expand + GELU, as RUVON_LORA_FUSED=0 selects), each on an engine of its own; the
-unfused numbers carry an unfused_ prefix. Each LoRA engine's start-up warm-up (every LoRA kernel variant
+(a)-(c) run once per --lora-paths entry, each on an engine of its own: epilogue (the default: steps of up
+to 4 rows add each row's update inside the base projection's own launch, no launch of their own; larger
+steps take shrink + expand + GELU), fused (RUVON_LORA_EPILOGUE=0 RUVON_LORA_FUSED=1: decode rows take one
+LoRA kernel per projection after the projection's) and unfused (both off: shrink + expand + GELU after the
+projection). The numbers of every path but epilogue carry its name as a prefix (fused_, unfused_). Each LoRA engine's start-up warm-up (every LoRA kernel variant
 compiled before the first step) is reported as lora_warm_up_launches / lora_warm_up_s.
 
 The adapters are written in PEFT's format (and loaded by PEFT for the peer) with random A and B; they
 target every projection (c_attn, c_proj, c_fc) unless --targets says otherwise.
 
-Run on a GPU: python bench/lora.py --shape gpt2 --shape gpt2-xl [--lora-paths fused,unfused]
+Run on a GPU: python bench/lora.py --shape gpt2 --shape gpt2-xl [--lora-paths epilogue,fused,unfused]
 A quick CPU smoke run: python bench/lora.py --shape tiny --device cpu --dtype float32 --requests 8 \
     --min-prompt 8 --max-prompt 16 --latency-tokens 16 \
     --adapters 4 --new-tokens 4 --prompt-len 8 --hot-running 2 --skip-hf
@@ -258,9 +260,10 @@ def measure(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     release()
 
     for path in args.lora_paths.split(","):
-        # RUVON_LORA_FUSED picks the kernels of the engine built next (kernels/backend.py).
+        # RUVON_LORA_EPILOGUE and RUVON_LORA_FUSED pick the kernels of the engine built next (kernels/backend.py).
+        os.environ["RUVON_LORA_EPILOGUE"] = "1" if path == "epilogue" else "0"
         os.environ["RUVON_LORA_FUSED"] = "1" if path == "fused" else "0"
-        prefix = "" if path == "fused" else f"{path}_"
+        prefix = "" if path == "epilogue" else f"{path}_"
         started = time.perf_counter()
         lora = engine_for(base_path, args, enable_lora=True, max_loras=args.max_loras, max_lora_rank=16)
         refused = floor_refusal(lora, f"lora {shape} with adapters")
@@ -280,6 +283,7 @@ def measure(shape: str, args: argparse.Namespace) -> dict[str, Any]:
         row.update({f"{prefix}{key}": value for key, value in hot.items()})
         del lora
         release()
+    os.environ.pop("RUVON_LORA_EPILOGUE", None)
     os.environ.pop("RUVON_LORA_FUSED", None)
 
     merged = engine_for(base_path, args, loras=(f"rank8={rank8.path}",), merge_lora=True)
@@ -298,7 +302,8 @@ def measure(shape: str, args: argparse.Namespace) -> dict[str, Any]:
         peer = peft.PeftModel.from_pretrained(hf, rank8.path).eval()
         hf_ms_per_token(peer, prompt, 8)
         row["hf_peft_ms_tok"] = hf_ms_per_token(peer, prompt, args.latency_tokens)[1]
-        first = "" if args.lora_paths.split(",")[0] == "fused" else "unfused_"
+        first = args.lora_paths.split(",")[0]
+        first = "" if first == "epilogue" else f"{first}_"
         row["peft_vs_ruvon_lora"] = row["hf_peft_ms_tok"] / row[f"{first}lora_ms_tok"]
     del hf
     release()
@@ -335,9 +340,10 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true", help="leave out the HF transformers + PEFT peer")
     parser.add_argument(
         "--lora-paths",
-        default="fused",
-        help="LoRA engines to measure, comma-separated: fused (decode rows in one launch per projection) "
-        "and/or unfused (shrink + expand + GELU, RUVON_LORA_FUSED=0); unfused rows are prefixed unfused_",
+        default="epilogue",
+        help="LoRA engines to measure, comma-separated: epilogue (steps of up to 4 rows add the update in "
+        "the projection's own launch), fused (one LoRA launch per projection for decode rows) and/or "
+        "unfused (shrink + expand + GELU); fused and unfused rows are prefixed fused_ / unfused_",
     )
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument(
@@ -353,8 +359,8 @@ def main() -> None:
         print(f"wrote a random rank-16 adapter to {named.path} (sha256 {named.sha256[:12]})")
         return
     args.hot_running = min(args.hot_running, args.adapters)
-    if not set(args.lora_paths.split(",")) <= {"fused", "unfused"}:
-        parser.error("--lora-paths takes fused and/or unfused, comma-separated")
+    if not set(args.lora_paths.split(",")) <= {"epilogue", "fused", "unfused"}:
+        parser.error("--lora-paths takes epilogue, fused and/or unfused, comma-separated")
     args.latency_tokens = max(args.latency_tokens, 2)
     shapes = args.shape or ["gpt2"]
     rows = rows_from_children(__file__, "lora", shapes) if len(shapes) > 1 else one_shape(shapes[0], args)

@@ -17,6 +17,7 @@ from kernels.reference import (
     linear_ref,
     lora_apply_ref,
     lora_expand_ref,
+    lora_linear_ref,
     lora_shrink_ref,
     pack_int4_ref,
     paged_attention_ref,
@@ -51,21 +52,30 @@ class KernelBackend:
     # Compile every launch variant of lora_apply up front: (a, b, ranks, scales, max_rows, max_segments, gelu)
     # -> variants run; the references have none.
     lora_warm_up: Callable[..., int] = lambda *args, **kwargs: 0  # noqa: E731
+    # A LoRA projection's base and update in the base's own kernel, for steps of up to lora_fold_rows rows
+    # (0: none; larger steps take the base projection, then lora_apply):
+    # (x, StoredWeight, bias, gelu, LoRAStack) -> GELU?(x W^T + bias + each row's update)
+    lora_linear: Callable[..., torch.Tensor] = lora_linear_ref
+    lora_fold_rows: int = 0
 
 
 def cuda_backend() -> KernelBackend:
     """Return the kernel backend built from the Triton kernels (imports Triton; for CUDA devices).
 
+    LoRA steps of up to LORA_FOLD_ROWS rows (batch-1 and small-batch decodes) fold each row's low-rank update
+    into the base projection's weight_mm launch: no launch of their own. RUVON_LORA_EPILOGUE=0 turns that
+    off, so that bench/lora.py can measure both ways in one process. Larger steps, and all steps without it:
     RUVON_LORA_FUSED=1 runs decode-shaped LoRA steps through the one-launch kernel instead of shrink + expand
     (+ GELU). Off by default: measured slower on an H100 (GPT-2 124M, batch 1: 1.07 against 0.87 ms/token,
     docs/parts/18-lora.md); the two can be measured against each other by building an engine under each."""
     fused = os.environ.get("RUVON_LORA_FUSED", "0") == "1"
+    fold = os.environ.get("RUVON_LORA_EPILOGUE", "1") == "1"
     # Imported here so that the CPU path (the references) never needs Triton.
     from kernels.linear import linear
     from kernels.lora import lora_apply, lora_expand, lora_shrink, lora_warm_up
     from kernels.norm import add_layer_norm, add_rms_norm
     from kernels.paged_attention import paged_attention
-    from kernels.quant_linear import int4_linear, int8_linear
+    from kernels.quant_linear import LORA_FOLD_ROWS, int4_linear, int8_linear, lora_linear
     from kernels.store_kv import store_kv
 
     return KernelBackend(
@@ -80,6 +90,8 @@ def cuda_backend() -> KernelBackend:
         lora_expand=lora_expand,
         lora_apply=functools.partial(lora_apply, fused=fused),
         lora_warm_up=functools.partial(lora_warm_up, fused=fused),
+        lora_linear=lora_linear,
+        lora_fold_rows=LORA_FOLD_ROWS if fold else 0,
     )
 
 

@@ -7,6 +7,7 @@ A token's slot is block_id * block_size + offset; slot -1 means "do not store".
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,31 @@ def paged_attention_ref(
         enable_gqa=num_heads != num_kv_heads,
     ).transpose(1, 2)  # [B, Q, H, D]
     return out[valid_q]
+
+
+FP, INT8, INT8_GROUPED, INT4 = 0, 1, 2, 3  # the formats a projection's weight is stored in
+
+
+@dataclass(frozen=True)
+class StoredWeight:
+    """A projection's weight as it is stored: FP [N, K] (scales None); INT8 / INT8_GROUPED [N, K] int8 with
+    scales [N, 1] / [N, K // G] (int8_linear_ref); INT4 packed [N, K_pad // 2] with qscales [N, K_pad // G, 2]
+    (int4_linear_ref)."""
+
+    weight: torch.Tensor
+    scales: torch.Tensor | None
+    format: int
+
+
+def stored_linear_ref(
+    x: torch.Tensor, stored: StoredWeight, bias: torch.Tensor | None = None, gelu: bool = False
+) -> torch.Tensor:
+    """Return x @ W.T + bias ([T, N]), then tanh-GELU when gelu, W read in its stored format."""
+    if stored.format == FP:
+        return linear_ref(x, stored.weight, bias, gelu)
+    assert stored.scales is not None
+    linear = int4_linear_ref if stored.format == INT4 else int8_linear_ref
+    return linear(x, stored.weight, stored.scales, bias, gelu)
 
 
 def linear_ref(
@@ -229,6 +255,22 @@ def int4_linear_ref(
 # zero and may be skipped). y += scales[s] * (x @ A[s]^T) @ B[s]^T is done in two steps: shrink, expand.
 
 
+@dataclass(frozen=True)
+class LoRAStack:
+    """One LoRA projection's adapters for one step: its stacked slots and the step's segment tables."""
+
+    a: torch.Tensor  # [S, R, K]
+    b: torch.Tensor  # [S, N, R]
+    seg_indptr: torch.Tensor  # [G + 1] int32
+    seg_slots: torch.Tensor  # [G] int32
+    ranks: torch.Tensor  # [S] int32
+    scales: torch.Tensor  # [S] float32
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (seg_indptr, seg_slots, ranks, scales), in the order the LoRA kernels take them."""
+        return self.seg_indptr, self.seg_slots, self.ranks, self.scales
+
+
 def _segments(seg_indptr: torch.Tensor, seg_slots: torch.Tensor) -> list[tuple[int, int, int]]:
     """Return (start, end, slot) for every segment that has an adapter."""
     bounds, slots = seg_indptr.tolist(), seg_slots.tolist()
@@ -289,3 +331,16 @@ def lora_apply_ref(
         y, lora_shrink_ref(x, a, seg_indptr, seg_slots, ranks), b, seg_indptr, seg_slots, ranks, scales
     )
     return add_bias_gelu(y, None, gelu)
+
+
+def lora_linear_ref(
+    x: torch.Tensor,  # [T, K]
+    stored: StoredWeight,  # [N, K] in its stored format
+    bias: torch.Tensor | None,  # [N]
+    gelu: bool,
+    lora: LoRAStack,
+) -> torch.Tensor:  # [T, N]
+    """Return a LoRA projection's output from its base weight: x @ W.T + bias plus each row's low-rank
+    update, then tanh-GELU when gelu (the base projection, then lora_apply_ref)."""
+    y = stored_linear_ref(x, stored, bias)
+    return lora_apply_ref(y, x, lora.a, lora.b, *lora.tables(), gelu)

@@ -9,6 +9,7 @@ from torch import nn
 from gpu_worker.errors import ModelLoadError
 from gpu_worker.layers.base import CheckpointTensor, Layer, QuantizedTensor, copy_checked
 from gpu_worker.layers.context import ForwardContext
+from kernels.reference import FP, StoredWeight
 
 WHOLE = ""  # the one shard of a projection that is not merged: its checkpoint names are "weight", "bias"
 
@@ -49,6 +50,10 @@ class Linear(Layer):
         """Return x W^T + b, then tanh-GELU when `gelu`: forward, with the activation left to the caller
         when it adds to the projection first (LoRALinear)."""
         return self.context.backend.linear(x, self.weight, self.bias, gelu)
+
+    def stored_weight(self) -> StoredWeight | None:
+        """Return the weight as the backend's lora_linear reads it (None: only project() can read it)."""
+        return StoredWeight(self.weight, None, FP)
 
     def extra_repr(self) -> str:
         return (

@@ -10,6 +10,7 @@ from gpu_worker.layers.base import CheckpointTensor, Layer
 from gpu_worker.layers.linear import WHOLE, Linear
 from gpu_worker.models.base import CausalLM
 from gpu_worker.quant.layers import QuantLinear
+from kernels.reference import LoRAStack
 
 Projection = Linear | QuantLinear
 # (layer index, PEFT target suffix) -> the LoRALinear it lands in and the shard of it that it fills.
@@ -22,6 +23,9 @@ class LoRALinear(Layer):
     a [max_loras, R, in], b [max_loras, out, R], ranks [max_loras] int32, scales [max_loras] float32, with
     R = (shards) x max_rank. A fused projection stacks its shards' A along R and puts each shard's B in its
     own rows and its own R columns, zero elsewhere: one shrink and one expand serve every shard.
+
+    Steps of up to the backend's lora_fold_rows rows run base and update in the base's own kernel
+    (lora_linear) where the backend can read the base's weight; the rest run the base, then lora_apply.
     """
 
     a: torch.Tensor
@@ -53,21 +57,46 @@ class LoRALinear(Layer):
         lora = metadata.lora if metadata is not None else None
         if lora is None:  # no row of this step uses an adapter
             return self.base(x)
+        backend = self.context.backend
+        stack = LoRAStack(self.a, self.b, lora.seg_indptr, lora.seg_slots, self.ranks, self.scales)
+        stored = self.base.stored_weight()
+        if x.shape[0] <= backend.lora_fold_rows and stored is not None:
+            return backend.lora_linear(x, stored, self.base.bias, self.base.gelu, stack)
         # The update joins the projection before its activation (PEFT adds it to the Linear's output), so
         # the activation moves from the base's epilogue to the update's.
         y = self.base.project(x, gelu=False)
-        tables = (lora.seg_indptr, lora.seg_slots, self.ranks, self.scales)
-        return self.context.backend.lora_apply(y, x, self.a, self.b, *tables, self.base.gelu)
+        return backend.lora_apply(y, x, self.a, self.b, *stack.tables(), self.base.gelu)
 
     def warm_up(self, max_rows: int, max_segments: int) -> int:
         """Run the backend's LoRA kernels once in every launch variant a step of up to `max_rows` rows in
         `max_segments` segments can take, so none compiles mid-step; return how many ran."""
+        backend = self.context.backend
         stacks = (self.a, self.b, self.ranks, self.scales)
-        return self.context.backend.lora_warm_up(*stacks, max_rows, max_segments, gelu=self.base.gelu)
+        runs = backend.lora_warm_up(*stacks, max_rows, max_segments, gelu=self.base.gelu)
+        stored = self.base.stored_weight()
+        if stored is None:
+            return runs
+        # lora_linear compiles a variant per row count (its row loop is unrolled; one row is specialised):
+        # each once, one segment a row (the segment count is not specialised on).
+        rows = min(backend.lora_fold_rows, max_rows)
+        x = torch.zeros(rows, self.in_features, dtype=self.a.dtype, device=self.a.device)
+        for t in range(1, rows + 1):
+            seg_indptr = torch.arange(t + 1, dtype=torch.int32, device=x.device)
+            seg_slots = torch.arange(t, dtype=torch.int32, device=x.device) % self.a.shape[0]
+            stack = LoRAStack(self.a, self.b, seg_indptr, seg_slots, self.ranks, self.scales)
+            backend.lora_linear(x[:t], stored, self.base.bias, self.base.gelu, stack)
+        return runs + rows
 
     def variant(self) -> tuple[object, ...]:
-        """Return what sets this layer's kernel variants: its shapes, dtype and activation."""
-        return (self.in_features, self.out_features, tuple(self.a.shape), self.a.dtype, self.base.gelu)
+        """Return what sets this layer's kernel variants: its shapes, dtype, activation, and its base's
+        bias and stored weight (lora_linear's launches read them)."""
+        stored = self.base.stored_weight()
+        weight = None
+        if stored is not None:
+            scales = None if stored.scales is None else (tuple(stored.scales.shape), stored.scales.dtype)
+            weight = (stored.format, tuple(stored.weight.shape), stored.weight.dtype, scales)
+        shapes = (self.in_features, self.out_features, tuple(self.a.shape), self.a.dtype, self.base.gelu)
+        return (*shapes, self.base.bias is not None, weight)
 
     def load_weight(self, name: str, tensor: CheckpointTensor) -> None:
         self.base.load_weight(name, tensor)

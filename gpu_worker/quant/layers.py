@@ -20,6 +20,7 @@ from gpu_worker.layers.context import ForwardContext
 from gpu_worker.layers.linear import WHOLE, Linear, shard_row_ranges
 from gpu_worker.quant.quantizers import quantize_int4, quantize_int8
 from gpu_worker.quant.schemes import QuantScheme
+from kernels.reference import INT4, INT8, INT8_GROUPED, StoredWeight, pack_int4_ref
 
 
 class QuantLinear(Layer, ABC):
@@ -106,6 +107,10 @@ class QuantLinear(Layer, ABC):
     def project(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
         """Return x W^T + b, then tanh-GELU when `gelu` (as Linear.project)."""
 
+    def stored_weight(self) -> StoredWeight | None:
+        """Return the weight as the backend's lora_linear reads it (None: only project() can read it)."""
+        return None
+
     @abstractmethod
     def _load_shard(self, shard: str, start: int, end: int, tensor: CheckpointTensor) -> None:
         """Store one shard's rows [start, end), quantising a full-precision tensor on the way."""
@@ -145,6 +150,9 @@ class Int8Linear(QuantLinear):
     def project(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
         # [T, in] -> [T, out]
         return self.context.backend.int8_linear(x, self.qweight, self.scales, self.bias, gelu)
+
+    def stored_weight(self) -> StoredWeight | None:
+        return StoredWeight(self.qweight, self.scales, INT8 if self.scales.shape[1] == 1 else INT8_GROUPED)
 
     def _load_shard(self, shard: str, start: int, end: int, tensor: CheckpointTensor) -> None:
         if isinstance(tensor, QuantizedTensor):
@@ -196,6 +204,11 @@ class Int4Linear(QuantLinear):
                 "Int4Linear was packed for another kernel backend; quantise under the one it runs"
             )
         return backend.int4_linear(x, self.qweight, self.qscales, self.bias, gelu)
+
+    def stored_weight(self) -> StoredWeight | None:
+        if self._packed_by is not pack_int4_ref:  # StoredWeight's INT4 is pack_int4_ref's layout
+            return None
+        return StoredWeight(self.qweight, self.qscales, INT4)
 
     def _load_shard(self, shard: str, start: int, end: int, tensor: CheckpointTensor) -> None:
         if isinstance(tensor, QuantizedTensor):

@@ -29,7 +29,7 @@ def test_the_lora_bench_measures_every_part_on_tiny() -> None:
         max_num_batched_tokens=256,
         num_blocks=64,
         skip_hf=True,
-        lora_paths="fused,unfused",
+        lora_paths="epilogue,unfused",
     )
     row = lora.measure("tiny", args)
     assert row["shape"] == "tiny (RANDOM weights)"

@@ -14,6 +14,7 @@ from kernels.reference import lora_expand_ref, lora_shrink_ref
 pytest.importorskip("triton")
 from kernels.backend import cuda_backend  # noqa: E402
 from kernels.lora import Tiling, lora_apply, lora_expand, lora_shrink  # noqa: E402
+from kernels.quant_linear import LORA_FOLD_ROWS, lora_linear  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RANKS = (3, 8, 16)  # three slots, padded to R = 16
@@ -219,6 +220,10 @@ def test_the_cuda_backend_runs_these_kernels(monkeypatch: pytest.MonkeyPatch) ->
     assert backend.lora_apply.func is lora_apply and backend.lora_apply.keywords == {"fused": False}
     monkeypatch.setenv("RUVON_LORA_FUSED", "1")
     assert cuda_backend().lora_apply.keywords == {"fused": True}
+    # Steps of a few rows add the update in the projection's own launch; RUVON_LORA_EPILOGUE=0 opts out.
+    assert backend.lora_linear is lora_linear and backend.lora_fold_rows == LORA_FOLD_ROWS > 0
+    monkeypatch.setenv("RUVON_LORA_EPILOGUE", "0")
+    assert cuda_backend().lora_fold_rows == 0
 
 
 # Steps at real sizes: decode rows only (the per-row path), and decode rows beside a prefill chunk or

@@ -7,17 +7,21 @@ from __future__ import annotations
 import argparse
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from gpu_worker.config import SamplingParams
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine_args import add_engine_arguments, engine_config
 from gpu_worker.errors import InvalidRequestError, ModelLoadError
+from gpu_worker.loading import loader
 from gpu_worker.lora.request import LoRARequest
+from kernels.backend import KernelBackend, backend_for
 from tests.gpu_worker.conftest import Peer, engine_for
 from tests.gpu_worker.lora.conftest import SavedAdapter, weights_sha256
 
@@ -100,6 +104,51 @@ def test_it_gives_each_request_in_a_mixed_batch_what_it_gets_alone(
         assert result.tokens == expected.tokens, rid
         if not launches:
             assert result.logprobs == pytest.approx(expected.logprobs, abs=1e-4), rid
+
+
+@pytest.fixture
+def folding_backend(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Engines built in the test run on the CPU references, but for LoRA steps of up to 4 rows, which take
+    the Triton lora_linear (interpreted without a GPU): the update inside the projection's own launch, as
+    the CUDA backend does. Return the row count of every lora_linear call."""
+    pytest.importorskip("triton")
+    from kernels.quant_linear import lora_linear
+
+    rows: list[int] = []
+
+    def counted(x: torch.Tensor, *args: Any) -> torch.Tensor:
+        rows.append(x.shape[0])
+        return lora_linear(x, *args)
+
+    def backend(device: torch.device) -> KernelBackend:
+        return replace(backend_for(device), lora_linear=counted, lora_fold_rows=4)
+
+    monkeypatch.setattr(loader, "backend_for", backend)
+    return rows
+
+
+def test_decode_rows_through_the_projections_own_kernel_give_what_the_references_give(
+    tiny_gpt2: Peer,
+    gpt2_adapters: dict[int, SavedAdapter],
+    alone: dict[int, Result],
+    folding_backend: list[int],
+) -> None:
+    engine = lora_engine(tiny_gpt2, max_loras=3, enable_prefix_caching=False)
+    warmed = len(folding_backend)
+    assert warmed == 4 * 4  # rows 1-4, once for each of GPT-2's four kinds of LoRA projection
+    # Batch 1 on each adapter: its 40-token prefill takes lora_apply, each decode step lora_linear.
+    for rank, adapter in gpt2_adapters.items():
+        result = run(engine, {"one": (PROMPT, adapter.request)})["one"]
+        assert result.tokens == alone[rank].tokens, rank
+        assert result.logprobs == pytest.approx(alone[rank].logprobs, abs=1e-4), rank
+    decode_steps = len(gpt2_adapters) * (GREEDY.max_tokens - 1)
+    assert folding_backend[warmed:] == [1] * decode_steps * 2 * 4  # 2 layers x 4 projections a step
+    # Three adapters and the base model decoding together: four rows on slots 2, -1, 0 and 1, say.
+    jobs = {f"{rank}": (PROMPT, None if rank == 0 else gpt2_adapters[rank].request) for rank in (8, 0, 2, 4)}
+    for rid, result in run(engine, jobs).items():
+        assert result.tokens == alone[int(rid)].tokens, rid
+        assert result.logprobs == pytest.approx(alone[int(rid)].logprobs, abs=1e-4), rid
+    assert 4 in folding_backend[warmed:]
 
 
 def test_two_adapters_never_share_cached_prefix_blocks(

@@ -3,6 +3,7 @@ adapters in slots (unmerged) and folded into the weights (merged), for GPT-2, Ll
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import peft
@@ -16,7 +17,7 @@ from gpu_worker.layers.linear import WHOLE, Linear
 from gpu_worker.loading.loader import load_model, random_hf_config
 from gpu_worker.lora.layer import LoRALinear
 from gpu_worker.lora.manager import AdapterManager
-from gpu_worker.quant import Int8Linear, QuantScheme
+from gpu_worker.quant import Int4Linear, Int8Linear, QuantLinear, QuantScheme
 from gpu_worker.runner.kv_cache import forward_dense
 from tests.gpu_worker.lora.conftest import make_adapter
 
@@ -123,19 +124,30 @@ def test_it_merges_before_quantising(scheme: str, tmp_path: Path) -> None:
         )
 
 
-@pytest.mark.parametrize("scheme", ["none", "int8"])
-def test_it_adds_the_update_before_the_fused_gelu(scheme: str) -> None:
+@pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
+@pytest.mark.parametrize("fold", [False, True], ids=["apply", "fold"])
+def test_it_adds_the_update_before_the_fused_gelu(scheme: str, fold: bool) -> None:
     # GPT-2's c_fc fuses tanh-GELU into its projection; PEFT adds the update to the projection's output, so
-    # the wrapper must apply GELU after it. Over a quantised projection, the same.
+    # the wrapper must apply GELU after it. Over a quantised projection, the same; and the same again with
+    # the update inside the projection's own kernel (lora_linear, Triton; interpreted without a GPU).
     torch.manual_seed(0)
     context = ForwardContext()
+    if fold:
+        pytest.importorskip("triton")
+        from kernels.quant_linear import lora_linear
+
+        context.backend = replace(context.backend, lora_linear=lora_linear, lora_fold_rows=8)
     linear = Linear(context, 16, 24, bias=True, gelu=True)
     with torch.no_grad():
         linear.weight.normal_()
         linear.bias.normal_()
-    base = linear if scheme == "none" else Int8Linear.from_linear(linear, QuantScheme(8, None))
-    if isinstance(base, Int8Linear):
+    schemes = {"int8": (Int8Linear, QuantScheme(8, None)), "int4": (Int4Linear, QuantScheme(4, 32))}
+    base: Linear | QuantLinear = linear
+    if scheme in schemes:
+        kind, quant = schemes[scheme]
+        base = kind.from_linear(linear, quant)
         base.load_linear(linear)
+    assert base.stored_weight() is not None  # the fold reads every one of these
     layer = LoRALinear(base, max_loras=2, max_rank=4, dtype=torch.float32)
     lora_a, lora_b = torch.randn(3, 16), torch.randn(24, 3)
     layer.set_slot(1, *layer.pack({WHOLE: (lora_a, lora_b)}, torch.float32), scale=0.5)
@@ -151,4 +163,4 @@ def test_it_adds_the_update_before_the_fused_gelu(scheme: str) -> None:
     pre = base.project(x, gelu=False)  # x W^T + b
     expected = F.gelu(pre[:3] + 0.5 * (x[:3] @ lora_a.T) @ lora_b.T, approximate="tanh")
     torch.testing.assert_close(out[:3], expected, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out[3:], base(x[3:]), atol=1e-6, rtol=0)  # slot -1: the base alone
+    torch.testing.assert_close(out[3:], base(x[3:]), atol=1e-5 if fold else 1e-6, rtol=0)  # slot -1

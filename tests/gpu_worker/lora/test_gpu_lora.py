@@ -64,10 +64,14 @@ def test_a_mixed_adapter_batch_matches_the_cpu_reference_path(
 
 
 def compiled_lora_variants() -> int:
-    """Return how many variants of the LoRA kernels Triton has compiled in this process, on every device."""
+    """Return how many variants of the LoRA kernels Triton has compiled in this process, on every device;
+    weight_mm's too, which adds the update for steps of a few rows (the tiny GPT-2's base projections never
+    launch it themselves: they have no tuned launch shape)."""
     import kernels.lora as lora_kernels
+    import kernels.quant_linear as quant_kernels
 
-    kernels = [getattr(lora_kernels, name) for name in dir(lora_kernels) if name.endswith("_kernel")]
+    modules = (lora_kernels, quant_kernels)
+    kernels = [getattr(m, name) for m in modules for name in dir(m) if name.endswith("_kernel")]
     return sum(len(caches[0]) for kernel in kernels for caches in kernel.device_caches.values())
 
 
