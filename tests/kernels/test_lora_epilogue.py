@@ -197,3 +197,21 @@ def fp32(stored: StoredWeight) -> StoredWeight:
 
 def fp32_stack(stack: LoRAStack) -> LoRAStack:
     return LoRAStack(stack.a.float(), stack.b.float(), *stack.tables())
+
+
+def test_the_update_never_takes_the_one_row_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The one-row register kernel (GemmConfig.gemv) takes no LoRA operands: a one-row step on an adapter
+    # takes the few-rows tile shape instead of dropping its update.
+    import kernels.quant_linear as quant_linear
+
+    shapes = {1: GemmConfig(block_n=8, block_k=64, gemv=True), 2: GemmConfig(block_n=16, block_k=32)}
+    monkeypatch.setattr(quant_linear, "tuned_config", lambda device, fmt, m, *_: shapes.get(min(m, 2)))
+    assert quant_linear.tile_config(torch.device(DEVICE), FP, 1, 20, 40, 0) == shapes[2]
+    k, n = 40, 20
+    x, stack = lora_stack("one-row", k, n, torch.float32, seed=14)
+    stored = fp_weight(n, k, torch.float32, seed=14)
+    ref = lora_linear_ref(x, stored, None, False, stack)
+    for out in (lora_linear(x, stored, None, False, stack), run(x, stored, None, False, stack, GemmConfig())):
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one-row"):
+        run(x, stored, None, False, stack, shapes[1])
