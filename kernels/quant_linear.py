@@ -77,7 +77,9 @@ class GemmConfig:
 
 DEFAULT_CONFIG = GemmConfig()
 LORA_MAX_ROWS = 16  # weight_mm's LoRA operands serve one row tile (BLOCK_M is 16 up to 16 rows)
-LORA_TILE = 2048  # elements of the shrink's [BLOCK_R, LORA_K] tile of A: a wide stack takes shorter K steps
+# Elements of the shrink's [BLOCK_R, LORA_K] tile of A (a wide stack takes shorter K steps): 2048 spilled
+# at 4 rows on sm_90 in the few-rows fp16 shape (BLOCK_N 32, BLOCK_K 128, 4 stages; ptxas, no GPU).
+LORA_TILE = 1024
 # Rows up to which lora_linear takes the update into the projection's launch. Every program (column tile
 # and K slice) redoes the shrink of its K slice for each row against that row's A: A is [rank, K] per row
 # against the program's [BLOCK_N, K] of W, so at BLOCK_N = 32, rank 16 and fp16 A, four rows read twice the
@@ -307,7 +309,8 @@ def _lora_shrink(
 ):  # fmt: skip
     # Return xa [BLOCK_M, BLOCK_R] plus, for each row m < LORA_ROWS, x[m, k0:k0 + BLOCK_K] . A[slot, :rank]^T
     # in fp32. Row by row, each against its own slot's A (x's row comes again from L1: the int4 paths hold
-    # it split in even and odd halves); nothing is read for a row of rank 0.
+    # it split in even and odd halves); nothing is read for a row of rank 0. The rows are unrolled, the K
+    # chunks are a loop: unrolled too, the chunks' loads of 4 rows at R = 64 spill on sm_90 (ptxas, no GPU).
     rows = tl.arange(0, BLOCK_M)
     rs = tl.arange(0, BLOCK_R)
     ks = tl.arange(0, LORA_K)
@@ -317,7 +320,7 @@ def _lora_shrink(
         a_row = a_ptr + slot.to(tl.int64) * stride_as + rs[:, None] * stride_ar  # [BLOCK_R, 1]
         part = tl.zeros((BLOCK_R,), dtype=tl.float32)
         k_end = tl.where(rank > 0, K, 0)
-        for sub in tl.static_range(0, BLOCK_K, LORA_K):
+        for sub in range(0, BLOCK_K, LORA_K):
             kk = k0 + sub + ks
             k_mask = kk < k_end  # nothing for a row without an update
             x = tl.load(x_ptr + m * stride_xm + kk, mask=k_mask, other=0.0)  # [LORA_K]
