@@ -13,8 +13,9 @@ serving 64 unmerged adapters, one adapter merged, and HF transformers + PEFT as 
 to 4 rows add each row's update inside the base projection's own launch, no launch of their own; larger
 steps take shrink + expand + GELU), fused (RUVON_LORA_EPILOGUE=0 RUVON_LORA_FUSED=1: decode rows take one
 LoRA kernel per projection after the projection's) and unfused (both off: shrink + expand + GELU after the
-projection). The numbers of every path but epilogue carry its name as a prefix (fused_, unfused_). Each LoRA engine's start-up warm-up (every LoRA kernel variant
-compiled before the first step) is reported as lora_warm_up_launches / lora_warm_up_s.
+projection). The numbers of every path but epilogue carry its name as a prefix (fused_, unfused_). Each
+LoRA engine's start-up warm-up (every LoRA kernel variant compiled before the first step) is reported as
+lora_warm_up_launches / lora_warm_up_s.
 
 The adapters are written in PEFT's format (and loaded by PEFT for the peer) with random A and B; they
 target every projection (c_attn, c_proj, c_fc) unless --targets says otherwise.
