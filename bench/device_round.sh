@@ -72,15 +72,15 @@ step tune-xl 60 200 bash -c "$PY bench/quant_tune.py --shape $XL --rows 1 --form
 step lat-xl-none 60 110 "${XL_LAT[@]}"
 step lat-xl-int8 45 80 "${XL_LAT[@]}" --skip-hf --quantization int8
 step lat-xl-int4-g128 45 80 "${XL_LAT[@]}" --skip-hf --quantization int4-g128
-step lora-gpt2 90 170 "${LORA[@]}" --shape "$SMALL" --lora-paths fused,unfused
+step lora-gpt2 90 170 "${LORA[@]}" --shape "$SMALL" --lora-paths epilogue,unfused
 step gpu-tests 40 100 bash -c "TRITON_INTERPRET= $PY -m pytest -q -p no:cacheprovider --confcutdir tests/gpu_worker \
     tests/gpu_worker/engine/test_gpu.py tests/gpu_worker/lora/test_gpu_lora.py \
     -k 'draft_model or verification or batch_table or lora'; TRITON_INTERPRET= $PY -m pytest -q -p no:cacheprovider \
-    --confcutdir tests/kernels tests/kernels/test_lora_fused.py tests/kernels/test_lora.py"
+    --confcutdir tests/kernels tests/kernels/test_lora_fused.py tests/kernels/test_lora.py tests/kernels/test_lora_epilogue.py tests/kernels/test_quant_linear.py"
 step spec-xl-table 120 200 "${SPEC[@]}" --num-blocks 6000 --max-num-seqs 256 --streams 1 2 4 8 16 32 64 --k 2 4 6 \
     --oracle-alpha 0.8 --new-tokens 64 --write-table bench/results/spec-table-xl.json \
     --table-proposer "ORACLE+DRAFT alpha=0.8" --under-load 512 --out speculative-xl-table "${SPEC_EXTRA[@]}"
-step lora-xl 90 170 "${LORA[@]}" --shape "$XL" --skip-hf --new-tokens 64 --lora-paths fused
+step lora-xl 90 170 "${LORA[@]}" --shape "$XL" --skip-hf --new-tokens 64 --lora-paths epilogue
 step profile-xl 50 90 "$PY" bench/profile_step.py --shape "$XL" --batch 1 --steps 30 --prompt-len "${LAT_PROMPT:-128}"
 step tput-gpt2 60 120 "$PY" bench/throughput.py --device "$DEV" --shape "$SMALL" --decode-steps 1 --decode-steps 8
 step tput-xl 80 150 "$PY" bench/throughput.py --device "$DEV" --shape "$XL" --decode-steps 1 --decode-steps 8 \
