@@ -175,6 +175,17 @@ def hot_load(
         step()
     before = [b - a for times in arrivals.values() for a, b in itertools.pairwise(times)]
     median_step = statistics.median(before)
+    # The same prefill on an adapter already in its slot (another prompt, so no cached prefix): what the
+    # hot step would cost without the load, to tell the load's share of the gap from the prefill's.
+    engine.add_request(
+        "warm",
+        prompt[::-1],
+        SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
+        adapter=running[0],
+    )
+    warm_started = time.perf_counter()
+    step()
+    warm_prefill_step = time.perf_counter() - warm_started
     asked = time.perf_counter()
     engine.add_request(
         "hot", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), adapter=fresh
@@ -204,6 +215,7 @@ def hot_load(
         "hot_waiting_ms": (step_started - asked) * 1e3,
         "hot_slot_copy_ms": manager.last_slot_seconds * 1e3,
         "hot_step_ms": (placed - step_started) * 1e3,
+        "warm_prefill_step_ms": warm_prefill_step * 1e3,
         "median_step_ms": median_step * 1e3,
         "max_gap_steps": max(gaps, default=0.0) / median_step,
         "max_gap_ms": max(gaps, default=0.0) * 1e3,
