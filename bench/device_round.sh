@@ -72,7 +72,10 @@ step tune-xl 60 200 bash -c "$PY bench/quant_tune.py --shape $XL --rows 1 --form
 step lat-xl-none 60 110 "${XL_LAT[@]}"
 step lat-xl-int8 45 80 "${XL_LAT[@]}" --skip-hf --quantization int8
 step lat-xl-int4-g128 45 80 "${XL_LAT[@]}" --skip-hf --quantization int4-g128
-step lora-gpt2 90 170 "${LORA[@]}" --shape "$SMALL" --lora-paths epilogue,unfused
+# Each LoRA path in its own process: in one process the first LoRA engine paid first-use costs the second did
+# not (docs/parts/18-lora.md, "Third run").
+step lora-gpt2 90 170 "${LORA[@]}" --shape "$SMALL" --lora-paths epilogue
+step lora-gpt2-unfused 90 170 "${LORA[@]}" --shape "$SMALL" --lora-paths unfused --skip-hf
 step gpu-tests 40 100 bash -c "TRITON_INTERPRET= $PY -m pytest -q -p no:cacheprovider --confcutdir tests/gpu_worker \
     tests/gpu_worker/engine/test_gpu.py tests/gpu_worker/lora/test_gpu_lora.py \
     -k 'draft_model or verification or batch_table or lora'; TRITON_INTERPRET= $PY -m pytest -q -p no:cacheprovider \
