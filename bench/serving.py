@@ -156,18 +156,23 @@ async def one_request(
 
 
 async def drive(
-    url: str, key: str, model: str, prompts: list[list[int]], new_tokens: int, offsets: list[float]
+    urls: list[str], key: str, model: str, prompts: list[list[int]], new_tokens: int, offsets: list[float]
 ) -> list[Timing]:
-    """Send every prompt at its offset through one AsyncOpenAI client; return the timings in order."""
+    """Send every prompt at its offset, request i to urls[i % len(urls)] (one AsyncOpenAI client per web
+    process, as a round-robin load balancer would spread them); return the timings in order."""
     timings = [Timing(i) for i in range(len(prompts))]
-    async with openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0, timeout=300) as client:
+    clients = [openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0, timeout=300) for url in urls]
+    try:
         start = time.perf_counter()
         await asyncio.gather(
             *(
-                one_request(client, model, t, p, new_tokens, start + off)
-                for t, p, off in zip(timings, prompts, offsets, strict=True)
+                one_request(clients[i % len(clients)], model, t, p, new_tokens, start + off)
+                for i, (t, p, off) in enumerate(zip(timings, prompts, offsets, strict=True))
             )
         )
+    finally:
+        for client in clients:
+            await client.close()
     return timings
 
 
@@ -279,17 +284,18 @@ def embedded_usage(db: Path) -> dict[str, tuple[str, int]]:
 
 
 def measure_platform(
-    shape: str, url: str, key: str, read_usage: Callable[[], Any], args: argparse.Namespace,
+    shape: str, urls: list[str], key: str, read_usage: Callable[[], Any], args: argparse.Namespace,
     prompts: list[list[int]], rates: list[float | None], processes: dict[str, list[int]],
 ) -> tuple[list[dict[str, Any]], list[str]]:  # fmt: skip
     """Warm the platform up, then run the workload once per rate; return its rows and any problems.
     `processes` names the platform's processes by role, whose CPU time per token each row reports."""
-    asyncio.run(drive(url, key, args.served_name, prompts[:4], 4, [0.0] * 4))  # warm-up
+    warm = prompts[: 4 * len(urls)]  # a few requests through every web process first
+    asyncio.run(drive(urls, key, args.served_name, warm, 4, [0.0] * len(warm)))
     rows, problems = [], []
     for rate in rates:
         start, cpu = time.perf_counter(), cpu_by_role(processes)
         timings = asyncio.run(
-            drive(url, key, args.served_name, prompts, args.new_tokens, arrival_offsets(len(prompts), rate))
+            drive(urls, key, args.served_name, prompts, args.new_tokens, arrival_offsets(len(prompts), rate))
         )
         row = summarise(shape, rate, timings, start)
         row["cpu_ms_per_token"] = cpu_ms_per_token(processes, cpu, row["tokens"])
@@ -323,13 +329,14 @@ def run_shape(
     if shape == "embedded":
         server = start_live_server(env)
         try:
-            return measure_platform(shape, server.url + "/v1", server.api_key,
+            return measure_platform(shape, [server.url + "/v1"], server.api_key,
                                     lambda: embedded_usage(server.db_path), args, prompts, rates,
                                     {"web": [server.process.pid]})  # fmt: skip
         finally:
             server.stop()
     config = StackConfig(model=args.model, served_name=args.served_name, num_blocks=args.num_blocks,
-                         settings=SAME_ENGINE, database=args.database)  # fmt: skip
+                         settings=SAME_ENGINE, database=args.database,
+                         web_processes=args.web_processes)  # fmt: skip
     with Stack(config) as stack:
 
         def usage() -> dict[str, tuple[str, int]]:
@@ -338,7 +345,7 @@ def run_shape(
         web = [pid for pid, role in stack.roles.items() if "-daphne-" in role]
         processes = {"web": web, "worker": [p.pid for p in stack.workers]}
         return measure_platform(
-            shape, stack.urls[0], stack.keys["stress"], usage, args, prompts, rates, processes
+            shape, stack.urls, stack.keys["stress"], usage, args, prompts, rates, processes
         )
 
 
@@ -359,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database", choices=("postgres", "sqlite"), default="postgres",
                         help="the production shape's database (sqlite: a machine without PostgreSQL)")  # fmt: skip
     parser.add_argument("--name", default="serving", help="results file stem under bench/results/")
+    parser.add_argument("--web-processes", type=int, default=1,
+                        help="the production shape's daphne processes; requests go round-robin over them")  # fmt: skip
     args = parser.parse_args(argv)
     prompts = workload(args.requests, args.min_prompt, args.max_prompt, vocab=args.vocab)
     rates: list[float | None] = list(args.rate) if args.rate else [None]

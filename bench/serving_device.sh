@@ -32,7 +32,7 @@
 # when a shape fails) and serving-<model>.json/.png: five files, as the device returns at most eight.
 #
 # Knobs (environment): MODELS (default "gpt2-xl gpt2"), REQUESTS (256), NEW_TOKENS (128), MIN_PROMPT (16),
-# MAX_PROMPT (128), NUM_BLOCKS (4096 blocks of 16 tokens), RATES_<model> (Poisson requests/s, e.g.
+# MAX_PROMPT (128), NUM_BLOCKS (4096 blocks of 16 tokens), WEB_PROCESSES (1), RATES_<model> (Poisson requests/s, e.g.
 # RATES_gpt2_xl="8 24 48"), DEVICE (cuda: stop unless torch sees a GPU; cpu: hide any GPU, for the local proof).
 # The local proof, on CPU with the tiny shape, from a virtualenv holding only the GPU image's packages (a bare
 # venv whose site-packages link torch, numpy, transformers, safetensors, tokenizers, tiktoken, triton, matplotlib
@@ -53,6 +53,7 @@ NEW_TOKENS=${NEW_TOKENS:-128}
 MIN_PROMPT=${MIN_PROMPT:-16}
 MAX_PROMPT=${MAX_PROMPT:-128}
 NUM_BLOCKS=${NUM_BLOCKS:-4096}
+WEB_PROCESSES=${WEB_PROCESSES:-1}  # the production shape's daphne processes (requests round-robin over them)
 : "${RATES_gpt2_xl:=8 24 48}" "${RATES_gpt2:=16 48 96}" "${RATES_tiny:=2 4}"
 SITE=/tmp/ruvon-serving-site
 
@@ -193,7 +194,8 @@ run_shape() {
     echo "== $model $shape (limit ${limit} s, rates burst ${!rates_var:-})"
     timeout -k 15 "$limit" "$PY" -m bench.serving --model "random:$model" --served-name "$model" \
         --requests "$REQUESTS" --new-tokens "$NEW_TOKENS" --min-prompt "$MIN_PROMPT" --max-prompt "$MAX_PROMPT" \
-        --num-blocks "$NUM_BLOCKS" --database sqlite --shape "$shape" --name "$name-$shape" "${rate_args[@]}"
+        --num-blocks "$NUM_BLOCKS" --database sqlite --shape "$shape" --name "$name-$shape" "${rate_args[@]}" \
+        --web-processes "$WEB_PROCESSES"
     local rc=$?
     if [ "$rc" -ne 0 ]; then
         echo "FAILED: $model $shape exit $rc (124: out of time)"

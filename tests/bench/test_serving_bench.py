@@ -88,3 +88,21 @@ def test_the_serving_bench_runs_every_shape_and_its_table_adds_up() -> None:
         assert list(row["cpu_ms_per_token"]) == roles
         assert all(ms >= 0 for ms in row["cpu_ms_per_token"].values())
     assert sum(ms for r in rows for ms in r["cpu_ms_per_token"].values()) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="the production shape needs redis-server")
+@pytest.mark.skipif(not postgres_available(), reason="the production shape needs PostgreSQL")
+def test_the_production_shape_spreads_requests_over_several_web_processes() -> None:
+    argv = ["--requests", "6", "--new-tokens", "3", "--max-prompt", "12", "--shape", "production",
+            "--web-processes", "2", "--name", "serving-test-web2"]  # fmt: skip
+    try:
+        assert serving.main(argv) == 0
+        result = json.loads((RESULTS / "serving-test-web2.json").read_text())
+    finally:
+        (RESULTS / "serving-test-web2.json").unlink(missing_ok=True)
+    (row,) = result["rows"]
+    assert result["args"]["web_processes"] == 2 and result["problems"] == []
+    assert row["completed"] == 6 and all(
+        row["usage"][t["request_id"]] == ["completed", 3] for t in row["per_request"]
+    )
