@@ -61,10 +61,14 @@ def grid(code: int, m: int, recorded: GemmConfig | None = None) -> list[GemmConf
     ]
     if m != 1:
         return tiles
+    # The first H100 run's winners all had the smallest BLOCK_N tried (4 or 8): the grid reaches below it, and
+    # to longer K steps (more bytes in flight per program, which int4's short rows need).
     rows, steps, warps = (
-        ((4, 8, 16), (256, 512), (4,)) if QUICK else ((4, 8, 16, 32), (256, 512, 1024), (4, 8))
+        ((2, 4, 8), (256, 512, 1024, 2048), (4,))
+        if QUICK
+        else ((1, 2, 4, 8, 16, 32), (256, 512, 1024, 2048), (4, 8))
     )
-    if QUICK:  # one row, quickly: the tile shape the table holds (or the default) against the register tiles
+    if QUICK:  # one row, quickly: the tile shape the table holds against the register tiles
         tiles = [recorded or GemmConfig()]
     return tiles + [
         GemmConfig(block_n=n, block_k=k, num_warps=w, split_k=1, gemv=True)

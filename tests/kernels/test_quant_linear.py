@@ -209,7 +209,7 @@ def test_the_one_row_kernel_reads_int4_like_the_tiles(
     ref = int4_linear_ref(
         torch.nn.functional.pad(x_true, (0, k_pad - k)), qweight, qscales, bias.to(DEVICE), gelu
     )
-    for block_n in (4, 16):
+    for block_n in (1, 4, 16):
         config = GemmConfig(block_n=block_n, block_k=block_k, gemv=True)
         _close(int4_gemv(x_true, qweight, qscales, bias.to(DEVICE), gelu, config=config), ref)
 
