@@ -29,6 +29,7 @@ A quick CPU smoke run: python bench/lora.py --shape tiny --device cpu --dtype fl
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import itertools
 import json
@@ -58,6 +59,7 @@ from bench.common import (  # noqa: E402
 )
 from bench.latency import hf_ms_per_token  # noqa: E402
 from bench.peers import random_checkpoint  # noqa: E402
+from bench.profile_step import instrument  # noqa: E402
 from gpu_worker.config import EngineConfig, SamplingParams  # noqa: E402
 from gpu_worker.engine.llm_engine import LLMEngine  # noqa: E402
 from gpu_worker.loading.loader import random_hf_config  # noqa: E402
@@ -183,18 +185,24 @@ def hot_load(
         SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
         adapter=running[0],
     )
+    # Each engine phase's share of the two steps (bench/profile_step.py's wrappers; this engine's last use).
+    phases: dict[str, float] = collections.defaultdict(float)
+    instrument(engine, phases)
     warm_started = time.perf_counter()
     step()
     warm_prefill_step = time.perf_counter() - warm_started
+    warm_phases = dict(phases)
     asked = time.perf_counter()
     engine.add_request(
         "hot", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), adapter=fresh
     )
     step_started = asked
     while fresh.key not in manager.slot_of:
+        phases.clear()
         step_started = time.perf_counter()
         step()
     placed = time.perf_counter()
+    hot_phases = dict(phases)
     for _ in range(3):  # the steps right after the copy count too
         step()
     window_end = time.perf_counter()
@@ -216,6 +224,8 @@ def hot_load(
         "hot_slot_copy_ms": manager.last_slot_seconds * 1e3,
         "hot_step_ms": (placed - step_started) * 1e3,
         "warm_prefill_step_ms": warm_prefill_step * 1e3,
+        "warm_step_phases_ms": {k: round(v * 1e3, 2) for k, v in warm_phases.items() if v},
+        "hot_step_phases_ms": {k: round(v * 1e3, 2) for k, v in hot_phases.items() if v},
         "median_step_ms": median_step * 1e3,
         "max_gap_steps": max(gaps, default=0.0) / median_step,
         "max_gap_ms": max(gaps, default=0.0) * 1e3,
