@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from kernels.reference import INT4, INT8_GROUPED
+
 try:
     import triton
     import triton.language as tl
@@ -130,7 +132,7 @@ def _gemv_kernel(
 def gemv_block_k(weight_format: int, group: int, block_k: int | None, k: int) -> int:
     """Return the K step: a whole number of groups for grouped formats, at most K rounded up to a power of two
     for the others."""
-    if weight_format in (2, 3):
+    if weight_format in (INT8_GROUPED, INT4):
         return max(group, block_k or 4 * group)
     return min(block_k or 512, max(16, triton.next_power_of_2(k)))
 
