@@ -47,7 +47,7 @@ def _gemv_kernel(
     K,
     stride_wn,
     stride_sn,
-    WEIGHT: tl.constexpr,  # kernels/quant_linear.py's formats: 0 fp, 1 int8 per channel, 2 int8 grouped, 3 int4
+    WEIGHT: tl.constexpr,  # kernels/reference.py's formats: 0 FP, 1 INT8 (per channel), 2 INT8_GROUPED, 3 INT4
     GROUP: tl.constexpr,  # int8 grouped / int4: the group along K (BLOCK_K is a whole number of groups)
     HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr,
