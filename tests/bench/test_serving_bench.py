@@ -83,6 +83,11 @@ def test_the_serving_bench_runs_every_shape_and_its_table_adds_up() -> None:
             assert all(
                 row["usage"][i] == ["completed", new_tokens] for i in ids
             )  # what the usage records say
+            # The worker's own TTFT came back in each usage chunk, and never exceeds what the client saw.
+            assert all(0 < t["server_ttft_s"] <= t["ttft_s"] for t in per)
+            assert row["ttft_added_p50_ms"] >= 0
+        else:
+            assert row["ttft_added_p50_ms"] is None
         # Each shape's processes by role, their CPU time over the row's run per token (10 ms clock ticks).
         roles = {"offline": ["engine"], "embedded": ["web"], "production": ["web", "worker"]}[row["shape"]]
         assert list(row["cpu_ms_per_token"]) == roles
