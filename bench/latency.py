@@ -2,7 +2,8 @@
 
 Workload: one 128-token prompt, 256 new tokens, greedy, EOS ignored.
 Run on a GPU: python bench/latency.py --shape gpt2 --shape gpt2-xl --decode-steps 1 --decode-steps 8
-Quantised (Ruvon's projections only; the peer stays fp16): add --quantization int8 or int4 (g128).
+Quantised (Ruvon's projections only; the peer stays fp16): add --quantization int8 or int4 (g128), and
+--quantize-embeddings for the token table and tied LM head in int8 too.
 
 Each of several shapes runs in its own process; a shape whose engine got the floor KV cache is refused.
 --skip-hf leaves the peer out (for Ruvon-vs-Ruvon comparisons, bench/all.py --no-peer).
@@ -106,6 +107,7 @@ def measure(
             {
                 "shape": shape,
                 "quantization": args.quantization,
+                "int8_embedding": args.quantize_embeddings,
                 "decode_steps": steps,
                 "ruvon_ms_tok": r_tpot,
                 "hf_ms_tok": h_tpot,
@@ -129,6 +131,7 @@ def one_shape(shape: str, args: argparse.Namespace) -> list[dict[str, object]]:
         args.device,
         num_blocks=args.num_blocks or None,
         quantization=args.quantization,
+        quantize_embeddings=args.quantize_embeddings,
     )
     refused = floor_refusal(engine, f"latency {shape}")
     rows = [{"shape": shape, "refused": refused}] if refused else measure(hf, engine, shape, args)
@@ -153,6 +156,11 @@ def main() -> None:
         choices=SCHEMES,
         default="none",
         help="Ruvon's weight-only scheme (the peer stays fp)",
+    )
+    parser.add_argument(
+        "--quantize-embeddings",
+        action="store_true",
+        help="Ruvon's token embedding and tied LM head in int8 (per row)",
     )
     parser.add_argument("--skip-hf", action="store_true", help="do not run the HF peer")
     add_decode_steps_argument(parser)

@@ -64,6 +64,8 @@ class EngineConfig:
     seed: int = 0
     # Weight-only quantisation of the projections (gpu_worker.quant.SCHEMES): none, int8, int4 (g128), int4-g32...
     quantization: str = "none"
+    # The token embedding (and the LM head tied to it) in int8, one scale per row: about half its bytes.
+    quantize_embeddings: bool = False
     block_size: int = 16
     num_blocks: int | None = None  # None: sized from gpu_memory_utilization (CUDA) or cpu_kv_cache_gib
     gpu_memory_utilization: float = 0.90

@@ -38,6 +38,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model: str | None = No
         "weights load as they are under int8 / int4-g32",
     )
     group.add_argument(
+        "--quantize-embeddings",
+        action="store_true",
+        help="the token embedding (and the LM head tied to it) in int8, one scale per row (Ruvon's schemes)",
+    )
+    group.add_argument(
         "--num-blocks",
         type=int,
         default=int(env("RUVON_NUM_BLOCKS", "0")) or None,

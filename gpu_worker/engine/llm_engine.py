@@ -155,6 +155,7 @@ class LLMEngine:
             seed=config.seed,
             quantization=config.quantization,
             merge_lora=merged,
+            quantize_embeddings=config.quantize_embeddings,
         )
         self.model_config = self.loaded.config
         self.model_name = self.loaded.name

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gpu_worker.errors import ModelLoadError
@@ -72,6 +73,10 @@ class Layer(nn.Module):
 
 class Embedding(nn.Embedding, Layer):
     """A token or position table: `weight` [num_embeddings, dim]."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Return hidden [N, dim] times the table's transpose, [N, num_embeddings]: a head tied to it."""
+        return F.linear(hidden, self.weight)
 
     def reset_parameters(self) -> None:
         """Leave the table unset: models are built on the meta device and filled from a checkpoint (or seeded

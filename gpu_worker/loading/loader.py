@@ -28,6 +28,7 @@ from gpu_worker.loading.checkpoints.gguf_file import (
     projection_types,
     read_gguf_config,
     read_gguf_tensors,
+    token_embedding_type,
 )
 from gpu_worker.loading.checkpoints.hf_dir import read_hf_config, read_hf_tensors
 from gpu_worker.loading.checkpoints.hub import pull
@@ -35,7 +36,15 @@ from gpu_worker.loading.specs import RANDOM_SHAPES, ModelSource, parse_random_sp
 from gpu_worker.lora.format import adapter_targets, read_adapter
 from gpu_worker.lora.merge import merge_adapter
 from gpu_worker.models import CausalLM, build_model
-from gpu_worker.quant import AUTO, QuantLinear, QuantScheme, load_quantized_from, parse_scheme, quantize
+from gpu_worker.quant import (
+    AUTO,
+    QuantLinear,
+    QuantScheme,
+    load_quantized_from,
+    parse_scheme,
+    quantize,
+    quantize_embedding,
+)
 from gpu_worker.quant.gptq import Calibration, gptq_linears
 from kernels.backend import backend_for
 
@@ -85,28 +94,41 @@ def load_model(
     seed: int = 0,
     quantization: str = "none",
     merge_lora: tuple[str, str] | None = None,
+    quantize_embeddings: bool = False,
 ) -> LoadedModel:
     """Load what `spec` names: an HF directory or cache name, a .gguf file, `smollm2`, or `random:<shape>`;
     with the LoRA adapter `merge_lora` (name, directory) folded into its weights, and then its projections
     quantised by `quantization` (gpu_worker.quant.SCHEMES) unless "none"; "auto" keeps a GGUF's quantised
-    projections as they are stored (auto_quantization)."""
+    projections as they are stored (auto_quantization). `quantize_embeddings`: the token table (and the LM
+    head tied to it) in int8, one scale per row."""
     if quantization == AUTO:
         quantization = "none" if merge_lora is not None else auto_quantization(spec)
     scheme = parse_scheme(quantization)  # a bad name fails here, before anything is read
+    embeddings = _check_embeddings(quantize_embeddings, scheme)
     if merge_lora is not None:
         full = load_model(spec, dtype=dtype, device=device, seed=seed)
-        return requantize(_merged(full, *merge_lora), quantization)
+        return requantize(_merged(full, *merge_lora), quantization, quantize_embeddings=embeddings)
     source = resolve_spec(spec)
     if source.kind == "random":
-        loaded = _load_random(source.spec, dtype, device, seed, scheme)
+        loaded = _load_random(source.spec, dtype, device, seed, scheme, embeddings)
     elif source.kind == "gguf":
         assert source.path is not None
-        loaded = _load_gguf(source.path, source.name, dtype, device, scheme)
+        loaded = _load_gguf(source.path, source.name, dtype, device, scheme, embeddings)
     else:
         assert source.path is not None
-        loaded = _load_hf_dir(source.path, source.name, dtype, device, scheme)
+        loaded = _load_hf_dir(source.path, source.name, dtype, device, scheme, embeddings)
     return_freed_memory()
     return loaded
+
+
+def _check_embeddings(quantize_embeddings: bool, scheme: QuantScheme | None) -> bool:
+    """Return quantize_embeddings; raise ModelLoadError, before anything is read, where it cannot apply."""
+    if quantize_embeddings and scheme is not None and scheme.library != "ruvon":
+        raise ModelLoadError(
+            f"--quantize-embeddings uses Ruvon's int8 kernels, not {scheme.describe()}: drop it, or pick "
+            "--quantization int8 or int4-g<G>"
+        )
+    return quantize_embeddings
 
 
 def return_freed_memory() -> None:
@@ -154,26 +176,44 @@ def _merged(loaded: LoadedModel, name: str, path: str) -> LoadedModel:
 
 
 def _load_hf_dir(
-    path: Path, name: str, dtype: torch.dtype, device: str | torch.device, scheme: QuantScheme | None
+    path: Path,
+    name: str,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    scheme: QuantScheme | None,
+    embeddings: bool,
 ) -> LoadedModel:
     config = read_hf_config(path)
-    model, params = _empty_model(config, dtype, device, scheme)
+    model, params = _empty_model(config, dtype, device, scheme, embeddings)
     _fill(model, read_hf_tensors(path), desc=name)
-    label = f"{name} ({config.arch}, {params}{_quantized(scheme, 'at load')}, from {path})"
+    label = f"{name} ({config.arch}, {params}{_quantized(scheme, embeddings, 'at load')}, from {path})"
     return LoadedModel(model, config, name, label, False, "hf_dir", path)
 
 
 def _load_gguf(
-    path: Path, name: str, dtype: torch.dtype, device: str | torch.device, scheme: QuantScheme | None
+    path: Path,
+    name: str,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    scheme: QuantScheme | None,
+    embeddings: bool,
 ) -> LoadedModel:
     reader = open_gguf(path)
     config = read_gguf_config(reader, path)
     keep, scheme = _gguf_plan(path, projection_types(reader), scheme)
-    model, params = _empty_model(config, dtype, device, scheme)
+    table = token_embedding_type(reader)
+    if embeddings and table not in FLOAT_TYPES:
+        raise ModelLoadError(
+            f"{path.name}: its token embedding is {table}; int8 from it would round quantised weights again: "
+            "drop --quantize-embeddings (the table loads dequantised)"
+        )
+    model, params = _empty_model(config, dtype, device, scheme, embeddings)
     _fill(model, read_gguf_tensors(reader, config, keep), desc=name)
     how = f"from {'/'.join(sorted(keep))} GGUF {path.name}" if keep else f"at load from GGUF {path.name}"
     label = f"{name} ({config.arch}, {params}, " + (
-        f"{scheme.describe()} {how})" if scheme else f"dequantised from {path.name})"
+        f"{_describe(scheme, embeddings)} {how})"
+        if scheme or embeddings
+        else f"dequantised from {path.name})"
     )
     return LoadedModel(model, config, name, label, False, "gguf", path)
 
@@ -205,40 +245,62 @@ def _gguf_plan(
     return frozenset(direct), scheme
 
 
-def _quantized(scheme: QuantScheme | None, how: str) -> str:
-    return f", {scheme.describe()} {how}" if scheme else ""
+def _describe(scheme: QuantScheme | None, embeddings: bool) -> str:
+    """Return what is quantised, e.g. "int4 g128", "int4 g128 + int8 embedding", "int8 embedding"."""
+    return " + ".join([*([scheme.describe()] if scheme else []), *(["int8 embedding"] if embeddings else [])])
+
+
+def _quantized(scheme: QuantScheme | None, embeddings: bool, how: str) -> str:
+    return f", {_describe(scheme, embeddings)} {how}" if scheme or embeddings else ""
 
 
 def _load_random(
-    spec: str, dtype: torch.dtype, device: str | torch.device, seed: int, scheme: QuantScheme | None
+    spec: str,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    seed: int,
+    scheme: QuantScheme | None,
+    embeddings: bool,
 ) -> LoadedModel:
     shape, seed = parse_random_spec(spec, seed)
     config = random_shape(shape)
-    label = f"{shape} (RANDOM weights, seed {seed}{_quantized(scheme, 'at load')})"
+    label = f"{shape} (RANDOM weights, seed {seed}{_quantized(scheme, embeddings, 'at load')})"
     # Quantised: the same random weights as unquantised, drawn on the CPU, then quantised into the device's layers.
-    model, _ = _empty_model(config, dtype, "cpu" if scheme else device, None)
+    quantized = scheme is not None or embeddings
+    model, _ = _empty_model(config, dtype, "cpu" if quantized else device, None)
     _fill_random(model, seed)
-    if scheme is not None:
-        model = _quantized_copy(model, config, dtype, device, scheme)
+    if quantized:
+        model = _quantized_copy(model, config, dtype, device, scheme, embeddings)
     return LoadedModel(model, config, f"random:{shape}", label, True, "random", None)
 
 
-def requantize(loaded: LoadedModel, quantization: str, calibration: Calibration | None = None) -> LoadedModel:
-    """Return `loaded` with its projections quantised from its full-precision weights, labelled so; with
-    `calibration`, int4 projections by GPTQ from the inputs they see on its text, else round-to-nearest.
+def requantize(
+    loaded: LoadedModel,
+    quantization: str,
+    calibration: Calibration | None = None,
+    *,
+    quantize_embeddings: bool = False,
+) -> LoadedModel:
+    """Return `loaded` with its projections (and with `quantize_embeddings` its token table, in int8)
+    quantised from its full-precision weights, labelled so; with `calibration`, int4 projections by GPTQ
+    from the inputs they see on its text, else round-to-nearest.
 
     For comparisons such as int8 / int4 g128 from a GGUF's dequantised Q4_1 weights, which load_model
     refuses (quantising quantised weights again compounds their error: bench/quant_accuracy.py measures it).
     """
     scheme = parse_scheme(quantization)
-    if scheme is None:
+    embeddings = _check_embeddings(quantize_embeddings, scheme)
+    if scheme is None and not embeddings:
         return loaded
-    if calibration is not None and (scheme.library, scheme.bits) != ("ruvon", 4):
-        raise ModelLoadError(f"GPTQ builds Ruvon's int4 layers, not {scheme.describe()}: use int4-g<G>")
+    if calibration is not None and (scheme is None or (scheme.library, scheme.bits) != ("ruvon", 4)):
+        what = scheme.describe() if scheme else "an int8 embedding alone"
+        raise ModelLoadError(f"GPTQ builds Ruvon's int4 layers, not {what}: use int4-g<G>")
     param = next(loaded.model.parameters())
-    model = _quantized_copy(loaded.model, loaded.config, param.dtype, param.device, scheme, calibration)
+    model = _quantized_copy(
+        loaded.model, loaded.config, param.dtype, param.device, scheme, embeddings, calibration
+    )
     how = f" by GPTQ on {calibration.label}" if calibration else ""
-    label = f"{loaded.label.removesuffix(')')}, then {scheme.describe()}{how} from those weights)"
+    label = f"{loaded.label.removesuffix(')')}, then {_describe(scheme, embeddings)}{how} from those weights)"
     return replace(loaded, model=model, label=label)
 
 
@@ -247,13 +309,14 @@ def _quantized_copy(
     config: ModelConfig,
     dtype: torch.dtype,
     device: str | torch.device,
-    scheme: QuantScheme,
+    scheme: QuantScheme | None,
+    embeddings: bool = False,
     calibration: Calibration | None = None,
 ) -> CausalLM:
-    model, _ = _empty_model(config, dtype, device, scheme)
+    model, _ = _empty_model(config, dtype, device, scheme, embeddings)
     quantized = {}
     if calibration is not None:
-        assert scheme.group_size is not None  # int4 is always grouped
+        assert scheme is not None and scheme.group_size is not None  # int4 is always grouped
         names = [name for name, module in model.named_modules() if isinstance(module, QuantLinear)]
         quantized = gptq_linears(full, names, scheme.group_size, calibration, dtype)
     with torch.no_grad():
@@ -307,7 +370,11 @@ def random_hf_config(shape: str) -> PretrainedConfig:
 
 
 def _empty_model(
-    config: ModelConfig, dtype: torch.dtype, device: str | torch.device, scheme: QuantScheme | None
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    scheme: QuantScheme | None,
+    embeddings: bool = False,
 ) -> tuple[CausalLM, str]:
     """Return the model, allocated but unfilled, with the kernel backend of its device, and its size.
 
@@ -320,6 +387,8 @@ def _empty_model(
     model.context.backend = backend_for(torch.device(device))  # quantised layers pack for it as they load
     if scheme is not None:
         quantize(model, scheme)
+    if embeddings:
+        quantize_embedding(model, model.token_embedding_attr, model.context)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.requires_grad_(False)
     return model.eval(), params

@@ -23,6 +23,8 @@ class CausalLM(nn.Module, ABC):
     # of it that suffix fills, or None for the whole projection). Layers sit in `layers_attr`, indexed 0..L-1.
     LORA_TARGETS: ClassVar[dict[str, tuple[str, str | None]]]
     layers_attr: ClassVar[str]
+    # The token table (an Embedding, or a quantised twin swapped in); a tied LM head reads it by .logits().
+    token_embedding_attr: ClassVar[str]
     ARCH: ClassVar[str]  # the ModelConfig.arch this class builds
 
     @abstractmethod

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gpu_worker.config import ModelConfig
@@ -83,6 +82,7 @@ class GPT2ForCausalLM(CausalLM):
 
     LORA_TARGETS = _LORA_TARGETS
     layers_attr = "h"
+    token_embedding_attr = "wte"
     ARCH = "gpt2"
 
     def __init__(self, config: ModelConfig) -> None:
@@ -112,7 +112,7 @@ class GPT2ForCausalLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # [N, C] -> [N, V] float32
-        return F.linear(hidden, self.wte.weight).float()
+        return self.wte.logits(hidden).float()
 
     def load_weight(self, name: str, tensor: CheckpointTensor) -> None:
         name = name.removeprefix("transformer.")

@@ -103,6 +103,7 @@ class LlamaForCausalLM(CausalLM):
 
     LORA_TARGETS = _LORA_TARGETS
     layers_attr = "layers"
+    token_embedding_attr = "embed_tokens"
     ARCH = "llama"
 
     def __init__(self, config: ModelConfig) -> None:
@@ -137,7 +138,7 @@ class LlamaForCausalLM(CausalLM):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # [N, C] -> [N, V] float32
         if self.lm_head is None:
-            return F.linear(hidden, self.embed_tokens.weight).float()
+            return self.embed_tokens.logits(hidden).float()
         return self.lm_head(hidden).float()
 
     def load_weight(self, name: str, tensor: CheckpointTensor) -> None:

@@ -1,4 +1,5 @@
-"""quantize(model, scheme): every projection becomes its quantised twin, checked before anything is swapped."""
+"""quantize(model, scheme): every projection becomes its quantised twin, checked before anything is swapped;
+quantize_embedding(model): the token table becomes Int8Embedding (asked for apart: --quantize-embeddings)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from collections.abc import Mapping
 from torch import nn
 
 from gpu_worker.errors import ModelLoadError
-from gpu_worker.layers.base import QuantizedTensor
+from gpu_worker.layers.base import Embedding, QuantizedTensor
+from gpu_worker.layers.context import ForwardContext
 from gpu_worker.layers.linear import Linear
+from gpu_worker.quant.embedding import Int8Embedding
 from gpu_worker.quant.layers import Int4Linear, Int8Linear, QuantLinear
 from gpu_worker.quant.schemes import INT4_GROUPS, QuantScheme
 
@@ -35,11 +38,22 @@ def quantize(model: nn.Module, scheme: QuantScheme, *, lm_head: bool = False) ->
     return [name for name, _ in targets]
 
 
+def quantize_embedding(model: nn.Module, name: str, context: ForwardContext) -> None:
+    """Swap the token embedding `name` (and so a head tied to it) for an Int8Embedding reading `context`'s
+    backend. Like quantize(), meant for a model on the meta device: the new table quantises as it loads."""
+    embedding = model.get_submodule(name)
+    if not isinstance(embedding, Embedding):
+        raise ModelLoadError(f"{name} is a {type(embedding).__name__}, not a full-precision Embedding")
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, Int8Embedding.from_embedding(embedding, context))
+
+
 def load_quantized_from(
     model: nn.Module, full: nn.Module, quantized: Mapping[str, QuantizedTensor] | None = None
 ) -> None:
-    """Fill a quantised `model` from `full`, the same model unquantised: its projections quantised layer by
-    layer (or taken from `quantized`, by name, where it has them: GPTQ's), every other parameter copied."""
+    """Fill a quantised `model` from `full`, the same model unquantised: its projections (and an int8 token
+    table) quantised layer by layer (or taken from `quantized`, by name, where it has them: GPTQ's), every
+    other parameter copied."""
     quantized = quantized or {}
     source = full.state_dict()
     for name, param in model.named_parameters():
@@ -50,6 +64,8 @@ def load_quantized_from(
             linear = full.get_submodule(name)
             assert isinstance(linear, Linear)
             module.load_linear(linear, quantized.get(name))
+        elif isinstance(module, Int8Embedding):
+            module.load_weight("weight", full.get_submodule(name).get_parameter("weight").detach())
 
 
 def _layer_class(scheme: QuantScheme) -> type[QuantLinear]:

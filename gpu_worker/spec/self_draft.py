@@ -11,6 +11,7 @@ from torch import nn
 
 from gpu_worker.loading.loader import LoadedModel, requantize
 from gpu_worker.models.base import CausalLM
+from gpu_worker.quant.embedding import Int8Embedding
 from gpu_worker.quant.layers import QuantLinear
 
 # A GGUF's Q4_0 / Q4_1 weights are int4 in groups of 32, so requantising their dequantised values in g32
@@ -34,10 +35,11 @@ def self_draft(loaded: LoadedModel, variant: str) -> LoadedModel:
 
 def int4_copy(loaded: LoadedModel) -> LoadedModel:
     """Return the target with its projections quantised to int4 g32 from its own weights (a new model)."""
-    if any(isinstance(m, QuantLinear) for m in loaded.model.modules()):
+    if any(isinstance(m, QuantLinear | Int8Embedding) for m in loaded.model.modules()):
         raise ValueError(
             "speculative self:int4 needs an unquantised target, and this one is quantised already (a GGUF's "
-            "Q4 weights run as int4 by default): add --quantization none, or use self:layers=N or ngram"
+            "Q4 weights run as int4 by default): add --quantization none (and no --quantize-embeddings), or "
+            "use self:layers=N or ngram"
         )
     draft = requantize(loaded, INT4_SCHEME)
     return replace(draft, name=f"{loaded.name} (self-draft int4)")

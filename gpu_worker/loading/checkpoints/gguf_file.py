@@ -120,6 +120,11 @@ def projection_types(reader: GGUFFile) -> dict[str, str]:
     }
 
 
+def token_embedding_type(reader: GGUFFile) -> str:
+    """Return the GGUF type name of the token table (token_embd.weight), e.g. "F16" or "Q8_0"."""
+    return next(e.tensor_type.name for e in reader.tensors if e.name == "token_embd.weight")
+
+
 def _hf_name(name: str) -> str:
     stem, _, leaf = name.rpartition(".")  # leaf: weight, or bias (qwen2's q/k/v)
     if stem in _GLOBAL_NAMES:

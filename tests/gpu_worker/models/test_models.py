@@ -193,6 +193,24 @@ def test_it_quantises_qwen2_with_its_biases_per_shard(tmp_path: Path) -> None:
     )
 
 
+def test_a_float_gguf_and_an_hf_dir_take_an_int8_table(tmp_path: Path) -> None:
+    # Untied: the lookup reads the int8 table, the separate LM head stays a full-precision Linear. The q/k/v
+    # biases (std 0.5) make this model sensitive: int8 projections move its logits as much (max ~1.2).
+    hf = _hf_peer(FAMILY_CONFIGS["tiny-qwen2-untied"](), tmp_path / "hf")
+    gguf_path = _write_gguf(hf, tmp_path / "tiny-qwen2.gguf")
+    ids = torch.tensor(PROMPT)
+    for spec in (str(gguf_path), str(tmp_path / "hf")):
+        loaded = load_model(spec, quantize_embeddings=True)
+        assert "int8 embedding at load" in loaded.label
+        full, quant = load_model(spec).model, loaded.model
+        assert isinstance(quant.lm_head, type(full.lm_head))
+        rows, ref_rows = quant.embed_tokens(ids), full.embed_tokens(ids)
+        assert 0 < (rows - ref_rows).norm() / ref_rows.norm() < 0.01
+        ref, out = forward_dense(full, PROMPT), forward_dense(quant, PROMPT)
+        assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+        assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
+
+
 def _write_gguf(hf: transformers.PreTrainedModel, path: Path) -> Path:
     """Write an HF Qwen2 model as a float32 qwen2 GGUF, named by the gguf package's own tensor map."""
     c = hf.config
