@@ -40,6 +40,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model: str | None = No
     group.add_argument(
         "--quantize-embeddings",
         action="store_true",
+        default=env("RUVON_QUANTIZE_EMBEDDINGS", "0").lower() in ("1", "true", "yes", "on"),
         help="the token embedding (and the LM head tied to it) in int8, one scale per row (Ruvon's schemes)",
     )
     group.add_argument(

@@ -239,6 +239,8 @@ RUVON_MODEL = os.environ.get("RUVON_MODEL", "smollm2")
 RUVON_MODEL_NAME = os.environ.get("RUVON_MODEL_NAME", "smollm2-135m-instruct")
 # auto (a GGUF's quantised weights as they are stored: SmolLM2's Q4_1 runs as int4 g32), none, int8, int4, ...
 RUVON_QUANTIZATION = os.environ.get("RUVON_QUANTIZATION", "auto")
+# The token embedding (and the LM head tied to it) in int8 too (gpu_worker --quantize-embeddings).
+RUVON_QUANTIZE_EMBEDDINGS = env_bool("RUVON_QUANTIZE_EMBEDDINGS", False)
 RUVON_NUM_BLOCKS = env_int("RUVON_NUM_BLOCKS")
 # Cached prompt prefixes are shared within a tenant (and cache_salt) only; "global" shares across tenants.
 RUVON_PREFIX_CACHE_SCOPE = os.environ.get("RUVON_PREFIX_CACHE_SCOPE", "tenant")

@@ -130,6 +130,7 @@ def _build_client() -> JobClient:
     options = {
         "model": settings.RUVON_MODEL,
         "quantization": settings.RUVON_QUANTIZATION,
+        "quantize_embeddings": settings.RUVON_QUANTIZE_EMBEDDINGS,
         "num_blocks": settings.RUVON_NUM_BLOCKS,
         "decode_steps": settings.RUVON_DECODE_STEPS,
         "prefix_cache_scope": settings.RUVON_PREFIX_CACHE_SCOPE,

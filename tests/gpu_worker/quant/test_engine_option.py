@@ -41,3 +41,10 @@ def test_an_engine_generates_with_a_bitsandbytes_model_and_labels_it() -> None:
     assert engine.label == "tiny (RANDOM weights, seed 0, bnb int8 per-channel (LLM.int8) at load)"
     out = engine.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     assert len(out[0].token_ids[0]) == 4
+
+
+def test_the_embedding_option_takes_its_environment_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _parse([]).quantize_embeddings is False
+    assert _parse(["--quantize-embeddings"]).quantize_embeddings is True
+    monkeypatch.setenv("RUVON_QUANTIZE_EMBEDDINGS", "1")
+    assert _parse([]).quantize_embeddings is True
