@@ -20,6 +20,7 @@ from gpu_worker.serving.transport import Delivery, Finished
 log = logging.getLogger("ruvon.worker")
 
 UsageSink = Callable[[Event], Any]
+Waiters = list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]  # consumers waiting, and their loops
 
 
 class EventBuffer:
@@ -28,19 +29,20 @@ class EventBuffer:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._events: list[Event] = []
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._waiters: Waiters = []
         self.ended_at: float | None = None
 
     def put(self, event: Event) -> None:
+        wake(self.append(event))
+
+    def append(self, event: Event) -> Waiters:
+        """Add `event`; return the consumers waiting for it, for the caller to wake (wake())."""
         with self._lock:
             self._events.append(event)
             if is_terminal(event):
                 self.ended_at = time.monotonic()
             waiters, self._waiters = self._waiters, []
-        for loop, future in waiters:
-            # A consumer whose loop has closed is waiting no more.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_wake, future)
+        return waiters
 
     async def get_from(self, index: int) -> list[Event]:
         """Return the events from number `index` on, waiting for that one if it has not been published yet."""
@@ -58,9 +60,22 @@ class EventBuffer:
             return list(self._events)
 
 
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+def wake(waiters: Waiters) -> None:
+    """Wake waiting consumers with one call into each event loop (one self-pipe write, one loop turn), however
+    many of its consumers wait: a step's events for 64 streams on one loop are one wake-up, not 64."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+    for loop, future in waiters:
+        by_loop.setdefault(loop, []).append(future)
+    for loop, futures in by_loop.items():
+        # A consumer whose loop has closed is waiting no more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_wake_all, futures)
+
+
+def _wake_all(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
 
 
 class MemoryTransport:
@@ -179,10 +194,12 @@ class MemoryTransport:
         return self._taken(deliveries)
 
     def publish(self, batch: list[tuple[str, Event]]) -> None:
+        waiters: Waiters = []
         for rid, event in batch:
             buffer = self._buffers.get(rid)
             if buffer is not None:
-                buffer.put(event)
+                waiters += buffer.append(event)
+        wake(waiters)
 
     def finish(self, items: list[Finished]) -> None:
         # Usage first: whoever sees the terminal event can count on its usage having been handed over.
