@@ -621,12 +621,10 @@ def lora_linear(
     lora: LoRAStack,
 ) -> torch.Tensor:
     """Return lora_linear_ref's result from one weight_mm launch (plus its split-K reduce): the projection,
-    each row's low-rank update, the bias and the GELU together, in tile_config's launch shape."""
+    each row's low-rank update, the bias and the GELU together, in tile_config's launch shape (weight_mm
+    takes it for LoRA operands)."""
     _check(x, stored.weight.shape[0], bias)
-    m, n, k = x.shape[0], stored.weight.shape[0], x.shape[1]
-    group = _group(k, stored.weight, stored.scales, stored.format)
-    config = tile_config(x.device, stored.format, m, n, k, group)
-    return weight_mm(x, stored.weight, stored.scales, stored.format, bias, gelu, config, lora)
+    return weight_mm(x, stored.weight, stored.scales, stored.format, bias, gelu, lora=lora)
 
 
 def tile_config(device: torch.device, weight_format: int, m: int, n: int, k: int, group: int) -> GemmConfig:
