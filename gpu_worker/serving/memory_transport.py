@@ -32,9 +32,6 @@ class EventBuffer:
         self._waiters: Waiters = []
         self.ended_at: float | None = None
 
-    def put(self, event: Event) -> None:
-        wake(self.append(event))
-
     def append(self, event: Event) -> Waiters:
         """Add `event`; return the consumers waiting for it, for the caller to wake (wake())."""
         with self._lock:
