@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from kernels.pdl import pdl_enabled
+
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 REFUSED_EXIT = 3  # a bench's exit status when some row was refused or a child failed
@@ -171,6 +173,7 @@ def run_info(device: str) -> dict[str, Any]:
         "gpu": gpu_properties(),
         "clocks": gpu_clocks(),
         "copy_gb_s": round(bandwidth, 1),
+        "pdl": pdl_enabled(torch.device(device)),  # kernels/pdl.py: off with RUVON_PDL=0
     }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kernels.pdl import pdl_args
 from kernels.quant_linear import FP, tuned_config, weight_mm
 
 try:
@@ -88,6 +89,7 @@ def _small_m_linear_kernel(
     USE_DOT: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # One program owns BLOCK_N output columns for all M rows and streams their [BLOCK_N, K] weight rows once.
     pid_n = tl.program_id(0)
@@ -101,6 +103,9 @@ def _small_m_linear_kernel(
 
     acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
     w = tl.load(w_ptrs, mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+    if USE_PDL:  # kernels/pdl.py: what comes next reads the previous kernel's writes
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     for k0 in range(0, K, BLOCK_K):
         # The next step's weight loads go out before this step's math: two tiles in flight per program.
         w_ptrs += BLOCK_K
@@ -199,6 +204,7 @@ def small_m_linear(
         PRECISION=precision,
         num_warps=tiling.num_warps,
         num_stages=tiling.num_stages,
+        **pdl_args(x.device),
     )
     return out
 

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_args
+
 
 @triton.jit
 def _add_norm_kernel(
@@ -28,6 +30,7 @@ def _add_norm_kernel(
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     IS_RMS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # One program per token row of C channels.
     row = tl.program_id(0).to(tl.int64)
@@ -36,6 +39,11 @@ def _add_norm_kernel(
     # Half-precision sums and products go through float32 rounded back to the dtype: a sum or product of two
     # fp16/bf16 values rounded that way equals the native half op (and the interpreter has no bf16 math).
     dtype = out_ptr.dtype.element_ty
+    # No kernel writes the norm's weight: read before the wait.
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if USE_PDL:  # kernels/pdl.py: what comes next reads the previous kernel's writes
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     x32 = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         # The sum is rounded to x's dtype and stored before the statistics read it, as the reference does.
@@ -43,7 +51,6 @@ def _add_norm_kernel(
         summed = (x32 + residual.to(tl.float32)).to(dtype)
         tl.store(new_residual_ptr + row * stride_new_residual + cols, summed, mask=mask)
         x32 = summed.to(tl.float32)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if IS_RMS:
         # Llama's RMSNorm: normalise in float32, round to the model dtype, then scale in that dtype.
         rstd = tl.rsqrt(tl.sum(x32 * x32, axis=0) / C + eps)
@@ -117,6 +124,7 @@ def _add_norm(
         HAS_RESIDUAL=residual is not None,
         IS_RMS=bias is None,
         num_warps=min(max(block // 256, 1), 8),
+        **pdl_args(x.device),
     )
     return new_residual, out
 

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.linear import dot_dtype
+from kernels.pdl import pdl_args
 
 MAX_KV_SPLITS = 32  # cap on decode splits per sequence: the reduce kernel loads them all at once
 LOG2_E = 1.4426950408889634
@@ -145,8 +146,12 @@ def _decode_kernel(
     PRECISION: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,  # one split: write the output directly, skip the reduce kernel
     WINDOWED: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # One program per (sequence, KV head, split): all GROUP query heads of the KV head share each K/V load.
+    if USE_PDL:  # kernels/pdl.py: what comes next reads the previous kernel's writes
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -214,8 +219,12 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # One program per (sequence, query head): merges the splits' partial results, weighted by their sums.
+    if USE_PDL:  # kernels/pdl.py: what comes next reads the previous kernel's writes
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_row = tl.load(query_start_loc_ptr + seq)
@@ -487,6 +496,7 @@ def _decode(
         WINDOWED=sliding_window > 0,
         num_warps=tiling.decode_warps,
         num_stages=tiling.decode_stages,
+        **pdl_args(query.device),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -503,6 +513,7 @@ def _decode(
             HEAD_DIM=head_dim,
             BLOCK_S=triton.next_power_of_2(num_splits),
             BLOCK_D=block_d,
+            **pdl_args(query.device),
         )
 
 

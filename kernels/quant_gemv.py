@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from kernels.pdl import pdl_args
 from kernels.reference import INT4, INT8_GROUPED
 
 try:
@@ -53,6 +54,7 @@ def _gemv_kernel(
     GELU: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
@@ -68,7 +70,10 @@ def _gemv_kernel(
         stored = n_groups * GROUP  # packed columns
         packed = tl.load(
             w_rows + half[None, :], mask=col_mask[:, None] & (2 * half < stored)[None, :], other=0
-        )
+        )  # the first weight tile: loaded before the wait, while the kernel before this one finishes
+        if USE_PDL:  # kernels/pdl.py: what comes next reads the previous kernel's writes
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         for k0 in range(0, K, BLOCK_K):
             nxt = k0 + BLOCK_K
             packed_next = tl.load(
@@ -96,7 +101,11 @@ def _gemv_kernel(
             acc = tl.zeros((BLOCK_N, BLOCK_K // GROUP), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        # The first weight tile: loaded before the wait, while the kernel before this one finishes.
         w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & (ks < K)[None, :], other=0)
+        if USE_PDL:  # kernels/pdl.py: what comes next reads the previous kernel's writes
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         for k0 in range(0, K, BLOCK_K):
             nxt = k0 + BLOCK_K
             w_next = tl.load(
@@ -158,6 +167,6 @@ def weight_gemv(
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, s, bias if bias is not None else s, out, n, k, weight.stride(0), s.stride(0),
         WEIGHT=weight_format, GROUP=group or step, HAS_BIAS=bias is not None, GELU=gelu, BLOCK_N=block_n,
-        BLOCK_K=step, num_warps=num_warps,
+        BLOCK_K=step, num_warps=num_warps, **pdl_args(x.device),
     )  # fmt: skip
     return out

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from kernels.pdl import pdl_args
 from kernels.quant_gemv import weight_gemv
 from kernels.reference import (
     FP,
@@ -167,6 +168,7 @@ def _weight_mm_kernel(
     LORA_ROWS: tl.constexpr,  # 0: no LoRA; else a power of two >= M <= BLOCK_M: rows that may take an update
     BLOCK_R: tl.constexpr,
     LORA_K: tl.constexpr,  # the shrink's K step inside a BLOCK_K step (its [BLOCK_R, LORA_K] tile of A)
+    USE_PDL: tl.constexpr,
 ):
     # Program (n, s, m) owns a [BLOCK_M, BLOCK_N] tile of the output for the K slice s and writes its fp32
     # partial sums to out[s], or with EPILOGUE (one slice) the finished tile to out. With LORA_ROWS, each
@@ -174,6 +176,9 @@ def _weight_mm_kernel(
     # (xa [BLOCK_M, BLOCK_R]) and the tile adds scale * xa B^T before the epilogue. The update is linear in
     # xa, so the split-K partials sum to it as they sum to x W^T; bias and GELU come after, as PEFT adds the
     # update to the projection's output before its activation.
+    if USE_PDL:  # kernels/pdl.py: what comes next reads the previous kernel's writes
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     k_begin = tl.program_id(1) * K_SPLIT
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -369,8 +374,12 @@ def _reduce_kernel(
     HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # out = GELU?(sum of the SPLIT fp32 partials + bias), in out's dtype; partials are [SPLIT, M * N].
+    if USE_PDL:  # kernels/pdl.py: what comes next reads the previous kernel's writes
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < TOTAL
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -463,13 +472,13 @@ def weight_mm(
         weight.stride(0), s.stride(0), part.stride(1), part.stride(0), *strides, k_split,
         WEIGHT=weight_format, GROUP=group or cfg.block_k, EPILOGUE=fuse, HAS_BIAS=bias is not None and fuse,
         GELU=gelu and fuse, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_DTYPE=dtype,
-        PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **lora_meta,
+        PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **lora_meta, **pdl_args(x.device),
     )  # fmt: skip
     if not fuse:
         total, block = m * n, 1024
         _reduce_kernel[(triton.cdiv(total, block),)](
             part, bias if bias is not None else part, out, total, n, split, part.stride(0),
-            HAS_BIAS=bias is not None, GELU=gelu, BLOCK=block,
+            HAS_BIAS=bias is not None, GELU=gelu, BLOCK=block, **pdl_args(x.device),
         )  # fmt: skip
     return out
 

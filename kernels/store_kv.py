@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_args
+
 
 @triton.jit
 def _store_kv_kernel(
@@ -32,8 +34,12 @@ def _store_kv_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # One program per token: copies its [Hkv, D] key and value tiles.
+    if USE_PDL:  # kernels/pdl.py: what comes next reads the previous kernel's writes
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:
@@ -115,4 +121,5 @@ def store_kv(
         BLOCK_SIZE=k_cache.shape[1],
         BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim),
+        **pdl_args(key.device),
     )

@@ -202,3 +202,38 @@ def test_a_draft_model_and_its_target_size_their_pools_from_free_memory_together
     assert pools <= free - (0.5 * total + 2 * 2**30)
     [out] = engine.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     assert len(out.token_ids[0]) == 8
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+    reason="programmatic dependent launch needs compute capability 9.0",
+)
+@pytest.mark.parametrize("quantization", ["none", "int8", "int4-g32"])
+def test_programmatic_dependent_launch_changes_no_token_or_logprob(
+    tiny_gpt2: Peer, quantization: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With PDL each kernel starts before the one it reads from has finished and waits inside; a kernel that
+    # read an activation before its wait would race, and with 16 rows of launches of 4 steps, the tiny
+    # model's kernels are short enough for that to show as other tokens or other logprobs.
+    from kernels import pdl
+
+    prompts = batch(50257, 16, seed=11)
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=0)
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("RUVON_PDL", flag)
+        pdl._enabled.cache_clear()
+        assert pdl.pdl_enabled(torch.device("cuda")) is (flag == "1")
+        for rows in (prompts[:1], prompts):  # one row: the one-row kernels; 16: the tiled ones
+            engine = LLMEngine(
+                EngineConfig(
+                    model=str(tiny_gpt2.path), device="cuda", dtype="float16", num_blocks=256,
+                    decode_steps=4, quantization=quantization,
+                )  # type: ignore[arg-type]
+            )  # fmt: skip
+            outputs = engine.generate(rows, params)
+            results.append([(o.token_ids[0], o.logprobs[0]) for o in outputs])
+            del engine
+            gc.collect()
+    pdl._enabled.cache_clear()
+    assert results[:2] == results[2:]

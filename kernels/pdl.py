@@ -1,0 +1,52 @@
+"""Programmatic dependent launch (PDL, compute capability 9.0 and newer): a decode kernel may start while
+the kernel before it in the stream is still finishing.
+
+A batch-1 decode step of GPT-2 XL is a chain of about 430 short kernels (nine a layer), and between two of
+them the GPU idles while the next one launches. Launched with PDL, a kernel's programs may be scheduled as
+soon as every program of the kernel before it has called `gdc_launch_dependents` (or exited). They
+first load what no kernel writes (a projection's first weight tile, a norm's weight), then call
+`gdc_wait`, which returns once the kernel before has finished and its writes are visible, and only then
+read activations or the KV cache. The wait is what keeps it correct, so every kernel launched with PDL
+waits before its first such read. As each waits for the one before, a wait that returns means all earlier
+work in the stream is done; a kernel launched without PDL after one of ours is ordered as always.
+
+RUVON_PDL=0 turns it off (bench/latency.py measures both, each in its own process). Off on older GPUs, on
+CPU and under TRITON_INTERPRET, where the kernels take USE_PDL=False and never reach the instructions.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+
+
+def _has_instructions() -> bool:
+    try:
+        import triton.language as tl
+    except ImportError:
+        return False
+    return hasattr(tl.extra.cuda, "gdc_wait") and hasattr(tl.extra.cuda, "gdc_launch_dependents")
+
+
+@functools.cache
+def _enabled(device_index: int) -> bool:
+    if os.environ.get("RUVON_PDL", "1") != "1" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return _has_instructions() and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Return whether kernels on `device` launch with PDL."""
+    if device.type != "cuda":
+        return False
+    return _enabled(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pdl_args(device: torch.device) -> dict[str, Any]:
+    """Return the launch keywords of a PDL-aware kernel: its USE_PDL constexpr and, when on, the launch flag."""
+    if pdl_enabled(device):
+        return {"USE_PDL": True, "launch_pdl": True}
+    return {"USE_PDL": False}
