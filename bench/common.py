@@ -173,7 +173,7 @@ def run_info(device: str) -> dict[str, Any]:
         "gpu": gpu_properties(),
         "clocks": gpu_clocks(),
         "copy_gb_s": round(bandwidth, 1),
-        "pdl": pdl_enabled(torch.device(device)),  # kernels/pdl.py: off with RUVON_PDL=0
+        "pdl": pdl_enabled(torch.device(device)),  # kernels/pdl.py: on with RUVON_PDL=1
     }
 
 

@@ -63,16 +63,16 @@ SPEC=("$PY" bench/speculative.py --device "$DEV" --model "random:$XL" --oracle-d
     --no-ngram)
 read -ra SPEC_EXTRA <<<"${SPEC_ARGS:-}"  # the local proof shrinks these runs
 
-# Programmatic dependent launch (kernels/pdl.py): first that it changes no token, then each batch-1 row with it
-# on (the default) and off (RUVON_PDL=0), each in its own process.
+# Programmatic dependent launch (kernels/pdl.py, RUVON_PDL=1): first that it changes no token, then batch-1
+# rows with it, each beside the same row without it (lat-gpt2, lat-xl-none, lat-xl-int8), each in its own process.
 step gpu-tests-pdl 40 150 bash -c "TRITON_INTERPRET= $PY -m pytest -q -p no:cacheprovider --confcutdir tests/gpu_worker \
-    tests/gpu_worker/engine/test_gpu.py -k 'programmatic or cpu_reference or hf_in_fp16'"
+    tests/gpu_worker/engine/test_gpu.py -k 'programmatic or cpu_reference'"
 SMALL_LAT=("$PY" bench/latency.py --device "$DEV" --shape "$SMALL" --skip-hf --new-tokens "${LAT_TOKENS:-256}"
     --prompt-len "${LAT_PROMPT:-128}")
-step lat-gpt2-pdl 40 80 "${SMALL_LAT[@]}"
-step lat-gpt2-nopdl 40 80 env RUVON_PDL=0 "${SMALL_LAT[@]}"
-step lat-xl-none-nopdl 50 90 env RUVON_PDL=0 "${XL_LAT[@]}" --skip-hf
-step lat-xl-int8-nopdl 45 80 env RUVON_PDL=0 "${XL_LAT[@]}" --skip-hf --quantization int8
+step lat-gpt2-pdl 40 80 env RUVON_PDL=1 "${SMALL_LAT[@]}"
+step lat-gpt2 40 80 "${SMALL_LAT[@]}"
+step lat-xl-none-pdl 50 90 env RUVON_PDL=1 "${XL_LAT[@]}" --skip-hf
+step lat-xl-int8-pdl 45 80 env RUVON_PDL=1 "${XL_LAT[@]}" --skip-hf --quantization int8
 step spec-xl-batch1 60 150 "${SPEC[@]}" --num-blocks 4000 --streams 1 --k 2 4 6 --oracle-alpha 0.5 0.7 0.8 0.9 \
     --new-tokens 128 --out speculative-xl-oracle-draft "${SPEC_EXTRA[@]}"
 # Tune XL's one-row projections (int4 g128, int8, fp16: the table's tile shape against quant_gemv's register

@@ -10,8 +10,9 @@ read activations or the KV cache. The wait is what keeps it correct, so every ke
 waits before its first such read. As each waits for the one before, a wait that returns means all earlier
 work in the stream is done; a kernel launched without PDL after one of ours is ordered as always.
 
-RUVON_PDL=0 turns it off (bench/latency.py measures both, each in its own process). Off on older GPUs, on
-CPU and under TRITON_INTERPRET, where the kernels take USE_PDL=False and never reach the instructions.
+RUVON_PDL=1 turns it on; it stays off by default until its GPU run (bench/device_round.sh's -pdl steps, each
+beside the same row without it) has shown it changes no token and saves time. Off on older GPUs, on CPU and
+under TRITON_INTERPRET, where the kernels take USE_PDL=False and never reach the instructions.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _has_instructions() -> bool:
 
 @functools.cache
 def _enabled(device_index: int) -> bool:
-    if os.environ.get("RUVON_PDL", "1") != "1" or os.environ.get("TRITON_INTERPRET") == "1":
+    if os.environ.get("RUVON_PDL", "0") != "1" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     return _has_instructions() and torch.cuda.get_device_capability(device_index)[0] >= 9
 
