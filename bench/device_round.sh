@@ -64,7 +64,7 @@ SPEC=("$PY" bench/speculative.py --device "$DEV" --model "random:$XL" --oracle-d
 read -ra SPEC_EXTRA <<<"${SPEC_ARGS:-}"  # the local proof shrinks these runs
 
 # Programmatic dependent launch (kernels/pdl.py, RUVON_PDL=1): first that it changes no token, then batch-1
-# rows with it, each beside the same row without it (lat-gpt2, lat-xl-none, lat-xl-int8), each in its own process.
+# rows with it, each beside the same row without it (lat-gpt2, lat-xl-fp16, lat-xl-int8), each in its own process.
 step gpu-tests-pdl 40 150 bash -c "TRITON_INTERPRET= $PY -m pytest -q -p no:cacheprovider --confcutdir tests/gpu_worker \
     tests/gpu_worker/engine/test_gpu.py -k 'programmatic or cpu_reference'"
 SMALL_LAT=("$PY" bench/latency.py --device "$DEV" --shape "$SMALL" --skip-hf --new-tokens "${LAT_TOKENS:-256}"
@@ -72,6 +72,7 @@ SMALL_LAT=("$PY" bench/latency.py --device "$DEV" --shape "$SMALL" --skip-hf --n
 step lat-gpt2-pdl 40 80 env RUVON_PDL=1 "${SMALL_LAT[@]}"
 step lat-gpt2 40 80 "${SMALL_LAT[@]}"
 step lat-xl-none-pdl 50 90 env RUVON_PDL=1 "${XL_LAT[@]}" --skip-hf
+step lat-xl-fp16 50 90 "${XL_LAT[@]}" --skip-hf  # lat-xl-none without the peer, beside the row above
 step lat-xl-int8-pdl 45 80 env RUVON_PDL=1 "${XL_LAT[@]}" --skip-hf --quantization int8
 step spec-xl-batch1 60 150 "${SPEC[@]}" --num-blocks 4000 --streams 1 --k 2 4 6 --oracle-alpha 0.5 0.7 0.8 0.9 \
     --new-tokens 128 --out speculative-xl-oracle-draft "${SPEC_EXTRA[@]}"
