@@ -120,6 +120,21 @@ class LoRALinear(Layer):
             used += r
         return a, b, used
 
+    def share_slots(
+        self, a: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor
+    ) -> None:
+        """Hold the slots in the given views (of the AdapterManager's one slot table) instead of own tensors;
+        the contents carry over. a and b may be strided along the slot dimension (the kernels read the
+        strides); ranks and scales must be contiguous, as the kernels index them by slot."""
+        for name, view in (("a", a), ("b", b), ("ranks", ranks), ("scales", scales)):
+            mine = getattr(self, name)
+            if view.shape != mine.shape or view.dtype != mine.dtype or view.device != mine.device:
+                raise ValueError(f"{name}: {tuple(view.shape)} {view.dtype} does not fit {tuple(mine.shape)}")
+            view.copy_(mine)
+            setattr(self, name, view)  # a registered buffer: the view takes its place
+        if not (self.ranks.is_contiguous() and self.scales.is_contiguous()):
+            raise ValueError("ranks and scales must be contiguous over the slots")
+
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, rank: int, scale: float) -> None:
         """Copy one packed adapter into `slot` (the hot swap; from pinned memory it does not wait)."""
         self.a[slot].copy_(a, non_blocking=True)
