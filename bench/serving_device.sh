@@ -32,7 +32,8 @@
 # when a shape fails) and serving-<model>.json/.png: five files, as the device returns at most eight.
 #
 # Knobs (environment): MODELS (default "gpt2-xl gpt2"), REQUESTS (256), NEW_TOKENS (128), MIN_PROMPT (16),
-# MAX_PROMPT (128), NUM_BLOCKS (4096 blocks of 16 tokens), WEB_PROCESSES (1), RATES_<model> (Poisson requests/s, e.g.
+# MAX_PROMPT (128), NUM_BLOCKS (4096 blocks of 16 tokens), WEB_PROCESSES (1), SHAPES (default "offline
+# embedded production": which of bench/serving.py's shapes run, e.g. "offline production"), RATES_<model> (Poisson requests/s, e.g.
 # RATES_gpt2_xl="8 24 48"), DEVICE (cuda: stop unless torch sees a GPU; cpu: hide any GPU, for the local proof).
 # The local proof, on CPU with the tiny shape, from a virtualenv holding only the GPU image's packages (a bare
 # venv whose site-packages link torch, numpy, transformers, safetensors, tokenizers, tiktoken, triton, matplotlib
@@ -240,7 +241,7 @@ EOF
 for model in $MODELS; do
     name=serving-$model
     rm -f bench/results/"$name"-*  # an earlier call's files stay on a warm machine: never merge them
-    for shape in offline embedded production; do
+    for shape in ${SHAPES:-offline embedded production}; do
         run_shape "$model" "$shape" "$name"
     done
     merge "$name" || echo "FAILED: merge of $name"
