@@ -86,6 +86,7 @@ step lat-xl-int4-g128 45 80 "${XL_LAT[@]}" --skip-hf --quantization int4-g128
 # Each LoRA path in its own process: in one process the first LoRA engine paid first-use costs the second did
 # not (docs/parts/18-lora.md, "Third run").
 step lat-xl-int4-emb8 45 80 "${XL_LAT[@]}" --skip-hf --quantization int4-g128 --quantize-embeddings
+step lora-place-xl 30 60 "$PY" bench/lora_place.py --shape "$XL" --device "$DEV"
 step lora-gpt2 90 170 "${LORA[@]}" --shape "$SMALL" --lora-paths epilogue
 step lora-gpt2-unfused 90 170 "${LORA[@]}" --shape "$SMALL" --lora-paths unfused --skip-hf
 step gpu-tests 40 100 bash -c "TRITON_INTERPRET= $PY -m pytest -q -p no:cacheprovider --confcutdir tests/gpu_worker \
