@@ -128,12 +128,20 @@ def settled_usage(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     request.getfixturevalue("_django_db_helper")  # set up before us, so torn down after us
     yield
+    settle_embedded_jobs()
+
+
+def settle_embedded_jobs() -> None:
+    """Wait for the in-process engine (if one runs) to end its jobs and write their usage. A test that writes
+    a row the usage writer reads (a tenant, a key) after serving requests calls it first: in SQLite's shared
+    in-memory test database, a write that meets the writer thread's open read fails at once with "database
+    table is locked" instead of waiting, as it would on a file or on PostgreSQL."""
     from inference import transport
     from inference.transport.inprocess import InProcessJobClient
 
     client = transport._client
     if isinstance(client, InProcessJobClient):
-        assert client.settle(), "the in-process engine did not finish its jobs within 30 s of the test"
+        assert client.settle(), "the in-process engine did not finish its jobs within 30 s"
 
 
 @pytest.fixture(scope="session")

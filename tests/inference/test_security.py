@@ -19,6 +19,7 @@ from accounts.keys import split_key
 from accounts.models import ApiKey
 from inference.models import UsageRecord
 from inference.usage import record_usage
+from tests.conftest import settle_embedded_jobs
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -115,6 +116,7 @@ def test_it_holds_the_tenant_budget_for_owner_and_teammate_but_not_an_outsider(
         }
         assert refused["x-should-retry"] == "false" and "Retry-After" not in refused
     assert as_outsider.post("/v1/completions", BODY).status_code == 200
+    settle_embedded_jobs()  # the outsider's usage is written before the tenant row is
     tenant.monthly_budget_usd = None  # unlimited again
     tenant.save()
     assert as_teammate.post("/v1/completions", BODY).status_code == 200
