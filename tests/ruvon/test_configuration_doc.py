@@ -21,6 +21,7 @@ SECTIONS = {
         "gpu_worker/tracing.py",
         "gpu_worker/loading/checkpoints/hub.py",
         "kernels/backend.py",
+        "kernels/pdl.py",
     ],
     "Elsewhere": ["inference/health.py", "ruvon/asgi.py"],
 }
