@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels.pdl import pdl_args
+from kernels.pdl import pdl_args, wait_for_previous_kernel
 from kernels.quant_linear import FP, tuned_config, weight_mm
 
 try:
@@ -103,9 +103,7 @@ def _small_m_linear_kernel(
 
     acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
     w = tl.load(w_ptrs, mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
-    if USE_PDL:  # kernels/pdl.py: what comes next reads the previous kernel's writes
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_for_previous_kernel(USE_PDL)  # kernels/pdl.py
     for k0 in range(0, K, BLOCK_K):
         # The next step's weight loads go out before this step's math: two tiles in flight per program.
         w_ptrs += BLOCK_K

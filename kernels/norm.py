@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import pdl_args
+from kernels.pdl import pdl_args, wait_for_previous_kernel
 
 
 @triton.jit
@@ -41,9 +41,7 @@ def _add_norm_kernel(
     dtype = out_ptr.dtype.element_ty
     # No kernel writes the norm's weight: read before the wait.
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    if USE_PDL:  # kernels/pdl.py: what comes next reads the previous kernel's writes
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_for_previous_kernel(USE_PDL)  # kernels/pdl.py
     x32 = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         # The sum is rounded to x's dtype and stored before the statistics read it, as the reference does.

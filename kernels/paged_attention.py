@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.linear import dot_dtype
-from kernels.pdl import pdl_args
+from kernels.pdl import pdl_args, wait_for_previous_kernel
 
 MAX_KV_SPLITS = 32  # cap on decode splits per sequence: the reduce kernel loads them all at once
 LOG2_E = 1.4426950408889634
@@ -149,9 +149,7 @@ def _decode_kernel(
     USE_PDL: tl.constexpr,
 ):
     # One program per (sequence, KV head, split): all GROUP query heads of the KV head share each K/V load.
-    if USE_PDL:  # kernels/pdl.py: what comes next reads the previous kernel's writes
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_for_previous_kernel(USE_PDL)  # kernels/pdl.py
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -222,9 +220,7 @@ def _decode_reduce_kernel(
     USE_PDL: tl.constexpr,
 ):
     # One program per (sequence, query head): merges the splits' partial results, weighted by their sums.
-    if USE_PDL:  # kernels/pdl.py: what comes next reads the previous kernel's writes
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_for_previous_kernel(USE_PDL)  # kernels/pdl.py
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_row = tl.load(query_start_loc_ptr + seq)

@@ -19,17 +19,38 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+
+    _jit: Callable[[Any], Any] = triton.jit
+except ImportError:  # a CPU-only install has no Triton; no kernel calls the helper below there
+    tl = None
+
+    def _jit(fn: Any) -> Any:
+        return fn
+
+
+@_jit
+def wait_for_previous_kernel(USE_PDL: tl.constexpr):
+    # Called by a PDL-aware kernel after its loads of what no kernel writes and before its first read of
+    # anything the kernel before it may have written; then lets the next kernel's programs be scheduled.
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
 
 def _has_instructions() -> bool:
-    try:
-        import triton.language as tl
-    except ImportError:
-        return False
-    return hasattr(tl.extra.cuda, "gdc_wait") and hasattr(tl.extra.cuda, "gdc_launch_dependents")
+    return (
+        tl is not None
+        and hasattr(tl.extra.cuda, "gdc_wait")
+        and hasattr(tl.extra.cuda, "gdc_launch_dependents")
+    )
 
 
 @functools.cache

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kernels.pdl import pdl_args
+from kernels.pdl import pdl_args, wait_for_previous_kernel
 from kernels.reference import INT4, INT8_GROUPED
 
 try:
@@ -70,10 +70,8 @@ def _gemv_kernel(
         stored = n_groups * GROUP  # packed columns
         packed = tl.load(
             w_rows + half[None, :], mask=col_mask[:, None] & (2 * half < stored)[None, :], other=0
-        )  # the first weight tile: loaded before the wait, while the kernel before this one finishes
-        if USE_PDL:  # kernels/pdl.py: what comes next reads the previous kernel's writes
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        )  # the first weight tile, loaded before the wait: while the kernel before this one finishes
+        wait_for_previous_kernel(USE_PDL)  # kernels/pdl.py
         for k0 in range(0, K, BLOCK_K):
             nxt = k0 + BLOCK_K
             packed_next = tl.load(
@@ -103,9 +101,7 @@ def _gemv_kernel(
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         # The first weight tile: loaded before the wait, while the kernel before this one finishes.
         w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & (ks < K)[None, :], other=0)
-        if USE_PDL:  # kernels/pdl.py: what comes next reads the previous kernel's writes
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        wait_for_previous_kernel(USE_PDL)  # kernels/pdl.py
         for k0 in range(0, K, BLOCK_K):
             nxt = k0 + BLOCK_K
             w_next = tl.load(

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from kernels.pdl import pdl_args
+from kernels.pdl import pdl_args, wait_for_previous_kernel
 from kernels.quant_gemv import weight_gemv
 from kernels.reference import (
     FP,
@@ -176,9 +176,7 @@ def _weight_mm_kernel(
     # (xa [BLOCK_M, BLOCK_R]) and the tile adds scale * xa B^T before the epilogue. The update is linear in
     # xa, so the split-K partials sum to it as they sum to x W^T; bias and GELU come after, as PEFT adds the
     # update to the projection's output before its activation.
-    if USE_PDL:  # kernels/pdl.py: what comes next reads the previous kernel's writes
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_for_previous_kernel(USE_PDL)  # kernels/pdl.py
     pid_n = tl.program_id(0)
     k_begin = tl.program_id(1) * K_SPLIT
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -377,9 +375,7 @@ def _reduce_kernel(
     USE_PDL: tl.constexpr,
 ):
     # out = GELU?(sum of the SPLIT fp32 partials + bias), in out's dtype; partials are [SPLIT, M * N].
-    if USE_PDL:  # kernels/pdl.py: what comes next reads the previous kernel's writes
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_for_previous_kernel(USE_PDL)  # kernels/pdl.py
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < TOTAL
     acc = tl.zeros((BLOCK,), dtype=tl.float32)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import pdl_args
+from kernels.pdl import pdl_args, wait_for_previous_kernel
 
 
 @triton.jit
@@ -37,9 +37,7 @@ def _store_kv_kernel(
     USE_PDL: tl.constexpr,
 ):
     # One program per token: copies its [Hkv, D] key and value tiles.
-    if USE_PDL:  # kernels/pdl.py: what comes next reads the previous kernel's writes
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_for_previous_kernel(USE_PDL)  # kernels/pdl.py
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:
