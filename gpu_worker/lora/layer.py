@@ -126,28 +126,22 @@ class LoRALinear(Layer):
         """Hold the slots in the given views (of the AdapterManager's one slot table) instead of own tensors;
         the contents carry over. a and b may be strided along the slot dimension (the kernels read the
         strides); ranks and scales must be contiguous, as the kernels index them by slot."""
+        if not (ranks.is_contiguous() and scales.is_contiguous()):
+            raise ValueError("ranks and scales must be contiguous over the slots")
         for name, view in (("a", a), ("b", b), ("ranks", ranks), ("scales", scales)):
             mine = getattr(self, name)
             if view.shape != mine.shape or view.dtype != mine.dtype or view.device != mine.device:
                 raise ValueError(f"{name}: {tuple(view.shape)} {view.dtype} does not fit {tuple(mine.shape)}")
             view.copy_(mine)
             setattr(self, name, view)  # a registered buffer: the view takes its place
-        if not (self.ranks.is_contiguous() and self.scales.is_contiguous()):
-            raise ValueError("ranks and scales must be contiguous over the slots")
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, rank: int, scale: float) -> None:
-        """Copy one packed adapter into `slot` (the hot swap; from pinned memory it does not wait)."""
+        """Copy one packed adapter into `slot` of this projection alone (a layer built without an
+        AdapterManager; the manager places every projection at once through its SlotTable)."""
         self.a[slot].copy_(a, non_blocking=True)
         self.b[slot].copy_(b, non_blocking=True)
         self.ranks[slot] = rank
         self.scales[slot] = scale
-
-    def clear_slot(self, slot: int) -> None:
-        """Give `slot` no update here (for an adapter that does not target this projection)."""
-        self.a[slot].zero_()
-        self.b[slot].zero_()
-        self.ranks[slot] = 0
-        self.scales[slot] = 0.0
 
     def extra_repr(self) -> str:
         return (
