@@ -261,6 +261,9 @@ class SamplingParams:
         return self.temperature < 1e-5
 
 
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's error code, which clients test for
+
+
 def check_context(
     num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, prompt_param: str = "prompt"
 ) -> None:
@@ -271,6 +274,7 @@ def check_context(
             f"This model's maximum context length is {max_model_len} tokens, and your prompt has "
             f"{num_prompt_tokens} tokens. Please shorten the prompt.",
             param=prompt_param,
+            code=CONTEXT_LENGTH_EXCEEDED,
         )
     if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
         raise InvalidRequestError(
@@ -278,4 +282,5 @@ def check_context(
             f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} for the "
             "completion). Please reduce the prompt or max_tokens.",
             param="max_tokens",
+            code=CONTEXT_LENGTH_EXCEEDED,
         )

@@ -10,10 +10,11 @@ class RuvonError(Exception):
 class InvalidRequestError(RuvonError, ValueError):
     """The request is wrong (bad parameter, prompt too long): fail that request only, HTTP 400."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.code = code  # OpenAI's error code where it has one (context_length_exceeded)
 
 
 class InvalidAdapterError(InvalidRequestError):

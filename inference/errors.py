@@ -112,7 +112,7 @@ def to_api_error(exc: Exception, request_id: str | None = None) -> ApiError:
         case ApiError():
             return exc
         case InvalidRequestError():
-            return ApiError(exc.message, status=400, param=exc.param)
+            return ApiError(exc.message, status=400, param=exc.param, code=exc.code)
         case ValidationError():
             return _from_validation_error(exc)
         case ApiKeyRejected():

@@ -347,7 +347,7 @@ def error_event(status: str, code: str, message: str, param: str | None, http_st
 def error_event_for(exc: BaseException) -> Event:
     """Return the terminal error event for an exception: user errors are rejected, the rest failed."""
     if isinstance(exc, InvalidRequestError):
-        return error_event("rejected", "invalid_request_error", exc.message, exc.param, 400)
+        return error_event("rejected", exc.code or "invalid_request_error", exc.message, exc.param, 400)
     if isinstance(exc, CapacityError):
         return error_event("rejected", "capacity_exceeded", str(exc) or "the server is busy", None, 503)
     message = f"internal error: {type(exc).__name__}: {exc}"

@@ -171,7 +171,7 @@ def test_it_lists_the_served_model(sdk: openai.OpenAI) -> None:
 def test_it_raises_sdk_errors_for_bad_requests(sdk: openai.OpenAI, tiny_server: LiveServer) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         sdk.completions.create(model="tiny", prompt="x " * 300)
-    assert bad.value.code is None and bad.value.param == "prompt"
+    assert bad.value.code == "context_length_exceeded" and bad.value.param == "prompt"
     with pytest.raises(openai.NotFoundError):
         sdk.chat.completions.create(model="gpt-4o", messages=CHAT)
     stranger = openai.OpenAI(
@@ -179,6 +179,17 @@ def test_it_raises_sdk_errors_for_bad_requests(sdk: openai.OpenAI, tiny_server: 
     )
     with pytest.raises(openai.AuthenticationError):
         stranger.models.list()
+
+
+def test_it_answers_a_context_overflow_with_openais_code(sdk: openai.OpenAI) -> None:
+    """Clients (LangChain, LiteLLM) tell an overflow from other 400s by code context_length_exceeded."""
+    with pytest.raises(openai.BadRequestError) as long_chat:
+        sdk.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x " * 300}])
+    with pytest.raises(openai.BadRequestError) as long_answer:
+        sdk.completions.create(model="tiny", prompt="x " * 100, max_tokens=100)
+    assert (long_chat.value.code, long_chat.value.param) == ("context_length_exceeded", "messages")
+    assert (long_answer.value.code, long_answer.value.param) == ("context_length_exceeded", "max_tokens")
+    assert "maximum context length is 128 tokens" in long_answer.value.message
 
 
 def test_it_cancels_when_the_client_goes_away(sdk: openai.OpenAI, tiny_server: LiveServer) -> None:

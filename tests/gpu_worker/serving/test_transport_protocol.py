@@ -99,6 +99,11 @@ def test_it_maps_exceptions_to_terminal_error_events() -> None:
     assert (busy["status"], busy["http_status"]) == ("rejected", 503)
     assert (failed["status"], failed["http_status"]) == ("failed", 500)
     assert all(e["type"] == "error" for e in (rejected, busy, failed))
+    assert rejected["code"] == "invalid_request_error"
+    overflow = error_event_for(
+        InvalidRequestError("too long", param="prompt", code="context_length_exceeded")
+    )
+    assert overflow["code"] == "context_length_exceeded"  # the web tier passes it on as the error's code
 
 
 def _delta(index: int, text: str, token: int, finish: str | None = None, logprob: bool = True) -> Event:
