@@ -265,7 +265,11 @@ CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's error code, whic
 
 
 def check_context(
-    num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, prompt_param: str = "prompt"
+    num_prompt_tokens: int,
+    max_tokens: int | None,
+    max_model_len: int,
+    prompt_param: str = "prompt",
+    max_tokens_param: str = "max_tokens",
 ) -> None:
     """Raise InvalidRequestError if the prompt (plus max_tokens) cannot fit the model's context. The web tier
     and the engine both call this, so a client gets the same answer from either."""
@@ -280,7 +284,7 @@ def check_context(
         raise InvalidRequestError(
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "
             f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} for the "
-            "completion). Please reduce the prompt or max_tokens.",
-            param="max_tokens",
+            f"completion). Please reduce the prompt or {max_tokens_param}.",
+            param=max_tokens_param,
             code=CONTEXT_LENGTH_EXCEEDED,
         )

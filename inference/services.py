@@ -108,11 +108,28 @@ def chat_prompt_ids(
 
 
 def check_prompt_context(
-    prompt_ids: list[int], max_tokens: int | None, max_model_len: int | None, prompt_param: str = "prompt"
+    prompt_ids: list[int],
+    max_tokens: int | None,
+    max_model_len: int | None,
+    prompt_param: str = "prompt",
+    max_tokens_param: str = "max_tokens",
 ) -> None:
     """Raise InvalidRequestError if the prompt (plus max_tokens) cannot fit the model's context."""
     if max_model_len is not None:  # None: not known yet (no worker reported); the worker checks again
-        check_context(len(prompt_ids), max_tokens, max_model_len, prompt_param)
+        check_context(len(prompt_ids), max_tokens, max_model_len, prompt_param, max_tokens_param)
+
+
+def chat_max_tokens(body: ChatCompletionRequest) -> tuple[int | None, str]:
+    """Return a chat request's max_tokens and the field that set it: max_completion_tokens (OpenAI's name now)
+    or max_tokens (its deprecated one). Both, disagreeing, is a 400: neither may win silently."""
+    new, old = body.max_completion_tokens, body.max_tokens
+    if new is not None and old is not None and new != old:
+        raise InvalidRequestError(
+            f"max_tokens ({old}) and max_completion_tokens ({new}) disagree: send max_completion_tokens "
+            "alone (max_tokens is its deprecated name)",
+            param="max_completion_tokens",
+        )
+    return (new, "max_completion_tokens") if new is not None else (old, "max_tokens")
 
 
 # ------------------------------------------------------------------------------------ sampling params
@@ -271,10 +288,10 @@ def prepare_chat(
         raise InvalidRequestError("top_logprobs needs logprobs to be true", param="top_logprobs")
     tokenizer = served.tokenizer
     prompt_ids = chat_prompt_ids(body.messages, tokenizer)
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens, max_tokens_param = chat_max_tokens(body)
     if max_tokens is not None and max_tokens < 1:
-        raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
-    check_prompt_context(prompt_ids, max_tokens, served.max_model_len, prompt_param="messages")
+        raise InvalidRequestError(f"{max_tokens_param} must be at least 1", param=max_tokens_param)
+    check_prompt_context(prompt_ids, max_tokens, served.max_model_len, "messages", max_tokens_param)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(
         body,

@@ -192,6 +192,22 @@ def test_it_answers_a_context_overflow_with_openais_code(sdk: openai.OpenAI) -> 
     assert "maximum context length is 128 tokens" in long_answer.value.message
 
 
+def test_it_takes_max_completion_tokens_and_refuses_a_max_tokens_that_disagrees(sdk: openai.OpenAI) -> None:
+    args: dict[str, Any] = {"model": "tiny", "messages": CHAT, "extra_body": {"ignore_eos": True}}
+    assert sdk.chat.completions.create(**args, max_completion_tokens=3).usage.completion_tokens == 3
+    assert (
+        sdk.chat.completions.create(**args, max_completion_tokens=3, max_tokens=3).usage.completion_tokens
+        == 3
+    )
+    with pytest.raises(openai.BadRequestError) as disagree:
+        sdk.chat.completions.create(**args, max_completion_tokens=3, max_tokens=5)
+    assert disagree.value.param == "max_completion_tokens"
+    with pytest.raises(openai.BadRequestError) as overflow:  # the error names the field the client sent
+        sdk.chat.completions.create(**args, max_completion_tokens=500)
+    assert (overflow.value.param, overflow.value.code) == ("max_completion_tokens", "context_length_exceeded")
+    assert "max_completion_tokens" in overflow.value.message
+
+
 def test_it_cancels_when_the_client_goes_away(sdk: openai.OpenAI, tiny_server: LiveServer) -> None:
     raw = sdk.completions.with_raw_response.create(
         model="tiny", prompt="Go on", max_tokens=120, stream=True, extra_body={"ignore_eos": True}

@@ -124,7 +124,9 @@ def test_it_rejects_bad_completion_fields(as_owner: ApiClient, changes: dict[str
             },
             "response_format",
         ),
-        ({"max_completion_tokens": 500}, "max_tokens"),
+        ({"max_completion_tokens": 500}, "max_completion_tokens"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"max_completion_tokens": 3}, "max_completion_tokens"),  # max_tokens 4 disagrees
         ({"max_tokens": 0}, "max_tokens"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"tool_choice": "required"}, "tool_choice"),
