@@ -90,9 +90,11 @@ class TextPart(Schema):
 class ChatMessage(Schema):
     model_config = ConfigDict(extra="allow")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, description="An assistant's calls, as answered.")
+    tool_call_id: str | None = Field(None, description="A tool message: the id of the call it answers.")
 
 
 class ChatCompletionRequest(SamplingFields):

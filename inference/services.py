@@ -3,6 +3,7 @@ job client, and answer with the whole response or an SSE stream (shaped by infer
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -86,8 +87,9 @@ def _completion_prompt(prompt: str | list[int], tokenizer: Tokenizer) -> tuple[l
     return ids, text
 
 
-def chat_messages(messages: Sequence[Any]) -> list[dict[str, str]]:
-    """Return the messages as the chat template wants them: role and plain-text content."""
+def chat_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
+    """Return the messages as the chat template wants them: role and plain-text content, and an assistant's
+    tool calls or a tool result's call id (for templates that show them)."""
     out = []
     for i, message in enumerate(messages):
         content = message.content
@@ -95,8 +97,23 @@ def chat_messages(messages: Sequence[Any]) -> list[dict[str, str]]:
             if any(part.type != "text" for part in content):
                 raise InvalidRequestError(f"messages[{i}]: only text content parts are supported", "messages")
             content = "".join(part.text or "" for part in content)
-        out.append({"role": message.role, "content": content or ""})
+        if message.role == "tool" and not message.tool_call_id:
+            raise InvalidRequestError(f"messages[{i}]: a tool message needs tool_call_id", "messages")
+        entry: dict[str, Any] = {"role": message.role, "content": content or ""}
+        if message.tool_calls:
+            entry["tool_calls"] = [_template_tool_call(call) for call in message.tool_calls]
+        if message.tool_call_id:
+            entry["tool_call_id"] = message.tool_call_id
+        out.append(entry)
     return out
+
+
+def _template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    # Templates on the Hub write a call's arguments with tojson: they want the object, not its JSON text.
+    function = dict(call.get("function") or {})
+    with contextlib.suppress(TypeError, ValueError):  # not JSON text: the template gets it as sent
+        function["arguments"] = json.loads(function.get("arguments") or "{}")
+    return {**call, "function": function}
 
 
 def chat_prompt_ids(

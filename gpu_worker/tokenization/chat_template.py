@@ -12,7 +12,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from gpu_worker.errors import InvalidRequestError, ModelLoadError
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -59,7 +59,7 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
-def validate_messages(messages: Any) -> list[dict[str, str]]:
+def validate_messages(messages: Any) -> list[dict[str, Any]]:
     """Return the messages if each has a known role and string content; else raise InvalidRequestError."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("messages must be a non-empty list", param="messages")
@@ -93,7 +93,7 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as exc:
             raise ModelLoadError(f"the model's chat template does not compile: {exc}") from exc
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """Return the prompt for a conversation; raise InvalidRequestError if the template rejects it."""
         validate_messages(messages)
         try:

@@ -133,7 +133,7 @@ class Tokenizer:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
     # ---- chat ------------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """Return the prompt text for a conversation; InvalidRequestError(param="messages") if it is bad."""
         return self.chat_template.render(messages, add_generation_prompt)
 

@@ -153,6 +153,33 @@ def test_it_ignores_tools_with_tool_choice_none(sdk: openai.OpenAI) -> None:
     assert chat.choices[0].message.tool_calls is None and chat.choices[0].finish_reason == "length"
 
 
+def test_it_takes_the_tool_result_back_as_openais_function_calling_guide_sends_it(
+    sdk: openai.OpenAI, tiny_server: LiveServer
+) -> None:
+    """The guide's loop: append the assistant message with its tool_calls as the SDK returned it, then a
+    `tool` message with the result, and ask again; the result reaches the prompt."""
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    call = sdk.chat.completions.create(
+        model="tiny", messages=ASK, max_tokens=40, seed=8, tools=TOOLS, tool_choice=forced  # type: ignore[arg-type]
+    ).choices[0].message  # fmt: skip
+    [tool_call] = call.tool_calls or []
+    messages: list[Any] = [
+        *ASK,
+        call,
+        {"role": "tool", "tool_call_id": tool_call.id, "content": "Sunny, 21C"},
+    ]
+    answer = sdk.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=4, tools=TOOLS, tool_choice="none"  # type: ignore[arg-type]
+    )  # fmt: skip
+    assert answer.choices[0].message.content is not None
+    plain = [m if isinstance(m, dict) else m.model_dump(exclude_none=True) for m in messages]
+    ids = tiny_server.post("/tokenize", {"messages": plain}).json()["tokens"]
+    assert "Sunny, 21C" in tiny_server.post("/detokenize", {"tokens": ids}).json()["prompt"]
+    with pytest.raises(openai.BadRequestError) as unanswered:  # as OpenAI: a tool result names its call
+        sdk.chat.completions.create(model="tiny", messages=[*ASK, {"role": "tool", "content": "x"}])  # type: ignore[list-item]
+    assert unanswered.value.param == "messages"
+
+
 def test_it_refuses_auto_tool_choice_naming_the_fix(sdk: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         sdk.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS)  # type: ignore[arg-type]

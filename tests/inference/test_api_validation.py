@@ -8,7 +8,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from gpu_worker.errors import CapacityError, ModelLoadError
+from gpu_worker.tokenization.chat_template import ChatTemplate
 from inference.errors import error_response
+from inference.schemas import ChatMessage
+from inference.services import chat_messages
 
 if TYPE_CHECKING:
     from tests.conftest import ApiClient
@@ -172,3 +175,14 @@ def test_it_maps_server_side_errors_in_one_place() -> None:
     crash = error_response(RuntimeError("secret internals"))
     assert crash.status_code == 500
     assert "secret internals" not in crash.content.decode()
+
+
+def test_it_gives_templates_an_assistants_tool_calls_with_arguments_as_an_object() -> None:
+    # Templates on the Hub (Qwen2.5, Llama 3.1) write `arguments | tojson`: JSON text would be quoted twice.
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"city": "Oslo"}'}}
+    message = ChatMessage(role="assistant", content=None, tool_calls=[call])
+    template = ChatTemplate(
+        "{% for m in messages %}{% for c in m.tool_calls or [] %}"
+        "{{ c.function.name }}{{ c.function.arguments | tojson }}{% endfor %}{% endfor %}"
+    )
+    assert template.render(chat_messages([message])) == 'f{"city": "Oslo"}'
