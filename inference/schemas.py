@@ -108,6 +108,10 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: str | dict[str, Any] | None = Field(
         None, description='"none", "required" or {"type": "function", "function": {"name": ...}}; not "auto".'
     )
+    # vLLM's prefill (extra_body): continue_final_message (with add_generation_prompt false) continues the last,
+    # assistant, message rather than opening a new turn.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class TokenizeRequest(Schema):
@@ -115,6 +119,7 @@ class TokenizeRequest(Schema):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class DetokenizeRequest(Schema):

@@ -117,11 +117,33 @@ def _template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
 
 
 def chat_prompt_ids(
-    messages: Sequence[Any], tokenizer: Tokenizer, add_generation_prompt: bool = True
+    messages: Sequence[Any],
+    tokenizer: Tokenizer,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
 ) -> list[int]:
-    """Return the token ids of the conversation rendered with the model's chat template."""
-    text = tokenizer.apply_chat_template(chat_messages(messages), add_generation_prompt=add_generation_prompt)
+    """Return the token ids of the conversation rendered with the model's chat template; with
+    continue_final_message (vLLM's prefill) it ends with the final, assistant, message's text, its turn open."""
+    turns = chat_messages(messages)
+    if continue_final_message and add_generation_prompt:
+        raise InvalidRequestError(
+            "continue_final_message needs add_generation_prompt false", param="continue_final_message"
+        )
+    if continue_final_message and turns[-1]["role"] != "assistant":
+        raise InvalidRequestError("continue_final_message needs an assistant message last", param="messages")
+    text = tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt)
+    if continue_final_message:
+        text = _open_final_turn(text, turns[-1]["content"].strip())
     return tokenizer.encode(text)
+
+
+def _open_final_turn(text: str, final: str) -> str:
+    # As transformers does: drop what the template writes after the final message's text (its end of turn).
+    if final not in text:
+        raise InvalidRequestError(
+            "the chat template does not show the final message as sent", param="messages"
+        )
+    return text[: text.rindex(final) + len(final)]
 
 
 def check_prompt_context(
@@ -304,7 +326,9 @@ def prepare_chat(
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs to be true", param="top_logprobs")
     tokenizer = served.tokenizer
-    prompt_ids = chat_prompt_ids(body.messages, tokenizer)
+    prompt_ids = chat_prompt_ids(
+        body.messages, tokenizer, body.add_generation_prompt, body.continue_final_message
+    )
     max_tokens, max_tokens_param = chat_max_tokens(body)
     if max_tokens is not None and max_tokens < 1:
         raise InvalidRequestError(f"{max_tokens_param} must be at least 1", param=max_tokens_param)
@@ -451,7 +475,9 @@ def tokenize(body: TokenizeRequest, served: ServedModel, adapter: AnyAdapter | N
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("send exactly one of prompt and messages", param="prompt")
     if body.messages is not None:
-        return chat_prompt_ids(body.messages, served.tokenizer, body.add_generation_prompt)
+        return chat_prompt_ids(
+            body.messages, served.tokenizer, body.add_generation_prompt, body.continue_final_message
+        )
     return served.tokenizer.encode(body.prompt or "")
 
 

@@ -240,3 +240,34 @@ def test_user_is_recorded_on_the_usage_record(
     mine = tiny_server.get("/usage", user=user).json()
     assert [row["request_id"] for row in mine["data"]] == [request_id]
     assert mine["totals"]["requests"] == 1
+
+
+def test_continue_final_message_prefills_the_assistants_answer(
+    sdk: openai.OpenAI, tiny_server: LiveServer
+) -> None:
+    """vLLM's prefill: the reply continues the last (assistant) message instead of starting a new turn."""
+    messages: list[Any] = [
+        {"role": "user", "content": "Count to five."},
+        {"role": "assistant", "content": "One, two,"},
+    ]
+    prefill = {"continue_final_message": True, "add_generation_prompt": False}
+    rendered = tiny_server.post("/tokenize", {"messages": messages} | prefill).json()["tokens"]
+    text = tiny_server.post("/detokenize", {"tokens": rendered}).json()["prompt"]
+    assert text.endswith("Assistant: One, two,")  # the turn is left open: no newline, no next "Assistant:"
+    chat = sdk.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=6,
+        temperature=0,
+        extra_body=prefill | {"ignore_eos": True},
+    )
+    same = _complete(sdk, prompt=rendered, max_tokens=6, ignore_eos=True)  # the rendered prefix, greedily
+    assert chat.usage.prompt_tokens == len(rendered)
+    assert chat.choices[0].message.content == same.choices[0].text
+    with pytest.raises(openai.BadRequestError) as both:  # add_generation_prompt defaults to true
+        sdk.chat.completions.create(
+            model="tiny", messages=messages, extra_body={"continue_final_message": True}
+        )
+    with pytest.raises(openai.BadRequestError) as not_assistant:
+        sdk.chat.completions.create(model="tiny", messages=messages[:1], extra_body=prefill)
+    assert (both.value.param, not_assistant.value.param) == ("continue_final_message", "messages")
