@@ -136,9 +136,10 @@ async def list_models(request: HttpRequest) -> Any:
     return {"object": "list", "data": [services.model_card(served), *cards]}
 
 
-@api.get("/models/{model}", response={200: ModelCard, **ERRORS}, tags=["models"])
+@api.get("/models/{path:model}", response={200: ModelCard, **ERRORS}, tags=["models"])
 async def retrieve_model(request: HttpRequest, model: str) -> Any:
-    """Describe one model: the served one, or an adapter on it you can use; 404 for anything else."""
+    """Describe one model: the served one, or an adapter on it you can use; 404 for anything else. The id may
+    hold slashes ("org/name", as vLLM names a model after its Hub path)."""
     _, served = await served_model()
     return services.model_card(served, await _adapter(request, model, served))
 

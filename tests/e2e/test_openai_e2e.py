@@ -168,6 +168,21 @@ def test_it_lists_the_served_model(sdk: openai.OpenAI) -> None:
     assert "RANDOM" in models[0].model_extra["label"]
 
 
+def test_it_describes_a_model_named_as_on_the_hub() -> None:
+    """vLLM serves a model under its Hub path ("org/name") by default; the SDK sends the slash as %2F."""
+    from tests.live_server import start_live_server
+
+    server = start_live_server({"RUVON_MODEL_NAME": "org/tiny"})
+    try:
+        sdk = openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0)
+        assert sdk.models.retrieve("org/tiny").id == "org/tiny"
+        with pytest.raises(openai.NotFoundError) as unknown:
+            sdk.models.retrieve("org/other")
+        assert unknown.value.code == "model_not_found"
+    finally:
+        server.stop()
+
+
 def test_it_raises_sdk_errors_for_bad_requests(sdk: openai.OpenAI, tiny_server: LiveServer) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         sdk.completions.create(model="tiny", prompt="x " * 300)
