@@ -16,7 +16,7 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ 'System' if message['role'] == 'developer' else message['role'] | capitalize }}: "
+    "{{ message['role'] | capitalize }}: "
     "{{ message['content'] }}\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
@@ -96,6 +96,8 @@ class ChatTemplate:
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """Return the prompt for a conversation; raise InvalidRequestError if the template rejects it."""
         validate_messages(messages)
+        # OpenAI's developer role is its new name for system, the only one templates know.
+        messages = [m | {"role": "system"} if m["role"] == "developer" else m for m in messages]
         try:
             return self._template.render(
                 messages=messages,

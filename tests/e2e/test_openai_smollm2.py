@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import openai
 import pytest
@@ -27,6 +27,24 @@ def test_it_answers_a_question_with_the_real_model(smollm2_server: LiveServer) -
         model="smollm2-135m-instruct", messages=messages, max_tokens=12, temperature=0, stream=True
     )
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == answer
+
+
+def test_it_reads_a_developer_message_as_the_system_prompt(smollm2_server: LiveServer) -> None:
+    """OpenAI's `developer` role is its new name for `system`; SmolLM2's template knows only the latter."""
+    sdk = openai.OpenAI(base_url=smollm2_server.base_url, api_key=smollm2_server.key, max_retries=0)
+
+    def ask(role: str) -> Any:
+        messages = [
+            {"role": role, "content": "Answer in one word."},
+            {"role": "user", "content": "Sky colour?"},
+        ]
+        return sdk.chat.completions.create(
+            model="smollm2-135m-instruct", messages=messages, max_tokens=8, temperature=0
+        )
+
+    developer, system = ask("developer"), ask("system")
+    assert developer.usage.prompt_tokens == system.usage.prompt_tokens
+    assert developer.choices[0].message.content == system.choices[0].message.content
 
 
 QUESTIONS = ["What is the capital of Japan?", "What is 9 times 6?", "How do I make a cup of coffee?"]

@@ -247,6 +247,18 @@ def test_it_renders_the_plain_template_for_gpt2(gpt2: Tokenizer) -> None:
     assert gpt2.chat_stop_strings == ("\nUser:", "\nSystem:")
 
 
+def test_it_renders_a_developer_message_as_the_system_one(gpt2: Tokenizer, smol: Tokenizer) -> None:
+    # OpenAI's developer role replaces system; a template on the Hub knows only system.
+    for tokenizer in (gpt2, smol):
+        as_system, as_developer = (
+            tokenizer.apply_chat_template(
+                [{"role": role, "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+            )
+            for role in ("system", "developer")
+        )
+        assert as_developer == as_system
+
+
 def test_it_turns_template_exceptions_into_request_errors() -> None:
     template = ChatTemplate(
         "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}ok"
