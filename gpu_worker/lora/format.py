@@ -13,6 +13,7 @@ import json
 import math
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,6 +239,7 @@ def _parse_weights(file: Path, data: bytes) -> dict[str, torch.Tensor]:
             return load_safetensors(data)
         except (SafetensorError, ValueError) as exc:
             raise InvalidAdapterError(f"{file.name} is not a valid safetensors file: {exc}") from None
+    _refuse_compressed_records(file, data)
     try:
         loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError) as exc:
@@ -248,6 +250,22 @@ def _parse_weights(file: Path, data: bytes) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
         raise InvalidAdapterError(f"{file.name} must hold a flat dict of tensors")
     return loaded
+
+
+def _refuse_compressed_records(file: Path, data: bytes) -> None:
+    """Refuse a .bin in torch's zip format with a compressed record: torch.load inflates each record whole
+    into memory, so a few KiB of deflated zeros would allocate GiBs (torch.save stores records uncompressed)."""
+    if not data.startswith(b"PK\x03\x04"):
+        return  # torch's legacy format, which compresses nothing
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            packed = [m.filename for m in zf.infolist() if m.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, ValueError) as exc:
+        raise InvalidAdapterError(f"{file.name} is not a readable torch zip file: {exc}") from None
+    if packed:
+        raise InvalidAdapterError(
+            f"{file.name} holds compressed records ({packed[0]}); torch.save writes them uncompressed"
+        )
 
 
 def _pair_tensors(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -193,3 +195,22 @@ def test_it_refuses_weights_changed_since_the_registry_checked_them(
     save_file({k: v + 1 for k, v in stored.items()}, gpt2_adapter / WEIGHTS)
     with pytest.raises(InvalidAdapterError, match="changed on disk"):
         read_adapter(gpt2_adapter, gpt2_targets, 2, 16, expected_sha256=sha)
+
+
+def test_it_refuses_a_bin_whose_records_inflate_past_its_size(
+    gpt2_adapter: Path, gpt2_targets: dict[str, tuple[int, int]]
+) -> None:
+    # Every tensor has the right shape, but one is a view of a 16 MiB storage that torch.load would inflate
+    # from a few KiB of deflated zeros: at the upload limit that is a thousand times the limit in memory.
+    stored = load_file(gpt2_adapter / WEIGHTS)
+    (gpt2_adapter / WEIGHTS).unlink()
+    key = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
+    big = torch.zeros(4 << 20)
+    stored[key] = big[: stored[key].numel()].view(stored[key].shape)
+    plain = io.BytesIO()
+    torch.save(stored, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(gpt2_adapter / "adapter_model.bin", "w") as out:
+        for info in src.infolist():
+            out.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    assert (gpt2_adapter / "adapter_model.bin").stat().st_size < big.nbytes // 100
+    assert "holds compressed records" in _refused(gpt2_adapter, gpt2_targets)
