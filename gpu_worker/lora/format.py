@@ -76,7 +76,7 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InvalidAdapterError(f"no {CONFIG_FILE} in the adapter directory") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an int of 4300+ digits
         raise InvalidAdapterError(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise InvalidAdapterError(f"{CONFIG_FILE} must hold a JSON object")
@@ -239,6 +239,10 @@ def _parse_weights(file: Path, data: bytes) -> dict[str, torch.Tensor]:
             return load_safetensors(data)
         except (SafetensorError, ValueError) as exc:
             raise InvalidAdapterError(f"{file.name} is not a valid safetensors file: {exc}") from None
+        except KeyError as exc:  # a dtype safetensors knows and torch does not (F4, F8_E8M0)
+            raise InvalidAdapterError(
+                f"{file.name} holds a tensor of dtype {exc}, which torch cannot load"
+            ) from None
     _refuse_compressed_records(file, data)
     try:
         loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -305,14 +309,15 @@ def _locate(
 ) -> tuple[int, str]:
     """Return (layer index, target suffix) of a PEFT module path such as "transformer.h.3.attn.c_attn"."""
     parts = module.split(".")
-    index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    index = next((i for i, part in enumerate(parts) if part.isascii() and part.isdigit()), None)
     if index is None:
         raise InvalidAdapterError(
             f"tensor {key!r} is not inside a decoder layer (embeddings, heads: not supported)"
         )
-    layer = int(parts[index])
+    digits = parts[index]  # int() refuses 4300+ digits: no layer index is longer than ten
+    layer = int(digits) if len(digits) <= 10 else num_layers
     if layer >= num_layers:
-        raise InvalidAdapterError(f"tensor {key!r} is for layer {layer}; this model has {num_layers} layers")
+        raise InvalidAdapterError(f"tensor {key!r} is for layer {digits}; this model has {num_layers} layers")
     target = match_target(".".join(parts[index + 1 :]), targets)
     if target is None or target not in wanted:
         raise InvalidAdapterError(

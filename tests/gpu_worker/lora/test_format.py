@@ -214,3 +214,27 @@ def test_it_refuses_a_bin_whose_records_inflate_past_its_size(
             out.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED)
     assert (gpt2_adapter / "adapter_model.bin").stat().st_size < big.nbytes // 100
     assert "holds compressed records" in _refused(gpt2_adapter, gpt2_targets)
+
+
+def test_it_refuses_crafted_files_with_a_reason(
+    gpt2_adapter: Path, gpt2_targets: dict[str, tuple[int, int]]
+) -> None:
+    # Each of these raised a bare RecursionError, ValueError or KeyError: "an internal error" to the uploader.
+    config = gpt2_adapter / "adapter_config.json"
+    good = config.read_text()
+    config.write_text("[" * 100_000 + "]" * 100_000)
+    assert "not valid JSON" in _refused(gpt2_adapter, gpt2_targets)
+    config.write_text(good.replace('"r": 4', '"r": ' + "9" * 5000))
+    assert "not valid JSON" in _refused(gpt2_adapter, gpt2_targets)
+    config.write_text(good)
+    stored = load_file(gpt2_adapter / WEIGHTS)
+    a = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
+    for layer, reason in (
+        ("\N{SUPERSCRIPT TWO}", "not inside a decoder layer"),
+        ("9" * 5000, "is for layer 999"),
+    ):
+        save_file({**stored, a.replace(".0.", f".{layer}."): stored[a].clone()}, gpt2_adapter / WEIGHTS)
+        assert reason in _refused(gpt2_adapter, gpt2_targets)
+    header = json.dumps({a: {"dtype": "F8_E8M0", "shape": [4], "data_offsets": [0, 4]}}).encode()
+    (gpt2_adapter / WEIGHTS).write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    assert "dtype 'F8_E8M0', which torch cannot load" in _refused(gpt2_adapter, gpt2_targets)
