@@ -27,6 +27,10 @@ from gpu_worker.models.base import CausalLM
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+MAX_RECORDS = (
+    16_384  # in a .bin (torch's zip format): a LoRA's tensors, two a projection a layer, and a few more
+)
+MAX_RECORD_ENTRY_BYTES = 512  # a record's entry in the zip's directory ("archive/data/17", an alignment pad)
 # base_model.model.<module path>.lora_A[.<adapter name>].weight
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -261,6 +265,13 @@ def _refuse_compressed_records(file: Path, data: bytes) -> None:
     into memory, so a few KiB of deflated zeros would allocate GiBs (torch.save stores records uncompressed)."""
     if not data.startswith(b"PK\x03\x04"):
         return  # torch's legacy format, which compresses nothing
+    # zipfile builds an object per entry: bound the directory first, from the end record alone.
+    end = zipfile._EndRecData(io.BytesIO(data))  # type: ignore[attr-defined]
+    if end is not None and (
+        end[zipfile._ECD_ENTRIES_TOTAL] > MAX_RECORDS  # type: ignore[attr-defined]
+        or end[zipfile._ECD_SIZE] > MAX_RECORDS * MAX_RECORD_ENTRY_BYTES  # type: ignore[attr-defined]
+    ):
+        raise InvalidAdapterError(f"{file.name} holds more records than a LoRA has (at most {MAX_RECORDS})")
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             packed = [m.filename for m in zf.infolist() if m.compress_type != zipfile.ZIP_STORED]

@@ -238,3 +238,13 @@ def test_it_refuses_crafted_files_with_a_reason(
     header = json.dumps({a: {"dtype": "F8_E8M0", "shape": [4], "data_offsets": [0, 4]}}).encode()
     (gpt2_adapter / WEIGHTS).write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
     assert "dtype 'F8_E8M0', which torch cannot load" in _refused(gpt2_adapter, gpt2_targets)
+
+
+def test_it_refuses_a_bin_with_a_directory_no_lora_needs(
+    gpt2_adapter: Path, gpt2_targets: dict[str, tuple[int, int]]
+) -> None:
+    (gpt2_adapter / WEIGHTS).unlink()
+    with zipfile.ZipFile(gpt2_adapter / "adapter_model.bin", "w") as out:
+        for i in range(16_385):
+            out.writestr(f"archive/data/{i}", b"")
+    assert "holds more records than a LoRA has" in _refused(gpt2_adapter, gpt2_targets)
