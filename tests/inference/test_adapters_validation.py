@@ -131,6 +131,16 @@ def test_it_refuses_a_tensor_of_the_wrong_shape(acme: Tenant, media: Path) -> No
     _failed(validated(acme, adapter_zip(tensors=tensors)), media, key, "(191, 4)", "(192, 4)")
 
 
+def test_it_keeps_a_failure_reason_short_whatever_the_upload_names(acme: Tenant, media: Path) -> None:
+    # A 1 MiB tensor name compresses to almost nothing; quoted whole, a hundred such uploads made every
+    # listing of the tenant's adapters (API, admin) 100 MiB, and the database row as big.
+    tensors = {**peft_tensors(), "x" * (1 << 20): torch.zeros(1)}
+    reason = _failed(
+        validated(acme, adapter_zip(tensors=tensors)), media, "tensor 'xxx", "is not a LoRA A or B"
+    )
+    assert len(reason) <= 1003  # validation.MAX_REASON and the "..." of the elided middle
+
+
 def test_it_refuses_a_layer_the_model_does_not_have(acme: Tenant, media: Path) -> None:
     _failed(validated(acme, adapter_zip(tensors=peft_tensors(layers=3))), media, "layer 2", "2 layers")
 
