@@ -27,10 +27,11 @@ from gpu_worker.models.base import CausalLM
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-MAX_RECORDS = (
-    16_384  # in a .bin (torch's zip format): a LoRA's tensors, two a projection a layer, and a few more
-)
-MAX_RECORD_ENTRY_BYTES = 512  # a record's entry in the zip's directory ("archive/data/17", an alignment pad)
+# A LoRA holds two tensors a projection a layer, far fewer than this; each takes at most MAX_ENTRY_BYTES of a
+# safetensors header or of a .bin's zip directory. Both are parsed into an object per entry, so they are
+# bounded before parsing.
+MAX_TENSORS = 16_384
+MAX_ENTRY_BYTES = 512
 # base_model.model.<module path>.lora_A[.<adapter name>].weight
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -239,6 +240,12 @@ def _read_weights_file(path: Path) -> tuple[Path, bytes]:
 def _parse_weights(file: Path, data: bytes) -> dict[str, torch.Tensor]:
     """Return the tensors of a weights file's bytes; a .bin only through torch's weights-only unpickler."""
     if file.suffix == ".safetensors":
+        header_bytes = int.from_bytes(data[:8], "little")
+        if header_bytes > MAX_TENSORS * MAX_ENTRY_BYTES:
+            limit = MAX_TENSORS * MAX_ENTRY_BYTES
+            raise InvalidAdapterError(
+                f"{file.name} has a {header_bytes}-byte header; a LoRA's needs at most {limit}"
+            )
         try:
             return load_safetensors(data)
         except (SafetensorError, ValueError) as exc:
@@ -268,10 +275,10 @@ def _refuse_compressed_records(file: Path, data: bytes) -> None:
     # zipfile builds an object per entry: bound the directory first, from the end record alone.
     end = zipfile._EndRecData(io.BytesIO(data))  # type: ignore[attr-defined]
     if end is not None and (
-        end[zipfile._ECD_ENTRIES_TOTAL] > MAX_RECORDS  # type: ignore[attr-defined]
-        or end[zipfile._ECD_SIZE] > MAX_RECORDS * MAX_RECORD_ENTRY_BYTES  # type: ignore[attr-defined]
+        end[zipfile._ECD_ENTRIES_TOTAL] > MAX_TENSORS  # type: ignore[attr-defined]
+        or end[zipfile._ECD_SIZE] > MAX_TENSORS * MAX_ENTRY_BYTES  # type: ignore[attr-defined]
     ):
-        raise InvalidAdapterError(f"{file.name} holds more records than a LoRA has (at most {MAX_RECORDS})")
+        raise InvalidAdapterError(f"{file.name} holds more records than a LoRA has (at most {MAX_TENSORS})")
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             packed = [m.filename for m in zf.infolist() if m.compress_type != zipfile.ZIP_STORED]

@@ -248,3 +248,14 @@ def test_it_refuses_a_bin_with_a_directory_no_lora_needs(
         for i in range(16_385):
             out.writestr(f"archive/data/{i}", b"")
     assert "holds more records than a LoRA has" in _refused(gpt2_adapter, gpt2_targets)
+
+
+def test_it_refuses_a_safetensors_header_no_lora_needs(
+    gpt2_adapter: Path, gpt2_targets: dict[str, tuple[int, int]]
+) -> None:
+    # 200,000 empty tensors: an 11 MB header (a few hundred KiB zipped) that safetensors would turn into
+    # 200,000 tensors before the first name is refused; at its 100 MB header limit, GiBs and tens of seconds.
+    entries = ",".join(f'"t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' for i in range(200_000))
+    header = ("{" + entries + "}").encode()
+    (gpt2_adapter / WEIGHTS).write_bytes(len(header).to_bytes(8, "little") + header)
+    assert f"has a {len(header)}-byte header" in _refused(gpt2_adapter, gpt2_targets)
