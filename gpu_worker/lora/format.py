@@ -254,7 +254,7 @@ def _parse_weights(file: Path, data: bytes) -> dict[str, torch.Tensor]:
             raise InvalidAdapterError(
                 f"{file.name} holds a tensor of dtype {exc}, which torch cannot load"
             ) from None
-    _refuse_compressed_records(file, data)
+    _check_torch_zip(file, data)
     try:
         loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError) as exc:
@@ -267,26 +267,38 @@ def _parse_weights(file: Path, data: bytes) -> dict[str, torch.Tensor]:
     return loaded
 
 
-def _refuse_compressed_records(file: Path, data: bytes) -> None:
-    """Refuse a .bin in torch's zip format with a compressed record: torch.load inflates each record whole
-    into memory, so a few KiB of deflated zeros would allocate GiBs (torch.save stores records uncompressed)."""
+def _check_torch_zip(file: Path, data: bytes) -> None:
+    """Refuse a .bin that torch.load would spend unbounded memory or time on: one not in torch's zip format
+    (its pickle, the whole file, would be unpickled first), a zip directory or pickle bigger than a LoRA's
+    (the weights-only unpickler takes ~0.1 ms a tensor), or a compressed record (torch.load inflates each whole:
+    a few KiB of deflated zeros would allocate GiBs; torch.save stores records uncompressed)."""
     if not data.startswith(b"PK\x03\x04"):
-        return  # torch's legacy format, which compresses nothing
-    # zipfile builds an object per entry: bound the directory first, from the end record alone.
+        raise InvalidAdapterError(
+            f"{file.name} is not a torch zip file (torch.save since 1.6), the only kind the weights-only "
+            "loader takes here; save it again, or as safetensors"
+        )
+    limit = MAX_TENSORS * MAX_ENTRY_BYTES
+    # zipfile builds an object per entry: bound the directory first, from its end record alone.
     end = zipfile._EndRecData(io.BytesIO(data))  # type: ignore[attr-defined]
     if end is not None and (
         end[zipfile._ECD_ENTRIES_TOTAL] > MAX_TENSORS  # type: ignore[attr-defined]
-        or end[zipfile._ECD_SIZE] > MAX_TENSORS * MAX_ENTRY_BYTES  # type: ignore[attr-defined]
+        or end[zipfile._ECD_SIZE] > limit  # type: ignore[attr-defined]
     ):
         raise InvalidAdapterError(f"{file.name} holds more records than a LoRA has (at most {MAX_TENSORS})")
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            packed = [m.filename for m in zf.infolist() if m.compress_type != zipfile.ZIP_STORED]
+            members = zf.infolist()
     except (zipfile.BadZipFile, ValueError) as exc:
         raise InvalidAdapterError(f"{file.name} is not a readable torch zip file: {exc}") from None
+    packed = [m.filename for m in members if m.compress_type != zipfile.ZIP_STORED]
     if packed:
         raise InvalidAdapterError(
             f"{file.name} holds compressed records ({packed[0]}); torch.save writes them uncompressed"
+        )
+    pickles = [m for m in members if m.filename.endswith(".pkl") and m.file_size > limit]
+    if pickles:
+        raise InvalidAdapterError(
+            f"{file.name} has a {pickles[0].file_size}-byte pickle; a LoRA's needs at most {limit}"
         )
 
 

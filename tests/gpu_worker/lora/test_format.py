@@ -259,3 +259,17 @@ def test_it_refuses_a_safetensors_header_no_lora_needs(
     header = ("{" + entries + "}").encode()
     (gpt2_adapter / WEIGHTS).write_bytes(len(header).to_bytes(8, "little") + header)
     assert f"has a {len(header)}-byte header" in _refused(gpt2_adapter, gpt2_targets)
+
+
+def test_it_refuses_a_bin_whose_pickle_no_lora_needs(
+    gpt2_adapter: Path, gpt2_targets: dict[str, tuple[int, int]]
+) -> None:
+    # The pickle is what costs: 150,000 views of one storage make a 10 MiB one (~2 MiB zipped) that the
+    # weights-only unpickler spent ~15 s on before the first name was refused; a 256 MiB upload, a quarter of
+    # an hour. A 9 MB name makes one as big, quicker to save. A legacy (non-zip) .bin is all pickle: refused.
+    (gpt2_adapter / WEIGHTS).unlink()
+    one = torch.zeros(1)
+    torch.save({"k" * 9_000_000: one}, gpt2_adapter / "adapter_model.bin")
+    assert "-byte pickle; a LoRA's needs at most" in _refused(gpt2_adapter, gpt2_targets)
+    torch.save({"k": one}, gpt2_adapter / "adapter_model.bin", _use_new_zipfile_serialization=False)
+    assert "is not a torch zip file" in _refused(gpt2_adapter, gpt2_targets)
