@@ -26,6 +26,7 @@ from gpu_worker.errors import InvalidAdapterError
 from gpu_worker.models.base import CausalLM
 
 CONFIG_FILE = "adapter_config.json"
+MAX_CONFIG_BYTES = 1 << 20
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 # A LoRA holds two tensors a projection a layer, far fewer than this; each takes at most MAX_ENTRY_BYTES of a
 # safetensors header or of a .bin's zip directory. Both are parsed into an object per entry, so they are
@@ -78,10 +79,17 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
     adapter_config.json is missing, unparseable, not a LoRA, or uses a variant Ruvon does not apply."""
     file = Path(path) / CONFIG_FILE
     try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
+        with open(file, "rb") as f:
+            text = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise InvalidAdapterError(f"no {CONFIG_FILE} in the adapter directory") from None
-    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an int of 4300+ digits
+    except OSError as exc:
+        raise InvalidAdapterError(f"cannot read {CONFIG_FILE}: {exc.strerror or exc}") from None
+    if len(text) > MAX_CONFIG_BYTES:  # parsed, JSON takes up to ~25x its size in memory
+        raise InvalidAdapterError(f"{CONFIG_FILE} is over {MAX_CONFIG_BYTES} bytes (PEFT writes ~1 KB)")
+    try:
+        raw = json.loads(text.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8, an int of 4300+ digits
         raise InvalidAdapterError(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise InvalidAdapterError(f"{CONFIG_FILE} must hold a JSON object")

@@ -273,3 +273,12 @@ def test_it_refuses_a_bin_whose_pickle_no_lora_needs(
     assert "-byte pickle; a LoRA's needs at most" in _refused(gpt2_adapter, gpt2_targets)
     torch.save({"k": one}, gpt2_adapter / "adapter_model.bin", _use_new_zipfile_serialization=False)
     assert "is not a torch zip file" in _refused(gpt2_adapter, gpt2_targets)
+
+
+def test_it_refuses_a_config_no_peft_adapter_needs(
+    gpt2_adapter: Path, gpt2_targets: dict[str, tuple[int, int]]
+) -> None:
+    # 3 bytes of JSON a list: ~25x that in memory once parsed, from a zip entry that compresses ~1000x.
+    (gpt2_adapter / "adapter_config.json").write_text("[" + "[]," * 400_000 + "[]]")
+    reason = _refused(gpt2_adapter, gpt2_targets)
+    assert reason.startswith("adapter_config.json is over 1048576 bytes"), reason
