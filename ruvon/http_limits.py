@@ -88,20 +88,21 @@ def _limit_bodies() -> None:
         _refuse(self.channel, _response(b"413 Content Too Large", message, "request_too_large"))
 
     def gotLength(self: Any, length: int | None) -> None:  # noqa: N802 (Twisted's name)
-        self._ruvon_limit, self._ruvon_received, self._ruvon_refused = (
-            body_limit(self.channel._path),
-            0,
-            False,
-        )
-        got_length(self, length if length is None or length <= self._ruvon_limit else 0)
-        if length is not None and length > self._ruvon_limit:
+        # HTTP/1.x only: an HTTP/2 stream (daphne over TLS) has no raw transport to answer on.
+        h1 = isinstance(self.channel, http.HTTPChannel)
+        self._ruvon_limit = body_limit(self.channel._path) if h1 else None
+        self._ruvon_received, self._ruvon_refused = 0, False
+        if length is not None and self._ruvon_limit is not None and length > self._ruvon_limit:
+            got_length(self, 0)
             refuse(self)
+        else:
+            got_length(self, length)
 
     def handleContentChunk(self: Any, data: bytes) -> None:  # noqa: N802 (Twisted's name)
         if self._ruvon_refused:
             return
         self._ruvon_received += len(data)
-        if self._ruvon_received > self._ruvon_limit:
+        if self._ruvon_limit is not None and self._ruvon_received > self._ruvon_limit:
             refuse(self)
             return
         content_chunk(self, data)
