@@ -178,6 +178,20 @@ def test_it_leaves_nothing_for_an_adapter_deleted_while_it_was_checked(acme: Ten
 # ------------------------------------------------------------------------- where the LoRA info comes from
 
 
+def test_it_removes_the_folder_of_an_adapter_deleted_as_it_became_ready(
+    acme: Tenant, media: Path, django_capture_on_commit_callbacks: Any
+) -> None:
+    archive = ContentFile(adapter_zip(), name="adapter.zip")
+    adapter = registry.create_adapter(acme, None, "pirate", "tiny", archive, "tiny")
+    Adapter.objects.filter(pk=adapter.pk).update(status=Adapter.Status.VALIDATING)
+    seen = registry.adapter_of(acme, "pirate")  # DELETE /v1/adapters/pirate looks it up: validating, no path
+    assert validation.check_and_publish(adapter, tiny_lora_info()) == Adapter.Status.READY  # then it is ready
+    with django_capture_on_commit_callbacks(execute=True):
+        registry.delete_adapter(seen)  # and deleted, with the path the API read
+    assert not Adapter.objects.exists()
+    assert files_under(media) == [], "a deleted adapter's serving folder must not stay on disk"
+
+
 def test_it_refuses_a_base_model_that_is_not_served_or_has_lora_off() -> None:
     info = {"model": "tiny", "workers": 1, "lora": tiny_lora_info()}
     assert validation.lora_support("tiny", info) == tiny_lora_info()
