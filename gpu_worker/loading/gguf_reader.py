@@ -21,6 +21,7 @@ from gguf.quants import quant_shape_to_byte_shape
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
+MAX_ARRAY_DEPTH = 8  # llama.cpp writes arrays of scalars or strings; deeper nesting would only recurse
 
 # GGUF metadata value types (gguf.GGUFValueType): the fixed-size ones as struct formats.
 _STRING, _ARRAY = 8, 9
@@ -79,7 +80,9 @@ class GGUFFile:
             key = self._string()
             self.fields[key] = self._value(self._scalar(4))
         infos = [self._tensor_info() for _ in range(tensor_count)]
-        alignment = int(self.fields.get("general.alignment", DEFAULT_ALIGNMENT))
+        alignment = self.fields.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1:
+            raise ValueError(f"general.alignment must be a positive integer, not {alignment!r}")
         data_start = -(-self._offset // alignment) * alignment
         data = np.frombuffer(self._map, dtype=np.uint8)
         self.tensors = [self._tensor(data, data_start, *info) for info in infos]
@@ -95,19 +98,21 @@ class GGUFFile:
         start, self._offset = self._offset, self._offset + size
         return self._map[start : self._offset].decode("utf-8")
 
-    def _value(self, kind: int) -> Any:
+    def _value(self, kind: int, depth: int = 0) -> Any:
         if kind == _STRING:
             return self._string()
         if kind in _SCALARS:
             return self._scalar(kind)
         if kind != _ARRAY:
             raise ValueError(f"unknown GGUF value type {kind}")
+        if depth == MAX_ARRAY_DEPTH:
+            raise ValueError(f"GGUF arrays nested more than {MAX_ARRAY_DEPTH} deep")
         item, count = self._scalar(4), self._scalar(10)
         if item in _NUMPY:  # one read for the whole array (token types, scores)
             values: np.ndarray = np.frombuffer(self._map, _NUMPY[item], count, self._offset)
             self._offset += values.nbytes
             return values.tolist()
-        return [self._value(item) for _ in range(count)]
+        return [self._value(item, depth + 1) for _ in range(count)]
 
     def _tensor_info(self) -> tuple[str, tuple[int, ...], GGMLQuantizationType, int]:
         name = self._string()

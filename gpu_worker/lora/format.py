@@ -13,6 +13,7 @@ import json
 import math
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,13 @@ from gpu_worker.errors import InvalidAdapterError
 from gpu_worker.models.base import CausalLM
 
 CONFIG_FILE = "adapter_config.json"
+MAX_CONFIG_BYTES = 1 << 20
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+# A LoRA holds two tensors a projection a layer, far fewer than this; each takes at most MAX_ENTRY_BYTES of a
+# safetensors header or of a .bin's zip directory. Both are parsed into an object per entry, so they are
+# bounded before parsing.
+MAX_TENSORS = 16_384
+MAX_ENTRY_BYTES = 512
 # base_model.model.<module path>.lora_A[.<adapter name>].weight
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -72,10 +79,17 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
     adapter_config.json is missing, unparseable, not a LoRA, or uses a variant Ruvon does not apply."""
     file = Path(path) / CONFIG_FILE
     try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
+        with open(file, "rb") as f:
+            text = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise InvalidAdapterError(f"no {CONFIG_FILE} in the adapter directory") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
+        raise InvalidAdapterError(f"cannot read {CONFIG_FILE}: {exc.strerror or exc}") from None
+    if len(text) > MAX_CONFIG_BYTES:  # parsed, JSON takes up to ~25x its size in memory
+        raise InvalidAdapterError(f"{CONFIG_FILE} is over {MAX_CONFIG_BYTES} bytes (PEFT writes ~1 KB)")
+    try:
+        raw = json.loads(text.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8, an int of 4300+ digits
         raise InvalidAdapterError(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise InvalidAdapterError(f"{CONFIG_FILE} must hold a JSON object")
@@ -234,10 +248,21 @@ def _read_weights_file(path: Path) -> tuple[Path, bytes]:
 def _parse_weights(file: Path, data: bytes) -> dict[str, torch.Tensor]:
     """Return the tensors of a weights file's bytes; a .bin only through torch's weights-only unpickler."""
     if file.suffix == ".safetensors":
+        header_bytes = int.from_bytes(data[:8], "little")
+        if header_bytes > MAX_TENSORS * MAX_ENTRY_BYTES:
+            limit = MAX_TENSORS * MAX_ENTRY_BYTES
+            raise InvalidAdapterError(
+                f"{file.name} has a {header_bytes}-byte header; a LoRA's needs at most {limit}"
+            )
         try:
             return load_safetensors(data)
         except (SafetensorError, ValueError) as exc:
             raise InvalidAdapterError(f"{file.name} is not a valid safetensors file: {exc}") from None
+        except KeyError as exc:  # a dtype safetensors knows and torch does not (F4, F8_E8M0)
+            raise InvalidAdapterError(
+                f"{file.name} holds a tensor of dtype {exc}, which torch cannot load"
+            ) from None
+    _check_torch_zip(file, data)
     try:
         loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError) as exc:
@@ -248,6 +273,41 @@ def _parse_weights(file: Path, data: bytes) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
         raise InvalidAdapterError(f"{file.name} must hold a flat dict of tensors")
     return loaded
+
+
+def _check_torch_zip(file: Path, data: bytes) -> None:
+    """Refuse a .bin that torch.load would spend unbounded memory or time on: one not in torch's zip format
+    (its pickle, the whole file, would be unpickled first), a zip directory or pickle bigger than a LoRA's
+    (the weights-only unpickler takes ~0.1 ms a tensor), or a compressed record (torch.load inflates each whole:
+    a few KiB of deflated zeros would allocate GiBs; torch.save stores records uncompressed)."""
+    if not data.startswith(b"PK\x03\x04"):
+        raise InvalidAdapterError(
+            f"{file.name} is not a torch zip file (torch.save since 1.6), the only kind the weights-only "
+            "loader takes here; save it again, or as safetensors"
+        )
+    limit = MAX_TENSORS * MAX_ENTRY_BYTES
+    # zipfile builds an object per entry: bound the directory first, from its end record alone.
+    end = zipfile._EndRecData(io.BytesIO(data))  # type: ignore[attr-defined]
+    if end is not None and (
+        end[zipfile._ECD_ENTRIES_TOTAL] > MAX_TENSORS  # type: ignore[attr-defined]
+        or end[zipfile._ECD_SIZE] > limit  # type: ignore[attr-defined]
+    ):
+        raise InvalidAdapterError(f"{file.name} holds more records than a LoRA has (at most {MAX_TENSORS})")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            members = zf.infolist()
+    except (zipfile.BadZipFile, ValueError) as exc:
+        raise InvalidAdapterError(f"{file.name} is not a readable torch zip file: {exc}") from None
+    packed = [m.filename for m in members if m.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise InvalidAdapterError(
+            f"{file.name} holds compressed records ({packed[0]}); torch.save writes them uncompressed"
+        )
+    pickles = [m for m in members if m.filename.endswith(".pkl") and m.file_size > limit]
+    if pickles:
+        raise InvalidAdapterError(
+            f"{file.name} has a {pickles[0].file_size}-byte pickle; a LoRA's needs at most {limit}"
+        )
 
 
 def _pair_tensors(
@@ -287,14 +347,15 @@ def _locate(
 ) -> tuple[int, str]:
     """Return (layer index, target suffix) of a PEFT module path such as "transformer.h.3.attn.c_attn"."""
     parts = module.split(".")
-    index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    index = next((i for i, part in enumerate(parts) if part.isascii() and part.isdigit()), None)
     if index is None:
         raise InvalidAdapterError(
             f"tensor {key!r} is not inside a decoder layer (embeddings, heads: not supported)"
         )
-    layer = int(parts[index])
+    digits = parts[index]  # int() refuses 4300+ digits: no layer index is longer than ten
+    layer = int(digits) if len(digits) <= 10 else num_layers
     if layer >= num_layers:
-        raise InvalidAdapterError(f"tensor {key!r} is for layer {layer}; this model has {num_layers} layers")
+        raise InvalidAdapterError(f"tensor {key!r} is for layer {digits}; this model has {num_layers} layers")
     target = match_target(".".join(parts[index + 1 :]), targets)
     if target is None or target not in wanted:
         raise InvalidAdapterError(

@@ -8,12 +8,15 @@ import shutil
 import stat
 import zipfile
 import zlib
+from contextlib import nullcontext
 from pathlib import Path, PurePosixPath
 from typing import IO
 
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHTS_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # in order of preference
 CHUNK = 1 << 20
+# The most one entry of the zip's central directory may take: its fixed 46 bytes, then name, extra and comment.
+MAX_ENTRY_BYTES = 46 + 4096
 
 
 class UnsafeArchive(ValueError):
@@ -29,6 +32,7 @@ def extract_adapter(archive: Path | IO[bytes], dest: Path, *, max_bytes: int, ma
     `archive` into the new directory `dest`; return the weights file's name. Raise UnsafeArchive, with
     `dest` removed."""
     try:
+        _check_directory(archive, max_files=max_files)
         with zipfile.ZipFile(archive) as zf:
             members = checked_members(zf, max_bytes=max_bytes, max_files=max_files)
             config, weights = adapter_files(members)
@@ -48,6 +52,24 @@ def extract_adapter(archive: Path | IO[bytes], dest: Path, *, max_bytes: int, ma
     except (zlib.error, EOFError, NotImplementedError) as exc:
         raise UnsafeArchive(f"the zip file is damaged or uses an unsupported compression ({exc})") from exc
     return PurePosixPath(weights.filename).name
+
+
+def _check_directory(archive: Path | IO[bytes], *, max_files: int) -> None:
+    """Refuse a central directory bigger than `max_files` entries need, from the zip's end record alone:
+    zipfile builds an object per entry before anything can count them (~8x the upload's size in memory),
+    walking the directory by its size, whatever entry count the end record states."""
+    with open(archive, "rb") if isinstance(archive, Path) else nullcontext(archive) as fp:
+        end = zipfile._EndRecData(fp)  # type: ignore[attr-defined]
+        fp.seek(0)
+    if end is None:
+        return  # not a zip: zipfile says so
+    entries, size = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
+    if entries > max_files:
+        raise UnsafeArchive(f"the zip holds {entries} entries; at most {max_files} are allowed")
+    if size > max_files * MAX_ENTRY_BYTES:
+        raise UnsafeArchive(
+            f"the zip's directory is {size} bytes; {max_files} entries need at most {max_files * MAX_ENTRY_BYTES}"
+        )
 
 
 def checked_members(zf: zipfile.ZipFile, *, max_bytes: int, max_files: int) -> list[zipfile.ZipInfo]:

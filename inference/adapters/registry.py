@@ -203,7 +203,13 @@ def delete_adapter(adapter: Adapter) -> None:
     """Delete the adapter: the row first (a request arriving after this gets 404); its files and the
     workers' copies follow once that commits (adapter_deleted). Requests already running on it keep the copy
     their worker loaded."""
-    adapter.delete()
+    with transaction.atomic():
+        # The row as it is now, locked: validation may have made it ready (with a folder) since `adapter` was
+        # read, and its path is what adapter_deleted removes. A validation publishing later finds no row and
+        # removes its folder itself.
+        current = Adapter.objects.select_for_update().filter(pk=adapter.pk).first()
+        if current is not None:
+            current.delete()
 
 
 def adapter_deleted(sender: type[Adapter], instance: Adapter, **kwargs: Any) -> None:

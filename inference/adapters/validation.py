@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ruvon.adapters")
 
 STAGING = ".staging"  # under RUVON_ADAPTER_DIR, so moving a checked folder into place is one rename
+MAX_REASON = 1000  # characters of a failure reason kept: it may quote a name from the upload, of any length
 
 
 class WorkerUnavailable(Exception):
@@ -153,6 +154,9 @@ def publish(adapter: Adapter, staging: Path, info: AdapterInfo) -> str:
 def fail(adapter: Adapter, reason: str) -> str:
     """Mark the adapter failed with `reason`, remove any folder it was served from, and tell the workers to
     drop it (a ready adapter validated again can fail: a worker now has a smaller max rank)."""
+    if len(reason) > MAX_REASON:  # the head and the tail say what is wrong; the middle is the quoted name
+        half = MAX_REASON // 2
+        reason = f"{reason[:half]}...{reason[-half:]}"
     Adapter.objects.filter(pk=adapter.pk).update(status=Adapter.Status.FAILED, failure_reason=reason, path="")
     if adapter.path:
         shutil.rmtree(adapter.path, ignore_errors=True)

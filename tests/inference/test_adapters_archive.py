@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import zipfile
 from pathlib import Path
 
@@ -102,3 +103,13 @@ def test_it_refuses_a_damaged_member(tmp_path: Path) -> None:
     data[start + 10 : start + 40] = bytes(30)  # inside the deflated weights
     reason = _refused(bytes(data), tmp_path)
     assert "damaged" in reason or "not a readable zip" in reason
+
+
+def test_it_refuses_a_directory_too_big_for_the_entry_limit_before_parsing_it(tmp_path: Path) -> None:
+    # 20,000 directory entries (~1 MiB; 256 MiB would make ~2 GiB of objects) under an end record claiming 1:
+    # zipfile walks the directory by its size, building every entry, before the entry limit could refuse it.
+    local = struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, 0, 0, 0, 0, 0, 0, 1, 0) + b"a"
+    entry = struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0) + b"a"
+    directory = entry * 20_000
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, len(directory), len(local), 0)
+    assert "the zip's directory is 940000 bytes" in _refused(local + directory + end, tmp_path)

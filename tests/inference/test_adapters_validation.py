@@ -131,6 +131,16 @@ def test_it_refuses_a_tensor_of_the_wrong_shape(acme: Tenant, media: Path) -> No
     _failed(validated(acme, adapter_zip(tensors=tensors)), media, key, "(191, 4)", "(192, 4)")
 
 
+def test_it_keeps_a_failure_reason_short_whatever_the_upload_names(acme: Tenant, media: Path) -> None:
+    # A 1 MiB tensor name compresses to almost nothing; quoted whole, a hundred such uploads made every
+    # listing of the tenant's adapters (API, admin) 100 MiB, and the database row as big.
+    tensors = {**peft_tensors(), "x" * (1 << 20): torch.zeros(1)}
+    reason = _failed(
+        validated(acme, adapter_zip(tensors=tensors)), media, "tensor 'xxx", "is not a LoRA A or B"
+    )
+    assert len(reason) <= 1003  # validation.MAX_REASON and the "..." of the elided middle
+
+
 def test_it_refuses_a_layer_the_model_does_not_have(acme: Tenant, media: Path) -> None:
     _failed(validated(acme, adapter_zip(tensors=peft_tensors(layers=3))), media, "layer 2", "2 layers")
 
@@ -166,6 +176,20 @@ def test_it_leaves_nothing_for_an_adapter_deleted_while_it_was_checked(acme: Ten
 
 
 # ------------------------------------------------------------------------- where the LoRA info comes from
+
+
+def test_it_removes_the_folder_of_an_adapter_deleted_as_it_became_ready(
+    acme: Tenant, media: Path, django_capture_on_commit_callbacks: Any
+) -> None:
+    archive = ContentFile(adapter_zip(), name="adapter.zip")
+    adapter = registry.create_adapter(acme, None, "pirate", "tiny", archive, "tiny")
+    Adapter.objects.filter(pk=adapter.pk).update(status=Adapter.Status.VALIDATING)
+    seen = registry.adapter_of(acme, "pirate")  # DELETE /v1/adapters/pirate looks it up: validating, no path
+    assert validation.check_and_publish(adapter, tiny_lora_info()) == Adapter.Status.READY  # then it is ready
+    with django_capture_on_commit_callbacks(execute=True):
+        registry.delete_adapter(seen)  # and deleted, with the path the API read
+    assert not Adapter.objects.exists()
+    assert files_under(media) == [], "a deleted adapter's serving folder must not stay on disk"
 
 
 def test_it_refuses_a_base_model_that_is_not_served_or_has_lora_off() -> None:

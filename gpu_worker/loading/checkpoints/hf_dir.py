@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -202,8 +203,23 @@ def _safetensors_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]
             yield key, tensor
 
 
+def _refuse_compressed_records(file: Path) -> None:
+    """torch.load inflates a record of torch's zip format whole into memory, whatever the file's size;
+    torch.save never compresses one, so a compressed record can only be a bomb."""
+    try:
+        with zipfile.ZipFile(file) as zf:
+            packed = next((m.filename for m in zf.infolist() if m.compress_type != zipfile.ZIP_STORED), None)
+    except (zipfile.BadZipFile, OSError):
+        return  # torch's legacy format (nothing compressed), or unreadable: torch.load says so
+    if packed is not None:
+        raise ModelLoadError(
+            f"{file} holds a compressed record ({packed}); torch.save writes them uncompressed"
+        )
+
+
 def _torch_bin_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     for file in files:
+        _refuse_compressed_records(file)
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:

@@ -78,3 +78,30 @@ def test_it_refuses_what_is_not_gguf_or_a_version_it_does_not_read(tmp_path: Pat
     path.write_bytes(b"GGUF" + (9).to_bytes(4, "little") + b"\x00" * 64)
     with pytest.raises(ValueError, match="version 9"):
         GGUFFile(path)
+
+
+def test_it_refuses_a_crafted_alignment_or_nesting_with_value_error(tmp_path: Path) -> None:
+    def string(text: str) -> bytes:
+        return len(text).to_bytes(8, "little") + text.encode()
+
+    def header(field: bytes) -> bytes:  # GGUF v3, no tensors, one metadata field
+        return (
+            b"GGUF"
+            + (3).to_bytes(4, "little")
+            + (0).to_bytes(8, "little")
+            + (1).to_bytes(8, "little")
+            + field
+        )
+
+    array_of_one = (9).to_bytes(4, "little") + (1).to_bytes(8, "little")  # item type array, count 1
+    crafted = {
+        "alignment 0": string("general.alignment") + (4).to_bytes(4, "little") + (0).to_bytes(4, "little"),
+        "alignment list": string("general.alignment")
+        + b"".join(n.to_bytes(size, "little") for n, size in ((9, 4), (4, 4), (1, 8), (32, 4))),  # [32]
+        "arrays 5000 deep": string("k") + (9).to_bytes(4, "little") + array_of_one * 5000,
+    }
+    path = tmp_path / "crafted.gguf"
+    for field in crafted.values():
+        path.write_bytes(header(field) + bytes(64))
+        with pytest.raises(ValueError):  # before: ZeroDivisionError, TypeError, RecursionError
+            GGUFFile(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import gguf
@@ -178,6 +179,19 @@ def test_it_loads_a_pytorch_model_bin(tiny_gpt2, tmp_path: Path) -> None:
     torch.testing.assert_close(
         forward_dense(loaded.model, PROMPT), tiny_gpt2.logits(PROMPT), atol=1e-5, rtol=0
     )
+
+
+def test_it_refuses_a_pytorch_model_bin_with_compressed_records(tiny_gpt2, tmp_path: Path) -> None:
+    # torch.load inflates each record whole: deflated, a few MiB of zeros under a view of the right shape
+    # would ask for GiBs. torch.save never compresses, so any compressed record is refused before loading.
+    shutil.copy(tiny_gpt2.path / "config.json", tmp_path / "config.json")
+    plain = tmp_path / "plain.bin"
+    torch.save(tiny_gpt2.model.state_dict(), plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(tmp_path / "pytorch_model.bin", "w") as out:
+        for info in src.infolist():
+            out.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(ModelLoadError, match="holds a compressed record"):
+        load_model(str(tmp_path))
 
 
 def test_it_loads_sharded_safetensors(tiny_llama, tmp_path: Path) -> None:

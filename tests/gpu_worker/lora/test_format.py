@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -193,3 +195,90 @@ def test_it_refuses_weights_changed_since_the_registry_checked_them(
     save_file({k: v + 1 for k, v in stored.items()}, gpt2_adapter / WEIGHTS)
     with pytest.raises(InvalidAdapterError, match="changed on disk"):
         read_adapter(gpt2_adapter, gpt2_targets, 2, 16, expected_sha256=sha)
+
+
+def test_it_refuses_a_bin_whose_records_inflate_past_its_size(
+    gpt2_adapter: Path, gpt2_targets: dict[str, tuple[int, int]]
+) -> None:
+    # Every tensor has the right shape, but one is a view of a 16 MiB storage that torch.load would inflate
+    # from a few KiB of deflated zeros: at the upload limit that is a thousand times the limit in memory.
+    stored = load_file(gpt2_adapter / WEIGHTS)
+    (gpt2_adapter / WEIGHTS).unlink()
+    key = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
+    big = torch.zeros(4 << 20)
+    stored[key] = big[: stored[key].numel()].view(stored[key].shape)
+    plain = io.BytesIO()
+    torch.save(stored, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(gpt2_adapter / "adapter_model.bin", "w") as out:
+        for info in src.infolist():
+            out.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    assert (gpt2_adapter / "adapter_model.bin").stat().st_size < big.nbytes // 100
+    assert "holds compressed records" in _refused(gpt2_adapter, gpt2_targets)
+
+
+def test_it_refuses_crafted_files_with_a_reason(
+    gpt2_adapter: Path, gpt2_targets: dict[str, tuple[int, int]]
+) -> None:
+    # Each of these raised a bare RecursionError, ValueError or KeyError: "an internal error" to the uploader.
+    config = gpt2_adapter / "adapter_config.json"
+    good = config.read_text()
+    config.write_text("[" * 100_000 + "]" * 100_000)
+    assert "not valid JSON" in _refused(gpt2_adapter, gpt2_targets)
+    config.write_text(good.replace('"r": 4', '"r": ' + "9" * 5000))
+    assert "not valid JSON" in _refused(gpt2_adapter, gpt2_targets)
+    config.write_text(good)
+    stored = load_file(gpt2_adapter / WEIGHTS)
+    a = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
+    for layer, reason in (
+        ("\N{SUPERSCRIPT TWO}", "not inside a decoder layer"),
+        ("9" * 5000, "is for layer 999"),
+    ):
+        save_file({**stored, a.replace(".0.", f".{layer}."): stored[a].clone()}, gpt2_adapter / WEIGHTS)
+        assert reason in _refused(gpt2_adapter, gpt2_targets)
+    header = json.dumps({a: {"dtype": "F8_E8M0", "shape": [4], "data_offsets": [0, 4]}}).encode()
+    (gpt2_adapter / WEIGHTS).write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    assert "dtype 'F8_E8M0', which torch cannot load" in _refused(gpt2_adapter, gpt2_targets)
+
+
+def test_it_refuses_a_bin_with_a_directory_no_lora_needs(
+    gpt2_adapter: Path, gpt2_targets: dict[str, tuple[int, int]]
+) -> None:
+    (gpt2_adapter / WEIGHTS).unlink()
+    with zipfile.ZipFile(gpt2_adapter / "adapter_model.bin", "w") as out:
+        for i in range(16_385):
+            out.writestr(f"archive/data/{i}", b"")
+    assert "holds more records than a LoRA has" in _refused(gpt2_adapter, gpt2_targets)
+
+
+def test_it_refuses_a_safetensors_header_no_lora_needs(
+    gpt2_adapter: Path, gpt2_targets: dict[str, tuple[int, int]]
+) -> None:
+    # 200,000 empty tensors: an 11 MB header (a few hundred KiB zipped) that safetensors would turn into
+    # 200,000 tensors before the first name is refused; at its 100 MB header limit, GiBs and tens of seconds.
+    entries = ",".join(f'"t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' for i in range(200_000))
+    header = ("{" + entries + "}").encode()
+    (gpt2_adapter / WEIGHTS).write_bytes(len(header).to_bytes(8, "little") + header)
+    assert f"has a {len(header)}-byte header" in _refused(gpt2_adapter, gpt2_targets)
+
+
+def test_it_refuses_a_bin_whose_pickle_no_lora_needs(
+    gpt2_adapter: Path, gpt2_targets: dict[str, tuple[int, int]]
+) -> None:
+    # The pickle is what costs: 150,000 views of one storage make a 10 MiB one (~2 MiB zipped) that the
+    # weights-only unpickler spent ~15 s on before the first name was refused; a 256 MiB upload, a quarter of
+    # an hour. A 9 MB name makes one as big, quicker to save. A legacy (non-zip) .bin is all pickle: refused.
+    (gpt2_adapter / WEIGHTS).unlink()
+    one = torch.zeros(1)
+    torch.save({"k" * 9_000_000: one}, gpt2_adapter / "adapter_model.bin")
+    assert "-byte pickle; a LoRA's needs at most" in _refused(gpt2_adapter, gpt2_targets)
+    torch.save({"k": one}, gpt2_adapter / "adapter_model.bin", _use_new_zipfile_serialization=False)
+    assert "is not a torch zip file" in _refused(gpt2_adapter, gpt2_targets)
+
+
+def test_it_refuses_a_config_no_peft_adapter_needs(
+    gpt2_adapter: Path, gpt2_targets: dict[str, tuple[int, int]]
+) -> None:
+    # 3 bytes of JSON a list: ~25x that in memory once parsed, from a zip entry that compresses ~1000x.
+    (gpt2_adapter / "adapter_config.json").write_text("[" + "[]," * 400_000 + "[]]")
+    reason = _refused(gpt2_adapter, gpt2_targets)
+    assert reason.startswith("adapter_config.json is over 1048576 bytes"), reason
