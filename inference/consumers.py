@@ -71,7 +71,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     ) -> None:
         try:
             content = await self.decode_json(text_data) if text_data else None
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than the parser goes
             await self._send_error("invalid_request_error", "messages must be JSON text", None)
             return
         await self.receive_json(content)

@@ -117,9 +117,12 @@ class TrialStack:
 
     def _kept(self, name: str, size: int = 50) -> str:
         path = self.var_dir / name
-        if not path.exists():
-            path.write_text(secrets.token_urlsafe(size))
-            path.chmod(0o600)
+        try:  # created owner-only from the start (never readable by others, even for a moment)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(size))
+        except FileExistsError:
+            pass
         return path.read_text().strip()
 
     def start(self) -> str:

@@ -149,6 +149,8 @@ def test_it_reports_bad_input_and_keeps_the_socket_open(owner: Any) -> None:
             replies.append(await ws.receive_json_from(timeout=10))
         await ws.send_to(text_data="{not json")
         replies.append(await ws.receive_json_from(timeout=10))
+        await ws.send_to(text_data="[" * 100_000 + "]" * 100_000)  # deeper than the JSON parser recurses
+        replies.append(await ws.receive_json_from(timeout=10))
         await ws.send_json_to({"messages": HELLO, "params": {"max_tokens": 2}})
         replies.append((await read_until(ws, {"done", "error"}))[-1])
         await ws.disconnect()
@@ -159,6 +161,7 @@ def test_it_reports_bad_input_and_keeps_the_socket_open(owner: Any) -> None:
         ("error", "messages"),
         ("error", "params"),
         ("error", "messages"),
+        ("error", None),
         ("error", None),
     ]
     assert done["status"] == "completed"
