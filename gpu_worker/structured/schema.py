@@ -1,15 +1,21 @@
-"""The web tier's check of a request's JSON schema, before the request is queued: can xgrammar build a grammar
-from it? xgrammar (and torch, which it imports) load on the first schema, not with the module: a web process
-that never sees one starts seconds sooner on a small CPU and holds a few hundred MB less."""
+"""The web tier's check of a request's JSON schema, before the request is queued: is it shallow enough, and can
+xgrammar build a grammar from it? xgrammar (and torch, which it imports) load on the first schema, not with the
+module: a web process that never sees one starts seconds sooner on a small CPU and holds a few hundred MB less."""
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Any
 
 from gpu_worker.errors import InvalidRequestError
 
 # Compact JSON (", " and ": " separators, no free whitespace): a model cannot stall in a run of blanks.
 ANY_WHITESPACE = False
+# How deeply a schema document may nest (objects and lists): xgrammar's time grows about as depth**3, so a few
+# kilobytes nested 1,000 deep held a CPU for minutes, in the web tier's event loop and the engine's loop alike.
+# 64 is over six times the 10 levels OpenAI allows (an object level is two: "properties", then the property).
+MAX_SCHEMA_DEPTH = 64
 # xgrammar's C++ errors start with "[time] file.cc:line: "; the client gets the reason only.
 _CPP_PREFIX = re.compile(r"^\s*\[[0-9:]+\]\s+\S+:\d+:\s*")
 
@@ -24,7 +30,35 @@ def check_json_schema(schema: str, param: str = "json_schema") -> None:
     tokenizer, so the web tier checks a request with it before the request is queued."""
     import xgrammar as xgr
 
+    check_schema_depth(schema, param)
     try:
         xgr.Grammar.from_json_schema(schema, any_whitespace=ANY_WHITESPACE)
     except Exception as exc:  # xgrammar raises RuntimeError or its own InvalidJSONError, with the reason
         raise InvalidRequestError(f"invalid JSON schema: {reason(exc)}", param=param) from None
+
+
+def check_schema_depth(schema: str, param: str = "json_schema") -> None:
+    """Raise InvalidRequestError if `schema` (JSON text) nests deeper than MAX_SCHEMA_DEPTH."""
+    try:
+        too_deep = nests_deeper_than(json.loads(schema), MAX_SCHEMA_DEPTH)
+    except ValueError:
+        return  # not JSON: xgrammar says why
+    except RecursionError:
+        too_deep = True  # deeper than Python's own parser goes
+    if too_deep:
+        raise InvalidRequestError(
+            f"invalid JSON schema: nested more than {MAX_SCHEMA_DEPTH} levels deep", param=param
+        )
+
+
+def nests_deeper_than(value: Any, limit: int) -> bool:
+    """Return whether objects and lists nest more than `limit` levels deep in a JSON value (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if not isinstance(node, dict | list):
+            continue
+        if level > limit:
+            return True
+        stack.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -186,3 +187,29 @@ def test_it_gives_templates_an_assistants_tool_calls_with_arguments_as_an_object
         "{{ c.function.name }}{{ c.function.arguments | tojson }}{% endfor %}{% endfor %}"
     )
     assert template.render(chat_messages([message])) == 'f{"city": "Oslo"}'
+
+
+def _nested_arrays(depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+def test_it_refuses_a_json_schema_nested_too_deep_before_building_its_grammar(as_owner: ApiClient) -> None:
+    # xgrammar's time grows about as depth**3: 300 levels cost seconds of the web tier's event loop and of the
+    # engine's loop, 1,000 (still a small body) minutes; every other request waited behind it.
+    deep = _nested_arrays(300)
+    response_format = {"type": "json_schema", "json_schema": {"name": "deep", "schema": deep}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": deep}}
+    bodies = [
+        ("/v1/chat/completions", CHAT | {"response_format": response_format}, "response_format"),
+        ("/v1/completions", COMPLETION | {"response_format": response_format}, "response_format"),
+        ("/v1/chat/completions", CHAT | {"tools": [tool], "tool_choice": "required"}, "tools"),
+    ]
+    for path, body, param in bodies:
+        started = time.monotonic()
+        error = _error(as_owner.post(path, body), 400, param)
+        assert "nested" in error["message"] and time.monotonic() - started < 1
+    shallow = {"type": "json_schema", "json_schema": {"name": "ok", "schema": _nested_arrays(20)}}
+    assert as_owner.post("/v1/chat/completions", CHAT | {"response_format": shallow}).status_code == 200
