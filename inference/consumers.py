@@ -83,9 +83,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if self.stream_task is not None and not self.stream_task.done():
             await self._send_error("busy", 'a reply is still streaming; send {"type": "cancel"} first', None)
             return
+        # Checked again on every message: a socket outlives the tenant's deactivation or the user's removal.
+        tenant = await _tenant(self.tenant_id, self.scope["user"])
+        if tenant is None:
+            await self._send_error(
+                "permission_denied", "you are no longer a member of an active tenant", None
+            )
+            await self.close(code=4403)
+            return
         try:
             # The same tenant budget the API enforces; chat traffic is billed like API traffic.
-            tenant = await _tenant(self.tenant_id)
             await check_budget(tenant)
             client, served = await served_model()
             # A LoRA adapter as the API takes one: "<base>:<adapter>", the tenant's ready one or a start-up one.
@@ -231,10 +238,12 @@ def _client_timings(sent_at: float, first_token_at: float | None, tokens: int) -
 
 
 @database_sync_to_async
-def _tenant(tenant_id: str) -> Any:
+def _tenant(tenant_id: str, user: Any) -> Any:
+    """Return the tenant `tenant_id` while it is active and the user an active member of it, else None."""
     from accounts.models import Tenant
 
-    return Tenant.objects.get(pk=tenant_id)
+    members = {"memberships__user_id": user.pk, "memberships__user__is_active": True}
+    return Tenant.objects.filter(pk=tenant_id, is_active=True, **members).first()
 
 
 @database_sync_to_async

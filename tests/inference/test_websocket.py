@@ -16,6 +16,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.test import Client
 
+from accounts.models import Membership, Tenant
 from inference.models import UsageRecord
 from inference.transport import get_job_client, reset_job_client
 
@@ -112,6 +113,33 @@ def test_it_refuses_a_chat_over_the_tenant_budget(owner: Any) -> None:
 
     error = async_to_sync(scenario)()
     assert error["type"] == "error" and error["code"] == "insufficient_quota"
+    assert not UsageRecord.objects.filter(tenant=tenant).exists()
+
+
+@pytest.mark.parametrize("loses_access", ["tenant deactivated", "membership removed", "user deactivated"])
+def test_it_stops_serving_an_open_chat_once_its_user_loses_the_tenant(owner: Any, loses_access: str) -> None:
+    tenant = owner.key.tenant
+    headers = session_headers(owner.user)
+
+    async def scenario() -> tuple[list[dict[str, Any]], Any]:
+        ws = communicator(headers)
+        await ws.connect(timeout=30)
+        await ws.receive_json_from(timeout=30)  # ready: the user was a member of an active tenant
+        if loses_access == "tenant deactivated":
+            await Tenant.objects.filter(pk=tenant.pk).aupdate(is_active=False)
+        elif loses_access == "membership removed":
+            await Membership.objects.filter(tenant=tenant, user=owner.user).adelete()
+        else:
+            await get_user_model().objects.filter(pk=owner.user.pk).aupdate(is_active=False)
+        await ws.send_json_to({"messages": HELLO, "params": {"max_tokens": 5}})
+        replies = await read_until(ws, {"error", "started"})
+        closed = await ws.receive_output(timeout=10)
+        await ws.disconnect()
+        return replies, closed
+
+    [error], closed = async_to_sync(scenario)()
+    assert error["type"] == "error" and error["code"] == "permission_denied"
+    assert closed == {"type": "websocket.close", "code": 4403}
     assert not UsageRecord.objects.filter(tenant=tenant).exists()
 
 
