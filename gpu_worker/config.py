@@ -14,6 +14,9 @@ MAX_TOP_LOGPROBS = 20
 # every generated token is checked against each of them.
 MAX_STOP_SEQUENCES = 256
 MAX_STOP_TOKEN_IDS = 256
+# logit_bias entries per request: the sampler lays each one out on the host at every step, for every choice, so a
+# whole vocabulary of them (with n) held the engine's loop, and every tenant's requests, for seconds a step.
+MAX_LOGIT_BIAS = 300
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,11 @@ class SamplingParams:
                 all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()),
                 "logit_bias",
                 "logit_bias values must be in [-100, 100]",
+            ),
+            (
+                len(self.logit_bias) <= MAX_LOGIT_BIAS,
+                "logit_bias",
+                f"logit_bias may set at most {MAX_LOGIT_BIAS} tokens",
             ),
             (
                 self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,

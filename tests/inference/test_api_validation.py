@@ -54,6 +54,8 @@ def _named(name: str) -> dict[str, Any]:
         ({"logit_bias": {"abc": 1}}, "logit_bias"),
         ({"logit_bias": {"99999999": 1}}, "logit_bias"),
         ({"logit_bias": {"5": 500}}, "logit_bias"),
+        # Each entry is rebuilt on the host at every step: 50,000 held every tenant's requests for seconds.
+        ({"logit_bias": {str(t): 1 for t in range(301)}}, "logit_bias"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": [1, 2, 10**9]}, "prompt"),
         ({"prompt": ["one", ""]}, "prompt"),
