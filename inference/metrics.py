@@ -1,13 +1,17 @@
 """Engine metrics on the web tier's /metrics: in the embedded default the engine runs inside the web process,
 so its registry (gpu_worker/serving/telemetry.py) joins django-prometheus' exposition and one scrape sees both.
-Also the web tier's own per-adapter traffic, with a bounded number of adapter labels."""
+Also the web tier's own per-adapter traffic, with a bounded number of adapter labels, and who may scrape it."""
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import threading
 from collections.abc import Callable, Iterable
 
 from django.conf import settings
+from django.http import HttpRequest, HttpResponse, HttpResponseForbidden
+from django_prometheus.exports import ExportToDjangoView
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -115,3 +119,26 @@ class AdapterTraffic(Collector):
 
 adapter_traffic = AdapterTraffic(lambda: settings.RUVON_METRICS_TOP_ADAPTERS)
 REGISTRY.register(adapter_traffic)
+
+
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    """Return the Prometheus exposition to the operator's scraper only: its labels name tenants' adapters
+    ("<tenant id>/<name>") and their traffic, which no tenant, nor anyone else, may read."""
+    if not may_scrape(request):
+        return HttpResponseForbidden(
+            "/metrics needs RUVON_METRICS_TOKEN as a bearer token, or a client on this host\n",
+            content_type="text/plain",
+        )
+    return ExportToDjangoView(request)
+
+
+def may_scrape(request: HttpRequest) -> bool:
+    """Return whether the request bears RUVON_METRICS_TOKEN or, with no token set, comes from this host."""
+    token = settings.RUVON_METRICS_TOKEN
+    if token:
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
+    try:
+        return ipaddress.ip_address(request.META.get("REMOTE_ADDR") or "").is_loopback
+    except ValueError:  # no address (a unix socket): not known to be this host
+        return False

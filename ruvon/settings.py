@@ -267,6 +267,8 @@ RUVON_MAX_ADAPTER_FILES = env_int("RUVON_MAX_ADAPTER_FILES") or 32
 RUVON_MAX_ADAPTERS_PER_TENANT = env_int("RUVON_MAX_ADAPTERS_PER_TENANT") or 100
 # Prometheus labels requests by adapter for the N busiest adapters only; the rest count as "other".
 RUVON_METRICS_TOP_ADAPTERS = env_int("RUVON_METRICS_TOP_ADAPTERS") or 10
+# /metrics names tenants' adapters: with a token it answers `Authorization: Bearer <token>` only, else this host only.
+RUVON_METRICS_TOKEN = os.environ.get("RUVON_METRICS_TOKEN", "")
 # Build the job client (the embedded engine loads the model) when the server starts, not on the first request.
 RUVON_WARM_START = env_bool("RUVON_WARM_START", True)
 

@@ -7,6 +7,7 @@ from django.contrib import admin
 from django.urls import include, path
 
 from inference.api import api
+from inference.metrics import metrics_view
 from inference.ops import ops
 
 urlpatterns = [
@@ -15,5 +16,5 @@ urlpatterns = [
     path("v1/", api.urls),
     path("", include("inference.urls")),  # first: its landing page is "/", which ninja's root would take
     path("", ops.urls),
-    path("", include("django_prometheus.urls")),
+    path("metrics", metrics_view, name="prometheus-django-metrics"),  # django-prometheus' view, guarded
 ]

@@ -1,6 +1,7 @@
 """Security: key secrets are hashed and compared in constant time, and never reach logs, error bodies or error
 reports; the tenant budget holds for owner and teammate but not an outsider; the admin is staff-only; the login
-form needs its CSRF token and a session cookie alone opens no API; request bodies are size-limited."""
+form needs its CSRF token and a session cookie alone opens no API; request bodies are size-limited; /metrics,
+whose labels name tenants' adapters, is for the operator's Prometheus only."""
 
 from __future__ import annotations
 
@@ -17,12 +18,15 @@ from django.views.debug import get_default_exception_reporter_filter
 
 from accounts.keys import split_key
 from accounts.models import ApiKey
+from inference.metrics import adapter_traffic
 from inference.models import UsageRecord
 from inference.usage import record_usage
 from tests.conftest import settle_embedded_jobs
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from pytest_django.fixtures import SettingsWrapper
 
     from tests.conftest import ApiClient, Person
 
@@ -163,3 +167,19 @@ def test_it_refuses_an_oversized_body_with_413(as_owner: ApiClient) -> None:
         "param": None,
         "code": "request_too_large",
     }
+
+
+def test_it_keeps_metrics_that_name_tenants_adapters_from_the_public(settings: SettingsWrapper) -> None:
+    # The adapter label is "<tenant id>/<name>", with its requests and tokens: another tenant, or anyone,
+    # must not read which adapters a tenant has or how much it uses them.
+    adapter_traffic.observe("tiny", "7/merger-talks", 3, 5)
+    public = Client(REMOTE_ADDR="203.0.113.9").get("/metrics")
+    assert public.status_code == 403 and b"merger-talks" not in public.content
+    assert b'adapter="7/merger-talks"' in Client().get("/metrics").content  # Prometheus on this host
+    settings.RUVON_METRICS_TOKEN = "scrape-" + "s" * 32
+    bearer = {"Authorization": f"Bearer {settings.RUVON_METRICS_TOKEN}"}
+    remote = Client(REMOTE_ADDR="10.0.0.5")
+    assert b"merger-talks" in remote.get("/metrics", headers=bearer).content
+    for refused in ({}, {"Authorization": "Bearer wrong"}):
+        assert remote.get("/metrics", headers=refused).status_code == 403
+    assert Client().get("/metrics").status_code == 403  # with a token set, the host needs it too
