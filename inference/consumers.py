@@ -9,6 +9,7 @@ import time
 import uuid
 from typing import Any
 
+from channels.auth import get_user
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
@@ -83,13 +84,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if self.stream_task is not None and not self.stream_task.done():
             await self._send_error("busy", 'a reply is still streaming; send {"type": "cancel"} first', None)
             return
-        # Checked again on every message: a socket outlives the tenant's deactivation or the user's removal.
-        tenant = await _tenant(self.tenant_id, self.scope["user"])
+        # Checked again on every message: a socket outlives its session (signed out, password changed, user
+        # deactivated), the tenant's deactivation and the user's removal from it.
+        user = await _signed_in_user(self.scope)
+        tenant = await _tenant(self.tenant_id, user) if user.is_authenticated else None
         if tenant is None:
-            await self._send_error(
-                "permission_denied", "you are no longer a member of an active tenant", None
-            )
-            await self.close(code=4403)
+            signed_in = user.is_authenticated
+            reason = "a member of an active tenant" if signed_in else "signed in: sign in again"
+            await self._send_error("permission_denied", f"you are no longer {reason}", None)
+            await self.close(code=4403 if signed_in else 4401)
             return
         try:
             # The same tenant budget the API enforces; chat traffic is billed like API traffic.
@@ -237,13 +240,23 @@ def _client_timings(sent_at: float, first_token_at: float | None, tokens: int) -
     return {"ttft_s": ttft, "tokens_per_s": rate, "tokens": tokens}
 
 
+async def _signed_in_user(scope: dict[str, Any]) -> Any:
+    """Return the user the socket's session still signs in, else AnonymousUser: get_user checks the user is
+    active and the session's password hash; the session itself may have been deleted (signed out) since."""
+    from django.contrib.auth.models import AnonymousUser
+
+    session = scope["session"]
+    if not await database_sync_to_async(session.exists)(session.session_key):
+        return AnonymousUser()
+    return await get_user(scope)
+
+
 @database_sync_to_async
 def _tenant(tenant_id: str, user: Any) -> Any:
-    """Return the tenant `tenant_id` while it is active and the user an active member of it, else None."""
+    """Return the tenant `tenant_id` while it is active and the user a member of it, else None."""
     from accounts.models import Tenant
 
-    members = {"memberships__user_id": user.pk, "memberships__user__is_active": True}
-    return Tenant.objects.filter(pk=tenant_id, is_active=True, **members).first()
+    return Tenant.objects.filter(pk=tenant_id, is_active=True, memberships__user_id=user.pk).first()
 
 
 @database_sync_to_async

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from asgiref.sync import async_to_sync
+from asgiref.sync import async_to_sync, sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -35,8 +35,9 @@ def usage_written() -> Iterator[None]:
         usage.join()
 
 
-def session_headers(user: Any) -> list[tuple[bytes, bytes]]:
-    client = Client()
+def session_headers(user: Any, client: Client | None = None) -> list[tuple[bytes, bytes]]:
+    """Return a websocket's headers with the session of `user` signed in on `client` (default: a new one)."""
+    client = client or Client()
     client.force_login(user)
     cookie = f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}"
     return [(b"cookie", cookie.encode()), (b"origin", b"http://127.0.0.1"), (b"host", b"127.0.0.1")]
@@ -116,7 +117,7 @@ def test_it_refuses_a_chat_over_the_tenant_budget(owner: Any) -> None:
     assert not UsageRecord.objects.filter(tenant=tenant).exists()
 
 
-@pytest.mark.parametrize("loses_access", ["tenant deactivated", "membership removed", "user deactivated"])
+@pytest.mark.parametrize("loses_access", ["tenant deactivated", "membership removed"])
 def test_it_stops_serving_an_open_chat_once_its_user_loses_the_tenant(owner: Any, loses_access: str) -> None:
     tenant = owner.key.tenant
     headers = session_headers(owner.user)
@@ -127,10 +128,8 @@ def test_it_stops_serving_an_open_chat_once_its_user_loses_the_tenant(owner: Any
         await ws.receive_json_from(timeout=30)  # ready: the user was a member of an active tenant
         if loses_access == "tenant deactivated":
             await Tenant.objects.filter(pk=tenant.pk).aupdate(is_active=False)
-        elif loses_access == "membership removed":
-            await Membership.objects.filter(tenant=tenant, user=owner.user).adelete()
         else:
-            await get_user_model().objects.filter(pk=owner.user.pk).aupdate(is_active=False)
+            await Membership.objects.filter(tenant=tenant, user=owner.user).adelete()
         await ws.send_json_to({"messages": HELLO, "params": {"max_tokens": 5}})
         replies = await read_until(ws, {"error", "started"})
         closed = await ws.receive_output(timeout=10)
@@ -141,6 +140,38 @@ def test_it_stops_serving_an_open_chat_once_its_user_loses_the_tenant(owner: Any
     assert error["type"] == "error" and error["code"] == "permission_denied"
     assert closed == {"type": "websocket.close", "code": 4403}
     assert not UsageRecord.objects.filter(tenant=tenant).exists()
+
+
+@pytest.mark.parametrize("ends", ["signed out", "password changed", "user deactivated"])
+def test_it_stops_serving_an_open_chat_once_its_session_no_longer_signs_the_user_in(
+    owner: Any, ends: str
+) -> None:
+    browser = Client()
+    headers = session_headers(owner.user, browser)
+
+    async def scenario() -> tuple[list[dict[str, Any]], Any]:
+        ws = communicator(headers)
+        await ws.connect(timeout=30)
+        await ws.receive_json_from(timeout=30)  # ready
+        user = await get_user_model().objects.aget(pk=owner.user.pk)
+        if ends == "signed out":  # in another tab: the session is gone
+            assert (await sync_to_async(browser.post)("/accounts/logout/")).status_code == 302
+        elif ends == "password changed":  # Django signs out every other session of the user
+            user.set_password("pw-changed")
+            await user.asave()
+        else:
+            user.is_active = False
+            await user.asave()
+        await ws.send_json_to({"messages": HELLO, "params": {"max_tokens": 5}})
+        replies = await read_until(ws, {"error", "started"})
+        closed = await ws.receive_output(timeout=10)
+        await ws.disconnect()
+        return replies, closed
+
+    [error], closed = async_to_sync(scenario)()
+    assert error["type"] == "error" and error["code"] == "permission_denied"
+    assert closed == {"type": "websocket.close", "code": 4401}
+    assert not UsageRecord.objects.filter(tenant=owner.key.tenant).exists()
 
 
 def test_it_refuses_an_anonymous_websocket() -> None:
