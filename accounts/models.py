@@ -53,8 +53,9 @@ class Tenant(models.Model):
         return self.slug
 
     def role_of(self, user: AnyUser) -> str | None:
-        """Return the user's role in this tenant, or None for an outsider."""
-        if not user.is_authenticated:
+        """Return the user's role in this tenant, or None for an outsider or a deactivated user."""
+        # A deactivated user keeps their membership row, but their keys must not keep acting with its role.
+        if not user.is_authenticated or not user.is_active:
             return None
         membership = self.memberships.filter(user_id=user.pk).first()
         return membership.role if membership else None

@@ -204,3 +204,13 @@ def test_it_records_the_adapter_a_request_named(as_owner: ApiClient, owner: Pers
     assert [row["request_id"] for row in usage["data"]] == [record.request_id]
     assert usage["data"][0]["adapter"] == "pirate"
     assert as_owner.get("/v1/usage", adapter="other").json()["data"] == []
+
+
+def test_it_refuses_deletion_to_a_key_of_a_deactivated_owner(
+    as_owner: ApiClient, as_teammate: ApiClient, owner: Person
+) -> None:
+    upload(as_teammate, "members")
+    owner.user.is_active = False
+    owner.user.save()
+    assert _error(_delete(as_owner, "members"), 403)["code"] == "permission_denied"
+    assert _names(as_teammate) == ["members"]

@@ -134,3 +134,20 @@ def test_it_shows_the_tenant_its_members_budget_and_spend(
     theirs = as_outsider.get("/v1/tenant").json()
     assert theirs["id"] == "globex" and Decimal(theirs["month_spend_usd"]) == 0
     assert [m["username"] for m in theirs["members"]] == ["oscar"]
+
+
+def test_it_refuses_key_management_to_a_key_of_a_deactivated_member(
+    as_owner: ApiClient, owner: Person, teammate: Person
+) -> None:
+    # Deactivating a user is how Django signs someone out for good: their key must not keep their owner role.
+    owner.user.is_active = False
+    owner.user.save()
+    for response in (
+        as_owner.get("/v1/keys"),
+        as_owner.post("/v1/keys", {"name": "a way back in"}),
+        delete(as_owner, f"/v1/keys/{teammate.key.prefix}"),
+    ):
+        assert response.status_code == 403 and response.json()["error"]["code"] == "permission_denied"
+    assert ApiKey.objects.filter(tenant=owner.key.tenant).count() == 2
+    assert ApiKey.objects.get(pk=teammate.key.pk).revoked_at is None
+    assert as_owner.get("/v1/tenant").json()["role"] is None
