@@ -10,7 +10,7 @@ import torch
 import xgrammar as xgr
 
 from gpu_worker.errors import InvalidRequestError
-from gpu_worker.structured.schema import ANY_WHITESPACE, check_schema_depth, reason
+from gpu_worker.structured.schema import ANY_WHITESPACE, check_schema_size, reason
 
 
 class GrammarConstraint:
@@ -58,7 +58,7 @@ class GrammarCompiler:
         if compiled is not None:
             self._cache.move_to_end(schema)
             return compiled
-        check_schema_depth(schema)  # the web tier checked it too; a job may come from elsewhere
+        check_schema_size(schema)  # the web tier checked it too; a job may come from elsewhere
         try:
             compiled = self._compiler.compile_json_schema(schema, any_whitespace=ANY_WHITESPACE)
         except Exception as exc:

@@ -1,6 +1,7 @@
-"""The web tier's check of a request's JSON schema, before the request is queued: is it shallow enough, and can
-xgrammar build a grammar from it? xgrammar (and torch, which it imports) load on the first schema, not with the
-module: a web process that never sees one starts seconds sooner on a small CPU and holds a few hundred MB less."""
+"""The web tier's check of a request's JSON schema, before the request is queued: is it small and shallow
+enough, and can xgrammar build a grammar from it? xgrammar (and torch, which it imports) load on the first
+schema, not with the module: a web process that never sees one starts seconds sooner on a small CPU and holds a
+few hundred MB less."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ ANY_WHITESPACE = False
 # kilobytes nested 1,000 deep held a CPU for minutes, in the web tier's event loop and the engine's loop alike.
 # 64 is over six times the 10 levels OpenAI allows (an object level is two: "properties", then the property).
 MAX_SCHEMA_DEPTH = 64
+# How many JSON values (objects, lists, strings, numbers...) a schema document may hold: breadth costs like
+# depth (3,000 optional properties held the engine's loop for over 2 minutes); 2,048 stays within about a second.
+MAX_SCHEMA_VALUES = 2048
 # xgrammar's C++ errors start with "[time] file.cc:line: "; the client gets the reason only.
 _CPP_PREFIX = re.compile(r"^\s*\[[0-9:]+\]\s+\S+:\d+:\s*")
 
@@ -30,35 +34,40 @@ def check_json_schema(schema: str, param: str = "json_schema") -> None:
     tokenizer, so the web tier checks a request with it before the request is queued."""
     import xgrammar as xgr
 
-    check_schema_depth(schema, param)
+    check_schema_size(schema, param)
     try:
         xgr.Grammar.from_json_schema(schema, any_whitespace=ANY_WHITESPACE)
     except Exception as exc:  # xgrammar raises RuntimeError or its own InvalidJSONError, with the reason
         raise InvalidRequestError(f"invalid JSON schema: {reason(exc)}", param=param) from None
 
 
-def check_schema_depth(schema: str, param: str = "json_schema") -> None:
-    """Raise InvalidRequestError if `schema` (JSON text) nests deeper than MAX_SCHEMA_DEPTH."""
+def check_schema_size(schema: str, param: str = "json_schema") -> None:
+    """Raise InvalidRequestError if `schema` (JSON text) nests deeper than MAX_SCHEMA_DEPTH or holds more than
+    MAX_SCHEMA_VALUES values."""
     try:
-        too_deep = nests_deeper_than(json.loads(schema), MAX_SCHEMA_DEPTH)
+        depth, values = measure(json.loads(schema))
     except ValueError:
         return  # not JSON: xgrammar says why
     except RecursionError:
-        too_deep = True  # deeper than Python's own parser goes
-    if too_deep:
+        depth, values = MAX_SCHEMA_DEPTH + 1, 0  # deeper than Python's own parser goes
+    if depth > MAX_SCHEMA_DEPTH:
         raise InvalidRequestError(
             f"invalid JSON schema: nested more than {MAX_SCHEMA_DEPTH} levels deep", param=param
         )
+    if values > MAX_SCHEMA_VALUES:
+        raise InvalidRequestError(
+            f"invalid JSON schema: {values} values, more than the {MAX_SCHEMA_VALUES} allowed", param=param
+        )
 
 
-def nests_deeper_than(value: Any, limit: int) -> bool:
-    """Return whether objects and lists nest more than `limit` levels deep in a JSON value (no recursion)."""
-    stack = [(value, 1)]
-    while stack:
+def measure(value: Any) -> tuple[int, int]:
+    """Return how deeply objects and lists nest in a JSON value and how many values it holds, itself included
+    (no recursion; the walk stops once past either limit)."""
+    depth, values, stack = 0, 0, [(value, 0)]
+    while stack and depth <= MAX_SCHEMA_DEPTH and values <= MAX_SCHEMA_VALUES:
         node, level = stack.pop()
-        if not isinstance(node, dict | list):
-            continue
-        if level > limit:
-            return True
-        stack.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
-    return False
+        values += 1
+        if isinstance(node, dict | list):
+            depth = max(depth, level + 1)
+            stack.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return depth, values + len(stack)

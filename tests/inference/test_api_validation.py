@@ -215,3 +215,20 @@ def test_it_refuses_a_json_schema_nested_too_deep_before_building_its_grammar(as
         assert "nested" in error["message"] and time.monotonic() - started < 1
     shallow = {"type": "json_schema", "json_schema": {"name": "ok", "schema": _nested_arrays(20)}}
     assert as_owner.post("/v1/chat/completions", CHAT | {"response_format": shallow}).status_code == 200
+
+
+def test_it_refuses_a_json_schema_too_large_to_build_a_grammar_for_quickly(as_owner: ApiClient) -> None:
+    # Breadth costs like depth: 3,000 optional properties held the engine's loop for over 2 minutes, an anyOf
+    # of 48,000 values (880 kB) for 85 s.
+    def properties(count: int) -> dict[str, Any]:
+        names = [f"p{i}" for i in range(count)]
+        schema = {"type": "object", "properties": {n: {"type": "string"} for n in names}, "required": names}
+        return {"type": "json_schema", "json_schema": {"name": "wide", "schema": schema}}
+
+    started = time.monotonic()
+    response = as_owner.post("/v1/chat/completions", CHAT | {"response_format": properties(2500)})
+    assert "values" in _error(response, 400, "response_format")["message"]
+    assert time.monotonic() - started < 1
+    assert (
+        as_owner.post("/v1/chat/completions", CHAT | {"response_format": properties(500)}).status_code == 200
+    )
