@@ -276,9 +276,11 @@ RUVON_WARM_START = env_bool("RUVON_WARM_START", True)
 # tokens (prompt + max completion) wait for a worker; beyond that the API answers 503 with Retry-After. A
 # request still waiting RUVON_MAX_QUEUE_TIME_S after submission ends with 503 queue_timeout, one not finished
 # after RUVON_REQUEST_TIMEOUT_S with 504 request_timeout. A stream whose worker's heartbeat is older than
-# RUVON_WORKER_TIMEOUT_S ends with 503 worker_lost.
+# RUVON_WORKER_TIMEOUT_S ends with 503 worker_lost. One tenant may hold at most RUVON_MAX_QUEUE_SHARE of either
+# bound (its next request gets the 503), so one that floods the queue leaves room for every other.
 RUVON_MAX_QUEUE = env_int("RUVON_MAX_QUEUE") or 1000
 RUVON_MAX_QUEUE_TOKENS = env_int("RUVON_MAX_QUEUE_TOKENS") or 1_000_000
+RUVON_MAX_QUEUE_SHARE = float(os.environ.get("RUVON_MAX_QUEUE_SHARE") or 0.5)
 RUVON_MAX_QUEUE_TIME_S = float(os.environ.get("RUVON_MAX_QUEUE_TIME_S") or 60)
 RUVON_REQUEST_TIMEOUT_S = float(os.environ.get("RUVON_REQUEST_TIMEOUT_S") or 600)
 RUVON_WORKER_TIMEOUT_S = float(os.environ.get("RUVON_WORKER_TIMEOUT_S") or 6)

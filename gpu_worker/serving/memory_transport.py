@@ -9,12 +9,22 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from gpu_worker.errors import CapacityError, InvalidRequestError
-from gpu_worker.serving.protocol import ADAPTER_CONTROL_MAXLEN, Event, Job, is_terminal, job_token_budget
+from gpu_worker.serving.protocol import (
+    ADAPTER_CONTROL_MAXLEN,
+    Event,
+    Job,
+    is_terminal,
+    job_tenant,
+    job_token_budget,
+    tenant_queue_bounds,
+    tenant_queue_full,
+    tenant_tokens_full,
+)
 from gpu_worker.serving.transport import Delivery, Finished
 
 log = logging.getLogger("ruvon.worker")
@@ -85,19 +95,26 @@ class MemoryTransport:
         *,
         max_queue: int = 1000,
         max_queue_tokens: int = 1_000_000,
+        max_queue_share: float = 1.0,
         retain_s: float = 300.0,
     ) -> None:
         self.usage_sink = usage_sink
         self.max_queue = max_queue
         self.max_queue_tokens = max_queue_tokens
+        self.tenant_max_queue, self.tenant_max_queue_tokens = tenant_queue_bounds(
+            max_queue, max_queue_tokens, max_queue_share
+        )
         self.retain_s = retain_s
         self._jobs: queue.Queue[Job] = queue.Queue()
         self._buffers: dict[str, EventBuffer] = {}
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
-        # Submitted and not yet taken by the worker (request id -> token budget): the admission bounds.
-        self._waiting: dict[str, int] = {}
+        # Submitted and not yet taken by the worker (request id -> token budget, tenant): the admission bounds,
+        # and what each tenant has waiting (its jobs, their token budgets).
+        self._waiting: dict[str, tuple[int, str]] = {}
         self._waiting_tokens = 0
+        self._tenant_waiting: Counter[str] = Counter()
+        self._tenant_tokens: Counter[str] = Counter()
         self.last_heartbeat: dict[str, Any] = {}
         self._control: deque[dict[str, Any]] = deque(maxlen=ADAPTER_CONTROL_MAXLEN)
 
@@ -109,8 +126,9 @@ class MemoryTransport:
 
     def submit(self, job: Job) -> None:
         """Queue a job; raise CapacityError when `max_queue` requests or `max_queue_tokens` tokens already
-        wait for the worker (an empty queue takes any one job)."""
-        rid, tokens = job["request_id"], job_token_budget(job)
+        wait for the worker (an empty queue takes any one job), or when its tenant already holds its share of
+        either (max_queue_share; a tenant with nothing waiting may queue any one job)."""
+        rid, tokens, tenant = job["request_id"], job_token_budget(job), job_tenant(job)
         with self._lock:
             self._purge_expired()
             waiting = len(self._waiting)
@@ -121,11 +139,18 @@ class MemoryTransport:
                     f"the server is busy ({self._waiting_tokens} tokens waiting, this request needs up to "
                     f"{tokens}); retry shortly"
                 )
+            mine = self._tenant_waiting[tenant]
+            if mine >= self.tenant_max_queue:
+                raise tenant_queue_full(mine, self.tenant_max_queue)
+            if mine and self._tenant_tokens[tenant] + tokens > self.tenant_max_queue_tokens:
+                raise tenant_tokens_full(self._tenant_tokens[tenant], tokens, self.tenant_max_queue_tokens)
             if rid in self._buffers:
                 raise InvalidRequestError(f"request id {rid!r} was already submitted", param="request_id")
             self._buffers[rid] = EventBuffer()
-            self._waiting[rid] = tokens
+            self._waiting[rid] = (tokens, tenant)
             self._waiting_tokens += tokens
+            self._tenant_waiting[tenant] += 1
+            self._tenant_tokens[tenant] += tokens
         self._jobs.put(job)
 
     def num_queued(self) -> int:
@@ -136,7 +161,13 @@ class MemoryTransport:
     def _taken(self, deliveries: list[Delivery]) -> list[Delivery]:
         with self._lock:
             for delivery in deliveries:
-                self._waiting_tokens -= self._waiting.pop(delivery.request_id or "", 0)
+                tokens, tenant = self._waiting.pop(delivery.request_id or "", (0, ""))
+                if tenant:
+                    self._waiting_tokens -= tokens
+                    self._tenant_tokens[tenant] -= tokens
+                    self._tenant_waiting[tenant] -= 1
+                    if not self._tenant_waiting[tenant]:
+                        del self._tenant_waiting[tenant], self._tenant_tokens[tenant]
         return deliveries
 
     async def events(self, request_id: str) -> AsyncIterator[Event]:

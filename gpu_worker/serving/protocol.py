@@ -66,6 +66,41 @@ def waiting_tokens_key(model: str) -> str:
     return f"ruvon:waiting-tokens:{model}"
 
 
+def waiting_tenants_key(model: str) -> str:
+    """Return the Redis hash of who waits in waiting_key(model): "r:<request id>" -> its tenant, and per tenant
+    "n:<tenant>" its waiting jobs and "t:<tenant>" their token budgets."""
+    return f"ruvon:waiting-tenants:{model}"
+
+
+def waiting_keys(model: str) -> list[str]:
+    """Return the keys of the waiting count in the order the admission and dequeue scripts take them."""
+    return [waiting_key(model), waiting_tokens_key(model), waiting_tenants_key(model)]
+
+
+def tenant_queue_bounds(max_queue: int, max_queue_tokens: int, share: float) -> tuple[int, int]:
+    """Return the most requests and tokens one tenant may have waiting: `share` of the queue's bounds (at
+    least one request), so that one tenant filling the queue leaves room for the others."""
+    if not 0 < share <= 1:
+        raise ValueError(f"the queue share of a tenant must be in (0, 1], not {share}")
+    return max(1, int(max_queue * share)), max(1, int(max_queue_tokens * share))
+
+
+def tenant_queue_full(waiting: int, limit: int) -> CapacityError:
+    """Return the error for a tenant that already has `limit` requests waiting."""
+    return CapacityError(
+        f"your organisation already has {waiting} requests waiting, the most one organisation may hold in "
+        f"this server's queue ({limit}); retry shortly"
+    )
+
+
+def tenant_tokens_full(waiting_tokens: int, tokens: int, limit: int) -> CapacityError:
+    """Return the error for a tenant whose waiting requests' token budgets leave no room for `tokens`."""
+    return CapacityError(
+        f"your organisation's waiting requests already need up to {waiting_tokens} tokens, and this one up to "
+        f"{tokens}: one organisation may hold {limit} of this server's queue; retry shortly"
+    )
+
+
 def adapter_control_key(model: str) -> str:
     """Return the Redis stream of adapter control messages (adapter_control_message) for the workers of one
     model. Every worker reads all of it from the moment it starts (XREAD, no consumer group)."""
@@ -170,6 +205,11 @@ def adapter_name(value: Any) -> str | None:
     """Return the adapter name a job's raw "adapter" value carries (None: none, or unreadable)."""
     name = value.get("name") if isinstance(value, dict) else None
     return name if isinstance(name, str) and name else None
+
+
+def job_tenant(job: Job) -> str:
+    """Return the tenant a job is for ("default" for a job that names none)."""
+    return str(job.get("tenant_id") or "default")
 
 
 def job_token_budget(job: Job) -> int:
@@ -289,7 +329,7 @@ def parse_job(job: Any) -> ParsedJob:
         model=str(job.get("model", "")),
         prompt_token_ids=ids,
         params=sampling_params_from_dict(job.get("params", {})),
-        tenant_id=str(job.get("tenant_id") or "default"),
+        tenant_id=job_tenant(job),
         api_key_id=job.get("api_key_id"),
         weight=float(weight),
         adapter=parse_adapter(job.get("adapter")),

@@ -21,8 +21,7 @@ from gpu_worker.serving.protocol import (
     cancel_key,
     events_stream,
     request_stream,
-    waiting_key,
-    waiting_tokens_key,
+    waiting_keys,
     workers_key,
 )
 from gpu_worker.serving.transport import Delivery, Finished
@@ -49,14 +48,23 @@ return 1
 """
 
 
-# A job leaves the waiting count (see inference/transport/redis_client.py) when a worker takes it. HDEL makes
-# it count once however often it is taken (a reclaim, a reader that gave up on it).
+# A job leaves the waiting count (see inference/transport/redis_client.py) when a worker takes it, and its
+# tenant's count with it. HDEL makes it count once however often it is taken (a reclaim, a reader that gave up).
 DEQUEUE_LUA = """
 for i = 1, #ARGV do
   local tokens = redis.call('HGET', KEYS[1], ARGV[i])
   if tokens then
     redis.call('HDEL', KEYS[1], ARGV[i])
     redis.call('DECRBY', KEYS[2], tokens)
+    local tenant = redis.call('HGET', KEYS[3], 'r:' .. ARGV[i])
+    if tenant then
+      redis.call('HDEL', KEYS[3], 'r:' .. ARGV[i])
+      if redis.call('HINCRBY', KEYS[3], 'n:' .. tenant, -1) <= 0 then
+        redis.call('HDEL', KEYS[3], 'n:' .. tenant, 't:' .. tenant)
+      else
+        redis.call('HINCRBY', KEYS[3], 't:' .. tenant, -tonumber(tokens))
+      end
+    end
   end
 end
 return #ARGV
@@ -128,7 +136,7 @@ class RedisWorkerTransport:
                 )
         taken = [d.request_id for d in deliveries if d.request_id is not None]
         if taken:
-            self._dequeue_script(keys=[waiting_key(self.model), waiting_tokens_key(self.model)], args=taken)
+            self._dequeue_script(keys=waiting_keys(self.model), args=taken)
         return deliveries
 
     def _read_new(self, count: int, block: int | None) -> Any:

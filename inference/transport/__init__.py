@@ -115,7 +115,11 @@ def reset_job_client() -> None:
 
 def _build_client() -> JobClient:
     served_name = settings.RUVON_MODEL_NAME
-    bounds = {"max_queue": settings.RUVON_MAX_QUEUE, "max_queue_tokens": settings.RUVON_MAX_QUEUE_TOKENS}
+    bounds = {
+        "max_queue": settings.RUVON_MAX_QUEUE,
+        "max_queue_tokens": settings.RUVON_MAX_QUEUE_TOKENS,
+        "max_queue_share": settings.RUVON_MAX_QUEUE_SHARE,
+    }
     if settings.REDIS_URL:
         from inference.transport.redis_client import RedisJobClient
 

@@ -76,6 +76,7 @@ class InProcessJobClient:
         *,
         max_queue: int = 1000,
         max_queue_tokens: int = 1_000_000,
+        max_queue_share: float = 1.0,
     ) -> None:
         self.engine = engine
         self.served_name = served_name
@@ -85,7 +86,10 @@ class InProcessJobClient:
         expose_engine_metrics(self.telemetry.registry)
         self.usage = UsageWriter(record_usage)
         self.transport = MemoryTransport(
-            self.usage.put, max_queue=max_queue, max_queue_tokens=max_queue_tokens
+            self.usage.put,
+            max_queue=max_queue,
+            max_queue_tokens=max_queue_tokens,
+            max_queue_share=max_queue_share,
         )
         self.worker = Worker(engine, self.transport, served_name=served_name, idle_wait_s=0.2)
         self._thread = threading.Thread(target=self.worker.run, name="ruvon-engine", daemon=True)

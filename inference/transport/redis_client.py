@@ -30,10 +30,13 @@ from gpu_worker.serving.protocol import (
     error_event,
     events_stream,
     is_terminal,
+    job_tenant,
     job_token_budget,
     request_stream,
-    waiting_key,
-    waiting_tokens_key,
+    tenant_queue_bounds,
+    tenant_queue_full,
+    tenant_tokens_full,
+    waiting_keys,
     workers_key,
 )
 from gpu_worker.serving.redis_transport import DEQUEUE_LUA, dumps
@@ -50,16 +53,26 @@ DEADLINE_GRACE_S = 5.0  # the worker enforces the deadlines; the reader steps in
 FAIL_FAST: dict[str, Any] = {"socket_connect_timeout": 1.0}
 
 # Admission and enqueueing in one step, so concurrent web processes cannot overshoot the bounds. An empty
-# queue takes any one job, however large, or a job bigger than the token bound could never run.
+# queue takes any one job, however large, or a job bigger than the token bound could never run; likewise a
+# tenant with nothing waiting may queue any one job within the queue's bounds, and otherwise at most its share
+# (ARGV[8] requests, ARGV[9] tokens). KEYS[4] records the job's tenant for DEQUEUE_LUA to count it out.
 _SUBMIT_LUA = """
 local waiting = redis.call('HLEN', KEYS[2])
 local tokens = tonumber(redis.call('GET', KEYS[3]) or '0')
+local need = tonumber(ARGV[4])
 if waiting >= tonumber(ARGV[1]) then return {0, waiting, tokens} end
-if waiting > 0 and tokens + tonumber(ARGV[4]) > tonumber(ARGV[2]) then return {-1, waiting, tokens} end
+if waiting > 0 and tokens + need > tonumber(ARGV[2]) then return {-1, waiting, tokens} end
+local mine = tonumber(redis.call('HGET', KEYS[4], 'n:' .. ARGV[7]) or '0')
+local my_tokens = tonumber(redis.call('HGET', KEYS[4], 't:' .. ARGV[7]) or '0')
+if mine >= tonumber(ARGV[8]) then return {-2, mine, my_tokens} end
+if mine > 0 and my_tokens + need > tonumber(ARGV[9]) then return {-3, mine, my_tokens} end
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 redis.call('INCRBY', KEYS[3], ARGV[4])
+redis.call('HSET', KEYS[4], 'r:' .. ARGV[3], ARGV[7])
+redis.call('HINCRBY', KEYS[4], 'n:' .. ARGV[7], 1)
+redis.call('HINCRBY', KEYS[4], 't:' .. ARGV[7], need)
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], '*', 'job', ARGV[5])
-return {1, waiting + 1, tokens + tonumber(ARGV[4])}
+return {1, waiting + 1, tokens + need}
 """
 
 
@@ -73,6 +86,7 @@ class RedisJobClient:
         *,
         max_queue: int = 1000,
         max_queue_tokens: int = 1_000_000,
+        max_queue_share: float = 1.0,
         worker_timeout_s: float = 6.0,
         silence_timeout_s: float = 600.0,
         block_ms: int = 1000,
@@ -83,6 +97,9 @@ class RedisJobClient:
         self.served_name = served_name
         self.max_queue = max_queue
         self.max_queue_tokens = max_queue_tokens
+        self.tenant_max_queue, self.tenant_max_queue_tokens = tenant_queue_bounds(
+            max_queue, max_queue_tokens, max_queue_share
+        )
         self.worker_timeout_s = worker_timeout_s
         self.silence_timeout_s = silence_timeout_s
         self.block_ms = block_ms
@@ -135,9 +152,18 @@ class RedisJobClient:
         model, rid = job["model"], job["request_id"]
         if not _live(await r.hgetall(workers_key(model))):
             raise CapacityError(f"no worker is serving model {model!r} right now; retry shortly")
-        keys = [request_stream(model), waiting_key(model), waiting_tokens_key(model)]
+        keys = [request_stream(model), *waiting_keys(model)]
         tokens = job_token_budget(job)
-        args = [self.max_queue, self.max_queue_tokens, rid, tokens, dumps(job), REQUESTS_MAXLEN]
+        args = [
+            self.max_queue,
+            self.max_queue_tokens,
+            rid,
+            tokens,
+            dumps(job),
+            REQUESTS_MAXLEN,
+            job_tenant(job),
+        ]
+        args += [self.tenant_max_queue, self.tenant_max_queue_tokens]
         admitted, waiting, queued_tokens = await r.eval(_SUBMIT_LUA, len(keys), *keys, *args)  # type: ignore[misc]
         if admitted == 0:
             raise CapacityError(
@@ -148,6 +174,10 @@ class RedisJobClient:
                 f"the queue for {model!r} is full ({queued_tokens} tokens waiting, this request needs up to "
                 f"{tokens}); retry shortly"
             )
+        if admitted == -2:
+            raise tenant_queue_full(waiting, self.tenant_max_queue)
+        if admitted == -3:
+            raise tenant_tokens_full(queued_tokens, tokens, self.tenant_max_queue_tokens)
         self._deadlines[rid] = (time.monotonic(), job.get("max_queue_s"), job.get("timeout_s"))
 
     async def events(self, request_id: str) -> AsyncIterator[Event]:
@@ -185,7 +215,7 @@ class RedisJobClient:
     async def _abandon(self, r: aioredis.Redis, request_id: str) -> None:
         """Stop waiting for a job: cancel it, and take it off the waiting count if no worker took it. Best
         effort: the ending is yielded anyway."""
-        keys = [waiting_key(self.served_name), waiting_tokens_key(self.served_name)]
+        keys = waiting_keys(self.served_name)
         try:
             await self.cancel(request_id)
             await r.eval(DEQUEUE_LUA, len(keys), *keys, request_id)  # type: ignore[misc]

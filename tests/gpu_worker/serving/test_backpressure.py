@@ -19,7 +19,14 @@ from gpu_worker.config import EngineConfig
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.errors import CapacityError
 from gpu_worker.serving.memory_transport import MemoryTransport
-from gpu_worker.serving.protocol import Event, make_job, started_event, waiting_key, waiting_tokens_key
+from gpu_worker.serving.protocol import (
+    Event,
+    make_job,
+    started_event,
+    waiting_key,
+    waiting_tenants_key,
+    waiting_tokens_key,
+)
 from gpu_worker.serving.redis_transport import RedisWorkerTransport
 from gpu_worker.serving.worker import Worker
 from inference.errors import error_response
@@ -35,9 +42,9 @@ def engine() -> LLMEngine:
     )
 
 
-def job(rid: str, tokens: int = 0, **fields: Any) -> dict[str, Any]:
+def job(rid: str, tokens: int = 0, tenant: str = "1", **fields: Any) -> dict[str, Any]:
     params = {"max_tokens": fields.pop("max_tokens", 4), "ignore_eos": True}
-    return make_job(rid, "m", [1, 2, 3], params, tenant_id="1", token_budget=tokens or None, **fields)
+    return make_job(rid, "m", [1, 2, 3], params, tenant_id=tenant, token_budget=tokens or None, **fields)
 
 
 # ---------------------------------------------------------------------------------------- in memory
@@ -65,6 +72,24 @@ def test_it_bounds_the_waiting_requests_and_tokens_in_memory() -> None:
         transport.submit(job(rid, 1))
     with pytest.raises(CapacityError, match="3 requests waiting"):
         transport.submit(job("f", 1))
+
+
+def test_it_keeps_one_tenant_to_its_share_of_the_queue_in_memory() -> None:
+    # Half of 4 requests and of 100 tokens each: a tenant flooding the queue leaves the other half to others.
+    transport = MemoryTransport(lambda event: None, max_queue=4, max_queue_tokens=100, max_queue_share=0.5)
+    transport.submit(job("a1", 10, tenant="a"))
+    transport.submit(job("a2", 10, tenant="a"))
+    with pytest.raises(CapacityError, match="your organisation already has 2 requests waiting"):
+        transport.submit(job("a3", 10, tenant="a"))
+    transport.submit(job("b1", 30, tenant="b"))  # b's share is untouched by a's flood
+    with pytest.raises(CapacityError, match="already need up to 30 tokens, and this one up to 30"):
+        transport.submit(job("b2", 30, tenant="b"))
+    transport.submit(job("b2", 20, tenant="b"))
+    transport.fetch(8, 0.0)  # the worker took all four: nobody has anything waiting now
+    transport.submit(job("a3", 60, tenant="a"))  # alone for its tenant: any one job within the queue's bounds
+    with pytest.raises(CapacityError, match="your organisation's waiting requests"):
+        transport.submit(job("a4", 1, tenant="a"))
+    transport.submit(job("b3", 1, tenant="b"))
 
 
 # ------------------------------------------------------------------------------------ the deadlines
@@ -184,6 +209,31 @@ def test_it_admits_exactly_the_bound_when_many_submit_at_once_over_redis(space: 
 
     assert sum(asyncio.run(burst())) == 5
     assert space.r.xlen(f"ruvon:requests:{space.model}") == 5 and space.r.hlen(waiting_key(space.model)) == 5
+
+
+def test_it_keeps_one_tenant_to_its_share_of_the_queue_over_redis(space: Space) -> None:
+    transport = space.worker_transport()
+    transport.heartbeat({"time": time.time()}, [])
+    client = RedisJobClient(REDIS_URL, space.model, max_queue=10, max_queue_share=0.5)
+
+    async def burst(tenant: str, first: int, refusal: str = "your organisation already has 5") -> int:
+        async def one(i: int) -> bool:
+            try:
+                await client.submit(space.job(f"j{i}", 1, tenant=tenant))
+                return True
+            except CapacityError as exc:
+                assert refusal in str(exc)
+                return False
+
+        return sum(await asyncio.gather(*(one(first + i) for i in range(20))))
+
+    assert asyncio.run(burst("a", 0)) == 5  # of 20 at once, exactly its share
+    assert asyncio.run(burst("b", 100, "is full (10 requests waiting)")) == 5  # a's flood left b half
+    tenants = space.r.hgetall(waiting_tenants_key(space.model))
+    assert (tenants["n:a"], tenants["t:a"], tenants["n:b"]) == ("5", "5", "5")
+    taken = transport.fetch(20, 0.0)
+    assert len(taken) == 10 and space.r.hgetall(waiting_tenants_key(space.model)) == {}
+    assert asyncio.run(burst("a", 200)) == 5  # what a worker took counts no more
 
 
 def test_it_bounds_the_waiting_tokens_over_redis_and_counts_a_taken_job_out(space: Space) -> None:
