@@ -188,6 +188,19 @@ def test_it_measures_partial_stops() -> None:
     assert find_stop("abc", ["x"]) is None
 
 
+@settings(max_examples=500, deadline=None)
+@given(
+    text=st.text("ab\n:", max_size=30), stops=st.lists(st.text("ab\n:", min_size=1, max_size=8), max_size=3)
+)
+def test_it_measures_partial_stops_as_the_definition_says(text: str, stops: list[str]) -> None:
+    # The longest suffix of text that is a proper prefix of a stop string, by brute force.
+    expected = max(
+        (n for stop in stops for n in range(1, min(len(stop) - 1, len(text)) + 1) if text.endswith(stop[:n])),
+        default=0,
+    )
+    assert partial_stop_length(text, stops) == expected
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     text=st.text("ab\n:", max_size=30),
