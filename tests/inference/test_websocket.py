@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -117,26 +117,34 @@ def test_it_refuses_a_chat_over_the_tenant_budget(owner: Any) -> None:
     assert not UsageRecord.objects.filter(tenant=tenant).exists()
 
 
+async def chat_after(
+    headers: list[tuple[bytes, bytes]], change: Callable[[], Awaitable[None]]
+) -> tuple[list[dict[str, Any]], Any]:
+    """Open a chat socket (ready: the user may chat), make `change`, send a chat; return the replies up to
+    an error or a start, and what the socket received next."""
+    ws = communicator(headers)
+    await ws.connect(timeout=30)
+    await ws.receive_json_from(timeout=30)
+    await change()
+    await ws.send_json_to({"messages": HELLO, "params": {"max_tokens": 5}})
+    replies = await read_until(ws, {"error", "started"})
+    closed = await ws.receive_output(timeout=10)
+    await ws.disconnect()
+    return replies, closed
+
+
 @pytest.mark.parametrize("loses_access", ["tenant deactivated", "membership removed"])
 def test_it_stops_serving_an_open_chat_once_its_user_loses_the_tenant(owner: Any, loses_access: str) -> None:
     tenant = owner.key.tenant
     headers = session_headers(owner.user)
 
-    async def scenario() -> tuple[list[dict[str, Any]], Any]:
-        ws = communicator(headers)
-        await ws.connect(timeout=30)
-        await ws.receive_json_from(timeout=30)  # ready: the user was a member of an active tenant
+    async def lose_access() -> None:
         if loses_access == "tenant deactivated":
             await Tenant.objects.filter(pk=tenant.pk).aupdate(is_active=False)
         else:
             await Membership.objects.filter(tenant=tenant, user=owner.user).adelete()
-        await ws.send_json_to({"messages": HELLO, "params": {"max_tokens": 5}})
-        replies = await read_until(ws, {"error", "started"})
-        closed = await ws.receive_output(timeout=10)
-        await ws.disconnect()
-        return replies, closed
 
-    [error], closed = async_to_sync(scenario)()
+    [error], closed = async_to_sync(chat_after)(headers, lose_access)
     assert error["type"] == "error" and error["code"] == "permission_denied"
     assert closed == {"type": "websocket.close", "code": 4403}
     assert not UsageRecord.objects.filter(tenant=tenant).exists()
@@ -149,10 +157,7 @@ def test_it_stops_serving_an_open_chat_once_its_session_no_longer_signs_the_user
     browser = Client()
     headers = session_headers(owner.user, browser)
 
-    async def scenario() -> tuple[list[dict[str, Any]], Any]:
-        ws = communicator(headers)
-        await ws.connect(timeout=30)
-        await ws.receive_json_from(timeout=30)  # ready
+    async def end_session() -> None:
         user = await get_user_model().objects.aget(pk=owner.user.pk)
         if ends == "signed out":  # in another tab: the session is gone
             assert (await sync_to_async(browser.post)("/accounts/logout/")).status_code == 302
@@ -162,13 +167,8 @@ def test_it_stops_serving_an_open_chat_once_its_session_no_longer_signs_the_user
         else:
             user.is_active = False
             await user.asave()
-        await ws.send_json_to({"messages": HELLO, "params": {"max_tokens": 5}})
-        replies = await read_until(ws, {"error", "started"})
-        closed = await ws.receive_output(timeout=10)
-        await ws.disconnect()
-        return replies, closed
 
-    [error], closed = async_to_sync(scenario)()
+    [error], closed = async_to_sync(chat_after)(headers, end_session)
     assert error["type"] == "error" and error["code"] == "permission_denied"
     assert closed == {"type": "websocket.close", "code": 4401}
     assert not UsageRecord.objects.filter(tenant=owner.key.tenant).exists()
