@@ -5,7 +5,8 @@ Each view: authenticate (ApiKeyAuth) -> validate the body (schemas) -> call a se
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections
@@ -78,7 +79,8 @@ async def create_completion(request: HttpRequest, body: CompletionRequest) -> An
     """Complete a prompt (text or token ids). With `stream: true` the answer is server-sent events."""
     client, served = await served_model()
     adapter = await _adapter(request, body.model, served)
-    prepared = services.prepare_completion(body, served, request.request_id, adapter)  # type: ignore[attr-defined]
+    rid = request.request_id  # type: ignore[attr-defined]
+    prepared = await _off_loop_if_large(request, services.prepare_completion, body, served, rid, adapter)
     return await _run(request, client, served, prepared, bool(body.stream))
 
 
@@ -92,8 +94,26 @@ async def create_chat_completion(request: HttpRequest, body: ChatCompletionReque
     """Answer a conversation, rendered with the model's chat template. `stream: true` gives SSE chunks."""
     client, served = await served_model()
     adapter = await _adapter(request, body.model, served)
-    prepared = services.prepare_chat(body, served, request.request_id, adapter)  # type: ignore[attr-defined]
+    rid = request.request_id  # type: ignore[attr-defined]
+    prepared = await _off_loop_if_large(request, services.prepare_chat, body, served, rid, adapter)
     return await _run(request, client, served, prepared, bool(body.stream))
+
+
+T = TypeVar("T")
+# A request body this large is tokenised on a worker thread: encoding a megabyte of prompt holds the event
+# loop for a second or more, and with it every stream the loop serves (other tenants' included). So is one
+# with a JSON schema (response_format, tools), whose grammar check can take a second. Other requests stay on
+# the loop: a thread hop costs more than their encoding.
+OFF_LOOP_BYTES = 64 * 1024
+
+
+async def _off_loop_if_large(request: HttpRequest, fn: Callable[..., T], body: Any, *args: Any) -> T:
+    """Return fn(body, *args), run on a worker thread when the request's body has OFF_LOOP_BYTES or more or
+    carries a JSON schema."""
+    schema = getattr(body, "response_format", None) is not None or getattr(body, "tools", None) is not None
+    if len(request.body) < OFF_LOOP_BYTES and not schema:
+        return fn(body, *args)
+    return await sync_to_async(fn, thread_sensitive=False)(body, *args)
 
 
 async def _adapter(request: HttpRequest, model: str | None, served: ServedModel) -> AnyAdapter | None:
@@ -154,7 +174,8 @@ async def list_usage(request: HttpRequest, filters: Query[UsageFilters]) -> Any:
 async def tokenize(request: HttpRequest, body: TokenizeRequest) -> Any:
     """Token ids of a prompt, or of a conversation rendered with the chat template."""
     _, served = await served_model()
-    ids = services.tokenize(body, served, await _adapter(request, body.model, served))
+    adapter = await _adapter(request, body.model, served)
+    ids = await _off_loop_if_large(request, services.tokenize, body, served, adapter)
     return {"tokens": ids, "count": len(ids), "max_model_len": served.max_model_len}
 
 

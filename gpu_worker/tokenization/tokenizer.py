@@ -25,6 +25,11 @@ class _Backend(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str: ...
 
 
+# From this many characters an HF tokenizer encodes with the GIL released (~0.6 s a megabyte on a laptop CPU),
+# so the web tier's worker thread for a large prompt leaves its event loop and other threads running.
+GIL_FREE_ENCODE_CHARS = 16_384
+
+
 class _TiktokenBackend:
     def __init__(self, encoding: tiktoken.Encoding) -> None:
         self.encoding = encoding
@@ -44,6 +49,10 @@ class _HFBackend:
         self.tokenizer = tokenizer
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if (
+            len(text) >= GIL_FREE_ENCODE_CHARS
+        ):  # encode_batch lets go of the GIL while it works; encode does not
+            return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:

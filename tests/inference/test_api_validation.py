@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,7 @@ from gpu_worker.tokenization.chat_template import ChatTemplate
 from inference.errors import error_response
 from inference.schemas import ChatMessage
 from inference.services import chat_messages
+from inference.transport import get_tokenizer
 
 if TYPE_CHECKING:
     from tests.conftest import ApiClient
@@ -228,3 +230,27 @@ def test_it_refuses_a_json_schema_too_large_to_build_a_grammar_for_quickly(as_ow
     assert (
         as_owner.post("/v1/chat/completions", CHAT | {"response_format": properties(500)}).status_code == 200
     )
+
+
+def test_it_tokenises_a_large_prompt_off_the_event_loop(as_owner: ApiClient, monkeypatch: Any) -> None:
+    # Encoding a megabyte holds a loop for seconds, and every stream on it: a large body (or one with a JSON
+    # schema to check) is tokenised on a worker thread, where no event loop runs; a small one stays put.
+    tokenizer = get_tokenizer()
+    encode, seen = tokenizer.encode, []
+
+    def spy(text: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+            seen.append((len(text), "loop"))
+        except RuntimeError:
+            seen.append((len(text), "thread"))
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", spy)
+    large = "Hello " * 20_000  # 120,000 characters, past OFF_LOOP_BYTES
+    assert as_owner.post("/v1/tokenize", {"model": "tiny", "prompt": "Hello"}).status_code == 200
+    assert as_owner.post("/v1/tokenize", {"model": "tiny", "prompt": large}).status_code == 200
+    _error(as_owner.post("/v1/completions", COMPLETION | {"prompt": large}), 400, "prompt")
+    text_format = {"response_format": {"type": "json_object"}}
+    assert as_owner.post("/v1/completions", COMPLETION | text_format).status_code == 200
+    assert seen == [(5, "loop"), (len(large), "thread"), (len(large), "thread"), (5, "thread")]

@@ -17,7 +17,7 @@ from gpu_worker.errors import InvalidRequestError, ModelLoadError
 from gpu_worker.loading.assets import gpt2_tiktoken_path, smollm2_gguf_path
 from gpu_worker.tokenization.bpe import BYTE_TO_CHAR, TOKEN_TYPE_CONTROL, load_gpt2_ranks
 from gpu_worker.tokenization.chat_template import ChatTemplate
-from gpu_worker.tokenization.tokenizer import Tokenizer, load_tokenizer
+from gpu_worker.tokenization.tokenizer import GIL_FREE_ENCODE_CHARS, Tokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +133,14 @@ VARIED = [
 def test_it_matches_transformers_gguf_tokenizer(smol: Tokenizer, hf_smol: Any, text: str) -> None:
     assert smol.encode(text) == hf_smol.encode(text, add_special_tokens=False)
     assert smol.decode(smol.encode(text)) == text
+
+
+def test_it_encodes_a_long_text_as_transformers_does(smol: Tokenizer, hf_smol: Any) -> None:
+    # From GIL_FREE_ENCODE_CHARS on, the GGUF tokenizer encodes through encode_batch (it lets go of the GIL,
+    # so the web tier's worker thread leaves its event loop running): the same ids as below the threshold.
+    text = "".join(VARIED) * (GIL_FREE_ENCODE_CHARS // len("".join(VARIED)) + 1)
+    assert len(text) >= GIL_FREE_ENCODE_CHARS
+    assert smol.encode(text) == hf_smol.encode(text, add_special_tokens=False)
 
 
 @pytest.mark.parametrize("text", ["x  1", "   42", "\t\t7", "a\n\n  3", "col1    col2\n1       2"])
