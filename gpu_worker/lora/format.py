@@ -24,6 +24,7 @@ from safetensors.torch import load as load_safetensors
 
 from gpu_worker.errors import InvalidAdapterError
 from gpu_worker.models.base import CausalLM
+from gpu_worker.zips import directory_size, first_compressed
 
 CONFIG_FILE = "adapter_config.json"
 MAX_CONFIG_BYTES = 1 << 20
@@ -287,21 +288,18 @@ def _check_torch_zip(file: Path, data: bytes) -> None:
         )
     limit = MAX_TENSORS * MAX_ENTRY_BYTES
     # zipfile builds an object per entry: bound the directory first, from its end record alone.
-    end = zipfile._EndRecData(io.BytesIO(data))  # type: ignore[attr-defined]
-    if end is not None and (
-        end[zipfile._ECD_ENTRIES_TOTAL] > MAX_TENSORS  # type: ignore[attr-defined]
-        or end[zipfile._ECD_SIZE] > limit  # type: ignore[attr-defined]
-    ):
+    directory = directory_size(io.BytesIO(data))
+    if directory is not None and (directory[0] > MAX_TENSORS or directory[1] > limit):
         raise InvalidAdapterError(f"{file.name} holds more records than a LoRA has (at most {MAX_TENSORS})")
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             members = zf.infolist()
     except (zipfile.BadZipFile, ValueError) as exc:
         raise InvalidAdapterError(f"{file.name} is not a readable torch zip file: {exc}") from None
-    packed = [m.filename for m in members if m.compress_type != zipfile.ZIP_STORED]
-    if packed:
+    packed = first_compressed(members)
+    if packed is not None:
         raise InvalidAdapterError(
-            f"{file.name} holds compressed records ({packed[0]}); torch.save writes them uncompressed"
+            f"{file.name} holds compressed records ({packed}); torch.save writes them uncompressed"
         )
     pickles = [m for m in members if m.filename.endswith(".pkl") and m.file_size > limit]
     if pickles:

@@ -49,9 +49,8 @@ class _HFBackend:
         self.tokenizer = tokenizer
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        if (
-            len(text) >= GIL_FREE_ENCODE_CHARS
-        ):  # encode_batch lets go of the GIL while it works; encode does not
+        # encode_batch lets go of the GIL while it works; encode does not.
+        if len(text) >= GIL_FREE_ENCODE_CHARS:
             return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 

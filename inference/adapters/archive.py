@@ -12,6 +12,8 @@ from contextlib import nullcontext
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from gpu_worker.zips import directory_size
+
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHTS_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # in order of preference
 CHUNK = 1 << 20
@@ -59,11 +61,10 @@ def _check_directory(archive: Path | IO[bytes], *, max_files: int) -> None:
     zipfile builds an object per entry before anything can count them (~8x the upload's size in memory),
     walking the directory by its size, whatever entry count the end record states."""
     with open(archive, "rb") if isinstance(archive, Path) else nullcontext(archive) as fp:
-        end = zipfile._EndRecData(fp)  # type: ignore[attr-defined]
-        fp.seek(0)
-    if end is None:
+        directory = directory_size(fp)
+    if directory is None:
         return  # not a zip: zipfile says so
-    entries, size = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
+    entries, size = directory
     if entries > max_files:
         raise UnsafeArchive(f"the zip holds {entries} entries; at most {max_files} are allowed")
     if size > max_files * MAX_ENTRY_BYTES:

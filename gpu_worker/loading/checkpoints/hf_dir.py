@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from gpu_worker.config import ModelConfig, RopeScaling
 from gpu_worker.errors import ModelLoadError
 from gpu_worker.loading.checkpoints import Checkpoint, reject_unsupported
+from gpu_worker.zips import first_compressed
 
 TensorReader = Callable[[list[Path]], Iterator[tuple[str, torch.Tensor]]]
 
@@ -208,7 +209,7 @@ def _refuse_compressed_records(file: Path) -> None:
     torch.save never compresses one, so a compressed record can only be a bomb."""
     try:
         with zipfile.ZipFile(file) as zf:
-            packed = next((m.filename for m in zf.infolist() if m.compress_type != zipfile.ZIP_STORED), None)
+            packed = first_compressed(zf.infolist())
     except (zipfile.BadZipFile, OSError):
         return  # torch's legacy format (nothing compressed), or unreadable: torch.load says so
     if packed is not None:
