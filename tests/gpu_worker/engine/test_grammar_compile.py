@@ -1,7 +1,7 @@
 """A new JSON schema compiles off the engine's loop (random:tiny, GPT-2's vocabulary): other requests decode
 while it compiles and its request then completes under it, a schema that does not compile fails its own
-request only (in the engine and through the worker, as a 400), and a request aborted meanwhile leaves
-nothing behind."""
+request only (in the engine and through the worker, as a 400), a request aborted meanwhile leaves nothing
+behind, and a request held for its grammar counts against the waiting queue's capacity."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 from gpu_worker.config import EngineConfig, SamplingParams
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.outputs import FinalOutput
+from gpu_worker.errors import CapacityError
 from tests.gpu_worker.serving.test_worker_loop import Harness
 
 FREE = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -143,3 +144,15 @@ def test_the_worker_rejects_a_schema_that_does_not_compile_with_a_400(
             400,
         )
         assert error["message"].startswith("invalid JSON schema: ")
+
+
+def test_it_counts_a_request_whose_grammar_compiles_as_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = LLMEngine(EngineConfig(model="random:tiny", device="cpu", num_blocks=64, max_waiting=1))
+    gated = GatedCompiler(engine.grammars._compiler)
+    monkeypatch.setattr(engine.grammars, "_compiler", gated)
+    try:
+        engine.add_request("json", "JSON:", structured(schema_of("held")))
+        with pytest.raises(CapacityError, match="1 requests waiting"):
+            engine.add_request("free", "Once upon a time", FREE)
+    finally:
+        gated.gate.set()
