@@ -128,7 +128,7 @@ class Request:
     cache_root: bytes = b""
     adapter: LoRARequest | None = None
     error: str | None = None  # why the engine failed this request, when it did
-    error_code: str | None = None  # what kind of failure: "engine_error", "adapter_error"
+    error_code: str | None = None  # what kind: "engine_error", "adapter_error", "invalid_json_schema"
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -17,7 +17,10 @@ non-speculative batches only.
 
 Structured outputs (SamplingParams.json_schema): each sequence of such a request carries a grammar matcher
 (gpu_worker/structured/), compiled once per schema; the runner masks its logits with the grammar's bitmask,
-and every token the sequence keeps advances its matcher. Such a request takes no drafts and no launches.
+and every token the sequence keeps advances its matcher. Such a request takes no drafts and no launches. A
+schema not compiled yet compiles on the compiler's thread: the engine holds its request back from the
+scheduler until the grammar is done (step() hands it over, or fails it if the schema is unusable), and every
+other request goes on meanwhile.
 
 LoRA (config.enable_lora): requests name an adapter (LoRARequest); the AdapterManager reads it on its own
 thread and puts it in a device slot when the scheduler admits the request; every step serves any mix of
@@ -33,6 +36,7 @@ import re
 import time
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import TYPE_CHECKING
 
 import torch
@@ -59,10 +63,12 @@ from gpu_worker.sequence import (
     TokenLogprob,
 )
 from gpu_worker.spec.proposer import Proposer, drafts_for_batch, load_batch_table, table_reach
-from gpu_worker.structured.grammar import GrammarCompiler
+from gpu_worker.structured.grammar import GrammarCompiler, GrammarConstraint
 from gpu_worker.tokenization.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
+    import xgrammar as xgr
+
     from gpu_worker.spec.draft_model import DraftModelProposer
 
 __all__ = [
@@ -232,6 +238,8 @@ class LLMEngine:
         self._launch: DecodeLaunch | None = None  # decode launch queued on the device, not yet read back
         self._last_collect = 0.0  # perf_counter() when the last launch was read back
         self._grammars: GrammarCompiler | None = None  # built on the first structured-output request
+        # Requests held back from the scheduler while their grammar compiles: request id -> the grammar.
+        self._compiling: dict[str, Future[xgr.CompiledGrammar]] = {}
 
     @property
     def grammars(self) -> GrammarCompiler:
@@ -346,7 +354,9 @@ class LLMEngine:
             )
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         max_total = self._check_request(ids, params, weight)
-        self.scheduler.check_capacity(max_total * params.n)
+        # Done at once on a cache hit; a schema too large or with no grammar is refused here.
+        grammar = self.grammars.submit(params.json_schema) if params.json_schema is not None else None
+        self.scheduler.check_capacity(max_total * params.n, [self.requests[r] for r in self._compiling])
         request = Request(request_id, ids, params, tenant=tenant, weight=weight, max_total_tokens=max_total)
         request.cache_root = self._cache_root(tenant, cache_salt, adapter)
         request.adapter = adapter
@@ -357,12 +367,35 @@ class LLMEngine:
             seq = Sequence(
                 next(self.seq_ids), request, index, list(ids), generator=self._generator(params, index)
             )
-            if params.json_schema is not None:
-                seq.grammar = self.grammars.constraint(params.json_schema)  # compiled by _check_request
             request.seqs.append(seq)
             self.outputs.add(seq)
         self.requests[request_id] = request
-        self.scheduler.add_request(request)
+        if grammar is None:
+            self.scheduler.add_request(request)
+        else:
+            self._compiling[request_id] = grammar
+            self._queue_compiled()
+
+    def _queue_compiled(self) -> None:
+        """Queue the held requests whose grammar is compiled, each sequence with its own matcher; fail those
+        whose schema cannot be compiled."""
+        for request_id, grammar in list(self._compiling.items()):
+            if not grammar.done():
+                continue
+            del self._compiling[request_id]
+            request = self.requests[request_id]
+            try:
+                compiled = grammar.result()
+            except InvalidRequestError as exc:
+                self._fail_request(request, exc.message, code="invalid_json_schema")
+                continue
+            except Exception as exc:
+                log.exception("compiling the grammar of request %s failed", request_id)
+                self._fail_request(request, f"the engine failed on this request ({type(exc).__name__})")
+                continue
+            for seq in request.seqs:
+                seq.grammar = GrammarConstraint(compiled)
+            self.scheduler.add_request(request)
 
     def _cache_root(self, tenant: str, cache_salt: str | None, adapter: LoRARequest | None) -> bytes:
         scope = tenant if self.config.prefix_cache_scope == "tenant" else ""
@@ -382,8 +415,6 @@ class LLMEngine:
         if weight <= 0:
             raise InvalidRequestError("weight must be positive", param="weight")
         check_context(len(ids), params.max_tokens, self.max_model_len)
-        if params.json_schema is not None:
-            self.grammars.compile(params.json_schema)  # a bad schema is refused before anything is queued
         room = self.max_model_len - len(ids)
         max_total = len(ids) + (params.max_tokens if params.max_tokens is not None else room)
         capacity = self.block_manager.num_blocks * self.block_manager.block_size
@@ -405,13 +436,20 @@ class LLMEngine:
         """Stop a request and free its blocks; its final output (finish_reason "abort") comes from step()."""
         request = self.requests.get(request_id)
         if request is not None:
-            self.scheduler.abort_request(request)
-            self._aborted.append(request)
+            self._end(request, "abort")
 
     def _fail_request(self, request: Request, error: str, code: str = "engine_error") -> None:
         """End one request with an error (finish_reason "error"); the rest of the batch goes on."""
         request.error, request.error_code = error, code
-        self.scheduler.abort_request(request, reason="error")
+        self._end(request, "error")
+
+    def _end(self, request: Request, reason: str) -> None:
+        """Finish every sequence of the request now; its final output comes from step(). A grammar still
+        compiling for it is dropped (cancelled if it has not started)."""
+        grammar = self._compiling.pop(request.request_id, None)
+        if grammar is not None:
+            grammar.cancel()
+        self.scheduler.abort_request(request, reason=reason)
         self._aborted.append(request)
 
     def _fail_unloadable_adapters(self) -> None:
@@ -433,11 +471,17 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    @property
+    def num_waiting(self) -> int:
+        """Return how many sequences wait to be scheduled, those whose grammar compiles included."""
+        return self.scheduler.num_waiting + sum(len(self.requests[r].seqs) for r in self._compiling)
+
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one step (scheduled, or a decode launch); return outputs of requests that progressed or ended."""
         touched: dict[str, Request] = {}
         self._fail_unloadable_adapters()
+        self._queue_compiled()
         if self._launch is not None or self._can_launch():
             batch, step_seconds = self._launch_step(touched)
         else:
@@ -458,6 +502,8 @@ class LLMEngine:
         if not batch:
             if self.adapters is not None:
                 self.adapters.wait_for_reads(0.01)  # what waits may wait for an adapter being read
+            if self._compiling:
+                wait(self._compiling.values(), 0.01, FIRST_COMPLETED)  # or for its grammar
             return batch, None
         # The runner ends with a host sync, so on CUDA this wall time is the device's time for the step.
         started = time.perf_counter()
@@ -653,7 +699,7 @@ class LLMEngine:
             outputs=outputs,
             requests=requests,
             num_running=len(self.scheduler.running),
-            num_waiting=self.scheduler.num_waiting,
+            num_waiting=self.num_waiting,
             kv_cache_usage=bm.usage(),
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=bm.num_prefix_queries,
@@ -667,7 +713,7 @@ class LLMEngine:
         bm = self.block_manager
         return {
             "num_running": len(self.scheduler.running),
-            "num_waiting": self.scheduler.num_waiting,
+            "num_waiting": self.num_waiting,
             "num_free_blocks": bm.num_free_blocks,
             "num_total_blocks": bm.num_blocks,
             "kv_cache_usage": bm.usage(),

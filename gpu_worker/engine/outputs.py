@@ -28,7 +28,9 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     error: str | None = None  # set when the engine failed this request (and only this one) mid-run
-    error_code: str | None = None  # with error: "engine_error", or "adapter_error" (its adapter cannot load)
+    # With error: "engine_error", "adapter_error" (its adapter cannot load) or "invalid_json_schema" (its
+    # grammar cannot be compiled); the last two never ran.
+    error_code: str | None = None
 
 
 @dataclass

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -63,16 +64,19 @@ class Scheduler:
         self.num_preemptions = 0
 
     # ---- queue changes -------------------------------------------------------------------------
-    def check_capacity(self, tokens: int) -> None:
+    def check_capacity(self, tokens: int, held: Iterable[Request] = ()) -> None:
         """Raise CapacityError if a request of up to `tokens` tokens would overfill the waiting queue
-        (max_waiting requests, max_waiting_tokens tokens; an empty queue takes any one request)."""
-        waiting = self.num_waiting
+        (max_waiting requests, max_waiting_tokens tokens; an empty queue takes any one request). `held`:
+        requests the engine has taken but not queued here yet, which count as waiting."""
+        held = list(held)
+        waiting = self.num_waiting + sum(len(r.seqs) for r in held)
         if waiting >= self.config.max_waiting:
             raise CapacityError(f"the engine's queue is full ({waiting} requests waiting); retry shortly")
         limit = self.config.max_waiting_tokens
-        if waiting and limit is not None and self.waiting_tokens + tokens > limit:
+        waiting_tokens = self.waiting_tokens + sum(r.max_total_tokens * len(r.seqs) for r in held)
+        if waiting and limit is not None and waiting_tokens + tokens > limit:
             raise CapacityError(
-                f"the engine's queue is full ({self.waiting_tokens} tokens waiting); retry shortly"
+                f"the engine's queue is full ({waiting_tokens} tokens waiting); retry shortly"
             )
 
     def add_request(self, request: Request) -> None:

@@ -306,6 +306,8 @@ class Worker:
         if output.finished and output.error is not None:  # the engine failed this request alone
             if output.error_code == "adapter_error":  # its adapter cannot be read: it never ran
                 event = error_event("rejected", "adapter_error", output.error, "model", 400)
+            elif output.error_code == "invalid_json_schema":  # its grammar did not compile: it never ran
+                event = error_event("rejected", "invalid_request_error", output.error, "json_schema", 400)
             else:
                 event = error_event("failed", "engine_error", output.error, None, 500)
             self._finish_error(st.delivery, st.job.raw, event, st.started_at, st.completion_tokens)

@@ -19,7 +19,7 @@ ANY_WHITESPACE = False
 MAX_SCHEMA_DEPTH = 64
 # How many JSON values (objects, lists, strings, numbers...) a schema document may hold: breadth costs like
 # depth, and optional properties most: on the development CPU the engine compiled 1,000 optional properties
-# (2,003 values) in 2.6 s and 400 in 0.2 s, each on the engine's loop, which every running stream waits for;
+# (2,003 values) in 2.6 s and 400 in 0.2 s, on its one compiling thread, which every new schema queues for;
 # 512 values (~250 optional properties) stay under ~0.15 s. Required properties cost far less (500: 70 ms).
 MAX_SCHEMA_VALUES = 512
 # xgrammar's C++ errors start with "[time] file.cc:line: "; the client gets the reason only.

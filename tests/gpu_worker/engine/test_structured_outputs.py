@@ -113,6 +113,7 @@ def test_it_refuses_a_bad_schema_before_queueing(engine: LLMEngine) -> None:
 
 def test_it_fails_only_the_request_whose_grammar_breaks(engine: LLMEngine) -> None:
     schema = {"type": "boolean"}
+    engine.grammars.compile(json.dumps(schema))  # compiled: the requests are queued with their matchers
     engine.add_request("broken", "x", params(schema))
     engine.add_request("fine", "x", params(schema, seed=8))
     grammar = engine.requests["broken"].seqs[0].grammar
