@@ -159,6 +159,11 @@ class Adapter(models.Model):
     uploaded_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="adapters"
     )
+    # Each queued validation carries the value it was queued with; once validated again, an older one still
+    # running changes nothing (inference/adapters/validation.py).
+    validation_attempt = models.PositiveIntegerField(
+        default=0, editable=False, help_text="Bumped each time a validation is queued."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -265,6 +265,9 @@ RUVON_MAX_STOP_SEQUENCES = env_int("RUVON_MAX_STOP_SEQUENCES") or 16
 RUVON_MAX_ADAPTER_BYTES = env_int("RUVON_MAX_ADAPTER_BYTES") or 256 * 2**20
 RUVON_MAX_ADAPTER_FILES = env_int("RUVON_MAX_ADAPTER_FILES") or 32
 RUVON_MAX_ADAPTERS_PER_TENANT = env_int("RUVON_MAX_ADAPTERS_PER_TENANT") or 100
+# An adapter validation's soft time limit, in seconds: past it the Celery task fails the adapter with a reason
+# that says so, and 30 s later Celery kills it. The embedded mode runs the task inline, with no limit.
+RUVON_ADAPTER_VALIDATION_TIMEOUT_S = env_int("RUVON_ADAPTER_VALIDATION_TIMEOUT_S") or 120
 # Prometheus labels requests by adapter for the N busiest adapters only; the rest count as "other".
 RUVON_METRICS_TOP_ADAPTERS = env_int("RUVON_METRICS_TOP_ADAPTERS") or 10
 # /metrics names tenants' adapters: with a token it answers `Authorization: Bearer <token>` only, else this host only.

@@ -1,18 +1,23 @@
 """Validation of an uploaded adapter (the Celery task in inference/adapters/tasks.py runs it): unpack the
 archive safely into a staging folder, check it with gpu_worker.lora.format.check_adapter against what a live
 worker of its base model reports (max rank, layers, target shapes), then move it where the workers read it
-and mark the adapter ready; or mark it failed with the reason, leaving no extracted files behind."""
+and mark the adapter ready; or mark it failed with the reason, leaving no extracted files behind. A validation
+works for the adapter's validation_attempt as it read it: once validated again, it changes nothing."""
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
+from django.db import transaction
+from django.db.models import QuerySet
 
 from gpu_worker.errors import InvalidAdapterError
 from inference.adapters.archive import UnsafeArchive, extract_adapter
@@ -26,6 +31,11 @@ log = logging.getLogger("ruvon.adapters")
 
 STAGING = ".staging"  # under RUVON_ADAPTER_DIR, so moving a checked folder into place is one rename
 MAX_REASON = 1000  # characters of a failure reason kept: it may quote a name from the upload, of any length
+HARD_LIMIT_MARGIN_S = 30  # after the soft time limit, for its handler to fail the adapter and clean up
+# A staging folder older than the hard time limit plus this is a killed validation's: clocks of hosts sharing
+# RUVON_ADAPTER_DIR may differ, and the embedded mode's inline validations have no limit.
+STAGING_MARGIN_S = 300
+SUPERSEDED = "superseded"  # what a validation returns when another one of the same adapter decided its status
 
 
 class WorkerUnavailable(Exception):
@@ -40,13 +50,26 @@ class AdapterRefused(Exception):
         self.reason = reason
 
 
-def validate(adapter_id: int) -> str:
-    """Validate one adapter; return the status it ends in ("gone" if it was deleted). Raise
-    WorkerUnavailable, with the adapter left validating, when no worker of its base model has reported."""
+def time_limits() -> tuple[int, int]:
+    """Return the validation task's soft and hard time limits, in seconds."""
+    soft = settings.RUVON_ADAPTER_VALIDATION_TIMEOUT_S
+    return soft, soft + HARD_LIMIT_MARGIN_S
+
+
+def validate(adapter_id: int, attempt: int | None = None) -> str:
+    """Validate one adapter for its validation `attempt` (None: whatever attempt the row is at, for a
+    validation not queued by schedule_validation); return the status it ends in ("gone" if it was deleted,
+    SUPERSEDED if validated again since). Raise WorkerUnavailable, with the adapter left validating, when no
+    worker of its base model has reported."""
     adapter = Adapter.objects.select_related("tenant").filter(pk=adapter_id).first()
     if adapter is None:
         return "gone"
-    Adapter.objects.filter(pk=adapter.pk).update(status=Adapter.Status.VALIDATING)
+    if attempt is None:
+        Adapter.objects.filter(pk=adapter.pk, validation_attempt=adapter.validation_attempt).update(
+            status=Adapter.Status.VALIDATING
+        )
+    elif (adapter.validation_attempt, adapter.status) != (attempt, Adapter.Status.VALIDATING):
+        return SUPERSEDED  # validated again since it was queued, or a copy of this task finished first
     try:
         lora = lora_support(adapter.base_model, served_model_info())
     except AdapterRefused as exc:
@@ -93,6 +116,7 @@ def checker() -> Callable[..., AdapterInfo]:
 def stage_and_check(adapter: Adapter, lora: dict[str, Any]) -> tuple[Path, AdapterInfo]:
     """Return a staging folder holding the adapter's checked files, and what check_adapter found; raise
     AdapterRefused (with the staging folder removed) if the archive is unsafe or the adapter does not fit."""
+    sweep_staging()
     staging = Path(settings.RUVON_ADAPTER_DIR) / STAGING / uuid.uuid4().hex
     try:
         upload = adapter.archive.open("rb")
@@ -121,30 +145,59 @@ def stage_and_check(adapter: Adapter, lora: dict[str, Any]) -> tuple[Path, Adapt
     return staging, info
 
 
+def sweep_staging() -> None:
+    """Remove the staging folders of validations killed mid-check (the hard time limit, out of memory,
+    kill -9): those untouched for longer than a validation may run."""
+    root = Path(settings.RUVON_ADAPTER_DIR) / STAGING
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return
+    cutoff = time.time() - time_limits()[1] - STAGING_MARGIN_S
+    for entry in entries:
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
+                continue
+            log.warning("removing %s, the staging folder of a validation that was killed", entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+        except FileNotFoundError:
+            continue  # another validation swept it first
+
+
 def serving_folder(adapter: Adapter, sha256: str) -> Path:
     """Return where the workers read an adapter: MEDIA_ROOT/adapters/<tenant id>/<name>-<sha12>/ by default."""
     return Path(settings.RUVON_ADAPTER_DIR) / str(adapter.tenant_id) / f"{adapter.name}-{sha256[:12]}"
 
 
 def publish(adapter: Adapter, staging: Path, info: AdapterInfo) -> str:
-    """Move the checked folder into place and mark the adapter ready; return "ready", or "gone" (with the
-    folder removed) if the adapter was deleted meanwhile."""
+    """Move the checked folder into place and mark the adapter ready; return "ready", else "gone" or
+    SUPERSEDED (with the staging folder removed) if the adapter was deleted or validated again meanwhile."""
     folder = serving_folder(adapter, info.sha256)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    _replace_dir(staging, folder)
-    ready = Adapter.objects.filter(pk=adapter.pk, status=Adapter.Status.VALIDATING).update(
-        status=Adapter.Status.READY,
-        failure_reason="",
-        path=str(folder.resolve()),
-        rank=info.rank,
-        alpha=info.alpha,
-        target_modules=list(info.target_modules),
-        size_bytes=info.size_bytes,
-        sha256=info.sha256,
-    )
-    if not ready:  # deleted (or failed by an admin) while we checked: nothing may stay on disk for it
-        shutil.rmtree(folder, ignore_errors=True)
-        return "gone"
+    displaced = None
+    with transaction.atomic():
+        # The update locks the row before the folder moves: another validation of this adapter publishing
+        # now waits, then finds it no longer validating, and leaves the folder alone.
+        ready = _this_attempt(adapter).update(
+            status=Adapter.Status.READY,
+            failure_reason="",
+            path=str(folder.resolve()),
+            rank=info.rank,
+            alpha=info.alpha,
+            target_modules=list(info.target_modules),
+            size_bytes=info.size_bytes,
+            sha256=info.sha256,
+        )
+        if ready:
+            displaced = _replace_dir(staging, folder)
+    if not ready:  # deleted, validated again or failed by another validation: its files are not ours to touch
+        shutil.rmtree(staging, ignore_errors=True)
+        return _outcome_elsewhere(adapter)
+    if displaced is not None:
+        shutil.rmtree(displaced, ignore_errors=True)
     if adapter.path and Path(adapter.path) != folder.resolve():
         shutil.rmtree(adapter.path, ignore_errors=True)  # the folder of an earlier, different upload
     log.info("adapter %s is ready (rank %d, %s)", adapter.engine_name, info.rank, info.sha256[:12])
@@ -157,7 +210,13 @@ def fail(adapter: Adapter, reason: str) -> str:
     if len(reason) > MAX_REASON:  # the head and the tail say what is wrong; the middle is the quoted name
         half = MAX_REASON // 2
         reason = f"{reason[:half]}...{reason[-half:]}"
-    Adapter.objects.filter(pk=adapter.pk).update(status=Adapter.Status.FAILED, failure_reason=reason, path="")
+    if not _this_attempt(adapter).update(status=Adapter.Status.FAILED, failure_reason=reason, path=""):
+        log.info(
+            "adapter %s: another validation decided; this one's failure is dropped: %s",
+            adapter.engine_name,
+            reason,
+        )
+        return _outcome_elsewhere(adapter)
     if adapter.path:
         shutil.rmtree(adapter.path, ignore_errors=True)
         unload_from_workers(adapter)
@@ -165,12 +224,23 @@ def fail(adapter: Adapter, reason: str) -> str:
     return Adapter.Status.FAILED
 
 
-def _replace_dir(source: Path, target: Path) -> None:
-    """Rename `source` to `target`; a `target` left by an earlier validation of the same weights is replaced."""
+def _this_attempt(adapter: Adapter) -> QuerySet[Adapter]:
+    """Return the adapter's row while it is still validating for the attempt `adapter` was read at."""
+    return Adapter.objects.filter(
+        pk=adapter.pk, validation_attempt=adapter.validation_attempt, status=Adapter.Status.VALIDATING
+    )
+
+
+def _outcome_elsewhere(adapter: Adapter) -> str:
+    return SUPERSEDED if Adapter.objects.filter(pk=adapter.pk).exists() else "gone"
+
+
+def _replace_dir(source: Path, target: Path) -> Path | None:
+    """Rename `source` to `target`; return the folder displaced from `target` (left by an earlier validation
+    of the same weights), for the caller to remove."""
+    old = None
     if target.exists():
         old = target.with_name(f".old-{uuid.uuid4().hex}")
         target.rename(old)
-        source.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        source.rename(target)
+    source.rename(target)
+    return old
