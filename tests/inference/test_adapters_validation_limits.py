@@ -5,6 +5,8 @@ stale one exits without touching the row). Run on SQLite by default; on PostgreS
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -223,3 +225,23 @@ def test_it_publishes_once_when_two_copies_publish_at_once_on_postgresql(acme: T
             thread.join(timeout=60)
     assert_ready_in_one_folder(adapter, media)
     assert results == {first: Adapter.Status.READY, second: validation.SUPERSEDED}
+
+
+@pytest.mark.skipif(connection.vendor == "postgresql", reason="this is the PostgreSQL run itself")
+def test_the_publish_race_runs_on_postgresql_when_it_is_here() -> None:
+    # The suite's database is SQLite; the two-writer race above needs PostgreSQL, so when one runs here (it
+    # does in CI) the test runs again in a pytest of its own against a database of this run's own.
+    from ruvon_cli.stack import PG_ADMIN_URL, postgres_available
+
+    if not postgres_available():
+        pytest.skip("no PostgreSQL at " + PG_ADMIN_URL)
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/ruvon_adapter_race_{os.getpid()}"
+    env = {**os.environ, "DATABASE_URL": url, "SECRET_KEY": "adapter-race-test"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "publishes_once", __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
