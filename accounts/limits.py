@@ -1,5 +1,5 @@
-"""Per-key rate limits as token buckets (requests and tokens per minute) and the tenant's monthly budget.
-With REDIS_URL the buckets live in Redis and change only inside one Lua script, so any number of web
+"""Rate limits as token buckets (requests and tokens per minute), per API key and per web-chat user, and the
+tenant's monthly budget. With REDIS_URL the buckets live in Redis and change only inside one Lua script, so any number of web
 processes and usage ingesters share them atomically; without it they live in this process under a lock."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import math
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,7 +27,7 @@ WINDOW_S = 60  # the limits are per minute; a bucket refills limit/WINDOW_S unit
 
 
 class RateLimited(Exception):
-    """The key has used up its requests or tokens for now; the API answers 429 with Retry-After."""
+    """The caller has used up its requests or tokens for now; the API answers 429 with Retry-After."""
 
     def __init__(self, message: str, retry_after: float, headers: dict[str, str]) -> None:
         super().__init__(message)
@@ -168,7 +169,8 @@ class RedisBuckets:
 class MemoryBuckets:
     """Buckets in this process (the embedded default), under one lock: the same rule as the Lua script."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
         self._lock = threading.Lock()
         self._state: dict[str, tuple[float, float]] = {}  # key -> (level, last update)
 
@@ -179,7 +181,7 @@ class MemoryBuckets:
         self._draw([take], force=True)
 
     def _draw(self, takes: list[Take], force: bool) -> tuple[bool, list[Level]]:
-        now = time.time()
+        now = self.clock()
         with self._lock:
             levels = [refill(*self._state.get(t.key, (t.limit, now)), now, t.limit) for t in takes]
             waits = [
@@ -209,32 +211,64 @@ def get_buckets() -> Buckets:
 # ------------------------------------------------------------------------------------------ the API
 
 
-def bucket_key(key: ApiKey, kind: str) -> str:
-    """Return the bucket of one key's requests or tokens (by its random prefix, never reused)."""
-    return f"ruvon:ratelimit:{key.prefix}:{kind}"
+@dataclass(frozen=True)
+class Limits:
+    """One caller's buckets: the name they go by and their per-minute limits (None: no limit)."""
+
+    owner: str
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
 
 
-def _takes(key: ApiKey, tokens: int) -> list[tuple[str, Take]]:
+def key_limits(key: ApiKey) -> Limits:
+    """Return an API key's limits, its buckets named by its random prefix (never reused)."""
+    return Limits(key.prefix, key.max_requests_per_minute, key.max_tokens_per_minute)
+
+
+def chat_limits(tenant_id: int | str, user_id: int | str) -> Limits:
+    """Return the web chat's limits of one signed-in user in one tenant: RUVON_CHAT_RPM and RUVON_CHAT_TPM
+    (0: no limit)."""
+    rpm: int = settings.RUVON_CHAT_RPM
+    tpm: int = settings.RUVON_CHAT_TPM
+    return Limits(f"chat:{tenant_id}:{user_id}", rpm or None, tpm or None)
+
+
+Caller = ApiKey | Limits
+
+
+def _limits(caller: Caller) -> Limits:
+    return key_limits(caller) if isinstance(caller, ApiKey) else caller
+
+
+def bucket_key(caller: Caller, kind: str) -> str:
+    """Return the bucket of one caller's requests or tokens."""
+    return f"ruvon:ratelimit:{_limits(caller).owner}:{kind}"
+
+
+def _takes(caller: Caller, tokens: int) -> list[tuple[str, Take]]:
+    limits = _limits(caller)
     takes = []
-    if key.max_requests_per_minute is not None:
-        takes.append(("requests", Take(bucket_key(key, "requests"), key.max_requests_per_minute, 1)))
-    if key.max_tokens_per_minute is not None:
-        takes.append(("tokens", Take(bucket_key(key, "tokens"), key.max_tokens_per_minute, tokens)))
+    if limits.requests_per_minute is not None:
+        takes.append(("requests", Take(bucket_key(limits, "requests"), limits.requests_per_minute, 1)))
+    if limits.tokens_per_minute is not None:
+        takes.append(("tokens", Take(bucket_key(limits, "tokens"), limits.tokens_per_minute, tokens)))
     return takes
 
 
-def reserved_tokens(key: ApiKey, tokens: int) -> int:
-    """Return how many tokens admit() draws for a request estimated at `tokens` (0 for keys without a limit)."""
-    return tokens if key.max_tokens_per_minute is not None else 0
+def reserved_tokens(caller: Caller, tokens: int) -> int:
+    """Return how many tokens admit() draws for a request estimated at `tokens` (0 for callers without a
+    token limit)."""
+    return tokens if _limits(caller).tokens_per_minute is not None else 0
 
 
-async def admit(key: ApiKey, tokens: int = 0) -> dict[str, str]:
-    """Draw one request and `tokens` (the request's estimate: prompt plus max completion) from the key's
-    buckets; return x-ratelimit-* headers, or raise RateLimited with nothing drawn.
+async def admit(caller: Caller, tokens: int = 0) -> dict[str, str]:
+    """Draw one request and `tokens` (the request's estimate: prompt plus max completion) from the caller's
+    buckets (an API key's, or a chat user's Limits); return x-ratelimit-* headers, or raise RateLimited with
+    nothing drawn.
 
     The usage record later settles the estimate against the real count (charge_tokens).
     """
-    takes = _takes(key, tokens)
+    takes = _takes(caller, tokens)
     if not takes:
         return {}
     ok, levels = await get_buckets().take([take for _, take in takes])
@@ -251,17 +285,18 @@ async def admit(key: ApiKey, tokens: int = 0) -> dict[str, str]:
     return headers
 
 
-def charge_tokens(key: ApiKey, tokens: int) -> None:
-    """Draw `tokens` more from the key's token bucket (negative: return an over-estimate)."""
-    if key.max_tokens_per_minute is None or tokens == 0:
+def charge_tokens(caller: Caller, tokens: int) -> None:
+    """Draw `tokens` more from the caller's token bucket (negative: return an over-estimate)."""
+    limits = _limits(caller)
+    if limits.tokens_per_minute is None or tokens == 0:
         return
-    get_buckets().charge(Take(bucket_key(key, "tokens"), key.max_tokens_per_minute, tokens))
+    get_buckets().charge(Take(bucket_key(limits, "tokens"), limits.tokens_per_minute, tokens))
 
 
-async def release(key: ApiKey, tokens: int) -> None:
-    """Give back what admit(key, tokens) drew, for a request that was refused before it ran."""
+async def release(caller: Caller, tokens: int) -> None:
+    """Give back what admit(caller, tokens) drew, for a request that was refused before it ran."""
     buckets = get_buckets()
-    for _kind, take in _takes(key, tokens):
+    for _kind, take in _takes(caller, tokens):
         await sync_to_async(buckets.charge)(Take(take.key, take.limit, -take.cost))
 
 

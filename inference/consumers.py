@@ -13,14 +13,14 @@ from channels.auth import get_user
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from accounts.limits import QuotaExceeded
+from accounts.limits import Caller, QuotaExceeded, RateLimited, admit, chat_limits, release, reserved_tokens
 from gpu_worker.errors import CapacityError, InvalidRequestError
 from gpu_worker.serving.protocol import make_job, sampling_params_from_dict, sampling_params_to_dict
 from inference.adapters.registry import AnyAdapter, resolve_adapter
 from inference.billing import check_budget
 from inference.errors import ApiError, from_error_event
 from inference.runs import JobRun
-from inference.services import engine_seed, job_adapter, with_default_max_tokens
+from inference.services import engine_seed, job_adapter, prompt_budget, with_default_max_tokens
 from inference.serving import ServedModel, served_model
 from inference.transport import ModelLoading
 
@@ -32,7 +32,9 @@ ROLES = {"system", "user", "assistant"}
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
-    """One chat session: at most one generation at a time, streamed as delta/done/error JSON messages."""
+    """One chat session: at most one generation at a time, streamed as delta/done/error JSON messages. A user's
+    sockets share their requests- and tokens-per-minute buckets (accounts.limits.chat_limits), so opening more
+    sockets does not buy more generations."""
 
     # No channel layer: nothing is sent to this socket from other processes, and with one (Redis) a Redis
     # restart would end every open chat with it.
@@ -94,18 +96,24 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self._send_error("permission_denied", f"you are no longer {reason}", None)
             await self.close(code=4403 if signed_in else 4401)
             return
+        limits = chat_limits(self.tenant_id, user.pk)
         try:
             # The same tenant budget the API enforces; chat traffic is billed like API traffic.
             await check_budget(tenant)
             client, served = await served_model()
             # A LoRA adapter as the API takes one: "<base>:<adapter>", the tenant's ready one or a start-up one.
             adapter = await resolve_adapter(tenant, _requested_model(content), served)
-            job = self._build_job(content, served, adapter)
+            job = self._build_job(content, served, adapter, limits, str(user.pk))
+            # Last, so that nothing refused above is counted; the usage record settles the estimate drawn.
+            await admit(limits, job["token_budget"])
         except InvalidRequestError as exc:
             await self._send_error("invalid_request_error", exc.message, exc.param)
             return
         except QuotaExceeded as exc:
             await self._send_error("insufficient_quota", str(exc), None)
+            return
+        except RateLimited as exc:
+            await self._send_error("rate_limit_exceeded", exc.message, None, retry_after=exc.retry_after)
             return
         except ApiError as exc:  # model_not_found
             await self._send_api_error(exc)
@@ -118,6 +126,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         try:
             await client.submit(job)
         except CapacityError as exc:
+            await release(limits, job["token_budget"])  # it never ran: it costs the user nothing
             await self._send_error("capacity_exceeded", str(exc), None)
             return
         except Exception as exc:  # it may have been queued all the same: withdraw it, record it unbilled
@@ -130,7 +139,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.stream_task = asyncio.create_task(self._stream(run, time.monotonic()))
 
     def _build_job(
-        self, content: dict[str, Any], served: ServedModel, adapter: AnyAdapter | None
+        self,
+        content: dict[str, Any],
+        served: ServedModel,
+        adapter: AnyAdapter | None,
+        limits: Caller,
+        user_id: str,
     ) -> dict[str, Any]:
         messages = _check_messages(content.get("messages"))
         raw = content.get("params") or {}
@@ -149,6 +163,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if max_tokens is None or isinstance(max_tokens, int):
             raw["max_tokens"] = with_default_max_tokens(max_tokens, len(prompt_ids), served.max_model_len)
         params = sampling_params_from_dict({**raw, "stop": list(tokenizer.chat_stop_strings)})
+        budget = prompt_budget(prompt_ids, params, served.max_model_len)
         job_id = f"chat-{uuid.uuid4().hex}"
         return make_job(
             job_id,
@@ -157,6 +172,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             sampling_params_to_dict(params),
             tenant_id=self.tenant_id,
             adapter=job_adapter(adapter),
+            token_budget=budget,
+            reserved_tokens=reserved_tokens(limits, budget),
+            chat_user_id=user_id,
         )
 
     async def _stream(self, run: JobRun, sent_at: float) -> None:
@@ -196,8 +214,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             "service_unavailable", "the inference service is unavailable; retry shortly", None
         )
 
-    async def _send_error(self, code: str, message: str, param: str | None) -> None:
-        await self.send_json({"type": "error", "code": code, "message": message, "param": param})
+    async def _send_error(self, code: str, message: str, param: str | None, **extra: Any) -> None:
+        await self.send_json({"type": "error", "code": code, "message": message, "param": param, **extra})
 
 
 def _requested_model(content: Any) -> str | None:

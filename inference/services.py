@@ -395,10 +395,11 @@ def token_budget(prepared: Prepared, max_model_len: int | None) -> int:
     """Return the most tokens a request can use: each prompt plus n completions of max_tokens (of the rest of
     the context when max_tokens is unset). Admission and the per-key token limit count this."""
     parts = zip(prepared.prompts, prepared.params, strict=True)
-    return sum(_budget(ids, params, max_model_len) for ids, params in parts)
+    return sum(prompt_budget(ids, params, max_model_len) for ids, params in parts)
 
 
-def _budget(prompt_ids: list[int], params: SamplingParams, max_model_len: int | None) -> int:
+def prompt_budget(prompt_ids: list[int], params: SamplingParams, max_model_len: int | None) -> int:
+    """Return the most tokens one prompt can use: itself plus n completions of max_tokens."""
     completion = params.max_tokens
     if completion is None:
         completion = max(0, max_model_len - len(prompt_ids)) if max_model_len else 0
@@ -421,7 +422,7 @@ def build_jobs(
     jobs = []
     batched = len(prepared.prompts) > 1
     for i, (prompt_ids, params) in enumerate(zip(prepared.prompts, prepared.params, strict=True)):
-        budget = _budget(prompt_ids, params, served.max_model_len)
+        budget = prompt_budget(prompt_ids, params, served.max_model_len)
         job = make_job(
             f"{request_id}-{i}" if batched else request_id,
             served.name,

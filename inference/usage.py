@@ -12,7 +12,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Count, Sum
 from django.db.models.functions import Coalesce
 
-from accounts.limits import charge_tokens
+from accounts.limits import Caller, charge_tokens, chat_limits
 from accounts.models import ApiKey, Tenant
 from gpu_worker.serving.protocol import usage_event
 from inference.billing import price_fields
@@ -32,26 +32,34 @@ def record_usage(event: dict[str, Any]) -> bool:
     the web tier already recorded as told an error takes the worker's measurements but stays unbilled."""
     fields = usage_fields(event)
     if UsageRecord.objects.filter(request_id=fields["request_id"]).exists():
-        return _merge_into_told(fields)
+        return _merge_into_told(fields, event)
     try:
         with transaction.atomic():
             record = UsageRecord.objects.create(**fields)
     except IntegrityError:
         # Two ingesters (or an ingester and the web tier) raced; the other one won.
         if UsageRecord.objects.filter(request_id=fields["request_id"]).exists():
-            return _merge_into_told(fields)
+            return _merge_into_told(fields, event)
         raise
-    _settle(record.api_key, record.total_tokens - _count(event, "reserved_tokens"))
+    _settle(_admitted(record, event), record.total_tokens - _count(event, "reserved_tokens"))
     return True
 
 
-def _settle(api_key: ApiKey | None, tokens: int) -> None:
-    # Admission drew an estimate from the key's token bucket; settle it against the real count.
-    if api_key is not None and tokens:
-        charge_tokens(api_key, tokens)
+def _admitted(record: UsageRecord, event: dict[str, Any]) -> Caller | None:
+    """Return whose buckets admitted the request: its API key's, its chat user's, or nobody's (the CLI)."""
+    chat_user = event.get("chat_user_id")
+    if record.api_key is None and record.tenant_id is not None and chat_user:
+        return chat_limits(record.tenant_id, str(chat_user))
+    return record.api_key
 
 
-def _merge_into_told(fields: dict[str, Any]) -> bool:
+def _settle(caller: Caller | None, tokens: int) -> None:
+    # Admission drew an estimate from the caller's token bucket; settle it against the real count.
+    if caller is not None and tokens:
+        charge_tokens(caller, tokens)
+
+
+def _merge_into_told(fields: dict[str, Any], event: dict[str, Any]) -> bool:
     """Give a told-error record the worker's tokens, timings and device cost (once); return whether it did."""
     with transaction.atomic():
         record = UsageRecord.objects.select_for_update().filter(request_id=fields["request_id"]).first()
@@ -63,7 +71,7 @@ def _merge_into_told(fields: dict[str, Any]) -> bool:
         record.status = told_status(fields["status"], record.status)
         record.worker_reported = True
         record.save()
-    _settle(record.api_key, record.total_tokens - before)
+    _settle(_admitted(record, event), record.total_tokens - before)
     return True
 
 
@@ -100,7 +108,7 @@ def record_told_error(job: dict[str, Any], code: str, started: bool) -> None:
                 record = UsageRecord.objects.create(**fields)
         except IntegrityError:
             continue
-        _settle(record.api_key, record.total_tokens - _count(event, "reserved_tokens"))
+        _settle(_admitted(record, event), record.total_tokens - _count(event, "reserved_tokens"))
         return
 
 

@@ -38,6 +38,14 @@ def env_int(name: str) -> int | None:
     return int(value) if value else None
 
 
+def env_limit(name: str, default: int) -> int:
+    """Return the per-minute limit `name` (0: no limit), or `default` when unset or empty."""
+    value = env_int(name)
+    if value is not None and value < 0:
+        raise ImproperlyConfigured(f"{name} must be 0 (no limit) or more, not {value}")
+    return default if value is None else value
+
+
 # The production shape (a shared database or Redis) runs on several hosts; the embedded default on one.
 PRODUCTION_SHAPE = bool(os.environ.get("DATABASE_URL") or os.environ.get("REDIS_URL"))
 
@@ -287,6 +295,10 @@ RUVON_MAX_QUEUE_SHARE = float(os.environ.get("RUVON_MAX_QUEUE_SHARE") or 0.5)
 RUVON_MAX_QUEUE_TIME_S = float(os.environ.get("RUVON_MAX_QUEUE_TIME_S") or 60)
 RUVON_REQUEST_TIMEOUT_S = float(os.environ.get("RUVON_REQUEST_TIMEOUT_S") or 600)
 RUVON_WORKER_TIMEOUT_S = float(os.environ.get("RUVON_WORKER_TIMEOUT_S") or 6)
+# The web chat's rate limits, per signed-in user per tenant (no API key there to carry them): requests and
+# tokens (prompt plus max completion, settled to the real count) per minute; 0 means no limit.
+RUVON_CHAT_RPM = env_limit("RUVON_CHAT_RPM", 60)
+RUVON_CHAT_TPM = env_limit("RUVON_CHAT_TPM", 60_000)
 # Request bodies over this many bytes are refused with 413 before they are parsed (Django's default: 2.5 MB).
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("RUVON_MAX_REQUEST_BYTES") or 1024 * 1024
 # Error reports mask the Authorization header (API keys) as well as the settings Django already hides.

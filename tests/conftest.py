@@ -111,10 +111,14 @@ def fast_password_hashing() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def fresh_cache() -> Iterator[None]:
-    """Start each test with no rate-limit counts (key ids repeat across tests)."""
+    """Start each test with an empty cache and no rate-limit counts (chat buckets are named by tenant and user
+    ids, which repeat across tests)."""
     from django.core.cache import cache
 
+    from accounts import limits
+
     cache.clear()
+    limits._buckets.clear()
     yield
 
 

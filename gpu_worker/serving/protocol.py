@@ -130,6 +130,7 @@ def make_job(
     submitted_at: float | None = None,
     token_budget: int | None = None,
     reserved_tokens: int = 0,
+    chat_user_id: str | None = None,
     max_queue_s: float | None = None,
     timeout_s: float | None = None,
     client_request_id: str | None = None,
@@ -138,7 +139,8 @@ def make_job(
     """Return a job dict in the wire format; SamplingParams are flattened to their fields.
 
     token_budget: the most tokens the job can use (prompt + n x max completion), what admission counts;
-    reserved_tokens: what the API key's token bucket was charged for it; max_queue_s / timeout_s: how long
+    reserved_tokens: what the API key's (or chat user's) token bucket was charged for it; chat_user_id: the
+    web chat's signed-in user, whose buckets admission drew from (None: an API request); max_queue_s / timeout_s: how long
     it may wait for a worker, and live in all, counted from submitted_at (None: no bound); adapter: the
     LoRA adapter, a registry one {"name": "<tenant id>/<adapter>", "path": absolute directory, "sha256": of
     its weights file} (adapter_ref builds it), a worker's start-up one {"name": NAME} (served_adapter_ref),
@@ -162,6 +164,7 @@ def make_job(
         "submitted_at": time.time() if submitted_at is None else submitted_at,
         "token_budget": len(prompt_token_ids) if token_budget is None else token_budget,
         "reserved_tokens": reserved_tokens,
+        "chat_user_id": chat_user_id,
         "max_queue_s": max_queue_s,
         "timeout_s": timeout_s,
         "client_request_id": client_request_id,
@@ -479,6 +482,7 @@ def usage_event(
         "completion_tokens": completion_tokens,
         "cached_tokens": cached_tokens,
         "reserved_tokens": raw.get("reserved_tokens") or 0,  # drawn from the key's token bucket at admission
+        "chat_user_id": raw.get("chat_user_id"),  # or from this chat user's
         "status": status,
         "finish_reason": finish_reason,
         "submitted_at": raw.get("submitted_at"),

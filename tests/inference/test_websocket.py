@@ -16,6 +16,8 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.test import Client
 
+from accounts import limits
+from accounts.limits import MemoryBuckets, admit, chat_limits
 from accounts.models import Membership, Tenant
 from inference.models import UsageRecord
 from inference.transport import get_job_client, reset_job_client
@@ -115,6 +117,82 @@ def test_it_refuses_a_chat_over_the_tenant_budget(owner: Any) -> None:
     error = async_to_sync(scenario)()
     assert error["type"] == "error" and error["code"] == "insufficient_quota"
     assert not UsageRecord.objects.filter(tenant=tenant).exists()
+
+
+@pytest.fixture
+def frozen_buckets(monkeypatch: pytest.MonkeyPatch) -> MemoryBuckets:
+    """Rate-limit buckets whose clock stands still: none refills while a test runs, however slow the box."""
+    buckets = MemoryBuckets(clock=lambda: 1_000_000.0)
+    monkeypatch.setattr(limits, "get_buckets", lambda: buckets)
+    return buckets
+
+
+async def chats(headers: list[tuple[bytes, bytes]], count: int) -> list[dict[str, Any]]:
+    """Open a chat socket, send `count` chats one after another; return how each ended (done or error)."""
+    ws = communicator(headers)
+    await ws.connect(timeout=30)
+    await ws.receive_json_from(timeout=30)  # ready
+    endings = []
+    for _ in range(count):
+        await ws.send_json_to({"messages": HELLO, "params": {"max_tokens": 2}})
+        endings.append((await read_until(ws, {"done", "error"}))[-1])
+    await ws.disconnect()
+    return endings
+
+
+@pytest.mark.usefixtures("frozen_buckets")
+def test_it_refuses_a_chat_over_the_users_requests_per_minute(
+    owner: Any, teammate: Any, settings: Any
+) -> None:
+    settings.RUVON_CHAT_RPM = 2
+    tenant = owner.key.tenant
+    owner_headers, teammate_headers = session_headers(owner.user), session_headers(teammate.user)
+
+    async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+        first = await chats(owner_headers, 3)
+        another_socket = await chats(owner_headers, 1)  # more sockets buy no more requests
+        return first, another_socket, await chats(teammate_headers, 2)
+
+    first, another_socket, teammates = async_to_sync(scenario)()
+    assert [e["type"] for e in first] == ["done", "done", "error"]
+    refused = [first[2], another_socket[0]]
+    for error in refused:
+        assert error["code"] == "rate_limit_exceeded" and error["param"] is None
+        assert "requests per minute (limit 2)" in error["message"] and "Retry in" in error["message"]
+        assert error["retry_after"] == 30  # a request's worth of a 2-per-minute bucket
+    assert [e["type"] for e in teammates] == ["done", "done"]  # each member has buckets of their own
+    get_job_client().usage.join()  # type: ignore[attr-defined]
+    assert UsageRecord.objects.filter(tenant=tenant).count() == 4  # the refused ones ran nowhere
+
+
+def test_it_settles_a_chats_tokens_to_what_it_used(
+    owner: Any, settings: Any, frozen_buckets: MemoryBuckets, stepped: Any
+) -> None:
+    settings.RUVON_CHAT_RPM, settings.RUVON_CHAT_TPM = 0, 10_000
+    headers = session_headers(owner.user)
+    caller = chat_limits(owner.key.tenant.pk, owner.user.pk)
+
+    async def tokens_left() -> int:
+        return int((await admit(caller, 0))["x-ratelimit-remaining-tokens"])
+
+    async def scenario() -> tuple[str, int]:
+        ws = communicator(headers)
+        await ws.connect(timeout=30)
+        await ws.receive_json_from(timeout=30)
+        await ws.send_json_to({"messages": HELLO, "params": {"max_tokens": 100}})
+        started = await ws.receive_json_from(timeout=10)
+        in_flight = await tokens_left()  # the estimate is drawn: prompt plus 100
+        await asyncio.to_thread(stepped.worker.run_once)
+        await read_until(ws, {"delta"})
+        await ws.disconnect()  # the browser goes away: the worker ends it cancelled, its usage settles
+        await asyncio.to_thread(stepped.worker.run_once)
+        return started["request_id"], in_flight
+
+    rid, in_flight = async_to_sync(scenario)()
+    record = usage_record(rid)
+    assert record.status == "cancelled" and record.completion_tokens < 100
+    assert in_flight == 10_000 - record.prompt_tokens - 100
+    assert async_to_sync(tokens_left)() == 10_000 - record.total_tokens
 
 
 async def chat_after(

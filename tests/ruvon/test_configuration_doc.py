@@ -1,5 +1,5 @@
 """docs/configuration.md lists exactly the environment variables the code reads: each table against its source
-files, parsed for os.environ.get / os.environ[...] and the env helpers (env, env_bool, env_int, env_list)."""
+files, parsed for os.environ.get / os.environ[...] and the env helpers (env, env_bool, env_int, env_limit, env_list)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "configuration.md"
-ENV_HELPERS = {"env", "env_bool", "env_int", "env_list"}
+ENV_HELPERS = {"env", "env_bool", "env_int", "env_limit", "env_list"}
 SECTIONS = {
     "Web tier": ["ruvon/settings.py"],
     "Worker and engine": [
