@@ -10,6 +10,10 @@ from django.http import HttpRequest
 
 from accounts.keys import mint_key
 from accounts.models import ApiKey, Membership, Tenant
+from accounts.signin import AdminSignInForm
+
+# The admin's login counts failures with the members' login (accounts/signin.py).
+admin.site.login_form = AdminSignInForm
 
 
 class MembershipInline(admin.TabularInline):

@@ -12,6 +12,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
+from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 
 from accounts import selfservice
@@ -31,6 +32,7 @@ def landing(request: HttpRequest) -> HttpResponse:
     return render(request, "inference/landing.html", context)
 
 
+@never_cache  # a creating POST's answer holds the whole key: no cache may keep it
 @login_required
 def keys(request: HttpRequest) -> HttpResponse:
     """Render the keys the user may manage; a POST creates one and shows its plaintext this once."""

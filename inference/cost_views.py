@@ -1,6 +1,7 @@
-"""The cost dashboard: a tenant's own view (members only), the staff view of every tenant, the admin's cost
-report, and CSV exports with one row per request. Each view: authenticate → pick the tenant the user may see
-→ build the report (inference/cost_report.py) → draw its charts (inference/charts.py) → render."""
+"""The cost dashboard: a tenant's own view (members only), the staff view of every tenant (staff who may view
+usage records, as in the admin), the admin's cost report, and CSV exports with one row per request. Each view:
+authenticate → pick the tenant the user may see → build the report (inference/cost_report.py) → draw its
+charts (inference/charts.py) → render."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from django.contrib.admin.views.decorators import staff_member_required
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
@@ -42,7 +44,7 @@ def tenant_costs(request: HttpRequest) -> HttpResponse:
     """Render the dashboard of one tenant the user belongs to (?tenant=slug; default: their first)."""
     tenants = _member_tenants(request)
     if not tenants:
-        if request.user.is_staff:
+        if _may_see_every_tenant(request):
             return redirect("inference:staff_costs")
         raise Http404("you are not a member of any tenant")
     tenant = _chosen_tenant(request, tenants)
@@ -52,7 +54,9 @@ def tenant_costs(request: HttpRequest) -> HttpResponse:
 
 @staff_member_required
 def staff_costs(request: HttpRequest) -> HttpResponse:
-    """Render the dashboard of all tenants, with margins and a per-tenant breakdown (staff only)."""
+    """Render the dashboard of all tenants, with margins and a per-tenant breakdown (staff who may view usage
+    records only)."""
+    _require_every_tenant(request)
     report = _report(request, None)
     return render(request, "inference/costs.html", _context(request, report))
 
@@ -77,11 +81,23 @@ def tenant_costs_csv(request: HttpRequest) -> StreamingHttpResponse:
 
 @staff_member_required
 def staff_costs_csv(request: HttpRequest) -> StreamingHttpResponse:
-    """Stream one CSV row per request of every tenant over the chosen period (staff only)."""
+    """Stream one CSV row per request of every tenant over the chosen period (as staff_costs)."""
+    _require_every_tenant(request)
     return _csv_response(UsageRecord.objects.all(), request, "ruvon-usage-all")
 
 
 # ----------------------------------------------------------------------------------------- helpers
+
+
+def _may_see_every_tenant(request: HttpRequest) -> bool:
+    """Return whether the user may see every tenant's usage: staff with the admin's permission to view usage
+    records (superusers have it), the same gate as the admin's changelist and cost report."""
+    return bool(request.user.is_staff and request.user.has_perm("inference.view_usagerecord"))
+
+
+def _require_every_tenant(request: HttpRequest) -> None:
+    if not _may_see_every_tenant(request):
+        raise PermissionDenied
 
 
 def _member_tenants(request: HttpRequest) -> list[Tenant]:

@@ -299,6 +299,10 @@ RUVON_WORKER_TIMEOUT_S = float(os.environ.get("RUVON_WORKER_TIMEOUT_S") or 6)
 # tokens (prompt plus max completion, settled to the real count) per minute; 0 means no limit.
 RUVON_CHAT_RPM = env_limit("RUVON_CHAT_RPM", 60)
 RUVON_CHAT_TPM = env_limit("RUVON_CHAT_TPM", 60_000)
+# Sign-in throttle (accounts/signin.py): this many wrong passwords for one username from one address lock that
+# pair out of both login forms for RUVON_LOGIN_LOCKOUT_S seconds from its first failure; 0 turns it off.
+RUVON_LOGIN_MAX_FAILURES = env_limit("RUVON_LOGIN_MAX_FAILURES", 10)
+RUVON_LOGIN_LOCKOUT_S = env_int("RUVON_LOGIN_LOCKOUT_S") or 900
 # Request bodies over this many bytes are refused with 413 before they are parsed (Django's default: 2.5 MB).
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("RUVON_MAX_REQUEST_BYTES") or 1024 * 1024
 # Error reports mask the Authorization header (API keys) as well as the settings Django already hides.

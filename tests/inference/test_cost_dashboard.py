@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 from django.test import Client
 from django.utils import timezone
 
@@ -59,6 +60,13 @@ def usage(
     }
 
 
+def cost_staff(username: str = "sam") -> Any:
+    """Return a staff user with the permission to view usage records, which the staff pages need."""
+    staff = get_user_model().objects.create_user(username, password="pw", is_staff=True)
+    staff.user_permissions.add(Permission.objects.get(codename="view_usagerecord"))
+    return staff
+
+
 def client_of(user: Any) -> Client:
     client = Client()
     client.force_login(user)
@@ -104,7 +112,7 @@ def test_it_asks_anonymous_users_to_log_in(usage: dict[str, list[str]]) -> None:
 
 
 def test_it_shows_staff_every_tenant_with_margins(usage: dict[str, list[str]], owner: Person) -> None:
-    staff = get_user_model().objects.create_user("sam", password="pw", is_staff=True)
+    staff = cost_staff()
     response = client_of(staff).get("/costs/all/?period=30d")
     assert response.status_code == 200
     page = response.content.decode()
@@ -115,6 +123,17 @@ def test_it_shows_staff_every_tenant_with_margins(usage: dict[str, list[str]], o
     assert report.total.margin_usd == report.total.revenue_usd - report.total.cost_usd
     # Members who are not staff are sent to the admin login.
     assert client_of(owner.user).get("/costs/all/").status_code == 302
+
+
+def test_it_keeps_staff_without_the_usage_permission_out_of_every_tenants_costs(
+    usage: dict[str, list[str]],
+) -> None:
+    # The admin refuses them usage records; the staff pages and their per-request CSV must too.
+    staff = get_user_model().objects.create_user("sam", password="pw", is_staff=True)
+    for path in ("/costs/all/", "/costs/all/export.csv", "/admin/inference/usagerecord/"):
+        assert client_of(staff).get(path).status_code == 403, path
+    # In no tenant, /costs/ does not send them to the staff page either.
+    assert client_of(staff).get("/costs/").status_code == 404
 
 
 def test_it_renders_the_admin_cost_report(usage: dict[str, list[str]]) -> None:
@@ -142,7 +161,7 @@ def test_it_exports_one_csv_row_per_request(usage: dict[str, list[str]], owner: 
     assert Decimal(by_id["a2"]["cost_usd"]) == record.cost_usd
     assert float(by_id["a2"]["device_seconds"]) == 1.2
     assert by_id["a3"]["adapter"] == "support-bot" and by_id["a1"]["api_key"] == owner.key.prefix
-    staff = get_user_model().objects.create_user("sam", password="pw", is_staff=True)
+    staff = cost_staff()
     everything = b"".join(client_of(staff).get("/costs/all/export.csv").streaming_content).decode()
     assert len(list(csv.DictReader(io.StringIO(everything)))) == 4
 

@@ -68,6 +68,13 @@ def test_it_creates_a_key_with_limits_and_shows_it_once(teammate: Person) -> Non
     assert not ApiKey.objects.filter(name="x").exists()
 
 
+def test_it_keeps_a_new_keys_page_out_of_every_cache(teammate: Person) -> None:
+    # The answer carries the whole key: no browser or proxy cache may keep a copy to show again.
+    made = signed_in(teammate).post("/keys/", {"name": "laptop"})
+    assert made.status_code == 200 and b'id="new-key-value"' in made.content
+    assert {"no-store", "private"} <= set(re.split(r",\s*", made.get("Cache-Control", "")))
+
+
 def test_it_lets_only_an_owner_revoke_a_teammates_key(
     owner: Person, teammate: Person, outsider: Person
 ) -> None:
