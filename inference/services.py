@@ -129,7 +129,7 @@ def chat_prompt_ids(
         raise InvalidRequestError(
             "continue_final_message needs add_generation_prompt false", param="continue_final_message"
         )
-    if continue_final_message and turns[-1]["role"] != "assistant":
+    if continue_final_message and (not turns or turns[-1]["role"] != "assistant"):
         raise InvalidRequestError("continue_final_message needs an assistant message last", param="messages")
     text = tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt)
     if continue_final_message:

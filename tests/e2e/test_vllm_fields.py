@@ -271,3 +271,5 @@ def test_continue_final_message_prefills_the_assistants_answer(
     with pytest.raises(openai.BadRequestError) as not_assistant:
         sdk.chat.completions.create(model="tiny", messages=messages[:1], extra_body=prefill)
     assert (both.value.param, not_assistant.value.param) == ("continue_final_message", "messages")
+    nothing = tiny_server.post("/tokenize", {"messages": []} | prefill)  # no final message to continue: a 400
+    assert (nothing.status_code, nothing.json()["error"]["param"]) == (400, "messages")
