@@ -4,6 +4,7 @@ error must be an OpenAI error object {"error": {"message", "type", "param", "cod
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,10 @@ CASES: Counter[str] = Counter()
 MIN_CASES = 1000
 # Generation stays fast on a CPU: the fuzzer explores the fields, not long generations.
 CAPS = {"max_tokens": 8, "max_completion_tokens": 8, "n": 3}
+# CI runs the same 100 cases an operation every time; a deeper search by hand: RUVON_FUZZ_EXAMPLES=2000
+# RUVON_FUZZ_RANDOM=1 (new cases each run; a failure prints its curl).
+EXAMPLES = int(os.environ.get("RUVON_FUZZ_EXAMPLES") or 100)
+RANDOM = os.environ.get("RUVON_FUZZ_RANDOM") == "1"
 
 
 def load_schema(server: LiveServer) -> Any:
@@ -75,7 +80,7 @@ def test_it_answers_fuzzed_requests_without_5xx_and_in_openai_format(
     assert operation is not None, f"{label} is not in the served schema"
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=100, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=not RANDOM, database=None,
               suppress_health_check=list(HealthCheck))  # fmt: skip
     def fuzz(case: Any) -> None:
         cap_generation(case)
