@@ -297,8 +297,14 @@ class UsageFilters(Schema):
     @field_validator("start", "end")
     @classmethod
     def _utc(cls, moment: datetime | None) -> datetime | None:
-        # A time without a zone is UTC (the records' own zone), never the server's local time.
-        return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
+        # A time without a zone is UTC (the records' own zone), never the server's local time; one with a zone
+        # is moved to UTC here, where a moment past the calendar's ends (year 1 at +00:02) can still be a 400.
+        if moment is None or moment.tzinfo is None:
+            return None if moment is None else moment.replace(tzinfo=UTC)
+        try:
+            return moment.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("the time is out of the range of dates once in UTC") from None
 
     @field_validator("end")
     @classmethod

@@ -82,3 +82,7 @@ def test_it_rejects_bad_filters(as_owner: ApiClient) -> None:
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "limit"
     assert as_owner.get("/v1/usage", status="exploded").status_code == 400
+    # Year 1 at +00:02 is before year 1 in UTC: a 400 naming the field, not an overflow (a 500) at the query.
+    for field, moment in (("end", "0001-01-01T00:00:01+00:02"), ("start", "9999-12-31T23:59:00-00:02")):
+        response = as_owner.get("/v1/usage", **{field: moment})
+        assert (response.status_code, response.json()["error"]["param"]) == (400, field), response.json()
